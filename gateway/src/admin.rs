@@ -1,0 +1,75 @@
+//! `orbit-gateway admin …`: operator commands that print JSON on stdout.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use orbit_shared::store::Store;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::auth::{generate_token, hash_token};
+use crate::routes::directories::validate_name;
+
+/// Email recorded for tokens created without `--user-email`.
+pub const DEFAULT_USER_EMAIL: &str = "admin@localhost";
+
+pub async fn create_org(store: &dyn Store, name: &str) -> anyhow::Result<Value> {
+    let name = validate_name(name).map_err(|e| anyhow::anyhow!(e.detail))?;
+    let org = store.create_organization(name).await?;
+    Ok(json!({ "organization_id": org.id }))
+}
+
+pub async fn create_directory(store: &dyn Store, org: Uuid, name: &str) -> anyhow::Result<Value> {
+    anyhow::ensure!(store.organization_exists(org).await?, "no organization {org}");
+    let name = validate_name(name).map_err(|e| anyhow::anyhow!(e.detail))?;
+    let dir = store.create_directory(org, name).await?;
+    Ok(json!({ "directory_id": dir.id }))
+}
+
+pub async fn create_token(
+    store: &dyn Store,
+    org: Uuid,
+    user_email: Option<&str>,
+    expires_in: Option<Duration>,
+) -> anyhow::Result<Value> {
+    anyhow::ensure!(store.organization_exists(org).await?, "no organization {org}");
+    let email = user_email.unwrap_or(DEFAULT_USER_EMAIL).trim().to_lowercase();
+    anyhow::ensure!(
+        orbit_shared::domain::normalize::email(&email).is_some() || email == DEFAULT_USER_EMAIL,
+        "--user-email {email:?} is not an email address"
+    );
+    let user = store.ensure_user(org, &email).await?;
+    let expires_at = expires_in
+        .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() + d))
+        .transpose()
+        .context("--expires-in is too long")?;
+    let (token, hash) = generate_token();
+    store.insert_token(&hash, org, user, expires_at).await?;
+    Ok(json!({ "token": token, "user_id": user, "expires_at": expires_at }))
+}
+
+pub async fn revoke_token(store: &dyn Store, token: &str) -> anyhow::Result<Value> {
+    let revoked = store.revoke_token(&hash_token(token.trim())).await?;
+    anyhow::ensure!(revoked, "no live token matches");
+    Ok(json!({ "revoked": true }))
+}
+
+pub async fn archive_directory(store: &dyn Store, org: Uuid, dir: Uuid) -> anyhow::Result<Value> {
+    let dir = store
+        .archive_directory(org, dir)
+        .await?
+        .with_context(|| format!("no directory {dir} in organization {org}"))?;
+    Ok(json!({ "directory_id": dir.id, "archived": true, "archived_at": dir.archived_at }))
+}
+
+/// An organization, a directory and a token: everything needed for a first upload.
+pub async fn bootstrap(store: &dyn Store) -> anyhow::Result<Value> {
+    let org = store.create_organization("Default organization").await?;
+    let dir = store.create_directory(org.id, "Contacts").await?;
+    let token = create_token(store, org.id, None, None).await?;
+    Ok(json!({
+        "organization_id": org.id,
+        "directory_id": dir.id,
+        "token": token["token"],
+    }))
+}

@@ -1,0 +1,90 @@
+//! Bearer tokens: random, shown once, stored only as a SHA-256 hash, bound to one organization.
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use base64::Engine as _;
+use chrono::Utc;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::app::AppState;
+use crate::problem::ApiError;
+
+const PREFIX: &str = "orb_";
+
+/// A freshly generated token: the secret to show once, and the hash to store.
+pub fn generate_token() -> (String, Vec<u8>) {
+    let mut secret = [0u8; 32];
+    rand::rng().fill_bytes(&mut secret);
+    let token = format!(
+        "{PREFIX}{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    let hash = hash_token(&token);
+    (token, hash)
+}
+
+pub fn hash_token(token: &str) -> Vec<u8> {
+    Sha256::digest(token.as_bytes()).to_vec()
+}
+
+/// The authenticated caller: its token's organization is the request's context.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub organization_id: Uuid,
+    pub user_id: Uuid,
+}
+
+impl Caller {
+    /// The path's organization, which must be the caller's own.
+    pub fn scope(&self, path_org: &str) -> Result<Uuid, ApiError> {
+        let org = parse_id(path_org, "organization")?;
+        if org != self.organization_id {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "organization_mismatch",
+                "the token does not belong to this organization",
+            ));
+        }
+        Ok(org)
+    }
+}
+
+pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::invalid_request(format!("{what} id {raw:?} is not a UUID")))
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
+            return Err(ApiError::unauthenticated("an Authorization: Bearer token is required"));
+        };
+        let invalid = || {
+            ApiError::unauthenticated("the bearer token is malformed, unknown, expired or revoked")
+                .with_header(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"")
+        };
+        let value = value.to_str().map_err(|_| invalid())?;
+        let (scheme, token) = value.trim().split_once(' ').ok_or_else(invalid)?;
+        let token = token.trim();
+        if !scheme.eq_ignore_ascii_case("bearer") || !token.starts_with(PREFIX) || token.len() > 128 {
+            return Err(invalid());
+        }
+        let record = state
+            .store
+            .find_token(&hash_token(token))
+            .await?
+            .ok_or_else(invalid)?;
+        let now = Utc::now();
+        if record.revoked_at.is_some() || record.expires_at.is_some_and(|e| e <= now) {
+            return Err(invalid());
+        }
+        Ok(Caller {
+            organization_id: record.organization_id,
+            user_id: record.user_id,
+        })
+    }
+}

@@ -1,0 +1,169 @@
+//! The `orbit-gateway` command: `serve` (the default), `migrate` and `admin …`.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use orbit_gateway::{admin, app};
+use orbit_shared::config::Settings;
+use uuid::Uuid;
+
+#[derive(Parser)]
+#[command(name = "orbit-gateway", version, about = "Orbit CSV ingestion gateway")]
+struct Cli {
+    /// TOML configuration file (also ORBIT_CONFIG); ORBIT__SECTION__KEY variables override it.
+    #[arg(long, global = true)]
+    config: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Operator commands; each prints JSON on stdout.
+    Admin {
+        #[command(subcommand)]
+        command: Admin,
+    },
+}
+
+#[derive(Subcommand)]
+enum Admin {
+    /// Create an organization, a directory and a token.
+    Bootstrap,
+    CreateOrg {
+        #[arg(long)]
+        name: String,
+    },
+    CreateDirectory {
+        #[arg(long)]
+        org: Uuid,
+        #[arg(long)]
+        name: String,
+    },
+    CreateToken {
+        #[arg(long)]
+        org: Uuid,
+        #[arg(long)]
+        user_email: Option<String>,
+        /// How long the token lives, such as `30d` or `12h`; forever when absent.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        expires_in: Option<Duration>,
+    },
+    RevokeToken {
+        #[arg(long)]
+        token: String,
+    },
+    ArchiveDirectory {
+        #[arg(long)]
+        org: Uuid,
+        #[arg(long)]
+        directory: Uuid,
+    },
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orbit-gateway: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(settings).await,
+        Command::Migrate => {
+            let state = app::connect(&settings).await?;
+            state.store.migrate().await?;
+            eprintln!("migrations applied to {}", state.store.backend());
+            Ok(())
+        }
+        Command::Admin { command } => {
+            let state = app::connect(&settings).await?;
+            if state.store.backend() == "sqlite" {
+                state.store.migrate().await?;
+            }
+            let store = &*state.store;
+            let out = match command {
+                Admin::Bootstrap => admin::bootstrap(store).await?,
+                Admin::CreateOrg { name } => admin::create_org(store, &name).await?,
+                Admin::CreateDirectory { org, name } => admin::create_directory(store, org, &name).await?,
+                Admin::CreateToken {
+                    org,
+                    user_email,
+                    expires_in,
+                } => admin::create_token(store, org, user_email.as_deref(), expires_in).await?,
+                Admin::RevokeToken { token } => admin::revoke_token(store, &token).await?,
+                Admin::ArchiveDirectory { org, directory } => {
+                    admin::archive_directory(store, org, directory).await?
+                }
+            };
+            println!("{out}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    orbit_shared::telemetry::init(&settings.telemetry)?;
+    let mut running = app::start(settings.clone()).await.context("starting orbit-gateway")?;
+    print_welcome(&settings, &running).await;
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down: finishing in-flight requests and chunks");
+            running.shutdown().await;
+        }
+        _ = running.stopped() => anyhow::bail!("the HTTP server stopped unexpectedly"),
+    }
+    Ok(())
+}
+
+async fn print_welcome(settings: &Settings, running: &app::Running) {
+    let base = if settings.http.public_url.is_empty() {
+        format!("http://{}", running.addr)
+    } else {
+        settings.public_url()
+    };
+    let config = std::env::args()
+        .skip_while(|a| a != "--config")
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    let admin = format!("orbit-gateway {config}{}admin", if config.is_empty() { "" } else { " " });
+    eprintln!(
+        "\nOrbit is listening on {base} (database: {}, objects: {}, queue: {})\n\
+         \n\
+         Get an organization, a directory and a token (printed once, as JSON):\n\
+         \x20   {admin} bootstrap\n\
+         \n\
+         Then upload a CSV, with ORG, DIR and TOKEN set from that output:\n\
+         \x20   curl -sS -H \"Authorization: Bearer $TOKEN\" -F file=@contacts.csv \\\n\
+         \x20     {base}/v2/organizations/$ORG/directories/$DIR/sources/csv-upload\n",
+        settings.database.url, settings.object_store.url, settings.queue.url
+    );
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler installs");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

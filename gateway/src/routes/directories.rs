@@ -1,0 +1,101 @@
+//! Directories: list, create, archive.
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::Json;
+use chrono::{DateTime, Utc};
+use orbit_shared::model::Directory;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::{scoped_directory, PageBody, PageQuery};
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::problem::{ApiError, ApiResult};
+
+#[derive(Serialize)]
+pub struct DirectoryBody {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub name: String,
+    pub archived: bool,
+    pub created_at: DateTime<Utc>,
+    pub archived_at: Option<DateTime<Utc>>,
+}
+
+impl From<Directory> for DirectoryBody {
+    fn from(d: Directory) -> Self {
+        DirectoryBody {
+            id: d.id,
+            organization_id: d.organization_id,
+            name: d.name,
+            archived: d.archived,
+            created_at: d.created_at,
+            archived_at: d.archived_at,
+        }
+    }
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    Query(query): Query<PageQuery>,
+) -> ApiResult<Json<PageBody<DirectoryBody>>> {
+    let org = caller.scope(&org)?;
+    let page = state.store.list_directories(org, &query.parse()?).await?;
+    Ok(Json(PageBody::from_page(page, DirectoryBody::from)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateDirectory {
+    name: String,
+}
+
+pub const MAX_NAME_CHARS: usize = 200;
+
+pub fn validate_name(name: &str) -> ApiResult<&str> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(ApiError::invalid_request(format!(
+            "name must be 1 to {MAX_NAME_CHARS} characters, without control characters"
+        )));
+    }
+    Ok(name)
+}
+
+pub async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(org): Path<String>,
+    body: Bytes,
+) -> ApiResult<impl IntoResponse> {
+    let org = caller.scope(&org)?;
+    let request: CreateDirectory = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::invalid_request(format!("body must be JSON {{\"name\": \"…\"}}: {e}")))?;
+    let name = validate_name(&request.name)?;
+    let dir = state.store.create_directory(org, name).await?;
+    let location = format!("/v2/organizations/{org}/directories/{}", dir.id);
+    Ok((
+        StatusCode::CREATED,
+        [(axum::http::header::LOCATION, location)],
+        Json(DirectoryBody::from(dir)),
+    ))
+}
+
+pub async fn archive(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, dir)): Path<(String, String)>,
+) -> ApiResult<Json<DirectoryBody>> {
+    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
+    let archived = state
+        .store
+        .archive_directory(dir.organization_id, dir.id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("directory_not_found", "no such directory in this organization"))?;
+    Ok(Json(archived.into()))
+}

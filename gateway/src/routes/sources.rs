@@ -1,0 +1,192 @@
+//! Sources: status, listing, per-row problems and the failed-rows CSV.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use futures::{stream, StreamExt};
+use orbit_shared::model::{RowIssue, Source, SourceError, SourceStatus};
+use orbit_shared::store::Store;
+use serde::Serialize;
+use std::sync::Arc;
+use uuid::Uuid;
+
+use super::{parse_uuid, scoped_directory, PageBody, PageQuery};
+use crate::app::AppState;
+use crate::auth::Caller;
+use crate::problem::{ApiError, ApiResult};
+
+/// The upload response fields: what `csv-upload` answers and replays.
+#[derive(Debug, Serialize)]
+pub struct UploadBody {
+    pub source_id: Uuid,
+    pub directory_id: Uuid,
+    pub source_status: SourceStatus,
+    pub accepted: u64,
+    pub failed: u64,
+    pub warnings: u64,
+    pub is_idempotent: bool,
+}
+
+#[derive(Serialize)]
+pub struct SourceBody {
+    #[serde(flatten)]
+    pub upload: UploadBody,
+    pub total_rows: u64,
+    pub processed_rows: u64,
+    pub filename: String,
+    pub byte_size: u64,
+    pub sha256: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<SourceError>,
+}
+
+impl From<Source> for SourceBody {
+    fn from(s: Source) -> Self {
+        SourceBody {
+            upload: UploadBody {
+                source_id: s.id,
+                directory_id: s.directory_id,
+                source_status: s.status,
+                accepted: s.accepted,
+                failed: s.failed,
+                warnings: s.warnings,
+                is_idempotent: false,
+            },
+            total_rows: s.total_rows,
+            processed_rows: s.processed_rows,
+            filename: s.filename,
+            byte_size: s.byte_size,
+            sha256: s.sha256,
+            created_at: s.created_at,
+            updated_at: s.updated_at,
+            completed_at: s.completed_at,
+            error: s.error,
+        }
+    }
+}
+
+async fn scoped_source(state: &AppState, caller: &Caller, org: &str, dir: &str, source: &str) -> ApiResult<Source> {
+    let dir = scoped_directory(state, caller, org, dir).await?;
+    let source = parse_uuid(source, "source")?;
+    state
+        .store
+        .get_source(dir.organization_id, dir.id, source)
+        .await?
+        .ok_or_else(|| ApiError::not_found("source_not_found", "no such source in this directory"))
+}
+
+pub async fn get(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, dir, source)): Path<(String, String, String)>,
+) -> ApiResult<Json<SourceBody>> {
+    Ok(Json(scoped_source(&state, &caller, &org, &dir, &source).await?.into()))
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, dir)): Path<(String, String)>,
+    Query(query): Query<PageQuery>,
+) -> ApiResult<Json<PageBody<SourceBody>>> {
+    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
+    let page = state
+        .store
+        .list_sources(dir.organization_id, dir.id, &query.parse()?)
+        .await?;
+    Ok(Json(PageBody::from_page(page, SourceBody::from)))
+}
+
+pub async fn errors(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, dir, source)): Path<(String, String, String)>,
+    Query(query): Query<PageQuery>,
+) -> ApiResult<Json<PageBody<RowIssue>>> {
+    let source = scoped_source(&state, &caller, &org, &dir, &source).await?;
+    let page = state
+        .store
+        .list_issues(source.organization_id, source.directory_id, source.id, &query.parse()?)
+        .await?;
+    Ok(Json(PageBody::from_page(page, |i| i)))
+}
+
+const FAILED_ROWS_PAGE: u32 = 1000;
+
+/// Every failed row's original fields (padded to the widest row, extra fields in `extra_N`
+/// columns), then `line_number`, `error_code`, `error_message`; streamed page by page.
+pub async fn failed_rows(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, dir, source)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let source = scoped_source(&state, &caller, &org, &dir, &source).await?;
+    let width = state.store.failed_row_width(source.id).await?;
+    let mut header: Vec<String> = source.columns.names.clone();
+    for i in header.len()..width {
+        header.push(format!("extra_{}", i + 1 - source.columns.names.len()));
+    }
+    let columns = header.len();
+    header.extend(["line_number", "error_code", "error_message"].map(String::from));
+    let first = csv_line(&header);
+
+    struct Cursor {
+        store: Arc<dyn Store>,
+        source: Uuid,
+        after: u64,
+        done: bool,
+    }
+    let pages = stream::unfold(
+        Cursor {
+            store: state.store.clone(),
+            source: source.id,
+            after: 0,
+            done: false,
+        },
+        move |mut cur| async move {
+            if cur.done {
+                return None;
+            }
+            match cur.store.failed_rows(cur.source, cur.after, FAILED_ROWS_PAGE).await {
+                Ok(rows) => {
+                    cur.done = rows.len() < FAILED_ROWS_PAGE as usize;
+                    let mut out = Vec::new();
+                    for row in rows {
+                        cur.after = row.row_number;
+                        let mut fields = row.fields;
+                        fields.resize(columns, String::new());
+                        fields.extend([row.line_number.to_string(), row.error_code, row.error_message]);
+                        out.extend(csv_line(&fields));
+                    }
+                    Some((Ok::<_, std::io::Error>(out), cur))
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "failed-rows stream broke off");
+                    Some((Err(std::io::Error::other(e.to_string())), Cursor { done: true, ..cur }))
+                }
+            }
+        },
+    );
+    let body = Body::from_stream(stream::once(async move { Ok(first) }).chain(pages));
+    let filename = format!("{}-failed-rows.csv", source.id);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
+            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{filename}\"")),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+fn csv_line(fields: &[String]) -> Vec<u8> {
+    let mut writer = csv::Writer::from_writer(Vec::new());
+    writer.write_record(fields).expect("writing to memory cannot fail");
+    writer.into_inner().expect("writing to memory cannot fail")
+}

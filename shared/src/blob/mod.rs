@@ -1,0 +1,67 @@
+//! Object storage for uploaded files: one trait, picked from the `object_store.url` scheme.
+//! Uploads are written as a stream and read back by byte range, so neither side ever holds a
+//! whole file.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+
+pub mod local;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("object {0} not found")]
+    NotFound(String),
+    #[error("object store error: {0}")]
+    Other(String),
+}
+
+impl From<std::io::Error> for BlobError {
+    fn from(e: std::io::Error) -> Self {
+        BlobError::Other(e.to_string())
+    }
+}
+
+pub type BlobResult<T> = Result<T, BlobError>;
+pub type ByteStream = BoxStream<'static, BlobResult<Bytes>>;
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    fn backend(&self) -> &'static str;
+    async fn ping(&self) -> BlobResult<()>;
+    /// Starts writing `key`; nothing is visible under it until `finish`.
+    async fn begin(&self, key: &str) -> BlobResult<Box<dyn BlobWriter>>;
+    /// Bytes `start..end` of `key`.
+    async fn read_range(&self, key: &str, start: u64, end: u64) -> BlobResult<ByteStream>;
+    async fn delete(&self, key: &str) -> BlobResult<()>;
+}
+
+#[async_trait]
+pub trait BlobWriter: Send {
+    async fn write(&mut self, bytes: Bytes) -> BlobResult<()>;
+    async fn finish(self: Box<Self>) -> BlobResult<()>;
+    /// Drops everything written so far.
+    async fn abort(self: Box<Self>) -> BlobResult<()>;
+}
+
+pub async fn open(settings: &crate::config::ObjectStoreSettings) -> anyhow::Result<Arc<dyn BlobStore>> {
+    let url = settings.url.as_str();
+    let scheme = url.split(':').next().unwrap_or_default();
+    match scheme {
+        "file" => {
+            let path = url.trim_start_matches("file://");
+            anyhow::ensure!(!path.is_empty(), "object_store.url {url:?} names no directory");
+            Ok(Arc::new(local::LocalBlobStore::open(path).await?))
+        }
+        _ => anyhow::bail!(
+            "object_store.url {url:?}: unsupported scheme {scheme:?} (expected file:// or s3://)"
+        ),
+    }
+}
+
+/// Where a source's file lives.
+pub fn object_key(organization: uuid::Uuid, source: uuid::Uuid) -> String {
+    format!("sources/{organization}/{source}.csv")
+}

@@ -1,0 +1,272 @@
+//! Settings: built-in defaults, then an optional TOML file, then `ORBIT__SECTION__KEY`
+//! environment variables, layered by the `config` crate.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub http: HttpSettings,
+    pub database: DatabaseSettings,
+    pub object_store: ObjectStoreSettings,
+    pub queue: QueueSettings,
+    pub ingest: IngestSettings,
+    pub worker: WorkerSettings,
+    pub idempotency: IdempotencySettings,
+    pub telemetry: TelemetrySettings,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    pub listen: String,
+    /// Origin printed in hints and used in nothing else; empty means `http://{listen}`.
+    pub public_url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    pub url: String,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectStoreSettings {
+    pub url: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub url: String,
+    /// Name of the work queue (the dead-letter queue is `{name}.dead`).
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestSettings {
+    pub sync_rows: u64,
+    pub chunk_rows: u64,
+    pub max_upload_bytes: u64,
+    pub max_field_bytes: usize,
+    pub max_columns: usize,
+    pub max_header_bytes: usize,
+    /// ISO 3166 region used for phone numbers written without a country code.
+    pub default_region: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerSettings {
+    /// Chunks one worker process runs at once; 0 means the number of cores.
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    #[serde(with = "humantime_serde_compat")]
+    pub lease: Duration,
+    /// How often the reaper looks for chunks that lost their message or their worker.
+    #[serde(with = "humantime_serde_compat")]
+    pub reap_interval: Duration,
+    /// A pending chunk queued longer ago than this is published again.
+    #[serde(with = "humantime_serde_compat")]
+    pub requeue_after: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdempotencySettings {
+    #[serde(with = "humantime_serde_compat")]
+    pub ttl: Duration,
+    /// An in-flight key older than this is presumed abandoned (its request died) and may be taken over.
+    #[serde(with = "humantime_serde_compat")]
+    pub in_flight_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetrySettings {
+    pub otlp_endpoint: Option<String>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Durations are written the human way (`24h`, `30s`, `500ms`) in TOML and the environment.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+const DEFAULTS: &str = r#"
+[http]
+listen = "127.0.0.1:8080"
+public_url = ""
+
+[database]
+url = "sqlite://./data/orbit.db"
+max_connections = 16
+
+[object_store]
+url = "file://./data/objects"
+
+[queue]
+url = "embedded"
+name = "orbit.chunks"
+
+[ingest]
+sync_rows = 1000
+chunk_rows = 10000
+max_upload_bytes = 1073741824
+max_field_bytes = 8192
+max_columns = 512
+max_header_bytes = 65536
+default_region = "US"
+
+[worker]
+concurrency = 0
+max_attempts = 5
+lease = "60s"
+reap_interval = "5s"
+requeue_after = "5m"
+
+[idempotency]
+ttl = "24h"
+in_flight_timeout = "1h"
+
+[telemetry]
+log_format = "text"
+"#;
+
+impl Settings {
+    /// Defaults, then `file` (or `ORBIT_CONFIG`) if given, then `ORBIT__SECTION__KEY` variables.
+    pub fn load(file: Option<&str>) -> anyhow::Result<Self> {
+        let env_file = std::env::var("ORBIT_CONFIG").ok();
+        let file = file.map(str::to_owned).or(env_file);
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = &file {
+            builder = builder.add_source(config::File::new(path, config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("ORBIT")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .with_context(|| match &file {
+                Some(path) => format!("invalid configuration (file {path} and ORBIT__* variables)"),
+                None => "invalid configuration (ORBIT__* variables)".to_owned(),
+            })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The embedded defaults with no file and no environment: what tests build on.
+    pub fn defaults() -> Self {
+        config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .expect("built-in defaults deserialize")
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.ingest.chunk_rows > 0, "ingest.chunk_rows must be at least 1");
+        anyhow::ensure!(
+            self.ingest.max_field_bytes > 0,
+            "ingest.max_field_bytes must be at least 1"
+        );
+        anyhow::ensure!(self.ingest.max_columns > 0, "ingest.max_columns must be at least 1");
+        anyhow::ensure!(self.worker.max_attempts > 0, "worker.max_attempts must be at least 1");
+        anyhow::ensure!(
+            crate::domain::normalize::parse_region(&self.ingest.default_region).is_some(),
+            "ingest.default_region {:?} is not an ISO 3166 region code",
+            self.ingest.default_region
+        );
+        Ok(())
+    }
+
+    pub fn worker_concurrency(&self) -> usize {
+        match self.worker.concurrency {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        }
+    }
+
+    pub fn public_url(&self) -> String {
+        if self.http.public_url.is_empty() {
+            format!("http://{}", self.http.listen)
+        } else {
+            self.http.public_url.trim_end_matches('/').to_owned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_values() {
+        let s = Settings::defaults();
+        assert_eq!(s.http.listen, "127.0.0.1:8080");
+        assert_eq!(s.database.url, "sqlite://./data/orbit.db");
+        assert_eq!(s.object_store.url, "file://./data/objects");
+        assert_eq!(s.queue.url, "embedded");
+        assert_eq!(s.ingest.sync_rows, 1000);
+        assert_eq!(s.ingest.chunk_rows, 10000);
+        assert_eq!(s.ingest.max_upload_bytes, 1 << 30);
+        assert_eq!(s.ingest.max_field_bytes, 8 << 10);
+        assert_eq!(s.idempotency.ttl, Duration::from_secs(24 * 3600));
+        assert!(s.telemetry.otlp_endpoint.is_none());
+    }
+
+    #[test]
+    fn file_then_environment_override_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orbit.toml");
+        std::fs::write(&path, "[ingest]\nsync_rows = 5\nchunk_rows = 7\n").unwrap();
+        // Only this test sets this variable, so parallel tests do not see it.
+        std::env::set_var("ORBIT__INGEST__CHUNK_ROWS", "9");
+        let s = Settings::load(Some(path.to_str().unwrap())).unwrap();
+        std::env::remove_var("ORBIT__INGEST__CHUNK_ROWS");
+        assert_eq!(s.ingest.sync_rows, 5);
+        assert_eq!(s.ingest.chunk_rows, 9);
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_the_file_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orbit.toml");
+        std::fs::write(&path, "[ingest]\nsync_rowz = 5\n").unwrap();
+        let err = Settings::load(Some(path.to_str().unwrap())).unwrap_err();
+        assert!(format!("{err:#}").contains("sync_rowz"), "{err:#}");
+    }
+}

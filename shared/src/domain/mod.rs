@@ -1,0 +1,14 @@
+//! The domain rules, written once and free of any backend: CSV splitting with byte offsets
+//! (`csv`), header matching (`header`), value normalization (`normalize`), per-row validation
+//! (`row`) and profile resolution and merging (`resolve`).
+
+pub mod csv;
+pub mod header;
+pub mod normalize;
+pub mod resolve;
+pub mod row;
+
+/// A file-level problem: the upload is rejected with `422 invalid_csv` and nothing is kept.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidCsv(pub String);

@@ -1,0 +1,288 @@
+//! Profile resolution and merging, as pure functions over what the store loaded.
+//!
+//! A record resolves to the profile holding any of its identities (email first, then LinkedIn,
+//! then phone), else to a new profile. An identity belongs to at most one profile: identities
+//! already held elsewhere stay there and the record gets an `identity_conflict` warning.
+//! Merging fills empty profile fields and, where both have a value, the newer write wins; a
+//! write's version is (source sequence, row number), so the outcome does not depend on the
+//! order in which workers happen to process chunks.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::row::{Issue, IssueCode, RecordDraft};
+
+/// Identity kinds in resolution priority order.
+pub const IDENTITY_KINDS: [&str; 3] = ["email", "linkedin_url", "phone"];
+
+/// (source sequence, row number): later sources win, and later rows within a source.
+pub type Version = (i64, i64);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Versioned {
+    pub value: String,
+    pub version: Version,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileState {
+    pub fields: BTreeMap<String, Versioned>,
+    pub attributes: BTreeMap<String, Versioned>,
+}
+
+impl ProfileState {
+    /// Fills empty values and lets a newer version replace an older one; never blanks a value.
+    /// Returns whether anything changed.
+    pub fn merge(&mut self, record: &RecordDraft, version: Version) -> bool {
+        let mut changed = merge_map(&mut self.fields, &record.fields, version);
+        changed |= merge_map(&mut self.attributes, &record.attributes, version);
+        changed
+    }
+}
+
+fn merge_map(
+    target: &mut BTreeMap<String, Versioned>,
+    source: &BTreeMap<String, String>,
+    version: Version,
+) -> bool {
+    let mut changed = false;
+    for (key, value) in source {
+        match target.get_mut(key) {
+            // An older or equal write never replaces a newer one.
+            Some(current) if current.version >= version => {}
+            // The version moves even when the value is the same, so that an older source
+            // processed afterwards cannot replace what a newer source confirmed.
+            Some(current) => {
+                current.value = value.clone();
+                current.version = version;
+                changed = true;
+            }
+            None => {
+                target.insert(
+                    key.clone(),
+                    Versioned {
+                        value: value.clone(),
+                        version,
+                    },
+                );
+                changed = true;
+            }
+        }
+    }
+    changed
+}
+
+/// What the store knows before resolving a batch: the owners of the batch's identities and
+/// the state of those owners.
+#[derive(Debug, Default)]
+pub struct Existing {
+    pub owners: HashMap<(String, String), Uuid>,
+    pub profiles: HashMap<Uuid, ProfileState>,
+}
+
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// Record row number → its profile.
+    pub assignments: Vec<(u64, Uuid)>,
+    /// (kind, value, profile) identities claimed by this batch.
+    pub new_identities: Vec<(String, String, Uuid)>,
+    /// Profiles created by this batch, in their final state.
+    pub created: BTreeMap<Uuid, ProfileState>,
+    /// Existing profiles changed by this batch, in their final state.
+    pub updated: BTreeMap<Uuid, ProfileState>,
+    /// Warnings found while resolving: (row number, issue).
+    pub warnings: Vec<(u64, Issue)>,
+}
+
+/// Resolves records (in row order) against `existing`, which it updates as it goes so that
+/// later records of the batch see profiles created by earlier ones.
+pub fn resolve_batch(
+    existing: &mut Existing,
+    records: &[RecordDraft],
+    source_seq: i64,
+    mut new_id: impl FnMut() -> Uuid,
+) -> Plan {
+    let mut plan = Plan::default();
+    for record in records {
+        let identities: Vec<(&str, &String)> = IDENTITY_KINDS
+            .iter()
+            .filter_map(|kind| record.fields.get(*kind).map(|v| (*kind, v)))
+            .collect();
+        let owners: Vec<Option<Uuid>> = identities
+            .iter()
+            .map(|(kind, value)| {
+                existing
+                    .owners
+                    .get(&(kind.to_string(), value.to_string()))
+                    .copied()
+            })
+            .collect();
+        let chosen = owners.iter().flatten().next().copied();
+        let profile_id = match chosen {
+            Some(id) => id,
+            None => {
+                let id = new_id();
+                existing.profiles.insert(id, ProfileState::default());
+                plan.created.insert(id, ProfileState::default());
+                id
+            }
+        };
+        for ((kind, value), owner) in identities.iter().zip(&owners) {
+            match owner {
+                None => {
+                    existing
+                        .owners
+                        .insert((kind.to_string(), value.to_string()), profile_id);
+                    plan.new_identities
+                        .push((kind.to_string(), value.to_string(), profile_id));
+                }
+                Some(other) if *other != profile_id => plan.warnings.push((
+                    record.row_number,
+                    Issue {
+                        code: IssueCode::IdentityConflict,
+                        column: Some(kind.to_string()),
+                        message: format!(
+                            "{kind} {value} belongs to another profile than this row's other identities; the row was merged into the profile of its {}",
+                            identities[owners.iter().position(|o| *o == Some(profile_id)).unwrap_or(0)].0
+                        ),
+                        value: Some(value.to_string()),
+                    },
+                )),
+                Some(_) => {}
+            }
+        }
+        let profile = existing.profiles.entry(profile_id).or_default();
+        let changed = profile.merge(record, (source_seq, record.row_number as i64));
+        if let Some(created) = plan.created.get_mut(&profile_id) {
+            *created = profile.clone();
+        } else if changed || plan.updated.contains_key(&profile_id) {
+            plan.updated.insert(profile_id, profile.clone());
+        }
+        plan.assignments.push((record.row_number, profile_id));
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(row: u64, fields: &[(&str, &str)]) -> RecordDraft {
+        RecordDraft {
+            row_number: row,
+            line_number: row + 1,
+            fields: fields
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            attributes: BTreeMap::new(),
+            warnings: vec![],
+        }
+    }
+
+    fn ids() -> impl FnMut() -> Uuid {
+        let mut n = 0u128;
+        move || {
+            n += 1;
+            Uuid::from_u128(n)
+        }
+    }
+
+    #[test]
+    fn records_sharing_an_identity_share_a_profile() {
+        let mut existing = Existing::default();
+        let recs = [
+            record(1, &[("email", "a@x.co"), ("city", "Paris")]),
+            record(2, &[("phone", "+14155552671")]),
+            record(3, &[("email", "a@x.co"), ("phone", "+14155552671")]),
+        ];
+        let plan = resolve_batch(&mut existing, &recs, 1, ids());
+        assert_eq!(plan.created.len(), 2);
+        assert_eq!(plan.assignments[2].1, plan.assignments[0].1, "email wins over phone");
+        let conflict = &plan.warnings[0];
+        assert_eq!(conflict.0, 3);
+        assert_eq!(conflict.1.code, IssueCode::IdentityConflict);
+        assert_eq!(conflict.1.column.as_deref(), Some("phone"));
+        // The phone stays with the profile that held it.
+        assert_eq!(existing.owners[&("phone".into(), "+14155552671".into())], plan.assignments[1].1);
+    }
+
+    #[test]
+    fn linkedin_is_consulted_before_phone() {
+        let a = Uuid::from_u128(100);
+        let b = Uuid::from_u128(200);
+        let mut existing = Existing::default();
+        existing.owners.insert(("phone".into(), "+1".into()), a);
+        existing.owners.insert(("linkedin_url".into(), "linkedin.com/in/x".into()), b);
+        existing.profiles.insert(a, ProfileState::default());
+        existing.profiles.insert(b, ProfileState::default());
+        let plan = resolve_batch(
+            &mut existing,
+            &[record(1, &[("phone", "+1"), ("linkedin_url", "linkedin.com/in/x")])],
+            1,
+            ids(),
+        );
+        assert_eq!(plan.assignments[0].1, b);
+    }
+
+    #[test]
+    fn merge_fills_gaps_never_blanks_and_newer_wins() {
+        let mut existing = Existing::default();
+        let first = resolve_batch(
+            &mut existing,
+            &[record(5, &[("email", "a@x.co"), ("city", "Paris"), ("title", "CTO")])],
+            1,
+            ids(),
+        );
+        let id = first.assignments[0].1;
+        // An older source, processed later, fills gaps only.
+        resolve_batch(
+            &mut existing,
+            &[record(1, &[("email", "a@x.co"), ("city", "Lyon"), ("company", "Acme")])],
+            0,
+            ids(),
+        );
+        let p = &existing.profiles[&id];
+        assert_eq!(p.fields["city"].value, "Paris");
+        assert_eq!(p.fields["company"].value, "Acme");
+        // A newer source overwrites conflicts, and a missing value never blanks.
+        let plan = resolve_batch(
+            &mut existing,
+            &[record(1, &[("email", "a@x.co"), ("city", "Berlin")])],
+            2,
+            ids(),
+        );
+        let p = &plan.updated[&id];
+        assert_eq!(p.fields["city"].value, "Berlin");
+        assert_eq!(p.fields["title"].value, "CTO");
+    }
+
+    #[test]
+    fn the_outcome_does_not_depend_on_processing_order() {
+        let batches = [
+            (1, vec![record(1, &[("email", "a@x.co"), ("city", "Paris")])]),
+            (2, vec![record(1, &[("email", "a@x.co"), ("city", "Rome")])]),
+        ];
+        let run = |order: &[usize]| {
+            let mut existing = Existing::default();
+            for &i in order {
+                resolve_batch(&mut existing, &batches[i].1, batches[i].0, ids());
+            }
+            let (_, p) = existing.profiles.into_iter().next().unwrap();
+            p.fields["city"].value.clone()
+        };
+        assert_eq!(run(&[0, 1]), "Rome");
+        assert_eq!(run(&[1, 0]), "Rome");
+    }
+
+    #[test]
+    fn an_older_write_leaves_the_profile_unchanged() {
+        let mut existing = Existing::default();
+        resolve_batch(&mut existing, &[record(1, &[("email", "a@x.co")])], 1, ids());
+        let plan = resolve_batch(&mut existing, &[record(1, &[("email", "a@x.co")])], 0, ids());
+        assert!(plan.updated.is_empty());
+        assert!(plan.created.is_empty());
+    }
+}

@@ -1,0 +1,473 @@
+//! Per-row validation: turns a raw CSV record into an accepted record draft (with its warnings)
+//! or a failed row (with the one error that failed it).
+
+use std::collections::{BTreeMap, HashSet};
+
+use phonenumber::country;
+use serde::{Deserialize, Serialize};
+
+use super::csv::RawRecord;
+use super::header::{Column, ColumnMap, KnownField};
+use super::normalize;
+
+/// How much of an offending value an issue quotes back to the user.
+const QUOTED_VALUE_BYTES: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IssueCode {
+    ColumnCountMismatch,
+    MissingIdentifier,
+    FieldTooLong,
+    InvalidEncoding,
+    InvalidEmail,
+    InvalidPhone,
+    InvalidLinkedinUrl,
+    DuplicateInFile,
+    IdentityConflict,
+}
+
+impl IssueCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IssueCode::ColumnCountMismatch => "column_count_mismatch",
+            IssueCode::MissingIdentifier => "missing_identifier",
+            IssueCode::FieldTooLong => "field_too_long",
+            IssueCode::InvalidEncoding => "invalid_encoding",
+            IssueCode::InvalidEmail => "invalid_email",
+            IssueCode::InvalidPhone => "invalid_phone",
+            IssueCode::InvalidLinkedinUrl => "invalid_linkedin_url",
+            IssueCode::DuplicateInFile => "duplicate_in_file",
+            IssueCode::IdentityConflict => "identity_conflict",
+        }
+    }
+
+    pub fn parse(code: &str) -> Option<Self> {
+        [
+            IssueCode::ColumnCountMismatch,
+            IssueCode::MissingIdentifier,
+            IssueCode::FieldTooLong,
+            IssueCode::InvalidEncoding,
+            IssueCode::InvalidEmail,
+            IssueCode::InvalidPhone,
+            IssueCode::InvalidLinkedinUrl,
+            IssueCode::DuplicateInFile,
+            IssueCode::IdentityConflict,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == code)
+    }
+
+    pub fn severity(self) -> Severity {
+        match self {
+            IssueCode::ColumnCountMismatch
+            | IssueCode::MissingIdentifier
+            | IssueCode::FieldTooLong
+            | IssueCode::InvalidEncoding => Severity::Error,
+            _ => Severity::Warning,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+impl Severity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Issue {
+    pub code: IssueCode,
+    /// The column as named in the header, when one column is at fault.
+    pub column: Option<String>,
+    pub message: String,
+    pub value: Option<String>,
+}
+
+impl Issue {
+    fn new(code: IssueCode, column: Option<&str>, message: String, value: Option<&str>) -> Self {
+        Issue {
+            code,
+            column: column.map(str::to_owned),
+            message,
+            value: value.map(|v| truncate(v, QUOTED_VALUE_BYTES).to_owned()),
+        }
+    }
+}
+
+/// The three identities a record can be resolved by, normalized.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identities {
+    pub email: Option<String>,
+    pub linkedin_url: Option<String>,
+    pub phone: Option<String>,
+}
+
+/// An accepted row, normalized, before resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordDraft {
+    pub row_number: u64,
+    pub line_number: u64,
+    /// Known fields by their canonical name (`first_name`, `email`, …); empty values are absent.
+    pub fields: BTreeMap<String, String>,
+    /// Custom columns by their header name; empty values are absent.
+    pub attributes: BTreeMap<String, String>,
+    pub warnings: Vec<Issue>,
+}
+
+impl RecordDraft {
+    pub fn identities(&self) -> Identities {
+        Identities {
+            email: self.fields.get("email").cloned(),
+            linkedin_url: self.fields.get("linkedin_url").cloned(),
+            phone: self.fields.get("phone").cloned(),
+        }
+    }
+}
+
+/// A row that was not imported, with its original fields for the failed-rows CSV.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailedRow {
+    pub row_number: u64,
+    pub line_number: u64,
+    pub fields: Vec<String>,
+    pub error: Issue,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowOutcome {
+    Accepted(RecordDraft),
+    Failed(FailedRow),
+}
+
+#[derive(Debug, Clone)]
+pub struct RowRules {
+    pub max_field_bytes: usize,
+    pub default_region: country::Id,
+}
+
+pub fn validate(
+    record: &RawRecord,
+    row_number: u64,
+    columns: &ColumnMap,
+    rules: &RowRules,
+) -> RowOutcome {
+    let decoded: Vec<Option<&str>> = record
+        .fields
+        .iter()
+        .map(|f| std::str::from_utf8(&f.bytes).ok())
+        .collect();
+    let lossy = || -> Vec<String> {
+        record
+            .fields
+            .iter()
+            .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
+            .collect()
+    };
+    let fail = |error: Issue| {
+        RowOutcome::Failed(FailedRow {
+            row_number,
+            line_number: record.line_number,
+            fields: lossy(),
+            error,
+        })
+    };
+    let column_name = |i: usize| columns.names.get(i).map(String::as_str);
+
+    let bad_encoding = decoded.iter().position(Option::is_none);
+    if bad_encoding.is_some() || record.malformed_encoding {
+        let i = bad_encoding.unwrap_or(0);
+        return fail(Issue::new(
+            IssueCode::InvalidEncoding,
+            bad_encoding.and(column_name(i)),
+            "the row has bytes that do not decode in the file's encoding".into(),
+            bad_encoding.map(|_| String::from_utf8_lossy(&record.fields[i].bytes)).as_deref(),
+        ));
+    }
+    if record.field_count != columns.columns.len() {
+        return fail(Issue::new(
+            IssueCode::ColumnCountMismatch,
+            None,
+            format!(
+                "expected {} fields as in the header, found {}",
+                columns.columns.len(),
+                record.field_count
+            ),
+            None,
+        ));
+    }
+    if let Some(i) = record.fields.iter().position(|f| f.truncated) {
+        return fail(Issue::new(
+            IssueCode::FieldTooLong,
+            column_name(i),
+            format!("the value is longer than {} bytes", rules.max_field_bytes),
+            decoded[i],
+        ));
+    }
+
+    let mut fields = BTreeMap::new();
+    let mut attributes = BTreeMap::new();
+    let mut warnings = Vec::new();
+    let mut invalid_identifiers = Vec::new();
+    for (i, column) in columns.columns.iter().enumerate() {
+        let value = decoded[i].unwrap_or_default().trim();
+        if value.is_empty() {
+            continue;
+        }
+        let name = &columns.names[i];
+        match column {
+            Column::Custom(_) => {
+                attributes.insert(name.clone(), value.to_owned());
+            }
+            Column::Known(field) => {
+                let normalized = match field {
+                    KnownField::Email => normalize::email(value).ok_or(IssueCode::InvalidEmail),
+                    KnownField::Phone => normalize::phone(value, rules.default_region)
+                        .ok_or(IssueCode::InvalidPhone),
+                    KnownField::LinkedinUrl => {
+                        normalize::linkedin_url(value).ok_or(IssueCode::InvalidLinkedinUrl)
+                    }
+                    _ => Ok(value.split_whitespace().collect::<Vec<_>>().join(" ")),
+                };
+                match normalized {
+                    Ok(v) => {
+                        fields.insert(field.as_str().to_owned(), v);
+                    }
+                    Err(code) => {
+                        let what = field.as_str().replace('_', " ");
+                        invalid_identifiers.push(Issue::new(
+                            code,
+                            Some(name),
+                            format!("{value:?} is not a valid {what}; the value was dropped"),
+                            Some(value),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    let has_identifier = ["email", "phone", "linkedin_url"]
+        .iter()
+        .any(|k| fields.contains_key(*k));
+    if !has_identifier {
+        let message = if invalid_identifiers.is_empty() {
+            "the row has no email, phone or LinkedIn URL".to_owned()
+        } else {
+            let what: Vec<String> = invalid_identifiers
+                .iter()
+                .map(|i| i.message.replace("; the value was dropped", ""))
+                .collect();
+            format!("the row has no valid identifier: {}", what.join("; "))
+        };
+        let first_bad = invalid_identifiers.first();
+        return fail(Issue::new(
+            IssueCode::MissingIdentifier,
+            first_bad.and_then(|i| i.column.as_deref()),
+            message,
+            first_bad.and_then(|i| i.value.as_deref()),
+        ));
+    }
+    warnings.extend(invalid_identifiers);
+    if !fields.contains_key("first_name") && !fields.contains_key("last_name") {
+        if let Some(full) = fields.get("full_name") {
+            let (first, last) = normalize::split_full_name(full);
+            if let Some(first) = first {
+                fields.insert("first_name".into(), first);
+            }
+            if let Some(last) = last {
+                fields.insert("last_name".into(), last);
+            }
+        }
+    }
+    RowOutcome::Accepted(RecordDraft {
+        row_number,
+        line_number: record.line_number,
+        fields,
+        attributes,
+        warnings,
+    })
+}
+
+/// Flags `duplicate_in_file` on every record whose identity appeared on an earlier record of
+/// the same batch. Batches are in row order; duplicates across batches are found when the
+/// source completes.
+pub fn flag_duplicates_in_batch(records: &mut [RecordDraft]) {
+    let mut seen: HashSet<(&'static str, String)> = HashSet::new();
+    for record in records.iter_mut() {
+        for kind in ["email", "linkedin_url", "phone"] {
+            let Some(value) = record.fields.get(kind) else {
+                continue;
+            };
+            if !seen.insert((kind, value.clone())) {
+                let issue = duplicate_issue(kind, value);
+                record.warnings.push(issue);
+            }
+        }
+    }
+}
+
+pub fn duplicate_issue(kind: &str, value: &str) -> Issue {
+    Issue::new(
+        IssueCode::DuplicateInFile,
+        Some(kind),
+        format!("{kind} {value} already appears on an earlier row of this file"),
+        Some(value),
+    )
+}
+
+fn truncate(value: &str, max: usize) -> &str {
+    if value.len() <= max {
+        return value;
+    }
+    let mut end = max;
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    &value[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::csv::RawField;
+    use super::*;
+
+    fn columns(names: &[&str]) -> ColumnMap {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        ColumnMap::from_header(&names, 100).unwrap()
+    }
+
+    fn raw(fields: &[&[u8]]) -> RawRecord {
+        RawRecord {
+            start_offset: 0,
+            line_number: 7,
+            fields: fields
+                .iter()
+                .map(|f| RawField {
+                    bytes: f.to_vec(),
+                    truncated: false,
+                })
+                .collect(),
+            field_count: fields.len(),
+            malformed_encoding: false,
+        }
+    }
+
+    fn rules() -> RowRules {
+        RowRules {
+            max_field_bytes: 64,
+            default_region: normalize::parse_region("US").unwrap(),
+        }
+    }
+
+    fn failed_code(outcome: RowOutcome) -> IssueCode {
+        match outcome {
+            RowOutcome::Failed(f) => f.error.code,
+            RowOutcome::Accepted(a) => panic!("accepted: {a:?}"),
+        }
+    }
+
+    fn accepted(outcome: RowOutcome) -> RecordDraft {
+        match outcome {
+            RowOutcome::Accepted(a) => a,
+            RowOutcome::Failed(f) => panic!("failed: {f:?}"),
+        }
+    }
+
+    #[test]
+    fn a_valid_row_is_normalized() {
+        let cols = columns(&["Name", "E-mail", "Phone", "LinkedIn", "Shoe Size"]);
+        let rec = accepted(validate(
+            &raw(&[b" Ann  Lee ", b"ANN@Example.com", b"415 555 2671", b"linkedin.com/in/Ann", b"38"]),
+            3,
+            &cols,
+            &rules(),
+        ));
+        assert_eq!(rec.row_number, 3);
+        assert_eq!(rec.line_number, 7);
+        assert_eq!(rec.fields["email"], "ann@example.com");
+        assert_eq!(rec.fields["phone"], "+14155552671");
+        assert_eq!(rec.fields["linkedin_url"], "linkedin.com/in/ann");
+        assert_eq!(rec.fields["full_name"], "Ann Lee");
+        assert_eq!(rec.fields["first_name"], "Ann");
+        assert_eq!(rec.fields["last_name"], "Lee");
+        assert_eq!(rec.attributes["Shoe Size"], "38");
+        assert!(rec.warnings.is_empty());
+    }
+
+    #[test]
+    fn failures_have_the_documented_codes_in_order() {
+        let cols = columns(&["email", "city"]);
+        assert_eq!(
+            failed_code(validate(&raw(&[b"a@b.co"]), 1, &cols, &rules())),
+            IssueCode::ColumnCountMismatch
+        );
+        assert_eq!(
+            failed_code(validate(&raw(&[b"\xff", b"x"]), 1, &cols, &rules())),
+            IssueCode::InvalidEncoding
+        );
+        assert_eq!(
+            failed_code(validate(&raw(&[b"", b"Paris"]), 1, &cols, &rules())),
+            IssueCode::MissingIdentifier
+        );
+        let mut long = raw(&[b"a@b.co", b"x"]);
+        long.fields[1].truncated = true;
+        assert_eq!(failed_code(validate(&long, 1, &cols, &rules())), IssueCode::FieldTooLong);
+    }
+
+    #[test]
+    fn an_invalid_identifier_alone_fails_and_says_why() {
+        let cols = columns(&["email", "city"]);
+        match validate(&raw(&[b"not-an-email", b"Paris"]), 1, &cols, &rules()) {
+            RowOutcome::Failed(f) => {
+                assert_eq!(f.error.code, IssueCode::MissingIdentifier);
+                assert_eq!(f.error.column.as_deref(), Some("email"));
+                assert!(f.error.message.contains("not-an-email"), "{}", f.error.message);
+                assert_eq!(f.fields, vec!["not-an-email", "Paris"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_invalid_identifier_beside_a_valid_one_is_a_warning() {
+        let cols = columns(&["email", "phone", "linkedin"]);
+        let rec = accepted(validate(&raw(&[b"a@b.co", b"12", b"nope"]), 1, &cols, &rules()));
+        let codes: Vec<_> = rec.warnings.iter().map(|w| w.code).collect();
+        assert_eq!(codes, vec![IssueCode::InvalidPhone, IssueCode::InvalidLinkedinUrl]);
+        assert!(!rec.fields.contains_key("phone"));
+        assert_eq!(rec.warnings[0].value.as_deref(), Some("12"));
+    }
+
+    #[test]
+    fn explicit_first_and_last_names_are_not_overwritten_by_full_name() {
+        let cols = columns(&["email", "first name", "full name"]);
+        let rec = accepted(validate(&raw(&[b"a@b.co", b"Annie", b"Ann Lee"]), 1, &cols, &rules()));
+        assert_eq!(rec.fields["first_name"], "Annie");
+        assert!(!rec.fields.contains_key("last_name"));
+    }
+
+    #[test]
+    fn duplicates_within_a_batch_are_flagged_after_the_first() {
+        let cols = columns(&["email", "phone"]);
+        let mut recs = vec![
+            accepted(validate(&raw(&[b"a@b.co", b""]), 1, &cols, &rules())),
+            accepted(validate(&raw(&[b"A@b.co", b"4155552671"]), 2, &cols, &rules())),
+            accepted(validate(&raw(&[b"c@b.co", b"(415) 555-2671"]), 3, &cols, &rules())),
+        ];
+        flag_duplicates_in_batch(&mut recs);
+        assert!(recs[0].warnings.is_empty());
+        assert_eq!(recs[1].warnings[0].code, IssueCode::DuplicateInFile);
+        assert_eq!(recs[1].warnings[0].column.as_deref(), Some("email"));
+        assert_eq!(recs[2].warnings[0].column.as_deref(), Some("phone"));
+    }
+}

@@ -1,0 +1,21 @@
+//! `orbit-shared`: everything the gateway and the workers have in common.
+//!
+//! - [`config`]: settings from defaults, a TOML file and `ORBIT__` variables.
+//! - [`domain`]: the CSV rules, normalization, validation and profile resolution; no I/O.
+//! - [`ingest`]: the upload side of a file: dialect, header, synchronous prefix, chunk plan.
+//! - [`model`]: the records passed between layers and stored by backends.
+//! - [`store`]: the database trait and its SQLite backend.
+//! - [`blob`]: the object store trait and its local-directory backend.
+//! - [`queue`]: the work queue trait and its in-process backend.
+//! - [`telemetry`]: logging and tracing set-up.
+//! - [`metrics`]: the Prometheus registry shared by gateway and worker.
+
+pub mod blob;
+pub mod config;
+pub mod domain;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod queue;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,282 @@
+//! The records every backend stores and every layer passes around.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::csv::Dialect;
+use crate::domain::header::ColumnMap;
+use crate::domain::resolve::ProfileState;
+use crate::domain::row::{FailedRow, RecordDraft, Severity};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Organization {
+    pub id: Uuid,
+    pub name: String,
+    pub created_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Directory {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub name: String,
+    pub archived: bool,
+    pub created_at: DateTime<Utc>,
+    pub archived_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TokenRecord {
+    pub organization_id: Uuid,
+    pub user_id: Uuid,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceStatus {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+}
+
+impl SourceStatus {
+    pub const ALL: [SourceStatus; 4] = [
+        SourceStatus::Pending,
+        SourceStatus::Processing,
+        SourceStatus::Completed,
+        SourceStatus::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceStatus::Pending => "pending",
+            SourceStatus::Processing => "processing",
+            SourceStatus::Completed => "completed",
+            SourceStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, SourceStatus::Completed | SourceStatus::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SourceError {
+    pub code: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub id: Uuid,
+    /// Creation order across the whole store: the version of every profile write it makes.
+    pub seq: i64,
+    pub organization_id: Uuid,
+    pub directory_id: Uuid,
+    pub status: SourceStatus,
+    pub filename: String,
+    pub byte_size: u64,
+    pub sha256: String,
+    pub object_key: String,
+    pub dialect: Dialect,
+    pub columns: ColumnMap,
+    pub total_rows: u64,
+    pub processed_rows: u64,
+    pub accepted: u64,
+    pub failed: u64,
+    pub warnings: u64,
+    pub error: Option<SourceError>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub completed_at: Option<DateTime<Utc>>,
+}
+
+/// A row-aligned byte range of a source's object, processed as one unit of work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkSpec {
+    pub index: u32,
+    pub first_row: u64,
+    pub row_count: u64,
+    pub start_offset: u64,
+    pub end_offset: u64,
+    pub start_line: u64,
+}
+
+/// A message on the queue: ids only; the database holds the truth.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRef {
+    pub source_id: Uuid,
+    pub chunk_id: Uuid,
+    pub attempt: u32,
+    /// W3C trace context of the upload that queued the chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
+}
+
+/// A chunk claimed by one worker: writes of its results hold only while the lease does.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub chunk_id: Uuid,
+    pub source_id: Uuid,
+    pub token: Uuid,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct ChunkWork {
+    pub lease: Lease,
+    pub chunk: ChunkSpec,
+    pub source: Source,
+}
+
+#[derive(Debug)]
+pub enum Claim {
+    Claimed(Box<ChunkWork>),
+    /// Done already, its source is terminal, or it no longer exists: the message is stale.
+    Nothing,
+    /// Another worker holds an unexpired lease.
+    Busy,
+    /// Over its attempts: the chunk and its source were failed.
+    Poisoned,
+}
+
+/// The validated rows of one chunk, ready to be materialized.
+#[derive(Debug, Default)]
+pub struct ChunkResults {
+    pub accepted: Vec<RecordDraft>,
+    pub failed: Vec<FailedRow>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Done { source_completed: bool },
+    /// The lease was lost (expired and taken over): nothing was written.
+    LeaseLost,
+}
+
+pub struct NewSource {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub directory_id: Uuid,
+    pub filename: String,
+    pub byte_size: u64,
+    pub sha256: String,
+    pub object_key: String,
+    pub dialect: Dialect,
+    pub columns: ColumnMap,
+    pub total_rows: u64,
+}
+
+/// Everything an upload writes, in one transaction: the source, its queued chunks, the results
+/// of the synchronous prefix, and the idempotency record's response.
+pub struct NewUpload {
+    pub source: NewSource,
+    /// The synchronous prefix: row-aligned like any chunk, so that it can be redone from the
+    /// object if the transaction is replayed.
+    pub sync_chunk: Option<ChunkSpec>,
+    pub sync_results: ChunkResults,
+    pub chunks: Vec<ChunkSpec>,
+    pub idempotency: Option<IdempotencyClaim>,
+}
+
+/// The response fields of an upload, kept to replay it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadReceipt {
+    pub source_id: Uuid,
+    pub directory_id: Uuid,
+    pub source_status: SourceStatus,
+    pub accepted: u64,
+    pub failed: u64,
+    pub warnings: u64,
+}
+
+impl UploadReceipt {
+    pub fn of(source: &Source) -> Self {
+        UploadReceipt {
+            source_id: source.id,
+            directory_id: source.directory_id,
+            source_status: source.status,
+            accepted: source.accepted,
+            failed: source.failed,
+            warnings: source.warnings,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct IdempotencyClaim {
+    pub organization_id: Uuid,
+    pub key: String,
+    pub token: Uuid,
+}
+
+#[derive(Debug, Clone)]
+pub enum KeyState {
+    /// This request owns the key now.
+    Claimed(IdempotencyClaim),
+    /// Another request holds it and has not finished.
+    InFlight,
+    /// A finished request: replay it if directory and file match.
+    Completed {
+        directory_id: Uuid,
+        sha256: String,
+        receipt: UploadReceipt,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RowIssue {
+    pub row_number: u64,
+    pub line_number: u64,
+    pub severity: Severity,
+    pub code: String,
+    pub column: Option<String>,
+    pub message: String,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoredFailedRow {
+    pub row_number: u64,
+    pub line_number: u64,
+    pub fields: Vec<String>,
+    pub error_code: String,
+    pub error_message: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub id: Uuid,
+    pub directory_id: Uuid,
+    pub state: ProfileState,
+    /// (kind, value) identities the profile holds.
+    pub identities: Vec<(String, String)>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A keyset position: the sort key of the last item of the previous page (the second part is
+/// a tie-breaker where the first is not unique, else 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cursor(pub i64, pub i64);
+
+#[derive(Debug, Clone, Copy)]
+pub struct PageRequest {
+    pub after: Option<Cursor>,
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next: Option<Cursor>,
+}

@@ -1,0 +1,158 @@
+//! The database behind Orbit: one trait, one implementation per backend, picked from the
+//! `database.url` scheme. Every tenant-facing query takes the organization and filters by it,
+//! so a token of one organization can never read or write another's data.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::model::*;
+
+pub mod sqlite;
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl From<serde_json::Error> for StoreError {
+    fn from(e: serde_json::Error) -> Self {
+        StoreError::Corrupt(e.to_string())
+    }
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Which backend this is, for logs and `/readyz`.
+    fn backend(&self) -> &'static str;
+    async fn migrate(&self) -> StoreResult<()>;
+    async fn ping(&self) -> StoreResult<()>;
+
+    // Tenancy and credentials.
+    async fn create_organization(&self, name: &str) -> StoreResult<Organization>;
+    async fn organization_exists(&self, org: Uuid) -> StoreResult<bool>;
+    /// The user with this email in the organization, created if new.
+    async fn ensure_user(&self, org: Uuid, email: &str) -> StoreResult<Uuid>;
+    async fn insert_token(
+        &self,
+        hash: &[u8],
+        org: Uuid,
+        user: Uuid,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> StoreResult<()>;
+    async fn find_token(&self, hash: &[u8]) -> StoreResult<Option<TokenRecord>>;
+    /// Whether a live token was revoked by this call.
+    async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool>;
+
+    // Directories.
+    async fn create_directory(&self, org: Uuid, name: &str) -> StoreResult<Directory>;
+    async fn get_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>>;
+    async fn list_directories(&self, org: Uuid, page: &PageRequest) -> StoreResult<Page<Directory>>;
+    async fn archive_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>>;
+
+    // Idempotency.
+    /// Claims `(org, key)` for a request on `dir`, or reports who has it. An in-flight claim
+    /// older than `in_flight_timeout` is presumed dead and taken over; a completed one older than
+    /// `ttl` is forgotten.
+    async fn claim_idempotency_key(
+        &self,
+        org: Uuid,
+        key: &str,
+        dir: Uuid,
+        ttl: Duration,
+        in_flight_timeout: Duration,
+    ) -> StoreResult<KeyState>;
+    /// Drops an in-flight claim of a request that created nothing, so a retry runs fresh.
+    async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()>;
+
+    // Uploads and sources.
+    /// Records the source, its chunks and the synchronous prefix's results, and completes the
+    /// idempotency claim with the resulting receipt, atomically. Returns the source and the
+    /// chunks to publish, which are marked queued.
+    async fn commit_upload(&self, upload: NewUpload) -> StoreResult<(Source, Vec<ChunkRef>)>;
+    async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>>;
+    async fn list_sources(&self, org: Uuid, dir: Uuid, page: &PageRequest) -> StoreResult<Page<Source>>;
+    async fn list_issues(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        source: Uuid,
+        page: &PageRequest,
+    ) -> StoreResult<Page<RowIssue>>;
+    /// The most fields any failed row of the source has.
+    async fn failed_row_width(&self, source: Uuid) -> StoreResult<usize>;
+    /// Failed rows after row `after_row`, in input order.
+    async fn failed_rows(
+        &self,
+        source: Uuid,
+        after_row: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredFailedRow>>;
+
+    // Profiles.
+    async fn list_profiles(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        email: Option<&str>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Profile>>;
+    async fn get_profile(&self, org: Uuid, dir: Uuid, profile: Uuid) -> StoreResult<Option<Profile>>;
+
+    // Chunk work.
+    /// Takes the chunk's lease for `lease_for`, unless it is done, leased by someone else, or
+    /// out of attempts (which fails the source).
+    async fn claim_chunk(
+        &self,
+        chunk: Uuid,
+        owner: &str,
+        lease_for: Duration,
+        max_attempts: u32,
+    ) -> StoreResult<Claim>;
+    /// Extends a lease still held; false when it was lost.
+    async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool>;
+    /// Materializes the chunk's rows and marks it done, only while `lease` is held; completes
+    /// the source when it was the last chunk.
+    async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed>;
+    /// Gives up a lease after a failed attempt so the chunk can be tried again.
+    async fn release_chunk(&self, lease: &Lease, error: &str) -> StoreResult<()>;
+    /// Fails a source that cannot be finished (its object is gone, say); rows stay.
+    async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()>;
+    /// Chunks to publish (again): never published, queued longer ago than `requeue_after`, or
+    /// whose lease expired. Marks them queued now.
+    async fn chunks_to_publish(&self, requeue_after: Duration, limit: u32) -> StoreResult<Vec<ChunkRef>>;
+    /// Marks every unfinished chunk as not queued, so the next `chunks_to_publish` returns it:
+    /// what a single-process deployment calls on start, since its in-process queue died with it.
+    async fn forget_queued(&self) -> StoreResult<u64>;
+
+    // Metrics.
+    async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>>;
+    async fn count_pending_chunks(&self) -> StoreResult<u64>;
+}
+
+/// Opens the store named by `url`, with a clear message for an unknown scheme.
+pub async fn open(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+    let scheme = url.split(':').next().unwrap_or_default();
+    match scheme {
+        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(url, max_connections).await?)),
+        _ => anyhow::bail!(
+            "database.url {url:?}: unsupported scheme {scheme:?} (expected sqlite:// or postgres://)"
+        ),
+    }
+}
+
+pub fn now() -> DateTime<Utc> {
+    Utc::now()
+}

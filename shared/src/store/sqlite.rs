@@ -1,0 +1,1172 @@
+//! The embedded store: one SQLite file in WAL mode. Writes go through a single-connection pool,
+//! which serializes writers without SQLite's lock-upgrade failures; reads use their own pool.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqliteConnection, SqlitePool};
+use uuid::Uuid;
+
+use super::{Store, StoreError, StoreResult};
+use crate::domain::csv::{Dialect, TextEncoding};
+use crate::domain::resolve::{self, Existing, ProfileState};
+use crate::domain::row::{self, Issue, IssueCode, RecordDraft, Severity};
+use crate::model::*;
+
+/// SQLite allows 32766 bound parameters; stay far below it.
+const IN_BATCH: usize = 500;
+
+pub struct SqliteStore {
+    writer: SqlitePool,
+    reader: SqlitePool,
+}
+
+fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+fn at(ms: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(ms).unwrap_or_default()
+}
+
+fn now_ms() -> i64 {
+    ms(Utc::now())
+}
+
+fn dur_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+fn placeholders(n: usize) -> String {
+    vec!["?"; n].join(",")
+}
+
+impl SqliteStore {
+    pub async fn open(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(30));
+        if let Some(parent) = options.get_filename().parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|e| {
+                    StoreError::Conflict(format!("cannot create {}: {e}", parent.display()))
+                })?;
+            }
+        }
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .connect_with(options.read_only(true))
+            .await;
+        // A read-only pool cannot open a file that does not exist yet; the writer just made it.
+        let reader = match reader {
+            Ok(pool) => pool,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(SqliteStore { writer, reader })
+    }
+}
+
+fn source_from_row(row: &SqliteRow) -> StoreResult<Source> {
+    let encoding: String = row.try_get("encoding")?;
+    let status: String = row.try_get("status")?;
+    let columns: String = row.try_get("columns")?;
+    let error_code: Option<String> = row.try_get("error_code")?;
+    let error_message: Option<String> = row.try_get("error_message")?;
+    Ok(Source {
+        id: row.try_get("id")?,
+        seq: row.try_get("seq")?,
+        organization_id: row.try_get("organization_id")?,
+        directory_id: row.try_get("directory_id")?,
+        status: SourceStatus::parse(&status)
+            .ok_or_else(|| StoreError::Corrupt(format!("source status {status:?}")))?,
+        filename: row.try_get("filename")?,
+        byte_size: row.try_get::<i64, _>("byte_size")? as u64,
+        sha256: row.try_get("sha256")?,
+        object_key: row.try_get("object_key")?,
+        dialect: Dialect {
+            encoding: TextEncoding::from_hint(&encoding)
+                .ok_or_else(|| StoreError::Corrupt(format!("encoding {encoding:?}")))?,
+            delimiter: row.try_get::<i64, _>("delimiter")? as u8,
+            bom_len: row.try_get::<i64, _>("bom_len")? as u64,
+        },
+        columns: serde_json::from_str(&columns)?,
+        total_rows: row.try_get::<i64, _>("total_rows")? as u64,
+        processed_rows: row.try_get::<i64, _>("processed_rows")? as u64,
+        accepted: row.try_get::<i64, _>("accepted")? as u64,
+        failed: row.try_get::<i64, _>("failed")? as u64,
+        warnings: row.try_get::<i64, _>("warnings")? as u64,
+        error: match (error_code, error_message) {
+            (Some(code), message) => Some(SourceError {
+                code,
+                message: message.unwrap_or_default(),
+            }),
+            _ => None,
+        },
+        created_at: at(row.try_get("created_ms")?),
+        updated_at: at(row.try_get("updated_ms")?),
+        completed_at: row.try_get::<Option<i64>, _>("completed_ms")?.map(at),
+    })
+}
+
+fn directory_from_row(row: &SqliteRow) -> StoreResult<Directory> {
+    let archived: Option<i64> = row.try_get("archived_ms")?;
+    Ok(Directory {
+        id: row.try_get("id")?,
+        organization_id: row.try_get("organization_id")?,
+        name: row.try_get("name")?,
+        archived: archived.is_some(),
+        created_at: at(row.try_get("created_ms")?),
+        archived_at: archived.map(at),
+    })
+}
+
+async fn load_source(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Source> {
+    let row = sqlx::query("SELECT * FROM sources WHERE id = ?")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    source_from_row(&row)
+}
+
+/// Counts one chunk's results add to its source.
+struct Applied {
+    accepted: u64,
+    failed: u64,
+    warnings: u64,
+}
+
+/// Materializes validated rows: resolves them to profiles and writes records, profiles,
+/// identities, issues and failed rows. Runs inside the caller's write transaction, which is
+/// what makes resolution race-free: SQLite has one writer at a time.
+async fn apply_results(
+    conn: &mut SqliteConnection,
+    source: &Source,
+    mut results: ChunkResults,
+) -> StoreResult<Applied> {
+    row::flag_duplicates_in_batch(&mut results.accepted);
+    let now = now_ms();
+    let dir = source.directory_id;
+
+    let mut existing = Existing::default();
+    for kind in resolve::IDENTITY_KINDS {
+        let values: Vec<&String> = results
+            .accepted
+            .iter()
+            .filter_map(|r| r.fields.get(kind))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        for batch in values.chunks(IN_BATCH) {
+            let sql = format!(
+                "SELECT value, profile_id FROM profile_identities WHERE directory_id = ? AND kind = ? AND value IN ({})",
+                placeholders(batch.len())
+            );
+            let mut query = sqlx::query(&sql).bind(dir).bind(kind);
+            for v in batch {
+                query = query.bind(*v);
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                existing
+                    .owners
+                    .insert((kind.to_owned(), row.try_get("value")?), row.try_get("profile_id")?);
+            }
+        }
+    }
+    let owner_ids: Vec<Uuid> = existing.owners.values().copied().collect::<HashSet<_>>().into_iter().collect();
+    for batch in owner_ids.chunks(IN_BATCH) {
+        let sql = format!("SELECT id, state FROM profiles WHERE id IN ({})", placeholders(batch.len()));
+        let mut query = sqlx::query(&sql);
+        for id in batch {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let state: String = row.try_get("state")?;
+            existing
+                .profiles
+                .insert(row.try_get("id")?, serde_json::from_str::<ProfileState>(&state)?);
+        }
+    }
+
+    let plan = resolve::resolve_batch(&mut existing, &results.accepted, source.seq, Uuid::now_v7);
+
+    for (id, state) in &plan.created {
+        sqlx::query(
+            "INSERT INTO profiles (id, organization_id, directory_id, state, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(source.organization_id)
+        .bind(dir)
+        .bind(serde_json::to_string(state)?)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    for (id, state) in &plan.updated {
+        sqlx::query("UPDATE profiles SET state = ?, updated_ms = ? WHERE id = ?")
+            .bind(serde_json::to_string(state)?)
+            .bind(now)
+            .bind(id)
+            .execute(&mut *conn)
+            .await?;
+    }
+    for (kind, value, profile) in &plan.new_identities {
+        sqlx::query("INSERT INTO profile_identities (directory_id, kind, value, profile_id) VALUES (?, ?, ?, ?)")
+            .bind(dir)
+            .bind(kind)
+            .bind(value)
+            .bind(profile)
+            .execute(&mut *conn)
+            .await?;
+    }
+
+    let assignments: HashMap<u64, Uuid> = plan.assignments.iter().copied().collect();
+    let mut resolution_warnings: BTreeMap<u64, Vec<Issue>> = BTreeMap::new();
+    for (row_number, issue) in plan.warnings {
+        resolution_warnings.entry(row_number).or_default().push(issue);
+    }
+    let mut warned_rows = 0u64;
+    for record in &results.accepted {
+        let profile = assignments[&record.row_number];
+        insert_record(conn, source.id, record, profile).await?;
+        let extra = resolution_warnings.remove(&record.row_number).unwrap_or_default();
+        if !record.warnings.is_empty() || !extra.is_empty() {
+            warned_rows += 1;
+        }
+        for issue in record.warnings.iter().chain(&extra) {
+            insert_issue(conn, source.id, record.row_number, record.line_number, issue).await?;
+        }
+    }
+    for failed in &results.failed {
+        sqlx::query(
+            "INSERT OR IGNORE INTO failed_rows (source_id, row_number, line_number, fields, error_code, error_message) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(source.id)
+        .bind(failed.row_number as i64)
+        .bind(failed.line_number as i64)
+        .bind(serde_json::to_string(&failed.fields)?)
+        .bind(failed.error.code.as_str())
+        .bind(&failed.error.message)
+        .execute(&mut *conn)
+        .await?;
+        insert_issue(conn, source.id, failed.row_number, failed.line_number, &failed.error).await?;
+    }
+    Ok(Applied {
+        accepted: results.accepted.len() as u64,
+        failed: results.failed.len() as u64,
+        warnings: warned_rows,
+    })
+}
+
+async fn insert_record(
+    conn: &mut SqliteConnection,
+    source: Uuid,
+    record: &RecordDraft,
+    profile: Uuid,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(source)
+    .bind(record.row_number as i64)
+    .bind(record.line_number as i64)
+    .bind(profile)
+    .bind(record.fields.get("email"))
+    .bind(record.fields.get("linkedin_url"))
+    .bind(record.fields.get("phone"))
+    .bind(serde_json::to_string(&record.fields)?)
+    .bind(serde_json::to_string(&record.attributes)?)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn insert_issue(
+    conn: &mut SqliteConnection,
+    source: Uuid,
+    row_number: u64,
+    line_number: u64,
+    issue: &Issue,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "INSERT OR IGNORE INTO row_issues (source_id, row_number, line_number, severity, code, column_name, message, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(source)
+    .bind(row_number as i64)
+    .bind(line_number as i64)
+    .bind(issue.code.severity().as_str())
+    .bind(issue.code.as_str())
+    .bind(issue.column.as_deref().unwrap_or(""))
+    .bind(&issue.message)
+    .bind(&issue.value)
+    .execute(&mut *conn)
+    .await?;
+    Ok(done.rows_affected() > 0)
+}
+
+/// Adds the applied counts to the source and completes it when its last chunk is in.
+async fn advance_source(
+    conn: &mut SqliteConnection,
+    source: Uuid,
+    applied: &Applied,
+    chunks_done: u64,
+) -> StoreResult<bool> {
+    let now = now_ms();
+    sqlx::query(
+        "UPDATE sources SET accepted = accepted + ?, failed = failed + ?, warnings = warnings + ?, processed_rows = processed_rows + ?, chunks_done = chunks_done + ?, status = 'processing', updated_ms = ? WHERE id = ? AND status IN ('pending', 'processing')",
+    )
+    .bind(applied.accepted as i64)
+    .bind(applied.failed as i64)
+    .bind(applied.warnings as i64)
+    .bind((applied.accepted + applied.failed) as i64)
+    .bind(chunks_done as i64)
+    .bind(now)
+    .bind(source)
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query("SELECT chunk_count, chunks_done FROM sources WHERE id = ?")
+        .bind(source)
+        .fetch_one(&mut *conn)
+        .await?;
+    let (count, done): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    if done < count {
+        return Ok(false);
+    }
+    finalize_source(conn, source).await?;
+    Ok(true)
+}
+
+/// Every chunk is in: flags duplicates across chunks, settles the warning count and completes
+/// the source (or fails it, should the counts not add up).
+async fn finalize_source(conn: &mut SqliteConnection, source_id: Uuid) -> StoreResult<()> {
+    for kind in resolve::IDENTITY_KINDS {
+        let sql = format!(
+            "SELECT r.row_number, r.line_number, r.{kind} AS value FROM records r
+             WHERE r.source_id = ?1 AND r.{kind} IS NOT NULL AND EXISTS (
+                 SELECT 1 FROM records e WHERE e.source_id = ?1 AND e.{kind} = r.{kind} AND e.row_number < r.row_number)"
+        );
+        let rows = sqlx::query(&sql).bind(source_id).fetch_all(&mut *conn).await?;
+        for r in rows {
+            let value: String = r.try_get("value")?;
+            let issue = row::duplicate_issue(kind, &value);
+            insert_issue(
+                conn,
+                source_id,
+                r.try_get::<i64, _>("row_number")? as u64,
+                r.try_get::<i64, _>("line_number")? as u64,
+                &issue,
+            )
+            .await?;
+        }
+    }
+    let source = load_source(conn, source_id).await?;
+    let now = now_ms();
+    if source.accepted + source.failed != source.total_rows {
+        let message = format!(
+            "processed {} rows of {}; the source cannot be completed",
+            source.accepted + source.failed,
+            source.total_rows
+        );
+        return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
+    }
+    sqlx::query(
+        "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = ?1 AND severity = 'warning'),
+         status = 'completed', completed_ms = ?2, updated_ms = ?2 WHERE id = ?1 AND status IN ('pending', 'processing')",
+    )
+    .bind(source_id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn fail_source_in(
+    conn: &mut SqliteConnection,
+    source: Uuid,
+    code: &str,
+    message: &str,
+) -> StoreResult<()> {
+    let now = now_ms();
+    let updated = sqlx::query(
+        "UPDATE sources SET status = 'failed', error_code = ?, error_message = ?, completed_ms = ?, updated_ms = ? WHERE id = ? AND status IN ('pending', 'processing')",
+    )
+    .bind(code)
+    .bind(message)
+    .bind(now)
+    .bind(now)
+    .bind(source)
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() > 0 {
+        sqlx::query(
+            "UPDATE chunks SET state = 'failed', lease_token = NULL, lease_owner = NULL WHERE source_id = ? AND state IN ('pending', 'running')",
+        )
+        .bind(source)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+fn chunk_from_row(row: &SqliteRow) -> StoreResult<ChunkSpec> {
+    Ok(ChunkSpec {
+        index: row.try_get::<i64, _>("idx")? as u32,
+        first_row: row.try_get::<i64, _>("first_row")? as u64,
+        row_count: row.try_get::<i64, _>("row_count")? as u64,
+        start_offset: row.try_get::<i64, _>("start_offset")? as u64,
+        end_offset: row.try_get::<i64, _>("end_offset")? as u64,
+        start_line: row.try_get::<i64, _>("start_line")? as u64,
+    })
+}
+
+async fn insert_chunk(
+    conn: &mut SqliteConnection,
+    source: Uuid,
+    chunk: &ChunkSpec,
+    state: &str,
+) -> StoreResult<Uuid> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(source)
+    .bind(chunk.index as i64)
+    .bind(chunk.first_row as i64)
+    .bind(chunk.row_count as i64)
+    .bind(chunk.start_offset as i64)
+    .bind(chunk.end_offset as i64)
+    .bind(chunk.start_line as i64)
+    .bind(state)
+    .bind(now_ms())
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+fn page_limit(page: &PageRequest) -> i64 {
+    i64::from(page.limit.clamp(1, 1000))
+}
+
+/// Takes one extra row to learn whether there is a next page.
+fn paginate<T>(mut items: Vec<T>, page: &PageRequest, cursor: impl Fn(&T) -> Cursor) -> Page<T> {
+    let limit = page_limit(page) as usize;
+    let next = if items.len() > limit {
+        items.truncate(limit);
+        items.last().map(&cursor)
+    } else {
+        None
+    };
+    Page { items, next }
+}
+
+async fn identities_of(pool: &SqlitePool, profiles: &[Uuid]) -> StoreResult<HashMap<Uuid, Vec<(String, String)>>> {
+    let mut out: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
+    for batch in profiles.chunks(IN_BATCH) {
+        let sql = format!(
+            "SELECT profile_id, kind, value FROM profile_identities WHERE profile_id IN ({}) ORDER BY kind, value",
+            placeholders(batch.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in batch {
+            query = query.bind(*id);
+        }
+        for row in query.fetch_all(pool).await? {
+            out.entry(row.try_get("profile_id")?)
+                .or_default()
+                .push((row.try_get("kind")?, row.try_get("value")?));
+        }
+    }
+    Ok(out)
+}
+
+fn profile_from_row(row: &SqliteRow) -> StoreResult<(i64, Profile)> {
+    let state: String = row.try_get("state")?;
+    Ok((
+        row.try_get("seq")?,
+        Profile {
+            id: row.try_get("id")?,
+            directory_id: row.try_get("directory_id")?,
+            state: serde_json::from_str(&state)?,
+            identities: Vec::new(),
+            created_at: at(row.try_get("created_ms")?),
+            updated_at: at(row.try_get("updated_ms")?),
+        },
+    ))
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("../migrations/sqlite").run(&self.writer).await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn create_organization(&self, name: &str) -> StoreResult<Organization> {
+        let org = Organization {
+            id: Uuid::now_v7(),
+            name: name.to_owned(),
+            created_at: at(now_ms()),
+        };
+        sqlx::query("INSERT INTO organizations (id, name, created_ms) VALUES (?, ?, ?)")
+            .bind(org.id)
+            .bind(&org.name)
+            .bind(ms(org.created_at))
+            .execute(&self.writer)
+            .await?;
+        Ok(org)
+    }
+
+    async fn organization_exists(&self, org: Uuid) -> StoreResult<bool> {
+        Ok(sqlx::query("SELECT 1 FROM organizations WHERE id = ?")
+            .bind(org)
+            .fetch_optional(&self.reader)
+            .await?
+            .is_some())
+    }
+
+    async fn ensure_user(&self, org: Uuid, email: &str) -> StoreResult<Uuid> {
+        sqlx::query("INSERT OR IGNORE INTO users (id, organization_id, email, created_ms) VALUES (?, ?, ?, ?)")
+            .bind(Uuid::now_v7())
+            .bind(org)
+            .bind(email)
+            .bind(now_ms())
+            .execute(&self.writer)
+            .await?;
+        let row = sqlx::query("SELECT id FROM users WHERE organization_id = ? AND email = ?")
+            .bind(org)
+            .bind(email)
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(row.try_get("id")?)
+    }
+
+    async fn insert_token(
+        &self,
+        hash: &[u8],
+        org: Uuid,
+        user: Uuid,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO tokens (hash, organization_id, user_id, created_ms, expires_ms) VALUES (?, ?, ?, ?, ?)")
+            .bind(hash)
+            .bind(org)
+            .bind(user)
+            .bind(now_ms())
+            .bind(expires_at.map(ms))
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn find_token(&self, hash: &[u8]) -> StoreResult<Option<TokenRecord>> {
+        let row = sqlx::query("SELECT organization_id, user_id, expires_ms, revoked_ms FROM tokens WHERE hash = ?")
+            .bind(hash)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.map(|row| {
+            Ok(TokenRecord {
+                organization_id: row.try_get("organization_id")?,
+                user_id: row.try_get("user_id")?,
+                expires_at: row.try_get::<Option<i64>, _>("expires_ms")?.map(at),
+                revoked_at: row.try_get::<Option<i64>, _>("revoked_ms")?.map(at),
+            })
+        })
+        .transpose()
+    }
+
+    async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE tokens SET revoked_ms = ? WHERE hash = ? AND revoked_ms IS NULL")
+            .bind(now_ms())
+            .bind(hash)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_directory(&self, org: Uuid, name: &str) -> StoreResult<Directory> {
+        let id = Uuid::now_v7();
+        sqlx::query("INSERT INTO directories (id, organization_id, name, created_ms) VALUES (?, ?, ?, ?)")
+            .bind(id)
+            .bind(org)
+            .bind(name)
+            .bind(now_ms())
+            .execute(&self.writer)
+            .await?;
+        let row = sqlx::query("SELECT * FROM directories WHERE id = ?")
+            .bind(id)
+            .fetch_one(&self.writer)
+            .await?;
+        directory_from_row(&row)
+    }
+
+    async fn get_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
+        sqlx::query("SELECT * FROM directories WHERE organization_id = ? AND id = ?")
+            .bind(org)
+            .bind(dir)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(directory_from_row)
+            .transpose()
+    }
+
+    async fn list_directories(&self, org: Uuid, page: &PageRequest) -> StoreResult<Page<Directory>> {
+        let rows = sqlx::query(
+            "SELECT * FROM directories WHERE organization_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+        )
+        .bind(org)
+        .bind(page.after.map_or(0, |c| c.0))
+        .bind(page_limit(page) + 1)
+        .fetch_all(&self.reader)
+        .await?;
+        let items = rows
+            .iter()
+            .map(|r| Ok((r.try_get::<i64, _>("seq")?, directory_from_row(r)?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let page = paginate(items, page, |(seq, _)| Cursor(*seq, 0));
+        Ok(Page {
+            items: page.items.into_iter().map(|(_, d)| d).collect(),
+            next: page.next,
+        })
+    }
+
+    async fn archive_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
+        sqlx::query("UPDATE directories SET archived_ms = ? WHERE organization_id = ? AND id = ? AND archived_ms IS NULL")
+            .bind(now_ms())
+            .bind(org)
+            .bind(dir)
+            .execute(&self.writer)
+            .await?;
+        sqlx::query("SELECT * FROM directories WHERE organization_id = ? AND id = ?")
+            .bind(org)
+            .bind(dir)
+            .fetch_optional(&self.writer)
+            .await?
+            .as_ref()
+            .map(directory_from_row)
+            .transpose()
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        org: Uuid,
+        key: &str,
+        dir: Uuid,
+        ttl: Duration,
+        in_flight_timeout: Duration,
+    ) -> StoreResult<KeyState> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        let row = sqlx::query("SELECT * FROM idempotency_keys WHERE organization_id = ? AND key = ?")
+            .bind(org)
+            .bind(key)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if let Some(row) = row {
+            let state: String = row.try_get("state")?;
+            let locked: i64 = row.try_get("locked_ms")?;
+            let expires: i64 = row.try_get("expires_ms")?;
+            if state == "completed" && expires > now {
+                let response: String = row.try_get("response")?;
+                return Ok(KeyState::Completed {
+                    directory_id: row.try_get("directory_id")?,
+                    sha256: row.try_get("sha256")?,
+                    receipt: serde_json::from_str(&response)?,
+                });
+            }
+            if state == "in_flight" && locked > now - dur_ms(in_flight_timeout) {
+                return Ok(KeyState::InFlight);
+            }
+        }
+        let claim = IdempotencyClaim {
+            organization_id: org,
+            key: key.to_owned(),
+            token: Uuid::new_v4(),
+        };
+        sqlx::query(
+            "INSERT OR REPLACE INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms) VALUES (?, ?, ?, 'in_flight', ?, ?, ?)",
+        )
+        .bind(org)
+        .bind(key)
+        .bind(dir)
+        .bind(claim.token)
+        .bind(now)
+        .bind(now + dur_ms(ttl))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(KeyState::Claimed(claim))
+    }
+
+    async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()> {
+        sqlx::query("DELETE FROM idempotency_keys WHERE organization_id = ? AND key = ? AND claim_token = ? AND state = 'in_flight'")
+            .bind(claim.organization_id)
+            .bind(&claim.key)
+            .bind(claim.token)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn commit_upload(&self, upload: NewUpload) -> StoreResult<(Source, Vec<ChunkRef>)> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        let s = &upload.source;
+        let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
+        sqlx::query(
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, total_rows, chunk_count, created_ms, updated_ms)
+             VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(s.id)
+        .bind(s.organization_id)
+        .bind(s.directory_id)
+        .bind(&s.filename)
+        .bind(s.byte_size as i64)
+        .bind(&s.sha256)
+        .bind(&s.object_key)
+        .bind(s.dialect.encoding.as_str())
+        .bind(i64::from(s.dialect.delimiter))
+        .bind(s.dialect.bom_len as i64)
+        .bind(serde_json::to_string(&s.columns)?)
+        .bind(s.total_rows as i64)
+        .bind(chunk_count as i64)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let mut queued = Vec::with_capacity(upload.chunks.len());
+        for chunk in &upload.chunks {
+            queued.push(ChunkRef {
+                source_id: s.id,
+                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending").await?,
+                attempt: 0,
+                traceparent: None,
+            });
+        }
+        let source = load_source(&mut tx, s.id).await?;
+        match &upload.sync_chunk {
+            Some(chunk) => {
+                insert_chunk(&mut tx, s.id, chunk, "done").await?;
+                let applied = apply_results(&mut tx, &source, upload.sync_results).await?;
+                advance_source(&mut tx, s.id, &applied, 1).await?;
+            }
+            None if chunk_count == 0 => {
+                let none = Applied { accepted: 0, failed: 0, warnings: 0 };
+                advance_source(&mut tx, s.id, &none, 0).await?;
+            }
+            None => {}
+        }
+        let source = load_source(&mut tx, s.id).await?;
+        if let Some(claim) = &upload.idempotency {
+            let receipt = UploadReceipt::of(&source);
+            let done = sqlx::query(
+                "UPDATE idempotency_keys SET state = 'completed', sha256 = ?, source_id = ?, response = ? WHERE organization_id = ? AND key = ? AND claim_token = ?",
+            )
+            .bind(&source.sha256)
+            .bind(source.id)
+            .bind(serde_json::to_string(&receipt)?)
+            .bind(claim.organization_id)
+            .bind(&claim.key)
+            .bind(claim.token)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::Conflict(
+                    "the idempotency key was taken over by another request".into(),
+                ));
+            }
+        }
+        tx.commit().await?;
+        Ok((source, queued))
+    }
+
+    async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>> {
+        sqlx::query("SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?")
+            .bind(org)
+            .bind(dir)
+            .bind(source)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(source_from_row)
+            .transpose()
+    }
+
+    async fn list_sources(&self, org: Uuid, dir: Uuid, page: &PageRequest) -> StoreResult<Page<Source>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(page.after.map_or(i64::MAX, |c| c.0))
+        .bind(page_limit(page) + 1)
+        .fetch_all(&self.reader)
+        .await?;
+        let items = rows.iter().map(source_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page, |s| Cursor(s.seq, 0)))
+    }
+
+    async fn list_issues(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        source: Uuid,
+        page: &PageRequest,
+    ) -> StoreResult<Page<RowIssue>> {
+        let (after_row, after_id) = page.after.map_or((0, 0), |c| (c.0, c.1));
+        let rows = sqlx::query(
+            "SELECT i.* FROM row_issues i JOIN sources s ON s.id = i.source_id
+             WHERE s.organization_id = ? AND s.directory_id = ? AND i.source_id = ?
+               AND (i.row_number > ? OR (i.row_number = ? AND i.id > ?))
+             ORDER BY i.row_number, i.id LIMIT ?",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .bind(after_row)
+        .bind(after_row)
+        .bind(after_id)
+        .bind(page_limit(page) + 1)
+        .fetch_all(&self.reader)
+        .await?;
+        let items = rows
+            .iter()
+            .map(|r| {
+                let code: String = r.try_get("code")?;
+                let column: String = r.try_get("column_name")?;
+                let severity = IssueCode::parse(&code).map_or(Severity::Error, IssueCode::severity);
+                Ok((
+                    r.try_get::<i64, _>("id")?,
+                    RowIssue {
+                        row_number: r.try_get::<i64, _>("row_number")? as u64,
+                        line_number: r.try_get::<i64, _>("line_number")? as u64,
+                        severity,
+                        code,
+                        column: (!column.is_empty()).then_some(column),
+                        message: r.try_get("message")?,
+                        value: r.try_get("value")?,
+                    },
+                ))
+            })
+            .collect::<StoreResult<Vec<_>>>()?;
+        let page = paginate(items, page, |(id, i)| Cursor(i.row_number as i64, *id));
+        Ok(Page {
+            items: page.items.into_iter().map(|(_, i)| i).collect(),
+            next: page.next,
+        })
+    }
+
+    async fn failed_row_width(&self, source: Uuid) -> StoreResult<usize> {
+        let row = sqlx::query("SELECT COALESCE(MAX(json_array_length(fields)), 0) FROM failed_rows WHERE source_id = ?")
+            .bind(source)
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? as usize)
+    }
+
+    async fn failed_rows(&self, source: Uuid, after_row: u64, limit: u32) -> StoreResult<Vec<StoredFailedRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM failed_rows WHERE source_id = ? AND row_number > ? ORDER BY row_number LIMIT ?",
+        )
+        .bind(source)
+        .bind(after_row as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let fields: String = r.try_get("fields")?;
+                Ok(StoredFailedRow {
+                    row_number: r.try_get::<i64, _>("row_number")? as u64,
+                    line_number: r.try_get::<i64, _>("line_number")? as u64,
+                    fields: serde_json::from_str(&fields)?,
+                    error_code: r.try_get("error_code")?,
+                    error_message: r.try_get("error_message")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn list_profiles(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        email: Option<&str>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Profile>> {
+        let after = page.after.map_or(0, |c| c.0);
+        let rows = match email {
+            Some(email) => {
+                sqlx::query(
+                    "SELECT p.* FROM profiles p JOIN profile_identities i ON i.profile_id = p.id
+                     WHERE p.organization_id = ? AND p.directory_id = ? AND i.directory_id = p.directory_id
+                       AND i.kind = 'email' AND i.value = ? AND p.seq > ? ORDER BY p.seq LIMIT ?",
+                )
+                .bind(org)
+                .bind(dir)
+                .bind(email)
+                .bind(after)
+                .bind(page_limit(page) + 1)
+                .fetch_all(&self.reader)
+                .await?
+            }
+            None => {
+                sqlx::query(
+                    "SELECT * FROM profiles WHERE organization_id = ? AND directory_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+                )
+                .bind(org)
+                .bind(dir)
+                .bind(after)
+                .bind(page_limit(page) + 1)
+                .fetch_all(&self.reader)
+                .await?
+            }
+        };
+        let items = rows.iter().map(profile_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let page = paginate(items, page, |(seq, _)| Cursor(*seq, 0));
+        let ids: Vec<Uuid> = page.items.iter().map(|(_, p)| p.id).collect();
+        let mut identities = identities_of(&self.reader, &ids).await?;
+        Ok(Page {
+            items: page
+                .items
+                .into_iter()
+                .map(|(_, mut p)| {
+                    p.identities = identities.remove(&p.id).unwrap_or_default();
+                    p
+                })
+                .collect(),
+            next: page.next,
+        })
+    }
+
+    async fn get_profile(&self, org: Uuid, dir: Uuid, profile: Uuid) -> StoreResult<Option<Profile>> {
+        let row = sqlx::query("SELECT * FROM profiles WHERE organization_id = ? AND directory_id = ? AND id = ?")
+            .bind(org)
+            .bind(dir)
+            .bind(profile)
+            .fetch_optional(&self.reader)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let (_, mut p) = profile_from_row(&row)?;
+        p.identities = identities_of(&self.reader, &[p.id]).await?.remove(&p.id).unwrap_or_default();
+        Ok(Some(p))
+    }
+
+    async fn claim_chunk(
+        &self,
+        chunk: Uuid,
+        owner: &str,
+        lease_for: Duration,
+        max_attempts: u32,
+    ) -> StoreResult<Claim> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        let row = sqlx::query(
+            "SELECT c.*, s.status AS source_status FROM chunks c JOIN sources s ON s.id = c.source_id WHERE c.id = ?",
+        )
+        .bind(chunk)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else { return Ok(Claim::Nothing) };
+        let state: String = row.try_get("state")?;
+        let source_status: String = row.try_get("source_status")?;
+        let source_id: Uuid = row.try_get("source_id")?;
+        if matches!(state.as_str(), "done" | "failed") || matches!(source_status.as_str(), "completed" | "failed") {
+            return Ok(Claim::Nothing);
+        }
+        let expires: Option<i64> = row.try_get("lease_expires_ms")?;
+        if state == "running" && expires.is_some_and(|e| e > now) {
+            return Ok(Claim::Busy);
+        }
+        let attempts = row.try_get::<i64, _>("attempts")? as u32;
+        if attempts >= max_attempts {
+            let last_error: Option<String> = row.try_get("last_error")?;
+            let index: i64 = row.try_get("idx")?;
+            let message = format!(
+                "chunk {index} failed {attempts} times; last error: {}",
+                last_error.as_deref().unwrap_or("its worker stopped before finishing")
+            );
+            fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
+            tx.commit().await?;
+            return Ok(Claim::Poisoned);
+        }
+        let token = Uuid::new_v4();
+        sqlx::query(
+            "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_token = ?, lease_expires_ms = ? WHERE id = ?",
+        )
+        .bind(owner)
+        .bind(token)
+        .bind(now + dur_ms(lease_for))
+        .bind(chunk)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE sources SET status = 'processing', updated_ms = ? WHERE id = ? AND status = 'pending'")
+            .bind(now)
+            .bind(source_id)
+            .execute(&mut *tx)
+            .await?;
+        let spec = chunk_from_row(&row)?;
+        let source = load_source(&mut tx, source_id).await?;
+        tx.commit().await?;
+        Ok(Claim::Claimed(Box::new(ChunkWork {
+            lease: Lease {
+                chunk_id: chunk,
+                source_id,
+                token,
+                attempt: attempts + 1,
+            },
+            chunk: spec,
+            source,
+        })))
+    }
+
+    async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE chunks SET lease_expires_ms = ? WHERE id = ? AND lease_token = ? AND state = 'running'")
+            .bind(now_ms() + dur_ms(lease_for))
+            .bind(lease.chunk_id)
+            .bind(lease.token)
+            .execute(&self.writer)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed> {
+        let mut tx = self.writer.begin().await?;
+        let held = sqlx::query(
+            "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
+             WHERE c.id = ? AND c.lease_token = ? AND c.state = 'running' AND s.status IN ('pending', 'processing')",
+        )
+        .bind(lease.chunk_id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if held.is_none() {
+            return Ok(Committed::LeaseLost);
+        }
+        let source = load_source(&mut tx, lease.source_id).await?;
+        let applied = apply_results(&mut tx, &source, results).await?;
+        sqlx::query(
+            "UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = ?",
+        )
+        .bind(lease.chunk_id)
+        .execute(&mut *tx)
+        .await?;
+        let completed = advance_source(&mut tx, source.id, &applied, 1).await?;
+        tx.commit().await?;
+        Ok(Committed::Done {
+            source_completed: completed,
+        })
+    }
+
+    async fn release_chunk(&self, lease: &Lease, error: &str) -> StoreResult<()> {
+        // Back off before the retry, longer with each attempt, capped at a minute.
+        let backoff = 500i64.saturating_mul(1 << lease.attempt.min(7)).min(60_000);
+        sqlx::query(
+            "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = ?, last_error = ?
+             WHERE id = ? AND lease_token = ? AND state = 'running'",
+        )
+        .bind(now_ms() + backoff)
+        .bind(error)
+        .bind(lease.chunk_id)
+        .bind(lease.token)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        fail_source_in(&mut tx, source, &error.code, &error.message).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn chunks_to_publish(&self, requeue_after: Duration, limit: u32) -> StoreResult<Vec<ChunkRef>> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        let rows = sqlx::query(
+            "SELECT c.id, c.source_id, c.attempts FROM chunks c JOIN sources s ON s.id = c.source_id
+             WHERE s.status IN ('pending', 'processing') AND (
+                 (c.state = 'pending' AND c.not_before_ms <= ?1 AND (c.queued_ms IS NULL OR c.queued_ms < ?2))
+              OR (c.state = 'running' AND c.lease_expires_ms < ?1))
+             ORDER BY s.seq, c.idx LIMIT ?3",
+        )
+        .bind(now)
+        .bind(now - dur_ms(requeue_after))
+        .bind(i64::from(limit))
+        .fetch_all(&mut *tx)
+        .await?;
+        let mut refs = Vec::with_capacity(rows.len());
+        for row in rows {
+            let chunk_id: Uuid = row.try_get("id")?;
+            sqlx::query("UPDATE chunks SET queued_ms = ? WHERE id = ?")
+                .bind(now)
+                .bind(chunk_id)
+                .execute(&mut *tx)
+                .await?;
+            refs.push(ChunkRef {
+                source_id: row.try_get("source_id")?,
+                chunk_id,
+                attempt: row.try_get::<i64, _>("attempts")? as u32,
+                traceparent: None,
+            });
+        }
+        tx.commit().await?;
+        Ok(refs)
+    }
+
+    async fn forget_queued(&self) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE chunks SET queued_ms = NULL, lease_expires_ms = CASE WHEN state = 'running' THEN 0 ELSE lease_expires_ms END
+             WHERE state IN ('pending', 'running')",
+        )
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM sources GROUP BY status")
+            .fetch_all(&self.reader)
+            .await?;
+        let mut counts: HashMap<SourceStatus, u64> = HashMap::new();
+        for row in rows {
+            let status: String = row.try_get("status")?;
+            if let Some(s) = SourceStatus::parse(&status) {
+                counts.insert(s, row.try_get::<i64, _>("n")? as u64);
+            }
+        }
+        Ok(SourceStatus::ALL
+            .into_iter()
+            .map(|s| (s, counts.get(&s).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    async fn count_pending_chunks(&self) -> StoreResult<u64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM chunks WHERE state IN ('pending', 'running')")
+            .fetch_one(&self.reader)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+}

@@ -1,0 +1,13 @@
+//! `orbit-worker`: turns queued chunks into records and profiles.
+//!
+//! - [`process`]: reads one chunk's byte range back from the object store and validates its rows
+//!   with the same rules the gateway applies to the synchronous prefix.
+//! - [`runtime`]: the consumer loop (claim, heartbeat, commit under the lease, ack) and the
+//!   reaper that re-publishes chunks whose message or worker was lost.
+//!
+//! The embedded deployment runs this inside the gateway process; `orbit-worker` runs it alone.
+
+pub mod process;
+pub mod runtime;
+
+pub use runtime::{Worker, WorkerHandle};

@@ -1,0 +1,247 @@
+//! The consumer loop and the reaper.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use orbit_shared::blob::BlobStore;
+use orbit_shared::config::Settings;
+use orbit_shared::metrics::METRICS;
+use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, SourceError};
+use orbit_shared::queue::{Delivery, Queue};
+use orbit_shared::store::Store;
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::process::{process_chunk, ProcessError};
+
+pub struct Worker {
+    pub store: Arc<dyn Store>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub queue: Arc<dyn Queue>,
+    pub settings: Arc<Settings>,
+    /// Written into every lease this process takes, for operators reading the chunks table.
+    pub owner: String,
+}
+
+/// Running consumer and reaper tasks; `shutdown` lets in-flight chunks finish.
+pub struct WorkerHandle {
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+}
+
+impl WorkerHandle {
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+impl Worker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        blobs: Arc<dyn BlobStore>,
+        queue: Arc<dyn Queue>,
+        settings: Arc<Settings>,
+    ) -> Arc<Self> {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
+        Arc::new(Worker {
+            store,
+            blobs,
+            queue,
+            settings,
+            owner: format!("{host}/{}/{}", std::process::id(), uuid::Uuid::new_v4()),
+        })
+    }
+
+    /// Starts the consumer (with `worker.concurrency` chunks at once) and the reaper.
+    pub fn start(self: &Arc<Self>) -> WorkerHandle {
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(self.clone().consume(cancel.clone()));
+        tasks.spawn(self.clone().reap(cancel.clone()));
+        WorkerHandle { cancel, tasks }
+    }
+
+    async fn consume(self: Arc<Self>, cancel: CancellationToken) {
+        let concurrency = self.settings.worker_concurrency();
+        let permits = Arc::new(Semaphore::new(concurrency));
+        let mut running = JoinSet::new();
+        'connect: while !cancel.is_cancelled() {
+            let prefetch = u16::try_from(concurrency).unwrap_or(u16::MAX);
+            let mut consumer = match self.queue.consume(prefetch).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot consume from the queue; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => break,
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                    }
+                }
+            };
+            loop {
+                // Take a message only when a slot is free, so prefetch never outruns capacity.
+                let permit = tokio::select! {
+                    _ = cancel.cancelled() => break 'connect,
+                    p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+                };
+                let delivery = tokio::select! {
+                    _ = cancel.cancelled() => break 'connect,
+                    d = consumer.next() => d,
+                };
+                match delivery {
+                    Some(Ok(delivery)) => {
+                        let worker = self.clone();
+                        running.spawn(async move {
+                            worker.handle(delivery).await;
+                            drop(permit);
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "queue consumer failed; reconnecting");
+                        continue 'connect;
+                    }
+                    None => {
+                        tracing::info!("queue closed");
+                        break 'connect;
+                    }
+                }
+                while running.try_join_next().is_some() {}
+            }
+        }
+        // Drain: every chunk already taken is finished (or loses its lease) before we return.
+        while running.join_next().await.is_some() {}
+    }
+
+    async fn handle(&self, delivery: Delivery) {
+        let message = delivery.message;
+        if let Err(e) = self.run_chunk(&message).await {
+            tracing::error!(chunk = %message.chunk_id, source = %message.source_id, error = %e, "chunk failed");
+        }
+        // The database holds the chunk's fate now; the message has done its job either way.
+        if let Err(e) = delivery.acker.ack().await {
+            tracing::warn!(error = %e, "ack failed; the message will be redelivered and ignored");
+        }
+    }
+
+    /// Claims, processes and commits one chunk. Errors are the store's own.
+    pub async fn run_chunk(&self, message: &ChunkRef) -> anyhow::Result<()> {
+        let w = &self.settings.worker;
+        let work = match self
+            .store
+            .claim_chunk(message.chunk_id, &self.owner, w.lease, w.max_attempts)
+            .await?
+        {
+            Claim::Claimed(work) => work,
+            Claim::Poisoned => {
+                tracing::warn!(chunk = %message.chunk_id, source = %message.source_id, "chunk out of attempts; source failed");
+                return Ok(());
+            }
+            Claim::Busy | Claim::Nothing => return Ok(()),
+        };
+        METRICS.chunks_in_flight.inc();
+        let started = Instant::now();
+        let outcome = self.process_under_lease(&work).await;
+        METRICS.chunks_in_flight.dec();
+        METRICS
+            .chunk_duration
+            .with_label_values(&[if outcome.is_ok() { "ok" } else { "error" }])
+            .observe(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn process_under_lease(&self, work: &ChunkWork) -> anyhow::Result<()> {
+        let lease = &work.lease;
+        let heartbeat = {
+            let store = self.store.clone();
+            let lease = lease.clone();
+            let period = self.settings.worker.lease / 3;
+            let lease_for = self.settings.worker.lease;
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    match store.renew_lease(&lease, lease_for).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(chunk = %lease.chunk_id, "lease lost; results will be discarded");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(chunk = %lease.chunk_id, error = %e, "lease renewal failed"),
+                    }
+                }
+            })
+        };
+        let result =
+            process_chunk(&*self.blobs, &work.source, &work.chunk, &self.settings.ingest).await;
+        let outcome = match result {
+            Ok(results) => {
+                let accepted = results.accepted.len() as u64;
+                let failed = results.failed.len() as u64;
+                match self.store.commit_chunk(lease, results).await {
+                    Ok(Committed::Done { source_completed }) => {
+                        METRICS.rows.with_label_values(&["accepted"]).inc_by(accepted);
+                        METRICS.rows.with_label_values(&["failed"]).inc_by(failed);
+                        tracing::info!(source = %lease.source_id, chunk = work.chunk.index, accepted, failed, source_completed, "chunk done");
+                        Ok(())
+                    }
+                    Ok(Committed::LeaseLost) => {
+                        tracing::warn!(source = %lease.source_id, chunk = work.chunk.index, "lease lost before commit; another worker owns the chunk");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let _ = self.store.release_chunk(lease, &e.to_string()).await;
+                        Err(e.into())
+                    }
+                }
+            }
+            Err(ProcessError::ObjectMissing(key)) => {
+                self.store
+                    .fail_source(
+                        lease.source_id,
+                        SourceError {
+                            code: "object_missing".into(),
+                            message: format!("the stored file {key} is gone; the remaining rows cannot be read"),
+                        },
+                    )
+                    .await?;
+                Ok(())
+            }
+            Err(e) => {
+                self.store.release_chunk(lease, &e.to_string()).await?;
+                Err(e.into())
+            }
+        };
+        heartbeat.abort();
+        outcome
+    }
+
+    async fn reap(self: Arc<Self>, cancel: CancellationToken) {
+        loop {
+            if let Err(e) = self.reap_once().await {
+                tracing::warn!(error = %e, "reaper pass failed");
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(self.settings.worker.reap_interval) => {}
+            }
+        }
+    }
+
+    /// Publishes chunks that were never published, lost their message, or lost their worker.
+    pub async fn reap_once(&self) -> anyhow::Result<usize> {
+        let mut published = 0;
+        loop {
+            let batch = self
+                .store
+                .chunks_to_publish(self.settings.worker.requeue_after, 500)
+                .await?;
+            if batch.is_empty() {
+                return Ok(published);
+            }
+            for message in &batch {
+                self.queue.publish(message).await?;
+                published += 1;
+            }
+        }
+    }
+}
