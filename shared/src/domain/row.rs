@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashSet};
 use phonenumber::country;
 use serde::{Deserialize, Serialize};
 
-use super::csv::RawRecord;
+use super::csv::{RawField, RawRecord};
 use super::header::{Column, ColumnMap, KnownField};
 use super::normalize;
 
@@ -162,11 +162,7 @@ pub fn validate(
     columns: &ColumnMap,
     rules: &RowRules,
 ) -> RowOutcome {
-    let decoded: Vec<Option<&str>> = record
-        .fields
-        .iter()
-        .map(|f| std::str::from_utf8(&f.bytes).ok())
-        .collect();
+    let decoded: Vec<Option<&str>> = record.fields.iter().map(decode).collect();
     let lossy = || -> Vec<String> {
         record
             .fields
@@ -325,6 +321,17 @@ pub fn duplicate_issue(kind: &str, value: &str) -> Issue {
     )
 }
 
+/// A field's text; a truncated field may end inside a character, which is not an encoding error.
+fn decode(field: &RawField) -> Option<&str> {
+    match std::str::from_utf8(&field.bytes) {
+        Ok(text) => Some(text),
+        Err(e) if field.truncated && e.error_len().is_none() => {
+            std::str::from_utf8(&field.bytes[..e.valid_up_to()]).ok()
+        }
+        Err(_) => None,
+    }
+}
+
 fn truncate(value: &str, max: usize) -> &str {
     if value.len() <= max {
         return value;
@@ -338,7 +345,6 @@ fn truncate(value: &str, max: usize) -> &str {
 
 #[cfg(test)]
 mod tests {
-    use super::super::csv::RawField;
     use super::*;
 
     fn columns(names: &[&str]) -> ColumnMap {
@@ -422,6 +428,10 @@ mod tests {
         let mut long = raw(&[b"a@b.co", b"x"]);
         long.fields[1].truncated = true;
         assert_eq!(failed_code(validate(&long, 1, &cols, &rules())), IssueCode::FieldTooLong);
+        // Cut inside a multi-byte character: still too long, not badly encoded.
+        let mut cut = raw(&[b"a@b.co", b"caf\xc3"]);
+        cut.fields[1].truncated = true;
+        assert_eq!(failed_code(validate(&cut, 1, &cols, &rules())), IssueCode::FieldTooLong);
     }
 
     #[test]

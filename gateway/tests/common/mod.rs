@@ -1,0 +1,209 @@
+//! The test harness: a real gateway on 127.0.0.1:0 over a temporary data directory, a tenant
+//! made through the admin functions, and helpers that speak HTTP to it like a client would.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+use orbit_gateway::{admin, app};
+use orbit_shared::config::Settings;
+use reqwest::multipart::{Form, Part};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tempfile::TempDir;
+use uuid::Uuid;
+
+pub struct Tenant {
+    pub org: Uuid,
+    pub dir: Uuid,
+    pub token: String,
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub running: Option<app::Running>,
+    pub tenant: Tenant,
+    pub data: TempDir,
+}
+
+/// Settings for a test: everything embedded under `data`, on an ephemeral port.
+pub fn test_settings(data: &std::path::Path) -> Settings {
+    let mut s = Settings::defaults();
+    s.http.listen = "127.0.0.1:0".into();
+    s.database.url = format!("sqlite://{}/orbit.db", data.display());
+    s.object_store.url = format!("file://{}/objects", data.display());
+    s.worker.concurrency = 2;
+    s.worker.reap_interval = Duration::from_millis(200);
+    s
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        let data = tempfile::tempdir().expect("temp dir");
+        let mut settings = test_settings(data.path());
+        configure(&mut settings);
+        let running = app::start(settings.clone()).await.expect("gateway starts");
+        let base = format!("http://{}", running.addr);
+        let tenant = new_tenant(&running).await;
+        TestApp {
+            base,
+            client: reqwest::Client::new(),
+            settings,
+            running: Some(running),
+            tenant,
+            data,
+        }
+    }
+
+    pub fn running(&self) -> &app::Running {
+        self.running.as_ref().expect("running")
+    }
+
+    pub async fn another_tenant(&self) -> Tenant {
+        new_tenant(self.running()).await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// `/v2/organizations/{org}/directories/{dir}{rest}` for the default tenant.
+    pub fn dir_url(&self, rest: &str) -> String {
+        self.url(&format!(
+            "/v2/organizations/{}/directories/{}{rest}",
+            self.tenant.org, self.tenant.dir
+        ))
+    }
+
+    pub fn upload_url(&self) -> String {
+        self.dir_url("/sources/csv-upload")
+    }
+
+    pub fn get(&self, url: &str) -> reqwest::RequestBuilder {
+        self.client.get(url).bearer_auth(&self.tenant.token)
+    }
+
+    pub fn post(&self, url: &str) -> reqwest::RequestBuilder {
+        self.client.post(url).bearer_auth(&self.tenant.token)
+    }
+
+    pub async fn upload(&self, csv: impl Into<Vec<u8>>) -> reqwest::Response {
+        self.post(&self.upload_url())
+            .multipart(file_form(csv))
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Uploads and returns the body, asserting a 201 or 202.
+    pub async fn upload_ok(&self, csv: impl Into<Vec<u8>>) -> Value {
+        let response = self.upload(csv).await;
+        let status = response.status();
+        let body: Value = response.json().await.expect("json body");
+        assert!(
+            status == StatusCode::CREATED || status == StatusCode::ACCEPTED,
+            "{status}: {body}"
+        );
+        body
+    }
+
+    pub async fn get_json(&self, url: &str) -> (StatusCode, Value) {
+        let response = self.get(url).send().await.expect("request sent");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn source(&self, source_id: &str) -> Value {
+        let (status, body) = self.get_json(&self.dir_url(&format!("/sources/{source_id}"))).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    /// Polls the status endpoint until the source is completed or failed.
+    pub async fn wait_terminal(&self, source_id: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let body = self.source(source_id).await;
+            let status = body["source_status"].as_str().unwrap_or_default();
+            if status == "completed" || status == "failed" {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "source still {status} after {within:?}: {body}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every item of a cursor-paginated list.
+    pub async fn collect(&self, url: &str) -> Vec<Value> {
+        let mut items = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            let page_url = match &cursor {
+                Some(c) => format!("{url}{sep}limit=1000&cursor={c}"),
+                None => format!("{url}{sep}limit=1000"),
+            };
+            let (status, body) = self.get_json(&page_url).await;
+            assert_eq!(status, StatusCode::OK, "{body}");
+            items.extend(body["data"].as_array().expect("data array").iter().cloned());
+            match body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_owned()),
+                None => return items,
+            }
+        }
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+pub async fn new_tenant(running: &app::Running) -> Tenant {
+    let out = admin::bootstrap(&*running.state.store).await.expect("bootstrap");
+    Tenant {
+        org: out["organization_id"].as_str().unwrap().parse().unwrap(),
+        dir: out["directory_id"].as_str().unwrap().parse().unwrap(),
+        token: out["token"].as_str().unwrap().to_owned(),
+    }
+}
+
+pub fn file_form(csv: impl Into<Vec<u8>>) -> Form {
+    Form::new().part("file", Part::bytes(csv.into()).file_name("contacts.csv"))
+}
+
+/// Asserts a problem+json error with `status` and `code`, and returns its body.
+pub async fn assert_problem(response: reqwest::Response, status: StatusCode, code: &str) -> Value {
+    let got = response.status();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    assert_eq!(got, status, "{body}");
+    assert_eq!(content_type, "application/problem+json", "{body}");
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status.as_u16(), "{body}");
+    assert!(body["title"].is_string() && body["detail"].is_string() && body["type"].is_string());
+    body
+}
+
+/// `rows` contacts with unique emails, in the API.md columns.
+pub fn contacts_csv(rows: usize, email_prefix: &str) -> String {
+    let mut out = String::from("first_name,last_name,email,phone,company,title,linkedin_url,city,country\n");
+    for i in 0..rows {
+        out.push_str(&format!(
+            "First{i},Last{i},{email_prefix}{i}@example.com,,Acme {},Engineer,,Paris,FR\n",
+            i % 100
+        ));
+    }
+    out
+}
