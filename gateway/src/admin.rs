@@ -20,7 +20,10 @@ pub async fn create_org(store: &dyn Store, name: &str) -> anyhow::Result<Value> 
 }
 
 pub async fn create_directory(store: &dyn Store, org: Uuid, name: &str) -> anyhow::Result<Value> {
-    anyhow::ensure!(store.organization_exists(org).await?, "no organization {org}");
+    anyhow::ensure!(
+        store.organization_exists(org).await?,
+        "no organization {org}"
+    );
     let name = validate_name(name).map_err(|e| anyhow::anyhow!(e.detail))?;
     let dir = store.create_directory(org, name).await?;
     Ok(json!({ "directory_id": dir.id }))
@@ -32,8 +35,14 @@ pub async fn create_token(
     user_email: Option<&str>,
     expires_in: Option<Duration>,
 ) -> anyhow::Result<Value> {
-    anyhow::ensure!(store.organization_exists(org).await?, "no organization {org}");
-    let email = user_email.unwrap_or(DEFAULT_USER_EMAIL).trim().to_lowercase();
+    anyhow::ensure!(
+        store.organization_exists(org).await?,
+        "no organization {org}"
+    );
+    let email = user_email
+        .unwrap_or(DEFAULT_USER_EMAIL)
+        .trim()
+        .to_lowercase();
     anyhow::ensure!(
         orbit_shared::domain::normalize::email(&email).is_some() || email == DEFAULT_USER_EMAIL,
         "--user-email {email:?} is not an email address"

@@ -155,13 +155,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     let state = connect(&settings).await?;
     let embedded_queue = state.queue.backend() == "embedded";
     if state.store.backend() == "sqlite" {
-        state.store.migrate().await.context("migrating the database")?;
+        state
+            .store
+            .migrate()
+            .await
+            .context("migrating the database")?;
     }
     let worker = if embedded_queue {
         // The in-process queue died with the last process: every unfinished chunk needs a new message.
         let requeued = state.store.forget_queued().await?;
         if requeued > 0 {
-            tracing::info!(chunks = requeued, "re-queueing chunks left unfinished by the last run");
+            tracing::info!(
+                chunks = requeued,
+                "re-queueing chunks left unfinished by the last run"
+            );
         }
         let worker = Worker::new(
             state.store.clone(),

@@ -53,15 +53,21 @@ impl Caller {
 }
 
 pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::invalid_request(format!("{what} id {raw:?} is not a UUID")))
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::invalid_request(format!("{what} id {raw:?} is not a UUID")))
 }
 
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Err(ApiError::unauthenticated("an Authorization: Bearer token is required"));
+            return Err(ApiError::unauthenticated(
+                "an Authorization: Bearer token is required",
+            ));
         };
         let invalid = || {
             ApiError::unauthenticated("the bearer token is malformed, unknown, expired or revoked")
@@ -70,7 +76,8 @@ impl FromRequestParts<AppState> for Caller {
         let value = value.to_str().map_err(|_| invalid())?;
         let (scheme, token) = value.trim().split_once(' ').ok_or_else(invalid)?;
         let token = token.trim();
-        if !scheme.eq_ignore_ascii_case("bearer") || !token.starts_with(PREFIX) || token.len() > 128 {
+        if !scheme.eq_ignore_ascii_case("bearer") || !token.starts_with(PREFIX) || token.len() > 128
+        {
             return Err(invalid());
         }
         let record = state

@@ -97,7 +97,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let out = match command {
                 Admin::Bootstrap => admin::bootstrap(store).await?,
                 Admin::CreateOrg { name } => admin::create_org(store, &name).await?,
-                Admin::CreateDirectory { org, name } => admin::create_directory(store, org, &name).await?,
+                Admin::CreateDirectory { org, name } => {
+                    admin::create_directory(store, org, &name).await?
+                }
                 Admin::CreateToken {
                     org,
                     user_email,
@@ -116,7 +118,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
     orbit_shared::telemetry::init(&settings.telemetry)?;
-    let mut running = app::start(settings.clone()).await.context("starting orbit-gateway")?;
+    let mut running = app::start(settings.clone())
+        .await
+        .context("starting orbit-gateway")?;
     print_welcome(&settings, &running).await;
     tokio::select! {
         _ = shutdown_signal() => {
@@ -139,7 +143,10 @@ async fn print_welcome(settings: &Settings, running: &app::Running) {
         .take(2)
         .collect::<Vec<_>>()
         .join(" ");
-    let admin = format!("orbit-gateway {config}{}admin", if config.is_empty() { "" } else { " " });
+    let admin = format!(
+        "orbit-gateway {config}{}admin",
+        if config.is_empty() { "" } else { " " }
+    );
     eprintln!(
         "\nOrbit is listening on {base} (database: {}, objects: {}, queue: {})\n\
          \n\

@@ -67,8 +67,12 @@ impl ApiError {
     }
 
     pub fn unavailable(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "service_unavailable", detail)
-            .with_header(header::RETRY_AFTER, "5")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            detail,
+        )
+        .with_header(header::RETRY_AFTER, "5")
     }
 }
 

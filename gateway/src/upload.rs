@@ -56,7 +56,10 @@ enum KeyPlan {
     None,
     Claimed(IdempotencyClaim),
     /// A finished request with this key on this directory: hash the file and compare.
-    Replay { sha256: String, receipt: UploadReceipt },
+    Replay {
+        sha256: String,
+        receipt: UploadReceipt,
+    },
 }
 
 pub async fn upload(
@@ -86,11 +89,12 @@ pub async fn upload(
         .get("idempotency-key")
         .map(|v| v.to_str().map_err(|_| bad_key()).and_then(validate_key))
         .transpose()?;
-    let directory = state
-        .store
-        .get_directory(org, dir)
-        .await?
-        .ok_or_else(|| ApiError::not_found("directory_not_found", "no such directory in this organization"))?;
+    let directory = state.store.get_directory(org, dir).await?.ok_or_else(|| {
+        ApiError::not_found(
+            "directory_not_found",
+            "no such directory in this organization",
+        )
+    })?;
     if directory.archived {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
@@ -175,11 +179,12 @@ impl Upload<'_> {
                             ApiError::invalid_request("delimiter must be one of , ; \\t |")
                         })?);
                     } else {
-                        hints.encoding = Some(TextEncoding::from_hint(&value).ok_or_else(|| {
-                            ApiError::invalid_request(
+                        hints.encoding =
+                            Some(TextEncoding::from_hint(&value).ok_or_else(|| {
+                                ApiError::invalid_request(
                                 "encoding must be one of utf-8, utf-16, windows-1252, iso-8859-1",
                             )
-                        })?);
+                            })?);
                     }
                 }
                 // Unknown fields are read past, so clients may send extra metadata.
@@ -187,7 +192,9 @@ impl Upload<'_> {
             }
         }
         if self.file.is_none() {
-            return Err(ApiError::invalid_request("the multipart body has no `file` field"));
+            return Err(ApiError::invalid_request(
+                "the multipart body has no `file` field",
+            ));
         }
         // A key sent after the file is settled now, against the hash we already have.
         if let Some(response) = self.settle_key().await? {
@@ -212,7 +219,13 @@ impl Upload<'_> {
         let state = self
             .state
             .store
-            .claim_idempotency_key(self.org, &key, self.dir, settings.ttl, settings.in_flight_timeout)
+            .claim_idempotency_key(
+                self.org,
+                &key,
+                self.dir,
+                settings.ttl,
+                settings.in_flight_timeout,
+            )
             .await?;
         match state {
             KeyState::Claimed(claim) => self.key_plan = KeyPlan::Claimed(claim),
@@ -236,7 +249,11 @@ impl Upload<'_> {
                     // The file was stored before the key arrived: compare, then drop our copy.
                     let same = file.sha256 == sha256;
                     self.clean_up().await;
-                    return if same { self.replay_receipt(receipt).map(Some) } else { Err(key_reused()) };
+                    return if same {
+                        self.replay_receipt(receipt).map(Some)
+                    } else {
+                        Err(key_reused())
+                    };
                 }
                 self.key_plan = KeyPlan::Replay { sha256, receipt };
             }
@@ -246,9 +263,10 @@ impl Upload<'_> {
 
     fn replay(&self, sha256: &str) -> ApiResult<Response> {
         match &self.key_plan {
-            KeyPlan::Replay { sha256: original, receipt } if original == sha256 => {
-                self.replay_receipt(receipt.clone())
-            }
+            KeyPlan::Replay {
+                sha256: original,
+                receipt,
+            } if original == sha256 => self.replay_receipt(receipt.clone()),
             _ => Err(key_reused()),
         }
     }
@@ -284,7 +302,12 @@ impl Upload<'_> {
         let object_key = blob::object_key(self.org, source_id);
         let filename = field
             .file_name()
-            .map(|n| n.chars().filter(|c| !c.is_control()).take(255).collect::<String>())
+            .map(|n| {
+                n.chars()
+                    .filter(|c| !c.is_control())
+                    .take(255)
+                    .collect::<String>()
+            })
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "upload.csv".to_owned());
         let mut planner = FilePlanner::new(PlannerOptions {
@@ -297,12 +320,10 @@ impl Upload<'_> {
             delimiter_hint: hints.delimiter,
             rules: orbit_worker::process::row_rules(ingest),
         });
-        let mut writer = self
-            .state
-            .blobs
-            .begin(&object_key)
-            .await
-            .map_err(|e| ApiError::unavailable(format!("the object store is unavailable: {e}")))?;
+        let mut writer =
+            self.state.blobs.begin(&object_key).await.map_err(|e| {
+                ApiError::unavailable(format!("the object store is unavailable: {e}"))
+            })?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         let streamed: ApiResult<()> = async {
@@ -383,7 +404,11 @@ impl Upload<'_> {
             }
         }
         tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), "upload recorded");
-        Ok(receipt_response(self.org, UploadReceipt::of(&source), false))
+        Ok(receipt_response(
+            self.org,
+            UploadReceipt::of(&source),
+            false,
+        ))
     }
 
     /// Drops what a failed request made: its object and its key claim.
@@ -469,15 +494,16 @@ async fn read_text(mut field: Field<'_>) -> ApiResult<String> {
     while let Some(bytes) = field.chunk().await.map_err(multipart_error)? {
         out.extend_from_slice(&bytes);
         if out.len() > MAX_TEXT_FIELD_BYTES {
-            return Err(ApiError::invalid_request(format!("the `{name}` field is too long")));
+            return Err(ApiError::invalid_request(format!(
+                "the `{name}` field is too long"
+            )));
         }
     }
-    String::from_utf8(out).map_err(|_| ApiError::invalid_request(format!("the `{name}` field is not UTF-8")))
+    String::from_utf8(out)
+        .map_err(|_| ApiError::invalid_request(format!("the `{name}` field is not UTF-8")))
 }
 
 async fn drain(mut field: Field<'_>) -> ApiResult<()> {
     while field.chunk().await.map_err(multipart_error)?.is_some() {}
     Ok(())
 }
-
-

@@ -12,7 +12,12 @@ use serde_json::{json, Value};
 async fn directories_are_created_listed_and_archived() {
     let app = TestApp::spawn().await;
     let base = app.url(&format!("/v2/organizations/{}/directories", app.tenant.org));
-    let response = app.post(&base).json(&json!({"name": "  Leads  "})).send().await.unwrap();
+    let response = app
+        .post(&base)
+        .json(&json!({"name": "  Leads  "}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
     let created: Value = response.json().await.unwrap();
     assert_eq!(created["name"], "Leads");
@@ -33,16 +38,31 @@ async fn directories_are_created_listed_and_archived() {
     let (_, first) = app.get_json(&format!("{base}?limit=1")).await;
     assert_eq!(first["data"].as_array().unwrap().len(), 1);
     let cursor = first["next_cursor"].as_str().unwrap();
-    let (_, second) = app.get_json(&format!("{base}?limit=1&cursor={cursor}")).await;
+    let (_, second) = app
+        .get_json(&format!("{base}?limit=1&cursor={cursor}"))
+        .await;
     assert_eq!(second["data"][0]["name"], "Leads");
     assert!(second["next_cursor"].is_null());
-    for bad in ["limit=0", "limit=abc", "limit=5000", "cursor=%%%", "cursor=bm9wZQ"] {
+    for bad in [
+        "limit=0",
+        "limit=abc",
+        "limit=5000",
+        "cursor=%%%",
+        "cursor=bm9wZQ",
+    ] {
         let response = app.get(&format!("{base}?{bad}")).send().await.unwrap();
         assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
     }
 
     let archive = format!("{base}/{}/archive", created["id"].as_str().unwrap());
-    let archived: Value = app.post(&archive).send().await.unwrap().json().await.unwrap();
+    let archived: Value = app
+        .post(&archive)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(archived["archived"], true);
     assert!(archived["archived_at"].is_string());
     // Archiving again is harmless.
@@ -63,16 +83,28 @@ async fn sources_are_listed_newest_first_with_pagination() {
     }
     ids.reverse();
     let (_, page) = app.get_json(&app.dir_url("/sources?limit=2")).await;
-    let first: Vec<&str> = page["data"].as_array().unwrap().iter().map(|s| s["source_id"].as_str().unwrap()).collect();
+    let first: Vec<&str> = page["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["source_id"].as_str().unwrap())
+        .collect();
     assert_eq!(first, ids[..2]);
     let all = app.collect(&app.dir_url("/sources")).await;
-    let listed: Vec<&str> = all.iter().map(|s| s["source_id"].as_str().unwrap()).collect();
+    let listed: Vec<&str> = all
+        .iter()
+        .map(|s| s["source_id"].as_str().unwrap())
+        .collect();
     assert_eq!(listed, ids);
     assert_eq!(all[0]["source_status"], "completed");
     let missing = app.dir_url(&format!("/sources/{}", uuid::Uuid::new_v4()));
     let response = app.get(&missing).send().await.unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "source_not_found").await;
-    let response = app.get(&app.dir_url("/sources/not-a-uuid")).send().await.unwrap();
+    let response = app
+        .get(&app.dir_url("/sources/not-a-uuid"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
 }
 
@@ -94,13 +126,26 @@ async fn errors_are_paginated_in_row_order() {
     let body = app.upload_ok(csv).await;
     let source = body["source_id"].as_str().unwrap();
     let done = app.wait_terminal(source, Duration::from_secs(30)).await;
-    assert_eq!((done["accepted"].as_u64(), done["failed"].as_u64()), (Some(15), Some(15)));
-    let errors = app.collect(&app.dir_url(&format!("/sources/{source}/errors"))).await;
-    let rows: Vec<u64> = errors.iter().map(|e| e["row_number"].as_u64().unwrap()).collect();
+    assert_eq!(
+        (done["accepted"].as_u64(), done["failed"].as_u64()),
+        (Some(15), Some(15))
+    );
+    let errors = app
+        .collect(&app.dir_url(&format!("/sources/{source}/errors")))
+        .await;
+    let rows: Vec<u64> = errors
+        .iter()
+        .map(|e| e["row_number"].as_u64().unwrap())
+        .collect();
     assert_eq!(rows, (0..15).map(|i| 2 * i + 1).collect::<Vec<u64>>());
-    let lines: Vec<u64> = errors.iter().map(|e| e["line_number"].as_u64().unwrap()).collect();
+    let lines: Vec<u64> = errors
+        .iter()
+        .map(|e| e["line_number"].as_u64().unwrap())
+        .collect();
     assert_eq!(lines, rows.iter().map(|r| r + 1).collect::<Vec<u64>>());
-    let (_, page) = app.get_json(&app.dir_url(&format!("/sources/{source}/errors?limit=4"))).await;
+    let (_, page) = app
+        .get_json(&app.dir_url(&format!("/sources/{source}/errors?limit=4")))
+        .await;
     assert_eq!(page["data"].as_array().unwrap().len(), 4);
     assert!(page["next_cursor"].is_string());
 }
@@ -118,13 +163,22 @@ async fn duplicates_across_chunks_are_flagged_when_the_source_completes() {
     let done = app.wait_terminal(source, Duration::from_secs(30)).await;
     assert_eq!(done["accepted"], 7);
     assert_eq!(done["warnings"], 3);
-    let errors = app.collect(&app.dir_url(&format!("/sources/{source}/errors"))).await;
+    let errors = app
+        .collect(&app.dir_url(&format!("/sources/{source}/errors")))
+        .await;
     let dups: Vec<(u64, &str)> = errors
         .iter()
-        .map(|e| (e["row_number"].as_u64().unwrap(), e["column"].as_str().unwrap()))
+        .map(|e| {
+            (
+                e["row_number"].as_u64().unwrap(),
+                e["column"].as_str().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(dups, [(5, "email"), (6, "phone"), (7, "email")]);
-    assert!(errors.iter().all(|e| e["code"] == "duplicate_in_file" && e["severity"] == "warning"));
+    assert!(errors
+        .iter()
+        .all(|e| e["code"] == "duplicate_in_file" && e["severity"] == "warning"));
     // a/A share an email and c/e a phone: a, b, c+e and d.
     assert_eq!(app.collect(&app.dir_url("/profiles")).await.len(), 4);
 }
@@ -139,26 +193,52 @@ async fn profiles_resolve_across_sources_and_newer_sources_win() {
     assert_eq!(second["warnings"], 0);
     let profiles = app.collect(&app.dir_url("/profiles")).await;
     assert_eq!(profiles.len(), 2);
-    let ann = app.collect(&app.dir_url("/profiles?email=ann@example.com")).await.remove(0);
+    let ann = app
+        .collect(&app.dir_url("/profiles?email=ann@example.com"))
+        .await
+        .remove(0);
     assert_eq!(ann["company"], "Initech");
-    assert_eq!(ann["title"], "CTO", "a field the newer source lacks is kept");
-    let bob = app.collect(&app.dir_url("/profiles?email=bob@example.com")).await.remove(0);
-    assert_eq!(bob["identities"]["emails"], json!(["bob@example.com", "rob@example.com"]));
+    assert_eq!(
+        ann["title"], "CTO",
+        "a field the newer source lacks is kept"
+    );
+    let bob = app
+        .collect(&app.dir_url("/profiles?email=bob@example.com"))
+        .await
+        .remove(0);
+    assert_eq!(
+        bob["identities"]["emails"],
+        json!(["bob@example.com", "rob@example.com"])
+    );
     assert_eq!(bob["city"], "Oslo");
     assert_eq!(bob["email"], "rob@example.com");
 
-    let (status, one) = app.get_json(&app.dir_url(&format!("/profiles/{}", bob["id"].as_str().unwrap()))).await;
+    let (status, one) = app
+        .get_json(&app.dir_url(&format!("/profiles/{}", bob["id"].as_str().unwrap())))
+        .await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(one["id"], bob["id"]);
-    let response = app.get(&app.dir_url(&format!("/profiles/{}", uuid::Uuid::new_v4()))).send().await.unwrap();
+    let response = app
+        .get(&app.dir_url(&format!("/profiles/{}", uuid::Uuid::new_v4())))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "profile_not_found").await;
-    assert!(app.collect(&app.dir_url("/profiles?email=nobody@example.com")).await.is_empty());
+    assert!(app
+        .collect(&app.dir_url("/profiles?email=nobody@example.com"))
+        .await
+        .is_empty());
 
     // A record whose identities point at two profiles joins the email's and is warned.
-    let third = app.upload_ok("email,phone\nann@example.com,+14155550100\n").await;
+    let third = app
+        .upload_ok("email,phone\nann@example.com,+14155550100\n")
+        .await;
     assert_eq!(third["warnings"], 1);
     let errors = app
-        .collect(&app.dir_url(&format!("/sources/{}/errors", third["source_id"].as_str().unwrap())))
+        .collect(&app.dir_url(&format!(
+            "/sources/{}/errors",
+            third["source_id"].as_str().unwrap()
+        )))
         .await;
     assert_eq!(errors[0]["code"], "identity_conflict");
     assert_eq!(errors[0]["column"], "phone");
@@ -170,7 +250,10 @@ async fn another_organization_sees_and_touches_nothing() {
     let app = TestApp::spawn().await;
     let body = app.upload_ok("email\nann@example.com\nbad\n").await;
     let source = body["source_id"].as_str().unwrap().to_owned();
-    let profile = app.collect(&app.dir_url("/profiles")).await[0]["id"].as_str().unwrap().to_owned();
+    let profile = app.collect(&app.dir_url("/profiles")).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let other = app.another_tenant().await;
     let ours = format!("/v2/organizations/{}", app.tenant.org);
     let dir = format!("{ours}/directories/{}", app.tenant.dir);
@@ -184,18 +267,47 @@ async fn another_organization_sees_and_touches_nothing() {
         format!("{dir}/profiles/{profile}"),
     ];
     for path in &gets {
-        let response = app.client.get(app.url(path)).bearer_auth(&other.token).send().await.unwrap();
+        let response = app
+            .client
+            .get(app.url(path))
+            .bearer_auth(&other.token)
+            .send()
+            .await
+            .unwrap();
         assert_problem(response, StatusCode::FORBIDDEN, "organization_mismatch").await;
     }
-    let response = app.client.post(app.url(&format!("{ours}/directories"))).bearer_auth(&other.token).json(&json!({"name": "x"})).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url(&format!("{ours}/directories")))
+        .bearer_auth(&other.token)
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::FORBIDDEN, "organization_mismatch").await;
-    let response = app.client.post(app.url(&format!("{dir}/archive"))).bearer_auth(&other.token).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url(&format!("{dir}/archive")))
+        .bearer_auth(&other.token)
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::FORBIDDEN, "organization_mismatch").await;
-    let response = app.client.post(app.url(&format!("{dir}/sources/csv-upload"))).bearer_auth(&other.token).multipart(file_form("email\nx@y.co\n")).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url(&format!("{dir}/sources/csv-upload")))
+        .bearer_auth(&other.token)
+        .multipart(file_form("email\nx@y.co\n"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::FORBIDDEN, "organization_mismatch").await;
 
     // Our directory under their organization: not found, never revealed.
-    let theirs = format!("/v2/organizations/{}/directories/{}", other.org, app.tenant.dir);
+    let theirs = format!(
+        "/v2/organizations/{}/directories/{}",
+        other.org, app.tenant.dir
+    );
     for path in [
         format!("{theirs}/sources"),
         format!("{theirs}/sources/{source}"),
@@ -204,16 +316,44 @@ async fn another_organization_sees_and_touches_nothing() {
         format!("{theirs}/profiles"),
         format!("{theirs}/profiles/{profile}"),
     ] {
-        let response = app.client.get(app.url(&path)).bearer_auth(&other.token).send().await.unwrap();
+        let response = app
+            .client
+            .get(app.url(&path))
+            .bearer_auth(&other.token)
+            .send()
+            .await
+            .unwrap();
         assert_problem(response, StatusCode::NOT_FOUND, "directory_not_found").await;
     }
-    let response = app.client.post(app.url(&format!("{theirs}/archive"))).bearer_auth(&other.token).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url(&format!("{theirs}/archive")))
+        .bearer_auth(&other.token)
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "directory_not_found").await;
-    let response = app.client.post(app.url(&format!("{theirs}/sources/csv-upload"))).bearer_auth(&other.token).multipart(file_form("email\nx@y.co\n")).send().await.unwrap();
+    let response = app
+        .client
+        .post(app.url(&format!("{theirs}/sources/csv-upload")))
+        .bearer_auth(&other.token)
+        .multipart(file_form("email\nx@y.co\n"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "directory_not_found").await;
     // Their own source id under their own directory does not reach ours either.
-    let theirs_own = format!("/v2/organizations/{}/directories/{}/sources/{source}", other.org, other.dir);
-    let response = app.client.get(app.url(&theirs_own)).bearer_auth(&other.token).send().await.unwrap();
+    let theirs_own = format!(
+        "/v2/organizations/{}/directories/{}/sources/{source}",
+        other.org, other.dir
+    );
+    let response = app
+        .client
+        .get(app.url(&theirs_own))
+        .bearer_auth(&other.token)
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "source_not_found").await;
     // And our data is as it was.
     assert_eq!(app.collect(&app.dir_url("/sources")).await.len(), 1);
@@ -226,10 +366,26 @@ async fn health_readiness_metrics_and_openapi() {
     app.upload_ok("email\nann@example.com\n").await;
     let health = app.client.get(app.url("/healthz")).send().await.unwrap();
     assert_eq!(health.status(), StatusCode::OK);
-    let ready: Value = app.client.get(app.url("/readyz")).send().await.unwrap().json().await.unwrap();
+    let ready: Value = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(ready["status"], "ready");
     assert_eq!(ready["database"], "sqlite");
-    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     for needle in [
         "orbit_queue_depth",
         "orbit_sources{status=\"completed\"} 1",
@@ -238,11 +394,27 @@ async fn health_readiness_metrics_and_openapi() {
     ] {
         assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
     }
-    let openapi: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let openapi: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert!(openapi["openapi"].as_str().unwrap().starts_with("3."));
-    assert!(openapi["paths"]["/v2/organizations/{organizationId}/directories/{directoryId}/sources/csv-upload"]["post"].is_object());
+    assert!(openapi["paths"]
+        ["/v2/organizations/{organizationId}/directories/{directoryId}/sources/csv-upload"]
+        ["post"]
+        .is_object());
     let response = app.client.get(app.url("/nope")).send().await.unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "not_found").await;
     let response = app.client.delete(app.url("/healthz")).send().await.unwrap();
-    assert_problem(response, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    assert_problem(
+        response,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
 }

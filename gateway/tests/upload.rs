@@ -10,7 +10,8 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 async fn errors_of(app: &TestApp, source: &str) -> Vec<Value> {
-    app.collect(&app.dir_url(&format!("/sources/{source}/errors"))).await
+    app.collect(&app.dir_url(&format!("/sources/{source}/errors")))
+        .await
 }
 
 #[tokio::test]
@@ -24,10 +25,21 @@ async fn a_small_file_completes_inside_the_request() {
     let keys: Vec<&String> = body.as_object().unwrap().keys().collect();
     assert_eq!(
         keys,
-        ["accepted", "directory_id", "failed", "is_idempotent", "source_id", "source_status", "warnings"]
+        [
+            "accepted",
+            "directory_id",
+            "failed",
+            "is_idempotent",
+            "source_id",
+            "source_status",
+            "warnings"
+        ]
     );
     assert_eq!(body["source_status"], "completed");
-    assert_eq!((body["accepted"].as_u64(), body["failed"].as_u64()), (Some(2), Some(0)));
+    assert_eq!(
+        (body["accepted"].as_u64(), body["failed"].as_u64()),
+        (Some(2), Some(0))
+    );
     assert_eq!(body["is_idempotent"], false);
     assert_eq!(body["directory_id"], app.tenant.dir.to_string());
     assert_eq!(
@@ -58,10 +70,18 @@ async fn a_large_file_is_accepted_and_finished_by_workers() {
     .await;
     let body = app.upload_ok(contacts_csv(240, "w")).await;
     assert_eq!(body["source_status"], "processing");
-    assert_eq!(body["accepted"], 10, "the synchronous prefix is counted in the response");
-    let done = app.wait_terminal(body["source_id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    assert_eq!(
+        body["accepted"], 10,
+        "the synchronous prefix is counted in the response"
+    );
+    let done = app
+        .wait_terminal(body["source_id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
     assert_eq!(done["source_status"], "completed");
-    assert_eq!((done["accepted"].as_u64(), done["failed"].as_u64()), (Some(240), Some(0)));
+    assert_eq!(
+        (done["accepted"].as_u64(), done["failed"].as_u64()),
+        (Some(240), Some(0))
+    );
     assert_eq!(done["total_rows"], 240);
     let profiles = app.collect(&app.dir_url("/profiles")).await;
     assert_eq!(profiles.len(), 240);
@@ -75,7 +95,9 @@ async fn sync_rows_zero_queues_everything() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["source_status"], "pending");
     assert_eq!(body["accepted"], 0);
-    let done = app.wait_terminal(body["source_id"].as_str().unwrap(), Duration::from_secs(30)).await;
+    let done = app
+        .wait_terminal(body["source_id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
     assert_eq!(done["accepted"], 5);
 }
 
@@ -124,13 +146,18 @@ async fn row_failures_and_warnings_carry_codes_rows_and_lines() {
     );
     assert_eq!(errors[1]["value"], "12");
     // Normalized and merged: Dee's row shares Ann's email, so one profile holds both.
-    let profiles = app.collect(&app.dir_url("/profiles?email=ANN@example.com")).await;
+    let profiles = app
+        .collect(&app.dir_url("/profiles?email=ANN@example.com"))
+        .await;
     assert_eq!(profiles.len(), 1);
     let ann = &profiles[0];
     assert_eq!(ann["email"], "ann@example.com");
     assert_eq!(ann["phone"], "+14155552671");
     assert_eq!(ann["linkedin_url"], "linkedin.com/in/ann-lee");
-    assert_eq!(ann["first_name"], "Dee", "a later row of the same source wins");
+    assert_eq!(
+        ann["first_name"], "Dee",
+        "a later row of the same source wins"
+    );
     assert_eq!(ann["attributes"]["Favourite Colour"], "blue");
 }
 
@@ -141,7 +168,10 @@ async fn field_too_long_and_invalid_encoding_fail_rows() {
     csv.extend(std::iter::repeat_n(b'x', 100));
     csv.extend(b"\nbad@example.com,caf\xe9\n");
     let body = app.upload_ok(csv).await;
-    assert_eq!((body["accepted"].as_u64(), body["failed"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (body["accepted"].as_u64(), body["failed"].as_u64()),
+        (Some(1), Some(2))
+    );
     let errors = errors_of(&app, body["source_id"].as_str().unwrap()).await;
     assert_eq!(errors[0]["code"], "field_too_long");
     assert_eq!(errors[0]["column"], "note");
@@ -152,39 +182,76 @@ async fn field_too_long_and_invalid_encoding_fail_rows() {
 async fn failed_rows_come_back_as_csv_in_input_order() {
     let app = TestApp::spawn().await;
     let body = app
-        .upload("email,city\nbad,Paris\nok@example.com,Rome\n,\"Oslo, NO\"\nx@example.com,Lyon,extra\n")
+        .upload(
+            "email,city\nbad,Paris\nok@example.com,Rome\n,\"Oslo, NO\"\nx@example.com,Lyon,extra\n",
+        )
         .await
         .json::<Value>()
         .await
         .unwrap();
     let response = app
-        .get(&app.dir_url(&format!("/sources/{}/failed-rows", body["source_id"].as_str().unwrap())))
+        .get(&app.dir_url(&format!(
+            "/sources/{}/failed-rows",
+            body["source_id"].as_str().unwrap()
+        )))
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/csv"));
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/csv"));
     let text = response.text().await.unwrap();
     let mut reader = csv::ReaderBuilder::new().from_reader(text.as_bytes());
     let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
-    assert_eq!(header, ["email", "city", "extra_1", "line_number", "error_code", "error_message"]);
+    assert_eq!(
+        header,
+        [
+            "email",
+            "city",
+            "extra_1",
+            "line_number",
+            "error_code",
+            "error_message"
+        ]
+    );
     let rows: Vec<Vec<String>> = reader
         .records()
         .map(|r| r.unwrap().iter().map(String::from).collect())
         .collect();
     assert_eq!(rows.len(), 3);
-    assert_eq!(rows[0][..5], ["bad", "Paris", "", "2", "missing_identifier"]);
-    assert_eq!(rows[1][..5], ["", "Oslo, NO", "", "4", "missing_identifier"]);
-    assert_eq!(rows[2][..5], ["x@example.com", "Lyon", "extra", "5", "column_count_mismatch"]);
+    assert_eq!(
+        rows[0][..5],
+        ["bad", "Paris", "", "2", "missing_identifier"]
+    );
+    assert_eq!(
+        rows[1][..5],
+        ["", "Oslo, NO", "", "4", "missing_identifier"]
+    );
+    assert_eq!(
+        rows[2][..5],
+        [
+            "x@example.com",
+            "Lyon",
+            "extra",
+            "5",
+            "column_count_mismatch"
+        ]
+    );
 }
 
 #[tokio::test]
 async fn dialects_encodings_and_hints() {
     let app = TestApp::spawn().await;
     // Semicolons detected, UTF-8 BOM stripped, CR line endings.
-    let body = app.upload_ok("\u{feff}Email;City\rann@example.com;Zürich\rbob@example.com;Köln\r").await;
+    let body = app
+        .upload_ok("\u{feff}Email;City\rann@example.com;Zürich\rbob@example.com;Köln\r")
+        .await;
     assert_eq!(body["accepted"], 2);
-    let profiles = app.collect(&app.dir_url("/profiles?email=ann@example.com")).await;
+    let profiles = app
+        .collect(&app.dir_url("/profiles?email=ann@example.com"))
+        .await;
     assert_eq!(profiles[0]["city"], "Zürich");
 
     // UTF-16LE with its BOM, tab-separated.
@@ -192,17 +259,29 @@ async fn dialects_encodings_and_hints() {
     let mut utf16 = vec![0xFF, 0xFE];
     utf16.extend(text.encode_utf16().flat_map(|u| u.to_le_bytes()));
     assert_eq!(app.upload_ok(utf16).await["accepted"], 1);
-    let cy = app.collect(&app.dir_url("/profiles?email=cy@example.com")).await;
+    let cy = app
+        .collect(&app.dir_url("/profiles?email=cy@example.com"))
+        .await;
     assert_eq!(cy[0]["city"], "Malmö");
 
     // windows-1252 by hint, pipe by hint.
     let form = Form::new()
         .text("delimiter", "|")
         .text("encoding", "windows-1252")
-        .part("file", Part::bytes(b"email|city\ndee@example.com|S\xe8te\n".to_vec()).file_name("w.csv"));
-    let response = app.post(&app.upload_url()).multipart(form).send().await.unwrap();
+        .part(
+            "file",
+            Part::bytes(b"email|city\ndee@example.com|S\xe8te\n".to_vec()).file_name("w.csv"),
+        );
+    let response = app
+        .post(&app.upload_url())
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
-    let dee = app.collect(&app.dir_url("/profiles?email=dee@example.com")).await;
+    let dee = app
+        .collect(&app.dir_url("/profiles?email=dee@example.com"))
+        .await;
     assert_eq!(dee[0]["city"], "Sète");
 }
 
@@ -210,8 +289,15 @@ async fn dialects_encodings_and_hints() {
 async fn bad_hints_are_invalid_requests() {
     let app = TestApp::spawn().await;
     for (name, value) in [("delimiter", ":"), ("encoding", "ebcdic")] {
-        let form = Form::new().text(name, value).part("file", Part::bytes(b"email\na@b.co\n".to_vec()));
-        let response = app.post(&app.upload_url()).multipart(form).send().await.unwrap();
+        let form = Form::new()
+            .text(name, value)
+            .part("file", Part::bytes(b"email\na@b.co\n".to_vec()));
+        let response = app
+            .post(&app.upload_url())
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
         assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
     }
 }
@@ -233,7 +319,10 @@ async fn file_level_problems_are_422_and_leave_nothing() {
     }
     assert!(app.collect(&app.dir_url("/sources")).await.is_empty());
     let objects = app.data.path().join("objects");
-    let stored: Vec<_> = walk(&objects).into_iter().filter(|p| !p.contains(".partial")).collect();
+    let stored: Vec<_> = walk(&objects)
+        .into_iter()
+        .filter(|p| !p.contains(".partial"))
+        .collect();
     assert!(stored.is_empty(), "{stored:?}");
 }
 
@@ -258,21 +347,53 @@ async fn request_level_errors_have_their_codes() {
     let url = app.upload_url();
 
     // 401: missing, malformed, unknown.
-    let response = app.client.post(&url).multipart(file_form("email\n")).send().await.unwrap();
+    let response = app
+        .client
+        .post(&url)
+        .multipart(file_form("email\n"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
     assert_problem(response, StatusCode::UNAUTHORIZED, "unauthenticated").await;
     for token in ["nonsense", "orb_unknown"] {
-        let response = app.client.post(&url).bearer_auth(token).multipart(file_form("email\n")).send().await.unwrap();
+        let response = app
+            .client
+            .post(&url)
+            .bearer_auth(token)
+            .multipart(file_form("email\n"))
+            .send()
+            .await
+            .unwrap();
         assert_problem(response, StatusCode::UNAUTHORIZED, "unauthenticated").await;
     }
 
     // 400: no file, bad UUID in the path, bad key.
-    let response = app.post(&url).multipart(Form::new().text("x", "y")).send().await.unwrap();
+    let response = app
+        .post(&url)
+        .multipart(Form::new().text("x", "y"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
-    let bad = app.url(&format!("/v2/organizations/{}/directories/nope/sources/csv-upload", app.tenant.org));
-    let response = app.post(&bad).multipart(file_form("email\n")).send().await.unwrap();
+    let bad = app.url(&format!(
+        "/v2/organizations/{}/directories/nope/sources/csv-upload",
+        app.tenant.org
+    ));
+    let response = app
+        .post(&bad)
+        .multipart(file_form("email\n"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
-    let response = app.post(&url).header("Idempotency-Key", "").multipart(file_form("email\n")).send().await.unwrap();
+    let response = app
+        .post(&url)
+        .header("Idempotency-Key", "")
+        .multipart(file_form("email\n"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
     let response = app
         .post(&url)
@@ -284,8 +405,19 @@ async fn request_level_errors_have_their_codes() {
     assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
 
     // 415: not multipart.
-    let response = app.post(&url).header("content-type", "text/csv").body("email\n").send().await.unwrap();
-    assert_problem(response, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await;
+    let response = app
+        .post(&url)
+        .header("content-type", "text/csv")
+        .body("email\n")
+        .send()
+        .await
+        .unwrap();
+    assert_problem(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
 
     // 413: over ingest.max_upload_bytes.
     let response = app.upload(contacts_csv(50, "big")).await;
@@ -297,7 +429,12 @@ async fn request_level_errors_have_their_codes() {
         app.tenant.org,
         uuid::Uuid::new_v4()
     ));
-    let response = app.post(&missing).multipart(file_form("email\n")).send().await.unwrap();
+    let response = app
+        .post(&missing)
+        .multipart(file_form("email\n"))
+        .send()
+        .await
+        .unwrap();
     assert_problem(response, StatusCode::NOT_FOUND, "directory_not_found").await;
     let archived = app.post(&app.dir_url("/archive")).send().await.unwrap();
     assert_eq!(archived.status(), StatusCode::OK);
@@ -310,15 +447,30 @@ async fn request_level_errors_have_their_codes() {
 async fn an_expired_or_revoked_token_is_refused() {
     let app = TestApp::spawn().await;
     let store = &*app.running().state.store;
-    let revoked = orbit_gateway::admin::create_token(store, app.tenant.org, None, None).await.unwrap();
-    let token = revoked["token"].as_str().unwrap();
-    orbit_gateway::admin::revoke_token(store, token).await.unwrap();
-    let expired = orbit_gateway::admin::create_token(store, app.tenant.org, None, Some(Duration::from_millis(1)))
+    let revoked = orbit_gateway::admin::create_token(store, app.tenant.org, None, None)
         .await
         .unwrap();
+    let token = revoked["token"].as_str().unwrap();
+    orbit_gateway::admin::revoke_token(store, token)
+        .await
+        .unwrap();
+    let expired = orbit_gateway::admin::create_token(
+        store,
+        app.tenant.org,
+        None,
+        Some(Duration::from_millis(1)),
+    )
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
     for token in [token, expired["token"].as_str().unwrap()] {
-        let response = app.client.get(app.dir_url("/sources")).bearer_auth(token).send().await.unwrap();
+        let response = app
+            .client
+            .get(app.dir_url("/sources"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
         assert_problem(response, StatusCode::UNAUTHORIZED, "unauthenticated").await;
     }
 }
@@ -350,14 +502,34 @@ async fn idempotent_replay_reuse_and_fresh_retry() {
 
     // The key may also come as a form field, before or after the file.
     let form = file_form(csv).text("idempotency_key", "key-1");
-    let late = app.post(&app.upload_url()).multipart(form).send().await.unwrap();
+    let late = app
+        .post(&app.upload_url())
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(late.status(), StatusCode::OK);
 
     let other_file = upload_with_key(&app, "key-1", "email\nbob@example.com\n").await;
-    assert_problem(other_file, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    assert_problem(
+        other_file,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
     let form = file_form("email\nbob@example.com\n").text("idempotency_key", "key-1");
-    let other_late = app.post(&app.upload_url()).multipart(form).send().await.unwrap();
-    assert_problem(other_late, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    let other_late = app
+        .post(&app.upload_url())
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(
+        other_late,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
 
     let created = app
         .post(&app.url(&format!("/v2/organizations/{}/directories", app.tenant.org)))
@@ -373,8 +545,19 @@ async fn idempotent_replay_reuse_and_fresh_retry() {
         app.tenant.org,
         created["id"].as_str().unwrap()
     ));
-    let response = app.post(&other_dir).header("Idempotency-Key", "key-1").multipart(file_form(csv)).send().await.unwrap();
-    assert_problem(response, StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused").await;
+    let response = app
+        .post(&other_dir)
+        .header("Idempotency-Key", "key-1")
+        .multipart(file_form(csv))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
 
     // A rejected request stores no key: the retry with a good file runs fresh.
     let rejected = upload_with_key(&app, "key-2", "no identifier\nx\n").await;
@@ -385,8 +568,19 @@ async fn idempotent_replay_reuse_and_fresh_retry() {
     assert_eq!(app.collect(&app.dir_url("/sources")).await.len(), 2);
     // Keys are scoped by organization: another tenant's same key is its own.
     let other = app.another_tenant().await;
-    let url = app.url(&format!("/v2/organizations/{}/directories/{}/sources/csv-upload", other.org, other.dir));
-    let response = app.client.post(&url).bearer_auth(&other.token).header("Idempotency-Key", "key-1").multipart(file_form(csv)).send().await.unwrap();
+    let url = app.url(&format!(
+        "/v2/organizations/{}/directories/{}/sources/csv-upload",
+        other.org, other.dir
+    ));
+    let response = app
+        .client
+        .post(&url)
+        .bearer_auth(&other.token)
+        .header("Idempotency-Key", "key-1")
+        .multipart(file_form(csv))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), StatusCode::CREATED);
 }
 

@@ -198,13 +198,22 @@ impl Settings {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.ingest.chunk_rows > 0, "ingest.chunk_rows must be at least 1");
+        anyhow::ensure!(
+            self.ingest.chunk_rows > 0,
+            "ingest.chunk_rows must be at least 1"
+        );
         anyhow::ensure!(
             self.ingest.max_field_bytes > 0,
             "ingest.max_field_bytes must be at least 1"
         );
-        anyhow::ensure!(self.ingest.max_columns > 0, "ingest.max_columns must be at least 1");
-        anyhow::ensure!(self.worker.max_attempts > 0, "worker.max_attempts must be at least 1");
+        anyhow::ensure!(
+            self.ingest.max_columns > 0,
+            "ingest.max_columns must be at least 1"
+        );
+        anyhow::ensure!(
+            self.worker.max_attempts > 0,
+            "worker.max_attempts must be at least 1"
+        );
         anyhow::ensure!(
             crate::domain::normalize::parse_region(&self.ingest.default_region).is_some(),
             "ingest.default_region {:?} is not an ISO 3166 region code",

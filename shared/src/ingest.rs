@@ -178,8 +178,9 @@ fn header_of(record: &RawRecord, max_columns: usize) -> Result<ColumnMap, Invali
     }
     let mut names = Vec::with_capacity(record.fields.len());
     for field in &record.fields {
-        let name = std::str::from_utf8(&field.bytes)
-            .map_err(|_| InvalidCsv("the header row is not valid text in the file's encoding".into()))?;
+        let name = std::str::from_utf8(&field.bytes).map_err(|_| {
+            InvalidCsv("the header row is not valid text in the file's encoding".into())
+        })?;
         if name.chars().any(|c| c.is_control() && c != '\t') {
             return Err(InvalidCsv("the header row contains binary data".into()));
         }
@@ -209,7 +210,12 @@ mod tests {
         }
     }
 
-    fn plan(file: &[u8], sync_rows: u64, chunk_rows: u64, feed: usize) -> Result<FilePlan, InvalidCsv> {
+    fn plan(
+        file: &[u8],
+        sync_rows: u64,
+        chunk_rows: u64,
+        feed: usize,
+    ) -> Result<FilePlan, InvalidCsv> {
         let mut planner = FilePlanner::new(options(sync_rows, chunk_rows));
         for piece in file.chunks(feed) {
             planner.feed(piece)?;
@@ -235,7 +241,11 @@ mod tests {
             let sync = p.sync_chunk.as_ref().unwrap();
             assert_eq!((sync.first_row, sync.row_count, sync.start_line), (1, 5, 2));
             assert_eq!(p.sync_results.accepted.len(), 5);
-            let rows: Vec<_> = p.chunks.iter().map(|c| (c.first_row, c.row_count)).collect();
+            let rows: Vec<_> = p
+                .chunks
+                .iter()
+                .map(|c| (c.first_row, c.row_count))
+                .collect();
             assert_eq!(rows, vec![(6, 8), (14, 8), (22, 4)]);
             // Row-aligned and contiguous, up to the end of the file.
             assert_eq!(sync.end_offset, p.chunks[0].start_offset);

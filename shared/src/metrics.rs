@@ -26,18 +26,29 @@ pub struct Metrics {
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let registry = Registry::new();
     let http_requests = IntCounterVec::new(
-        Opts::new("orbit_http_requests_total", "HTTP requests by route and status"),
+        Opts::new(
+            "orbit_http_requests_total",
+            "HTTP requests by route and status",
+        ),
         &["method", "route", "status"],
     )
     .expect("valid metric");
     let http_duration = HistogramVec::new(
-        HistogramOpts::new("orbit_http_request_duration_seconds", "HTTP request latency")
-            .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+        HistogramOpts::new(
+            "orbit_http_request_duration_seconds",
+            "HTTP request latency",
+        )
+        .buckets(vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ]),
         &["method", "route"],
     )
     .expect("valid metric");
-    let chunks_in_flight = IntGauge::new("orbit_chunks_in_flight", "Chunks being processed by this process")
-        .expect("valid metric");
+    let chunks_in_flight = IntGauge::new(
+        "orbit_chunks_in_flight",
+        "Chunks being processed by this process",
+    )
+    .expect("valid metric");
     let chunk_duration = HistogramVec::new(
         HistogramOpts::new("orbit_chunk_duration_seconds", "Time to process one chunk")
             .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]),
@@ -45,14 +56,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     )
     .expect("valid metric");
     let rows = IntCounterVec::new(
-        Opts::new("orbit_rows_total", "Rows materialized by this process, by outcome"),
+        Opts::new(
+            "orbit_rows_total",
+            "Rows materialized by this process, by outcome",
+        ),
         &["outcome"],
     )
     .expect("valid metric");
     let queue_depth = IntGauge::new("orbit_queue_depth", "Messages waiting in the work queue")
         .expect("valid metric");
-    let chunks_open = IntGauge::new("orbit_chunks_open", "Chunks not yet done (pending or running)")
-        .expect("valid metric");
+    let chunks_open = IntGauge::new(
+        "orbit_chunks_open",
+        "Chunks not yet done (pending or running)",
+    )
+    .expect("valid metric");
     let sources = IntGaugeVec::new(Opts::new("orbit_sources", "Sources by status"), &["status"])
         .expect("valid metric");
     for c in [
@@ -91,7 +108,9 @@ pub async fn render(store: &dyn Store, queue: &dyn Queue) -> String {
     }
     if let Ok(counts) = store.count_sources_by_status().await {
         for (status, n) in counts {
-            m.sources.with_label_values(&[status.as_str()]).set(n as i64);
+            m.sources
+                .with_label_values(&[status.as_str()])
+                .set(n as i64);
         }
     }
     let mut out = Vec::new();

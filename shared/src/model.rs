@@ -158,7 +158,9 @@ pub struct ChunkResults {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Committed {
-    Done { source_completed: bool },
+    Done {
+        source_completed: bool,
+    },
     /// The lease was lost (expired and taken over): nothing was written.
     LeaseLost,
 }

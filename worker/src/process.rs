@@ -81,10 +81,22 @@ pub async fn process_chunk(
         let bytes = bytes.map_err(|e| ProcessError::Transient(e.to_string()))?;
         read += bytes.len() as u64;
         splitter.feed(&bytes, &mut records);
-        validate_into(&mut results, records.drain(..), &mut next_row, &source.columns, &rules);
+        validate_into(
+            &mut results,
+            records.drain(..),
+            &mut next_row,
+            &source.columns,
+            &rules,
+        );
     }
     splitter.finish(&mut records);
-    validate_into(&mut results, records.drain(..), &mut next_row, &source.columns, &rules);
+    validate_into(
+        &mut results,
+        records.drain(..),
+        &mut next_row,
+        &source.columns,
+        &rules,
+    );
     let expected_bytes = chunk.end_offset - chunk.start_offset;
     if read != expected_bytes {
         return Err(ProcessError::Transient(format!(

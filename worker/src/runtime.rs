@@ -166,20 +166,30 @@ impl Worker {
                             tracing::warn!(chunk = %lease.chunk_id, "lease lost; results will be discarded");
                             return;
                         }
-                        Err(e) => tracing::warn!(chunk = %lease.chunk_id, error = %e, "lease renewal failed"),
+                        Err(e) => {
+                            tracing::warn!(chunk = %lease.chunk_id, error = %e, "lease renewal failed")
+                        }
                     }
                 }
             })
         };
-        let result =
-            process_chunk(&*self.blobs, &work.source, &work.chunk, &self.settings.ingest).await;
+        let result = process_chunk(
+            &*self.blobs,
+            &work.source,
+            &work.chunk,
+            &self.settings.ingest,
+        )
+        .await;
         let outcome = match result {
             Ok(results) => {
                 let accepted = results.accepted.len() as u64;
                 let failed = results.failed.len() as u64;
                 match self.store.commit_chunk(lease, results).await {
                     Ok(Committed::Done { source_completed }) => {
-                        METRICS.rows.with_label_values(&["accepted"]).inc_by(accepted);
+                        METRICS
+                            .rows
+                            .with_label_values(&["accepted"])
+                            .inc_by(accepted);
                         METRICS.rows.with_label_values(&["failed"]).inc_by(failed);
                         tracing::info!(source = %lease.source_id, chunk = work.chunk.index, accepted, failed, source_completed, "chunk done");
                         Ok(())
@@ -200,7 +210,9 @@ impl Worker {
                         lease.source_id,
                         SourceError {
                             code: "object_missing".into(),
-                            message: format!("the stored file {key} is gone; the remaining rows cannot be read"),
+                            message: format!(
+                                "the stored file {key} is gone; the remaining rows cannot be read"
+                            ),
                         },
                     )
                     .await?;

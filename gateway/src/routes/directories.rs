@@ -59,7 +59,10 @@ pub const MAX_NAME_CHARS: usize = 200;
 
 pub fn validate_name(name: &str) -> ApiResult<&str> {
     let name = name.trim();
-    if name.is_empty() || name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+    if name.is_empty()
+        || name.chars().count() > MAX_NAME_CHARS
+        || name.chars().any(char::is_control)
+    {
         return Err(ApiError::invalid_request(format!(
             "name must be 1 to {MAX_NAME_CHARS} characters, without control characters"
         )));
@@ -74,8 +77,9 @@ pub async fn create(
     body: Bytes,
 ) -> ApiResult<impl IntoResponse> {
     let org = caller.scope(&org)?;
-    let request: CreateDirectory = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::invalid_request(format!("body must be JSON {{\"name\": \"…\"}}: {e}")))?;
+    let request: CreateDirectory = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::invalid_request(format!("body must be JSON {{\"name\": \"…\"}}: {e}"))
+    })?;
     let name = validate_name(&request.name)?;
     let dir = state.store.create_directory(org, name).await?;
     let location = format!("/v2/organizations/{org}/directories/{}", dir.id);
@@ -96,6 +100,11 @@ pub async fn archive(
         .store
         .archive_directory(dir.organization_id, dir.id)
         .await?
-        .ok_or_else(|| ApiError::not_found("directory_not_found", "no such directory in this organization"))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "directory_not_found",
+                "no such directory in this organization",
+            )
+        })?;
     Ok(Json(archived.into()))
 }

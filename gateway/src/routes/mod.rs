@@ -32,7 +32,9 @@ impl PageQuery {
                 .ok()
                 .filter(|n| (1..=MAX_LIMIT).contains(n))
                 .ok_or_else(|| {
-                    ApiError::invalid_request(format!("limit must be a number from 1 to {MAX_LIMIT}"))
+                    ApiError::invalid_request(format!(
+                        "limit must be a number from 1 to {MAX_LIMIT}"
+                    ))
                 })?,
         };
         let after = self.cursor.as_deref().map(decode_cursor).transpose()?;
@@ -47,7 +49,10 @@ fn decode_cursor(raw: &str) -> ApiResult<Cursor> {
         .map_err(|_| invalid())?;
     let text = String::from_utf8(bytes).map_err(|_| invalid())?;
     let (a, b) = text.split_once('.').ok_or_else(invalid)?;
-    Ok(Cursor(a.parse().map_err(|_| invalid())?, b.parse().map_err(|_| invalid())?))
+    Ok(Cursor(
+        a.parse().map_err(|_| invalid())?,
+        b.parse().map_err(|_| invalid())?,
+    ))
 }
 
 pub fn encode_cursor(cursor: Cursor) -> String {
@@ -78,11 +83,12 @@ pub async fn scoped_directory(
 ) -> ApiResult<orbit_shared::model::Directory> {
     let org = caller.scope(org)?;
     let dir = parse_id(dir, "directory")?;
-    state
-        .store
-        .get_directory(org, dir)
-        .await?
-        .ok_or_else(|| ApiError::not_found("directory_not_found", "no such directory in this organization"))
+    state.store.get_directory(org, dir).await?.ok_or_else(|| {
+        ApiError::not_found(
+            "directory_not_found",
+            "no such directory in this organization",
+        )
+    })
 }
 
 pub fn parse_uuid(raw: &str, what: &str) -> ApiResult<Uuid> {

@@ -40,7 +40,12 @@ impl From<Profile> for ProfileBody {
     fn from(p: Profile) -> Self {
         let fields = KnownField::ALL
             .into_iter()
-            .map(|f| (f.as_str(), p.state.fields.get(f.as_str()).map(|v| v.value.clone())))
+            .map(|f| {
+                (
+                    f.as_str(),
+                    p.state.fields.get(f.as_str()).map(|v| v.value.clone()),
+                )
+            })
             .collect();
         let mut identities = Identities::default();
         for (kind, value) in p.identities {
@@ -54,7 +59,12 @@ impl From<Profile> for ProfileBody {
             id: p.id,
             directory_id: p.directory_id,
             fields,
-            attributes: p.state.attributes.into_iter().map(|(k, v)| (k, v.value)).collect(),
+            attributes: p
+                .state
+                .attributes
+                .into_iter()
+                .map(|(k, v)| (k, v.value))
+                .collect(),
             identities,
             created_at: p.created_at,
             updated_at: p.updated_at,
@@ -83,7 +93,12 @@ pub async fn list(
         .map(|e| normalize::email(e).unwrap_or_else(|| e.trim().to_lowercase()));
     let page = state
         .store
-        .list_profiles(dir.organization_id, dir.id, email.as_deref(), &query.page.parse()?)
+        .list_profiles(
+            dir.organization_id,
+            dir.id,
+            email.as_deref(),
+            &query.page.parse()?,
+        )
         .await?;
     Ok(Json(PageBody::from_page(page, ProfileBody::from)))
 }
@@ -99,6 +114,8 @@ pub async fn get(
         .store
         .get_profile(dir.organization_id, dir.id, profile)
         .await?
-        .ok_or_else(|| ApiError::not_found("profile_not_found", "no such profile in this directory"))?;
+        .ok_or_else(|| {
+            ApiError::not_found("profile_not_found", "no such profile in this directory")
+        })?;
     Ok(Json(profile.into()))
 }

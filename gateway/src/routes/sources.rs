@@ -71,7 +71,13 @@ impl From<Source> for SourceBody {
     }
 }
 
-async fn scoped_source(state: &AppState, caller: &Caller, org: &str, dir: &str, source: &str) -> ApiResult<Source> {
+async fn scoped_source(
+    state: &AppState,
+    caller: &Caller,
+    org: &str,
+    dir: &str,
+    source: &str,
+) -> ApiResult<Source> {
     let dir = scoped_directory(state, caller, org, dir).await?;
     let source = parse_uuid(source, "source")?;
     state
@@ -86,7 +92,11 @@ pub async fn get(
     caller: Caller,
     Path((org, dir, source)): Path<(String, String, String)>,
 ) -> ApiResult<Json<SourceBody>> {
-    Ok(Json(scoped_source(&state, &caller, &org, &dir, &source).await?.into()))
+    Ok(Json(
+        scoped_source(&state, &caller, &org, &dir, &source)
+            .await?
+            .into(),
+    ))
 }
 
 pub async fn list(
@@ -112,7 +122,12 @@ pub async fn errors(
     let source = scoped_source(&state, &caller, &org, &dir, &source).await?;
     let page = state
         .store
-        .list_issues(source.organization_id, source.directory_id, source.id, &query.parse()?)
+        .list_issues(
+            source.organization_id,
+            source.directory_id,
+            source.id,
+            &query.parse()?,
+        )
         .await?;
     Ok(Json(PageBody::from_page(page, |i| i)))
 }
@@ -153,7 +168,11 @@ pub async fn failed_rows(
             if cur.done {
                 return None;
             }
-            match cur.store.failed_rows(cur.source, cur.after, FAILED_ROWS_PAGE).await {
+            match cur
+                .store
+                .failed_rows(cur.source, cur.after, FAILED_ROWS_PAGE)
+                .await
+            {
                 Ok(rows) => {
                     cur.done = rows.len() < FAILED_ROWS_PAGE as usize;
                     let mut out = Vec::new();
@@ -161,14 +180,21 @@ pub async fn failed_rows(
                         cur.after = row.row_number;
                         let mut fields = row.fields;
                         fields.resize(columns, String::new());
-                        fields.extend([row.line_number.to_string(), row.error_code, row.error_message]);
+                        fields.extend([
+                            row.line_number.to_string(),
+                            row.error_code,
+                            row.error_message,
+                        ]);
                         out.extend(csv_line(&fields));
                     }
                     Some((Ok::<_, std::io::Error>(out), cur))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "failed-rows stream broke off");
-                    Some((Err(std::io::Error::other(e.to_string())), Cursor { done: true, ..cur }))
+                    Some((
+                        Err(std::io::Error::other(e.to_string())),
+                        Cursor { done: true, ..cur },
+                    ))
                 }
             }
         },
@@ -178,7 +204,10 @@ pub async fn failed_rows(
     Ok((
         [
             (header::CONTENT_TYPE, "text/csv; charset=utf-8".to_owned()),
-            (header::CONTENT_DISPOSITION, format!("attachment; filename=\"{filename}\"")),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
         ],
         body,
     )
@@ -187,6 +216,8 @@ pub async fn failed_rows(
 
 fn csv_line(fields: &[String]) -> Vec<u8> {
     let mut writer = csv::Writer::from_writer(Vec::new());
-    writer.write_record(fields).expect("writing to memory cannot fail");
+    writer
+        .write_record(fields)
+        .expect("writing to memory cannot fail");
     writer.into_inner().expect("writing to memory cannot fail")
 }

@@ -15,11 +15,17 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// Ready when the database, the object store and the queue all answer.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let (db, blobs, queue) = tokio::join!(state.store.ping(), state.blobs.ping(), state.queue.ping());
+    let (db, blobs, queue) =
+        tokio::join!(state.store.ping(), state.blobs.ping(), state.queue.ping());
     let failures: Vec<String> = [
-        db.err().map(|e| format!("database ({}): {e}", state.store.backend())),
-        blobs.err().map(|e| format!("object store ({}): {e}", state.blobs.backend())),
-        queue.err().map(|e| format!("queue ({}): {e}", state.queue.backend())),
+        db.err()
+            .map(|e| format!("database ({}): {e}", state.store.backend())),
+        blobs
+            .err()
+            .map(|e| format!("object store ({}): {e}", state.blobs.backend())),
+        queue
+            .err()
+            .map(|e| format!("queue ({}): {e}", state.queue.backend())),
     ]
     .into_iter()
     .flatten()
@@ -33,7 +39,12 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         }))
         .into_response()
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", failures.join("; ")).into_response()
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            failures.join("; "),
+        )
+        .into_response()
     }
 }
 

@@ -119,7 +119,9 @@ impl TestApp {
     }
 
     pub async fn source(&self, source_id: &str) -> Value {
-        let (status, body) = self.get_json(&self.dir_url(&format!("/sources/{source_id}"))).await;
+        let (status, body) = self
+            .get_json(&self.dir_url(&format!("/sources/{source_id}")))
+            .await;
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
@@ -133,7 +135,10 @@ impl TestApp {
             if status == "completed" || status == "failed" {
                 return body;
             }
-            assert!(Instant::now() < deadline, "source still {status} after {within:?}: {body}");
+            assert!(
+                Instant::now() < deadline,
+                "source still {status} after {within:?}: {body}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -166,7 +171,9 @@ impl TestApp {
 }
 
 pub async fn new_tenant(running: &app::Running) -> Tenant {
-    let out = admin::bootstrap(&*running.state.store).await.expect("bootstrap");
+    let out = admin::bootstrap(&*running.state.store)
+        .await
+        .expect("bootstrap");
     Tenant {
         org: out["organization_id"].as_str().unwrap().parse().unwrap(),
         dir: out["directory_id"].as_str().unwrap().parse().unwrap(),
@@ -198,7 +205,8 @@ pub async fn assert_problem(response: reqwest::Response, status: StatusCode, cod
 
 /// `rows` contacts with unique emails, in the API.md columns.
 pub fn contacts_csv(rows: usize, email_prefix: &str) -> String {
-    let mut out = String::from("first_name,last_name,email,phone,company,title,linkedin_url,city,country\n");
+    let mut out =
+        String::from("first_name,last_name,email,phone,company,title,linkedin_url,city,country\n");
     for i in 0..rows {
         out.push_str(&format!(
             "First{i},Last{i},{email_prefix}{i}@example.com,,Acme {},Engineer,,Paris,FR\n",

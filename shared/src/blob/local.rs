@@ -26,9 +26,9 @@ impl LocalBlobStore {
 
     fn path(&self, key: &str) -> BlobResult<PathBuf> {
         let valid = !key.is_empty()
-            && key
-                .split('/')
-                .all(|part| !part.is_empty() && part != "." && part != ".." && !part.starts_with('.'));
+            && key.split('/').all(|part| {
+                !part.is_empty() && part != "." && part != ".." && !part.starts_with('.')
+            });
         if !valid {
             return Err(BlobError::Other(format!("invalid object key {key:?}")));
         }
@@ -81,7 +81,10 @@ impl BlobStore for LocalBlobStore {
 
     async fn begin(&self, key: &str) -> BlobResult<Box<dyn BlobWriter>> {
         let target = self.path(key)?;
-        let partial = self.root.join(".partial").join(uuid::Uuid::new_v4().to_string());
+        let partial = self
+            .root
+            .join(".partial")
+            .join(uuid::Uuid::new_v4().to_string());
         let file = fs::File::create(&partial).await?;
         Ok(Box::new(LocalWriter {
             file: BufWriter::with_capacity(256 << 10, file),

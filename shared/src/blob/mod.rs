@@ -46,13 +46,18 @@ pub trait BlobWriter: Send {
     async fn abort(self: Box<Self>) -> BlobResult<()>;
 }
 
-pub async fn open(settings: &crate::config::ObjectStoreSettings) -> anyhow::Result<Arc<dyn BlobStore>> {
+pub async fn open(
+    settings: &crate::config::ObjectStoreSettings,
+) -> anyhow::Result<Arc<dyn BlobStore>> {
     let url = settings.url.as_str();
     let scheme = url.split(':').next().unwrap_or_default();
     match scheme {
         "file" => {
             let path = url.trim_start_matches("file://");
-            anyhow::ensure!(!path.is_empty(), "object_store.url {url:?} names no directory");
+            anyhow::ensure!(
+                !path.is_empty(),
+                "object_store.url {url:?} names no directory"
+            );
             Ok(Arc::new(local::LocalBlobStore::open(path).await?))
         }
         _ => anyhow::bail!(

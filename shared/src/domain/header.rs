@@ -213,9 +213,18 @@ mod tests {
 
     #[test]
     fn duplicate_names_are_rejected_even_through_aliases() {
-        assert!(header(&["email", "Email"]).unwrap_err().0.contains("duplicate"));
-        assert!(header(&["E-mail", "Email Address"]).unwrap_err().0.contains("duplicate"));
-        assert!(header(&["email", "Shoe Size", "shoe_size"]).unwrap_err().0.contains("duplicate"));
+        assert!(header(&["email", "Email"])
+            .unwrap_err()
+            .0
+            .contains("duplicate"));
+        assert!(header(&["E-mail", "Email Address"])
+            .unwrap_err()
+            .0
+            .contains("duplicate"));
+        assert!(header(&["email", "Shoe Size", "shoe_size"])
+            .unwrap_err()
+            .0
+            .contains("duplicate"));
     }
 
     #[test]

@@ -90,8 +90,14 @@ mod tests {
 
     #[test]
     fn emails_are_trimmed_and_lower_cased() {
-        assert_eq!(email("  Ann.Lee@Example.COM "), Some("ann.lee@example.com".into()));
-        assert_eq!(email("mailto:ann@example.com"), Some("ann@example.com".into()));
+        assert_eq!(
+            email("  Ann.Lee@Example.COM "),
+            Some("ann.lee@example.com".into())
+        );
+        assert_eq!(
+            email("mailto:ann@example.com"),
+            Some("ann@example.com".into())
+        );
         assert_eq!(email("ann@"), None);
         assert_eq!(email("ann.example.com"), None);
         assert_eq!(email("ann@localhost"), None);
@@ -124,7 +130,11 @@ mod tests {
             "linkedin.com/in/ann-lee",
             "www.linkedin.com/in/ann-lee/",
         ] {
-            assert_eq!(linkedin_url(raw), Some("linkedin.com/in/ann-lee".into()), "{raw}");
+            assert_eq!(
+                linkedin_url(raw),
+                Some("linkedin.com/in/ann-lee".into()),
+                "{raw}"
+            );
         }
         assert_eq!(linkedin_url("https://example.com/in/ann"), None);
         assert_eq!(linkedin_url("https://linkedin.com/company/acme"), None);
@@ -135,8 +145,14 @@ mod tests {
 
     #[test]
     fn full_names_split_on_the_last_space_or_a_comma() {
-        assert_eq!(split_full_name("Ann Marie  Lee"), (Some("Ann Marie".into()), Some("Lee".into())));
-        assert_eq!(split_full_name("Lee, Ann"), (Some("Ann".into()), Some("Lee".into())));
+        assert_eq!(
+            split_full_name("Ann Marie  Lee"),
+            (Some("Ann Marie".into()), Some("Lee".into()))
+        );
+        assert_eq!(
+            split_full_name("Lee, Ann"),
+            (Some("Ann".into()), Some("Lee".into()))
+        );
         assert_eq!(split_full_name("Cher"), (Some("Cher".into()), None));
         assert_eq!(split_full_name("  "), (None, None));
     }

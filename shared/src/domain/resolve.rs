@@ -200,13 +200,19 @@ mod tests {
         ];
         let plan = resolve_batch(&mut existing, &recs, 1, ids());
         assert_eq!(plan.created.len(), 2);
-        assert_eq!(plan.assignments[2].1, plan.assignments[0].1, "email wins over phone");
+        assert_eq!(
+            plan.assignments[2].1, plan.assignments[0].1,
+            "email wins over phone"
+        );
         let conflict = &plan.warnings[0];
         assert_eq!(conflict.0, 3);
         assert_eq!(conflict.1.code, IssueCode::IdentityConflict);
         assert_eq!(conflict.1.column.as_deref(), Some("phone"));
         // The phone stays with the profile that held it.
-        assert_eq!(existing.owners[&("phone".into(), "+14155552671".into())], plan.assignments[1].1);
+        assert_eq!(
+            existing.owners[&("phone".into(), "+14155552671".into())],
+            plan.assignments[1].1
+        );
     }
 
     #[test]
@@ -215,12 +221,17 @@ mod tests {
         let b = Uuid::from_u128(200);
         let mut existing = Existing::default();
         existing.owners.insert(("phone".into(), "+1".into()), a);
-        existing.owners.insert(("linkedin_url".into(), "linkedin.com/in/x".into()), b);
+        existing
+            .owners
+            .insert(("linkedin_url".into(), "linkedin.com/in/x".into()), b);
         existing.profiles.insert(a, ProfileState::default());
         existing.profiles.insert(b, ProfileState::default());
         let plan = resolve_batch(
             &mut existing,
-            &[record(1, &[("phone", "+1"), ("linkedin_url", "linkedin.com/in/x")])],
+            &[record(
+                1,
+                &[("phone", "+1"), ("linkedin_url", "linkedin.com/in/x")],
+            )],
             1,
             ids(),
         );
@@ -232,7 +243,10 @@ mod tests {
         let mut existing = Existing::default();
         let first = resolve_batch(
             &mut existing,
-            &[record(5, &[("email", "a@x.co"), ("city", "Paris"), ("title", "CTO")])],
+            &[record(
+                5,
+                &[("email", "a@x.co"), ("city", "Paris"), ("title", "CTO")],
+            )],
             1,
             ids(),
         );
@@ -240,7 +254,10 @@ mod tests {
         // An older source, processed later, fills gaps only.
         resolve_batch(
             &mut existing,
-            &[record(1, &[("email", "a@x.co"), ("city", "Lyon"), ("company", "Acme")])],
+            &[record(
+                1,
+                &[("email", "a@x.co"), ("city", "Lyon"), ("company", "Acme")],
+            )],
             0,
             ids(),
         );
@@ -262,7 +279,10 @@ mod tests {
     #[test]
     fn the_outcome_does_not_depend_on_processing_order() {
         let batches = [
-            (1, vec![record(1, &[("email", "a@x.co"), ("city", "Paris")])]),
+            (
+                1,
+                vec![record(1, &[("email", "a@x.co"), ("city", "Paris")])],
+            ),
             (2, vec![record(1, &[("email", "a@x.co"), ("city", "Rome")])]),
         ];
         let run = |order: &[usize]| {
@@ -280,8 +300,18 @@ mod tests {
     #[test]
     fn an_older_write_leaves_the_profile_unchanged() {
         let mut existing = Existing::default();
-        resolve_batch(&mut existing, &[record(1, &[("email", "a@x.co")])], 1, ids());
-        let plan = resolve_batch(&mut existing, &[record(1, &[("email", "a@x.co")])], 0, ids());
+        resolve_batch(
+            &mut existing,
+            &[record(1, &[("email", "a@x.co")])],
+            1,
+            ids(),
+        );
+        let plan = resolve_batch(
+            &mut existing,
+            &[record(1, &[("email", "a@x.co")])],
+            0,
+            ids(),
+        );
         assert!(plan.updated.is_empty());
         assert!(plan.created.is_empty());
     }

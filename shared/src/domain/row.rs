@@ -187,7 +187,9 @@ pub fn validate(
             IssueCode::InvalidEncoding,
             bad_encoding.and(column_name(i)),
             "the row has bytes that do not decode in the file's encoding".into(),
-            bad_encoding.map(|_| String::from_utf8_lossy(&record.fields[i].bytes)).as_deref(),
+            bad_encoding
+                .map(|_| String::from_utf8_lossy(&record.fields[i].bytes))
+                .as_deref(),
         ));
     }
     if record.field_count != columns.columns.len() {
@@ -228,8 +230,9 @@ pub fn validate(
             Column::Known(field) => {
                 let normalized = match field {
                     KnownField::Email => normalize::email(value).ok_or(IssueCode::InvalidEmail),
-                    KnownField::Phone => normalize::phone(value, rules.default_region)
-                        .ok_or(IssueCode::InvalidPhone),
+                    KnownField::Phone => {
+                        normalize::phone(value, rules.default_region).ok_or(IssueCode::InvalidPhone)
+                    }
                     KnownField::LinkedinUrl => {
                         normalize::linkedin_url(value).ok_or(IssueCode::InvalidLinkedinUrl)
                     }
@@ -393,7 +396,13 @@ mod tests {
     fn a_valid_row_is_normalized() {
         let cols = columns(&["Name", "E-mail", "Phone", "LinkedIn", "Shoe Size"]);
         let rec = accepted(validate(
-            &raw(&[b" Ann  Lee ", b"ANN@Example.com", b"415 555 2671", b"linkedin.com/in/Ann", b"38"]),
+            &raw(&[
+                b" Ann  Lee ",
+                b"ANN@Example.com",
+                b"415 555 2671",
+                b"linkedin.com/in/Ann",
+                b"38",
+            ]),
             3,
             &cols,
             &rules(),
@@ -427,11 +436,17 @@ mod tests {
         );
         let mut long = raw(&[b"a@b.co", b"x"]);
         long.fields[1].truncated = true;
-        assert_eq!(failed_code(validate(&long, 1, &cols, &rules())), IssueCode::FieldTooLong);
+        assert_eq!(
+            failed_code(validate(&long, 1, &cols, &rules())),
+            IssueCode::FieldTooLong
+        );
         // Cut inside a multi-byte character: still too long, not badly encoded.
         let mut cut = raw(&[b"a@b.co", b"caf\xc3"]);
         cut.fields[1].truncated = true;
-        assert_eq!(failed_code(validate(&cut, 1, &cols, &rules())), IssueCode::FieldTooLong);
+        assert_eq!(
+            failed_code(validate(&cut, 1, &cols, &rules())),
+            IssueCode::FieldTooLong
+        );
     }
 
     #[test]
@@ -441,7 +456,11 @@ mod tests {
             RowOutcome::Failed(f) => {
                 assert_eq!(f.error.code, IssueCode::MissingIdentifier);
                 assert_eq!(f.error.column.as_deref(), Some("email"));
-                assert!(f.error.message.contains("not-an-email"), "{}", f.error.message);
+                assert!(
+                    f.error.message.contains("not-an-email"),
+                    "{}",
+                    f.error.message
+                );
                 assert_eq!(f.fields, vec!["not-an-email", "Paris"]);
             }
             other => panic!("{other:?}"),
@@ -451,9 +470,17 @@ mod tests {
     #[test]
     fn an_invalid_identifier_beside_a_valid_one_is_a_warning() {
         let cols = columns(&["email", "phone", "linkedin"]);
-        let rec = accepted(validate(&raw(&[b"a@b.co", b"12", b"nope"]), 1, &cols, &rules()));
+        let rec = accepted(validate(
+            &raw(&[b"a@b.co", b"12", b"nope"]),
+            1,
+            &cols,
+            &rules(),
+        ));
         let codes: Vec<_> = rec.warnings.iter().map(|w| w.code).collect();
-        assert_eq!(codes, vec![IssueCode::InvalidPhone, IssueCode::InvalidLinkedinUrl]);
+        assert_eq!(
+            codes,
+            vec![IssueCode::InvalidPhone, IssueCode::InvalidLinkedinUrl]
+        );
         assert!(!rec.fields.contains_key("phone"));
         assert_eq!(rec.warnings[0].value.as_deref(), Some("12"));
     }
@@ -461,7 +488,12 @@ mod tests {
     #[test]
     fn explicit_first_and_last_names_are_not_overwritten_by_full_name() {
         let cols = columns(&["email", "first name", "full name"]);
-        let rec = accepted(validate(&raw(&[b"a@b.co", b"Annie", b"Ann Lee"]), 1, &cols, &rules()));
+        let rec = accepted(validate(
+            &raw(&[b"a@b.co", b"Annie", b"Ann Lee"]),
+            1,
+            &cols,
+            &rules(),
+        ));
         assert_eq!(rec.fields["first_name"], "Annie");
         assert!(!rec.fields.contains_key("last_name"));
     }
@@ -471,8 +503,18 @@ mod tests {
         let cols = columns(&["email", "phone"]);
         let mut recs = vec![
             accepted(validate(&raw(&[b"a@b.co", b""]), 1, &cols, &rules())),
-            accepted(validate(&raw(&[b"A@b.co", b"4155552671"]), 2, &cols, &rules())),
-            accepted(validate(&raw(&[b"c@b.co", b"(415) 555-2671"]), 3, &cols, &rules())),
+            accepted(validate(
+                &raw(&[b"A@b.co", b"4155552671"]),
+                2,
+                &cols,
+                &rules(),
+            )),
+            accepted(validate(
+                &raw(&[b"c@b.co", b"(415) 555-2671"]),
+                3,
+                &cols,
+                &rules(),
+            )),
         ];
         flag_duplicates_in_batch(&mut recs);
         assert!(recs[0].warnings.is_empty());

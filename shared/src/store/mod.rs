@@ -59,7 +59,8 @@ pub trait Store: Send + Sync + 'static {
     // Directories.
     async fn create_directory(&self, org: Uuid, name: &str) -> StoreResult<Directory>;
     async fn get_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>>;
-    async fn list_directories(&self, org: Uuid, page: &PageRequest) -> StoreResult<Page<Directory>>;
+    async fn list_directories(&self, org: Uuid, page: &PageRequest)
+        -> StoreResult<Page<Directory>>;
     async fn archive_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>>;
 
     // Idempotency.
@@ -83,7 +84,12 @@ pub trait Store: Send + Sync + 'static {
     /// chunks to publish, which are marked queued.
     async fn commit_upload(&self, upload: NewUpload) -> StoreResult<(Source, Vec<ChunkRef>)>;
     async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>>;
-    async fn list_sources(&self, org: Uuid, dir: Uuid, page: &PageRequest) -> StoreResult<Page<Source>>;
+    async fn list_sources(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Source>>;
     async fn list_issues(
         &self,
         org: Uuid,
@@ -109,7 +115,12 @@ pub trait Store: Send + Sync + 'static {
         email: Option<&str>,
         page: &PageRequest,
     ) -> StoreResult<Page<Profile>>;
-    async fn get_profile(&self, org: Uuid, dir: Uuid, profile: Uuid) -> StoreResult<Option<Profile>>;
+    async fn get_profile(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        profile: Uuid,
+    ) -> StoreResult<Option<Profile>>;
 
     // Chunk work.
     /// Takes the chunk's lease for `lease_for`, unless it is done, leased by someone else, or
@@ -132,7 +143,11 @@ pub trait Store: Send + Sync + 'static {
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()>;
     /// Chunks to publish (again): never published, queued longer ago than `requeue_after`, or
     /// whose lease expired. Marks them queued now.
-    async fn chunks_to_publish(&self, requeue_after: Duration, limit: u32) -> StoreResult<Vec<ChunkRef>>;
+    async fn chunks_to_publish(
+        &self,
+        requeue_after: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<ChunkRef>>;
     /// Marks every unfinished chunk as not queued, so the next `chunks_to_publish` returns it:
     /// what a single-process deployment calls on start, since its in-process queue died with it.
     async fn forget_queued(&self) -> StoreResult<u64>;

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
@@ -177,24 +179,35 @@ async fn apply_results(
                 query = query.bind(*v);
             }
             for row in query.fetch_all(&mut *conn).await? {
-                existing
-                    .owners
-                    .insert((kind.to_owned(), row.try_get("value")?), row.try_get("profile_id")?);
+                existing.owners.insert(
+                    (kind.to_owned(), row.try_get("value")?),
+                    row.try_get("profile_id")?,
+                );
             }
         }
     }
-    let owner_ids: Vec<Uuid> = existing.owners.values().copied().collect::<HashSet<_>>().into_iter().collect();
+    let owner_ids: Vec<Uuid> = existing
+        .owners
+        .values()
+        .copied()
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
     for batch in owner_ids.chunks(IN_BATCH) {
-        let sql = format!("SELECT id, state FROM profiles WHERE id IN ({})", placeholders(batch.len()));
+        let sql = format!(
+            "SELECT id, state FROM profiles WHERE id IN ({})",
+            placeholders(batch.len())
+        );
         let mut query = sqlx::query(&sql);
         for id in batch {
             query = query.bind(*id);
         }
         for row in query.fetch_all(&mut *conn).await? {
             let state: String = row.try_get("state")?;
-            existing
-                .profiles
-                .insert(row.try_get("id")?, serde_json::from_str::<ProfileState>(&state)?);
+            existing.profiles.insert(
+                row.try_get("id")?,
+                serde_json::from_str::<ProfileState>(&state)?,
+            );
         }
     }
 
@@ -234,18 +247,30 @@ async fn apply_results(
     let assignments: HashMap<u64, Uuid> = plan.assignments.iter().copied().collect();
     let mut resolution_warnings: BTreeMap<u64, Vec<Issue>> = BTreeMap::new();
     for (row_number, issue) in plan.warnings {
-        resolution_warnings.entry(row_number).or_default().push(issue);
+        resolution_warnings
+            .entry(row_number)
+            .or_default()
+            .push(issue);
     }
     let mut warned_rows = 0u64;
     for record in &results.accepted {
         let profile = assignments[&record.row_number];
         insert_record(conn, source.id, record, profile).await?;
-        let extra = resolution_warnings.remove(&record.row_number).unwrap_or_default();
+        let extra = resolution_warnings
+            .remove(&record.row_number)
+            .unwrap_or_default();
         if !record.warnings.is_empty() || !extra.is_empty() {
             warned_rows += 1;
         }
         for issue in record.warnings.iter().chain(&extra) {
-            insert_issue(conn, source.id, record.row_number, record.line_number, issue).await?;
+            insert_issue(
+                conn,
+                source.id,
+                record.row_number,
+                record.line_number,
+                issue,
+            )
+            .await?;
         }
     }
     for failed in &results.failed {
@@ -260,7 +285,14 @@ async fn apply_results(
         .bind(&failed.error.message)
         .execute(&mut *conn)
         .await?;
-        insert_issue(conn, source.id, failed.row_number, failed.line_number, &failed.error).await?;
+        insert_issue(
+            conn,
+            source.id,
+            failed.row_number,
+            failed.line_number,
+            &failed.error,
+        )
+        .await?;
     }
     Ok(Applied {
         accepted: results.accepted.len() as u64,
@@ -351,12 +383,18 @@ async fn advance_source(
 /// the source (or fails it, should the counts not add up).
 async fn finalize_source(conn: &mut SqliteConnection, source_id: Uuid) -> StoreResult<()> {
     for kind in resolve::IDENTITY_KINDS {
+        // Set-based: one grouping pass finds each repeated identity's first row.
         let sql = format!(
             "SELECT r.row_number, r.line_number, r.{kind} AS value FROM records r
-             WHERE r.source_id = ?1 AND r.{kind} IS NOT NULL AND EXISTS (
-                 SELECT 1 FROM records e WHERE e.source_id = ?1 AND e.{kind} = r.{kind} AND e.row_number < r.row_number)"
+             JOIN (SELECT {kind} AS value, MIN(row_number) AS first FROM records
+                   WHERE source_id = ?1 AND {kind} IS NOT NULL GROUP BY {kind} HAVING COUNT(*) > 1) d
+               ON r.{kind} = d.value
+             WHERE r.source_id = ?1 AND r.{kind} IS NOT NULL AND r.row_number > d.first"
         );
-        let rows = sqlx::query(&sql).bind(source_id).fetch_all(&mut *conn).await?;
+        let rows = sqlx::query(&sql)
+            .bind(source_id)
+            .fetch_all(&mut *conn)
+            .await?;
         for r in rows {
             let value: String = r.try_get("value")?;
             let issue = row::duplicate_issue(kind, &value);
@@ -471,7 +509,10 @@ fn paginate<T>(mut items: Vec<T>, page: &PageRequest, cursor: impl Fn(&T) -> Cur
     Page { items, next }
 }
 
-async fn identities_of(pool: &SqlitePool, profiles: &[Uuid]) -> StoreResult<HashMap<Uuid, Vec<(String, String)>>> {
+async fn identities_of(
+    pool: &SqlitePool,
+    profiles: &[Uuid],
+) -> StoreResult<HashMap<Uuid, Vec<(String, String)>>> {
     let mut out: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
     for batch in profiles.chunks(IN_BATCH) {
         let sql = format!(
@@ -513,7 +554,9 @@ impl Store for SqliteStore {
     }
 
     async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("../migrations/sqlite").run(&self.writer).await?;
+        sqlx::migrate!("../migrations/sqlite")
+            .run(&self.writer)
+            .await?;
         Ok(())
     }
 
@@ -580,10 +623,12 @@ impl Store for SqliteStore {
     }
 
     async fn find_token(&self, hash: &[u8]) -> StoreResult<Option<TokenRecord>> {
-        let row = sqlx::query("SELECT organization_id, user_id, expires_ms, revoked_ms FROM tokens WHERE hash = ?")
-            .bind(hash)
-            .fetch_optional(&self.reader)
-            .await?;
+        let row = sqlx::query(
+            "SELECT organization_id, user_id, expires_ms, revoked_ms FROM tokens WHERE hash = ?",
+        )
+        .bind(hash)
+        .fetch_optional(&self.reader)
+        .await?;
         row.map(|row| {
             Ok(TokenRecord {
                 organization_id: row.try_get("organization_id")?,
@@ -596,23 +641,26 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE tokens SET revoked_ms = ? WHERE hash = ? AND revoked_ms IS NULL")
-            .bind(now_ms())
-            .bind(hash)
-            .execute(&self.writer)
-            .await?;
+        let done =
+            sqlx::query("UPDATE tokens SET revoked_ms = ? WHERE hash = ? AND revoked_ms IS NULL")
+                .bind(now_ms())
+                .bind(hash)
+                .execute(&self.writer)
+                .await?;
         Ok(done.rows_affected() > 0)
     }
 
     async fn create_directory(&self, org: Uuid, name: &str) -> StoreResult<Directory> {
         let id = Uuid::now_v7();
-        sqlx::query("INSERT INTO directories (id, organization_id, name, created_ms) VALUES (?, ?, ?, ?)")
-            .bind(id)
-            .bind(org)
-            .bind(name)
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            "INSERT INTO directories (id, organization_id, name, created_ms) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(org)
+        .bind(name)
+        .bind(now_ms())
+        .execute(&self.writer)
+        .await?;
         let row = sqlx::query("SELECT * FROM directories WHERE id = ?")
             .bind(id)
             .fetch_one(&self.writer)
@@ -631,7 +679,11 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn list_directories(&self, org: Uuid, page: &PageRequest) -> StoreResult<Page<Directory>> {
+    async fn list_directories(
+        &self,
+        org: Uuid,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Directory>> {
         let rows = sqlx::query(
             "SELECT * FROM directories WHERE organization_id = ? AND seq > ? ORDER BY seq LIMIT ?",
         )
@@ -678,11 +730,12 @@ impl Store for SqliteStore {
     ) -> StoreResult<KeyState> {
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
-        let row = sqlx::query("SELECT * FROM idempotency_keys WHERE organization_id = ? AND key = ?")
-            .bind(org)
-            .bind(key)
-            .fetch_optional(&mut *tx)
-            .await?;
+        let row =
+            sqlx::query("SELECT * FROM idempotency_keys WHERE organization_id = ? AND key = ?")
+                .bind(org)
+                .bind(key)
+                .fetch_optional(&mut *tx)
+                .await?;
         if let Some(row) = row {
             let state: String = row.try_get("state")?;
             let locked: i64 = row.try_get("locked_ms")?;
@@ -772,7 +825,11 @@ impl Store for SqliteStore {
                 advance_source(&mut tx, s.id, &applied, 1).await?;
             }
             None if chunk_count == 0 => {
-                let none = Applied { accepted: 0, failed: 0, warnings: 0 };
+                let none = Applied {
+                    accepted: 0,
+                    failed: 0,
+                    warnings: 0,
+                };
                 advance_source(&mut tx, s.id, &none, 0).await?;
             }
             None => {}
@@ -802,18 +859,25 @@ impl Store for SqliteStore {
     }
 
     async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>> {
-        sqlx::query("SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?")
-            .bind(org)
-            .bind(dir)
-            .bind(source)
-            .fetch_optional(&self.reader)
-            .await?
-            .as_ref()
-            .map(source_from_row)
-            .transpose()
+        sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&self.reader)
+        .await?
+        .as_ref()
+        .map(source_from_row)
+        .transpose()
     }
 
-    async fn list_sources(&self, org: Uuid, dir: Uuid, page: &PageRequest) -> StoreResult<Page<Source>> {
+    async fn list_sources(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Source>> {
         let rows = sqlx::query(
             "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
         )
@@ -823,7 +887,10 @@ impl Store for SqliteStore {
         .bind(page_limit(page) + 1)
         .fetch_all(&self.reader)
         .await?;
-        let items = rows.iter().map(source_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let items = rows
+            .iter()
+            .map(source_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
         Ok(paginate(items, page, |s| Cursor(s.seq, 0)))
     }
 
@@ -885,7 +952,12 @@ impl Store for SqliteStore {
         Ok(row.try_get::<i64, _>(0)? as usize)
     }
 
-    async fn failed_rows(&self, source: Uuid, after_row: u64, limit: u32) -> StoreResult<Vec<StoredFailedRow>> {
+    async fn failed_rows(
+        &self,
+        source: Uuid,
+        after_row: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredFailedRow>> {
         let rows = sqlx::query(
             "SELECT * FROM failed_rows WHERE source_id = ? AND row_number > ? ORDER BY row_number LIMIT ?",
         )
@@ -943,7 +1015,10 @@ impl Store for SqliteStore {
                 .await?
             }
         };
-        let items = rows.iter().map(profile_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let items = rows
+            .iter()
+            .map(profile_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
         let page = paginate(items, page, |(seq, _)| Cursor(*seq, 0));
         let ids: Vec<Uuid> = page.items.iter().map(|(_, p)| p.id).collect();
         let mut identities = identities_of(&self.reader, &ids).await?;
@@ -960,16 +1035,26 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn get_profile(&self, org: Uuid, dir: Uuid, profile: Uuid) -> StoreResult<Option<Profile>> {
-        let row = sqlx::query("SELECT * FROM profiles WHERE organization_id = ? AND directory_id = ? AND id = ?")
-            .bind(org)
-            .bind(dir)
-            .bind(profile)
-            .fetch_optional(&self.reader)
-            .await?;
+    async fn get_profile(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        profile: Uuid,
+    ) -> StoreResult<Option<Profile>> {
+        let row = sqlx::query(
+            "SELECT * FROM profiles WHERE organization_id = ? AND directory_id = ? AND id = ?",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(profile)
+        .fetch_optional(&self.reader)
+        .await?;
         let Some(row) = row else { return Ok(None) };
         let (_, mut p) = profile_from_row(&row)?;
-        p.identities = identities_of(&self.reader, &[p.id]).await?.remove(&p.id).unwrap_or_default();
+        p.identities = identities_of(&self.reader, &[p.id])
+            .await?
+            .remove(&p.id)
+            .unwrap_or_default();
         Ok(Some(p))
     }
 
@@ -988,11 +1073,15 @@ impl Store for SqliteStore {
         .bind(chunk)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(row) = row else { return Ok(Claim::Nothing) };
+        let Some(row) = row else {
+            return Ok(Claim::Nothing);
+        };
         let state: String = row.try_get("state")?;
         let source_status: String = row.try_get("source_status")?;
         let source_id: Uuid = row.try_get("source_id")?;
-        if matches!(state.as_str(), "done" | "failed") || matches!(source_status.as_str(), "completed" | "failed") {
+        if matches!(state.as_str(), "done" | "failed")
+            || matches!(source_status.as_str(), "completed" | "failed")
+        {
             return Ok(Claim::Nothing);
         }
         let expires: Option<i64> = row.try_get("lease_expires_ms")?;
@@ -1005,7 +1094,9 @@ impl Store for SqliteStore {
             let index: i64 = row.try_get("idx")?;
             let message = format!(
                 "chunk {index} failed {attempts} times; last error: {}",
-                last_error.as_deref().unwrap_or("its worker stopped before finishing")
+                last_error
+                    .as_deref()
+                    .unwrap_or("its worker stopped before finishing")
             );
             fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
             tx.commit().await?;
@@ -1102,7 +1193,11 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn chunks_to_publish(&self, requeue_after: Duration, limit: u32) -> StoreResult<Vec<ChunkRef>> {
+    async fn chunks_to_publish(
+        &self,
+        requeue_after: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<ChunkRef>> {
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
         let rows = sqlx::query(

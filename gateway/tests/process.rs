@@ -1,0 +1,234 @@
+//! The `orbit-gateway` binary as operators run it: the admin CLI's JSON, and a gateway killed
+//! with SIGKILL mid-processing that finishes the work after a restart without adding a row twice.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::contacts_csv;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+const BIN: &str = env!("CARGO_BIN_EXE_orbit-gateway");
+
+fn command(data: &Path) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env(
+        "ORBIT__DATABASE__URL",
+        format!("sqlite://{}/orbit.db", data.display()),
+    )
+    .env(
+        "ORBIT__OBJECT_STORE__URL",
+        format!("file://{}/objects", data.display()),
+    )
+    .env("ORBIT__HTTP__LISTEN", "127.0.0.1:0")
+    .env("ORBIT__INGEST__SYNC_ROWS", "100")
+    .env("ORBIT__INGEST__CHUNK_ROWS", "400")
+    .env("ORBIT__WORKER__CONCURRENCY", "1")
+    .env_remove("ORBIT_CONFIG")
+    .kill_on_drop(true);
+    cmd
+}
+
+async fn admin(data: &Path, args: &[&str]) -> (bool, Value, String) {
+    let out = command(data)
+        .arg("admin")
+        .args(args)
+        .output()
+        .await
+        .expect("runs");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    let json = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    (
+        out.status.success(),
+        json,
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// Starts the gateway and returns it with its base URL, read from its start-up banner.
+async fn serve(data: &Path) -> (Child, String) {
+    let mut child = command(data)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("gateway starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = tokio::time::timeout_at(deadline.into(), lines.next_line())
+            .await
+            .expect("banner within 30s")
+            .expect("stderr readable")
+            .expect("gateway exited before listening");
+        if let Some(rest) = line.split("Orbit is listening on ").nth(1) {
+            let base = rest.split_whitespace().next().unwrap().to_owned();
+            // Keep draining stderr so the gateway never blocks on a full pipe.
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return (child, base);
+        }
+    }
+}
+
+#[tokio::test]
+async fn admin_commands_print_json() {
+    let data = tempfile::tempdir().unwrap();
+    let (ok, org, _) = admin(data.path(), &["create-org", "--name", "Acme"]).await;
+    assert!(ok);
+    let org = org["organization_id"].as_str().unwrap().to_owned();
+    let (ok, dir, _) = admin(
+        data.path(),
+        &["create-directory", "--org", &org, "--name", "Leads"],
+    )
+    .await;
+    assert!(ok);
+    let dir = dir["directory_id"].as_str().unwrap().to_owned();
+    let (ok, token, _) = admin(
+        data.path(),
+        &[
+            "create-token",
+            "--org",
+            &org,
+            "--user-email",
+            "Ops@Example.com",
+            "--expires-in",
+            "30d",
+        ],
+    )
+    .await;
+    assert!(ok);
+    assert!(token["token"].as_str().unwrap().starts_with("orb_"));
+    assert!(token["user_id"].is_string());
+    let (ok, revoked, _) = admin(
+        data.path(),
+        &["revoke-token", "--token", token["token"].as_str().unwrap()],
+    )
+    .await;
+    assert!(ok && revoked["revoked"] == true);
+    let (ok, _, stderr) = admin(data.path(), &["revoke-token", "--token", "orb_nothing"]).await;
+    assert!(!ok && stderr.contains("no live token"), "{stderr}");
+    let (ok, archived, _) = admin(
+        data.path(),
+        &["archive-directory", "--org", &org, "--directory", &dir],
+    )
+    .await;
+    assert!(ok && archived["archived"] == true);
+    let (ok, _, stderr) = admin(
+        data.path(),
+        &[
+            "create-directory",
+            "--org",
+            "00000000-0000-0000-0000-000000000000",
+            "--name",
+            "x",
+        ],
+    )
+    .await;
+    assert!(!ok && stderr.contains("no organization"), "{stderr}");
+    let (ok, boot, _) = admin(data.path(), &["bootstrap"]).await;
+    assert!(ok);
+    for key in ["organization_id", "directory_id", "token"] {
+        assert!(boot[key].is_string(), "{boot}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_gateway_finishes_the_work_after_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let (_, boot, _) = admin(data.path(), &["bootstrap"]).await;
+    let (org, dir, token) = (
+        boot["organization_id"].as_str().unwrap().to_owned(),
+        boot["directory_id"].as_str().unwrap().to_owned(),
+        boot["token"].as_str().unwrap().to_owned(),
+    );
+    let client = reqwest::Client::new();
+    let (mut gateway, base) = serve(data.path()).await;
+    const ROWS: usize = 30_000;
+    let upload = format!("{base}/v2/organizations/{org}/directories/{dir}/sources/csv-upload");
+    let response = client
+        .post(&upload)
+        .bearer_auth(&token)
+        .multipart(common::file_form(contacts_csv(ROWS, "k")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let location = response.headers()["location"].to_str().unwrap().to_owned();
+
+    // Kill it as soon as the workers are part-way through.
+    let status_at = |base: &str| format!("{base}{location}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let body: Value = client
+            .get(status_at(&base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let processed = body["processed_rows"].as_u64().unwrap();
+        assert!(
+            processed < ROWS as u64,
+            "finished before it could be killed: {body}"
+        );
+        if processed > 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{body}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    gateway.kill().await.unwrap();
+
+    let (_gateway, base) = serve(data.path()).await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let done = loop {
+        let body: Value = client
+            .get(status_at(&base))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if body["source_status"] == "completed" {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not completed after restart: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done["accepted"], ROWS);
+    assert_eq!(done["failed"], 0);
+    assert_eq!(done["processed_rows"], ROWS);
+    assert_eq!(done["warnings"], 0);
+
+    let mut profiles = 0;
+    let mut cursor = String::new();
+    loop {
+        let url =
+            format!("{base}/v2/organizations/{org}/directories/{dir}/profiles?limit=1000{cursor}");
+        let page: Value = client
+            .get(url)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        profiles += page["data"].as_array().unwrap().len();
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(profiles, ROWS);
+}
