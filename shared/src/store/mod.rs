@@ -1,4 +1,5 @@
-//! The database behind Orbit: one trait, one implementation per backend, picked from the
+//! The database behind Orbit: one trait, one implementation per backend (SQLite embedded,
+//! PostgreSQL distributed), picked from the
 //! `database.url` scheme. Every tenant-facing query takes the organization and filters by it,
 //! so a token of one organization can never read or write another's data.
 
@@ -11,7 +12,10 @@ use uuid::Uuid;
 
 use crate::model::*;
 
+pub mod postgres;
+mod rows;
 pub mod sqlite;
+mod writes;
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
@@ -162,6 +166,7 @@ pub async fn open(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Sto
     let scheme = url.split(':').next().unwrap_or_default();
     match scheme {
         "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(url, max_connections).await?)),
+        "postgres" | "postgresql" => Ok(Arc::new(postgres::PgStore::open(url, max_connections).await?)),
         _ => anyhow::bail!(
             "database.url {url:?}: unsupported scheme {scheme:?} (expected sqlite:// or postgres://)"
         ),

@@ -1,7 +1,7 @@
 //! The embedded store: one SQLite file in WAL mode. Writes go through a single-connection pool,
 //! which serializes writers without SQLite's lock-upgrade failures; reads use their own pool.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -10,13 +10,14 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{Row, SqliteConnection, SqlitePool};
+use sqlx::{FromRow, Row, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
+use super::rows::*;
+use super::writes::{identity_lookups, owners_to_load, plan_writes};
 use super::{Store, StoreError, StoreResult};
-use crate::domain::csv::{Dialect, TextEncoding};
 use crate::domain::resolve::{self, Existing, ProfileState};
-use crate::domain::row::{self, Issue, IssueCode, RecordDraft, Severity};
+use crate::domain::row::{self, Issue};
 use crate::model::*;
 
 /// SQLite allows 32766 bound parameters; stay far below it.
@@ -25,22 +26,6 @@ const IN_BATCH: usize = 500;
 pub struct SqliteStore {
     writer: SqlitePool,
     reader: SqlitePool,
-}
-
-fn ms(t: DateTime<Utc>) -> i64 {
-    t.timestamp_millis()
-}
-
-fn at(ms: i64) -> DateTime<Utc> {
-    DateTime::from_timestamp_millis(ms).unwrap_or_default()
-}
-
-fn now_ms() -> i64 {
-    ms(Utc::now())
-}
-
-fn dur_ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn placeholders(n: usize) -> String {
@@ -80,72 +65,28 @@ impl SqliteStore {
 }
 
 fn source_from_row(row: &SqliteRow) -> StoreResult<Source> {
-    let encoding: String = row.try_get("encoding")?;
-    let status: String = row.try_get("status")?;
-    let columns: String = row.try_get("columns")?;
-    let error_code: Option<String> = row.try_get("error_code")?;
-    let error_message: Option<String> = row.try_get("error_message")?;
-    Ok(Source {
-        id: row.try_get("id")?,
-        seq: row.try_get("seq")?,
-        organization_id: row.try_get("organization_id")?,
-        directory_id: row.try_get("directory_id")?,
-        status: SourceStatus::parse(&status)
-            .ok_or_else(|| StoreError::Corrupt(format!("source status {status:?}")))?,
-        filename: row.try_get("filename")?,
-        byte_size: row.try_get::<i64, _>("byte_size")? as u64,
-        sha256: row.try_get("sha256")?,
-        object_key: row.try_get("object_key")?,
-        dialect: Dialect {
-            encoding: TextEncoding::from_hint(&encoding)
-                .ok_or_else(|| StoreError::Corrupt(format!("encoding {encoding:?}")))?,
-            delimiter: row.try_get::<i64, _>("delimiter")? as u8,
-            bom_len: row.try_get::<i64, _>("bom_len")? as u64,
-        },
-        columns: serde_json::from_str(&columns)?,
-        total_rows: row.try_get::<i64, _>("total_rows")? as u64,
-        processed_rows: row.try_get::<i64, _>("processed_rows")? as u64,
-        accepted: row.try_get::<i64, _>("accepted")? as u64,
-        failed: row.try_get::<i64, _>("failed")? as u64,
-        warnings: row.try_get::<i64, _>("warnings")? as u64,
-        error: match (error_code, error_message) {
-            (Some(code), message) => Some(SourceError {
-                code,
-                message: message.unwrap_or_default(),
-            }),
-            _ => None,
-        },
-        created_at: at(row.try_get("created_ms")?),
-        updated_at: at(row.try_get("updated_ms")?),
-        completed_at: row.try_get::<Option<i64>, _>("completed_ms")?.map(at),
-    })
+    SourceRow::from_row(row)?.try_into()
 }
 
 fn directory_from_row(row: &SqliteRow) -> StoreResult<Directory> {
-    let archived: Option<i64> = row.try_get("archived_ms")?;
-    Ok(Directory {
-        id: row.try_get("id")?,
-        organization_id: row.try_get("organization_id")?,
-        name: row.try_get("name")?,
-        archived: archived.is_some(),
-        created_at: at(row.try_get("created_ms")?),
-        archived_at: archived.map(at),
-    })
+    Ok(DirectoryRow::from_row(row)?.into())
+}
+
+fn chunk_from_row(row: &SqliteRow) -> StoreResult<ChunkSpec> {
+    Ok(ChunkRow::from_row(row)?.into())
+}
+
+fn profile_from_row(row: &SqliteRow) -> StoreResult<(i64, Profile)> {
+    let r = ProfileRow::from_row(row)?;
+    Ok((r.seq, r.try_into()?))
 }
 
 async fn load_source(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Source> {
-    let row = sqlx::query("SELECT * FROM sources WHERE id = ?")
+    sqlx::query_as::<_, SourceRow>("SELECT * FROM sources WHERE id = ?")
         .bind(id)
         .fetch_one(&mut *conn)
-        .await?;
-    source_from_row(&row)
-}
-
-/// Counts one chunk's results add to its source.
-struct Applied {
-    accepted: u64,
-    failed: u64,
-    warnings: u64,
+        .await?
+        .try_into()
 }
 
 /// Materializes validated rows: resolves them to profiles and writes records, profiles,
@@ -154,21 +95,11 @@ struct Applied {
 async fn apply_results(
     conn: &mut SqliteConnection,
     source: &Source,
-    mut results: ChunkResults,
+    results: ChunkResults,
 ) -> StoreResult<Applied> {
-    row::flag_duplicates_in_batch(&mut results.accepted);
-    let now = now_ms();
     let dir = source.directory_id;
-
     let mut existing = Existing::default();
-    for kind in resolve::IDENTITY_KINDS {
-        let values: Vec<&String> = results
-            .accepted
-            .iter()
-            .filter_map(|r| r.fields.get(kind))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
+    for (kind, values) in identity_lookups(&results) {
         for batch in values.chunks(IN_BATCH) {
             let sql = format!(
                 "SELECT value, profile_id FROM profile_identities WHERE directory_id = ? AND kind = ? AND value IN ({})",
@@ -176,7 +107,7 @@ async fn apply_results(
             );
             let mut query = sqlx::query(&sql).bind(dir).bind(kind);
             for v in batch {
-                query = query.bind(*v);
+                query = query.bind(v);
             }
             for row in query.fetch_all(&mut *conn).await? {
                 existing.owners.insert(
@@ -186,14 +117,7 @@ async fn apply_results(
             }
         }
     }
-    let owner_ids: Vec<Uuid> = existing
-        .owners
-        .values()
-        .copied()
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    for batch in owner_ids.chunks(IN_BATCH) {
+    for batch in owners_to_load(&existing).chunks(IN_BATCH) {
         let sql = format!(
             "SELECT id, state FROM profiles WHERE id IN ({})",
             placeholders(batch.len())
@@ -211,30 +135,30 @@ async fn apply_results(
         }
     }
 
-    let plan = resolve::resolve_batch(&mut existing, &results.accepted, source.seq, Uuid::now_v7);
-
-    for (id, state) in &plan.created {
+    let writes = plan_writes(results, existing, source)?;
+    let now = now_ms();
+    for (id, state) in &writes.created {
         sqlx::query(
             "INSERT INTO profiles (id, organization_id, directory_id, state, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(id)
         .bind(source.organization_id)
         .bind(dir)
-        .bind(serde_json::to_string(state)?)
+        .bind(state)
         .bind(now)
         .bind(now)
         .execute(&mut *conn)
         .await?;
     }
-    for (id, state) in &plan.updated {
+    for (id, state) in &writes.updated {
         sqlx::query("UPDATE profiles SET state = ?, updated_ms = ? WHERE id = ?")
-            .bind(serde_json::to_string(state)?)
+            .bind(state)
             .bind(now)
             .bind(id)
             .execute(&mut *conn)
             .await?;
     }
-    for (kind, value, profile) in &plan.new_identities {
+    for (kind, value, profile) in &writes.identities {
         sqlx::query("INSERT INTO profile_identities (directory_id, kind, value, profile_id) VALUES (?, ?, ?, ?)")
             .bind(dir)
             .bind(kind)
@@ -243,85 +167,46 @@ async fn apply_results(
             .execute(&mut *conn)
             .await?;
     }
-
-    let assignments: HashMap<u64, Uuid> = plan.assignments.iter().copied().collect();
-    let mut resolution_warnings: BTreeMap<u64, Vec<Issue>> = BTreeMap::new();
-    for (row_number, issue) in plan.warnings {
-        resolution_warnings
-            .entry(row_number)
-            .or_default()
-            .push(issue);
+    for r in &writes.records {
+        sqlx::query(
+            "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(source.id)
+        .bind(r.row_number)
+        .bind(r.line_number)
+        .bind(r.profile_id)
+        .bind(&r.email)
+        .bind(&r.linkedin_url)
+        .bind(&r.phone)
+        .bind(&r.fields)
+        .bind(&r.attributes)
+        .execute(&mut *conn)
+        .await?;
     }
-    let mut warned_rows = 0u64;
-    for record in &results.accepted {
-        let profile = assignments[&record.row_number];
-        insert_record(conn, source.id, record, profile).await?;
-        let extra = resolution_warnings
-            .remove(&record.row_number)
-            .unwrap_or_default();
-        if !record.warnings.is_empty() || !extra.is_empty() {
-            warned_rows += 1;
-        }
-        for issue in record.warnings.iter().chain(&extra) {
-            insert_issue(
-                conn,
-                source.id,
-                record.row_number,
-                record.line_number,
-                issue,
-            )
-            .await?;
-        }
-    }
-    for failed in &results.failed {
+    for f in &writes.failed {
         sqlx::query(
             "INSERT OR IGNORE INTO failed_rows (source_id, row_number, line_number, fields, error_code, error_message) VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(source.id)
-        .bind(failed.row_number as i64)
-        .bind(failed.line_number as i64)
-        .bind(serde_json::to_string(&failed.fields)?)
-        .bind(failed.error.code.as_str())
-        .bind(&failed.error.message)
+        .bind(f.row_number)
+        .bind(f.line_number)
+        .bind(&f.fields)
+        .bind(f.error_code)
+        .bind(&f.error_message)
         .execute(&mut *conn)
         .await?;
+    }
+    for i in &writes.issues {
         insert_issue(
             conn,
             source.id,
-            failed.row_number,
-            failed.line_number,
-            &failed.error,
+            i.row_number as u64,
+            i.line_number as u64,
+            &i.issue,
         )
         .await?;
     }
-    Ok(Applied {
-        accepted: results.accepted.len() as u64,
-        failed: results.failed.len() as u64,
-        warnings: warned_rows,
-    })
-}
-
-async fn insert_record(
-    conn: &mut SqliteConnection,
-    source: Uuid,
-    record: &RecordDraft,
-    profile: Uuid,
-) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(source)
-    .bind(record.row_number as i64)
-    .bind(record.line_number as i64)
-    .bind(profile)
-    .bind(record.fields.get("email"))
-    .bind(record.fields.get("linkedin_url"))
-    .bind(record.fields.get("phone"))
-    .bind(serde_json::to_string(&record.fields)?)
-    .bind(serde_json::to_string(&record.attributes)?)
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
+    Ok(writes.applied)
 }
 
 async fn insert_issue(
@@ -457,17 +342,6 @@ async fn fail_source_in(
     Ok(())
 }
 
-fn chunk_from_row(row: &SqliteRow) -> StoreResult<ChunkSpec> {
-    Ok(ChunkSpec {
-        index: row.try_get::<i64, _>("idx")? as u32,
-        first_row: row.try_get::<i64, _>("first_row")? as u64,
-        row_count: row.try_get::<i64, _>("row_count")? as u64,
-        start_offset: row.try_get::<i64, _>("start_offset")? as u64,
-        end_offset: row.try_get::<i64, _>("end_offset")? as u64,
-        start_line: row.try_get::<i64, _>("start_line")? as u64,
-    })
-}
-
 async fn insert_chunk(
     conn: &mut SqliteConnection,
     source: Uuid,
@@ -493,22 +367,6 @@ async fn insert_chunk(
     Ok(id)
 }
 
-fn page_limit(page: &PageRequest) -> i64 {
-    i64::from(page.limit.clamp(1, 1000))
-}
-
-/// Takes one extra row to learn whether there is a next page.
-fn paginate<T>(mut items: Vec<T>, page: &PageRequest, cursor: impl Fn(&T) -> Cursor) -> Page<T> {
-    let limit = page_limit(page) as usize;
-    let next = if items.len() > limit {
-        items.truncate(limit);
-        items.last().map(&cursor)
-    } else {
-        None
-    };
-    Page { items, next }
-}
-
 async fn identities_of(
     pool: &SqlitePool,
     profiles: &[Uuid],
@@ -530,21 +388,6 @@ async fn identities_of(
         }
     }
     Ok(out)
-}
-
-fn profile_from_row(row: &SqliteRow) -> StoreResult<(i64, Profile)> {
-    let state: String = row.try_get("state")?;
-    Ok((
-        row.try_get("seq")?,
-        Profile {
-            id: row.try_get("id")?,
-            directory_id: row.try_get("directory_id")?,
-            state: serde_json::from_str(&state)?,
-            identities: Vec::new(),
-            created_at: at(row.try_get("created_ms")?),
-            updated_at: at(row.try_get("updated_ms")?),
-        },
-    ))
 }
 
 #[async_trait]
@@ -629,15 +472,11 @@ impl Store for SqliteStore {
         .bind(hash)
         .fetch_optional(&self.reader)
         .await?;
-        row.map(|row| {
-            Ok(TokenRecord {
-                organization_id: row.try_get("organization_id")?,
-                user_id: row.try_get("user_id")?,
-                expires_at: row.try_get::<Option<i64>, _>("expires_ms")?.map(at),
-                revoked_at: row.try_get::<Option<i64>, _>("revoked_ms")?.map(at),
-            })
-        })
-        .transpose()
+        Ok(row
+            .as_ref()
+            .map(TokenRow::from_row)
+            .transpose()?
+            .map(TokenRecord::from))
     }
 
     async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool> {
@@ -696,7 +535,7 @@ impl Store for SqliteStore {
             .iter()
             .map(|r| Ok((r.try_get::<i64, _>("seq")?, directory_from_row(r)?)))
             .collect::<StoreResult<Vec<_>>>()?;
-        let page = paginate(items, page, |(seq, _)| Cursor(*seq, 0));
+        let page = paginate(items, page_limit(page) as usize, |(seq, _)| Cursor(*seq, 0));
         Ok(Page {
             items: page.items.into_iter().map(|(_, d)| d).collect(),
             next: page.next,
@@ -891,7 +730,9 @@ impl Store for SqliteStore {
             .iter()
             .map(source_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        Ok(paginate(items, page, |s| Cursor(s.seq, 0)))
+        Ok(paginate(items, page_limit(page) as usize, |s| {
+            Cursor(s.seq, 0)
+        }))
     }
 
     async fn list_issues(
@@ -920,24 +761,13 @@ impl Store for SqliteStore {
         let items = rows
             .iter()
             .map(|r| {
-                let code: String = r.try_get("code")?;
-                let column: String = r.try_get("column_name")?;
-                let severity = IssueCode::parse(&code).map_or(Severity::Error, IssueCode::severity);
-                Ok((
-                    r.try_get::<i64, _>("id")?,
-                    RowIssue {
-                        row_number: r.try_get::<i64, _>("row_number")? as u64,
-                        line_number: r.try_get::<i64, _>("line_number")? as u64,
-                        severity,
-                        code,
-                        column: (!column.is_empty()).then_some(column),
-                        message: r.try_get("message")?,
-                        value: r.try_get("value")?,
-                    },
-                ))
+                let row = IssueRow::from_row(r)?;
+                Ok((row.id, RowIssue::from(row)))
             })
             .collect::<StoreResult<Vec<_>>>()?;
-        let page = paginate(items, page, |(id, i)| Cursor(i.row_number as i64, *id));
+        let page = paginate(items, page_limit(page) as usize, |(id, i)| {
+            Cursor(i.row_number as i64, *id)
+        });
         Ok(Page {
             items: page.items.into_iter().map(|(_, i)| i).collect(),
             next: page.next,
@@ -967,16 +797,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.reader)
         .await?;
         rows.iter()
-            .map(|r| {
-                let fields: String = r.try_get("fields")?;
-                Ok(StoredFailedRow {
-                    row_number: r.try_get::<i64, _>("row_number")? as u64,
-                    line_number: r.try_get::<i64, _>("line_number")? as u64,
-                    fields: serde_json::from_str(&fields)?,
-                    error_code: r.try_get("error_code")?,
-                    error_message: r.try_get("error_message")?,
-                })
-            })
+            .map(|r| FailedRowRow::from_row(r)?.try_into())
             .collect()
     }
 
@@ -1019,7 +840,7 @@ impl Store for SqliteStore {
             .iter()
             .map(profile_from_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        let page = paginate(items, page, |(seq, _)| Cursor(*seq, 0));
+        let page = paginate(items, page_limit(page) as usize, |(seq, _)| Cursor(*seq, 0));
         let ids: Vec<Uuid> = page.items.iter().map(|(_, p)| p.id).collect();
         let mut identities = identities_of(&self.reader, &ids).await?;
         Ok(Page {
@@ -1171,8 +992,7 @@ impl Store for SqliteStore {
     }
 
     async fn release_chunk(&self, lease: &Lease, error: &str) -> StoreResult<()> {
-        // Back off before the retry, longer with each attempt, capped at a minute.
-        let backoff = 500i64.saturating_mul(1 << lease.attempt.min(7)).min(60_000);
+        let backoff = retry_backoff_ms(lease.attempt);
         sqlx::query(
             "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = ?, last_error = ?
              WHERE id = ? AND lease_token = ? AND state = 'running'",

@@ -1,0 +1,1124 @@
+//! The distributed store: PostgreSQL. Bulk writes go through `COPY` into per-connection
+//! staging tables and one set-based `INSERT … SELECT … ON CONFLICT`; lookups take arrays, so a
+//! chunk costs a handful of round trips whatever its size. Resolution within a directory is
+//! serialized by a transaction-scoped advisory lock, and the identity primary key enforces
+//! one profile per identity whatever happens.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Executor, FromRow, PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use super::rows::*;
+use super::writes::{identity_lookups, owners_to_load, plan_writes, Writes};
+use super::{Store, StoreError, StoreResult};
+use crate::domain::resolve::{self, Existing, ProfileState};
+use crate::domain::row;
+use crate::model::*;
+
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn open(url: &str, max_connections: u32) -> StoreResult<Self> {
+        let options: PgConnectOptions = url.parse()?;
+        let pool = PgPoolOptions::new()
+            .max_connections(max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        Ok(PgStore { pool })
+    }
+}
+
+fn source_from_row(row: &PgRow) -> StoreResult<Source> {
+    SourceRow::from_row(row)?.try_into()
+}
+
+async fn load_source(conn: &mut PgConnection, id: Uuid) -> StoreResult<Source> {
+    let row = sqlx::query("SELECT * FROM sources WHERE id = $1")
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    source_from_row(&row)
+}
+
+/// Appends one row in COPY's text format: tab-separated, `\N` for NULL, backslash escapes.
+fn copy_row(buf: &mut Vec<u8>, fields: &[Option<&str>]) {
+    for (i, field) in fields.iter().enumerate() {
+        if i > 0 {
+            buf.push(b'\t');
+        }
+        match field {
+            None => buf.extend_from_slice(b"\\N"),
+            Some(text) => {
+                for &b in text.as_bytes() {
+                    match b {
+                        b'\\' => buf.extend_from_slice(b"\\\\"),
+                        b'\t' => buf.extend_from_slice(b"\\t"),
+                        b'\n' => buf.extend_from_slice(b"\\n"),
+                        b'\r' => buf.extend_from_slice(b"\\r"),
+                        _ => buf.push(b),
+                    }
+                }
+            }
+        }
+    }
+    buf.push(b'\n');
+}
+
+async fn copy_in(conn: &mut PgConnection, statement: &str, data: Vec<u8>) -> StoreResult<()> {
+    if data.is_empty() {
+        return Ok(());
+    }
+    let mut copy = conn.copy_in_raw(statement).await?;
+    copy.send(data).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Staging tables live per connection and empty themselves at commit.
+const STAGING: &str = "
+CREATE TEMP TABLE IF NOT EXISTS stage_records (LIKE records) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_failed (LIKE failed_rows) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_issues (
+    source_id UUID, row_number BIGINT, line_number BIGINT, severity TEXT, code TEXT,
+    column_name TEXT, message TEXT, value TEXT) ON COMMIT DELETE ROWS;
+";
+
+async fn apply_results(
+    conn: &mut PgConnection,
+    source: &Source,
+    results: ChunkResults,
+) -> StoreResult<Applied> {
+    let dir = source.directory_id;
+    // One resolver per directory at a time: loads below see every identity committed before.
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
+        .bind(dir)
+        .execute(&mut *conn)
+        .await?;
+    let mut existing = Existing::default();
+    for (kind, values) in identity_lookups(&results) {
+        if values.is_empty() {
+            continue;
+        }
+        let rows = sqlx::query(
+            "SELECT value, profile_id FROM profile_identities WHERE directory_id = $1 AND kind = $2 AND value = ANY($3)",
+        )
+        .bind(dir)
+        .bind(kind)
+        .bind(&values)
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            existing.owners.insert(
+                (kind.to_owned(), row.try_get("value")?),
+                row.try_get("profile_id")?,
+            );
+        }
+    }
+    let owners = owners_to_load(&existing);
+    if !owners.is_empty() {
+        let rows = sqlx::query("SELECT id, state FROM profiles WHERE id = ANY($1)")
+            .bind(&owners)
+            .fetch_all(&mut *conn)
+            .await?;
+        for row in rows {
+            let state: String = row.try_get("state")?;
+            existing.profiles.insert(
+                row.try_get("id")?,
+                serde_json::from_str::<ProfileState>(&state)?,
+            );
+        }
+    }
+    let writes = plan_writes(results, existing, source)?;
+    write_all(conn, source, writes).await
+}
+
+async fn write_all(
+    conn: &mut PgConnection,
+    source: &Source,
+    writes: Writes,
+) -> StoreResult<Applied> {
+    let now = now_ms();
+    let dir = source.directory_id;
+    if !writes.created.is_empty() {
+        let (ids, states): (Vec<Uuid>, Vec<String>) = writes.created.into_iter().unzip();
+        sqlx::query(
+            "INSERT INTO profiles (id, organization_id, directory_id, state, created_ms, updated_ms)
+             SELECT id, $3, $4, state, $5, $5 FROM UNNEST($1::uuid[], $2::text[]) AS u(id, state)",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(source.organization_id)
+        .bind(dir)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !writes.updated.is_empty() {
+        let (ids, states): (Vec<Uuid>, Vec<String>) = writes.updated.into_iter().unzip();
+        sqlx::query(
+            "UPDATE profiles p SET state = u.state, updated_ms = $3
+             FROM UNNEST($1::uuid[], $2::text[]) AS u(id, state) WHERE p.id = u.id",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(now)
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !writes.identities.is_empty() {
+        let mut kinds = Vec::new();
+        let mut values = Vec::new();
+        let mut profiles = Vec::new();
+        for (kind, value, profile) in writes.identities {
+            kinds.push(kind);
+            values.push(value);
+            profiles.push(profile);
+        }
+        sqlx::query(
+            "INSERT INTO profile_identities (directory_id, kind, value, profile_id)
+             SELECT $1, kind, value, profile_id FROM UNNEST($2::text[], $3::text[], $4::uuid[]) AS u(kind, value, profile_id)",
+        )
+        .bind(dir)
+        .bind(&kinds)
+        .bind(&values)
+        .bind(&profiles)
+        .execute(&mut *conn)
+        .await?;
+    }
+    conn.execute(STAGING).await?;
+    let source_id = source.id.to_string();
+
+    let mut buf = Vec::new();
+    for r in &writes.records {
+        copy_row(
+            &mut buf,
+            &[
+                Some(&source_id),
+                Some(&r.row_number.to_string()),
+                Some(&r.line_number.to_string()),
+                Some(&r.profile_id.to_string()),
+                r.email.as_deref(),
+                r.linkedin_url.as_deref(),
+                r.phone.as_deref(),
+                Some(&r.fields),
+                Some(&r.attributes),
+            ],
+        );
+    }
+    copy_in(
+        conn,
+        "COPY stage_records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) FROM STDIN",
+        buf,
+    )
+    .await?;
+    let mut buf = Vec::new();
+    for f in &writes.failed {
+        copy_row(
+            &mut buf,
+            &[
+                Some(&source_id),
+                Some(&f.row_number.to_string()),
+                Some(&f.line_number.to_string()),
+                Some(&f.fields),
+                Some(f.error_code),
+                Some(&f.error_message),
+            ],
+        );
+    }
+    copy_in(
+        conn,
+        "COPY stage_failed (source_id, row_number, line_number, fields, error_code, error_message) FROM STDIN",
+        buf,
+    )
+    .await?;
+    let mut buf = Vec::new();
+    for i in &writes.issues {
+        copy_row(
+            &mut buf,
+            &[
+                Some(&source_id),
+                Some(&i.row_number.to_string()),
+                Some(&i.line_number.to_string()),
+                Some(i.issue.code.severity().as_str()),
+                Some(i.issue.code.as_str()),
+                Some(i.issue.column.as_deref().unwrap_or("")),
+                Some(&i.issue.message),
+                i.issue.value.as_deref(),
+            ],
+        );
+    }
+    copy_in(
+        conn,
+        "COPY stage_issues (source_id, row_number, line_number, severity, code, column_name, message, value) FROM STDIN",
+        buf,
+    )
+    .await?;
+    conn.execute(
+        "INSERT INTO records SELECT * FROM stage_records ON CONFLICT DO NOTHING;
+         INSERT INTO failed_rows SELECT * FROM stage_failed ON CONFLICT DO NOTHING;
+         INSERT INTO row_issues (source_id, row_number, line_number, severity, code, column_name, message, value)
+           SELECT * FROM stage_issues ORDER BY row_number ON CONFLICT DO NOTHING;
+         TRUNCATE stage_records, stage_failed, stage_issues;",
+    ).await?;
+    Ok(writes.applied)
+}
+
+async fn advance_source(
+    conn: &mut PgConnection,
+    source: Uuid,
+    applied: &Applied,
+    chunks_done: u64,
+) -> StoreResult<bool> {
+    let row = sqlx::query(
+        "UPDATE sources SET accepted = accepted + $1, failed = failed + $2, warnings = warnings + $3,
+             processed_rows = processed_rows + $4, chunks_done = chunks_done + $5, status = 'processing', updated_ms = $6
+         WHERE id = $7 AND status IN ('pending', 'processing')
+         RETURNING chunk_count, chunks_done",
+    )
+    .bind(applied.accepted as i64)
+    .bind(applied.failed as i64)
+    .bind(applied.warnings as i64)
+    .bind((applied.accepted + applied.failed) as i64)
+    .bind(chunks_done as i64)
+    .bind(now_ms())
+    .bind(source)
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(row) = row else { return Ok(false) };
+    let (count, done): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    if done < count {
+        return Ok(false);
+    }
+    finalize_source(conn, source).await?;
+    Ok(true)
+}
+
+async fn finalize_source(conn: &mut PgConnection, source_id: Uuid) -> StoreResult<()> {
+    for kind in resolve::IDENTITY_KINDS {
+        let sql = format!(
+            "SELECT r.row_number, r.line_number, r.{kind} AS value FROM records r
+             JOIN (SELECT {kind} AS value, MIN(row_number) AS first FROM records
+                   WHERE source_id = $1 AND {kind} IS NOT NULL GROUP BY {kind} HAVING COUNT(*) > 1) d
+               ON r.{kind} = d.value
+             WHERE r.source_id = $1 AND r.{kind} IS NOT NULL AND r.row_number > d.first"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(source_id)
+            .fetch_all(&mut *conn)
+            .await?;
+        if rows.is_empty() {
+            continue;
+        }
+        conn.execute(STAGING).await?;
+        let mut buf = Vec::new();
+        let source = source_id.to_string();
+        for r in rows {
+            let value: String = r.try_get("value")?;
+            let issue = row::duplicate_issue(kind, &value);
+            copy_row(
+                &mut buf,
+                &[
+                    Some(&source),
+                    Some(&r.try_get::<i64, _>("row_number")?.to_string()),
+                    Some(&r.try_get::<i64, _>("line_number")?.to_string()),
+                    Some(issue.code.severity().as_str()),
+                    Some(issue.code.as_str()),
+                    issue.column.as_deref(),
+                    Some(&issue.message),
+                    issue.value.as_deref(),
+                ],
+            );
+        }
+        copy_in(
+            conn,
+            "COPY stage_issues (source_id, row_number, line_number, severity, code, column_name, message, value) FROM STDIN",
+            buf,
+        )
+        .await?;
+        conn.execute(
+            "INSERT INTO row_issues (source_id, row_number, line_number, severity, code, column_name, message, value)
+               SELECT * FROM stage_issues ORDER BY row_number ON CONFLICT DO NOTHING;
+             TRUNCATE stage_issues;",
+        ).await?;
+    }
+    let source = load_source(conn, source_id).await?;
+    if source.accepted + source.failed != source.total_rows {
+        let message = format!(
+            "processed {} rows of {}; the source cannot be completed",
+            source.accepted + source.failed,
+            source.total_rows
+        );
+        return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
+    }
+    let now = now_ms();
+    sqlx::query(
+        "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = $1 AND severity = 'warning'),
+             status = 'completed', completed_ms = $2, updated_ms = $2
+         WHERE id = $1 AND status IN ('pending', 'processing')",
+    )
+    .bind(source_id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn fail_source_in(
+    conn: &mut PgConnection,
+    source: Uuid,
+    code: &str,
+    message: &str,
+) -> StoreResult<()> {
+    let now = now_ms();
+    let updated = sqlx::query(
+        "UPDATE sources SET status = 'failed', error_code = $1, error_message = $2, completed_ms = $3, updated_ms = $3
+         WHERE id = $4 AND status IN ('pending', 'processing')",
+    )
+    .bind(code)
+    .bind(message)
+    .bind(now)
+    .bind(source)
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() > 0 {
+        sqlx::query(
+            "UPDATE chunks SET state = 'failed', lease_token = NULL, lease_owner = NULL WHERE source_id = $1 AND state IN ('pending', 'running')",
+        )
+        .bind(source)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+async fn insert_chunk(
+    conn: &mut PgConnection,
+    source: Uuid,
+    chunk: &ChunkSpec,
+    state: &str,
+) -> StoreResult<Uuid> {
+    let id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+    )
+    .bind(id)
+    .bind(source)
+    .bind(i64::from(chunk.index))
+    .bind(chunk.first_row as i64)
+    .bind(chunk.row_count as i64)
+    .bind(chunk.start_offset as i64)
+    .bind(chunk.end_offset as i64)
+    .bind(chunk.start_line as i64)
+    .bind(state)
+    .bind(now_ms())
+    .execute(&mut *conn)
+    .await?;
+    Ok(id)
+}
+
+async fn identities_of(
+    pool: &PgPool,
+    profiles: &[Uuid],
+) -> StoreResult<HashMap<Uuid, Vec<(String, String)>>> {
+    let mut out: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
+    if profiles.is_empty() {
+        return Ok(out);
+    }
+    let rows = sqlx::query(
+        "SELECT profile_id, kind, value FROM profile_identities WHERE profile_id = ANY($1) ORDER BY kind, value",
+    )
+    .bind(profiles)
+    .fetch_all(pool)
+    .await?;
+    for row in rows {
+        out.entry(row.try_get("profile_id")?)
+            .or_default()
+            .push((row.try_get("kind")?, row.try_get("value")?));
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("../migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn create_organization(&self, name: &str) -> StoreResult<Organization> {
+        let org = Organization {
+            id: Uuid::now_v7(),
+            name: name.to_owned(),
+            created_at: at(now_ms()),
+        };
+        sqlx::query("INSERT INTO organizations (id, name, created_ms) VALUES ($1, $2, $3)")
+            .bind(org.id)
+            .bind(&org.name)
+            .bind(ms(org.created_at))
+            .execute(&self.pool)
+            .await?;
+        Ok(org)
+    }
+
+    async fn organization_exists(&self, org: Uuid) -> StoreResult<bool> {
+        Ok(sqlx::query("SELECT 1 FROM organizations WHERE id = $1")
+            .bind(org)
+            .fetch_optional(&self.pool)
+            .await?
+            .is_some())
+    }
+
+    async fn ensure_user(&self, org: Uuid, email: &str) -> StoreResult<Uuid> {
+        sqlx::query(
+            "INSERT INTO users (id, organization_id, email, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (organization_id, email) DO NOTHING",
+        )
+        .bind(Uuid::now_v7())
+        .bind(org)
+        .bind(email)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        let row = sqlx::query("SELECT id FROM users WHERE organization_id = $1 AND email = $2")
+            .bind(org)
+            .bind(email)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("id")?)
+    }
+
+    async fn insert_token(
+        &self,
+        hash: &[u8],
+        org: Uuid,
+        user: Uuid,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> StoreResult<()> {
+        sqlx::query("INSERT INTO tokens (hash, organization_id, user_id, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5)")
+            .bind(hash)
+            .bind(org)
+            .bind(user)
+            .bind(now_ms())
+            .bind(expires_at.map(ms))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn find_token(&self, hash: &[u8]) -> StoreResult<Option<TokenRecord>> {
+        let row = sqlx::query_as::<_, TokenRow>(
+            "SELECT organization_id, user_id, expires_ms, revoked_ms FROM tokens WHERE hash = $1",
+        )
+        .bind(hash)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(TokenRecord::from))
+    }
+
+    async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE tokens SET revoked_ms = $1 WHERE hash = $2 AND revoked_ms IS NULL")
+                .bind(now_ms())
+                .bind(hash)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn create_directory(&self, org: Uuid, name: &str) -> StoreResult<Directory> {
+        let row = sqlx::query_as::<_, DirectoryRow>(
+            "INSERT INTO directories (id, organization_id, name, created_ms) VALUES ($1, $2, $3, $4) RETURNING *",
+        )
+        .bind(Uuid::now_v7())
+        .bind(org)
+        .bind(name)
+        .bind(now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(row.into())
+    }
+
+    async fn get_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
+        Ok(sqlx::query_as::<_, DirectoryRow>(
+            "SELECT * FROM directories WHERE organization_id = $1 AND id = $2",
+        )
+        .bind(org)
+        .bind(dir)
+        .fetch_optional(&self.pool)
+        .await?
+        .map(Directory::from))
+    }
+
+    async fn list_directories(
+        &self,
+        org: Uuid,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Directory>> {
+        let rows = sqlx::query_as::<_, DirectoryRow>(
+            "SELECT * FROM directories WHERE organization_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )
+        .bind(org)
+        .bind(page.after.map_or(0, |c| c.0))
+        .bind(page_limit(page) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let page = paginate(rows, page_limit(page) as usize, |d| Cursor(d.seq, 0));
+        Ok(Page {
+            items: page.items.into_iter().map(Directory::from).collect(),
+            next: page.next,
+        })
+    }
+
+    async fn archive_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
+        let row = sqlx::query_as::<_, DirectoryRow>(
+            "UPDATE directories SET archived_ms = COALESCE(archived_ms, $1) WHERE organization_id = $2 AND id = $3 RETURNING *",
+        )
+        .bind(now_ms())
+        .bind(org)
+        .bind(dir)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Directory::from))
+    }
+
+    async fn claim_idempotency_key(
+        &self,
+        org: Uuid,
+        key: &str,
+        dir: Uuid,
+        ttl: Duration,
+        in_flight_timeout: Duration,
+    ) -> StoreResult<KeyState> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let claim = IdempotencyClaim {
+            organization_id: org,
+            key: key.to_owned(),
+            token: Uuid::new_v4(),
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms)
+             VALUES ($1, $2, $3, 'in_flight', $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(org)
+        .bind(key)
+        .bind(dir)
+        .bind(claim.token)
+        .bind(now)
+        .bind(now + dur_ms(ttl))
+        .execute(&mut *tx)
+        .await?;
+        if inserted.rows_affected() == 1 {
+            tx.commit().await?;
+            return Ok(KeyState::Claimed(claim));
+        }
+        // Someone holds or held the key: decide under its row lock.
+        let row = sqlx::query(
+            "SELECT * FROM idempotency_keys WHERE organization_id = $1 AND key = $2 FOR UPDATE",
+        )
+        .bind(org)
+        .bind(key)
+        .fetch_one(&mut *tx)
+        .await?;
+        let state: String = row.try_get("state")?;
+        let locked: i64 = row.try_get("locked_ms")?;
+        let expires: i64 = row.try_get("expires_ms")?;
+        if state == "completed" && expires > now {
+            let response: String = row.try_get("response")?;
+            return Ok(KeyState::Completed {
+                directory_id: row.try_get("directory_id")?,
+                sha256: row.try_get("sha256")?,
+                receipt: serde_json::from_str(&response)?,
+            });
+        }
+        if state == "in_flight" && locked > now - dur_ms(in_flight_timeout) {
+            return Ok(KeyState::InFlight);
+        }
+        sqlx::query(
+            "UPDATE idempotency_keys SET directory_id = $3, state = 'in_flight', claim_token = $4, sha256 = NULL, source_id = NULL,
+                 response = NULL, locked_ms = $5, expires_ms = $6
+             WHERE organization_id = $1 AND key = $2",
+        )
+        .bind(org)
+        .bind(key)
+        .bind(dir)
+        .bind(claim.token)
+        .bind(now)
+        .bind(now + dur_ms(ttl))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(KeyState::Claimed(claim))
+    }
+
+    async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys WHERE organization_id = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'",
+        )
+        .bind(claim.organization_id)
+        .bind(&claim.key)
+        .bind(claim.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn commit_upload(&self, upload: NewUpload) -> StoreResult<(Source, Vec<ChunkRef>)> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let s = &upload.source;
+        let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
+        sqlx::query(
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, total_rows, chunk_count, created_ms, updated_ms)
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+        )
+        .bind(s.id)
+        .bind(s.organization_id)
+        .bind(s.directory_id)
+        .bind(&s.filename)
+        .bind(s.byte_size as i64)
+        .bind(&s.sha256)
+        .bind(&s.object_key)
+        .bind(s.dialect.encoding.as_str())
+        .bind(i64::from(s.dialect.delimiter))
+        .bind(s.dialect.bom_len as i64)
+        .bind(serde_json::to_string(&s.columns)?)
+        .bind(s.total_rows as i64)
+        .bind(chunk_count as i64)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        let mut queued = Vec::with_capacity(upload.chunks.len());
+        for chunk in &upload.chunks {
+            queued.push(ChunkRef {
+                source_id: s.id,
+                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending").await?,
+                attempt: 0,
+                traceparent: None,
+            });
+        }
+        let source = load_source(&mut tx, s.id).await?;
+        match &upload.sync_chunk {
+            Some(chunk) => {
+                insert_chunk(&mut tx, s.id, chunk, "done").await?;
+                let applied = apply_results(&mut tx, &source, upload.sync_results).await?;
+                advance_source(&mut tx, s.id, &applied, 1).await?;
+            }
+            None if chunk_count == 0 => {
+                let none = Applied {
+                    accepted: 0,
+                    failed: 0,
+                    warnings: 0,
+                };
+                advance_source(&mut tx, s.id, &none, 0).await?;
+            }
+            None => {}
+        }
+        let source = load_source(&mut tx, s.id).await?;
+        if let Some(claim) = &upload.idempotency {
+            let receipt = UploadReceipt::of(&source);
+            let done = sqlx::query(
+                "UPDATE idempotency_keys SET state = 'completed', sha256 = $1, source_id = $2, response = $3
+                 WHERE organization_id = $4 AND key = $5 AND claim_token = $6",
+            )
+            .bind(&source.sha256)
+            .bind(source.id)
+            .bind(serde_json::to_string(&receipt)?)
+            .bind(claim.organization_id)
+            .bind(&claim.key)
+            .bind(claim.token)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::Conflict(
+                    "the idempotency key was taken over by another request".into(),
+                ));
+            }
+        }
+        tx.commit().await?;
+        Ok((source, queued))
+    }
+
+    async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>> {
+        sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&self.pool)
+        .await?
+        .as_ref()
+        .map(source_from_row)
+        .transpose()
+    }
+
+    async fn list_sources(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Source>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(page.after.map_or(i64::MAX, |c| c.0))
+        .bind(page_limit(page) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .iter()
+            .map(source_from_row)
+            .collect::<StoreResult<Vec<_>>>()?;
+        Ok(paginate(items, page_limit(page) as usize, |s| {
+            Cursor(s.seq, 0)
+        }))
+    }
+
+    async fn list_issues(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        source: Uuid,
+        page: &PageRequest,
+    ) -> StoreResult<Page<RowIssue>> {
+        let (after_row, after_id) = page.after.map_or((0, 0), |c| (c.0, c.1));
+        let rows = sqlx::query_as::<_, IssueRow>(
+            "SELECT i.* FROM row_issues i JOIN sources s ON s.id = i.source_id
+             WHERE s.organization_id = $1 AND s.directory_id = $2 AND i.source_id = $3
+               AND (i.row_number, i.id) > ($4, $5)
+             ORDER BY i.row_number, i.id LIMIT $6",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .bind(after_row)
+        .bind(after_id)
+        .bind(page_limit(page) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let items: Vec<(i64, RowIssue)> = rows
+            .into_iter()
+            .map(|r| (r.id, RowIssue::from(r)))
+            .collect();
+        let page = paginate(items, page_limit(page) as usize, |(id, i)| {
+            Cursor(i.row_number as i64, *id)
+        });
+        Ok(Page {
+            items: page.items.into_iter().map(|(_, i)| i).collect(),
+            next: page.next,
+        })
+    }
+
+    async fn failed_row_width(&self, source: Uuid) -> StoreResult<usize> {
+        let row = sqlx::query("SELECT COALESCE(MAX(json_array_length(fields::json)), 0)::BIGINT FROM failed_rows WHERE source_id = $1")
+            .bind(source)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? as usize)
+    }
+
+    async fn failed_rows(
+        &self,
+        source: Uuid,
+        after_row: u64,
+        limit: u32,
+    ) -> StoreResult<Vec<StoredFailedRow>> {
+        let rows = sqlx::query_as::<_, FailedRowRow>(
+            "SELECT * FROM failed_rows WHERE source_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3",
+        )
+        .bind(source)
+        .bind(after_row as i64)
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(StoredFailedRow::try_from).collect()
+    }
+
+    async fn list_profiles(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        email: Option<&str>,
+        page: &PageRequest,
+    ) -> StoreResult<Page<Profile>> {
+        let rows = sqlx::query_as::<_, ProfileRow>(
+            "SELECT p.* FROM profiles p
+             WHERE p.organization_id = $1 AND p.directory_id = $2 AND p.seq > $3
+               AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM profile_identities i
+                    WHERE i.directory_id = p.directory_id AND i.kind = 'email' AND i.value = $4 AND i.profile_id = p.id))
+             ORDER BY p.seq LIMIT $5",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(page.after.map_or(0, |c| c.0))
+        .bind(email)
+        .bind(page_limit(page) + 1)
+        .fetch_all(&self.pool)
+        .await?;
+        let items = rows
+            .into_iter()
+            .map(|r| Ok((r.seq, Profile::try_from(r)?)))
+            .collect::<StoreResult<Vec<_>>>()?;
+        let page = paginate(items, page_limit(page) as usize, |(seq, _)| Cursor(*seq, 0));
+        let ids: Vec<Uuid> = page.items.iter().map(|(_, p)| p.id).collect();
+        let mut identities = identities_of(&self.pool, &ids).await?;
+        Ok(Page {
+            items: page
+                .items
+                .into_iter()
+                .map(|(_, mut p)| {
+                    p.identities = identities.remove(&p.id).unwrap_or_default();
+                    p
+                })
+                .collect(),
+            next: page.next,
+        })
+    }
+
+    async fn get_profile(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        profile: Uuid,
+    ) -> StoreResult<Option<Profile>> {
+        let row = sqlx::query_as::<_, ProfileRow>(
+            "SELECT * FROM profiles WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(profile)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut p = Profile::try_from(row)?;
+        p.identities = identities_of(&self.pool, &[p.id])
+            .await?
+            .remove(&p.id)
+            .unwrap_or_default();
+        Ok(Some(p))
+    }
+
+    async fn claim_chunk(
+        &self,
+        chunk: Uuid,
+        owner: &str,
+        lease_for: Duration,
+        max_attempts: u32,
+    ) -> StoreResult<Claim> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let row = sqlx::query(
+            "SELECT c.*, s.status AS source_status FROM chunks c JOIN sources s ON s.id = c.source_id
+             WHERE c.id = $1 FOR UPDATE OF c",
+        )
+        .bind(chunk)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Claim::Nothing);
+        };
+        let state: String = row.try_get("state")?;
+        let source_status: String = row.try_get("source_status")?;
+        let source_id: Uuid = row.try_get("source_id")?;
+        if matches!(state.as_str(), "done" | "failed")
+            || matches!(source_status.as_str(), "completed" | "failed")
+        {
+            return Ok(Claim::Nothing);
+        }
+        let expires: Option<i64> = row.try_get("lease_expires_ms")?;
+        if state == "running" && expires.is_some_and(|e| e > now) {
+            return Ok(Claim::Busy);
+        }
+        let attempts = row.try_get::<i64, _>("attempts")? as u32;
+        if attempts >= max_attempts {
+            let last_error: Option<String> = row.try_get("last_error")?;
+            let index: i64 = row.try_get("idx")?;
+            let message = format!(
+                "chunk {index} failed {attempts} times; last error: {}",
+                last_error
+                    .as_deref()
+                    .unwrap_or("its worker stopped before finishing")
+            );
+            fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
+            tx.commit().await?;
+            return Ok(Claim::Poisoned);
+        }
+        let token = Uuid::new_v4();
+        sqlx::query(
+            "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE id = $4",
+        )
+        .bind(owner)
+        .bind(token)
+        .bind(now + dur_ms(lease_for))
+        .bind(chunk)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE sources SET status = 'processing', updated_ms = $1 WHERE id = $2 AND status = 'pending'")
+            .bind(now)
+            .bind(source_id)
+            .execute(&mut *tx)
+            .await?;
+        let spec: ChunkSpec = ChunkRow::from_row(&row)?.into();
+        let source = load_source(&mut tx, source_id).await?;
+        tx.commit().await?;
+        Ok(Claim::Claimed(Box::new(ChunkWork {
+            lease: Lease {
+                chunk_id: chunk,
+                source_id,
+                token,
+                attempt: attempts + 1,
+            },
+            chunk: spec,
+            source,
+        })))
+    }
+
+    async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
+        let done = sqlx::query("UPDATE chunks SET lease_expires_ms = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running'")
+            .bind(now_ms() + dur_ms(lease_for))
+            .bind(lease.chunk_id)
+            .bind(lease.token)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed> {
+        let mut tx = self.pool.begin().await?;
+        // The row lock fences a concurrent takeover: whoever holds it decides.
+        let held = sqlx::query(
+            "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
+             WHERE c.id = $1 AND c.lease_token = $2 AND c.state = 'running' AND s.status IN ('pending', 'processing')
+             FOR UPDATE OF c",
+        )
+        .bind(lease.chunk_id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if held.is_none() {
+            return Ok(Committed::LeaseLost);
+        }
+        let source = load_source(&mut tx, lease.source_id).await?;
+        let applied = apply_results(&mut tx, &source, results).await?;
+        sqlx::query("UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = $1")
+            .bind(lease.chunk_id)
+            .execute(&mut *tx)
+            .await?;
+        let completed = advance_source(&mut tx, source.id, &applied, 1).await?;
+        tx.commit().await?;
+        Ok(Committed::Done {
+            source_completed: completed,
+        })
+    }
+
+    async fn release_chunk(&self, lease: &Lease, error: &str) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL,
+                 not_before_ms = $1, last_error = $2
+             WHERE id = $3 AND lease_token = $4 AND state = 'running'",
+        )
+        .bind(now_ms() + retry_backoff_ms(lease.attempt))
+        .bind(error)
+        .bind(lease.chunk_id)
+        .bind(lease.token)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        fail_source_in(&mut tx, source, &error.code, &error.message).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn chunks_to_publish(
+        &self,
+        requeue_after: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<ChunkRef>> {
+        let now = now_ms();
+        // SKIP LOCKED: several reapers (gateways, workers) share the work without waiting.
+        let rows = sqlx::query(
+            "UPDATE chunks SET queued_ms = $1 WHERE id IN (
+                 SELECT c.id FROM chunks c JOIN sources s ON s.id = c.source_id
+                 WHERE s.status IN ('pending', 'processing') AND (
+                     (c.state = 'pending' AND c.not_before_ms <= $1 AND (c.queued_ms IS NULL OR c.queued_ms < $2))
+                  OR (c.state = 'running' AND c.lease_expires_ms < $1))
+                 ORDER BY s.seq, c.idx LIMIT $3 FOR UPDATE OF c SKIP LOCKED)
+             RETURNING id, source_id, attempts",
+        )
+        .bind(now)
+        .bind(now - dur_ms(requeue_after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ChunkRef {
+                    source_id: row.try_get("source_id")?,
+                    chunk_id: row.try_get("id")?,
+                    attempt: row.try_get::<i64, _>("attempts")? as u32,
+                    traceparent: None,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_queued(&self) -> StoreResult<u64> {
+        let done = sqlx::query(
+            "UPDATE chunks SET queued_ms = NULL, lease_expires_ms = CASE WHEN state = 'running' THEN 0 ELSE lease_expires_ms END
+             WHERE state IN ('pending', 'running')",
+        )
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM sources GROUP BY status")
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts: HashMap<SourceStatus, u64> = HashMap::new();
+        for row in rows {
+            let status: String = row.try_get("status")?;
+            if let Some(s) = SourceStatus::parse(&status) {
+                counts.insert(s, row.try_get::<i64, _>("n")? as u64);
+            }
+        }
+        Ok(SourceStatus::ALL
+            .into_iter()
+            .map(|s| (s, counts.get(&s).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    async fn count_pending_chunks(&self) -> StoreResult<u64> {
+        let row = sqlx::query("SELECT COUNT(*) FROM chunks WHERE state IN ('pending', 'running')")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+}

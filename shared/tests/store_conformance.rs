@@ -1,0 +1,897 @@
+//! One conformance suite for the `Store` trait, run against SQLite (a temporary file) and
+//! PostgreSQL (a fresh database per test on `ORBIT_TEST_POSTGRES_URL`, dropped afterwards).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use orbit_shared::domain::csv::{Dialect, TextEncoding};
+use orbit_shared::domain::header::ColumnMap;
+use orbit_shared::domain::row::{FailedRow, Issue, IssueCode, RecordDraft};
+use orbit_shared::model::*;
+use orbit_shared::store::{self, Store};
+use uuid::Uuid;
+
+const LEASE: Duration = Duration::from_secs(60);
+
+/// A store plus whatever keeps its database alive; dropping it cleans up.
+struct Backend {
+    store: Arc<dyn Store>,
+    _guard: Guard,
+}
+
+enum Guard {
+    Sqlite(#[allow(dead_code)] tempfile::TempDir),
+    Postgres { admin_url: String, database: String },
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Guard::Postgres {
+            admin_url,
+            database,
+        } = self
+        {
+            let (admin_url, database) = (admin_url.clone(), database.clone());
+            // A runtime of its own: Drop cannot await, and the test's runtime may be gone.
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+                        let _ = sqlx::query(&format!(
+                            "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
+                        ))
+                        .execute(&mut conn)
+                        .await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+pub fn postgres_admin_url() -> String {
+    std::env::var("ORBIT_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+async fn sqlite() -> Backend {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/orbit.db", dir.path().display());
+    let store = store::open(&url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    Backend {
+        store,
+        _guard: Guard::Sqlite(dir),
+    }
+}
+
+async fn postgres() -> Backend {
+    use sqlx::Connection;
+    let admin_url = postgres_admin_url();
+    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
+        panic!("PostgreSQL at {admin_url} is unreachable ({e}); run the suite with `bash deploy/test.sh`")
+    });
+    let database = format!("orbit_test_{}", Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE DATABASE {database}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let url = match admin_url.rsplit_once('/') {
+        Some((base, _)) => format!("{base}/{database}"),
+        None => unreachable!("a postgres URL has a path"),
+    };
+    let guard = Guard::Postgres {
+        admin_url,
+        database,
+    };
+    let store = store::open(&url, 10).await.unwrap();
+    store.migrate().await.unwrap();
+    Backend {
+        store,
+        _guard: guard,
+    }
+}
+
+macro_rules! conformance {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite_backend {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::sqlite().await.store).await; })*
+        }
+        mod postgres_backend {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(super::postgres().await.store).await; })*
+        }
+    };
+}
+
+conformance!(
+    tenancy_is_scoped_by_organization,
+    tokens_are_found_by_hash_and_revoked_once,
+    idempotency_keys_claim_release_and_complete,
+    an_upload_and_its_chunks_complete_the_source,
+    a_lost_lease_writes_nothing,
+    a_chunk_out_of_attempts_fails_its_source,
+    the_reaper_finds_unpublished_and_abandoned_chunks,
+    concurrent_chunks_never_split_an_identity,
+    terminal_states_never_change,
+);
+
+fn record(row: u64, fields: &[(&str, &str)]) -> RecordDraft {
+    RecordDraft {
+        row_number: row,
+        line_number: row + 1,
+        fields: fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        attributes: BTreeMap::from([(
+            "note".to_string(),
+            format!("row {row}\twith\\tab\nand newline"),
+        )]),
+        warnings: vec![],
+    }
+}
+
+fn failed(row: u64) -> FailedRow {
+    FailedRow {
+        row_number: row,
+        line_number: row + 1,
+        fields: vec!["no-email".into(), "x".into()],
+        error: Issue {
+            code: IssueCode::MissingIdentifier,
+            column: Some("email".into()),
+            message: "the row has no email, phone or LinkedIn URL".into(),
+            value: None,
+        },
+    }
+}
+
+fn chunk(index: u32, first_row: u64, row_count: u64) -> ChunkSpec {
+    ChunkSpec {
+        index,
+        first_row,
+        row_count,
+        start_offset: first_row * 100,
+        end_offset: (first_row + row_count) * 100,
+        start_line: first_row + 1,
+    }
+}
+
+async fn tenant(store: &dyn Store) -> (Uuid, Uuid) {
+    let org = store.create_organization("Acme").await.unwrap();
+    let dir = store.create_directory(org.id, "Contacts").await.unwrap();
+    (org.id, dir.id)
+}
+
+fn new_upload(
+    org: Uuid,
+    dir: Uuid,
+    total_rows: u64,
+    sync: ChunkResults,
+    sync_rows: u64,
+    chunks: Vec<ChunkSpec>,
+) -> NewUpload {
+    let id = Uuid::now_v7();
+    NewUpload {
+        source: NewSource {
+            id,
+            organization_id: org,
+            directory_id: dir,
+            filename: "contacts.csv".into(),
+            byte_size: 1234,
+            sha256: "ab".repeat(32),
+            object_key: format!("sources/{org}/{id}.csv"),
+            dialect: Dialect {
+                encoding: TextEncoding::Utf8,
+                delimiter: b',',
+                bom_len: 0,
+            },
+            columns: ColumnMap::from_header(&["email".into(), "phone".into()], 10).unwrap(),
+            total_rows,
+        },
+        sync_chunk: (sync_rows > 0).then(|| chunk(0, 1, sync_rows)),
+        sync_results: sync,
+        chunks,
+        idempotency: None,
+    }
+}
+
+async fn claim(store: &dyn Store, chunk: Uuid) -> ChunkWork {
+    match store.claim_chunk(chunk, "test", LEASE, 5).await.unwrap() {
+        Claim::Claimed(work) => *work,
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
+async fn tenancy_is_scoped_by_organization(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (other_org, _) = tenant(&*store).await;
+    assert!(store.organization_exists(org).await.unwrap());
+    assert!(!store.organization_exists(Uuid::new_v4()).await.unwrap());
+    assert!(store.get_directory(org, dir).await.unwrap().is_some());
+    assert!(store.get_directory(other_org, dir).await.unwrap().is_none());
+    assert!(store
+        .archive_directory(other_org, dir)
+        .await
+        .unwrap()
+        .is_none());
+    for i in 0..4 {
+        store.create_directory(org, &format!("D{i}")).await.unwrap();
+    }
+    let first = store
+        .list_directories(
+            org,
+            &PageRequest {
+                after: None,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), 3);
+    let rest = store
+        .list_directories(
+            org,
+            &PageRequest {
+                after: first.next,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rest.items.len(), 2);
+    assert!(rest.next.is_none());
+    assert_eq!(
+        store
+            .list_directories(
+                other_org,
+                &PageRequest {
+                    after: None,
+                    limit: 10
+                }
+            )
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    let archived = store.archive_directory(org, dir).await.unwrap().unwrap();
+    assert!(archived.archived);
+    let again = store.archive_directory(org, dir).await.unwrap().unwrap();
+    assert_eq!(
+        again.archived_at, archived.archived_at,
+        "archiving twice keeps the first time"
+    );
+
+    let (source, _) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            1,
+            ChunkResults {
+                accepted: vec![record(1, &[("email", "a@x.co")])],
+                failed: vec![],
+            },
+            1,
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert!(store
+        .get_source(other_org, dir, source.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .list_sources(
+            other_org,
+            dir,
+            &PageRequest {
+                after: None,
+                limit: 10
+            }
+        )
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(store
+        .list_issues(
+            other_org,
+            dir,
+            source.id,
+            &PageRequest {
+                after: None,
+                limit: 10
+            }
+        )
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(store
+        .list_profiles(
+            other_org,
+            dir,
+            None,
+            &PageRequest {
+                after: None,
+                limit: 10
+            }
+        )
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    let profile = store
+        .list_profiles(
+            org,
+            dir,
+            None,
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    assert!(store
+        .get_profile(other_org, dir, profile.id)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn tokens_are_found_by_hash_and_revoked_once(store: Arc<dyn Store>) {
+    let (org, _) = tenant(&*store).await;
+    let user = store.ensure_user(org, "ops@example.com").await.unwrap();
+    assert_eq!(
+        store.ensure_user(org, "ops@example.com").await.unwrap(),
+        user
+    );
+    store
+        .insert_token(&[1, 2, 3], org, user, None)
+        .await
+        .unwrap();
+    let found = store.find_token(&[1, 2, 3]).await.unwrap().unwrap();
+    assert_eq!((found.organization_id, found.user_id), (org, user));
+    assert!(found.revoked_at.is_none());
+    assert!(store.find_token(&[9]).await.unwrap().is_none());
+    assert!(store.revoke_token(&[1, 2, 3]).await.unwrap());
+    assert!(!store.revoke_token(&[1, 2, 3]).await.unwrap());
+    assert!(store
+        .find_token(&[1, 2, 3])
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_some());
+}
+
+async fn idempotency_keys_claim_release_and_complete(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let ttl = Duration::from_secs(3600);
+    let KeyState::Claimed(claim) = store
+        .claim_idempotency_key(org, "k", dir, ttl, ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("first claim")
+    };
+    assert!(matches!(
+        store
+            .claim_idempotency_key(org, "k", dir, ttl, ttl)
+            .await
+            .unwrap(),
+        KeyState::InFlight
+    ));
+    // Another organization's same key is its own.
+    let (other, other_dir) = tenant(&*store).await;
+    assert!(matches!(
+        store
+            .claim_idempotency_key(other, "k", other_dir, ttl, ttl)
+            .await
+            .unwrap(),
+        KeyState::Claimed(_)
+    ));
+    store.release_idempotency_key(&claim).await.unwrap();
+    let KeyState::Claimed(claim) = store
+        .claim_idempotency_key(org, "k", dir, ttl, ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("claim after release")
+    };
+    // A stale in-flight claim is taken over, and the old claimant can no longer complete.
+    let KeyState::Claimed(takeover) = store
+        .claim_idempotency_key(org, "k", dir, ttl, Duration::ZERO)
+        .await
+        .unwrap()
+    else {
+        panic!("takeover")
+    };
+    let mut upload = new_upload(org, dir, 0, ChunkResults::default(), 0, vec![]);
+    upload.idempotency = Some(claim);
+    assert!(store.commit_upload(upload).await.is_err());
+    let mut upload = new_upload(org, dir, 0, ChunkResults::default(), 0, vec![]);
+    upload.idempotency = Some(takeover);
+    let (source, _) = store.commit_upload(upload).await.unwrap();
+    match store
+        .claim_idempotency_key(org, "k", dir, ttl, ttl)
+        .await
+        .unwrap()
+    {
+        KeyState::Completed {
+            directory_id,
+            sha256,
+            receipt,
+        } => {
+            assert_eq!(directory_id, dir);
+            assert_eq!(sha256, source.sha256);
+            assert_eq!(receipt.source_id, source.id);
+            assert_eq!(receipt.source_status, SourceStatus::Completed);
+        }
+        other => panic!("expected completed, got {other:?}"),
+    }
+    // Past its TTL a completed key is forgotten.
+    assert!(matches!(
+        store
+            .claim_idempotency_key(org, "k2", dir, Duration::ZERO, ttl)
+            .await
+            .unwrap(),
+        KeyState::Claimed(_)
+    ));
+}
+
+async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let sync = ChunkResults {
+        accepted: vec![
+            record(1, &[("email", "a@x.co")]),
+            record(2, &[("email", "b@x.co")]),
+        ],
+        failed: vec![failed(3)],
+    };
+    let upload = new_upload(org, dir, 7, sync, 3, vec![chunk(1, 4, 2), chunk(2, 6, 2)]);
+    let (source, queued) = store.commit_upload(upload).await.unwrap();
+    assert_eq!(source.status, SourceStatus::Processing);
+    assert_eq!(
+        (source.accepted, source.failed, source.processed_rows),
+        (2, 1, 3)
+    );
+    assert_eq!(queued.len(), 2);
+    assert_eq!(store.count_pending_chunks().await.unwrap(), 2);
+
+    let work = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(work.chunk, chunk(1, 4, 2));
+    assert_eq!(work.source.id, source.id);
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "other", LEASE, 5)
+            .await
+            .unwrap(),
+        Claim::Busy
+    ));
+    assert!(store.renew_lease(&work.lease, LEASE).await.unwrap());
+    let results = ChunkResults {
+        // Row 5 repeats row 1's email: flagged when the source completes.
+        accepted: vec![
+            record(4, &[("email", "c@x.co")]),
+            record(5, &[("email", "a@x.co")]),
+        ],
+        failed: vec![],
+    };
+    assert_eq!(
+        store.commit_chunk(&work.lease, results).await.unwrap(),
+        Committed::Done {
+            source_completed: false
+        }
+    );
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "test", LEASE, 5)
+            .await
+            .unwrap(),
+        Claim::Nothing
+    ));
+
+    let work = claim(&*store, queued[1].chunk_id).await;
+    let results = ChunkResults {
+        accepted: vec![record(6, &[("phone", "+14155552671")])],
+        failed: vec![failed(7)],
+    };
+    assert_eq!(
+        store.commit_chunk(&work.lease, results).await.unwrap(),
+        Committed::Done {
+            source_completed: true
+        }
+    );
+
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, SourceStatus::Completed);
+    assert_eq!(
+        (
+            done.accepted,
+            done.failed,
+            done.processed_rows,
+            done.warnings
+        ),
+        (5, 2, 7, 1)
+    );
+    assert!(done.completed_at.is_some());
+    let issues = store
+        .list_issues(
+            org,
+            dir,
+            source.id,
+            &PageRequest {
+                after: None,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        issues
+            .items
+            .iter()
+            .map(|i| i.row_number)
+            .collect::<Vec<_>>(),
+        [3, 5]
+    );
+    let rest = store
+        .list_issues(
+            org,
+            dir,
+            source.id,
+            &PageRequest {
+                after: issues.next,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.items
+            .iter()
+            .map(|i| (i.row_number, i.code.as_str()))
+            .collect::<Vec<_>>(),
+        [(7, "missing_identifier")]
+    );
+    let failed_rows = store.failed_rows(source.id, 0, 10).await.unwrap();
+    assert_eq!(
+        failed_rows.iter().map(|f| f.row_number).collect::<Vec<_>>(),
+        [3, 7]
+    );
+    assert_eq!(failed_rows[0].fields, ["no-email", "x"]);
+    assert_eq!(store.failed_row_width(source.id).await.unwrap(), 2);
+    let profiles = store
+        .list_profiles(
+            org,
+            dir,
+            None,
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(profiles.items.len(), 4);
+    let a = store
+        .list_profiles(
+            org,
+            dir,
+            Some("a@x.co"),
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.items.len(), 1);
+    assert_eq!(
+        a.items[0].identities,
+        [("email".to_string(), "a@x.co".to_string())]
+    );
+    assert_eq!(
+        a.items[0].state.attributes["note"].value,
+        "row 5\twith\\tab\nand newline"
+    );
+    assert_eq!(store.count_pending_chunks().await.unwrap(), 0);
+    let counts: HashMap<SourceStatus, u64> = store
+        .count_sources_by_status()
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(counts[&SourceStatus::Completed], 1);
+}
+
+async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            1,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 1)],
+        ))
+        .await
+        .unwrap();
+    // A lease that has already expired: another worker takes the chunk over.
+    let zombie = match store
+        .claim_chunk(queued[0].chunk_id, "zombie", Duration::ZERO, 5)
+        .await
+        .unwrap()
+    {
+        Claim::Claimed(w) => *w,
+        other => panic!("{other:?}"),
+    };
+    let live = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(live.lease.attempt, 2);
+    assert!(!store.renew_lease(&zombie.lease, LEASE).await.unwrap());
+    let results = || ChunkResults {
+        accepted: vec![record(1, &[("email", "z@x.co")])],
+        failed: vec![],
+    };
+    assert_eq!(
+        store.commit_chunk(&zombie.lease, results()).await.unwrap(),
+        Committed::LeaseLost
+    );
+    let mid = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(mid.accepted, 0, "the zombie's write was refused");
+    assert_eq!(
+        store.commit_chunk(&live.lease, results()).await.unwrap(),
+        Committed::Done {
+            source_completed: true
+        }
+    );
+    // A late replay of the same lease changes nothing either.
+    assert_eq!(
+        store.commit_chunk(&live.lease, results()).await.unwrap(),
+        Committed::LeaseLost
+    );
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((done.accepted, done.processed_rows), (1, 1));
+}
+
+async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            1,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 1)],
+        ))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let work = match store
+            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
+            .await
+            .unwrap()
+        {
+            Claim::Claimed(w) => *w,
+            other => panic!("{other:?}"),
+        };
+        store
+            .release_chunk(&work.lease, "the object store timed out")
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
+            .await
+            .unwrap(),
+        Claim::Poisoned
+    ));
+    let failed = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.status, SourceStatus::Failed);
+    let error = failed.error.unwrap();
+    assert_eq!(error.code, "chunk_poisoned");
+    assert!(
+        error.message.contains("the object store timed out"),
+        "{}",
+        error.message
+    );
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
+            .await
+            .unwrap(),
+        Claim::Nothing
+    ));
+}
+
+async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (_, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            2,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 1), chunk(1, 2, 1)],
+        ))
+        .await
+        .unwrap();
+    let long = Duration::from_secs(3600);
+    assert!(
+        store.chunks_to_publish(long, 10).await.unwrap().is_empty(),
+        "just published by the upload"
+    );
+    let again = store.chunks_to_publish(Duration::ZERO, 10).await.unwrap();
+    assert_eq!(again.len(), 2, "queued longer ago than requeue_after");
+    // A worker that died holding a lease: its chunk comes back once the lease expires.
+    match store
+        .claim_chunk(queued[0].chunk_id, "dead", Duration::ZERO, 5)
+        .await
+        .unwrap()
+    {
+        Claim::Claimed(_) => {}
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let reaped = store.chunks_to_publish(long, 10).await.unwrap();
+    assert_eq!(
+        reaped.iter().map(|c| c.chunk_id).collect::<Vec<_>>(),
+        [queued[0].chunk_id]
+    );
+    assert_eq!(store.forget_queued().await.unwrap(), 2);
+    assert_eq!(store.chunks_to_publish(long, 10).await.unwrap().len(), 2);
+}
+
+async fn concurrent_chunks_never_split_an_identity(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    const CHUNKS: u64 = 8;
+    const ROWS: u64 = 50;
+    let chunks: Vec<ChunkSpec> = (0..CHUNKS)
+        .map(|i| chunk(i as u32, 1 + i * ROWS, ROWS))
+        .collect();
+    let (source, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            CHUNKS * ROWS,
+            ChunkResults::default(),
+            0,
+            chunks,
+        ))
+        .await
+        .unwrap();
+    // Every chunk holds the same 50 people, each by email in even chunks and by phone plus
+    // email in odd ones: 8 workers race to create and merge the same profiles.
+    let mut tasks = Vec::new();
+    for (i, message) in queued.into_iter().enumerate() {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let work = claim(&*store, message.chunk_id).await;
+            let first = 1 + i as u64 * ROWS;
+            let accepted = (0..ROWS)
+                .map(|p| {
+                    let email = format!("p{p}@x.co");
+                    let phone = format!("+1415555{:04}", p);
+                    if i % 2 == 0 {
+                        record(first + p, &[("email", &email)])
+                    } else {
+                        record(first + p, &[("email", &email), ("phone", &phone)])
+                    }
+                })
+                .collect();
+            store
+                .commit_chunk(
+                    &work.lease,
+                    ChunkResults {
+                        accepted,
+                        failed: vec![],
+                    },
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    for task in tasks {
+        assert!(matches!(task.await.unwrap(), Committed::Done { .. }));
+    }
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, SourceStatus::Completed);
+    assert_eq!(done.accepted, CHUNKS * ROWS);
+    assert_eq!(
+        done.warnings,
+        (CHUNKS - 1) * ROWS,
+        "every repeat is a duplicate_in_file"
+    );
+    let mut all = Vec::new();
+    let mut page = PageRequest {
+        after: None,
+        limit: 1000,
+    };
+    loop {
+        let p = store.list_profiles(org, dir, None, &page).await.unwrap();
+        all.extend(p.items);
+        match p.next {
+            Some(next) => page.after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(all.len(), ROWS as usize, "one profile per person");
+    for profile in &all {
+        assert_eq!(profile.identities.len(), 2, "{:?}", profile.identities);
+    }
+}
+
+async fn terminal_states_never_change(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, _) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            1,
+            ChunkResults {
+                accepted: vec![record(1, &[("email", "a@x.co")])],
+                failed: vec![],
+            },
+            1,
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(source.status, SourceStatus::Completed);
+    store
+        .fail_source(
+            source.id,
+            SourceError {
+                code: "object_missing".into(),
+                message: "gone".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let after = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.status, SourceStatus::Completed);
+    assert!(after.error.is_none());
+    assert_eq!(after.completed_at, source.completed_at);
+}
