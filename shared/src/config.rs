@@ -50,6 +50,13 @@ pub struct QueueSettings {
     pub url: String,
     /// Name of the work queue (the dead-letter queue is `{name}.dead`).
     pub name: String,
+    /// RabbitMQ: times one message may go back to the queue unacknowledged (its consumer died)
+    /// before it is dead-lettered to `{name}.dead`: the queue's `x-delivery-limit`, fixed when
+    /// the queue is first declared.
+    pub delivery_limit: u32,
+    /// RabbitMQ: how long `publish` keeps reconnecting to a lost broker before it fails.
+    #[serde(with = "humantime_serde_compat")]
+    pub reconnect_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -79,6 +86,8 @@ pub struct WorkerSettings {
     /// A pending chunk queued longer ago than this is published again.
     #[serde(with = "humantime_serde_compat")]
     pub requeue_after: Duration,
+    /// Where `orbit-worker` serves `/metrics` and `/healthz`; empty turns it off.
+    pub metrics_listen: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -136,6 +145,8 @@ url = "file://./data/objects"
 [queue]
 url = "embedded"
 name = "orbit.chunks"
+delivery_limit = 20
+reconnect_timeout = "30s"
 
 [ingest]
 sync_rows = 1000
@@ -152,6 +163,7 @@ max_attempts = 5
 lease = "60s"
 reap_interval = "5s"
 requeue_after = "5m"
+metrics_listen = ""
 
 [idempotency]
 ttl = "24h"

@@ -9,6 +9,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 
 pub mod local;
+pub mod s3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BlobError {
@@ -60,6 +61,7 @@ pub async fn open(
             );
             Ok(Arc::new(local::LocalBlobStore::open(path).await?))
         }
+        "s3" => Ok(Arc::new(s3::S3BlobStore::open(settings).await?)),
         _ => anyhow::bail!(
             "object_store.url {url:?}: unsupported scheme {scheme:?} (expected file:// or s3://)"
         ),

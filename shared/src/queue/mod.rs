@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use crate::model::ChunkRef;
 
 pub mod memory;
+pub mod rabbitmq;
 
 #[derive(Debug, thiserror::Error)]
 #[error("queue error: {0}")]
@@ -48,6 +49,7 @@ pub async fn open(settings: &crate::config::QueueSettings) -> anyhow::Result<Arc
     let url = settings.url.as_str();
     match url.split(':').next().unwrap_or_default() {
         "embedded" => Ok(Arc::new(memory::MemoryQueue::new())),
+        "amqp" | "amqps" => Ok(Arc::new(rabbitmq::RabbitQueue::open(settings).await?)),
         scheme => anyhow::bail!(
             "queue.url {url:?}: unsupported scheme {scheme:?} (expected embedded or amqp://)"
         ),
