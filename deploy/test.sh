@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Runs Orbit's whole test suite: unit tests, backend conformance suites and the HTTP
-# end-to-end suites. Needs only a Rust toolchain; cargo fetches the crates.
+# Runs Orbit's whole test suite: unit tests, the backend conformance suites (SQLite and
+# PostgreSQL, local directory and S3, in-process queue and RabbitMQ), and the HTTP suites on
+# the embedded stack and again on the distributed one (PostgreSQL, S3, RabbitMQ, two
+# orbit-worker processes). Brings up the services it needs first (deploy/services.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,4 +11,9 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+bash deploy/services.sh
+
+# The distributed HTTP suites spawn orbit-worker processes: build them first.
+cargo build --workspace --bins
 cargo test --workspace --all-targets "$@"
+ORBIT_TEST_STACK=distributed cargo test -p orbit-gateway --test upload --test api "$@"

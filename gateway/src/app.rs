@@ -11,11 +11,12 @@ use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
-use orbit_shared::blob::{self, BlobStore};
+use orbit_shared::backends::Backends;
+use orbit_shared::blob::BlobStore;
 use orbit_shared::config::Settings;
 use orbit_shared::metrics::METRICS;
-use orbit_shared::queue::{self, Queue};
-use orbit_shared::store::{self, Store};
+use orbit_shared::queue::Queue;
+use orbit_shared::store::Store;
 use orbit_worker::{Worker, WorkerHandle};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -33,15 +34,11 @@ pub struct AppState {
 
 /// The backends of `settings`, opened and checked.
 pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
-    let store = store::open(&settings.database.url, settings.database.max_connections)
-        .await
-        .with_context(|| format!("cannot open database {}", settings.database.url))?;
-    let blobs = blob::open(&settings.object_store)
-        .await
-        .with_context(|| format!("cannot open object store {}", settings.object_store.url))?;
-    let queue = queue::open(&settings.queue)
-        .await
-        .with_context(|| format!("cannot open queue {}", settings.queue.url))?;
+    let Backends {
+        store,
+        blobs,
+        queue,
+    } = Backends::open(settings).await?;
     Ok(AppState {
         store,
         blobs,

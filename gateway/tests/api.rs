@@ -376,7 +376,15 @@ async fn health_readiness_metrics_and_openapi() {
         .await
         .unwrap();
     assert_eq!(ready["status"], "ready");
-    assert_eq!(ready["database"], "sqlite");
+    let expected = if distributed() {
+        ["postgres", "s3", "rabbitmq"]
+    } else {
+        ["sqlite", "local", "embedded"]
+    };
+    assert_eq!(
+        [&ready["database"], &ready["object_store"], &ready["queue"]],
+        expected
+    );
     let metrics = app
         .client
         .get(app.url("/metrics"))

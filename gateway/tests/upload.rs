@@ -318,27 +318,8 @@ async fn file_level_problems_are_422_and_leave_nothing() {
         assert!(!body["detail"].as_str().unwrap().is_empty());
     }
     assert!(app.collect(&app.dir_url("/sources")).await.is_empty());
-    let objects = app.data.path().join("objects");
-    let stored: Vec<_> = walk(&objects)
-        .into_iter()
-        .filter(|p| !p.contains(".partial"))
-        .collect();
+    let stored = app.stored_objects().await;
     assert!(stored.is_empty(), "{stored:?}");
-}
-
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.is_dir() {
-                out.extend(walk(&path));
-            } else {
-                out.push(path.display().to_string());
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test]

@@ -1,5 +1,6 @@
 //! `orbit-shared`: everything the gateway and the workers have in common.
 //!
+//! - [`backends`]: the store, blob store and queue a process opens from its settings.
 //! - [`config`]: settings from defaults, a TOML file and `ORBIT__` variables.
 //! - [`domain`]: the CSV rules, normalization, validation and profile resolution; no I/O.
 //! - [`ingest`]: the upload side of a file: dialect, header, synchronous prefix, chunk plan.
@@ -9,7 +10,9 @@
 //! - [`queue`]: the work queue trait and its in-process backend.
 //! - [`telemetry`]: logging and tracing set-up.
 //! - [`metrics`]: the Prometheus registry shared by gateway and worker.
+//! - `testing` (feature `testing`): fixtures for tests against the distributed backends.
 
+pub mod backends;
 pub mod blob;
 pub mod config;
 pub mod domain;
@@ -19,3 +22,5 @@ pub mod model;
 pub mod queue;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testing")]
+pub mod testing;

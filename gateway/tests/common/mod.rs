@@ -1,11 +1,16 @@
-//! The test harness: a real gateway on 127.0.0.1:0 over a temporary data directory, a tenant
-//! made through the admin functions, and helpers that speak HTTP to it like a client would.
+//! The test harness: a real gateway on 127.0.0.1:0, a tenant made through the admin functions,
+//! and helpers that speak HTTP to it like a client would.
+//!
+//! By default the gateway runs on the embedded stack over a temporary data directory. With
+//! `ORBIT_TEST_STACK=distributed` the same tests run against PostgreSQL, S3 and RabbitMQ (a
+//! fresh database, bucket and queue each) with two `orbit-worker` processes doing the work.
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
 use orbit_gateway::{admin, app};
 use orbit_shared::config::Settings;
+use orbit_shared::testing::DistributedStack;
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -25,6 +30,51 @@ pub struct TestApp {
     pub running: Option<app::Running>,
     pub tenant: Tenant,
     pub data: TempDir,
+    /// Worker processes, killed when the test ends.
+    pub workers: Vec<tokio::process::Child>,
+    /// The distributed services in use, removed when the test ends.
+    pub stack: Option<DistributedStack>,
+}
+
+pub fn distributed() -> bool {
+    std::env::var("ORBIT_TEST_STACK").is_ok_and(|s| s == "distributed")
+}
+
+/// `orbit-worker`, built beside `orbit-gateway` (deploy/test.sh builds every binary first).
+pub fn worker_binary() -> std::path::PathBuf {
+    let gateway = std::path::Path::new(env!("CARGO_BIN_EXE_orbit-gateway"));
+    let worker = gateway.with_file_name("orbit-worker");
+    assert!(
+        worker.exists(),
+        "{} is missing: build it with `cargo build -p orbit-worker` (deploy/test.sh does)",
+        worker.display()
+    );
+    worker
+}
+
+/// Starts an `orbit-worker` process on `stack` with the row rules of `settings`.
+pub fn spawn_worker(stack: &DistributedStack, settings: &Settings) -> tokio::process::Child {
+    tokio::process::Command::new(worker_binary())
+        .envs(stack.env())
+        .env(
+            "ORBIT__INGEST__MAX_FIELD_BYTES",
+            settings.ingest.max_field_bytes.to_string(),
+        )
+        .env(
+            "ORBIT__INGEST__DEFAULT_REGION",
+            &settings.ingest.default_region,
+        )
+        .env("ORBIT__WORKER__CONCURRENCY", "2")
+        .env("ORBIT__WORKER__REAP_INTERVAL", "200ms")
+        .env(
+            "ORBIT__WORKER__LEASE",
+            humantime::format_duration(settings.worker.lease).to_string(),
+        )
+        .env("RUST_LOG", "warn")
+        .env_remove("ORBIT_CONFIG")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("orbit-worker starts")
 }
 
 /// Settings for a test: everything embedded under `data`, on an ephemeral port.
@@ -47,7 +97,26 @@ impl TestApp {
         let data = tempfile::tempdir().expect("temp dir");
         let mut settings = test_settings(data.path());
         configure(&mut settings);
+        let stack = if distributed() {
+            let stack = DistributedStack::create().await;
+            stack.apply(&mut settings);
+            settings.database.max_connections = 5;
+            app::connect(&settings)
+                .await
+                .expect("backends open")
+                .store
+                .migrate()
+                .await
+                .expect("migrations");
+            Some(stack)
+        } else {
+            None
+        };
         let running = app::start(settings.clone()).await.expect("gateway starts");
+        let workers = match &stack {
+            Some(stack) => (0..2).map(|_| spawn_worker(stack, &settings)).collect(),
+            None => Vec::new(),
+        };
         let base = format!("http://{}", running.addr);
         let tenant = new_tenant(&running).await;
         TestApp {
@@ -57,6 +126,8 @@ impl TestApp {
             running: Some(running),
             tenant,
             data,
+            workers,
+            stack,
         }
     }
 
@@ -163,6 +234,17 @@ impl TestApp {
         }
     }
 
+    /// Keys of every stored object, whichever object store is in use.
+    pub async fn stored_objects(&self) -> Vec<String> {
+        match &self.stack {
+            Some(stack) => stack.bucket.keys().await,
+            None => walk(&self.data.path().join("objects"))
+                .into_iter()
+                .filter(|p| !p.contains(".partial"))
+                .collect(),
+        }
+    }
+
     pub async fn stop(&mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
@@ -212,6 +294,21 @@ pub fn contacts_csv(rows: usize, email_prefix: &str) -> String {
             "First{i},Last{i},{email_prefix}{i}@example.com,,Acme {},Engineer,,Paris,FR\n",
             i % 100
         ));
+    }
+    out
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                out.extend(walk(&path));
+            } else {
+                out.push(path.display().to_string());
+            }
+        }
     }
     out
 }

@@ -1,0 +1,296 @@
+//! Test fixtures for the distributed backends (feature `testing`): a fresh PostgreSQL
+//! database, a fresh S3 bucket and a uniquely named RabbitMQ queue, each removed when its guard
+//! drops. The services are shared by every test run on a machine, so nothing is reused.
+//!
+//! Environment: `ORBIT_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
+//! `ORBIT_TEST_S3_ENDPOINT` (`http://127.0.0.1:9000`), `ORBIT_TEST_S3_ACCESS_KEY` (`orbit`),
+//! `ORBIT_TEST_S3_SECRET_KEY` (`orbit-secret`), `ORBIT_TEST_AMQP_URL`
+//! (`amqp://guest:guest@127.0.0.1:5672/%2f`). An unreachable service fails the test with a
+//! message pointing at `deploy/services.sh`; nothing is skipped.
+
+use std::future::Future;
+
+use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use uuid::Uuid;
+
+use crate::config::Settings;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+pub fn postgres_admin_url() -> String {
+    env_or(
+        "ORBIT_TEST_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/postgres",
+    )
+}
+
+pub fn amqp_url() -> String {
+    env_or(
+        "ORBIT_TEST_AMQP_URL",
+        "amqp://guest:guest@127.0.0.1:5672/%2f",
+    )
+}
+
+/// Runs cleanup on a runtime of its own: `Drop` cannot await, and the test's runtime may be
+/// shutting down.
+fn block_on_side<F: Future<Output = ()> + Send + 'static>(cleanup: F) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(cleanup)
+    })
+    .join();
+}
+
+/// A database of its own; dropped (forcibly) with the guard.
+pub struct TestDatabase {
+    pub url: String,
+    admin_url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        use sqlx::Connection;
+        let admin_url = postgres_admin_url();
+        let mut admin = sqlx::PgConnection::connect(&admin_url)
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "PostgreSQL at {admin_url} is unreachable ({e}): run `bash deploy/services.sh`"
+                )
+            });
+        let name = format!("orbit_test_{}", Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        let (base, _) = admin_url
+            .rsplit_once('/')
+            .expect("a postgres URL has a path");
+        TestDatabase {
+            url: format!("{base}/{name}"),
+            admin_url,
+            name,
+        }
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        block_on_side(async move {
+            use sqlx::Connection;
+            if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+                let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                    .execute(&mut conn)
+                    .await;
+            }
+        });
+    }
+}
+
+/// A bucket of its own on the S3-compatible test server; emptied and removed with the guard.
+pub struct TestBucket {
+    pub bucket: String,
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+    config: aws_sdk_s3::Config,
+}
+
+impl TestBucket {
+    pub async fn create() -> Self {
+        let endpoint = env_or("ORBIT_TEST_S3_ENDPOINT", "http://127.0.0.1:9000");
+        let access_key = env_or("ORBIT_TEST_S3_ACCESS_KEY", "orbit");
+        let secret_key = env_or("ORBIT_TEST_S3_SECRET_KEY", "orbit-secret");
+        let config = aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(&endpoint)
+            .force_path_style(true)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new(
+                &access_key,
+                &secret_key,
+                None,
+                None,
+                "orbit-test",
+            ))
+            .build();
+        let client = aws_sdk_s3::Client::from_conf(config.clone());
+        let bucket = format!("orbit-test-{}", Uuid::new_v4().simple());
+        client
+            .create_bucket()
+            .bucket(&bucket)
+            .send()
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                "cannot create bucket {bucket} at {endpoint}: {}; run `bash deploy/services.sh`",
+                aws_sdk_s3::error::DisplayErrorContext(e)
+            )
+            });
+        TestBucket {
+            bucket,
+            endpoint,
+            access_key,
+            secret_key,
+            config,
+        }
+    }
+
+    /// Keys stored in the bucket, for tests that check nothing was left behind.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut keys = Vec::new();
+        let client = aws_sdk_s3::Client::from_conf(self.config.clone());
+        let mut pages = client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .into_paginator()
+            .send();
+        while let Some(Ok(page)) = pages.next().await {
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+        }
+        keys
+    }
+}
+
+impl Drop for TestBucket {
+    fn drop(&mut self) {
+        let (config, bucket) = (self.config.clone(), self.bucket.clone());
+        block_on_side(async move {
+            // A client of the cleanup's own runtime: pooled connections belong to the one
+            // that made them.
+            let client = aws_sdk_s3::Client::from_conf(config);
+            let mut pages = client
+                .list_objects_v2()
+                .bucket(&bucket)
+                .into_paginator()
+                .send();
+            while let Some(Ok(page)) = pages.next().await {
+                for object in page.contents() {
+                    if let Some(key) = object.key() {
+                        let _ = client.delete_object().bucket(&bucket).key(key).send().await;
+                    }
+                }
+            }
+            let _ = client.delete_bucket().bucket(&bucket).send().await;
+        });
+    }
+}
+
+/// A queue name of its own; the queue, its dead-letter queue and exchange go with the guard.
+pub struct TestQueue {
+    pub url: String,
+    pub name: String,
+}
+
+impl TestQueue {
+    pub fn new() -> Self {
+        TestQueue {
+            url: amqp_url(),
+            name: format!("orbit-test-{}", Uuid::new_v4().simple()),
+        }
+    }
+}
+
+impl Default for TestQueue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestQueue {
+    fn drop(&mut self) {
+        let (url, name) = (self.url.clone(), self.name.clone());
+        block_on_side(async move {
+            use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+            let Ok(conn) =
+                lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            // One channel per operation: a failed operation closes its channel.
+            for queue in [name.clone(), format!("{name}.dead")] {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+                        .await;
+                }
+            }
+            if let Ok(ch) = conn.create_channel().await {
+                let _ = ch
+                    .exchange_delete(
+                        format!("{name}.dlx").as_str().into(),
+                        ExchangeDeleteOptions::default(),
+                    )
+                    .await;
+            }
+            let _ = conn.close(200, "OK".into()).await;
+        });
+    }
+}
+
+/// The whole distributed stack for one test: settings pointing at a fresh database, bucket
+/// and queue, and the guards that remove them.
+pub struct DistributedStack {
+    pub database: TestDatabase,
+    pub bucket: TestBucket,
+    pub queue: TestQueue,
+}
+
+impl DistributedStack {
+    pub async fn create() -> Self {
+        DistributedStack {
+            database: TestDatabase::create().await,
+            bucket: TestBucket::create().await,
+            queue: TestQueue::new(),
+        }
+    }
+
+    /// Points `settings` at this stack.
+    pub fn apply(&self, settings: &mut Settings) {
+        settings.database.url = self.database.url.clone();
+        settings.object_store.url = format!("s3://{}", self.bucket.bucket);
+        settings.object_store.endpoint = Some(self.bucket.endpoint.clone());
+        settings.object_store.region = Some("us-east-1".into());
+        settings.object_store.access_key_id = Some(self.bucket.access_key.clone());
+        settings.object_store.secret_access_key = Some(self.bucket.secret_key.clone());
+        settings.queue.url = self.queue.url.clone();
+        settings.queue.name = self.queue.name.clone();
+    }
+
+    /// The same settings as `ORBIT__…` variables, for child processes.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("ORBIT__DATABASE__URL".into(), self.database.url.clone()),
+            (
+                "ORBIT__OBJECT_STORE__URL".into(),
+                format!("s3://{}", self.bucket.bucket),
+            ),
+            (
+                "ORBIT__OBJECT_STORE__ENDPOINT".into(),
+                self.bucket.endpoint.clone(),
+            ),
+            ("ORBIT__OBJECT_STORE__REGION".into(), "us-east-1".into()),
+            (
+                "ORBIT__OBJECT_STORE__ACCESS_KEY_ID".into(),
+                self.bucket.access_key.clone(),
+            ),
+            (
+                "ORBIT__OBJECT_STORE__SECRET_ACCESS_KEY".into(),
+                self.bucket.secret_key.clone(),
+            ),
+            ("ORBIT__QUEUE__URL".into(), self.queue.url.clone()),
+            ("ORBIT__QUEUE__NAME".into(), self.queue.name.clone()),
+        ]
+    }
+}

@@ -1,0 +1,100 @@
+//! The `orbit-worker` command: consumes chunks from the configured queue until SIGTERM, then
+//! finishes the chunks it holds and exits. Serves `/metrics` and `/healthz` on
+//! `worker.metrics_listen` when that is set.
+
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::routing::get;
+use axum::Router;
+use orbit_shared::backends::Backends;
+use orbit_shared::config::Settings;
+use orbit_worker::Worker;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("orbit-worker: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn config_arg() -> anyhow::Result<Option<String>> {
+    let mut args = std::env::args().skip(1);
+    let mut config = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--config" => config = Some(args.next().context("--config needs a path")?),
+            "-h" | "--help" => {
+                println!("orbit-worker [--config PATH]\n\nProcesses queued chunks. Settings: defaults, then the TOML file (or ORBIT_CONFIG), then ORBIT__SECTION__KEY variables.");
+                std::process::exit(0);
+            }
+            "-V" | "--version" => {
+                println!("orbit-worker {}", env!("CARGO_PKG_VERSION"));
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown argument {other:?} (try --help)"),
+        }
+    }
+    Ok(config)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let settings = Settings::load(config_arg()?.as_deref())?;
+    orbit_shared::telemetry::init(&settings.telemetry)?;
+    anyhow::ensure!(
+        settings.queue.url != "embedded",
+        "queue.url is \"embedded\": the in-process queue lives inside orbit-gateway, so a separate worker would never see a chunk; point queue.url at RabbitMQ (amqp://…)"
+    );
+    let backends = Backends::open(&settings).await?;
+    let worker = Worker::new(
+        backends.store.clone(),
+        backends.blobs.clone(),
+        backends.queue.clone(),
+        std::sync::Arc::new(settings.clone()),
+    );
+    let handle = worker.start();
+    if !settings.worker.metrics_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&settings.worker.metrics_listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen on worker.metrics_listen {}",
+                    settings.worker.metrics_listen
+                )
+            })?;
+        tracing::info!(addr = %listener.local_addr()?, "worker metrics listening");
+        let app = Router::new()
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/metrics",
+                get(|State(b): State<Backends>| async move {
+                    orbit_shared::metrics::render(&*b.store, &*b.queue).await
+                }),
+            )
+            .with_state(backends.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+    }
+    tracing::info!(
+        owner = worker.owner,
+        concurrency = settings.worker_concurrency(),
+        queue = backends.queue.backend(),
+        "orbit-worker consuming"
+    );
+    shutdown_signal().await;
+    tracing::info!("SIGTERM: finishing the chunks in hand");
+    handle.shutdown().await;
+    tracing::info!("drained; exiting");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
