@@ -34,22 +34,14 @@ const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-
 struct Caps {
     /// Unacked deliveries go back to the queue when their consumer goes.
     redelivers: bool,
-    /// `consume(prefetch)` holds back deliveries while `prefetch` are unacked.
-    bounded_prefetch: bool,
 }
 
 const MEMORY: Caps = Caps {
     // The in-process queue documents that it has no redelivery (messages die with the process
     // and the start-up re-queue covers that), so the redelivery assertion is skipped for it.
     redelivers: false,
-    // It also ignores `prefetch`: the worker only calls `next()` when a slot is free, which is
-    // what bounds its in-flight work. The prefetch assertion is skipped for it.
-    bounded_prefetch: false,
 };
-const RABBIT: Caps = Caps {
-    redelivers: true,
-    bounded_prefetch: true,
-};
+const RABBIT: Caps = Caps { redelivers: true };
 
 fn chunk(traceparent: Option<&str>) -> ChunkRef {
     ChunkRef {
@@ -131,7 +123,7 @@ async fn depth_counts_ready_messages(queue: &dyn Queue, _caps: Caps) {
     assert_eq!(eventually(0, || depth(queue)).await, 0);
 }
 
-async fn prefetch_bounds_unacked_deliveries(queue: &dyn Queue, caps: Caps) {
+async fn prefetch_bounds_unacked_deliveries(queue: &dyn Queue, _caps: Caps) {
     let sent: Vec<ChunkRef> = (0..5).map(|_| chunk(None)).collect();
     for m in &sent {
         queue.publish(m).await.expect("publish");
@@ -140,12 +132,10 @@ async fn prefetch_bounds_unacked_deliveries(queue: &dyn Queue, caps: Caps) {
     let d1 = next(&mut consumer).await;
     let d2 = next(&mut consumer).await;
     let mut got = vec![d1.message.clone(), d2.message.clone()];
-    if caps.bounded_prefetch {
-        assert!(
-            stays_quiet(&mut consumer).await,
-            "a third delivery arrived while two were unacked with prefetch 2"
-        );
-    }
+    assert!(
+        stays_quiet(&mut consumer).await,
+        "a third delivery arrived while two were unacked with prefetch 2"
+    );
     d1.acker.ack().await.expect("ack");
     let d3 = next(&mut consumer).await;
     got.push(d3.message.clone());

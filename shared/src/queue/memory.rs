@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
 use super::{Acker, Consumer, Delivery, Queue, QueueError, QueueResult};
 use crate::model::ChunkRef;
@@ -36,12 +36,17 @@ impl Default for MemoryQueue {
 struct MemoryConsumer {
     receiver: Arc<Mutex<mpsc::UnboundedReceiver<ChunkRef>>>,
     depth: Arc<AtomicU64>,
+    /// One permit per unacknowledged delivery, as a broker's prefetch would allow.
+    unacked: Arc<Semaphore>,
 }
 
-struct NoAck;
+/// Acknowledging frees the delivery's prefetch slot; there is nothing to tell a broker.
+struct SlotAck {
+    _slot: OwnedSemaphorePermit,
+}
 
 #[async_trait]
-impl Acker for NoAck {
+impl Acker for SlotAck {
     async fn ack(self: Box<Self>) -> QueueResult<()> {
         Ok(())
     }
@@ -50,11 +55,12 @@ impl Acker for NoAck {
 #[async_trait]
 impl Consumer for MemoryConsumer {
     async fn next(&mut self) -> Option<QueueResult<Delivery>> {
+        let slot = self.unacked.clone().acquire_owned().await.ok()?;
         let message = self.receiver.lock().await.recv().await?;
         self.depth.fetch_sub(1, Ordering::Relaxed);
         Some(Ok(Delivery {
             message,
-            acker: Box::new(NoAck),
+            acker: Box::new(SlotAck { _slot: slot }),
         }))
     }
 }
@@ -77,10 +83,11 @@ impl Queue for MemoryQueue {
         })
     }
 
-    async fn consume(&self, _prefetch: u16) -> QueueResult<Box<dyn Consumer>> {
+    async fn consume(&self, prefetch: u16) -> QueueResult<Box<dyn Consumer>> {
         Ok(Box::new(MemoryConsumer {
             receiver: self.receiver.clone(),
             depth: self.depth.clone(),
+            unacked: Arc::new(Semaphore::new(usize::from(prefetch.max(1)))),
         }))
     }
 
