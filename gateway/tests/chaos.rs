@@ -139,3 +139,24 @@ async fn a_broker_restart_during_an_ingest_loses_nothing() {
     }
     assert_exact(&app, &source).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_a_worker_and_others_finish() {
+    let mut app = stack_app().await;
+    add_worker(&mut app);
+    let source = upload(&app, "term").await;
+    wait_processed_over(&app, &source, 1).await;
+    let pid = app.workers[0].id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = tokio::time::timeout(Duration::from_secs(30), app.workers[0].wait())
+        .await
+        .expect("the worker exits once its chunks are done")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    add_worker(&mut app);
+    assert_exact(&app, &source).await;
+}
