@@ -386,6 +386,8 @@ impl Upload<'_> {
                 object_key: file.object_key,
                 dialect: plan.dialect,
                 columns: plan.columns,
+                max_field_bytes: self.state.settings.ingest.max_field_bytes,
+                default_region: self.state.settings.ingest.default_region.clone(),
                 total_rows: plan.total_rows,
             },
             sync_chunk: plan.sync_chunk,

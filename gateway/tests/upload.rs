@@ -179,6 +179,43 @@ async fn field_too_long_and_invalid_encoding_fail_rows() {
 }
 
 #[tokio::test]
+async fn queued_chunks_follow_the_row_rules_of_the_upload() {
+    let app = TestApp::spawn_with(|s| {
+        s.ingest.sync_rows = 1;
+        s.ingest.chunk_rows = 2;
+        s.ingest.max_field_bytes = 16;
+        s.ingest.default_region = "GB".into();
+    })
+    .await;
+    let long = "x".repeat(40);
+    let csv = format!(
+        "email,phone,note\na@example.com,,\nb@example.com,020 7946 0958,\nc@example.com,,{long}\n"
+    );
+    let body = app.upload_ok(csv).await;
+    let done = app
+        .wait_terminal(body["source_id"].as_str().unwrap(), Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        (done["accepted"].as_u64(), done["failed"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let errors = app
+        .collect(&app.dir_url(&format!(
+            "/sources/{}/errors",
+            body["source_id"].as_str().unwrap()
+        )))
+        .await;
+    assert_eq!(errors[0]["code"], "field_too_long");
+    let b = app
+        .collect(&app.dir_url("/profiles?email=b@example.com"))
+        .await;
+    assert_eq!(
+        b[0]["phone"], "+442079460958",
+        "a national number read in the upload's region"
+    );
+}
+
+#[tokio::test]
 async fn failed_rows_come_back_as_csv_in_input_order() {
     let app = TestApp::spawn().await;
     let body = app

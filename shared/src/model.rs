@@ -89,6 +89,9 @@ pub struct Source {
     pub object_key: String,
     pub dialect: Dialect,
     pub columns: ColumnMap,
+    /// The row rules of the upload, so every worker judges rows as the gateway did.
+    pub max_field_bytes: usize,
+    pub default_region: String,
     pub total_rows: u64,
     pub processed_rows: u64,
     pub accepted: u64,
@@ -175,6 +178,8 @@ pub struct NewSource {
     pub object_key: String,
     pub dialect: Dialect,
     pub columns: ColumnMap,
+    pub max_field_bytes: usize,
+    pub default_region: String,
     pub total_rows: u64,
 }
 

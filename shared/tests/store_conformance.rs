@@ -194,6 +194,8 @@ fn new_upload(
                 bom_len: 0,
             },
             columns: ColumnMap::from_header(&["email".into(), "phone".into()], 10).unwrap(),
+            max_field_bytes: 100,
+            default_region: "GB".into(),
             total_rows,
         },
         sync_chunk: (sync_rows > 0).then(|| chunk(0, 1, sync_rows)),
@@ -475,6 +477,13 @@ async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
     let work = claim(&*store, queued[0].chunk_id).await;
     assert_eq!(work.chunk, chunk(1, 4, 2));
     assert_eq!(work.source.id, source.id);
+    assert_eq!(
+        (
+            work.source.max_field_bytes,
+            work.source.default_region.as_str()
+        ),
+        (100, "GB")
+    );
     assert!(matches!(
         store
             .claim_chunk(queued[0].chunk_id, "other", LEASE, 5)

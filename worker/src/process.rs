@@ -51,14 +51,28 @@ pub fn validate_into(
     }
 }
 
+/// The rules recorded with a source at upload: a worker judges its rows as the gateway did,
+/// whatever the worker's own configuration says.
+pub fn source_rules(source: &Source) -> Result<RowRules, ProcessError> {
+    let region = normalize::parse_region(&source.default_region).ok_or_else(|| {
+        ProcessError::Corrupt(format!(
+            "source region {:?} is not a region code",
+            source.default_region
+        ))
+    })?;
+    Ok(RowRules {
+        max_field_bytes: source.max_field_bytes,
+        default_region: region,
+    })
+}
+
 /// Reads `chunk` of `source`'s object and validates its rows.
 pub async fn process_chunk(
     blobs: &dyn BlobStore,
     source: &Source,
     chunk: &ChunkSpec,
-    ingest: &IngestSettings,
 ) -> Result<ChunkResults, ProcessError> {
-    let rules = row_rules(ingest);
+    let rules = source_rules(source)?;
     let mut stream = blobs
         .read_range(&source.object_key, chunk.start_offset, chunk.end_offset)
         .await
@@ -70,7 +84,7 @@ pub async fn process_chunk(
         dialect: source.dialect,
         start_offset: chunk.start_offset,
         start_line: chunk.start_line,
-        max_field_bytes: ingest.max_field_bytes,
+        max_field_bytes: source.max_field_bytes,
         max_fields: source.columns.columns.len() + 1,
     });
     let mut results = ChunkResults::default();

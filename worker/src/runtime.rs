@@ -173,13 +173,7 @@ impl Worker {
                 }
             })
         };
-        let result = process_chunk(
-            &*self.blobs,
-            &work.source,
-            &work.chunk,
-            &self.settings.ingest,
-        )
-        .await;
+        let result = process_chunk(&*self.blobs, &work.source, &work.chunk).await;
         let outcome = match result {
             Ok(results) => {
                 let accepted = results.accepted.len() as u64;

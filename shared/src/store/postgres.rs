@@ -688,8 +688,8 @@ impl Store for PgStore {
         let s = &upload.source;
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         sqlx::query(
-            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, total_rows, chunk_count, created_ms, updated_ms)
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14)",
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms)
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)",
         )
         .bind(s.id)
         .bind(s.organization_id)
@@ -702,6 +702,8 @@ impl Store for PgStore {
         .bind(i64::from(s.dialect.delimiter))
         .bind(s.dialect.bom_len as i64)
         .bind(serde_json::to_string(&s.columns)?)
+        .bind(s.max_field_bytes as i64)
+        .bind(&s.default_region)
         .bind(s.total_rows as i64)
         .bind(chunk_count as i64)
         .bind(now)

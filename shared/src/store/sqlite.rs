@@ -627,8 +627,8 @@ impl Store for SqliteStore {
         let s = &upload.source;
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         sqlx::query(
-            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, total_rows, chunk_count, created_ms, updated_ms)
-             VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms)
+             VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(s.id)
         .bind(s.organization_id)
@@ -641,6 +641,8 @@ impl Store for SqliteStore {
         .bind(i64::from(s.dialect.delimiter))
         .bind(s.dialect.bom_len as i64)
         .bind(serde_json::to_string(&s.columns)?)
+        .bind(s.max_field_bytes as i64)
+        .bind(&s.default_region)
         .bind(s.total_rows as i64)
         .bind(chunk_count as i64)
         .bind(now)
