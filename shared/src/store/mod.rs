@@ -172,7 +172,3 @@ pub async fn open(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Sto
         ),
     }
 }
-
-pub fn now() -> DateTime<Utc> {
-    Utc::now()
-}
