@@ -8,7 +8,6 @@ pub mod system;
 use base64::Engine as _;
 use orbit_shared::model::{Cursor, Page, PageRequest};
 use serde::{Deserialize, Serialize};
-use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::{parse_id, Caller};
@@ -89,8 +88,4 @@ pub async fn scoped_directory(
             "no such directory in this organization",
         )
     })
-}
-
-pub fn parse_uuid(raw: &str, what: &str) -> ApiResult<Uuid> {
-    parse_id(raw, what)
 }

@@ -11,9 +11,9 @@ use orbit_shared::model::Profile;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{parse_uuid, scoped_directory, PageBody, PageQuery};
+use super::{scoped_directory, PageBody, PageQuery};
 use crate::app::AppState;
-use crate::auth::Caller;
+use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
 
 #[derive(Serialize)]
@@ -109,7 +109,7 @@ pub async fn get(
     Path((org, dir, profile)): Path<(String, String, String)>,
 ) -> ApiResult<Json<ProfileBody>> {
     let dir = scoped_directory(&state, &caller, &org, &dir).await?;
-    let profile = parse_uuid(&profile, "profile")?;
+    let profile = parse_id(&profile, "profile")?;
     let profile = state
         .store
         .get_profile(dir.organization_id, dir.id, profile)

@@ -13,9 +13,9 @@ use serde::Serialize;
 use std::sync::Arc;
 use uuid::Uuid;
 
-use super::{parse_uuid, scoped_directory, PageBody, PageQuery};
+use super::{scoped_directory, PageBody, PageQuery};
 use crate::app::AppState;
-use crate::auth::Caller;
+use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
 
 /// The upload response fields: what `csv-upload` answers and replays.
@@ -79,7 +79,7 @@ async fn scoped_source(
     source: &str,
 ) -> ApiResult<Source> {
     let dir = scoped_directory(state, caller, org, dir).await?;
-    let source = parse_uuid(source, "source")?;
+    let source = parse_id(source, "source")?;
     state
         .store
         .get_source(dir.organization_id, dir.id, source)
