@@ -10,11 +10,11 @@ use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
 };
-use sqlx::{FromRow, Row, SqliteConnection, SqlitePool};
+use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::writes::{identity_lookups, owners_to_load, plan_writes};
+use super::writes::{identity_lookups, owners_to_load, plan_writes, prepare, Prepared};
 use super::{Store, StoreError, StoreResult};
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row::{self, Issue};
@@ -22,6 +22,10 @@ use crate::model::*;
 
 /// SQLite allows 32766 bound parameters; stay far below it.
 const IN_BATCH: usize = 500;
+/// Rows per multi-row `INSERT`: every statement is a round trip to SQLite's worker thread, and
+/// one statement per row spent more time switching threads than writing (docs/performance.md).
+/// 500 rows of at most 9 columns stay far below SQLite's 32,766 bound parameters.
+const ROWS_PER_INSERT: usize = 500;
 
 pub struct SqliteStore {
     writer: SqlitePool,
@@ -95,11 +99,11 @@ async fn load_source(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Sourc
 async fn apply_results(
     conn: &mut SqliteConnection,
     source: &Source,
-    results: ChunkResults,
+    prepared: Prepared,
 ) -> StoreResult<Applied> {
     let dir = source.directory_id;
     let mut existing = Existing::default();
-    for (kind, values) in identity_lookups(&results) {
+    for (kind, values) in identity_lookups(&prepared) {
         for batch in values.chunks(IN_BATCH) {
             let sql = format!(
                 "SELECT value, profile_id FROM profile_identities WHERE directory_id = ? AND kind = ? AND value IN ({})",
@@ -135,20 +139,21 @@ async fn apply_results(
         }
     }
 
-    let writes = plan_writes(results, existing, source)?;
+    let writes = plan_writes(prepared, existing, source)?;
     let now = now_ms();
-    for (id, state) in &writes.created {
-        sqlx::query(
-            "INSERT INTO profiles (id, organization_id, directory_id, state, created_ms, updated_ms) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(source.organization_id)
-        .bind(dir)
-        .bind(state)
-        .bind(now)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
+    for batch in writes.created.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO profiles (id, organization_id, directory_id, state, created_ms, updated_ms) ",
+        );
+        insert.push_values(batch, |mut row, (id, state)| {
+            row.push_bind(id)
+                .push_bind(source.organization_id)
+                .push_bind(dir)
+                .push_bind(state)
+                .push_bind(now)
+                .push_bind(now);
+        });
+        insert.build().execute(&mut *conn).await?;
     }
     for (id, state) in &writes.updated {
         sqlx::query("UPDATE profiles SET state = ?, updated_ms = ? WHERE id = ?")
@@ -158,43 +163,48 @@ async fn apply_results(
             .execute(&mut *conn)
             .await?;
     }
-    for (kind, value, profile) in &writes.identities {
-        sqlx::query("INSERT INTO profile_identities (directory_id, kind, value, profile_id) VALUES (?, ?, ?, ?)")
-            .bind(dir)
-            .bind(kind)
-            .bind(value)
-            .bind(profile)
-            .execute(&mut *conn)
-            .await?;
+    for batch in writes.identities.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT INTO profile_identities (directory_id, kind, value, profile_id) ",
+        );
+        insert.push_values(batch, |mut row, (kind, value, profile)| {
+            row.push_bind(dir)
+                .push_bind(kind)
+                .push_bind(value)
+                .push_bind(profile);
+        });
+        insert.build().execute(&mut *conn).await?;
     }
-    for r in &writes.records {
-        sqlx::query(
-            "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(source.id)
-        .bind(r.row_number)
-        .bind(r.line_number)
-        .bind(r.profile_id)
-        .bind(&r.email)
-        .bind(&r.linkedin_url)
-        .bind(&r.phone)
-        .bind(&r.fields)
-        .bind(&r.attributes)
-        .execute(&mut *conn)
-        .await?;
+    for batch in writes.records.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) ",
+        );
+        insert.push_values(batch, |mut row, r| {
+            row.push_bind(source.id)
+                .push_bind(r.row_number)
+                .push_bind(r.line_number)
+                .push_bind(r.profile_id)
+                .push_bind(&r.email)
+                .push_bind(&r.linkedin_url)
+                .push_bind(&r.phone)
+                .push_bind(&r.fields)
+                .push_bind(&r.attributes);
+        });
+        insert.build().execute(&mut *conn).await?;
     }
-    for f in &writes.failed {
-        sqlx::query(
-            "INSERT OR IGNORE INTO failed_rows (source_id, row_number, line_number, fields, error_code, error_message) VALUES (?, ?, ?, ?, ?, ?)",
-        )
-        .bind(source.id)
-        .bind(f.row_number)
-        .bind(f.line_number)
-        .bind(&f.fields)
-        .bind(f.error_code)
-        .bind(&f.error_message)
-        .execute(&mut *conn)
-        .await?;
+    for batch in writes.failed.chunks(ROWS_PER_INSERT) {
+        let mut insert = QueryBuilder::<Sqlite>::new(
+            "INSERT OR IGNORE INTO failed_rows (source_id, row_number, line_number, fields, error_code, error_message) ",
+        );
+        insert.push_values(batch, |mut row, f| {
+            row.push_bind(source.id)
+                .push_bind(f.row_number)
+                .push_bind(f.line_number)
+                .push_bind(&f.fields)
+                .push_bind(f.error_code)
+                .push_bind(&f.error_message);
+        });
+        insert.build().execute(&mut *conn).await?;
     }
     for i in &writes.issues {
         insert_issue(
@@ -622,6 +632,7 @@ impl Store for SqliteStore {
     }
 
     async fn commit_upload(&self, upload: NewUpload) -> StoreResult<(Source, Vec<ChunkRef>)> {
+        let sync_prepared = prepare(upload.sync_results)?;
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
         let s = &upload.source;
@@ -662,7 +673,7 @@ impl Store for SqliteStore {
         match &upload.sync_chunk {
             Some(chunk) => {
                 insert_chunk(&mut tx, s.id, chunk, "done").await?;
-                let applied = apply_results(&mut tx, &source, upload.sync_results).await?;
+                let applied = apply_results(&mut tx, &source, sync_prepared).await?;
                 advance_source(&mut tx, s.id, &applied, 1).await?;
             }
             None if chunk_count == 0 => {
@@ -966,6 +977,8 @@ impl Store for SqliteStore {
     }
 
     async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed> {
+        // Outside the transaction: only resolution needs to see the directory.
+        let prepared = prepare(results)?;
         let mut tx = self.writer.begin().await?;
         let held = sqlx::query(
             "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
@@ -979,7 +992,7 @@ impl Store for SqliteStore {
             return Ok(Committed::LeaseLost);
         }
         let source = load_source(&mut tx, lease.source_id).await?;
-        let applied = apply_results(&mut tx, &source, results).await?;
+        let applied = apply_results(&mut tx, &source, prepared).await?;
         sqlx::query(
             "UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = ?",
         )
