@@ -14,7 +14,7 @@ use sqlx::{Executor, FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::writes::{identity_lookups, owners_to_load, plan_writes, Writes};
+use super::writes::{identity_lookups, owners_to_load, plan_writes, prepare, Prepared, Writes};
 use super::{Store, StoreError, StoreResult};
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row;
@@ -82,19 +82,62 @@ async fn copy_in(conn: &mut PgConnection, statement: &str, data: Vec<u8>) -> Sto
     Ok(())
 }
 
-/// Staging tables live per connection and empty themselves at commit.
-const STAGING: &str = "
-CREATE TEMP TABLE IF NOT EXISTS stage_records (LIKE records) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_failed (LIKE failed_rows) ON COMMIT DELETE ROWS;
-CREATE TEMP TABLE IF NOT EXISTS stage_issues (
+/// Row issues are staged: the pass that completes a source may flag an issue a chunk already
+/// recorded, and `ON CONFLICT DO NOTHING` keeps one. The table lives per connection and empties
+/// itself at commit.
+const STAGE_ISSUES: &str = "CREATE TEMP TABLE IF NOT EXISTS stage_issues (
     source_id UUID, row_number BIGINT, line_number BIGINT, severity TEXT, code TEXT,
-    column_name TEXT, message TEXT, value TEXT) ON COMMIT DELETE ROWS;
-";
+    column_name TEXT, message TEXT, value TEXT) ON COMMIT DELETE ROWS";
+
+/// Inserts row issues given as COPY text rows, skipping any already recorded.
+async fn insert_issues(conn: &mut PgConnection, rows: Vec<u8>) -> StoreResult<()> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    conn.execute(STAGE_ISSUES).await?;
+    copy_in(
+        conn,
+        "COPY stage_issues (source_id, row_number, line_number, severity, code, column_name, message, value) FROM STDIN",
+        rows,
+    )
+    .await?;
+    // DELETE, not TRUNCATE: a truncate swaps the table's files, which cost more than the
+    // handful of rows here, and the table may be used again before the commit.
+    conn.execute(
+        "INSERT INTO row_issues (source_id, row_number, line_number, severity, code, column_name, message, value)
+           SELECT * FROM stage_issues ORDER BY row_number ON CONFLICT DO NOTHING;
+         DELETE FROM stage_issues;",
+    )
+    .await?;
+    Ok(())
+}
+
+fn issue_row(
+    buf: &mut Vec<u8>,
+    source: &str,
+    row_number: i64,
+    line_number: i64,
+    issue: &row::Issue,
+) {
+    copy_row(
+        buf,
+        &[
+            Some(source),
+            Some(&row_number.to_string()),
+            Some(&line_number.to_string()),
+            Some(issue.code.severity().as_str()),
+            Some(issue.code.as_str()),
+            Some(issue.column.as_deref().unwrap_or("")),
+            Some(&issue.message),
+            issue.value.as_deref(),
+        ],
+    );
+}
 
 async fn apply_results(
     conn: &mut PgConnection,
     source: &Source,
-    results: ChunkResults,
+    prepared: Prepared,
 ) -> StoreResult<Applied> {
     let dir = source.directory_id;
     // One resolver per directory at a time: loads below see every identity committed before.
@@ -103,12 +146,18 @@ async fn apply_results(
         .execute(&mut *conn)
         .await?;
     let mut existing = Existing::default();
-    for (kind, values) in identity_lookups(&results) {
+    // One primary-key probe per value, whatever the statistics say: a plain join let the
+    // planner, estimating a young table from stale statistics, hash-join against every
+    // identity of the directory, which made each chunk slower than the one before it. The
+    // `LIMIT 1` keeps the lateral subquery from being flattened into such a join.
+    for (kind, values) in identity_lookups(&prepared) {
         if values.is_empty() {
             continue;
         }
         let rows = sqlx::query(
-            "SELECT value, profile_id FROM profile_identities WHERE directory_id = $1 AND kind = $2 AND value = ANY($3)",
+            "SELECT v.value, i.profile_id FROM UNNEST($3::text[]) AS v(value)
+             CROSS JOIN LATERAL (SELECT profile_id FROM profile_identities
+                 WHERE directory_id = $1 AND kind = $2 AND value = v.value LIMIT 1) i",
         )
         .bind(dir)
         .bind(kind)
@@ -124,10 +173,13 @@ async fn apply_results(
     }
     let owners = owners_to_load(&existing);
     if !owners.is_empty() {
-        let rows = sqlx::query("SELECT id, state FROM profiles WHERE id = ANY($1)")
-            .bind(&owners)
-            .fetch_all(&mut *conn)
-            .await?;
+        let rows = sqlx::query(
+            "SELECT u.id, p.state FROM UNNEST($1::uuid[]) AS u(id)
+             CROSS JOIN LATERAL (SELECT state FROM profiles WHERE id = u.id LIMIT 1) p",
+        )
+        .bind(&owners)
+        .fetch_all(&mut *conn)
+        .await?;
         for row in rows {
             let state: String = row.try_get("state")?;
             existing.profiles.insert(
@@ -136,7 +188,7 @@ async fn apply_results(
             );
         }
     }
-    let writes = plan_writes(results, existing, source)?;
+    let writes = plan_writes(prepared, existing, source)?;
     write_all(conn, source, writes).await
 }
 
@@ -147,20 +199,33 @@ async fn write_all(
 ) -> StoreResult<Applied> {
     let now = now_ms();
     let dir = source.directory_id;
-    if !writes.created.is_empty() {
-        let (ids, states): (Vec<Uuid>, Vec<String>) = writes.created.into_iter().unzip();
-        sqlx::query(
-            "INSERT INTO profiles (id, organization_id, directory_id, state, created_ms, updated_ms)
-             SELECT id, $3, $4, state, $5, $5 FROM UNNEST($1::uuid[], $2::text[]) AS u(id, state)",
-        )
-        .bind(&ids)
-        .bind(&states)
-        .bind(source.organization_id)
-        .bind(dir)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
+    // New profiles and identities go straight in with COPY: under the directory lock nothing
+    // else can have created them, and COPY is several times cheaper than binding arrays.
+    let (org, dir_text, now_text) = (
+        source.organization_id.to_string(),
+        dir.to_string(),
+        now.to_string(),
+    );
+    let mut buf = Vec::new();
+    for (id, state) in &writes.created {
+        copy_row(
+            &mut buf,
+            &[
+                Some(&id.to_string()),
+                Some(&org),
+                Some(&dir_text),
+                Some(state),
+                Some(&now_text),
+                Some(&now_text),
+            ],
+        );
     }
+    copy_in(
+        conn,
+        "COPY profiles (id, organization_id, directory_id, state, created_ms, updated_ms) FROM STDIN",
+        buf,
+    )
+    .await?;
     if !writes.updated.is_empty() {
         let (ids, states): (Vec<Uuid>, Vec<String>) = writes.updated.into_iter().unzip();
         sqlx::query(
@@ -173,29 +238,28 @@ async fn write_all(
         .execute(&mut *conn)
         .await?;
     }
-    if !writes.identities.is_empty() {
-        let mut kinds = Vec::new();
-        let mut values = Vec::new();
-        let mut profiles = Vec::new();
-        for (kind, value, profile) in writes.identities {
-            kinds.push(kind);
-            values.push(value);
-            profiles.push(profile);
-        }
-        sqlx::query(
-            "INSERT INTO profile_identities (directory_id, kind, value, profile_id)
-             SELECT $1, kind, value, profile_id FROM UNNEST($2::text[], $3::text[], $4::uuid[]) AS u(kind, value, profile_id)",
-        )
-        .bind(dir)
-        .bind(&kinds)
-        .bind(&values)
-        .bind(&profiles)
-        .execute(&mut *conn)
-        .await?;
+    let mut buf = Vec::new();
+    for (kind, value, profile) in &writes.identities {
+        copy_row(
+            &mut buf,
+            &[
+                Some(&dir_text),
+                Some(kind),
+                Some(value),
+                Some(&profile.to_string()),
+            ],
+        );
     }
-    conn.execute(STAGING).await?;
+    copy_in(
+        conn,
+        "COPY profile_identities (directory_id, kind, value, profile_id) FROM STDIN",
+        buf,
+    )
+    .await?;
+    // Records and failed rows go straight in too. None can exist yet: a chunk commits once,
+    // fenced by its lease and its `running` state, and the upload's own rows belong to a new
+    // source. Should that ever fail, the primary keys refuse the second copy loudly.
     let source_id = source.id.to_string();
-
     let mut buf = Vec::new();
     for r in &writes.records {
         copy_row(
@@ -215,7 +279,7 @@ async fn write_all(
     }
     copy_in(
         conn,
-        "COPY stage_records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) FROM STDIN",
+        "COPY records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) FROM STDIN",
         buf,
     )
     .await?;
@@ -235,39 +299,15 @@ async fn write_all(
     }
     copy_in(
         conn,
-        "COPY stage_failed (source_id, row_number, line_number, fields, error_code, error_message) FROM STDIN",
+        "COPY failed_rows (source_id, row_number, line_number, fields, error_code, error_message) FROM STDIN",
         buf,
     )
     .await?;
     let mut buf = Vec::new();
     for i in &writes.issues {
-        copy_row(
-            &mut buf,
-            &[
-                Some(&source_id),
-                Some(&i.row_number.to_string()),
-                Some(&i.line_number.to_string()),
-                Some(i.issue.code.severity().as_str()),
-                Some(i.issue.code.as_str()),
-                Some(i.issue.column.as_deref().unwrap_or("")),
-                Some(&i.issue.message),
-                i.issue.value.as_deref(),
-            ],
-        );
+        issue_row(&mut buf, &source_id, i.row_number, i.line_number, &i.issue);
     }
-    copy_in(
-        conn,
-        "COPY stage_issues (source_id, row_number, line_number, severity, code, column_name, message, value) FROM STDIN",
-        buf,
-    )
-    .await?;
-    conn.execute(
-        "INSERT INTO records SELECT * FROM stage_records ON CONFLICT DO NOTHING;
-         INSERT INTO failed_rows SELECT * FROM stage_failed ON CONFLICT DO NOTHING;
-         INSERT INTO row_issues (source_id, row_number, line_number, severity, code, column_name, message, value)
-           SELECT * FROM stage_issues ORDER BY row_number ON CONFLICT DO NOTHING;
-         TRUNCATE stage_records, stage_failed, stage_issues;",
-    ).await?;
+    insert_issues(conn, buf).await?;
     Ok(writes.applied)
 }
 
@@ -317,37 +357,20 @@ async fn finalize_source(conn: &mut PgConnection, source_id: Uuid) -> StoreResul
         if rows.is_empty() {
             continue;
         }
-        conn.execute(STAGING).await?;
         let mut buf = Vec::new();
         let source = source_id.to_string();
         for r in rows {
             let value: String = r.try_get("value")?;
             let issue = row::duplicate_issue(kind, &value);
-            copy_row(
+            issue_row(
                 &mut buf,
-                &[
-                    Some(&source),
-                    Some(&r.try_get::<i64, _>("row_number")?.to_string()),
-                    Some(&r.try_get::<i64, _>("line_number")?.to_string()),
-                    Some(issue.code.severity().as_str()),
-                    Some(issue.code.as_str()),
-                    issue.column.as_deref(),
-                    Some(&issue.message),
-                    issue.value.as_deref(),
-                ],
+                &source,
+                r.try_get("row_number")?,
+                r.try_get("line_number")?,
+                &issue,
             );
         }
-        copy_in(
-            conn,
-            "COPY stage_issues (source_id, row_number, line_number, severity, code, column_name, message, value) FROM STDIN",
-            buf,
-        )
-        .await?;
-        conn.execute(
-            "INSERT INTO row_issues (source_id, row_number, line_number, severity, code, column_name, message, value)
-               SELECT * FROM stage_issues ORDER BY row_number ON CONFLICT DO NOTHING;
-             TRUNCATE stage_issues;",
-        ).await?;
+        insert_issues(conn, buf).await?;
     }
     let source = load_source(conn, source_id).await?;
     if source.accepted + source.failed != source.total_rows {
@@ -683,6 +706,7 @@ impl Store for PgStore {
     }
 
     async fn commit_upload(&self, upload: NewUpload) -> StoreResult<(Source, Vec<ChunkRef>)> {
+        let sync_prepared = prepare(upload.sync_results)?;
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
         let s = &upload.source;
@@ -722,7 +746,7 @@ impl Store for PgStore {
         match &upload.sync_chunk {
             Some(chunk) => {
                 insert_chunk(&mut tx, s.id, chunk, "done").await?;
-                let applied = apply_results(&mut tx, &source, upload.sync_results).await?;
+                let applied = apply_results(&mut tx, &source, sync_prepared).await?;
                 advance_source(&mut tx, s.id, &applied, 1).await?;
             }
             None if chunk_count == 0 => {
@@ -1008,6 +1032,8 @@ impl Store for PgStore {
     }
 
     async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed> {
+        // Outside the transaction: only resolution needs to see the directory.
+        let prepared = prepare(results)?;
         let mut tx = self.pool.begin().await?;
         // The row lock fences a concurrent takeover: whoever holds it decides.
         let held = sqlx::query(
@@ -1023,7 +1049,7 @@ impl Store for PgStore {
             return Ok(Committed::LeaseLost);
         }
         let source = load_source(&mut tx, lease.source_id).await?;
-        let applied = apply_results(&mut tx, &source, results).await?;
+        let applied = apply_results(&mut tx, &source, prepared).await?;
         sqlx::query("UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = $1")
             .bind(lease.chunk_id)
             .execute(&mut *tx)

@@ -9,7 +9,7 @@ use uuid::Uuid;
 use super::rows::Applied;
 use super::StoreResult;
 use crate::domain::resolve::{self, Existing};
-use crate::domain::row::{self, Issue};
+use crate::domain::row::{self, Issue, RecordDraft};
 use crate::model::{ChunkResults, Source};
 
 pub(super) struct RecordWrite {
@@ -49,12 +49,63 @@ pub(super) struct Writes {
     pub applied: Applied,
 }
 
+/// A chunk's results with everything that does not depend on other chunks worked out:
+/// duplicates within the batch, the records' and failed rows' JSON. Backends prepare before
+/// they serialize on the directory, so that the critical section only resolves profiles.
+pub(super) struct Prepared {
+    accepted: Vec<RecordDraft>,
+    /// One per accepted record, in the same order; `profile_id` is set by [`plan_writes`].
+    records: Vec<RecordWrite>,
+    failed: Vec<FailedWrite>,
+    failed_issues: Vec<IssueWrite>,
+}
+
+pub(super) fn prepare(mut results: ChunkResults) -> StoreResult<Prepared> {
+    row::flag_duplicates_in_batch(&mut results.accepted);
+    let mut records = Vec::with_capacity(results.accepted.len());
+    for record in &results.accepted {
+        records.push(RecordWrite {
+            row_number: record.row_number as i64,
+            line_number: record.line_number as i64,
+            profile_id: Uuid::nil(),
+            email: record.fields.get("email").cloned(),
+            linkedin_url: record.fields.get("linkedin_url").cloned(),
+            phone: record.fields.get("phone").cloned(),
+            fields: serde_json::to_string(&record.fields)?,
+            attributes: serde_json::to_string(&record.attributes)?,
+        });
+    }
+    let mut failed = Vec::with_capacity(results.failed.len());
+    let mut failed_issues = Vec::with_capacity(results.failed.len());
+    for f in results.failed {
+        let (row_number, line_number) = (f.row_number as i64, f.line_number as i64);
+        failed.push(FailedWrite {
+            row_number,
+            line_number,
+            fields: serde_json::to_string(&f.fields)?,
+            error_code: f.error.code.as_str(),
+            error_message: f.error.message.clone(),
+        });
+        failed_issues.push(IssueWrite {
+            row_number,
+            line_number,
+            issue: f.error,
+        });
+    }
+    Ok(Prepared {
+        accepted: results.accepted,
+        records,
+        failed,
+        failed_issues,
+    })
+}
+
 /// The distinct identity values of a batch, by kind: what the backend must look up.
-pub(super) fn identity_lookups(results: &ChunkResults) -> Vec<(&'static str, Vec<String>)> {
+pub(super) fn identity_lookups(prepared: &Prepared) -> Vec<(&'static str, Vec<String>)> {
     resolve::IDENTITY_KINDS
         .iter()
         .map(|kind| {
-            let values: HashSet<&String> = results
+            let values: HashSet<&String> = prepared
                 .accepted
                 .iter()
                 .filter_map(|r| r.fields.get(*kind))
@@ -70,13 +121,20 @@ pub(super) fn owners_to_load(existing: &Existing) -> Vec<Uuid> {
     owners.into_iter().collect()
 }
 
+/// Resolves the prepared records against what the directory holds: the part of a commit that
+/// must see every earlier commit of the directory.
 pub(super) fn plan_writes(
-    mut results: ChunkResults,
+    prepared: Prepared,
     mut existing: Existing,
     source: &Source,
 ) -> StoreResult<Writes> {
-    row::flag_duplicates_in_batch(&mut results.accepted);
-    let plan = resolve::resolve_batch(&mut existing, &results.accepted, source.seq, Uuid::now_v7);
+    let Prepared {
+        accepted,
+        mut records,
+        failed,
+        failed_issues,
+    } = prepared;
+    let plan = resolve::resolve_batch(&mut existing, &accepted, source.seq, Uuid::now_v7);
     let state_json =
         |m: BTreeMap<Uuid, resolve::ProfileState>| -> StoreResult<Vec<(Uuid, String)>> {
             m.into_iter()
@@ -84,57 +142,38 @@ pub(super) fn plan_writes(
                 .collect()
         };
     let assignments: HashMap<u64, Uuid> = plan.assignments.iter().copied().collect();
-    let mut resolution_warnings: BTreeMap<u64, Vec<Issue>> = BTreeMap::new();
+    let mut resolution_warnings: HashMap<u64, Vec<Issue>> = HashMap::new();
     for (row_number, issue) in plan.warnings {
         resolution_warnings
             .entry(row_number)
             .or_default()
             .push(issue);
     }
-    let mut records = Vec::with_capacity(results.accepted.len());
     let mut issues = Vec::new();
     let mut warned_rows = 0u64;
-    for record in results.accepted.iter_mut() {
+    for (record, write) in accepted.into_iter().zip(records.iter_mut()) {
+        write.profile_id = assignments[&record.row_number];
         let extra = resolution_warnings
             .remove(&record.row_number)
             .unwrap_or_default();
-        record.warnings.extend(extra);
-        if !record.warnings.is_empty() {
-            warned_rows += 1;
+        if record.warnings.is_empty() && extra.is_empty() {
+            continue;
         }
-        let (row_number, line_number) = (record.row_number as i64, record.line_number as i64);
-        issues.extend(record.warnings.drain(..).map(|issue| IssueWrite {
-            row_number,
-            line_number,
-            issue,
-        }));
-        records.push(RecordWrite {
-            row_number,
-            line_number,
-            profile_id: assignments[&record.row_number],
-            email: record.fields.get("email").cloned(),
-            linkedin_url: record.fields.get("linkedin_url").cloned(),
-            phone: record.fields.get("phone").cloned(),
-            fields: serde_json::to_string(&record.fields)?,
-            attributes: serde_json::to_string(&record.attributes)?,
-        });
+        warned_rows += 1;
+        let (row_number, line_number) = (write.row_number, write.line_number);
+        issues.extend(
+            record
+                .warnings
+                .into_iter()
+                .chain(extra)
+                .map(|issue| IssueWrite {
+                    row_number,
+                    line_number,
+                    issue,
+                }),
+        );
     }
-    let mut failed = Vec::with_capacity(results.failed.len());
-    for f in results.failed {
-        let (row_number, line_number) = (f.row_number as i64, f.line_number as i64);
-        failed.push(FailedWrite {
-            row_number,
-            line_number,
-            fields: serde_json::to_string(&f.fields)?,
-            error_code: f.error.code.as_str(),
-            error_message: f.error.message.clone(),
-        });
-        issues.push(IssueWrite {
-            row_number,
-            line_number,
-            issue: f.error,
-        });
-    }
+    issues.extend(failed_issues);
     Ok(Writes {
         created: state_json(plan.created)?,
         updated: state_json(plan.updated)?,
