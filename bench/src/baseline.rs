@@ -1,0 +1,146 @@
+//! The baselines Orbit is measured against: `psql \copy` and `pgloader` loading the same file
+//! into a plain table with the identity index Orbit keeps (unique email), on the same server.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use orbit_shared::testing::TestDatabase;
+use sqlx::Connection;
+
+use crate::generate::HEADER;
+
+fn columns() -> Vec<&'static str> {
+    HEADER.split(',').collect()
+}
+
+/// Creates `table` with every column as text and the unique identity index.
+async fn create_table(db: &TestDatabase, table: &str) -> anyhow::Result<()> {
+    let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+    let cols: Vec<String> = columns().iter().map(|c| format!("{c} TEXT")).collect();
+    sqlx::query(&format!("CREATE TABLE {table} ({})", cols.join(", ")))
+        .execute(&mut conn)
+        .await?;
+    sqlx::query(&format!(
+        "CREATE UNIQUE INDEX {table}_email ON {table} (email)"
+    ))
+    .execute(&mut conn)
+    .await?;
+    // Each load starts from a clean slate, not paying for the previous one's dirty pages.
+    sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+    Ok(())
+}
+
+async fn truncate(db: &TestDatabase, table: &str) -> anyhow::Result<()> {
+    let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+    sqlx::query(&format!("TRUNCATE {table}"))
+        .execute(&mut conn)
+        .await?;
+    Ok(())
+}
+
+async fn count(db: &TestDatabase, table: &str) -> anyhow::Result<i64> {
+    let mut conn = sqlx::PgConnection::connect(&db.url).await?;
+    let (n,): (i64,) = sqlx::query_as(&format!("SELECT COUNT(*) FROM {table}"))
+        .fetch_one(&mut conn)
+        .await?;
+    Ok(n)
+}
+
+async fn run(command: &mut tokio::process::Command, what: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("cannot run {what}"))?;
+    let took = started.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(took)
+}
+
+/// `psql \copy` of `csv` into a fresh indexed table; the wall time of the psql process.
+pub async fn psql_copy(db: &TestDatabase, csv: &Path, rows: u64) -> anyhow::Result<Duration> {
+    create_table(db, "contacts_copy").await?;
+    let copy = format!(
+        "\\copy contacts_copy FROM '{}' WITH (FORMAT csv, HEADER true)",
+        csv.display()
+    );
+    let took = run(
+        tokio::process::Command::new("psql").args([
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            &db.url,
+            "-c",
+            &copy,
+        ]),
+        "psql \\copy",
+    )
+    .await?;
+    let loaded = count(db, "contacts_copy").await?;
+    anyhow::ensure!(loaded == rows as i64, "psql loaded {loaded} rows of {rows}");
+    Ok(took)
+}
+
+/// `pgloader` with its default batch and concurrency settings, into a fresh indexed table.
+pub async fn pgloader(
+    db: &TestDatabase,
+    csv: &Path,
+    rows: u64,
+    work: &Path,
+) -> anyhow::Result<Duration> {
+    create_table(db, "contacts_pgloader").await?;
+    let cols = columns().join(", ");
+    let script = format!(
+        "LOAD CSV\n  FROM '{csv}' ({cols})\n  INTO {url}?contacts_pgloader ({cols})\n  \
+         WITH skip header = 1, fields optionally enclosed by '\"', fields escaped by double-quote,\n       \
+         fields terminated by ',';\n",
+        csv = csv.display(),
+        url = db.url.replacen("postgres://", "postgresql://", 1),
+    );
+    let load = work.join("contacts.load");
+    std::fs::write(&load, script)?;
+    // Debian's pgloader 3.6.9 sometimes dies at start-up, before loading anything, with
+    // "Failed to start the monitor thread" (a race in its logger, dimitri/pgloader#1380): such
+    // a run is retried against the emptied table; any other failure is an error.
+    let mut attempt = 1;
+    let took = loop {
+        let result = run(
+            tokio::process::Command::new("pgloader")
+                .arg("--quiet")
+                .arg("--root-dir")
+                .arg(work.join("pgloader"))
+                .arg(&load),
+            "pgloader",
+        )
+        .await;
+        match result {
+            Err(e)
+                if attempt < 3 && e.to_string().contains("Failed to start the monitor thread") =>
+            {
+                eprintln!("pgloader failed to start (attempt {attempt}); retrying");
+                truncate(db, "contacts_pgloader").await?;
+                attempt += 1;
+            }
+            other => break other?,
+        }
+    };
+    let loaded = count(db, "contacts_pgloader").await?;
+    anyhow::ensure!(
+        loaded == rows as i64,
+        "pgloader loaded {loaded} rows of {rows}; see {}",
+        work.join("pgloader").display()
+    );
+    Ok(took)
+}

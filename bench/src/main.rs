@@ -1,0 +1,401 @@
+//! `orbit-bench`: Orbit measured against `psql \copy` and `pgloader` on the same file, the same
+//! PostgreSQL and the same run, plus latency under load and peak memory. `deploy/bench.sh`
+//! brings up the services, builds the release binaries and runs it; docs/performance.md
+//! records a run.
+//!
+//! - `generate`: the deterministic contacts CSV;
+//! - `baseline`: the `psql \copy` and `pgloader` loads;
+//! - `orbit`: the release gateway and workers as processes, with /proc readings;
+//! - `load`: the synchronous path under concurrent clients.
+
+mod baseline;
+mod generate;
+mod load;
+mod orbit;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use orbit::{Orbit, StackKind};
+use orbit_shared::testing::{postgres_admin_url, TestDatabase};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::Connection;
+
+#[derive(Parser)]
+#[command(about = "Benchmark Orbit against psql \\copy and pgloader; see docs/performance.md")]
+struct Args {
+    /// Rows in the bulk file.
+    #[arg(long, default_value_t = 1_000_000)]
+    rows: u64,
+    /// Where files, logs and results go.
+    #[arg(long, default_value = "/var/tmp/orbit-bench")]
+    work_dir: PathBuf,
+    /// orbit-worker processes on the distributed stack.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Concurrent clients on the synchronous path.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// How long the synchronous-path load runs, in seconds.
+    #[arg(long, default_value_t = 30)]
+    seconds: u64,
+    /// Rows per synchronous upload.
+    #[arg(long, default_value_t = 100)]
+    sync_rows: u64,
+    /// Size of the file for the memory measurement.
+    #[arg(long, default_value_t = 1 << 30)]
+    rss_bytes: u64,
+    /// Orbit settings for every gateway and worker, as `section.key=value` (repeatable), for
+    /// example `--set ingest.chunk_rows=5000 --set worker.concurrency=4`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
+    /// Phases to run, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "copy,pgloader,distributed,embedded,sync,rss"
+    )]
+    phases: Vec<String>,
+}
+
+impl Args {
+    /// `--set section.key=value` as the `ORBIT__SECTION__KEY` variables Orbit reads.
+    fn orbit_env(&self) -> anyhow::Result<Vec<(String, String)>> {
+        self.settings
+            .iter()
+            .map(|s| {
+                let (key, value) = s
+                    .split_once('=')
+                    .with_context(|| format!("--set {s}: expected section.key=value"))?;
+                let name = format!("ORBIT__{}", key.to_uppercase().replace('.', "__"));
+                Ok((name, value.to_owned()))
+            })
+            .collect()
+    }
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// Each bulk load starts without the previous one's dirty pages to write back.
+async fn checkpoint() -> anyhow::Result<()> {
+    let mut conn = sqlx::PgConnection::connect(&postgres_admin_url()).await?;
+    sqlx::query("CHECKPOINT").execute(&mut conn).await?;
+    Ok(())
+}
+
+/// What one bulk ingest into Orbit measured.
+struct Ingest {
+    took: Duration,
+    gateway_cpu: Duration,
+    workers_cpu: Duration,
+    machine_busy: Duration,
+    gateway_rss: u64,
+    workers_rss: u64,
+    upload_response: Duration,
+}
+
+/// Uploads `csv` (`rows` rows) to a fresh Orbit and times first byte to `completed`.
+async fn ingest(kind: StackKind, args: &Args, csv: &Path, rows: u64) -> anyhow::Result<Ingest> {
+    let mut orbit = Orbit::start(kind, &args.work_dir, args.workers, &args.orbit_env()?).await?;
+    checkpoint().await?;
+    let busy_before = orbit::machine_busy()?;
+    let (gateway_before, workers_before) = orbit.cpu()?;
+    let started = Instant::now();
+    let (status, receipt) = orbit.upload_file(csv).await?;
+    let upload_response = started.elapsed();
+    // The gateway's peak so far is the peak of accepting the upload.
+    let gateway_rss = orbit::peak_rss(&orbit.gateway)?;
+    anyhow::ensure!(
+        status == StatusCode::ACCEPTED || status == StatusCode::CREATED,
+        "upload answered {status}: {receipt}"
+    );
+    let source = receipt["source_id"]
+        .as_str()
+        .context("source_id")?
+        .to_owned();
+    let done = orbit
+        .wait_completed(&source, Duration::from_secs(3600))
+        .await?;
+    let took = started.elapsed();
+    let (gateway_after, workers_after) = orbit.cpu()?;
+    let busy_after = orbit::machine_busy()?;
+    // The generated file is clean: anything but every row accepted without a warning means
+    // the run measured something else (or Orbit lost rows).
+    anyhow::ensure!(
+        done["accepted"] == rows && done["failed"] == 0 && done["warnings"] == 0,
+        "expected {rows} rows accepted without warnings: {done}"
+    );
+    let workers_rss = orbit
+        .workers
+        .iter()
+        .map(orbit::peak_rss)
+        .collect::<anyhow::Result<Vec<_>>>()?
+        .into_iter()
+        .max()
+        .unwrap_or(0);
+    Ok(Ingest {
+        took,
+        gateway_cpu: gateway_after - gateway_before,
+        workers_cpu: workers_after - workers_before,
+        machine_busy: busy_after - busy_before,
+        gateway_rss,
+        workers_rss,
+        upload_response,
+    })
+}
+
+fn baseline_rate(name: &str, rows: u64, took: Duration) -> f64 {
+    let rate = rows as f64 / took.as_secs_f64();
+    println!(
+        "{name:<20} {:>8.2} s  {rate:>9.0} rows/s",
+        took.as_secs_f64()
+    );
+    rate
+}
+
+/// The targets against what this run measured; what a phase did not run is skipped.
+fn print_targets(results: &serde_json::Map<String, Value>) {
+    let at = |path: &[&str]| -> Option<f64> {
+        let mut v = results.get(path[0])?;
+        for key in &path[1..] {
+            v = v.get(key)?;
+        }
+        v.as_f64()
+    };
+    let targets: [(&str, Option<f64>, f64, bool); 5] = [
+        (
+            "distributed rows/s / psql \\copy",
+            at(&["ratio_orbit_distributed_to_psql_copy"]),
+            0.5,
+            true,
+        ),
+        (
+            "distributed rows/s / pgloader",
+            at(&["ratio_orbit_distributed_to_pgloader"]),
+            3.0,
+            true,
+        ),
+        (
+            "sync p99 ms, 16 clients, one directory",
+            at(&["sync", "distributed_one_dir", "p99_ms"]),
+            50.0,
+            false,
+        ),
+        (
+            "gateway peak RSS MiB, memory run",
+            at(&["rss_run", "run", "peak_rss_mib", "gateway"]),
+            64.0,
+            false,
+        ),
+        (
+            "worker peak RSS MiB, memory run",
+            at(&["rss_run", "run", "peak_rss_mib", "worker"]),
+            64.0,
+            false,
+        ),
+    ];
+    println!("targets:");
+    for (name, value, target, at_least) in targets {
+        let Some(value) = value else { continue };
+        let met = if at_least {
+            value >= target
+        } else {
+            value <= target
+        };
+        println!(
+            "  {name:<42} {value:>8.2}  target {} {target:<6} {}",
+            if at_least { ">=" } else { "<=" },
+            if met { "met" } else { "MISSED" }
+        );
+    }
+}
+
+fn report_ingest(name: &str, rows: u64, i: &Ingest) -> Value {
+    let rate = rows as f64 / i.took.as_secs_f64();
+    let others = i.machine_busy.saturating_sub(i.gateway_cpu + i.workers_cpu);
+    println!(
+        "{name:<20} {:>8.2} s  {rate:>9.0} rows/s  (upload answered after {:.2} s; CPU s: gateway {:.1}, workers {:.1}, everything else {:.1}; peak RSS MiB: gateway {:.1}, worker {:.1})",
+        i.took.as_secs_f64(),
+        i.upload_response.as_secs_f64(),
+        i.gateway_cpu.as_secs_f64(),
+        i.workers_cpu.as_secs_f64(),
+        others.as_secs_f64(),
+        mib(i.gateway_rss),
+        mib(i.workers_rss),
+    );
+    json!({
+        "seconds": i.took.as_secs_f64(),
+        "rows_per_second": rate,
+        "upload_response_seconds": i.upload_response.as_secs_f64(),
+        "cpu_seconds": {
+            "gateway": i.gateway_cpu.as_secs_f64(),
+            "workers": i.workers_cpu.as_secs_f64(),
+            "everything_else": others.as_secs_f64(),
+        },
+        "peak_rss_mib": { "gateway": mib(i.gateway_rss), "worker": mib(i.workers_rss) },
+    })
+}
+
+async fn sync_load(kind: StackKind, args: &Args, per_client_dirs: bool) -> anyhow::Result<Value> {
+    let orbit = Orbit::start(kind, &args.work_dir, args.workers, &args.orbit_env()?).await?;
+    let dirs = if per_client_dirs {
+        let mut dirs = Vec::new();
+        for i in 0..args.clients {
+            dirs.push(orbit.create_directory(&format!("client {i}")).await?);
+        }
+        dirs
+    } else {
+        vec![orbit.tenant.dir]
+    };
+    let orbit = Arc::new(orbit);
+    let r = load::run(
+        orbit,
+        &dirs,
+        args.clients,
+        Duration::from_secs(args.seconds),
+        args.sync_rows,
+    )
+    .await?;
+    let name = format!(
+        "{} sync, {}",
+        kind.name(),
+        if per_client_dirs {
+            "dir per client"
+        } else {
+            "one dir"
+        }
+    );
+    println!(
+        "{name:<36} {:>7.1} uploads/s  p50 {:>6.1} ms  p99 {:>6.1} ms  max {:>6.1} ms  ({} uploads, {} errors)",
+        r.per_second(),
+        r.p50.as_secs_f64() * 1e3,
+        r.p99.as_secs_f64() * 1e3,
+        r.max.as_secs_f64() * 1e3,
+        r.uploads,
+        r.errors,
+    );
+    anyhow::ensure!(r.errors == 0, "{} uploads did not answer 201", r.errors);
+    Ok(json!({
+        "uploads_per_second": r.per_second(),
+        "p50_ms": r.p50.as_secs_f64() * 1e3,
+        "p99_ms": r.p99.as_secs_f64() * 1e3,
+        "max_ms": r.max.as_secs_f64() * 1e3,
+        "uploads": r.uploads,
+    }))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let phase = |name: &str| args.phases.iter().any(|p| p == name);
+    std::fs::create_dir_all(&args.work_dir)?;
+    let mut results = serde_json::Map::new();
+
+    let csv = args.work_dir.join(format!("contacts-{}.csv", args.rows));
+    let generated = generate::write_csv(&csv, args.rows, u64::MAX)?;
+    let rows = generated.rows;
+    println!(
+        "file: {} ({rows} rows, {:.1} MB)",
+        csv.display(),
+        generated.bytes as f64 / 1e6
+    );
+    results.insert(
+        "file".into(),
+        json!({ "rows": rows, "bytes": generated.bytes }),
+    );
+
+    let mut rates = serde_json::Map::new();
+    if phase("copy") || phase("pgloader") {
+        let db = TestDatabase::create().await;
+        if phase("copy") {
+            checkpoint().await?;
+            let took = baseline::psql_copy(&db, &csv, rows).await?;
+            rates.insert(
+                "psql_copy".into(),
+                json!(baseline_rate("psql \\copy", rows, took)),
+            );
+        }
+        if phase("pgloader") {
+            checkpoint().await?;
+            let took = baseline::pgloader(&db, &csv, rows, &args.work_dir).await?;
+            rates.insert(
+                "pgloader".into(),
+                json!(baseline_rate("pgloader", rows, took)),
+            );
+        }
+    }
+    for kind in [StackKind::Distributed, StackKind::Embedded] {
+        if phase(kind.name()) {
+            let i = ingest(kind, &args, &csv, rows).await?;
+            let report = report_ingest(&format!("orbit {}", kind.name()), rows, &i);
+            rates.insert(
+                format!("orbit_{}", kind.name()),
+                report["rows_per_second"].clone(),
+            );
+            results.insert(format!("orbit_{}", kind.name()), report);
+        }
+    }
+    for orbit in ["orbit_distributed", "orbit_embedded"] {
+        for base in ["psql_copy", "pgloader"] {
+            if let (Some(o), Some(b)) = (
+                rates.get(orbit).and_then(Value::as_f64),
+                rates.get(base).and_then(Value::as_f64),
+            ) {
+                println!("ratio {orbit} / {base}: {:.2}", o / b);
+                results.insert(format!("ratio_{orbit}_to_{base}"), json!(o / b));
+            }
+        }
+    }
+    results.insert("rows_per_second".into(), Value::Object(rates));
+
+    if phase("sync") {
+        let mut sync = serde_json::Map::new();
+        for (kind, per_client) in [
+            (StackKind::Distributed, false),
+            (StackKind::Distributed, true),
+            (StackKind::Embedded, false),
+        ] {
+            let key = format!(
+                "{}_{}",
+                kind.name(),
+                if per_client {
+                    "dir_per_client"
+                } else {
+                    "one_dir"
+                }
+            );
+            sync.insert(key, sync_load(kind, &args, per_client).await?);
+        }
+        results.insert("sync".into(), Value::Object(sync));
+    }
+
+    if phase("rss") {
+        let big = args.work_dir.join("contacts-rss.csv");
+        let g = generate::write_csv(&big, u64::MAX, args.rss_bytes)?;
+        println!(
+            "memory file: {} ({} rows, {:.2} GiB)",
+            big.display(),
+            g.rows,
+            g.bytes as f64 / (1u64 << 30) as f64
+        );
+        let i = ingest(StackKind::Distributed, &args, &big, g.rows).await?;
+        let report = report_ingest("orbit memory run", g.rows, &i);
+        results.insert(
+            "rss_run".into(),
+            json!({ "rows": g.rows, "bytes": g.bytes, "run": report }),
+        );
+        std::fs::remove_file(&big)?;
+    }
+
+    print_targets(&results);
+    let out = args.work_dir.join("results.json");
+    std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
+    println!("results: {}", out.display());
+    Ok(())
+}

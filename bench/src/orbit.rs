@@ -1,0 +1,374 @@
+//! Orbit under test: the release `orbit-gateway` and `orbit-worker` binaries started as
+//! processes, as an operator runs them, on the embedded defaults or on a fresh PostgreSQL
+//! database, S3 bucket and RabbitMQ queue. Readings of their memory and CPU come from /proc.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use orbit_shared::testing::DistributedStack;
+use reqwest::multipart::{Form, Part};
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::process::{Child, Command};
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StackKind {
+    Embedded,
+    Distributed,
+}
+
+impl StackKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            StackKind::Embedded => "embedded",
+            StackKind::Distributed => "distributed",
+        }
+    }
+}
+
+/// A binary built beside this one (`cargo build --release --workspace --bins`).
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
+    let path = std::env::current_exe()?.with_file_name(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --workspace --bins` (deploy/bench.sh does)",
+        path.display()
+    );
+    Ok(path)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A process's peak resident set (VmHWM), in bytes.
+pub fn peak_rss(child: &Child) -> anyhow::Result<u64> {
+    let pid = child.id().context("the process has exited")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/<pid>/status")?;
+    Ok(kib * 1024)
+}
+
+/// User plus system CPU time a process has used so far (all its threads).
+pub fn cpu_time(child: &Child) -> anyhow::Result<Duration> {
+    let pid = child.id().context("the process has exited")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // USER_HZ is 100 on every Linux architecture Orbit builds for.
+    Ok(Duration::from_millis(ticks * 10))
+}
+
+/// Busy CPU time of the whole machine (every core), for attributing what the services used.
+pub fn machine_busy() -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let cpu = stat.lines().next().context("empty /proc/stat")?;
+    let values: Vec<u64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal: busy is all but idle and iowait.
+    let busy: u64 = [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| values.get(i))
+        .sum();
+    Ok(Duration::from_millis(busy * 10))
+}
+
+pub struct Tenant {
+    pub org: Uuid,
+    pub dir: Uuid,
+    pub token: String,
+}
+
+pub struct Orbit {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub tenant: Tenant,
+    pub gateway: Child,
+    pub workers: Vec<Child>,
+    env: Vec<(String, String)>,
+    dir: PathBuf,
+    // Dropped after the processes (field order): the services outlive their clients.
+    _stack: Option<DistributedStack>,
+}
+
+impl Orbit {
+    /// Starts a gateway (and `workers` orbit-worker processes on the distributed stack) with
+    /// their defaults plus `extra` settings, and bootstraps a tenant.
+    pub async fn start(
+        kind: StackKind,
+        work: &Path,
+        workers: usize,
+        extra: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        let dir = work.join(format!("{}-{}", kind.name(), Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let port = free_port()?;
+        let stack = match kind {
+            StackKind::Distributed => Some(DistributedStack::create().await),
+            StackKind::Embedded => None,
+        };
+        let mut env = match &stack {
+            Some(stack) => stack.env(),
+            None => vec![
+                (
+                    "ORBIT__DATABASE__URL".into(),
+                    format!("sqlite://{}/orbit.db", dir.display()),
+                ),
+                (
+                    "ORBIT__OBJECT_STORE__URL".into(),
+                    format!("file://{}/objects", dir.display()),
+                ),
+            ],
+        };
+        env.push(("ORBIT__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
+        env.push(("RUST_LOG".into(), "warn".into()));
+        env.extend(extra.iter().cloned());
+
+        if kind == StackKind::Distributed {
+            gateway_command(&env, &["migrate"]).await?;
+        }
+        let mut orbit = Orbit {
+            base: format!("http://127.0.0.1:{port}"),
+            client: reqwest::Client::new(),
+            tenant: Tenant {
+                org: Uuid::nil(),
+                dir: Uuid::nil(),
+                token: String::new(),
+            },
+            gateway: spawn(
+                &binary("orbit-gateway")?,
+                &[],
+                &env,
+                &dir.join("gateway.log"),
+            )?,
+            workers: Vec::new(),
+            env,
+            dir,
+            _stack: stack,
+        };
+        orbit.wait_ready().await?;
+        let out = orbit.admin(&["admin", "bootstrap"]).await?;
+        orbit.tenant = Tenant {
+            org: out["organization_id"].as_str().context("org")?.parse()?,
+            dir: out["directory_id"].as_str().context("dir")?.parse()?,
+            token: out["token"].as_str().context("token")?.to_owned(),
+        };
+        if kind == StackKind::Distributed {
+            for i in 0..workers {
+                let log = orbit.dir.join(format!("worker-{i}.log"));
+                orbit
+                    .workers
+                    .push(spawn(&binary("orbit-worker")?, &[], &orbit.env, &log)?);
+            }
+        }
+        Ok(orbit)
+    }
+
+    async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(r) = self
+                .client
+                .get(format!("{}/readyz", self.base))
+                .send()
+                .await
+            {
+                if r.status() == StatusCode::OK {
+                    return Ok(());
+                }
+            }
+            if let Some(status) = self.gateway.try_wait()? {
+                bail!(
+                    "the gateway exited ({status}); see {}",
+                    self.dir.join("gateway.log").display()
+                );
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the gateway was not ready within 120 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs `orbit-gateway admin …` against the same backends and returns its JSON.
+    async fn admin(&self, args: &[&str]) -> anyhow::Result<Value> {
+        Ok(serde_json::from_slice(
+            &gateway_command(&self.env, args).await?,
+        )?)
+    }
+
+    fn dir_url(&self, dir: Uuid, rest: &str) -> String {
+        format!(
+            "{}/v2/organizations/{}/directories/{dir}{rest}",
+            self.base, self.tenant.org
+        )
+    }
+
+    pub async fn create_directory(&self, name: &str) -> anyhow::Result<Uuid> {
+        let response = self
+            .client
+            .post(format!(
+                "{}/v2/organizations/{}/directories",
+                self.base, self.tenant.org
+            ))
+            .bearer_auth(&self.tenant.token)
+            .json(&serde_json::json!({ "name": name }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status() == StatusCode::CREATED,
+            "create directory: {}",
+            response.status()
+        );
+        let body: Value = response.json().await?;
+        Ok(body["id"].as_str().context("id")?.parse()?)
+    }
+
+    /// Uploads `body` (already in memory) to `dir`: the status and JSON body.
+    pub async fn upload_bytes(
+        &self,
+        dir: Uuid,
+        body: Vec<u8>,
+    ) -> anyhow::Result<(StatusCode, Value)> {
+        let form = Form::new().part("file", Part::bytes(body).file_name("contacts.csv"));
+        self.send_upload(dir, form).await
+    }
+
+    /// Streams the file at `path` to the tenant's directory.
+    pub async fn upload_file(&self, path: &Path) -> anyhow::Result<(StatusCode, Value)> {
+        let file = tokio::fs::File::open(path).await?;
+        let len = file.metadata().await?.len();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+        let part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
+            .file_name("contacts.csv")
+            .mime_str("text/csv")?;
+        self.send_upload(self.tenant.dir, Form::new().part("file", part))
+            .await
+    }
+
+    async fn send_upload(&self, dir: Uuid, form: Form) -> anyhow::Result<(StatusCode, Value)> {
+        let response = self
+            .client
+            .post(self.dir_url(dir, "/sources/csv-upload"))
+            .bearer_auth(&self.tenant.token)
+            .multipart(form)
+            .send()
+            .await?;
+        let status = response.status();
+        Ok((status, response.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Polls the source until it is completed (an error if it failed or `within` passes).
+    pub async fn wait_completed(
+        &mut self,
+        source: &str,
+        within: Duration,
+    ) -> anyhow::Result<Value> {
+        let deadline = Instant::now() + within;
+        let url = self.dir_url(self.tenant.dir, &format!("/sources/{source}"));
+        loop {
+            let body: Value = self
+                .client
+                .get(&url)
+                .bearer_auth(&self.tenant.token)
+                .send()
+                .await?
+                .json()
+                .await?;
+            match body["source_status"].as_str() {
+                Some("completed") => return Ok(body),
+                Some("failed") => bail!("the source failed: {body}"),
+                _ => {}
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "not completed within {within:?}: {body}"
+            );
+            self.ensure_running()?;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Fails fast when a process died instead of waiting out a deadline.
+    fn ensure_running(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.gateway.try_wait()? {
+            bail!("the gateway exited ({status}); see {}", self.dir.display());
+        }
+        for worker in &mut self.workers {
+            if let Some(status) = worker.try_wait()? {
+                bail!("a worker exited ({status}); see {}", self.dir.display());
+            }
+        }
+        Ok(())
+    }
+
+    /// Gateway and worker CPU time so far.
+    pub fn cpu(&self) -> anyhow::Result<(Duration, Duration)> {
+        let workers = self
+            .workers
+            .iter()
+            .map(cpu_time)
+            .sum::<anyhow::Result<Duration>>()?;
+        Ok((cpu_time(&self.gateway)?, workers))
+    }
+}
+
+impl Drop for Orbit {
+    fn drop(&mut self) {
+        for child in self.workers.iter_mut().chain([&mut self.gateway]) {
+            let _ = child.start_kill();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `orbit-gateway <args>` to completion: its standard output.
+async fn gateway_command(env: &[(String, String)], args: &[&str]) -> anyhow::Result<Vec<u8>> {
+    let out = Command::new(binary("orbit-gateway")?)
+        .args(args)
+        .envs(env.iter().cloned())
+        .env_remove("ORBIT_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "orbit-gateway {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(out.stdout)
+}
+
+fn spawn(
+    binary: &Path,
+    args: &[&str],
+    env: &[(String, String)],
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(log)?;
+    Command::new(binary)
+        .args(args)
+        .envs(env.iter().cloned())
+        .env_remove("ORBIT_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))
+}

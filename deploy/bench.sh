@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Orbit's benchmark (docs/performance.md): generates a deterministic 1M-row contacts CSV, loads
+# it with `psql \copy` and `pgloader` into a plain table with the same unique identity index,
+# ingests it with Orbit distributed (gateway + 2 workers on PostgreSQL, S3, RabbitMQ) and
+# embedded, then measures the synchronous path (100-row uploads, 16 concurrent clients, 30 s)
+# and peak RSS during a 1 GiB upload. Prints figures and writes results.json in the work dir.
+#
+#   bash deploy/bench.sh                      # everything (about 15 minutes on 2 cores)
+#   bash deploy/bench.sh --phases copy,distributed --rows 200000
+#   bash deploy/bench.sh --help
+#
+# Needs only the test services: brings them up (deploy/services.sh) and installs pgloader
+# from Debian's packages when it is missing. Run as root on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo is required: install Rust from your distribution or rustup" >&2
+  exit 1
+fi
+
+bash deploy/services.sh
+if ! command -v pgloader >/dev/null 2>&1; then
+  echo "bench.sh: installing pgloader" >&2
+  apt-get update -qq </dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgloader </dev/null
+fi
+
+# orbit-bench starts the orbit-gateway and orbit-worker built beside it.
+cargo build --release --workspace --bins
+exec cargo run --release --quiet -p orbit-bench -- "$@"
