@@ -56,6 +56,15 @@ fn copy_row(buf: &mut Vec<u8>, fields: &[Option<&str>]) {
         }
         match field {
             None => buf.extend_from_slice(b"\\N"),
+            // Most values need no escaping: copy them whole (this runs under the directory
+            // lock, once per field of every row).
+            Some(text)
+                if !text
+                    .bytes()
+                    .any(|b| matches!(b, b'\\' | b'\t' | b'\n' | b'\r')) =>
+            {
+                buf.extend_from_slice(text.as_bytes())
+            }
             Some(text) => {
                 for &b in text.as_bytes() {
                     match b {
@@ -1148,5 +1157,21 @@ impl Store for PgStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::copy_row;
+
+    #[test]
+    fn copy_rows_escape_only_what_copy_text_format_requires() {
+        let mut buf = Vec::new();
+        copy_row(&mut buf, &[Some("plain, \"quoted\" é"), None, Some("")]);
+        copy_row(&mut buf, &[Some("tab\there"), Some("a\\b\r\nc")]);
+        assert_eq!(
+            String::from_utf8(buf).unwrap(),
+            "plain, \"quoted\" é\t\\N\t\ntab\\there\ta\\\\b\\r\\nc\n"
+        );
     }
 }
