@@ -764,6 +764,9 @@ async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>
         store.chunks_to_publish(long, 10).await.unwrap().is_empty(),
         "just published by the upload"
     );
+    // Timestamps are in milliseconds: let one pass, or the upload's chunks were queued 0 ms
+    // ago, which is not longer than a zero requeue_after (fast enough, SQLite got there).
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let again = store.chunks_to_publish(Duration::ZERO, 10).await.unwrap();
     assert_eq!(again.len(), 2, "queued longer ago than requeue_after");
     // A worker that died holding a lease: its chunk comes back once the lease expires.
