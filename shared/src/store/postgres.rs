@@ -210,7 +210,8 @@ async fn write_all(
     let now = now_ms();
     let dir = source.directory_id;
     // New profiles and identities go straight in with COPY: under the directory lock nothing
-    // else can have created them, and COPY is several times cheaper than binding arrays.
+    // else can have created them. (Array-bound `INSERT … SELECT FROM UNNEST` measured within
+    // 5% of COPY both ways: slower on 10,000-row chunks, faster on 100-row uploads.)
     let (org, dir_text, now_text) = (
         source.organization_id.to_string(),
         dir.to_string(),
