@@ -31,7 +31,7 @@ struct Args {
     /// Rows in the bulk file.
     #[arg(long, default_value_t = 1_000_000)]
     rows: u64,
-    /// Where files, logs and results go.
+    /// Where files, results and the logs of failed runs go.
     #[arg(long, default_value = "/var/tmp/orbit-bench")]
     work_dir: PathBuf,
     /// orbit-worker processes on the distributed stack.
@@ -131,6 +131,7 @@ async fn ingest(kind: StackKind, args: &Args, csv: &Path, rows: u64) -> anyhow::
         done["accepted"] == rows && done["failed"] == 0 && done["warnings"] == 0,
         "expected {rows} rows accepted without warnings: {done}"
     );
+    orbit.succeeded();
     let workers_rss = orbit
         .workers
         .iter()
@@ -255,7 +256,7 @@ async fn sync_load(kind: StackKind, args: &Args, per_client_dirs: bool) -> anyho
     };
     let orbit = Arc::new(orbit);
     let r = load::run(
-        orbit,
+        orbit.clone(),
         &dirs,
         args.clients,
         Duration::from_secs(args.seconds),
@@ -281,6 +282,7 @@ async fn sync_load(kind: StackKind, args: &Args, per_client_dirs: bool) -> anyho
         r.errors,
     );
     anyhow::ensure!(r.errors == 0, "{} uploads did not answer 201", r.errors);
+    orbit.succeeded();
     Ok(json!({
         "uploads_per_second": r.per_second(),
         "p50_ms": r.p50.as_secs_f64() * 1e3,

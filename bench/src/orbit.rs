@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -101,6 +102,8 @@ pub struct Orbit {
     pub workers: Vec<Child>,
     env: Vec<(String, String)>,
     dir: PathBuf,
+    /// Set when the measurement succeeded: only then do data and logs go with the run.
+    succeeded: AtomicBool,
     // Dropped after the processes (field order): the services outlive their clients.
     _stack: Option<DistributedStack>,
 }
@@ -158,6 +161,7 @@ impl Orbit {
             workers: Vec::new(),
             env,
             dir,
+            succeeded: AtomicBool::new(false),
             _stack: stack,
         };
         orbit.wait_ready().await?;
@@ -317,6 +321,11 @@ impl Orbit {
         Ok(())
     }
 
+    /// Marks the measurement a success; a run that ends any other way keeps its logs.
+    pub fn succeeded(&self) {
+        self.succeeded.store(true, Ordering::Relaxed);
+    }
+
     /// Gateway and worker CPU time so far.
     pub fn cpu(&self) -> anyhow::Result<(Duration, Duration)> {
         let workers = self
@@ -333,7 +342,14 @@ impl Drop for Orbit {
         for child in self.workers.iter_mut().chain([&mut self.gateway]) {
             let _ = child.start_kill();
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.succeeded.load(Ordering::Relaxed) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!(
+                "orbit-bench: logs of the failed run kept in {}",
+                self.dir.display()
+            );
+        }
     }
 }
 
