@@ -10,13 +10,19 @@
 
 use std::future::Future;
 
-use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
 use uuid::Uuid;
 
 use crate::config::Settings;
 
+/// `name`'s value, or `default` when it is unset or empty.
 fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+    std::env::var(name)
+        .ok()
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default.to_owned())
 }
 
 pub fn postgres_admin_url() -> String {
@@ -94,6 +100,43 @@ impl Drop for TestDatabase {
     }
 }
 
+/// The S3-compatible test server: where it listens and the keys it accepts.
+pub struct S3Server {
+    pub endpoint: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl S3Server {
+    pub fn from_env() -> Self {
+        S3Server {
+            endpoint: env_or("ORBIT_TEST_S3_ENDPOINT", "http://127.0.0.1:9000"),
+            access_key: env_or("ORBIT_TEST_S3_ACCESS_KEY", "orbit"),
+            secret_key: env_or("ORBIT_TEST_S3_SECRET_KEY", "orbit-secret"),
+        }
+    }
+
+    /// A client configuration addressing the server as Orbit's S3 store does: path-style, with
+    /// checksums only where an operation requires them.
+    pub fn client_config(&self) -> aws_sdk_s3::Config {
+        aws_sdk_s3::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .endpoint_url(&self.endpoint)
+            .force_path_style(true)
+            .region(Region::new("us-east-1"))
+            .credentials_provider(Credentials::new(
+                &self.access_key,
+                &self.secret_key,
+                None,
+                None,
+                "orbit-test",
+            ))
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            .build()
+    }
+}
+
 /// A bucket of its own on the S3-compatible test server; emptied and removed with the guard.
 pub struct TestBucket {
     pub bucket: String,
@@ -105,22 +148,13 @@ pub struct TestBucket {
 
 impl TestBucket {
     pub async fn create() -> Self {
-        let endpoint = env_or("ORBIT_TEST_S3_ENDPOINT", "http://127.0.0.1:9000");
-        let access_key = env_or("ORBIT_TEST_S3_ACCESS_KEY", "orbit");
-        let secret_key = env_or("ORBIT_TEST_S3_SECRET_KEY", "orbit-secret");
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&endpoint)
-            .force_path_style(true)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new(
-                &access_key,
-                &secret_key,
-                None,
-                None,
-                "orbit-test",
-            ))
-            .build();
+        let server = S3Server::from_env();
+        let config = server.client_config();
+        let S3Server {
+            endpoint,
+            access_key,
+            secret_key,
+        } = server;
         let client = aws_sdk_s3::Client::from_conf(config.clone());
         let bucket = format!("orbit-test-{}", Uuid::new_v4().simple());
         client
@@ -187,6 +221,9 @@ impl Drop for TestBucket {
     }
 }
 
+/// How long a cleanup waits for a service before giving up (and saying so).
+const CLEANUP_PATIENCE: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// A queue name of its own; the queue, its dead-letter queue and exchange go with the guard.
 pub struct TestQueue {
     pub url: String,
@@ -213,9 +250,9 @@ impl Drop for TestQueue {
         let (url, name) = (self.url.clone(), self.name.clone());
         block_on_side(async move {
             use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
-            let Ok(conn) =
-                lapin::Connection::connect(&url, lapin::ConnectionProperties::default()).await
-            else {
+            let connect = lapin::Connection::connect(&url, lapin::ConnectionProperties::default());
+            let Ok(Ok(conn)) = tokio::time::timeout(CLEANUP_PATIENCE, connect).await else {
+                eprintln!("cleanup: cannot reach RabbitMQ to delete {name}");
                 return;
             };
             // One channel per operation: a failed operation closes its channel.

@@ -15,13 +15,11 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
-use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
-};
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
 use orbit_shared::blob::{self, BlobError, BlobStore};
 use orbit_shared::config::ObjectStoreSettings;
+use orbit_shared::testing::S3Server;
 use sha2::{Digest, Sha256};
 
 const MIB: usize = 1 << 20;
@@ -278,17 +276,8 @@ async fn local_ping_fails_when_the_directory_is_gone() {
 
 // ---- S3 backend ----------------------------------------------------------------------------
 
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name)
-        .ok()
-        .filter(|v| !v.is_empty())
-        .unwrap_or_else(|| default.to_owned())
-}
-
 struct S3Fixture {
-    endpoint: String,
-    access_key: String,
-    secret_key: String,
+    server: S3Server,
     /// Our own client, to create, inspect and remove the bucket behind the store's back.
     client: aws_sdk_s3::Client,
     bucket: String,
@@ -297,11 +286,9 @@ struct S3Fixture {
 impl S3Fixture {
     /// Checks the server answers, then creates a fresh bucket.
     async fn new() -> Self {
-        let endpoint = env_or("ORBIT_TEST_S3_ENDPOINT", "http://127.0.0.1:9000");
-        let access_key = env_or("ORBIT_TEST_S3_ACCESS_KEY", "orbit");
-        let secret_key = env_or("ORBIT_TEST_S3_SECRET_KEY", "orbit-secret");
-
-        let address = url::Url::parse(&endpoint)
+        let server = S3Server::from_env();
+        let endpoint = &server.endpoint;
+        let address = url::Url::parse(endpoint)
             .ok()
             .and_then(|u| Some(format!("{}:{}", u.host_str()?, u.port_or_known_default()?)))
             .unwrap_or_else(|| panic!("ORBIT_TEST_S3_ENDPOINT={endpoint:?} is not an http URL"));
@@ -317,21 +304,7 @@ impl S3Fixture {
             );
         }
 
-        let config = aws_sdk_s3::Config::builder()
-            .behavior_version(BehaviorVersion::latest())
-            .endpoint_url(&endpoint)
-            .force_path_style(true)
-            .region(Region::new("us-east-1"))
-            .credentials_provider(Credentials::new(
-                &access_key,
-                &secret_key,
-                None,
-                None,
-                "orbit-test",
-            ))
-            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-            .build();
+        let config = server.client_config();
         let client = aws_sdk_s3::Client::from_conf(config);
         let bucket = format!("orbit-test-{}", uuid::Uuid::new_v4().simple());
         client
@@ -347,9 +320,7 @@ impl S3Fixture {
                 )
             });
         S3Fixture {
-            endpoint,
-            access_key,
-            secret_key,
+            server,
             client,
             bucket,
         }
@@ -358,10 +329,10 @@ impl S3Fixture {
     fn settings(&self, url: &str) -> ObjectStoreSettings {
         ObjectStoreSettings {
             url: url.to_owned(),
-            endpoint: Some(self.endpoint.clone()),
+            endpoint: Some(self.server.endpoint.clone()),
             region: None,
-            access_key_id: Some(self.access_key.clone()),
-            secret_access_key: Some(self.secret_key.clone()),
+            access_key_id: Some(self.server.access_key.clone()),
+            secret_access_key: Some(self.server.secret_key.clone()),
         }
     }
 
@@ -539,7 +510,7 @@ async fn s3_ping_fails_clearly_for_a_missing_bucket() {
     let error = store.ping().await.unwrap_err().to_string();
     fixture.cleanup().await;
     assert!(error.contains(&missing), "{error}");
-    assert!(error.contains(&fixture.endpoint), "{error}");
+    assert!(error.contains(&fixture.server.endpoint), "{error}");
 }
 
 /// A part that cannot be stored fails the write, and the writer then refuses to finish (rather

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use lapin::options::{
     BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicQosOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ExchangeDeclareOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{Connection, ConnectionProperties, ExchangeKind};
@@ -21,6 +21,7 @@ use orbit_shared::model::ChunkRef;
 use orbit_shared::queue::memory::MemoryQueue;
 use orbit_shared::queue::rabbitmq::{queue_arguments, RabbitQueue};
 use orbit_shared::queue::{Consumer, Delivery, Queue};
+use orbit_shared::testing::{amqp_url, TestQueue};
 use uuid::Uuid;
 
 /// Long enough for a loaded 2-core machine; only failures ever wait this long.
@@ -179,11 +180,6 @@ async fn unacked_delivery_is_redelivered_after_its_consumer_is_dropped(
 // ---------------------------------------------------------------------------------------------
 // Fixtures.
 
-fn amqp_url() -> String {
-    std::env::var("ORBIT_TEST_AMQP_URL")
-        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned())
-}
-
 fn rabbit_settings(name: &str) -> QueueSettings {
     let mut settings = Settings::defaults().queue;
     settings.url = amqp_url();
@@ -192,10 +188,12 @@ fn rabbit_settings(name: &str) -> QueueSettings {
     settings
 }
 
-/// A `RabbitQueue` on its own queue; dropping it deletes the queue, `.dead` and `.dlx`.
+/// A `RabbitQueue` on its own queue; the guard deletes the queue, `.dead` and `.dlx` when the
+/// test ends, passed or failed.
 struct Rabbit {
     queue: RabbitQueue,
     name: String,
+    _guard: TestQueue,
 }
 
 impl Rabbit {
@@ -204,67 +202,23 @@ impl Rabbit {
     }
 
     async fn with(configure: impl FnOnce(&mut QueueSettings)) -> Self {
-        let name = format!("orbit-test-{}", Uuid::new_v4());
+        // Created first, so that whatever part of the topology a failed open declared goes too.
+        let guard = TestQueue::new();
+        let name = guard.name.clone();
         let mut settings = rabbit_settings(&name);
         configure(&mut settings);
         match RabbitQueue::open(&settings).await {
-            Ok(queue) => Rabbit { queue, name },
-            Err(e) => {
-                // Clean up whatever part of the topology got declared.
-                drop(Cleanup(name.clone()));
-                panic!(
-                    "RabbitMQ is not usable at {} ({e}); these tests need a broker: start one \
-                     or point ORBIT_TEST_AMQP_URL at one",
-                    amqp_url()
-                )
-            }
+            Ok(queue) => Rabbit {
+                queue,
+                name,
+                _guard: guard,
+            },
+            Err(e) => panic!(
+                "RabbitMQ is not usable at {} ({e}); these tests need a broker: start one \
+                 or point ORBIT_TEST_AMQP_URL at one",
+                amqp_url()
+            ),
         }
-    }
-}
-
-impl Drop for Rabbit {
-    fn drop(&mut self) {
-        drop(Cleanup(self.name.clone()));
-    }
-}
-
-/// Deletes a test's queue, dead queue and exchange on drop (best effort, on its own thread and
-/// runtime so it also runs while a failed test unwinds).
-struct Cleanup(String);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let name = self.0.clone();
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                let Ok(Ok(conn)) = tokio::time::timeout(PATIENCE, raw_connection()).await else {
-                    eprintln!("cleanup: cannot reach RabbitMQ to delete {name}");
-                    return;
-                };
-                // One channel per operation: a failed one closes its channel.
-                for queue in [name.clone(), format!("{name}.dead")] {
-                    if let Ok(ch) = conn.create_channel().await {
-                        let _ = ch
-                            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                            .await;
-                    }
-                }
-                if let Ok(ch) = conn.create_channel().await {
-                    let _ = ch
-                        .exchange_delete(
-                            format!("{name}.dlx").as_str().into(),
-                            ExchangeDeleteOptions::default(),
-                        )
-                        .await;
-                }
-                let _ = conn.close(200, "OK".into()).await;
-            });
-        });
-        let _ = done.join();
     }
 }
 

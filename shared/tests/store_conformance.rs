@@ -10,6 +10,7 @@ use orbit_shared::domain::header::ColumnMap;
 use orbit_shared::domain::row::{FailedRow, Issue, IssueCode, RecordDraft};
 use orbit_shared::model::*;
 use orbit_shared::store::{self, Store};
+use orbit_shared::testing::TestDatabase;
 use uuid::Uuid;
 
 const LEASE: Duration = Duration::from_secs(60);
@@ -22,42 +23,7 @@ struct Backend {
 
 enum Guard {
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
-    Postgres { admin_url: String, database: String },
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if let Guard::Postgres {
-            admin_url,
-            database,
-        } = self
-        {
-            let (admin_url, database) = (admin_url.clone(), database.clone());
-            // A runtime of its own: Drop cannot await, and the test's runtime may be gone.
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    use sqlx::Connection;
-                    if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
-                        let _ = sqlx::query(&format!(
-                            "DROP DATABASE IF EXISTS {database} WITH (FORCE)"
-                        ))
-                        .execute(&mut conn)
-                        .await;
-                    }
-                });
-            })
-            .join();
-        }
-    }
-}
-
-pub fn postgres_admin_url() -> String {
-    std::env::var("ORBIT_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+    Postgres(#[allow(dead_code)] TestDatabase),
 }
 
 async fn sqlite() -> Backend {
@@ -72,29 +38,12 @@ async fn sqlite() -> Backend {
 }
 
 async fn postgres() -> Backend {
-    use sqlx::Connection;
-    let admin_url = postgres_admin_url();
-    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap_or_else(|e| {
-        panic!("PostgreSQL at {admin_url} is unreachable ({e}); run the suite with `bash deploy/test.sh`")
-    });
-    let database = format!("orbit_test_{}", Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE DATABASE {database}"))
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let url = match admin_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{database}"),
-        None => unreachable!("a postgres URL has a path"),
-    };
-    let guard = Guard::Postgres {
-        admin_url,
-        database,
-    };
-    let store = store::open(&url, 10).await.unwrap();
+    let database = TestDatabase::create().await;
+    let store = store::open(&database.url, 10).await.unwrap();
     store.migrate().await.unwrap();
     Backend {
         store,
-        _guard: guard,
+        _guard: Guard::Postgres(database),
     }
 }
 
