@@ -19,7 +19,7 @@ pub struct Backends {
 
 impl Backends {
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
-        let store = store::open(&settings.database.url, settings.database.max_connections)
+        let store = store::open(&settings.database)
             .await
             .with_context(|| format!("cannot open database {}", settings.database.url))?;
         let blobs = blob::open(&settings.object_store)

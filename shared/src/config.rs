@@ -32,6 +32,29 @@ pub struct HttpSettings {
 pub struct DatabaseSettings {
     pub url: String,
     pub max_connections: u32,
+    /// PostgreSQL: the longest a statement waits for a lock (a commit waiting on another's
+    /// identity claims) before its transaction is retried.
+    #[serde(with = "humantime_serde_compat")]
+    pub lock_timeout: Duration,
+    /// PostgreSQL: a session idle inside a transaction this long (a frozen process) is ended by
+    /// the server, which releases everything it held.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_in_transaction_timeout: Duration,
+    /// PostgreSQL: how long a transaction is retried after conflicts or while the database is
+    /// unreachable, before the error counts as a failed attempt.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_for: Duration,
+}
+
+impl DatabaseSettings {
+    /// The default settings for the database at `url`, with a pool of `max_connections`.
+    pub fn for_url(url: &str, max_connections: u32) -> Self {
+        DatabaseSettings {
+            url: url.to_owned(),
+            max_connections,
+            ..Settings::defaults().database
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,6 +103,16 @@ pub struct WorkerSettings {
     pub max_attempts: u32,
     #[serde(with = "humantime_serde_compat")]
     pub lease: Duration,
+    /// How long a chunk may keep failing for transient reasons (storage, network, database
+    /// trouble) before those failures count toward `max_attempts`.
+    #[serde(with = "humantime_serde_compat")]
+    pub transient_retry_for: Duration,
+    /// How often a worker process tells the database it is alive.
+    #[serde(with = "humantime_serde_compat")]
+    pub heartbeat_interval: Duration,
+    /// A process silent this long is presumed dead, and its chunks are taken over.
+    #[serde(with = "humantime_serde_compat")]
+    pub liveness_timeout: Duration,
     /// How often the reaper looks for chunks that lost their message or their worker.
     #[serde(with = "humantime_serde_compat")]
     pub reap_interval: Duration,
@@ -138,6 +171,9 @@ public_url = ""
 [database]
 url = "sqlite://./data/orbit.db"
 max_connections = 16
+lock_timeout = "15s"
+idle_in_transaction_timeout = "30s"
+retry_for = "2m"
 
 [object_store]
 url = "file://./data/objects"
@@ -161,7 +197,10 @@ default_region = "US"
 concurrency = 0
 max_attempts = 5
 lease = "60s"
-reap_interval = "5s"
+transient_retry_for = "15m"
+heartbeat_interval = "1s"
+liveness_timeout = "5s"
+reap_interval = "2s"
 requeue_after = "5m"
 metrics_listen = ""
 
@@ -225,6 +264,10 @@ impl Settings {
         anyhow::ensure!(
             self.worker.max_attempts > 0,
             "worker.max_attempts must be at least 1"
+        );
+        anyhow::ensure!(
+            self.worker.liveness_timeout > self.worker.heartbeat_interval,
+            "worker.liveness_timeout must be longer than worker.heartbeat_interval"
         );
         anyhow::ensure!(
             crate::domain::normalize::parse_region(&self.ingest.default_region).is_some(),

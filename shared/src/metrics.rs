@@ -21,6 +21,9 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub chunks_open: IntGauge,
     pub sources: IntGaugeVec,
+    pub commit_retries: IntCounterVec,
+    pub leases_taken_over: IntCounterVec,
+    pub chunk_failures: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -72,8 +75,35 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     .expect("valid metric");
     let sources = IntGaugeVec::new(Opts::new("orbit_sources", "Sources by status"), &["status"])
         .expect("valid metric");
+    let commit_retries = IntCounterVec::new(
+        Opts::new(
+            "orbit_commit_retries_total",
+            "Database transactions tried again, by reason: conflict (a concurrent commit won a lock or a deadlock was broken) or unavailable (the database could not be reached)",
+        ),
+        &["reason"],
+    )
+    .expect("valid metric");
+    let leases_taken_over = IntCounterVec::new(
+        Opts::new(
+            "orbit_leases_taken_over_total",
+            "Chunks claimed from another worker, by why its lease was void: owner_dead (its process stopped heartbeating) or expired",
+        ),
+        &["reason"],
+    )
+    .expect("valid metric");
+    let chunk_failures = IntCounterVec::new(
+        Opts::new(
+            "orbit_chunk_failures_total",
+            "Failed attempts at a chunk, by kind: transient (storage, network or database trouble; costs no attempt until worker.transient_retry_for) or permanent (counts toward worker.max_attempts)",
+        ),
+        &["kind"],
+    )
+    .expect("valid metric");
     for c in [
-        Box::new(http_requests.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(commit_retries.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(chunk_failures.clone()),
+        Box::new(leases_taken_over.clone()),
+        Box::new(http_requests.clone()),
         Box::new(http_duration.clone()),
         Box::new(chunks_in_flight.clone()),
         Box::new(chunk_duration.clone()),
@@ -94,6 +124,9 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         queue_depth,
         chunks_open,
         sources,
+        commit_retries,
+        leases_taken_over,
+        chunk_failures,
     }
 });
 

@@ -168,6 +168,18 @@ pub enum Committed {
     LeaseLost,
 }
 
+/// What asking to retry a source did.
+#[derive(Debug)]
+pub enum Retried {
+    NotFound,
+    /// Only a failed source can be retried.
+    NotFailed(Source),
+    /// Failed, but with no unfinished chunk: its rows were all processed (a count mismatch).
+    NothingToRetry(Source),
+    /// Processing again; these chunks are to be published.
+    Reopened(Source, Vec<ChunkRef>),
+}
+
 pub struct NewSource {
     pub id: Uuid,
     pub organization_id: Uuid,

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use orbit_shared::config::DatabaseSettings;
 use orbit_shared::domain::csv::{Dialect, TextEncoding};
 use orbit_shared::domain::header::ColumnMap;
 use orbit_shared::domain::row::{FailedRow, Issue, IssueCode, RecordDraft};
@@ -29,7 +30,9 @@ enum Guard {
 async fn sqlite() -> Backend {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/orbit.db", dir.path().display());
-    let store = store::open(&url, 4).await.unwrap();
+    let store = store::open(&DatabaseSettings::for_url(&url, 4))
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     Backend {
         store,
@@ -39,7 +42,9 @@ async fn sqlite() -> Backend {
 
 async fn postgres() -> Backend {
     let database = TestDatabase::create().await;
-    let store = store::open(&database.url, 10).await.unwrap();
+    let store = store::open(&DatabaseSettings::for_url(&database.url, 10))
+        .await
+        .unwrap();
     store.migrate().await.unwrap();
     Backend {
         store,
@@ -68,6 +73,7 @@ conformance!(
     a_lost_lease_writes_nothing,
     a_chunk_out_of_attempts_fails_its_source,
     the_reaper_finds_unpublished_and_abandoned_chunks,
+    a_dead_processes_leases_are_void_before_they_expire,
     concurrent_chunks_never_split_an_identity,
     terminal_states_never_change,
 );
@@ -652,6 +658,30 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
         ))
         .await
         .unwrap();
+    // Transient failures (an outage) cost no attempt while they last less than the ceiling,
+    // however many there are.
+    for _ in 0..5 {
+        let work = match store
+            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
+            .await
+            .unwrap()
+        {
+            Claim::Claimed(w) => *w,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            work.lease.attempt, 1,
+            "transient failures gave their attempts back"
+        );
+        store
+            .release_chunk(
+                &work.lease,
+                "object store error: Too many open files",
+                Some(Duration::from_secs(600)),
+            )
+            .await
+            .unwrap();
+    }
     for _ in 0..2 {
         let work = match store
             .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
@@ -662,7 +692,7 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
             other => panic!("{other:?}"),
         };
         store
-            .release_chunk(&work.lease, "the object store timed out")
+            .release_chunk(&work.lease, "the rows do not match the file", None)
             .await
             .unwrap();
     }
@@ -682,7 +712,7 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
     let error = failed.error.unwrap();
     assert_eq!(error.code, "chunk_poisoned");
     assert!(
-        error.message.contains("the object store timed out"),
+        error.message.contains("the rows do not match the file"),
         "{}",
         error.message
     );
@@ -692,6 +722,50 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
             .await
             .unwrap(),
         Claim::Nothing
+    ));
+
+    // Resumed: the failed chunk runs again with fresh attempts, and the source completes.
+    let reopened = match store.retry_source(org, dir, source.id).await.unwrap() {
+        Retried::Reopened(source, chunks) => {
+            assert_eq!(
+                chunks.iter().map(|c| c.chunk_id).collect::<Vec<_>>(),
+                [queued[0].chunk_id]
+            );
+            source
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reopened.status, SourceStatus::Processing);
+    assert!(reopened.error.is_none());
+    assert!(matches!(
+        store.retry_source(org, dir, source.id).await.unwrap(),
+        Retried::NotFailed(_)
+    ));
+    let work = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(work.lease.attempt, 1);
+    let results = ChunkResults {
+        accepted: vec![record(1, &[("email", "resumed@x.co")])],
+        failed: vec![],
+    };
+    assert_eq!(
+        store.commit_chunk(&work.lease, results).await.unwrap(),
+        Committed::Done {
+            source_completed: true
+        }
+    );
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (done.status, done.accepted, done.processed_rows),
+        (SourceStatus::Completed, 1, 1)
+    );
+    let (other_org, _) = tenant(&*store).await;
+    assert!(matches!(
+        store.retry_source(other_org, dir, source.id).await.unwrap(),
+        Retried::NotFound
     ));
 }
 
@@ -735,6 +809,73 @@ async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>
     );
     assert_eq!(store.forget_queued().await.unwrap(), 2);
     assert_eq!(store.chunks_to_publish(long, 10).await.unwrap().len(), 2);
+}
+
+async fn a_dead_processes_leases_are_void_before_they_expire(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (_, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            2,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 1), chunk(1, 2, 1)],
+        ))
+        .await
+        .unwrap();
+    let long = Duration::from_secs(3600);
+    store.heartbeat("alive", long).await.unwrap();
+    store.heartbeat("doomed", long).await.unwrap();
+    for (chunk, owner) in [
+        (queued[0].chunk_id, "alive"),
+        (queued[1].chunk_id, "doomed"),
+    ] {
+        assert!(matches!(
+            store.claim_chunk(chunk, owner, long, 5).await.unwrap(),
+            Claim::Claimed(_)
+        ));
+    }
+    // Both leases run for an hour, and both owners are alive: nobody else may take them, and
+    // the reaper leaves them alone.
+    for c in &queued {
+        assert!(matches!(
+            store
+                .claim_chunk(c.chunk_id, "thief", long, 5)
+                .await
+                .unwrap(),
+            Claim::Busy
+        ));
+    }
+    assert!(store.chunks_to_publish(long, 10).await.unwrap().is_empty());
+    // "doomed" dies: its last heartbeat runs out (a heartbeat valid for no time at all), and
+    // its lease is void at once, long before it expires. A process that has no row at all
+    // (it never heartbeated) is judged by its lease alone.
+    store.heartbeat("doomed", Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let reaped = store.chunks_to_publish(long, 10).await.unwrap();
+    assert_eq!(
+        reaped.iter().map(|c| c.chunk_id).collect::<Vec<_>>(),
+        [queued[1].chunk_id]
+    );
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "thief", long, 5)
+            .await
+            .unwrap(),
+        Claim::Busy
+    ));
+    match store
+        .claim_chunk(queued[1].chunk_id, "heir", long, 5)
+        .await
+        .unwrap()
+    {
+        Claim::Claimed(work) => assert_eq!(work.lease.attempt, 2),
+        other => panic!("expected a takeover, got {other:?}"),
+    }
+    // A process that exits cleanly retires; retiring twice is harmless.
+    store.retire("alive").await.unwrap();
+    store.retire("alive").await.unwrap();
 }
 
 async fn concurrent_chunks_never_split_an_identity(store: Arc<dyn Store>) {

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use orbit_shared::blob::BlobStore;
 use orbit_shared::config::Settings;
 use orbit_shared::metrics::METRICS;
-use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, SourceError};
+use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SourceError};
 use orbit_shared::queue::{Delivery, Queue};
 use orbit_shared::store::Store;
 use tokio::sync::Semaphore;
@@ -22,6 +22,15 @@ pub struct Worker {
     pub settings: Arc<Settings>,
     /// Written into every lease this process takes, for operators reading the chunks table.
     pub owner: String,
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Running consumer and reaper tasks; `shutdown` lets in-flight chunks finish.
@@ -58,12 +67,46 @@ impl Worker {
     pub fn start(self: &Arc<Self>) -> WorkerHandle {
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        tasks.spawn(self.clone().consume(cancel.clone()));
+        let consuming = CancellationToken::new();
+        tasks.spawn(self.clone().consume(cancel.clone(), consuming.clone()));
         tasks.spawn(self.clone().reap(cancel.clone()));
+        tasks.spawn(self.clone().heartbeat(consuming));
         WorkerHandle { cancel, tasks }
     }
 
-    async fn consume(self: Arc<Self>, cancel: CancellationToken) {
+    /// Tells the store this process is alive, so that the leases it takes stand, until the
+    /// consumer has drained; then retires the process. A process that dies stops
+    /// heartbeating, and its chunks are taken over once `worker.liveness_timeout` passes.
+    async fn heartbeat(self: Arc<Self>, drained: CancellationToken) {
+        let w = &self.settings.worker;
+        loop {
+            if let Err(e) = self.store.heartbeat(&self.owner, w.liveness_timeout).await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+            tokio::select! {
+                _ = drained.cancelled() => break,
+                _ = tokio::time::sleep(w.heartbeat_interval) => {}
+            }
+        }
+        if let Err(e) = self.store.retire(&self.owner).await {
+            tracing::warn!(error = %e, "could not retire this process; its row expires on its own");
+        }
+    }
+
+    async fn consume(self: Arc<Self>, cancel: CancellationToken, drained: CancellationToken) {
+        let _drained = drained.drop_guard();
+        // A lease taken before this process's first heartbeat would look like a dead owner's.
+        while let Err(e) = self
+            .store
+            .heartbeat(&self.owner, self.settings.worker.liveness_timeout)
+            .await
+        {
+            tracing::warn!(error = %e, "cannot record this process as alive; retrying");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
         let concurrency = self.settings.worker_concurrency();
         let permits = Arc::new(Semaphore::new(concurrency));
         let mut running = JoinSet::new();
@@ -152,12 +195,14 @@ impl Worker {
 
     async fn process_under_lease(&self, work: &ChunkWork) -> anyhow::Result<()> {
         let lease = &work.lease;
-        let heartbeat = {
+        // Renews the lease while the chunk is worked on, and stops whichever way this function
+        // returns: a lease renewed for a chunk nobody works on would keep it from others.
+        let _renewal = AbortOnDrop(tokio::spawn({
             let store = self.store.clone();
             let lease = lease.clone();
             let period = self.settings.worker.lease / 3;
             let lease_for = self.settings.worker.lease;
-            tokio::spawn(async move {
+            async move {
                 loop {
                     tokio::time::sleep(period).await;
                     match store.renew_lease(&lease, lease_for).await {
@@ -171,10 +216,10 @@ impl Worker {
                         }
                     }
                 }
-            })
-        };
+            }
+        }));
         let result = process_chunk(&*self.blobs, &work.source, &work.chunk).await;
-        let outcome = match result {
+        match result {
             Ok(results) => {
                 let accepted = results.accepted.len() as u64;
                 let failed = results.failed.len() as u64;
@@ -193,7 +238,8 @@ impl Worker {
                         Ok(())
                     }
                     Err(e) => {
-                        let _ = self.store.release_chunk(lease, &e.to_string()).await;
+                        let transient = e.is_transient() || e.is_conflict();
+                        self.release(lease, &e.to_string(), transient).await;
                         Err(e.into())
                     }
                 }
@@ -213,12 +259,22 @@ impl Worker {
                 Ok(())
             }
             Err(e) => {
-                self.store.release_chunk(lease, &e.to_string()).await?;
+                let transient = matches!(e, ProcessError::Transient(_));
+                self.release(lease, &e.to_string(), transient).await;
                 Err(e.into())
             }
-        };
-        heartbeat.abort();
-        outcome
+        }
+    }
+
+    /// Gives the chunk back after a failed attempt. Should that fail too (the database is
+    /// gone), the chunk's lease runs out and the reaper publishes it again.
+    async fn release(&self, lease: &Lease, error: &str, transient: bool) {
+        let kind = if transient { "transient" } else { "permanent" };
+        METRICS.chunk_failures.with_label_values(&[kind]).inc();
+        let transient_for = transient.then_some(self.settings.worker.transient_retry_for);
+        if let Err(e) = self.store.release_chunk(lease, error, transient_for).await {
+            tracing::warn!(chunk = %lease.chunk_id, error = %e, "could not release the chunk; it returns when its lease expires");
+        }
     }
 
     async fn reap(self: Arc<Self>, cancel: CancellationToken) {

@@ -76,7 +76,7 @@ fn merge_map(
 
 /// What the store knows before resolving a batch: the owners of the batch's identities and
 /// the state of those owners.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct Existing {
     pub owners: HashMap<(String, String), Uuid>,
     pub profiles: HashMap<Uuid, ProfileState>,
@@ -97,12 +97,15 @@ pub struct Plan {
 }
 
 /// Resolves records (in row order) against `existing`, which it updates as it goes so that
-/// later records of the batch see profiles created by earlier ones.
+/// later records of the batch see profiles created by earlier ones. `new_id` names the profile
+/// a record creates, given the record's row number: a store that resolves a batch twice (once
+/// optimistically, once after losing a race) keeps the same ids for the rows that create the
+/// same profiles both times.
 pub fn resolve_batch(
     existing: &mut Existing,
     records: &[RecordDraft],
     source_seq: i64,
-    mut new_id: impl FnMut() -> Uuid,
+    mut new_id: impl FnMut(u64) -> Uuid,
 ) -> Plan {
     let mut plan = Plan::default();
     for record in records {
@@ -123,7 +126,7 @@ pub fn resolve_batch(
         let profile_id = match chosen {
             Some(id) => id,
             None => {
-                let id = new_id();
+                let id = new_id(record.row_number);
                 existing.profiles.insert(id, ProfileState::default());
                 plan.created.insert(id, ProfileState::default());
                 id
@@ -182,9 +185,9 @@ mod tests {
         }
     }
 
-    fn ids() -> impl FnMut() -> Uuid {
+    fn ids() -> impl FnMut(u64) -> Uuid {
         let mut n = 0u128;
-        move || {
+        move |_| {
             n += 1;
             Uuid::from_u128(n)
         }

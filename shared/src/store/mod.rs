@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use crate::config::DatabaseSettings;
 use crate::model::*;
 
 pub mod postgres;
@@ -29,6 +30,45 @@ pub enum StoreError {
     Corrupt(String),
     #[error("{0}")]
     Conflict(String),
+}
+
+impl StoreError {
+    /// A lost race between transactions: deadlock (40P01), serialization failure (40001) or a
+    /// lock wait past `lock_timeout` (55P03). The same work will very likely pass if tried again.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self.sqlstate().as_deref(),
+            Some("40P01" | "40001" | "55P03")
+        )
+    }
+
+    /// The database could not be reached or dropped the connection: a restart, a failover, a
+    /// full connection table. Nothing is wrong with the data; wait and try again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_),
+            ) => true,
+            StoreError::Database(sqlx::Error::Database(_)) => {
+                let state = self.sqlstate().unwrap_or_default();
+                // Class 08: connection exception; 57P01-57P03: the server is shutting down or
+                // starting; 53300: too many connections.
+                state.starts_with("08")
+                    || matches!(state.as_str(), "57P01" | "57P02" | "57P03" | "53300")
+            }
+            _ => false,
+        }
+    }
+
+    fn sqlstate(&self) -> Option<String> {
+        match self {
+            StoreError::Database(sqlx::Error::Database(e)) => e.code().map(|c| c.into_owned()),
+            _ => None,
+        }
+    }
 }
 
 impl From<serde_json::Error> for StoreError {
@@ -127,7 +167,7 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<Profile>>;
 
     // Chunk work.
-    /// Takes the chunk's lease for `lease_for`, unless it is done, leased by someone else, or
+    /// Takes the chunk's lease for `lease_for`, unless it is done, leased by a live process, or
     /// out of attempts (which fails the source).
     async fn claim_chunk(
         &self,
@@ -141,17 +181,34 @@ pub trait Store: Send + Sync + 'static {
     /// Materializes the chunk's rows and marks it done, only while `lease` is held; completes
     /// the source when it was the last chunk.
     async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed>;
-    /// Gives up a lease after a failed attempt so the chunk can be tried again.
-    async fn release_chunk(&self, lease: &Lease, error: &str) -> StoreResult<()>;
+    /// Gives up a lease after a failed attempt so the chunk can be tried again. A transient
+    /// failure (`transient_for` set: storage, network or database trouble) gives its attempt
+    /// back until the chunk has been failing that way for `transient_for`; any other counts.
+    async fn release_chunk(
+        &self,
+        lease: &Lease,
+        error: &str,
+        transient_for: Option<Duration>,
+    ) -> StoreResult<()>;
+    /// Re-opens a failed source: its failed (unfinished) chunks get fresh attempts and are
+    /// returned to publish (the reaper publishes them too, should nobody else), chunks already
+    /// done stay done, and the source is processing again.
+    /// The one way a source leaves a terminal state, and only on a caller's explicit request.
+    async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried>;
     /// Fails a source that cannot be finished (its object is gone, say); rows stay.
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()>;
     /// Chunks to publish (again): never published, queued longer ago than `requeue_after`, or
-    /// whose lease expired. Marks them queued now.
+    /// whose lease expired or whose lease owner stopped heartbeating. Marks them queued now.
     async fn chunks_to_publish(
         &self,
         requeue_after: Duration,
         limit: u32,
     ) -> StoreResult<Vec<ChunkRef>>;
+    /// Records that the process `owner` is alive for `valid_for` more: until then, the leases it
+    /// holds stand; after it, they are void and its chunks are taken over.
+    async fn heartbeat(&self, owner: &str, valid_for: Duration) -> StoreResult<()>;
+    /// Forgets the process `owner`, which exits cleanly and holds no lease any more.
+    async fn retire(&self, owner: &str) -> StoreResult<()>;
     /// Marks every unfinished chunk as not queued, so the next `chunks_to_publish` returns it:
     /// what a single-process deployment calls on start, since its in-process queue died with it.
     async fn forget_queued(&self) -> StoreResult<u64>;
@@ -161,12 +218,15 @@ pub trait Store: Send + Sync + 'static {
     async fn count_pending_chunks(&self) -> StoreResult<u64>;
 }
 
-/// Opens the store named by `url`, with a clear message for an unknown scheme.
-pub async fn open(url: &str, max_connections: u32) -> anyhow::Result<Arc<dyn Store>> {
+/// Opens the store named by `database.url`, with a clear message for an unknown scheme.
+pub async fn open(settings: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
+    let url = &settings.url;
     let scheme = url.split(':').next().unwrap_or_default();
     match scheme {
-        "sqlite" => Ok(Arc::new(sqlite::SqliteStore::open(url, max_connections).await?)),
-        "postgres" | "postgresql" => Ok(Arc::new(postgres::PgStore::open(url, max_connections).await?)),
+        "sqlite" => Ok(Arc::new(
+            sqlite::SqliteStore::open(url, settings.max_connections).await?,
+        )),
+        "postgres" | "postgresql" => Ok(Arc::new(postgres::PgStore::open(settings).await?)),
         _ => anyhow::bail!(
             "database.url {url:?}: unsupported scheme {scheme:?} (expected sqlite:// or postgres://)"
         ),

@@ -1,39 +1,484 @@
-//! The distributed store: PostgreSQL. A chunk's new profiles, identities, records and failed
-//! rows go straight into their tables with `COPY` (row issues through a staging table, since
-//! completion may flag one twice); lookups take arrays, so a chunk costs a handful of round
-//! trips whatever its size. Resolution within a directory is serialized by a
-//! transaction-scoped advisory lock, and the identity primary key enforces one profile per
-//! identity whatever happens. docs/performance.md measures where a commit's time goes.
+//! The distributed store: PostgreSQL.
+//!
+//! Chunks of one directory commit concurrently. A commit resolves its rows optimistically
+//! against a lock-free read of the directory, then, in its one transaction fenced by the
+//! chunk's lease: claims the identities it found free (`INSERT … ORDER BY key ON CONFLICT DO
+//! NOTHING`: the primary key arbitrates, and makes it wait for a concurrent claim of the same
+//! key), reads the owners of the keys it lost, locks the existing profiles it merges into in id
+//! order, and resolves again only if something changed under it. Locks are always taken in one
+//! order (chunk, identity keys ascending, profiles ascending, source), so commits do not
+//! deadlock; deadlocks, serialization failures, lock timeouts and a briefly unreachable
+//! database are retried anyway ([`Retry`]), without counting an attempt of the chunk.
+//!
+//! New profiles, records and failed rows go in with `COPY` (row issues through a staging
+//! table, since completion may flag one twice); lookups take arrays, so a chunk costs a handful
+//! of round trips whatever its size. docs/performance.md measures where a commit's time goes.
 
-use std::collections::HashMap;
-use std::time::Duration;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use rand::Rng as _;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Executor, FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::writes::{identity_lookups, owners_to_load, plan_writes, prepare, Prepared, Writes};
+use super::writes::{identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution};
 use super::{Store, StoreError, StoreResult};
+use crate::config::DatabaseSettings;
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row;
+use crate::metrics::METRICS;
 use crate::model::*;
 
 pub struct PgStore {
     pool: PgPool,
+    retry_for: Duration,
+    pause: CommitPause,
 }
 
 impl PgStore {
-    pub async fn open(url: &str, max_connections: u32) -> StoreResult<Self> {
-        let options: PgConnectOptions = url.parse()?;
+    pub async fn open(settings: &DatabaseSettings) -> StoreResult<Self> {
+        let options: PgConnectOptions = settings.url.parse()?;
+        // A commit waits on another only while that one writes; a frozen process must not hold
+        // its claims for longer than these (docs/concurrency.md).
+        let options = options.options([
+            ("lock_timeout", pg_duration(settings.lock_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                pg_duration(settings.idle_in_transaction_timeout),
+            ),
+        ]);
         let pool = PgPoolOptions::new()
-            .max_connections(max_connections.max(2))
+            .max_connections(settings.max_connections.max(2))
             .acquire_timeout(Duration::from_secs(30))
             .connect_with(options)
             .await?;
-        Ok(PgStore { pool })
+        Ok(PgStore {
+            pool,
+            retry_for: settings.retry_for,
+            pause: CommitPause::default(),
+        })
+    }
+
+    /// Makes every commit pause for `pause()` between claiming its identities and committing:
+    /// the split detector's way of widening the window in which commits race.
+    #[cfg(feature = "testing")]
+    pub fn pause_commits(&mut self, pause: impl Fn() -> Duration + Send + Sync + 'static) {
+        self.pause.pause = Some(Arc::new(pause));
+    }
+
+    /// Calls `seen(chunk)` inside each commit of a chunk once it holds its source's row lock,
+    /// which it keeps until it commits: the calls come in the commit order of the chunks of one
+    /// source (a try that then fails is followed by another call for the same chunk).
+    #[cfg(feature = "testing")]
+    pub fn observe_commits(&mut self, seen: impl Fn(Uuid) + Send + Sync + 'static) {
+        self.pause.observe = Some(Arc::new(seen));
+    }
+}
+
+/// The parts of an upload one try of its transaction reads.
+struct UploadParts<'a> {
+    source: &'a NewSource,
+    seq: i64,
+    sync_chunk: Option<&'a ChunkSpec>,
+    chunks: &'a [ChunkSpec],
+    idempotency: Option<&'a IdempotencyClaim>,
+}
+
+impl PgStore {
+    /// Runs `once` until it succeeds or fails in a way [`Retry`] does not retry.
+    async fn retrying<'a, T>(
+        &'a self,
+        mut once: impl FnMut() -> futures::future::BoxFuture<'a, StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let mut retry = Retry::new(self.retry_for);
+        loop {
+            match once().await {
+                Err(e) => retry.after(e).await?,
+                done => return done,
+            }
+        }
+    }
+
+    async fn claim_chunk_once(
+        &self,
+        chunk: Uuid,
+        owner: &str,
+        lease_for: Duration,
+        max_attempts: u32,
+    ) -> StoreResult<Claim> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let row = sqlx::query(&format!(
+            "SELECT c.*, s.status AS source_status, {OWNER_DEAD} AS owner_dead
+             FROM chunks c JOIN sources s ON s.id = c.source_id
+             LEFT JOIN processes p ON p.owner = c.lease_owner
+             WHERE c.id = $1 FOR UPDATE OF c"
+        ))
+        .bind(chunk)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Claim::Nothing);
+        };
+        let source_id: Uuid = row.try_get("source_id")?;
+        let found = ChunkState {
+            state: row.try_get("state")?,
+            source_status: row.try_get("source_status")?,
+            lease_expires_ms: row.try_get("lease_expires_ms")?,
+            owner_dead: row.try_get("owner_dead")?,
+            attempts: row.try_get::<i64, _>("attempts")? as u32,
+            index: row.try_get("idx")?,
+            last_error: row.try_get("last_error")?,
+        };
+        let attempts = found.attempts;
+        match decide_claim(&found, now, max_attempts) {
+            ClaimDecision::Nothing => return Ok(Claim::Nothing),
+            ClaimDecision::Busy => return Ok(Claim::Busy),
+            ClaimDecision::Poison(message) => {
+                fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
+                tx.commit().await?;
+                return Ok(Claim::Poisoned);
+            }
+            ClaimDecision::Take(over) => {
+                if let Some(reason) = over {
+                    METRICS.leases_taken_over.with_label_values(&[reason]).inc();
+                }
+            }
+        }
+        let token = Uuid::new_v4();
+        sqlx::query(
+            "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE id = $4",
+        )
+        .bind(owner)
+        .bind(token)
+        .bind(now + dur_ms(lease_for))
+        .bind(chunk)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("UPDATE sources SET status = 'processing', updated_ms = $1 WHERE id = $2 AND status = 'pending'")
+            .bind(now)
+            .bind(source_id)
+            .execute(&mut *tx)
+            .await?;
+        let spec: ChunkSpec = ChunkRow::from_row(&row)?.into();
+        let source = load_source(&mut tx, source_id).await?;
+        tx.commit().await?;
+        Ok(Claim::Claimed(Box::new(ChunkWork {
+            lease: Lease {
+                chunk_id: chunk,
+                source_id,
+                token,
+                attempt: attempts + 1,
+            },
+            chunk: spec,
+            source,
+        })))
+    }
+
+    async fn release_chunk_once(
+        &self,
+        lease: &Lease,
+        error: &str,
+        transient_for: Option<Duration>,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT transient_since_ms FROM chunks WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
+        )
+        .bind(lease.chunk_id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(());
+        };
+        let release = decide_release(
+            now_ms(),
+            lease.attempt,
+            transient_for,
+            row.try_get("transient_since_ms")?,
+        );
+        sqlx::query(
+            "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL,
+                 not_before_ms = $1, last_error = $2, attempts = attempts - $3, transient_since_ms = $4
+             WHERE id = $5",
+        )
+        .bind(release.not_before_ms)
+        .bind(error)
+        .bind(i64::from(release.refund))
+        .bind(release.transient_since_ms)
+        .bind(lease.chunk_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn retry_source_once(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3 FOR UPDATE",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(Retried::NotFound);
+        };
+        let found = source_from_row(&row)?;
+        if found.status != SourceStatus::Failed {
+            return Ok(Retried::NotFailed(found));
+        }
+        let chunks = sqlx::query(
+            "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL,
+                 queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL
+             WHERE source_id = $1 AND state = 'failed'
+             RETURNING id",
+        )
+        .bind(source)
+        .fetch_all(&mut *tx)
+        .await?;
+        if chunks.is_empty() {
+            return Ok(Retried::NothingToRetry(found));
+        }
+        sqlx::query(
+            "UPDATE sources SET status = 'processing', error_code = NULL, error_message = NULL, completed_ms = NULL, updated_ms = $2
+             WHERE id = $1",
+        )
+        .bind(source)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        let retried = load_source(&mut tx, source).await?;
+        tx.commit().await?;
+        let refs = chunks
+            .iter()
+            .map(|row| {
+                Ok(ChunkRef {
+                    source_id: source,
+                    chunk_id: row.try_get("id")?,
+                    attempt: 0,
+                    traceparent: None,
+                })
+            })
+            .collect::<StoreResult<_>>()?;
+        Ok(Retried::Reopened(retried, refs))
+    }
+
+    async fn fail_source_once(&self, source: Uuid, error: &SourceError) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        fail_source_in(&mut tx, source, &error.code, &error.message).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn try_commit_upload(
+        &self,
+        upload: &UploadParts<'_>,
+        prepared: &mut Prepared,
+    ) -> StoreResult<(Source, Vec<ChunkRef>)> {
+        let s = upload.source;
+        let target = Target {
+            source: s.id,
+            organization: s.organization_id,
+            directory: s.directory_id,
+            seq: upload.seq,
+        };
+        let optimistic = match upload.sync_chunk {
+            Some(_) => Some(resolve_optimistically(&self.pool, &target, prepared).await?),
+            None => None,
+        };
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
+        sqlx::query(
+            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms)
+             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)",
+        )
+        .bind(s.id)
+        .bind(s.organization_id)
+        .bind(s.directory_id)
+        .bind(&s.filename)
+        .bind(s.byte_size as i64)
+        .bind(&s.sha256)
+        .bind(&s.object_key)
+        .bind(s.dialect.encoding.as_str())
+        .bind(i64::from(s.dialect.delimiter))
+        .bind(s.dialect.bom_len as i64)
+        .bind(serde_json::to_string(&s.columns)?)
+        .bind(s.max_field_bytes as i64)
+        .bind(&s.default_region)
+        .bind(s.total_rows as i64)
+        .bind(chunk_count as i64)
+        .bind(now)
+        .bind(upload.seq)
+        .execute(&mut *tx)
+        .await?;
+        let mut queued = Vec::with_capacity(upload.chunks.len());
+        for chunk in upload.chunks {
+            queued.push(ChunkRef {
+                source_id: s.id,
+                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending").await?,
+                attempt: 0,
+                traceparent: None,
+            });
+        }
+        match (upload.sync_chunk, optimistic) {
+            (Some(chunk), Some(optimistic)) => {
+                insert_chunk(&mut tx, s.id, chunk, "done").await?;
+                let applied =
+                    apply_results(&mut tx, &target, prepared, optimistic, &self.pause).await?;
+                advance_source(&mut tx, s.id, &applied, 1).await?;
+            }
+            _ if chunk_count == 0 => {
+                let none = Applied {
+                    accepted: 0,
+                    failed: 0,
+                    warnings: 0,
+                };
+                advance_source(&mut tx, s.id, &none, 0).await?;
+            }
+            _ => {}
+        }
+        let source = load_source(&mut tx, s.id).await?;
+        if let Some(claim) = upload.idempotency {
+            let receipt = UploadReceipt::of(&source);
+            let done = sqlx::query(
+                "UPDATE idempotency_keys SET state = 'completed', sha256 = $1, source_id = $2, response = $3
+                 WHERE organization_id = $4 AND key = $5 AND claim_token = $6",
+            )
+            .bind(&source.sha256)
+            .bind(source.id)
+            .bind(serde_json::to_string(&receipt)?)
+            .bind(claim.organization_id)
+            .bind(&claim.key)
+            .bind(claim.token)
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::Conflict(
+                    "the idempotency key was taken over by another request".into(),
+                ));
+            }
+        }
+        tx.commit().await?;
+        Ok((source, queued))
+    }
+
+    async fn try_commit_chunk(
+        &self,
+        lease: &Lease,
+        prepared: &mut Prepared,
+    ) -> StoreResult<Committed> {
+        let target =
+            &Target::of(&load_source(&mut *self.pool.acquire().await?, lease.source_id).await?);
+        let optimistic = resolve_optimistically(&self.pool, target, prepared).await?;
+        let mut tx = self.pool.begin().await?;
+        // The row lock fences a concurrent takeover: whoever holds it decides.
+        let held = sqlx::query(
+            "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
+             WHERE c.id = $1 AND c.lease_token = $2 AND c.state = 'running' AND s.status IN ('pending', 'processing')
+             FOR UPDATE OF c",
+        )
+        .bind(lease.chunk_id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if held.is_none() {
+            return Ok(Committed::LeaseLost);
+        }
+        let applied = apply_results(&mut tx, target, prepared, optimistic, &self.pause).await?;
+        sqlx::query("UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = $1")
+            .bind(lease.chunk_id)
+            .execute(&mut *tx)
+            .await?;
+        let completed = advance_source(&mut tx, target.source, &applied, 1).await?;
+        self.pause.committing(lease.chunk_id);
+        tx.commit().await?;
+        Ok(Committed::Done {
+            source_completed: completed,
+        })
+    }
+}
+
+/// Whether the lease owner `p` (a `processes` row joined on `lease_owner`) is gone, given the
+/// time `$2`: its heartbeat expired, and the server has been up for at least one heartbeat
+/// window since it started, so that a database restart does not make every worker look dead
+/// before it had a chance to heartbeat again.
+const OWNER_DEAD: &str = "COALESCE(p.expires_ms < $2
+    AND $2 - (EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000)::BIGINT > p.expires_ms - p.heartbeat_ms, FALSE)";
+
+fn pg_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// Test hooks of the commit path; both empty outside the split detector.
+#[derive(Default, Clone)]
+struct CommitPause {
+    #[allow(clippy::type_complexity)]
+    pause: Option<Arc<dyn Fn() -> Duration + Send + Sync>>,
+    #[allow(clippy::type_complexity)]
+    observe: Option<Arc<dyn Fn(Uuid) + Send + Sync>>,
+}
+
+impl CommitPause {
+    async fn wait(&self) {
+        if let Some(pause) = &self.pause {
+            tokio::time::sleep(pause()).await;
+        }
+    }
+
+    fn committing(&self, chunk: Uuid) {
+        if let Some(observe) = &self.observe {
+            observe(chunk);
+        }
+    }
+}
+
+/// Runs a transaction again after errors that say nothing about its data: a lost race
+/// (deadlock, serialization failure, lock timeout) at once with a short jittered backoff, and
+/// a database that cannot be reached (a restart, a failover) with a longer one, for at most
+/// `retry_for` in all. Any other error is returned as it is.
+struct Retry {
+    deadline: Instant,
+    tries: u32,
+}
+
+impl Retry {
+    fn new(retry_for: Duration) -> Self {
+        Retry {
+            deadline: Instant::now() + retry_for,
+            tries: 0,
+        }
+    }
+
+    /// Waits before the next try, or gives `error` back when it is not worth one.
+    async fn after(&mut self, error: StoreError) -> StoreResult<()> {
+        let (reason, ceiling_ms) = if error.is_conflict() {
+            ("conflict", 1_000u64)
+        } else if error.is_transient() {
+            ("unavailable", 5_000)
+        } else {
+            return Err(error);
+        };
+        if Instant::now() >= self.deadline {
+            return Err(error);
+        }
+        self.tries += 1;
+        METRICS.commit_retries.with_label_values(&[reason]).inc();
+        let ceiling = (20u64 << self.tries.min(10)).min(ceiling_ms);
+        let wait = Duration::from_millis(rand::rng().random_range(ceiling / 2..=ceiling));
+        tracing::debug!(reason, tries = self.tries, error = %error, ?wait, "retrying a transaction");
+        tokio::time::sleep(wait.min(self.deadline.saturating_duration_since(Instant::now()))).await;
+        Ok(())
     }
 }
 
@@ -144,23 +589,39 @@ fn issue_row(
     );
 }
 
-async fn apply_results(
+/// What a commit writes into: the source its rows belong to. `seq` versions every profile
+/// write of the source.
+struct Target {
+    source: Uuid,
+    organization: Uuid,
+    directory: Uuid,
+    seq: i64,
+}
+
+impl Target {
+    fn of(source: &Source) -> Self {
+        Target {
+            source: source.id,
+            organization: source.organization_id,
+            directory: source.directory_id,
+            seq: source.seq,
+        }
+    }
+}
+
+/// The current owners of a chunk's identities and the state of those owners, read without a
+/// lock: what the optimistic resolution works from. Each value is probed by primary key,
+/// whatever the statistics say: a plain join let the planner, estimating a young table from
+/// stale statistics, hash-join against every identity of the directory, which made each chunk
+/// slower than the one before it. The `LIMIT 1` keeps the lateral subquery from being
+/// flattened into such a join.
+async fn read_owners(
     conn: &mut PgConnection,
-    source: &Source,
-    prepared: Prepared,
-) -> StoreResult<Applied> {
-    let dir = source.directory_id;
-    // One resolver per directory at a time: loads below see every identity committed before.
-    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1::text, 0))")
-        .bind(dir)
-        .execute(&mut *conn)
-        .await?;
+    directory: Uuid,
+    prepared: &Prepared,
+) -> StoreResult<Existing> {
     let mut existing = Existing::default();
-    // One primary-key probe per value, whatever the statistics say: a plain join let the
-    // planner, estimating a young table from stale statistics, hash-join against every
-    // identity of the directory, which made each chunk slower than the one before it. The
-    // `LIMIT 1` keeps the lateral subquery from being flattened into such a join.
-    for (kind, values) in identity_lookups(&prepared) {
+    for (kind, values) in identity_lookups(prepared) {
         if values.is_empty() {
             continue;
         }
@@ -169,7 +630,7 @@ async fn apply_results(
              CROSS JOIN LATERAL (SELECT profile_id FROM profile_identities
                  WHERE directory_id = $1 AND kind = $2 AND value = v.value LIMIT 1) i",
         )
-        .bind(dir)
+        .bind(directory)
         .bind(kind)
         .bind(&values)
         .fetch_all(&mut *conn)
@@ -181,44 +642,213 @@ async fn apply_results(
             );
         }
     }
-    let owners = owners_to_load(&existing);
-    if !owners.is_empty() {
+    existing.profiles = load_profiles(conn, &owners_to_load(&existing), false).await?;
+    Ok(existing)
+}
+
+/// Profile states by id; with `lock`, each row is locked in the order of `ids` (ascending),
+/// the one order in which every commit locks profiles.
+async fn load_profiles(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+    lock: bool,
+) -> StoreResult<HashMap<Uuid, ProfileState>> {
+    let mut profiles = HashMap::with_capacity(ids.len());
+    if ids.is_empty() {
+        return Ok(profiles);
+    }
+    let sql = if lock {
+        "SELECT p.id, p.state FROM UNNEST($1::uuid[]) WITH ORDINALITY AS u(id, n)
+         CROSS JOIN LATERAL (SELECT id, state FROM profiles WHERE id = u.id FOR UPDATE) p
+         ORDER BY u.n"
+    } else {
+        "SELECT p.id, p.state FROM UNNEST($1::uuid[]) AS u(id)
+         CROSS JOIN LATERAL (SELECT id, state FROM profiles WHERE id = u.id LIMIT 1) p"
+    };
+    for row in sqlx::query(sql).bind(ids).fetch_all(&mut *conn).await? {
+        let state: String = row.try_get("state")?;
+        profiles.insert(
+            row.try_get("id")?,
+            serde_json::from_str::<ProfileState>(&state)?,
+        );
+    }
+    Ok(profiles)
+}
+
+/// Claims identities for their profiles, in (kind, value) order, and returns the ones this
+/// transaction now holds. A key another transaction inserted but has not committed makes this
+/// one wait for it (the primary key arbitrates); a key it committed is not returned.
+async fn claim_identities(
+    conn: &mut PgConnection,
+    directory: Uuid,
+    identities: &[(String, String, Uuid)],
+) -> StoreResult<HashSet<(String, String)>> {
+    if identities.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let mut kinds = Vec::with_capacity(identities.len());
+    let mut values = Vec::with_capacity(identities.len());
+    let mut profiles = Vec::with_capacity(identities.len());
+    for (kind, value, profile) in identities {
+        kinds.push(kind.as_str());
+        values.push(value.as_str());
+        profiles.push(*profile);
+    }
+    let rows = sqlx::query(
+        "INSERT INTO profile_identities (directory_id, kind, value, profile_id)
+         SELECT $1, u.kind, u.value, u.profile_id
+         FROM UNNEST($2::text[], $3::text[], $4::uuid[]) AS u(kind, value, profile_id)
+         ORDER BY u.kind, u.value
+         ON CONFLICT DO NOTHING
+         RETURNING kind, value",
+    )
+    .bind(directory)
+    .bind(&kinds)
+    .bind(&values)
+    .bind(&profiles)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| Ok((row.try_get("kind")?, row.try_get("value")?)))
+        .collect()
+}
+
+/// Turns the optimistic resolution into the one this transaction commits: claims its
+/// identities, learns the owners of the ones a concurrent commit claimed first, locks the
+/// existing profiles it merges into, and resolves again if any of that differs from what the
+/// lock-free read saw. After it, every identity of the chunk is either held by this
+/// transaction or owned by a committed one (identities never change owner), and every profile
+/// it reads is locked, so the outcome is the one a serial commit at this point would give.
+async fn settle(
+    conn: &mut PgConnection,
+    target: &Target,
+    prepared: &mut Prepared,
+    mut existing: Existing,
+    optimistic: Resolution,
+    pause: &CommitPause,
+) -> StoreResult<Resolution> {
+    let won = claim_identities(conn, target.directory, &optimistic.identities).await?;
+    pause.wait().await;
+    let lost: Vec<(&str, &str)> = optimistic
+        .identities
+        .iter()
+        .filter(|(kind, value, _)| !won.contains(&(kind.clone(), value.clone())))
+        .map(|(kind, value, _)| (kind.as_str(), value.as_str()))
+        .collect();
+    let mut stale = !lost.is_empty();
+    if stale {
+        let (kinds, values): (Vec<&str>, Vec<&str>) = lost.iter().copied().unzip();
         let rows = sqlx::query(
-            "SELECT u.id, p.state FROM UNNEST($1::uuid[]) AS u(id)
-             CROSS JOIN LATERAL (SELECT state FROM profiles WHERE id = u.id LIMIT 1) p",
+            "SELECT u.kind, u.value, i.profile_id FROM UNNEST($2::text[], $3::text[]) AS u(kind, value)
+             CROSS JOIN LATERAL (SELECT profile_id FROM profile_identities
+                 WHERE directory_id = $1 AND kind = u.kind AND value = u.value LIMIT 1) i",
         )
-        .bind(&owners)
+        .bind(target.directory)
+        .bind(&kinds)
+        .bind(&values)
         .fetch_all(&mut *conn)
         .await?;
         for row in rows {
-            let state: String = row.try_get("state")?;
-            existing.profiles.insert(
-                row.try_get("id")?,
-                serde_json::from_str::<ProfileState>(&state)?,
+            existing.owners.insert(
+                (row.try_get("kind")?, row.try_get("value")?),
+                row.try_get("profile_id")?,
             );
         }
     }
-    let writes = plan_writes(prepared, existing, source)?;
-    write_all(conn, source, writes).await
+    let locked = load_profiles(conn, &owners_to_load(&existing), true).await?;
+    stale |= locked != existing.profiles;
+    if !stale {
+        return Ok(optimistic);
+    }
+    existing.profiles = locked;
+    let settled = resolve(prepared, existing, target.seq)?;
+    // The settled resolution claims exactly the keys this transaction won: the others have
+    // owners now. Rows that create the same profile keep its id (`Prepared` fixes new ids per
+    // row), so only the identities whose profile changed are pointed elsewhere.
+    let optimistic_owner: HashMap<(&str, &str), Uuid> = optimistic
+        .identities
+        .iter()
+        .map(|(kind, value, profile)| ((kind.as_str(), value.as_str()), *profile))
+        .collect();
+    if settled.identities.len() != won.len()
+        || settled
+            .identities
+            .iter()
+            .any(|(kind, value, _)| !won.contains(&(kind.clone(), value.clone())))
+    {
+        return Err(StoreError::Corrupt(
+            "re-resolution claimed other identities than the transaction holds".into(),
+        ));
+    }
+    let moved: Vec<&(String, String, Uuid)> = settled
+        .identities
+        .iter()
+        .filter(|(kind, value, profile)| {
+            optimistic_owner.get(&(kind.as_str(), value.as_str())) != Some(profile)
+        })
+        .collect();
+    if !moved.is_empty() {
+        let kinds: Vec<&str> = moved.iter().map(|m| m.0.as_str()).collect();
+        let values: Vec<&str> = moved.iter().map(|m| m.1.as_str()).collect();
+        let profiles: Vec<Uuid> = moved.iter().map(|m| m.2).collect();
+        sqlx::query(
+            "UPDATE profile_identities i SET profile_id = u.profile_id
+             FROM UNNEST($2::text[], $3::text[], $4::uuid[]) AS u(kind, value, profile_id)
+             WHERE i.directory_id = $1 AND i.kind = u.kind AND i.value = u.value",
+        )
+        .bind(target.directory)
+        .bind(&kinds)
+        .bind(&values)
+        .bind(&profiles)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(settled)
+}
+
+/// The optimistic half of a commit, on a connection of its own before any lock is taken, so
+/// that a commit holds its locks only while it writes: the directory's current owners of the
+/// chunk's identities, and the resolution they give.
+async fn resolve_optimistically(
+    pool: &PgPool,
+    target: &Target,
+    prepared: &mut Prepared,
+) -> StoreResult<(Existing, Resolution)> {
+    let snapshot = read_owners(&mut *pool.acquire().await?, target.directory, prepared).await?;
+    let optimistic = resolve(prepared, snapshot.clone(), target.seq)?;
+    Ok((snapshot, optimistic))
+}
+
+/// The locked half: settles the resolution and writes it, inside the caller's transaction,
+/// which has fenced the chunk (or created the source) already.
+async fn apply_results(
+    tx: &mut PgConnection,
+    target: &Target,
+    prepared: &mut Prepared,
+    (snapshot, optimistic): (Existing, Resolution),
+    pause: &CommitPause,
+) -> StoreResult<Applied> {
+    let resolution = settle(tx, target, prepared, snapshot, optimistic, pause).await?;
+    write_all(tx, target, prepared, resolution).await
 }
 
 async fn write_all(
     conn: &mut PgConnection,
-    source: &Source,
-    writes: Writes,
+    target: &Target,
+    prepared: &Prepared,
+    resolution: Resolution,
 ) -> StoreResult<Applied> {
     let now = now_ms();
-    let dir = source.directory_id;
-    // New profiles and identities go straight in with COPY: under the directory lock nothing
-    // else can have created them. (Array-bound `INSERT … SELECT FROM UNNEST` measured within
-    // 5% of COPY both ways: slower on 10,000-row chunks, faster on 100-row uploads.)
+    // New profiles go straight in with COPY: their ids are new. (Array-bound `INSERT … SELECT
+    // FROM UNNEST` measured within 5% of COPY both ways: slower on 10,000-row chunks, faster on
+    // 100-row uploads.)
     let (org, dir_text, now_text) = (
-        source.organization_id.to_string(),
-        dir.to_string(),
+        target.organization.to_string(),
+        target.directory.to_string(),
         now.to_string(),
     );
     let mut buf = Vec::new();
-    for (id, state) in &writes.created {
+    for (id, state) in &resolution.created {
         copy_row(
             &mut buf,
             &[
@@ -237,8 +867,8 @@ async fn write_all(
         buf,
     )
     .await?;
-    if !writes.updated.is_empty() {
-        let (ids, states): (Vec<Uuid>, Vec<String>) = writes.updated.into_iter().unzip();
+    if !resolution.updated.is_empty() {
+        let (ids, states): (Vec<Uuid>, Vec<String>) = resolution.updated.into_iter().unzip();
         sqlx::query(
             "UPDATE profiles p SET state = u.state, updated_ms = $3
              FROM UNNEST($1::uuid[], $2::text[]) AS u(id, state) WHERE p.id = u.id",
@@ -249,37 +879,19 @@ async fn write_all(
         .execute(&mut *conn)
         .await?;
     }
-    let mut buf = Vec::new();
-    for (kind, value, profile) in &writes.identities {
-        copy_row(
-            &mut buf,
-            &[
-                Some(&dir_text),
-                Some(kind),
-                Some(value),
-                Some(&profile.to_string()),
-            ],
-        );
-    }
-    copy_in(
-        conn,
-        "COPY profile_identities (directory_id, kind, value, profile_id) FROM STDIN",
-        buf,
-    )
-    .await?;
     // Records and failed rows go straight in too. None can exist yet: a chunk commits once,
     // fenced by its lease and its `running` state, and the upload's own rows belong to a new
     // source. Should that ever fail, the primary keys refuse the second copy loudly.
-    let source_id = source.id.to_string();
+    let source_id = target.source.to_string();
     let mut buf = Vec::new();
-    for r in &writes.records {
+    for (r, profile) in prepared.records.iter().zip(&resolution.profile_of) {
         copy_row(
             &mut buf,
             &[
                 Some(&source_id),
                 Some(&r.row_number.to_string()),
                 Some(&r.line_number.to_string()),
-                Some(&r.profile_id.to_string()),
+                Some(&profile.to_string()),
                 r.email.as_deref(),
                 r.linkedin_url.as_deref(),
                 r.phone.as_deref(),
@@ -295,7 +907,7 @@ async fn write_all(
     )
     .await?;
     let mut buf = Vec::new();
-    for f in &writes.failed {
+    for f in &prepared.failed {
         copy_row(
             &mut buf,
             &[
@@ -315,11 +927,11 @@ async fn write_all(
     )
     .await?;
     let mut buf = Vec::new();
-    for i in &writes.issues {
+    for i in resolution.warnings.iter().chain(&prepared.failed_issues) {
         issue_row(&mut buf, &source_id, i.row_number, i.line_number, &i.issue);
     }
     insert_issues(conn, buf).await?;
-    Ok(writes.applied)
+    Ok(resolution.applied)
 }
 
 async fn advance_source(
@@ -717,82 +1329,34 @@ impl Store for PgStore {
     }
 
     async fn commit_upload(&self, upload: NewUpload) -> StoreResult<(Source, Vec<ChunkRef>)> {
-        let sync_prepared = prepare(upload.sync_results)?;
-        let mut tx = self.pool.begin().await?;
-        let now = now_ms();
-        let s = &upload.source;
-        let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
-        sqlx::query(
-            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms)
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)",
-        )
-        .bind(s.id)
-        .bind(s.organization_id)
-        .bind(s.directory_id)
-        .bind(&s.filename)
-        .bind(s.byte_size as i64)
-        .bind(&s.sha256)
-        .bind(&s.object_key)
-        .bind(s.dialect.encoding.as_str())
-        .bind(i64::from(s.dialect.delimiter))
-        .bind(s.dialect.bom_len as i64)
-        .bind(serde_json::to_string(&s.columns)?)
-        .bind(s.max_field_bytes as i64)
-        .bind(&s.default_region)
-        .bind(s.total_rows as i64)
-        .bind(chunk_count as i64)
-        .bind(now)
-        .execute(&mut *tx)
-        .await?;
-        let mut queued = Vec::with_capacity(upload.chunks.len());
-        for chunk in &upload.chunks {
-            queued.push(ChunkRef {
-                source_id: s.id,
-                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending").await?,
-                attempt: 0,
-                traceparent: None,
-            });
-        }
-        let source = load_source(&mut tx, s.id).await?;
-        match &upload.sync_chunk {
-            Some(chunk) => {
-                insert_chunk(&mut tx, s.id, chunk, "done").await?;
-                let applied = apply_results(&mut tx, &source, sync_prepared).await?;
-                advance_source(&mut tx, s.id, &applied, 1).await?;
-            }
-            None if chunk_count == 0 => {
-                let none = Applied {
-                    accepted: 0,
-                    failed: 0,
-                    warnings: 0,
-                };
-                advance_source(&mut tx, s.id, &none, 0).await?;
-            }
-            None => {}
-        }
-        let source = load_source(&mut tx, s.id).await?;
-        if let Some(claim) = &upload.idempotency {
-            let receipt = UploadReceipt::of(&source);
-            let done = sqlx::query(
-                "UPDATE idempotency_keys SET state = 'completed', sha256 = $1, source_id = $2, response = $3
-                 WHERE organization_id = $4 AND key = $5 AND claim_token = $6",
-            )
-            .bind(&source.sha256)
-            .bind(source.id)
-            .bind(serde_json::to_string(&receipt)?)
-            .bind(claim.organization_id)
-            .bind(&claim.key)
-            .bind(claim.token)
-            .execute(&mut *tx)
-            .await?;
-            if done.rows_affected() == 0 {
-                return Err(StoreError::Conflict(
-                    "the idempotency key was taken over by another request".into(),
-                ));
+        let NewUpload {
+            source,
+            sync_chunk,
+            sync_results,
+            chunks,
+            idempotency,
+        } = upload;
+        let mut prepared = prepare(sync_results)?;
+        // The source's sequence number versions its profile writes, which the optimistic
+        // resolution needs before the transaction that inserts the source.
+        let seq: i64 = sqlx::query("SELECT nextval(pg_get_serial_sequence('sources', 'seq'))")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get(0)?;
+        let upload = UploadParts {
+            source: &source,
+            seq,
+            sync_chunk: sync_chunk.as_ref(),
+            chunks: &chunks,
+            idempotency: idempotency.as_ref(),
+        };
+        let mut retry = Retry::new(self.retry_for);
+        loop {
+            match self.try_commit_upload(&upload, &mut prepared).await {
+                Err(e) => retry.after(e).await?,
+                done => return done,
             }
         }
-        tx.commit().await?;
-        Ok((source, queued))
     }
 
     async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>> {
@@ -964,72 +1528,8 @@ impl Store for PgStore {
         lease_for: Duration,
         max_attempts: u32,
     ) -> StoreResult<Claim> {
-        let mut tx = self.pool.begin().await?;
-        let now = now_ms();
-        let row = sqlx::query(
-            "SELECT c.*, s.status AS source_status FROM chunks c JOIN sources s ON s.id = c.source_id
-             WHERE c.id = $1 FOR UPDATE OF c",
-        )
-        .bind(chunk)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(Claim::Nothing);
-        };
-        let state: String = row.try_get("state")?;
-        let source_status: String = row.try_get("source_status")?;
-        let source_id: Uuid = row.try_get("source_id")?;
-        if matches!(state.as_str(), "done" | "failed")
-            || matches!(source_status.as_str(), "completed" | "failed")
-        {
-            return Ok(Claim::Nothing);
-        }
-        let expires: Option<i64> = row.try_get("lease_expires_ms")?;
-        if state == "running" && expires.is_some_and(|e| e > now) {
-            return Ok(Claim::Busy);
-        }
-        let attempts = row.try_get::<i64, _>("attempts")? as u32;
-        if attempts >= max_attempts {
-            let last_error: Option<String> = row.try_get("last_error")?;
-            let index: i64 = row.try_get("idx")?;
-            let message = format!(
-                "chunk {index} failed {attempts} times; last error: {}",
-                last_error
-                    .as_deref()
-                    .unwrap_or("its worker stopped before finishing")
-            );
-            fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
-            tx.commit().await?;
-            return Ok(Claim::Poisoned);
-        }
-        let token = Uuid::new_v4();
-        sqlx::query(
-            "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE id = $4",
-        )
-        .bind(owner)
-        .bind(token)
-        .bind(now + dur_ms(lease_for))
-        .bind(chunk)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE sources SET status = 'processing', updated_ms = $1 WHERE id = $2 AND status = 'pending'")
-            .bind(now)
-            .bind(source_id)
-            .execute(&mut *tx)
-            .await?;
-        let spec: ChunkSpec = ChunkRow::from_row(&row)?.into();
-        let source = load_source(&mut tx, source_id).await?;
-        tx.commit().await?;
-        Ok(Claim::Claimed(Box::new(ChunkWork {
-            lease: Lease {
-                chunk_id: chunk,
-                source_id,
-                token,
-                attempt: attempts + 1,
-            },
-            chunk: spec,
-            source,
-        })))
+        self.retrying(|| Box::pin(self.claim_chunk_once(chunk, owner, lease_for, max_attempts)))
+            .await
     }
 
     async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
@@ -1043,55 +1543,34 @@ impl Store for PgStore {
     }
 
     async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed> {
-        // Outside the transaction: only resolution needs to see the directory.
-        let prepared = prepare(results)?;
-        let mut tx = self.pool.begin().await?;
-        // The row lock fences a concurrent takeover: whoever holds it decides.
-        let held = sqlx::query(
-            "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
-             WHERE c.id = $1 AND c.lease_token = $2 AND c.state = 'running' AND s.status IN ('pending', 'processing')
-             FOR UPDATE OF c",
-        )
-        .bind(lease.chunk_id)
-        .bind(lease.token)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if held.is_none() {
-            return Ok(Committed::LeaseLost);
+        let mut prepared = prepare(results)?;
+        let mut retry = Retry::new(self.retry_for);
+        loop {
+            match self.try_commit_chunk(lease, &mut prepared).await {
+                Err(e) => retry.after(e).await?,
+                done => return done,
+            }
         }
-        let source = load_source(&mut tx, lease.source_id).await?;
-        let applied = apply_results(&mut tx, &source, prepared).await?;
-        sqlx::query("UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = $1")
-            .bind(lease.chunk_id)
-            .execute(&mut *tx)
-            .await?;
-        let completed = advance_source(&mut tx, source.id, &applied, 1).await?;
-        tx.commit().await?;
-        Ok(Committed::Done {
-            source_completed: completed,
-        })
     }
 
-    async fn release_chunk(&self, lease: &Lease, error: &str) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL,
-                 not_before_ms = $1, last_error = $2
-             WHERE id = $3 AND lease_token = $4 AND state = 'running'",
-        )
-        .bind(now_ms() + retry_backoff_ms(lease.attempt))
-        .bind(error)
-        .bind(lease.chunk_id)
-        .bind(lease.token)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+    async fn release_chunk(
+        &self,
+        lease: &Lease,
+        error: &str,
+        transient_for: Option<Duration>,
+    ) -> StoreResult<()> {
+        self.retrying(|| Box::pin(self.release_chunk_once(lease, error, transient_for)))
+            .await
+    }
+
+    async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried> {
+        self.retrying(|| Box::pin(self.retry_source_once(org, dir, source)))
+            .await
     }
 
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        fail_source_in(&mut tx, source, &error.code, &error.message).await?;
-        tx.commit().await?;
-        Ok(())
+        self.retrying(|| Box::pin(self.fail_source_once(source, &error)))
+            .await
     }
 
     async fn chunks_to_publish(
@@ -1101,20 +1580,26 @@ impl Store for PgStore {
     ) -> StoreResult<Vec<ChunkRef>> {
         let now = now_ms();
         // SKIP LOCKED: several reapers (gateways, workers) share the work without waiting.
-        let rows = sqlx::query(
+        let rows = sqlx::query(&format!(
             "UPDATE chunks SET queued_ms = $1 WHERE id IN (
                  SELECT c.id FROM chunks c JOIN sources s ON s.id = c.source_id
+                 LEFT JOIN processes p ON p.owner = c.lease_owner
                  WHERE s.status IN ('pending', 'processing') AND (
-                     (c.state = 'pending' AND c.not_before_ms <= $1 AND (c.queued_ms IS NULL OR c.queued_ms < $2))
-                  OR (c.state = 'running' AND c.lease_expires_ms < $1))
-                 ORDER BY s.seq, c.idx LIMIT $3 FOR UPDATE OF c SKIP LOCKED)
-             RETURNING id, source_id, attempts",
-        )
+                     (c.state = 'pending' AND c.not_before_ms <= $1 AND (c.queued_ms IS NULL OR c.queued_ms < $3))
+                  OR (c.state = 'running' AND (c.lease_expires_ms < $1 OR {OWNER_DEAD})))
+                 ORDER BY s.seq, c.idx LIMIT $4 FOR UPDATE OF c SKIP LOCKED)
+             RETURNING id, source_id, attempts"
+        ))
+        .bind(now)
         .bind(now)
         .bind(now - dur_ms(requeue_after))
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
+        sqlx::query("DELETE FROM processes WHERE expires_ms < $1")
+            .bind(now - FORGET_PROCESSES_AFTER_MS)
+            .execute(&self.pool)
+            .await?;
         rows.iter()
             .map(|row| {
                 Ok(ChunkRef {
@@ -1125,6 +1610,28 @@ impl Store for PgStore {
                 })
             })
             .collect()
+    }
+
+    async fn heartbeat(&self, owner: &str, valid_for: Duration) -> StoreResult<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO processes (owner, heartbeat_ms, expires_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms, expires_ms = EXCLUDED.expires_ms",
+        )
+        .bind(owner)
+        .bind(now)
+        .bind(now + dur_ms(valid_for))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn retire(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM processes WHERE owner = $1")
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     async fn forget_queued(&self) -> StoreResult<u64> {

@@ -26,6 +26,10 @@ pub(super) fn dur_ms(d: std::time::Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
 }
 
+/// A `processes` row whose heartbeat expired this long ago is deleted: any lease it held has
+/// long been taken over.
+pub(super) const FORGET_PROCESSES_AFTER_MS: i64 = 24 * 3600 * 1000;
+
 /// Back-off before a failed chunk is tried again: longer with each attempt, at most a minute.
 pub(super) fn retry_backoff_ms(attempt: u32) -> i64 {
     500i64.saturating_mul(1 << attempt.min(7)).min(60_000)
@@ -262,4 +266,184 @@ pub(super) struct Applied {
     pub accepted: u64,
     pub failed: u64,
     pub warnings: u64,
+}
+
+/// What `claim_chunk` found, read under the chunk's row lock.
+pub(super) struct ChunkState {
+    pub state: String,
+    pub source_status: String,
+    pub lease_expires_ms: Option<i64>,
+    /// The lease's owner stopped heartbeating: its process is gone.
+    pub owner_dead: bool,
+    pub attempts: u32,
+    pub index: i64,
+    pub last_error: Option<String>,
+}
+
+pub(super) enum ClaimDecision {
+    /// Done, failed, or its source is terminal: the message is stale.
+    Nothing,
+    Busy,
+    /// Out of attempts: fail the source with this message.
+    Poison(String),
+    /// Take the lease; `Some(reason)` when it takes over another worker's void lease.
+    Take(Option<&'static str>),
+}
+
+/// The one place that decides a claim, for every backend.
+pub(super) fn decide_claim(c: &ChunkState, now: i64, max_attempts: u32) -> ClaimDecision {
+    if matches!(c.state.as_str(), "done" | "failed")
+        || matches!(c.source_status.as_str(), "completed" | "failed")
+    {
+        return ClaimDecision::Nothing;
+    }
+    let running = c.state == "running";
+    let unexpired = c.lease_expires_ms.is_some_and(|e| e > now);
+    if running && unexpired && !c.owner_dead {
+        return ClaimDecision::Busy;
+    }
+    if c.attempts >= max_attempts {
+        return ClaimDecision::Poison(format!(
+            "chunk {} failed {} times; last error: {}",
+            c.index,
+            c.attempts,
+            c.last_error
+                .as_deref()
+                .unwrap_or("its worker stopped before finishing")
+        ));
+    }
+    ClaimDecision::Take(match (running, unexpired) {
+        (true, true) => Some("owner_dead"),
+        (true, false) => Some("expired"),
+        _ => None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(state: &str, expires: Option<i64>, owner_dead: bool, attempts: u32) -> ChunkState {
+        ChunkState {
+            state: state.into(),
+            source_status: "processing".into(),
+            lease_expires_ms: expires,
+            owner_dead,
+            attempts,
+            index: 3,
+            last_error: None,
+        }
+    }
+
+    #[test]
+    fn a_live_owners_unexpired_lease_is_respected() {
+        assert!(matches!(
+            decide_claim(&chunk("running", Some(2_000), false, 1), 1_000, 5),
+            ClaimDecision::Busy
+        ));
+    }
+
+    #[test]
+    fn a_dead_owners_lease_is_void_before_it_expires() {
+        assert!(matches!(
+            decide_claim(&chunk("running", Some(2_000), true, 1), 1_000, 5),
+            ClaimDecision::Take(Some("owner_dead"))
+        ));
+        assert!(matches!(
+            decide_claim(&chunk("running", Some(500), false, 1), 1_000, 5),
+            ClaimDecision::Take(Some("expired"))
+        ));
+        assert!(matches!(
+            decide_claim(&chunk("pending", None, false, 0), 1_000, 5),
+            ClaimDecision::Take(None)
+        ));
+    }
+
+    #[test]
+    fn attempts_run_out_and_terminal_chunks_are_left_alone() {
+        match decide_claim(&chunk("pending", None, false, 5), 1_000, 5) {
+            ClaimDecision::Poison(message) => {
+                assert!(message.starts_with("chunk 3 failed 5 times"), "{message}")
+            }
+            _ => panic!("expected poison"),
+        }
+        assert!(matches!(
+            decide_claim(&chunk("done", None, false, 1), 1_000, 5),
+            ClaimDecision::Nothing
+        ));
+    }
+}
+
+/// How `release_chunk` leaves a chunk after a failed attempt.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct Release {
+    /// Give the attempt back: the failure said nothing about the chunk's data.
+    pub refund: bool,
+    /// When the chunk's current run of transient failures began, if it is in one.
+    pub transient_since_ms: Option<i64>,
+    pub not_before_ms: i64,
+}
+
+/// Decides a release, for every backend. A transient failure (storage, network, database)
+/// refunds the attempt for as long as the chunk has been failing that way for less than
+/// `transient_for`, and backs off by half the time it has been failing (1 s to 30 s), so an
+/// outage of any length costs no attempt up to the ceiling. Past it, or for any other failure,
+/// the attempt counts, and enough of them poison the chunk.
+pub(super) fn decide_release(
+    now: i64,
+    attempt: u32,
+    transient_for: Option<std::time::Duration>,
+    transient_since_ms: Option<i64>,
+) -> Release {
+    match transient_for {
+        Some(ceiling) => {
+            let since = transient_since_ms.unwrap_or(now);
+            let failing_for = now - since;
+            Release {
+                refund: failing_for < dur_ms(ceiling),
+                transient_since_ms: Some(since),
+                not_before_ms: now + (failing_for / 2).clamp(1_000, 30_000),
+            }
+        }
+        None => Release {
+            refund: false,
+            transient_since_ms: None,
+            not_before_ms: now + retry_backoff_ms(attempt),
+        },
+    }
+}
+
+#[cfg(test)]
+mod release_tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn transient_failures_cost_no_attempt_until_the_ceiling() {
+        let ceiling = Some(Duration::from_secs(600));
+        let first = decide_release(10_000, 1, ceiling, None);
+        assert_eq!(
+            first,
+            Release {
+                refund: true,
+                transient_since_ms: Some(10_000),
+                not_before_ms: 11_000
+            }
+        );
+        let later = decide_release(70_000, 1, ceiling, Some(10_000));
+        assert!(later.refund);
+        assert_eq!(later.not_before_ms, 100_000, "backs off by half the outage");
+        let past = decide_release(700_000, 1, ceiling, Some(10_000));
+        assert!(!past.refund, "past the ceiling the attempt counts");
+        assert_eq!(past.not_before_ms, 730_000, "at most 30 s");
+    }
+
+    #[test]
+    fn other_failures_count_and_end_a_transient_run() {
+        let r = decide_release(10_000, 2, None, Some(5_000));
+        assert!(!r.refund);
+        assert_eq!(r.transient_since_ms, None);
+        assert_eq!(r.not_before_ms, 10_000 + retry_backoff_ms(2));
+    }
 }

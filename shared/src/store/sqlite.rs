@@ -14,10 +14,11 @@ use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::writes::{identity_lookups, owners_to_load, plan_writes, prepare, Prepared};
+use super::writes::{identity_lookups, owners_to_load, prepare, resolve, Prepared};
 use super::{Store, StoreError, StoreResult};
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row::{self, Issue};
+use crate::metrics::METRICS;
 use crate::model::*;
 
 /// SQLite allows 32766 bound parameters; stay far below it.
@@ -99,7 +100,7 @@ async fn load_source(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Sourc
 async fn apply_results(
     conn: &mut SqliteConnection,
     source: &Source,
-    prepared: Prepared,
+    mut prepared: Prepared,
 ) -> StoreResult<Applied> {
     let dir = source.directory_id;
     let mut existing = Existing::default();
@@ -139,7 +140,7 @@ async fn apply_results(
         }
     }
 
-    let writes = plan_writes(prepared, existing, source)?;
+    let writes = resolve(&mut prepared, existing, source.seq)?;
     let now = now_ms();
     for batch in writes.created.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
@@ -175,15 +176,16 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    for batch in writes.records.chunks(ROWS_PER_INSERT) {
+    let records: Vec<_> = prepared.records.iter().zip(&writes.profile_of).collect();
+    for batch in records.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) ",
         );
-        insert.push_values(batch, |mut row, r| {
+        insert.push_values(batch, |mut row, (r, profile)| {
             row.push_bind(source.id)
                 .push_bind(r.row_number)
                 .push_bind(r.line_number)
-                .push_bind(r.profile_id)
+                .push_bind(*profile)
                 .push_bind(&r.email)
                 .push_bind(&r.linkedin_url)
                 .push_bind(&r.phone)
@@ -192,7 +194,7 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    for batch in writes.failed.chunks(ROWS_PER_INSERT) {
+    for batch in prepared.failed.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT OR IGNORE INTO failed_rows (source_id, row_number, line_number, fields, error_code, error_message) ",
         );
@@ -206,7 +208,7 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    for i in &writes.issues {
+    for i in writes.warnings.iter().chain(&prepared.failed_issues) {
         insert_issue(
             conn,
             source.id,
@@ -902,39 +904,42 @@ impl Store for SqliteStore {
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
         let row = sqlx::query(
-            "SELECT c.*, s.status AS source_status FROM chunks c JOIN sources s ON s.id = c.source_id WHERE c.id = ?",
+            "SELECT c.*, s.status AS source_status, COALESCE(p.expires_ms < ?2, 0) AS owner_dead
+             FROM chunks c JOIN sources s ON s.id = c.source_id
+             LEFT JOIN processes p ON p.owner = c.lease_owner
+             WHERE c.id = ?1",
         )
         .bind(chunk)
+        .bind(now)
         .fetch_optional(&mut *tx)
         .await?;
         let Some(row) = row else {
             return Ok(Claim::Nothing);
         };
-        let state: String = row.try_get("state")?;
-        let source_status: String = row.try_get("source_status")?;
         let source_id: Uuid = row.try_get("source_id")?;
-        if matches!(state.as_str(), "done" | "failed")
-            || matches!(source_status.as_str(), "completed" | "failed")
-        {
-            return Ok(Claim::Nothing);
-        }
-        let expires: Option<i64> = row.try_get("lease_expires_ms")?;
-        if state == "running" && expires.is_some_and(|e| e > now) {
-            return Ok(Claim::Busy);
-        }
-        let attempts = row.try_get::<i64, _>("attempts")? as u32;
-        if attempts >= max_attempts {
-            let last_error: Option<String> = row.try_get("last_error")?;
-            let index: i64 = row.try_get("idx")?;
-            let message = format!(
-                "chunk {index} failed {attempts} times; last error: {}",
-                last_error
-                    .as_deref()
-                    .unwrap_or("its worker stopped before finishing")
-            );
-            fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
-            tx.commit().await?;
-            return Ok(Claim::Poisoned);
+        let found = ChunkState {
+            state: row.try_get("state")?,
+            source_status: row.try_get("source_status")?,
+            lease_expires_ms: row.try_get("lease_expires_ms")?,
+            owner_dead: row.try_get("owner_dead")?,
+            attempts: row.try_get::<i64, _>("attempts")? as u32,
+            index: row.try_get("idx")?,
+            last_error: row.try_get("last_error")?,
+        };
+        let attempts = found.attempts;
+        match decide_claim(&found, now, max_attempts) {
+            ClaimDecision::Nothing => return Ok(Claim::Nothing),
+            ClaimDecision::Busy => return Ok(Claim::Busy),
+            ClaimDecision::Poison(message) => {
+                fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
+                tx.commit().await?;
+                return Ok(Claim::Poisoned);
+            }
+            ClaimDecision::Take(over) => {
+                if let Some(reason) = over {
+                    METRICS.leases_taken_over.with_label_values(&[reason]).inc();
+                }
+            }
         }
         let token = Uuid::new_v4();
         sqlx::query(
@@ -1006,19 +1011,96 @@ impl Store for SqliteStore {
         })
     }
 
-    async fn release_chunk(&self, lease: &Lease, error: &str) -> StoreResult<()> {
-        let backoff = retry_backoff_ms(lease.attempt);
-        sqlx::query(
-            "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = ?, last_error = ?
-             WHERE id = ? AND lease_token = ? AND state = 'running'",
+    async fn release_chunk(
+        &self,
+        lease: &Lease,
+        error: &str,
+        transient_for: Option<Duration>,
+    ) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT transient_since_ms FROM chunks WHERE id = ? AND lease_token = ? AND state = 'running'",
         )
-        .bind(now_ms() + backoff)
-        .bind(error)
         .bind(lease.chunk_id)
         .bind(lease.token)
-        .execute(&self.writer)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(());
+        };
+        let release = decide_release(
+            now_ms(),
+            lease.attempt,
+            transient_for,
+            row.try_get("transient_since_ms")?,
+        );
+        sqlx::query(
+            "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL,
+                 not_before_ms = ?, last_error = ?, attempts = attempts - ?, transient_since_ms = ?
+             WHERE id = ?",
+        )
+        .bind(release.not_before_ms)
+        .bind(error)
+        .bind(i64::from(release.refund))
+        .bind(release.transient_since_ms)
+        .bind(lease.chunk_id)
+        .execute(&mut *tx)
         .await?;
+        tx.commit().await?;
         Ok(())
+    }
+
+    async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried> {
+        let mut tx = self.writer.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(Retried::NotFound);
+        };
+        let found = source_from_row(&row)?;
+        if found.status != SourceStatus::Failed {
+            return Ok(Retried::NotFailed(found));
+        }
+        let chunks = sqlx::query(
+            "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL,
+                 queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL
+             WHERE source_id = ?1 AND state = 'failed'
+             RETURNING id",
+        )
+        .bind(source)
+        .fetch_all(&mut *tx)
+        .await?;
+        if chunks.is_empty() {
+            return Ok(Retried::NothingToRetry(found));
+        }
+        sqlx::query(
+            "UPDATE sources SET status = 'processing', error_code = NULL, error_message = NULL, completed_ms = NULL, updated_ms = ?2
+             WHERE id = ?1",
+        )
+        .bind(source)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        let retried = load_source(&mut tx, source).await?;
+        tx.commit().await?;
+        let refs = chunks
+            .iter()
+            .map(|row| {
+                Ok(ChunkRef {
+                    source_id: source,
+                    chunk_id: row.try_get("id")?,
+                    attempt: 0,
+                    traceparent: None,
+                })
+            })
+            .collect::<StoreResult<_>>()?;
+        Ok(Retried::Reopened(retried, refs))
     }
 
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
@@ -1037,9 +1119,10 @@ impl Store for SqliteStore {
         let now = now_ms();
         let rows = sqlx::query(
             "SELECT c.id, c.source_id, c.attempts FROM chunks c JOIN sources s ON s.id = c.source_id
+             LEFT JOIN processes p ON p.owner = c.lease_owner
              WHERE s.status IN ('pending', 'processing') AND (
                  (c.state = 'pending' AND c.not_before_ms <= ?1 AND (c.queued_ms IS NULL OR c.queued_ms < ?2))
-              OR (c.state = 'running' AND c.lease_expires_ms < ?1))
+              OR (c.state = 'running' AND (c.lease_expires_ms < ?1 OR p.expires_ms < ?1)))
              ORDER BY s.seq, c.idx LIMIT ?3",
         )
         .bind(now)
@@ -1062,8 +1145,34 @@ impl Store for SqliteStore {
                 traceparent: None,
             });
         }
+        sqlx::query("DELETE FROM processes WHERE expires_ms < ?")
+            .bind(now - FORGET_PROCESSES_AFTER_MS)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(refs)
+    }
+
+    async fn heartbeat(&self, owner: &str, valid_for: Duration) -> StoreResult<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO processes (owner, heartbeat_ms, expires_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, expires_ms = excluded.expires_ms",
+        )
+        .bind(owner)
+        .bind(now)
+        .bind(now + dur_ms(valid_for))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn retire(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query("DELETE FROM processes WHERE owner = ?")
+            .bind(owner)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
     }
 
     async fn forget_queued(&self) -> StoreResult<u64> {

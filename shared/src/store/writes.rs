@@ -1,6 +1,12 @@
 //! What materializing a chunk writes, worked out once for every backend: duplicates within the
 //! batch, profile resolution, and the rows to insert. Backends only load what this needs and
 //! store what it returns.
+//!
+//! A commit is split in two so that a backend can resolve more than once: [`prepare`] does the
+//! work that depends on the chunk alone, [`resolve`] the work that depends on what the
+//! directory holds. PostgreSQL resolves optimistically against a lock-free read, then again
+//! inside its transaction should a concurrent commit have claimed one of the chunk's
+//! identities first; SQLite, with its single writer, resolves once.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -10,12 +16,11 @@ use super::rows::Applied;
 use super::StoreResult;
 use crate::domain::resolve::{self, Existing};
 use crate::domain::row::{self, Issue, RecordDraft};
-use crate::model::{ChunkResults, Source};
+use crate::model::ChunkResults;
 
 pub(super) struct RecordWrite {
     pub row_number: i64,
     pub line_number: i64,
-    pub profile_id: Uuid,
     pub email: Option<String>,
     pub linkedin_url: Option<String>,
     pub phone: Option<String>,
@@ -37,27 +42,34 @@ pub(super) struct FailedWrite {
     pub error_message: String,
 }
 
-pub(super) struct Writes {
+/// A chunk's results with everything that does not depend on other chunks worked out:
+/// duplicates within the batch, the records' and failed rows' JSON.
+pub(super) struct Prepared {
+    pub accepted: Vec<RecordDraft>,
+    /// One per accepted record, in the same order.
+    pub records: Vec<RecordWrite>,
+    pub failed: Vec<FailedWrite>,
+    /// The failed rows' errors, as row issues.
+    pub failed_issues: Vec<IssueWrite>,
+    /// The profile id each row would create, fixed once so that resolving again names the
+    /// same new profiles.
+    new_ids: HashMap<u64, Uuid>,
+}
+
+/// Where a prepared chunk's records go, given what the directory holds.
+pub(super) struct Resolution {
+    /// The profile of each record of [`Prepared::records`], in the same order.
+    pub profile_of: Vec<Uuid>,
     /// New profiles and changed ones, with their state as JSON.
     pub created: Vec<(Uuid, String)>,
     pub updated: Vec<(Uuid, String)>,
-    /// (kind, value, profile) identities to claim.
+    /// (kind, value, profile) identities to claim, sorted by (kind, value): the one order in
+    /// which every commit claims keys, so that two commits never wait on each other in a
+    /// circle.
     pub identities: Vec<(String, String, Uuid)>,
-    pub records: Vec<RecordWrite>,
-    pub issues: Vec<IssueWrite>,
-    pub failed: Vec<FailedWrite>,
+    /// Warnings of accepted rows: their own and those resolution found.
+    pub warnings: Vec<IssueWrite>,
     pub applied: Applied,
-}
-
-/// A chunk's results with everything that does not depend on other chunks worked out:
-/// duplicates within the batch, the records' and failed rows' JSON. Backends prepare before
-/// they serialize on the directory, so that the critical section only resolves profiles.
-pub(super) struct Prepared {
-    accepted: Vec<RecordDraft>,
-    /// One per accepted record, in the same order; `profile_id` is set by [`plan_writes`].
-    records: Vec<RecordWrite>,
-    failed: Vec<FailedWrite>,
-    failed_issues: Vec<IssueWrite>,
 }
 
 pub(super) fn prepare(mut results: ChunkResults) -> StoreResult<Prepared> {
@@ -67,7 +79,6 @@ pub(super) fn prepare(mut results: ChunkResults) -> StoreResult<Prepared> {
         records.push(RecordWrite {
             row_number: record.row_number as i64,
             line_number: record.line_number as i64,
-            profile_id: Uuid::nil(),
             email: record.fields.get("email").cloned(),
             linkedin_url: record.fields.get("linkedin_url").cloned(),
             phone: record.fields.get("phone").cloned(),
@@ -97,6 +108,7 @@ pub(super) fn prepare(mut results: ChunkResults) -> StoreResult<Prepared> {
         records,
         failed,
         failed_issues,
+        new_ids: HashMap::new(),
     })
 }
 
@@ -115,26 +127,26 @@ pub(super) fn identity_lookups(prepared: &Prepared) -> Vec<(&'static str, Vec<St
         .collect()
 }
 
-/// The profiles the loaded identities point at: what the backend loads next.
+/// The profiles the loaded identities point at, in ascending id order: what the backend loads
+/// (and, in PostgreSQL, locks) next.
 pub(super) fn owners_to_load(existing: &Existing) -> Vec<Uuid> {
     let owners: HashSet<Uuid> = existing.owners.values().copied().collect();
-    owners.into_iter().collect()
+    let mut owners: Vec<Uuid> = owners.into_iter().collect();
+    owners.sort_unstable();
+    owners
 }
 
 /// Resolves the prepared records against what the directory holds: the part of a commit that
 /// must see every earlier commit of the directory.
-pub(super) fn plan_writes(
-    prepared: Prepared,
+pub(super) fn resolve(
+    prepared: &mut Prepared,
     mut existing: Existing,
-    source: &Source,
-) -> StoreResult<Writes> {
-    let Prepared {
-        accepted,
-        mut records,
-        failed,
-        failed_issues,
-    } = prepared;
-    let plan = resolve::resolve_batch(&mut existing, &accepted, source.seq, Uuid::now_v7);
+    source_seq: i64,
+) -> StoreResult<Resolution> {
+    let new_ids = &mut prepared.new_ids;
+    let plan = resolve::resolve_batch(&mut existing, &prepared.accepted, source_seq, |row| {
+        *new_ids.entry(row).or_insert_with(Uuid::now_v7)
+    });
     let state_json =
         |m: BTreeMap<Uuid, resolve::ProfileState>| -> StoreResult<Vec<(Uuid, String)>> {
             m.into_iter()
@@ -149,10 +161,11 @@ pub(super) fn plan_writes(
             .or_default()
             .push(issue);
     }
-    let mut issues = Vec::new();
+    let mut warnings = Vec::new();
     let mut warned_rows = 0u64;
-    for (record, write) in accepted.into_iter().zip(records.iter_mut()) {
-        write.profile_id = assignments[&record.row_number];
+    let mut profile_of = Vec::with_capacity(prepared.records.len());
+    for (record, write) in prepared.accepted.iter().zip(&prepared.records) {
+        profile_of.push(assignments[&record.row_number]);
         let extra = resolution_warnings
             .remove(&record.row_number)
             .unwrap_or_default();
@@ -161,10 +174,11 @@ pub(super) fn plan_writes(
         }
         warned_rows += 1;
         let (row_number, line_number) = (write.row_number, write.line_number);
-        issues.extend(
+        warnings.extend(
             record
                 .warnings
-                .into_iter()
+                .iter()
+                .cloned()
                 .chain(extra)
                 .map(|issue| IssueWrite {
                     row_number,
@@ -173,18 +187,18 @@ pub(super) fn plan_writes(
                 }),
         );
     }
-    issues.extend(failed_issues);
-    Ok(Writes {
+    let mut identities = plan.new_identities;
+    identities.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    Ok(Resolution {
+        profile_of,
         created: state_json(plan.created)?,
         updated: state_json(plan.updated)?,
-        identities: plan.new_identities,
+        identities,
+        warnings,
         applied: Applied {
-            accepted: records.len() as u64,
-            failed: failed.len() as u64,
+            accepted: prepared.records.len() as u64,
+            failed: prepared.failed.len() as u64,
             warnings: warned_rows,
         },
-        records,
-        issues,
-        failed,
     })
 }
