@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use orbit_shared::model::Retried;
 use orbit_shared::store::Store;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -81,4 +82,30 @@ pub async fn bootstrap(store: &dyn Store) -> anyhow::Result<Value> {
         "directory_id": dir.id,
         "token": token["token"],
     }))
+}
+
+/// Resumes a failed source; workers (their reapers) pick its chunks up within seconds.
+pub async fn retry_source(
+    store: &dyn Store,
+    org: Uuid,
+    dir: Uuid,
+    source: Uuid,
+) -> anyhow::Result<Value> {
+    match store.retry_source(org, dir, source).await? {
+        Retried::Reopened(source, chunks) => Ok(json!({
+            "source_id": source.id,
+            "source_status": source.status,
+            "chunks_to_run": chunks.len(),
+        })),
+        Retried::NotFound => {
+            anyhow::bail!("no source {source} in directory {dir} of organization {org}")
+        }
+        Retried::NotFailed(s) => anyhow::bail!(
+            "the source is {}; only a failed source can be retried",
+            s.status.as_str()
+        ),
+        Retried::NothingToRetry(_) => anyhow::bail!(
+            "every chunk of the source was processed; running them again would not change how it ended"
+        ),
+    }
 }

@@ -76,6 +76,10 @@ pub fn router(state: AppState) -> Router {
             get(routes::sources::get),
         )
         .route(
+            &format!("{org}/directories/{{dir}}/sources/{{source}}/retry"),
+            post(routes::sources::retry),
+        )
+        .route(
             &format!("{org}/directories/{{dir}}/sources/{{source}}/errors"),
             get(routes::sources::errors),
         )

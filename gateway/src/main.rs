@@ -64,6 +64,15 @@ enum Admin {
         #[arg(long)]
         directory: Uuid,
     },
+    /// Resume a failed source: its unfinished chunks run again, exactly once.
+    RetrySource {
+        #[arg(long)]
+        org: Uuid,
+        #[arg(long)]
+        directory: Uuid,
+        #[arg(long)]
+        source: Uuid,
+    },
 }
 
 #[tokio::main]
@@ -109,6 +118,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Admin::ArchiveDirectory { org, directory } => {
                     admin::archive_directory(store, org, directory).await?
                 }
+                Admin::RetrySource {
+                    org,
+                    directory,
+                    source,
+                } => admin::retry_source(store, org, directory, source).await?,
             };
             println!("{out}");
             Ok(())

@@ -1,6 +1,7 @@
 //! Failure tests on the distributed stack (PostgreSQL, S3, RabbitMQ, orbit-worker processes):
-//! a worker killed mid-chunk, a worker frozen past its lease, and a broker restart during an
-//! ingest. Each upload must still complete with exact counts and no duplicate profile.
+//! a worker killed mid-chunk (and how soon its chunks are taken over), a worker frozen past its
+//! lease, a broker restart and a PostgreSQL restart during an ingest. Each upload must still
+//! complete with exact counts and no duplicate profile.
 
 mod common;
 
@@ -14,13 +15,20 @@ use serde_json::Value;
 
 const ROWS: usize = 12_000;
 
+/// Tests hold it shared; the PostgreSQL restart holds it alone.
+static FAULTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// A gateway on a fresh distributed stack with small chunks and a short lease, and no worker yet.
 async fn stack_app() -> TestApp {
+    stack_app_with(Duration::from_secs(3)).await
+}
+
+async fn stack_app_with(lease: Duration) -> TestApp {
     let data = tempfile::tempdir().unwrap();
     let mut settings = test_settings(data.path());
     settings.ingest.sync_rows = 0;
     settings.ingest.chunk_rows = 1000;
-    settings.worker.lease = Duration::from_secs(3);
+    settings.worker.lease = lease;
     let stack = DistributedStack::create().await;
     stack.apply(&mut settings);
     settings.database.max_connections = 5;
@@ -90,6 +98,7 @@ async fn upload(app: &TestApp, prefix: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_killed_mid_chunk_loses_nothing() {
+    let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
     add_worker(&mut app);
     let source = upload(&app, "kill").await;
@@ -102,6 +111,7 @@ async fn a_worker_killed_mid_chunk_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_frozen_past_its_lease_is_fenced() {
+    let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
     add_worker(&mut app);
     add_worker(&mut app);
@@ -125,6 +135,7 @@ async fn a_worker_frozen_past_its_lease_is_fenced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_restart_during_an_ingest_loses_nothing() {
+    let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
     add_worker(&mut app);
     add_worker(&mut app);
@@ -142,6 +153,7 @@ async fn a_broker_restart_during_an_ingest_loses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_a_worker_and_others_finish() {
+    let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
     add_worker(&mut app);
     let source = upload(&app, "term").await;
@@ -159,4 +171,177 @@ async fn sigterm_drains_a_worker_and_others_finish() {
     assert!(status.success(), "{status:?}");
     add_worker(&mut app);
     assert_exact(&app, &source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_workers_chunks_are_taken_over_long_before_its_lease_ends() {
+    let _shared = FAULTS.read().await;
+    // A lease as long as the default: only the dead worker's silence can explain a takeover
+    // within the bound below.
+    let mut app = stack_app_with(Duration::from_secs(60)).await;
+    add_worker(&mut app);
+    let source = upload(&app, "sigkill").await;
+    wait_processed_over(&app, &source, 1).await;
+    app.workers[0].kill().await.unwrap();
+    let killed = Instant::now();
+    add_worker(&mut app);
+    assert_exact(&app, &source).await;
+    let took = killed.elapsed();
+    eprintln!("completed {took:?} after the SIGKILL");
+    assert!(
+        took < Duration::from_secs(40),
+        "the source completed {took:?} after its worker was killed: its chunks waited for the 60 s lease"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_during_an_ingest_loses_nothing() {
+    // Every other fault test here talks to the same server: none runs while it restarts.
+    let _alone = FAULTS.write().await;
+    let mut app = stack_app_with(Duration::from_secs(60)).await;
+    add_worker(&mut app);
+    add_worker(&mut app);
+    let source = upload(&app, "pgrestart").await;
+    wait_processed_over(&app, &source, 1).await;
+    let version = std::fs::read_dir("/etc/postgresql")
+        .expect("a Debian PostgreSQL cluster")
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .max_by_key(|v| v.parse::<u32>().unwrap_or(0))
+        .expect("a cluster version");
+    let restarted = Instant::now();
+    let status = std::process::Command::new("pg_ctlcluster")
+        .args([
+            "--skip-systemctl-redirect",
+            &version,
+            "main",
+            "restart",
+            "-m",
+            "fast",
+        ])
+        .status()
+        .expect("pg_ctlcluster runs");
+    assert!(status.success(), "pg_ctlcluster restart");
+    assert_exact(&app, &source).await;
+    let took = restarted.elapsed();
+    eprintln!("completed {took:?} after the restart began");
+    assert!(
+        took < Duration::from_secs(60),
+        "the source completed {took:?} after a PostgreSQL restart: work waited for leases"
+    );
+}
+
+/// A loopback TCP proxy to the S3 server that can be cut: while it is down, it drops every
+/// connection it holds and refuses new ones with an immediate close, as an object store in an
+/// outage would.
+struct S3Proxy {
+    endpoint: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl S3Proxy {
+    async fn start(upstream: &str) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let up = Arc::new(AtomicBool::new(true));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (flag, notify) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let (upstream, notify) = (upstream.clone(), notify.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = notify.notified() => {}
+                    }
+                });
+            }
+        });
+        S3Proxy { endpoint, up, cut }
+    }
+
+    fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut.notify_waiters();
+        }
+    }
+}
+
+/// A worker that reads the object store through `proxy`, with `extra` settings.
+fn add_proxied_worker(app: &mut TestApp, proxy: &S3Proxy, extra: &[(&str, &str)]) {
+    let mut env = vec![("ORBIT__OBJECT_STORE__ENDPOINT", proxy.endpoint.as_str())];
+    env.extend_from_slice(extra);
+    let worker = spawn_worker_with(app.stack.as_ref().unwrap(), &app.settings, &env);
+    app.workers.push(worker);
+}
+
+async fn assert_still_processing(app: &TestApp, source: &str) {
+    let body = app.source(source).await;
+    assert_eq!(body["source_status"], "processing", "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_store_outage_of_90_seconds_costs_no_import() {
+    let _shared = FAULTS.read().await;
+    let mut app = stack_app().await;
+    let proxy = S3Proxy::start(app.settings.object_store.endpoint.as_deref().unwrap()).await;
+    // The upload goes to the object store directly; the worker reads through the proxy, which
+    // is down from before its first read until 90 s later. Five attempts, each failing, would
+    // poison the source in well under a minute if outages counted.
+    let source = upload(&app, "outage").await;
+    proxy.set_up(false);
+    add_proxied_worker(&mut app, &proxy, &[]);
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    assert_still_processing(&app, &source).await;
+    tokio::time::sleep(Duration::from_secs(45)).await;
+    assert_still_processing(&app, &source).await;
+    proxy.set_up(true);
+    assert_exact(&app, &source).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poisoned_source_resumed_completes_exactly() {
+    let _shared = FAULTS.read().await;
+    let mut app = stack_app().await;
+    let proxy = S3Proxy::start(app.settings.object_store.endpoint.as_deref().unwrap()).await;
+    let source = upload(&app, "resume").await;
+    // Failures count from the first one here, so the outage poisons the source quickly.
+    proxy.set_up(false);
+    add_proxied_worker(
+        &mut app,
+        &proxy,
+        &[
+            ("ORBIT__WORKER__TRANSIENT_RETRY_FOR", "0s"),
+            ("ORBIT__WORKER__MAX_ATTEMPTS", "2"),
+        ],
+    );
+    let failed = app.wait_terminal(&source, Duration::from_secs(120)).await;
+    assert_eq!(failed["source_status"], "failed", "{failed}");
+    assert_eq!(failed["error"]["code"], "chunk_poisoned", "{failed}");
+    proxy.set_up(true);
+    let retry_url = app.dir_url(&format!("/sources/{source}/retry"));
+    let response = app.post(&retry_url).send().await.unwrap();
+    assert_eq!(response.status(), reqwest::StatusCode::ACCEPTED);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["source_status"], "processing", "{body}");
+    assert!(body.get("error").is_none(), "{body}");
+    assert_exact(&app, &source).await;
+    // Completed now: nothing left to retry.
+    let again = app.post(&retry_url).send().await.unwrap();
+    assert_eq!(again.status(), reqwest::StatusCode::CONFLICT);
+    let problem: Value = again.json().await.unwrap();
+    assert_eq!(problem["code"], "source_not_failed");
 }

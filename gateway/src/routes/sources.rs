@@ -2,12 +2,12 @@
 
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::header;
+use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use futures::{stream, StreamExt};
-use orbit_shared::model::{RowIssue, Source, SourceError, SourceStatus};
+use orbit_shared::model::{Retried, RowIssue, Source, SourceError, SourceStatus};
 use orbit_shared::store::Store;
 use serde::Serialize;
 use std::sync::Arc;
@@ -97,6 +97,55 @@ pub async fn get(
             .await?
             .into(),
     ))
+}
+
+/// Resumes a failed source: its unfinished chunks run again with fresh attempts, exactly once
+/// (chunks already committed stay committed), and the source is `processing` again.
+pub async fn retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, dir, source)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
+    let source = parse_id(&source, "source")?;
+    let (source, chunks) = match state
+        .store
+        .retry_source(dir.organization_id, dir.id, source)
+        .await?
+    {
+        Retried::NotFound => {
+            return Err(ApiError::not_found(
+                "source_not_found",
+                "no such source in this directory",
+            ))
+        }
+        Retried::NotFailed(s) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "source_not_failed",
+                format!(
+                    "the source is {}; only a failed source can be retried",
+                    s.status.as_str()
+                ),
+            ))
+        }
+        Retried::NothingToRetry(_) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "source_not_retryable",
+                "every chunk of the source was processed; running them again would not change how it ended",
+            ))
+        }
+        Retried::Reopened(source, chunks) => (source, chunks),
+    };
+    for message in &chunks {
+        if let Err(e) = state.queue.publish(message).await {
+            // Marked queued just now: the reaper publishes it again after `requeue_after`.
+            tracing::warn!(chunk = %message.chunk_id, error = %e, "publish failed; left to the reaper");
+        }
+    }
+    tracing::info!(source = %source.id, chunks = chunks.len(), "source resumed");
+    Ok((StatusCode::ACCEPTED, Json(SourceBody::from(source))).into_response())
 }
 
 pub async fn list(

@@ -54,6 +54,15 @@ pub fn worker_binary() -> std::path::PathBuf {
 
 /// Starts an `orbit-worker` process on `stack` with the row rules of `settings`.
 pub fn spawn_worker(stack: &DistributedStack, settings: &Settings) -> tokio::process::Child {
+    spawn_worker_with(stack, settings, &[])
+}
+
+/// [`spawn_worker`], with `extra` settings (`ORBIT__…` variables) over the stack's.
+pub fn spawn_worker_with(
+    stack: &DistributedStack,
+    settings: &Settings,
+    extra: &[(&str, &str)],
+) -> tokio::process::Child {
     tokio::process::Command::new(worker_binary())
         .envs(stack.env())
         .env(
@@ -71,6 +80,7 @@ pub fn spawn_worker(stack: &DistributedStack, settings: &Settings) -> tokio::pro
             humantime::format_duration(settings.worker.lease).to_string(),
         )
         .env("RUST_LOG", "warn")
+        .envs(extra.iter().copied())
         .env_remove("ORBIT_CONFIG")
         .kill_on_drop(true)
         .spawn()
