@@ -14,6 +14,7 @@ use axum::Router;
 use orbit_shared::backends::Backends;
 use orbit_shared::blob::BlobStore;
 use orbit_shared::config::Settings;
+use orbit_shared::liveness;
 use orbit_shared::metrics::METRICS;
 use orbit_shared::queue::Queue;
 use orbit_shared::store::Store;
@@ -30,6 +31,9 @@ pub struct AppState {
     pub blobs: Arc<dyn BlobStore>,
     pub queue: Arc<dyn Queue>,
     pub settings: Arc<Settings>,
+    /// This process's name in the store's liveness table: it owns the idempotency claims of
+    /// the requests it serves, which others take over as soon as it stops heartbeating.
+    pub process: Arc<str>,
 }
 
 /// The backends of `settings`, opened and checked.
@@ -44,6 +48,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
         blobs,
         queue,
         settings: Arc::new(settings.clone()),
+        process: liveness::process_name("gateway").into(),
     })
 }
 
@@ -133,6 +138,7 @@ pub struct Running {
     cancel: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     worker: Option<WorkerHandle>,
+    heartbeat: (CancellationToken, tokio::task::JoinHandle<()>),
 }
 
 impl Running {
@@ -143,6 +149,9 @@ impl Running {
         if let Some(worker) = self.worker {
             worker.shutdown().await;
         }
+        // Requests are done: nothing of this process's is in flight any more.
+        self.heartbeat.0.cancel();
+        let _ = self.heartbeat.1.await;
     }
 
     pub async fn stopped(&mut self) {
@@ -181,6 +190,17 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     } else {
         None
     };
+    let heartbeat = {
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(liveness::keep_alive(
+            state.store.clone(),
+            state.process.to_string(),
+            settings.worker.heartbeat_interval,
+            settings.worker.liveness_timeout,
+            stop.clone(),
+        ));
+        (stop, task)
+    };
     let listener = TcpListener::bind(&settings.http.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
@@ -202,5 +222,6 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         cancel,
         server,
         worker,
+        heartbeat,
     })
 }

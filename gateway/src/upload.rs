@@ -223,6 +223,7 @@ impl Upload<'_> {
                 self.org,
                 &key,
                 self.dir,
+                &self.state.process,
                 settings.ttl,
                 settings.in_flight_timeout,
             )

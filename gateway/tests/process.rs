@@ -8,6 +8,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::contacts_csv;
+use futures::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -231,4 +232,96 @@ async fn a_killed_gateway_finishes_the_work_after_restart() {
         }
     }
     assert_eq!(profiles, ROWS);
+}
+
+#[tokio::test]
+async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
+    let data = tempfile::tempdir().unwrap();
+    let (_, boot, _) = admin(data.path(), &["bootstrap"]).await;
+    let (org, dir, token) = (
+        boot["organization_id"].as_str().unwrap().to_owned(),
+        boot["directory_id"].as_str().unwrap().to_owned(),
+        boot["token"].as_str().unwrap().to_owned(),
+    );
+    let (mut gateway, base) = serve(data.path()).await;
+    let client = reqwest::Client::new();
+    let upload = format!("{base}/v2/organizations/{org}/directories/{dir}/sources/csv-upload");
+    // An upload that sends its key and the start of its file, then stalls: the gateway holds
+    // the key in flight when it is killed.
+    let (_stall, held) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    let first = b"email\na@x.co\n".to_vec();
+    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
+        .chain(tokio_stream_from(held));
+    let stalled = {
+        let (client, upload, token) = (client.clone(), upload.clone(), token.clone());
+        tokio::spawn(async move {
+            let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(body))
+                .file_name("contacts.csv");
+            let form = reqwest::multipart::Form::new()
+                .text("idempotency_key", "crash-key")
+                .part("file", part);
+            let _ = client
+                .post(&upload)
+                .bearer_auth(&token)
+                .multipart(form)
+                .send()
+                .await;
+        })
+    };
+    let path = format!("/v2/organizations/{org}/directories/{dir}/sources/csv-upload");
+    let send = |base: String, csv: String| {
+        let (client, token, url) = (client.clone(), token.clone(), format!("{base}{path}"));
+        async move {
+            client
+                .post(url)
+                .bearer_auth(&token)
+                .header("Idempotency-Key", "crash-key")
+                .multipart(common::file_form(csv))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    // An empty file is refused (422) and stores no key, so probing with one never takes the
+    // key for good: it answers 409 once the stalled upload holds it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = send(base.clone(), String::new()).await.status();
+        if status == StatusCode::CONFLICT {
+            break;
+        }
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            Instant::now() < deadline,
+            "the stalled upload never held its key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    gateway.kill().await.unwrap();
+    stalled.abort();
+
+    // The restarted gateway answers 409 only until the dead one's heartbeat expires (5 s), not
+    // for the hour of `idempotency.in_flight_timeout`.
+    let (_gateway, base) = serve(data.path()).await;
+    let restarted = Instant::now();
+    loop {
+        let response = send(base.clone(), contacts_csv(3, "retry")).await;
+        let status = response.status();
+        if status == StatusCode::CREATED || status == StatusCode::ACCEPTED {
+            break;
+        }
+        assert_eq!(status, StatusCode::CONFLICT, "{:?}", response.text().await);
+        assert!(
+            restarted.elapsed() < Duration::from_secs(30),
+            "the key is still held by the killed gateway"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// The receiving half of a channel as a stream (what `tokio-stream` would give).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> + Send {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

@@ -3,6 +3,7 @@
 //! - [`backends`]: the store, blob store and queue a process opens from its settings.
 //! - [`config`]: settings from defaults, a TOML file and `ORBIT__` variables.
 //! - [`domain`]: the CSV rules, normalization, validation and profile resolution; no I/O.
+//! - [`liveness`]: the heartbeat that lets others release what a dead process held.
 //! - [`ingest`]: the upload side of a file: dialect, header, synchronous prefix, chunk plan.
 //! - [`model`]: the records passed between layers and stored by backends.
 //! - [`store`]: the database trait and its SQLite backend.
@@ -17,6 +18,7 @@ pub mod blob;
 pub mod config;
 pub mod domain;
 pub mod ingest;
+pub mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod queue;

@@ -339,7 +339,7 @@ async fn idempotency_keys_claim_release_and_complete(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
     let ttl = Duration::from_secs(3600);
     let KeyState::Claimed(claim) = store
-        .claim_idempotency_key(org, "k", dir, ttl, ttl)
+        .claim_idempotency_key(org, "k", dir, "gw", ttl, ttl)
         .await
         .unwrap()
     else {
@@ -347,7 +347,7 @@ async fn idempotency_keys_claim_release_and_complete(store: Arc<dyn Store>) {
     };
     assert!(matches!(
         store
-            .claim_idempotency_key(org, "k", dir, ttl, ttl)
+            .claim_idempotency_key(org, "k", dir, "gw", ttl, ttl)
             .await
             .unwrap(),
         KeyState::InFlight
@@ -356,14 +356,14 @@ async fn idempotency_keys_claim_release_and_complete(store: Arc<dyn Store>) {
     let (other, other_dir) = tenant(&*store).await;
     assert!(matches!(
         store
-            .claim_idempotency_key(other, "k", other_dir, ttl, ttl)
+            .claim_idempotency_key(other, "k", other_dir, "gw", ttl, ttl)
             .await
             .unwrap(),
         KeyState::Claimed(_)
     ));
     store.release_idempotency_key(&claim).await.unwrap();
     let KeyState::Claimed(claim) = store
-        .claim_idempotency_key(org, "k", dir, ttl, ttl)
+        .claim_idempotency_key(org, "k", dir, "gw", ttl, ttl)
         .await
         .unwrap()
     else {
@@ -371,7 +371,7 @@ async fn idempotency_keys_claim_release_and_complete(store: Arc<dyn Store>) {
     };
     // A stale in-flight claim is taken over, and the old claimant can no longer complete.
     let KeyState::Claimed(takeover) = store
-        .claim_idempotency_key(org, "k", dir, ttl, Duration::ZERO)
+        .claim_idempotency_key(org, "k", dir, "gw", ttl, Duration::ZERO)
         .await
         .unwrap()
     else {
@@ -380,11 +380,40 @@ async fn idempotency_keys_claim_release_and_complete(store: Arc<dyn Store>) {
     let mut upload = new_upload(org, dir, 0, ChunkResults::default(), 0, vec![]);
     upload.idempotency = Some(claim);
     assert!(store.commit_upload(upload).await.is_err());
+    // A claim whose process died is taken over as soon as its heartbeat expires, long before
+    // the in-flight timeout; a live process's claim stands.
+    store.heartbeat("crashing-gw", ttl).await.unwrap();
+    let KeyState::Claimed(_) = store
+        .claim_idempotency_key(org, "crash", dir, "crashing-gw", ttl, ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("claim by a live process")
+    };
+    assert!(matches!(
+        store
+            .claim_idempotency_key(org, "crash", dir, "gw", ttl, ttl)
+            .await
+            .unwrap(),
+        KeyState::InFlight
+    ));
+    store
+        .heartbeat("crashing-gw", Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(matches!(
+        store
+            .claim_idempotency_key(org, "crash", dir, "gw", ttl, ttl)
+            .await
+            .unwrap(),
+        KeyState::Claimed(_)
+    ));
     let mut upload = new_upload(org, dir, 0, ChunkResults::default(), 0, vec![]);
     upload.idempotency = Some(takeover);
     let (source, _) = store.commit_upload(upload).await.unwrap();
     match store
-        .claim_idempotency_key(org, "k", dir, ttl, ttl)
+        .claim_idempotency_key(org, "k", dir, "gw", ttl, ttl)
         .await
         .unwrap()
     {
@@ -403,7 +432,7 @@ async fn idempotency_keys_claim_release_and_complete(store: Arc<dyn Store>) {
     // Past its TTL a completed key is forgotten.
     assert!(matches!(
         store
-            .claim_idempotency_key(org, "k2", dir, Duration::ZERO, ttl)
+            .claim_idempotency_key(org, "k2", dir, "gw", Duration::ZERO, ttl)
             .await
             .unwrap(),
         KeyState::Claimed(_)

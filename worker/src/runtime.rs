@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use orbit_shared::blob::BlobStore;
 use orbit_shared::config::Settings;
+use orbit_shared::liveness;
 use orbit_shared::metrics::METRICS;
 use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SourceError};
 use orbit_shared::queue::{Delivery, Queue};
@@ -53,13 +54,12 @@ impl Worker {
         queue: Arc<dyn Queue>,
         settings: Arc<Settings>,
     ) -> Arc<Self> {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".into());
         Arc::new(Worker {
             store,
             blobs,
             queue,
             settings,
-            owner: format!("{host}/{}/{}", std::process::id(), uuid::Uuid::new_v4()),
+            owner: liveness::process_name("worker"),
         })
     }
 
@@ -79,18 +79,14 @@ impl Worker {
     /// heartbeating, and its chunks are taken over once `worker.liveness_timeout` passes.
     async fn heartbeat(self: Arc<Self>, drained: CancellationToken) {
         let w = &self.settings.worker;
-        loop {
-            if let Err(e) = self.store.heartbeat(&self.owner, w.liveness_timeout).await {
-                tracing::warn!(error = %e, "heartbeat failed");
-            }
-            tokio::select! {
-                _ = drained.cancelled() => break,
-                _ = tokio::time::sleep(w.heartbeat_interval) => {}
-            }
-        }
-        if let Err(e) = self.store.retire(&self.owner).await {
-            tracing::warn!(error = %e, "could not retire this process; its row expires on its own");
-        }
+        liveness::keep_alive(
+            self.store.clone(),
+            self.owner.clone(),
+            w.heartbeat_interval,
+            w.liveness_timeout,
+            drained,
+        )
+        .await
     }
 
     async fn consume(self: Arc<Self>, cancel: CancellationToken, drained: CancellationToken) {

@@ -108,14 +108,16 @@ pub trait Store: Send + Sync + 'static {
     async fn archive_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>>;
 
     // Idempotency.
-    /// Claims `(org, key)` for a request on `dir`, or reports who has it. An in-flight claim
-    /// older than `in_flight_timeout` is presumed dead and taken over; a completed one older than
-    /// `ttl` is forgotten.
+    /// Claims `(org, key)` for a request on `dir` served by the process `owner`, or reports who
+    /// has it. An in-flight claim is presumed dead and taken over once it is older than
+    /// `in_flight_timeout` or its owner stopped heartbeating; a completed one older than `ttl`
+    /// is forgotten.
     async fn claim_idempotency_key(
         &self,
         org: Uuid,
         key: &str,
         dir: Uuid,
+        owner: &str,
         ttl: Duration,
         in_flight_timeout: Duration,
     ) -> StoreResult<KeyState>;

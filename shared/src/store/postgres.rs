@@ -1251,6 +1251,7 @@ impl Store for PgStore {
         org: Uuid,
         key: &str,
         dir: Uuid,
+        owner: &str,
         ttl: Duration,
         in_flight_timeout: Duration,
     ) -> StoreResult<KeyState> {
@@ -1262,8 +1263,8 @@ impl Store for PgStore {
             token: Uuid::new_v4(),
         };
         let inserted = sqlx::query(
-            "INSERT INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms)
-             VALUES ($1, $2, $3, 'in_flight', $4, $5, $6) ON CONFLICT DO NOTHING",
+            "INSERT INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms, owner)
+             VALUES ($1, $2, $3, 'in_flight', $4, $5, $6, $7) ON CONFLICT DO NOTHING",
         )
         .bind(org)
         .bind(key)
@@ -1271,6 +1272,7 @@ impl Store for PgStore {
         .bind(claim.token)
         .bind(now)
         .bind(now + dur_ms(ttl))
+        .bind(owner)
         .execute(&mut *tx)
         .await?;
         if inserted.rows_affected() == 1 {
@@ -1278,10 +1280,13 @@ impl Store for PgStore {
             return Ok(KeyState::Claimed(claim));
         }
         // Someone holds or held the key: decide under its row lock.
-        let row = sqlx::query(
-            "SELECT * FROM idempotency_keys WHERE organization_id = $1 AND key = $2 FOR UPDATE",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT k.*, {OWNER_DEAD} AS owner_dead FROM idempotency_keys k
+             LEFT JOIN processes p ON p.owner = k.owner
+             WHERE k.organization_id = $1 AND k.key = $3 FOR UPDATE OF k"
+        ))
         .bind(org)
+        .bind(now)
         .bind(key)
         .fetch_one(&mut *tx)
         .await?;
@@ -1296,12 +1301,13 @@ impl Store for PgStore {
                 receipt: serde_json::from_str(&response)?,
             });
         }
-        if state == "in_flight" && locked > now - dur_ms(in_flight_timeout) {
+        let owner_dead: bool = row.try_get("owner_dead")?;
+        if state == "in_flight" && locked > now - dur_ms(in_flight_timeout) && !owner_dead {
             return Ok(KeyState::InFlight);
         }
         sqlx::query(
             "UPDATE idempotency_keys SET directory_id = $3, state = 'in_flight', claim_token = $4, sha256 = NULL, source_id = NULL,
-                 response = NULL, locked_ms = $5, expires_ms = $6
+                 response = NULL, locked_ms = $5, expires_ms = $6, owner = $7
              WHERE organization_id = $1 AND key = $2",
         )
         .bind(org)
@@ -1310,6 +1316,7 @@ impl Store for PgStore {
         .bind(claim.token)
         .bind(now)
         .bind(now + dur_ms(ttl))
+        .bind(owner)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;

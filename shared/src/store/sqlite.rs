@@ -576,17 +576,22 @@ impl Store for SqliteStore {
         org: Uuid,
         key: &str,
         dir: Uuid,
+        owner: &str,
         ttl: Duration,
         in_flight_timeout: Duration,
     ) -> StoreResult<KeyState> {
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
-        let row =
-            sqlx::query("SELECT * FROM idempotency_keys WHERE organization_id = ? AND key = ?")
-                .bind(org)
-                .bind(key)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row = sqlx::query(
+            "SELECT k.*, COALESCE(p.expires_ms < ?3, 0) AS owner_dead FROM idempotency_keys k
+                 LEFT JOIN processes p ON p.owner = k.owner
+                 WHERE k.organization_id = ?1 AND k.key = ?2",
+        )
+        .bind(org)
+        .bind(key)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
         if let Some(row) = row {
             let state: String = row.try_get("state")?;
             let locked: i64 = row.try_get("locked_ms")?;
@@ -599,7 +604,8 @@ impl Store for SqliteStore {
                     receipt: serde_json::from_str(&response)?,
                 });
             }
-            if state == "in_flight" && locked > now - dur_ms(in_flight_timeout) {
+            let owner_dead: bool = row.try_get("owner_dead")?;
+            if state == "in_flight" && locked > now - dur_ms(in_flight_timeout) && !owner_dead {
                 return Ok(KeyState::InFlight);
             }
         }
@@ -609,7 +615,7 @@ impl Store for SqliteStore {
             token: Uuid::new_v4(),
         };
         sqlx::query(
-            "INSERT OR REPLACE INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms) VALUES (?, ?, ?, 'in_flight', ?, ?, ?)",
+            "INSERT OR REPLACE INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms, owner) VALUES (?, ?, ?, 'in_flight', ?, ?, ?, ?)",
         )
         .bind(org)
         .bind(key)
@@ -617,6 +623,7 @@ impl Store for SqliteStore {
         .bind(claim.token)
         .bind(now)
         .bind(now + dur_ms(ttl))
+        .bind(owner)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
