@@ -60,14 +60,23 @@ pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
 /// A hundred years as humantime counts them (365.25 days), so it prints as `100years`.
 pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(100 * 31_557_600);
 
-/// When a token made now with lifetime `lifetime` expires.
+/// `--expires-in`: a humantime duration from [`MIN_TOKEN_LIFETIME`] to [`MAX_TOKEN_LIFETIME`],
+/// checked as the command line is read, before anything is opened or written.
+pub fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let lifetime = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(MIN_TOKEN_LIFETIME..=MAX_TOKEN_LIFETIME).contains(&lifetime) {
+        return Err(format!(
+            "must be from {} to {} (leave it out for a token that never expires)",
+            humantime::format_duration(MIN_TOKEN_LIFETIME),
+            humantime::format_duration(MAX_TOKEN_LIFETIME)
+        ));
+    }
+    Ok(lifetime)
+}
+
+/// When a token made now with lifetime `lifetime` expires; an error, not a panic, past the
+/// calendar's end.
 fn expiry(lifetime: Duration) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
-    anyhow::ensure!(
-        (MIN_TOKEN_LIFETIME..=MAX_TOKEN_LIFETIME).contains(&lifetime),
-        "--expires-in must be from {} to {} (leave it out for a token that never expires)",
-        humantime::format_duration(MIN_TOKEN_LIFETIME),
-        humantime::format_duration(MAX_TOKEN_LIFETIME)
-    );
     let lifetime = chrono::Duration::from_std(lifetime).context("--expires-in is too long")?;
     chrono::Utc::now()
         .checked_add_signed(lifetime)
