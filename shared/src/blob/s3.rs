@@ -555,7 +555,7 @@ impl BlobStore for S3BlobStore {
                     .initiated()
                     .and_then(|t| SystemTime::try_from(*t).ok())
                     .and_then(|t| SystemTime::now().duration_since(t).ok());
-                if live().contains(id) || !age.is_some_and(|age| age >= older_than) {
+                if live().contains(id) || age.is_none_or(|age| age < older_than) {
                     continue;
                 }
                 match self
