@@ -36,6 +36,8 @@ pub async fn create_token(
     user_email: Option<&str>,
     expires_in: Option<Duration>,
 ) -> anyhow::Result<Value> {
+    // Checked before anything is written, so a refused command leaves nothing behind.
+    let expires_at = expires_in.map(expiry).transpose()?;
     anyhow::ensure!(
         store.organization_exists(org).await?,
         "no organization {org}"
@@ -49,13 +51,37 @@ pub async fn create_token(
         "--user-email {email:?} is not an email address"
     );
     let user = store.ensure_user(org, &email).await?;
-    let expires_at = expires_in
-        .map(|d| chrono::Duration::from_std(d).map(|d| chrono::Utc::now() + d))
-        .transpose()
-        .context("--expires-in is too long")?;
     let (token, hash) = generate_token();
     store.insert_token(&hash, org, user, expires_at).await?;
     Ok(json!({ "token": token, "user_id": user, "expires_at": expires_at }))
+}
+
+/// The shortest and longest lifetimes `--expires-in` takes.
+pub const MIN_TOKEN_LIFETIME: Duration = Duration::from_secs(60);
+/// A hundred years as humantime counts them (365.25 days), so it prints as `100years`.
+pub const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(100 * 31_557_600);
+
+/// `--expires-in`: a humantime duration from [`MIN_TOKEN_LIFETIME`] to [`MAX_TOKEN_LIFETIME`],
+/// checked as the command line is read, before anything is opened or written.
+pub fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let lifetime = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(MIN_TOKEN_LIFETIME..=MAX_TOKEN_LIFETIME).contains(&lifetime) {
+        return Err(format!(
+            "must be from {} to {} (leave it out for a token that never expires)",
+            humantime::format_duration(MIN_TOKEN_LIFETIME),
+            humantime::format_duration(MAX_TOKEN_LIFETIME)
+        ));
+    }
+    Ok(lifetime)
+}
+
+/// When a token made now with lifetime `lifetime` expires; an error, not a panic, past the
+/// calendar's end.
+fn expiry(lifetime: Duration) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    let lifetime = chrono::Duration::from_std(lifetime).context("--expires-in is too long")?;
+    chrono::Utc::now()
+        .checked_add_signed(lifetime)
+        .context("--expires-in is too long")
 }
 
 pub async fn revoke_token(store: &dyn Store, token: &str) -> anyhow::Result<Value> {

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
@@ -20,10 +20,21 @@ use orbit_shared::queue::Queue;
 use orbit_shared::store::Store;
 use orbit_worker::{Worker, WorkerHandle};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::guard::{self, BodyPace};
 use crate::problem::ApiError;
 use crate::routes;
+use crate::server::{self, Limits, Shutdown};
+
+/// After the grace period, how long cancelled requests get to clean up before connections drop.
+const CANCEL_WAIT: Duration = Duration::from_secs(5);
+/// How long clean-ups of dropped requests (objects, idempotency keys) may take at exit.
+const CLEANUP_WAIT: Duration = Duration::from_secs(10);
+/// How long start-up waits for the first sweep of abandoned partial objects.
+const SWEEP_AT_START_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone)]
 pub struct AppState {
@@ -34,6 +45,12 @@ pub struct AppState {
     /// This process's name in the store's liveness table: it owns the idempotency claims of
     /// the requests it serves, which others take over as soon as it stops heartbeating.
     pub process: Arc<str>,
+    /// One permit per upload streaming now (`http.max_uploads`).
+    pub uploads: Arc<Semaphore>,
+    /// Cancelled when the shutdown grace is over: long requests stop and clean up.
+    pub cancel: CancellationToken,
+    /// Clean-ups spawned for requests dropped mid-way; waited for at shutdown.
+    pub cleanups: TaskTracker,
 }
 
 /// The backends of `settings`, opened and checked.
@@ -49,15 +66,21 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
         queue,
         settings: Arc::new(settings.clone()),
         process: liveness::process_name("gateway").into(),
+        uploads: Arc::new(Semaphore::new(settings.http.max_uploads)),
+        cancel: CancellationToken::new(),
+        cleanups: TaskTracker::new(),
     })
 }
 
 pub fn router(state: AppState) -> Router {
     let org = "/v2/organizations/{org}";
-    Router::new()
+    let mut router = Router::new();
+    if state.settings.http.metrics_listen.is_empty() {
+        router = router.route("/metrics", get(routes::system::metrics));
+    }
+    let router = router
         .route("/healthz", get(routes::system::healthz))
         .route("/readyz", get(routes::system::readyz))
-        .route("/metrics", get(routes::system::metrics))
         .route("/openapi.json", get(routes::system::openapi))
         .route(
             &format!("{org}/directories"),
@@ -100,6 +123,25 @@ pub fn router(state: AppState) -> Router {
             &format!("{org}/directories/{{dir}}/profiles/{{profile}}"),
             get(routes::profiles::get),
         )
+        .layer(DefaultBodyLimit::max(state.settings.http.max_body_bytes));
+    finish(router, state)
+}
+
+/// The router of `http.metrics_listen`: `/metrics` alone.
+pub fn metrics_router(state: AppState) -> Router {
+    finish(
+        Router::new().route("/metrics", get(routes::system::metrics)),
+        state,
+    )
+}
+
+/// Fallbacks and the outer layers every listener shares.
+fn finish(router: Router<AppState>, state: AppState) -> Router {
+    let pace = BodyPace {
+        window: state.settings.http.body_timeout,
+        min_rate: state.settings.http.min_body_rate,
+    };
+    router
         .fallback(|| async { ApiError::not_found("not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -108,6 +150,7 @@ pub fn router(state: AppState) -> Router {
                 "this endpoint does not accept that method",
             )
         })
+        .layer(middleware::from_fn_with_state(pace, guard::guard))
         .layer(middleware::from_fn(record_metrics))
         .with_state(state)
 }
@@ -134,18 +177,43 @@ async fn record_metrics(request: Request, next: Next) -> Response {
 /// A running gateway: its address, and the means to stop it.
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served when `http.metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub state: AppState,
-    cancel: CancellationToken,
-    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    shutdown: Shutdown,
+    server: tokio::task::JoinHandle<()>,
     worker: Option<WorkerHandle>,
     heartbeat: (CancellationToken, tokio::task::JoinHandle<()>),
 }
 
 impl Running {
-    /// Stops taking requests, lets in-flight requests and chunks finish, then returns.
-    pub async fn shutdown(self) {
-        self.cancel.cancel();
-        let _ = self.server.await;
+    /// Stops taking requests and lets those in flight finish for `http.shutdown_grace`; then
+    /// cancels what is left (an upload removes its object and releases its key), drops the
+    /// connections, and lets the in-process workers finish their chunks.
+    pub async fn shutdown(mut self) {
+        self.shutdown.stop.cancel();
+        let grace = self.state.settings.http.shutdown_grace;
+        if tokio::time::timeout(grace, &mut self.server).await.is_err() {
+            tracing::warn!(
+                grace = %humantime::format_duration(grace),
+                "requests still in flight after the shutdown grace; cancelling them"
+            );
+            self.state.cancel.cancel();
+            if tokio::time::timeout(CANCEL_WAIT, &mut self.server)
+                .await
+                .is_err()
+            {
+                self.shutdown.kill.cancel();
+                let _ = tokio::time::timeout(CANCEL_WAIT, &mut self.server).await;
+            }
+        }
+        self.state.cleanups.close();
+        if tokio::time::timeout(CLEANUP_WAIT, self.state.cleanups.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("clean-ups of cancelled requests did not finish in time");
+        }
         if let Some(worker) = self.worker {
             worker.shutdown().await;
         }
@@ -156,6 +224,18 @@ impl Running {
 
     pub async fn stopped(&mut self) {
         let _ = (&mut self.server).await;
+    }
+}
+
+/// Removes partial objects and multipart uploads of dead uploads (see `BlobStore::sweep_abandoned`).
+async fn sweep(blobs: &dyn BlobStore, settings: &Settings) {
+    match blobs
+        .sweep_abandoned(settings.ingest.max_upload_duration)
+        .await
+    {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "removed partial objects of abandoned uploads"),
+        Err(e) => tracing::warn!(error = %e, "sweeping abandoned partial objects failed"),
     }
 }
 
@@ -190,6 +270,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     } else {
         None
     };
+    // Before taking uploads: whatever a killed predecessor left half-written goes first.
+    match tokio::time::timeout(SWEEP_AT_START_WAIT, sweep(&*state.blobs, &settings)).await {
+        Ok(()) => {}
+        Err(_) => tracing::warn!("the start-up sweep of abandoned partial objects timed out; the periodic sweep tries again"),
+    }
     let heartbeat = {
         let stop = CancellationToken::new();
         let task = tokio::spawn(liveness::keep_alive(
@@ -205,21 +290,54 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         .await
         .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
     let addr = listener.local_addr()?;
-    let cancel = CancellationToken::new();
-    let app = router(state.clone());
-    let server = {
-        let cancel = cancel.clone();
-        tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { cancel.cancelled().await })
+    let metrics_listener = match settings.http.metrics_listen.as_str() {
+        "" => None,
+        at => Some(
+            TcpListener::bind(at)
                 .await
+                .with_context(|| format!("cannot listen on {at} (http.metrics_listen)"))?,
+        ),
+    };
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()?;
+    let limits = Limits::new(&settings.http, server::raise_fd_limit());
+    let shutdown = Shutdown::default();
+    let server = {
+        let app = router(state.clone());
+        let metrics = metrics_router(state.clone());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let main = server::serve(listener, app, limits.clone(), shutdown.clone());
+            match metrics_listener {
+                Some(listener) => {
+                    tokio::join!(main, server::serve(listener, metrics, limits, shutdown));
+                }
+                None => main.await,
+            }
         })
     };
+    {
+        let blobs = state.blobs.clone();
+        let settings = state.settings.clone();
+        let stop = shutdown.stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(settings.ingest.sweep_interval) => {}
+                    () = stop.cancelled() => return,
+                }
+                sweep(&*blobs, &settings).await;
+            }
+        });
+    }
     tracing::info!(%addr, database = state.store.backend(), object_store = state.blobs.backend(), queue = state.queue.backend(), "orbit-gateway listening");
     Ok(Running {
         addr,
+        metrics_addr,
         state,
-        cancel,
+        shutdown,
         server,
         worker,
         heartbeat,

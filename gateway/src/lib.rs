@@ -4,12 +4,18 @@
 //! - [`auth`]: bearer tokens and the [`auth::Caller`] extractor that scopes every request.
 //! - [`upload`]: the streaming `csv-upload` pipeline and idempotency.
 //! - [`routes`]: directories, sources, errors, failed rows, profiles, health and metrics.
+//! - [`server`]: the accept loop under the router: connection cap, header and idle deadlines,
+//!   head-size limits, shutdown in steps.
+//! - [`guard`]: the router's outer middleware: request bodies keep moving, framework errors
+//!   become problem+json.
 //! - [`problem`]: RFC 9457 problem+json errors with stable codes.
 //! - [`admin`]: the `admin` subcommands (bootstrap, organizations, directories, tokens).
 
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod guard;
 pub mod problem;
 pub mod routes;
+pub mod server;
 pub mod upload;

@@ -50,8 +50,8 @@ enum Admin {
         org: Uuid,
         #[arg(long)]
         user_email: Option<String>,
-        /// How long the token lives, such as `30d` or `12h`; forever when absent.
-        #[arg(long, value_parser = humantime::parse_duration)]
+        /// How long the token lives, such as `30d` or `12h` (1m to 100years); forever when absent.
+        #[arg(long, value_parser = admin::parse_lifetime)]
         expires_in: Option<Duration>,
     },
     RevokeToken {

@@ -82,17 +82,40 @@ impl From<orbit_shared::store::StoreError> for ApiError {
     }
 }
 
+/// The problem+json document for `status`, `code` and `detail`.
+pub fn body(status: StatusCode, code: &str, detail: &str) -> Vec<u8> {
+    serde_json::to_vec(&Problem {
+        kind: format!("https://orbit.dev/problems/{}", code.replace('_', "-")),
+        title: status.canonical_reason().unwrap_or("Error"),
+        status: status.as_u16(),
+        detail,
+        code,
+    })
+    .expect("problem serializes")
+}
+
+/// The stable code of an error the framework produced itself (an extractor's rejection, a
+/// body limit), by its status.
+pub fn code_for_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => "unauthenticated",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        411 => "length_required",
+        413 => "payload_too_large",
+        414 => "uri_too_long",
+        415 => "unsupported_media_type",
+        431 => "headers_too_large",
+        503 => "service_unavailable",
+        500..=599 => "internal_error",
+        _ => "invalid_request",
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let title = self.status.canonical_reason().unwrap_or("Error");
-        let body = serde_json::to_vec(&Problem {
-            kind: format!("https://orbit.dev/problems/{}", self.code.replace('_', "-")),
-            title,
-            status: self.status.as_u16(),
-            detail: &self.detail,
-            code: self.code,
-        })
-        .expect("problem serializes");
+        let body = body(self.status, self.code, &self.detail);
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(

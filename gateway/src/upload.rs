@@ -27,6 +27,8 @@ use crate::routes::sources::UploadBody;
 
 /// Text fields are tiny; anything bigger is not what the client meant to send.
 const MAX_TEXT_FIELD_BYTES: usize = 1024;
+/// `Retry-After` of a `503 too_many_uploads`, in seconds.
+const UPLOAD_RETRY_AFTER_SECS: &str = "5";
 /// Room for the multipart framing and text fields around the file, in the early size check.
 const MULTIPART_OVERHEAD_BYTES: u64 = 1 << 20;
 
@@ -106,6 +108,18 @@ pub async fn upload(
     if content_length(&headers).is_some_and(|n| n > max + MULTIPART_OVERHEAD_BYTES) {
         return Err(too_large(max));
     }
+    // Held until the response is made: each upload holds a part buffer and an object writer.
+    let _slot = state.uploads.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_uploads",
+            format!(
+                "{} uploads are streaming already; send this one again shortly",
+                state.settings.http.max_uploads
+            ),
+        )
+        .with_header(header::RETRY_AFTER, UPLOAD_RETRY_AFTER_SECS)
+    })?;
     let multipart = Multipart::from_request(request, &state)
         .await
         .map_err(|e| ApiError::invalid_request(format!("malformed multipart body: {e}")))?;
@@ -119,7 +133,24 @@ pub async fn upload(
         file: None,
         object: None,
     };
-    let result = upload.run(multipart).await;
+    let longest = state.settings.ingest.max_upload_duration;
+    let result = tokio::select! {
+        result = tokio::time::timeout(longest, upload.run(multipart)) => result.unwrap_or_else(|_| {
+            Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "upload_timeout",
+                format!(
+                    "the upload took longer than the {} allowed",
+                    humantime::format_duration(longest)
+                ),
+            )
+            .with_header(header::CONNECTION, "close"))
+        }),
+        () = state.cancel.cancelled() => Err(ApiError::unavailable(
+            "the gateway is shutting down; nothing of this upload was kept, send it again",
+        )
+        .with_header(header::CONNECTION, "close")),
+    };
     if result.is_err() {
         upload.clean_up().await;
     }
@@ -426,6 +457,42 @@ impl Upload<'_> {
                 tracing::warn!(error = %e, "could not release an idempotency key");
             }
         }
+    }
+}
+
+impl Drop for Upload<'_> {
+    /// A request dropped mid-way (the client went away, or the connection was dropped at
+    /// shutdown) never reaches `clean_up`: its object and key claim are released here, on a
+    /// task of their own that shutdown waits for.
+    fn drop(&mut self) {
+        let object = self.object.take();
+        let claim = match std::mem::replace(&mut self.key_plan, KeyPlan::None) {
+            KeyPlan::Claimed(claim) => Some(claim),
+            _ => None,
+        };
+        if object.is_none() && claim.is_none() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.state.store.clone();
+        let blobs = self.state.blobs.clone();
+        self.state.cleanups.spawn_on(
+            async move {
+                if let Some(key) = object {
+                    if let Err(e) = blobs.delete(&key).await {
+                        tracing::warn!(error = %e, key, "could not delete the object of a dropped upload");
+                    }
+                }
+                if let Some(claim) = claim {
+                    if let Err(e) = store.release_idempotency_key(&claim).await {
+                        tracing::warn!(error = %e, "could not release the key of a dropped upload");
+                    }
+                }
+            },
+            &runtime,
+        );
     }
 }
 

@@ -1,5 +1,6 @@
-//! The `orbit-gateway` binary as operators run it: the admin CLI's JSON, and a gateway killed
-//! with SIGKILL mid-processing that finishes the work after a restart without adding a row twice.
+//! The `orbit-gateway` binary as operators run it: the admin CLI's JSON, a gateway killed
+//! with SIGKILL mid-processing that finishes the work after a restart without adding a row twice,
+//! and SIGTERM with a stalled upload, which exits after the shutdown grace and leaves nothing.
 
 mod common;
 
@@ -11,7 +12,7 @@ use common::contacts_csv;
 use futures::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 
 const BIN: &str = env!("CARGO_BIN_EXE_orbit-gateway");
@@ -53,7 +54,13 @@ async fn admin(data: &Path, args: &[&str]) -> (bool, Value, String) {
 
 /// Starts the gateway and returns it with its base URL, read from its start-up banner.
 async fn serve(data: &Path) -> (Child, String) {
+    serve_with(data, &[]).await
+}
+
+/// [`serve`] with more `ORBIT__…` settings.
+async fn serve_with(data: &Path, env: &[(&str, &str)]) -> (Child, String) {
     let mut child = command(data)
+        .envs(env.iter().copied())
         .stderr(Stdio::piped())
         .spawn()
         .expect("gateway starts");
@@ -232,6 +239,109 @@ async fn a_killed_gateway_finishes_the_work_after_restart() {
         }
     }
     assert_eq!(profiles, ROWS);
+}
+
+#[tokio::test]
+async fn create_token_refuses_bad_lifetimes_before_writing_anything() {
+    let data = tempfile::tempdir().unwrap();
+    let (ok, org, _) = admin(data.path(), &["create-org", "--name", "Acme"]).await;
+    assert!(ok);
+    let org = org["organization_id"].as_str().unwrap().to_owned();
+    for lifetime in ["99999999999d", "0s", "10s"] {
+        let (ok, out, stderr) = admin(
+            data.path(),
+            &["create-token", "--org", &org, "--expires-in", lifetime],
+        )
+        .await;
+        assert!(!ok, "{lifetime}: {out}");
+        assert!(out.is_null(), "{lifetime}: printed {out}");
+        assert!(
+            stderr.contains("must be from 1m to 100years"),
+            "{lifetime}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{lifetime}: {stderr}");
+    }
+    let (ok, token, _) = admin(
+        data.path(),
+        &["create-token", "--org", &org, "--expires-in", "1m"],
+    )
+    .await;
+    assert!(ok);
+    assert!(token["expires_at"].is_string(), "{token}");
+}
+
+#[tokio::test]
+async fn sigterm_with_a_stalled_upload_exits_within_the_grace_and_leaves_nothing() {
+    let data = tempfile::tempdir().unwrap();
+    let (_, boot, _) = admin(data.path(), &["bootstrap"]).await;
+    let (org, dir, token) = (
+        boot["organization_id"].as_str().unwrap().to_owned(),
+        boot["directory_id"].as_str().unwrap().to_owned(),
+        boot["token"].as_str().unwrap().to_owned(),
+    );
+    let (mut gateway, base) =
+        serve_with(data.path(), &[("ORBIT__HTTP__SHUTDOWN_GRACE", "2s")]).await;
+    let addr = base.trim_start_matches("http://").to_owned();
+    let path = format!("/v2/organizations/{org}/directories/{dir}/sources/csv-upload");
+    let boundary = "XbOuNdArYx";
+    let mut stalled = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: orbit\r\nAuthorization: Bearer {token}\r\n\
+                 Idempotency-Key: term-1\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\
+                 Content-Length: 100000\r\n\r\n--{boundary}\r\n\
+                 Content-Disposition: form-data; name=\"file\"; filename=\"c.csv\"\r\n\r\n\
+                 email,city\na@example.com,Paris\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let partial = data.path().join("objects/.partial");
+    let count = || std::fs::read_dir(&partial).map_or(0, |d| d.count());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while count() == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the upload never started streaming"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let signalled = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &gateway.id().unwrap().to_string()])
+        .status()
+        .await
+        .unwrap();
+    assert!(kill.success());
+    let (status, _, body) = common::read_response(&mut stalled, Duration::from_secs(30)).await;
+    assert_eq!(status, 503, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(common::problem_code(&body), "service_unavailable");
+    let exit = tokio::time::timeout(Duration::from_secs(30), gateway.wait())
+        .await
+        .expect("the gateway exits after the grace")
+        .unwrap();
+    let took = signalled.elapsed();
+    assert!(exit.success(), "{exit:?}");
+    assert!(
+        took >= Duration::from_millis(1900),
+        "exited before the grace: {took:?}"
+    );
+    assert_eq!(count(), 0, "the partial object was removed");
+
+    // The key was released: the same upload with the same key runs fresh.
+    let (_gateway, base) = serve(data.path()).await;
+    let response = reqwest::Client::new()
+        .post(format!("{base}{path}"))
+        .bearer_auth(&token)
+        .header("Idempotency-Key", "term-1")
+        .multipart(common::file_form("email,city\na@example.com,Paris\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
 }
 
 #[tokio::test]

@@ -25,6 +25,37 @@ pub struct HttpSettings {
     pub listen: String,
     /// Origin printed in hints and used in nothing else; empty means `http://{listen}`.
     pub public_url: String,
+    /// Open client connections at most; clamped to half the process's file-descriptor limit so
+    /// clients can never use up the descriptors the database, object store and logs need.
+    pub max_connections: usize,
+    /// A request's line and headers must arrive in full this long after the connection opened
+    /// or the bytes of the request began.
+    #[serde(with = "humantime_serde_compat")]
+    pub header_timeout: Duration,
+    /// A kept-alive connection with no request in progress is closed after this.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// A request body (or a response the client reads) must move `min_body_rate` bytes per
+    /// second, measured over windows of this much waiting; a stalled body is cut after it.
+    #[serde(with = "humantime_serde_compat")]
+    pub body_timeout: Duration,
+    /// Bytes per second a body must move, on average over `body_timeout`.
+    pub min_body_rate: u64,
+    /// Request line and headers, in bytes (`431`, or `414` for a request line alone).
+    pub max_header_bytes: usize,
+    /// Header lines per request (`431`).
+    pub max_headers: usize,
+    /// Body of any request but an upload (`413`); uploads have `ingest.max_upload_bytes`.
+    pub max_body_bytes: usize,
+    /// Uploads streaming at once; one more gets `503 too_many_uploads` with `Retry-After`.
+    pub max_uploads: usize,
+    /// On SIGTERM, how long in-flight requests may finish before they are cancelled.
+    #[serde(with = "humantime_serde_compat")]
+    pub shutdown_grace: Duration,
+    /// Where to serve `/metrics` alone (say `127.0.0.1:9100`); empty serves it on `listen`.
+    pub metrics_listen: String,
+    /// When set, `/metrics` wants `Authorization: Bearer <this>` (on either listener).
+    pub metrics_token: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +124,13 @@ pub struct IngestSettings {
     pub max_header_bytes: usize,
     /// ISO 3166 region used for phone numbers written without a country code.
     pub default_region: String,
+    /// An upload still streaming after this long is cut (`408 upload_timeout`); a partial
+    /// object or multipart upload older than this that no live request owns is swept away.
+    #[serde(with = "humantime_serde_compat")]
+    pub max_upload_duration: Duration,
+    /// How often the gateway sweeps abandoned partial objects (also once at start-up).
+    #[serde(with = "humantime_serde_compat")]
+    pub sweep_interval: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -167,6 +205,18 @@ const DEFAULTS: &str = r#"
 [http]
 listen = "127.0.0.1:8080"
 public_url = ""
+max_connections = 4096
+header_timeout = "20s"
+idle_timeout = "60s"
+body_timeout = "30s"
+min_body_rate = 1024
+max_header_bytes = 32768
+max_headers = 100
+max_body_bytes = 2097152
+max_uploads = 32
+shutdown_grace = "30s"
+metrics_listen = ""
+metrics_token = ""
 
 [database]
 url = "sqlite://./data/orbit.db"
@@ -192,6 +242,8 @@ max_field_bytes = 8192
 max_columns = 512
 max_header_bytes = 65536
 default_region = "US"
+max_upload_duration = "24h"
+sweep_interval = "15m"
 
 [worker]
 concurrency = 0
@@ -262,6 +314,25 @@ impl Settings {
             "ingest.max_columns must be at least 1"
         );
         anyhow::ensure!(
+            !self.ingest.max_upload_duration.is_zero() && !self.ingest.sweep_interval.is_zero(),
+            "ingest.max_upload_duration and ingest.sweep_interval must be longer than 0s"
+        );
+        let http = &self.http;
+        anyhow::ensure!(
+            http.max_connections > 0 && http.max_uploads > 0,
+            "http.max_connections and http.max_uploads must be at least 1"
+        );
+        anyhow::ensure!(
+            !http.header_timeout.is_zero()
+                && !http.idle_timeout.is_zero()
+                && !http.body_timeout.is_zero(),
+            "http.header_timeout, http.idle_timeout and http.body_timeout must be longer than 0s"
+        );
+        anyhow::ensure!(
+            http.max_header_bytes >= 1024 && http.max_headers > 0,
+            "http.max_header_bytes must be at least 1024 and http.max_headers at least 1"
+        );
+        anyhow::ensure!(
             self.worker.max_attempts > 0,
             "worker.max_attempts must be at least 1"
         );
@@ -310,6 +381,11 @@ mod tests {
         assert_eq!(s.ingest.max_field_bytes, 8 << 10);
         assert_eq!(s.idempotency.ttl, Duration::from_secs(24 * 3600));
         assert!(s.telemetry.otlp_endpoint.is_none());
+        assert!(s.http.header_timeout <= Duration::from_secs(30));
+        assert!(s.http.idle_timeout <= Duration::from_secs(60));
+        assert_eq!(s.http.max_uploads, 32);
+        assert_eq!(s.http.shutdown_grace, Duration::from_secs(30));
+        assert!(s.http.metrics_listen.is_empty() && s.http.metrics_token.is_empty());
     }
 
     #[test]

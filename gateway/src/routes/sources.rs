@@ -7,9 +7,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use futures::{stream, StreamExt};
+use orbit_shared::domain::row::failed_fields;
 use orbit_shared::model::{Retried, RowIssue, Source, SourceError, SourceStatus};
 use orbit_shared::store::Store;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::sync::Arc;
 use uuid::Uuid;
 
@@ -183,13 +185,29 @@ pub async fn errors(
 
 const FAILED_ROWS_PAGE: u32 = 1000;
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailedRowsQuery {
+    raw: Option<String>,
+}
+
 /// Every failed row's original fields (padded to the widest row, extra fields in `extra_N`
 /// columns), then `line_number`, `error_code`, `error_message`; streamed page by page.
+///
+/// A spreadsheet runs a cell that starts with `=`, `+`, `-`, `@`, a tab or a carriage return as
+/// a formula, so by default such cells get a leading `'` (OWASP's advice for CSV injection);
+/// `?raw=true` returns the values exactly as uploaded, undecodable bytes included.
 pub async fn failed_rows(
     State(state): State<AppState>,
     caller: Caller,
     Path((org, dir, source)): Path<(String, String, String)>,
+    Query(query): Query<FailedRowsQuery>,
 ) -> ApiResult<Response> {
+    let raw = match query.raw.as_deref() {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(_) => return Err(ApiError::invalid_request("raw must be true or false")),
+    };
     let source = scoped_source(&state, &caller, &org, &dir, &source).await?;
     let width = state.store.failed_row_width(source.id).await?;
     let mut header: Vec<String> = source.columns.names.clone();
@@ -198,7 +216,7 @@ pub async fn failed_rows(
     }
     let columns = header.len();
     header.extend(["line_number", "error_code", "error_message"].map(String::from));
-    let first = csv_line(&header);
+    let first = csv_line(header.into_iter().map(String::into_bytes), raw);
 
     struct Cursor {
         store: Arc<dyn Store>,
@@ -227,14 +245,27 @@ pub async fn failed_rows(
                     let mut out = Vec::new();
                     for row in rows {
                         cur.after = row.row_number;
-                        let mut fields = row.fields;
-                        fields.resize(columns, String::new());
+                        let undecodable = row.error_code == "invalid_encoding";
+                        let mut fields: Vec<Vec<u8>> = row
+                            .fields
+                            .iter()
+                            .map(|f| failed_fields::bytes(f, undecodable))
+                            .collect();
+                        if !raw {
+                            // Undecodable bytes shown as U+FFFD; `raw=true` has them as sent.
+                            for field in &mut fields {
+                                if let Cow::Owned(text) = String::from_utf8_lossy(field) {
+                                    *field = text.into_bytes();
+                                }
+                            }
+                        }
+                        fields.resize(columns, Vec::new());
                         fields.extend([
-                            row.line_number.to_string(),
-                            row.error_code,
-                            row.error_message,
+                            row.line_number.to_string().into_bytes(),
+                            row.error_code.into_bytes(),
+                            row.error_message.into_bytes(),
                         ]);
-                        out.extend(csv_line(&fields));
+                        out.extend(csv_line(fields, raw));
                     }
                     Some((Ok::<_, std::io::Error>(out), cur))
                 }
@@ -263,10 +294,27 @@ pub async fn failed_rows(
         .into_response())
 }
 
-fn csv_line(fields: &[String]) -> Vec<u8> {
+fn csv_line(fields: impl IntoIterator<Item = Vec<u8>>, raw: bool) -> Vec<u8> {
     let mut writer = csv::Writer::from_writer(Vec::new());
     writer
-        .write_record(fields)
+        .write_record(
+            fields
+                .into_iter()
+                .map(|f| if raw { f } else { neutralize(f) }),
+        )
         .expect("writing to memory cannot fail");
     writer.into_inner().expect("writing to memory cannot fail")
+}
+
+/// `'` before a value a spreadsheet would run as a formula.
+fn neutralize(field: Vec<u8>) -> Vec<u8> {
+    match field.first() {
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => {
+            let mut out = Vec::with_capacity(field.len() + 1);
+            out.push(b'\'');
+            out.extend_from_slice(&field);
+            out
+        }
+        _ => field,
+    }
 }

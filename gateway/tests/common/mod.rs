@@ -8,6 +8,9 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::io::AsyncReadExt as _;
+use tokio::net::TcpStream;
+
 use orbit_gateway::{admin, app};
 use orbit_shared::config::Settings;
 use orbit_shared::testing::DistributedStack;
@@ -306,6 +309,61 @@ pub fn contacts_csv(rows: usize, email_prefix: &str) -> String {
         ));
     }
     out
+}
+
+/// Reads until the peer closes (or errors); how long that took.
+pub async fn time_to_close(stream: &mut TcpStream, within: Duration) -> Duration {
+    let started = Instant::now();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the connection was still open after {within:?}"),
+        }
+    }
+}
+
+/// One HTTP/1.1 response read off a raw socket: status, lower-cased head, body.
+pub async fn read_response(stream: &mut TcpStream, within: Duration) -> (u16, String, Vec<u8>) {
+    let deadline = Instant::now() + within;
+    let mut data = Vec::new();
+    let mut buf = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf))
+            .await
+            .expect("a response in time")
+            .expect("readable");
+        assert!(
+            n > 0,
+            "closed before a response: {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&buf[..n]);
+    };
+    let head = String::from_utf8_lossy(&data[..head_end]).to_lowercase();
+    let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .map_or(0, |v| v.trim().parse().unwrap());
+    while data.len() < head_end + length {
+        let n = tokio::time::timeout_at(deadline.into(), stream.read(&mut buf))
+            .await
+            .expect("the body in time")
+            .expect("readable");
+        assert!(n > 0, "closed inside the body");
+        data.extend_from_slice(&buf[..n]);
+    }
+    (status, head, data[head_end..head_end + length].to_vec())
+}
+
+pub fn problem_code(body: &[u8]) -> String {
+    let value: Value = serde_json::from_slice(body).expect("a JSON body");
+    value["code"].as_str().unwrap_or_default().to_owned()
 }
 
 fn walk(dir: &std::path::Path) -> Vec<String> {

@@ -37,6 +37,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Bytes `start..end` of `key`.
     async fn read_range(&self, key: &str, start: u64, end: u64) -> BlobResult<ByteStream>;
     async fn delete(&self, key: &str) -> BlobResult<()>;
+    /// Removes what writers of crashed or killed processes left behind (partial files, open
+    /// multipart uploads), never a write this process still has open. A leftover whose owner
+    /// cannot be told apart from a live one is removed once it is older than `older_than`.
+    /// Returns how many were removed.
+    async fn sweep_abandoned(&self, older_than: std::time::Duration) -> BlobResult<u64>;
 }
 
 #[async_trait]

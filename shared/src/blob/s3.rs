@@ -9,6 +9,14 @@
 //! common small file.
 //!
 //! Reads are ranged GetObjects whose body is passed on as it arrives, never collected.
+//!
+//! A multipart upload this process has open is in [`LIVE`]; `sweep_abandoned` aborts the open
+//! uploads under the prefix that are not, once they are older than the threshold (other
+//! gateways' uploads look the same from here, so only age tells them apart).
+
+use std::collections::HashSet;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_s3::config::{
@@ -30,6 +38,14 @@ use crate::config::ObjectStoreSettings;
 pub const PART_SIZE: usize = 8 << 20;
 
 const DEFAULT_REGION: &str = "us-east-1";
+
+/// Upload ids of the multipart uploads this process has open.
+static LIVE: LazyLock<Mutex<HashSet<String>>> = LazyLock::new(Default::default);
+
+fn live() -> std::sync::MutexGuard<'static, HashSet<String>> {
+    LIVE.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
 
 pub struct S3BlobStore {
     client: Client,
@@ -249,6 +265,7 @@ impl S3Writer {
                         self.key
                     ))
                 })?;
+                live().insert(id.clone());
                 self.upload_id = Some(id.clone());
                 id
             }
@@ -286,6 +303,7 @@ impl S3Writer {
         let Some(upload_id) = self.upload_id.take() else {
             return Ok(());
         };
+        live().remove(&upload_id);
         match self
             .client
             .abort_multipart_upload()
@@ -321,7 +339,9 @@ impl S3Writer {
             .send()
             .await
             .map_err(|e| self.error("completing multipart upload of", e))?;
-        self.upload_id = None;
+        if let Some(id) = self.upload_id.take() {
+            live().remove(&id);
+        }
         Ok(())
     }
 }
@@ -384,6 +404,7 @@ impl Drop for S3Writer {
         let Some(upload_id) = self.upload_id.take() else {
             return;
         };
+        live().remove(&upload_id);
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -509,6 +530,58 @@ impl BlobStore for S3BlobStore {
             // S3 answers 204 for a missing key; some compatible servers answer 404 instead.
             Err(e) if is_missing(&e, "NoSuchKey") => Ok(()),
             Err(e) => Err(self.error("deleting", key, e)),
+        }
+    }
+
+    async fn sweep_abandoned(&self, older_than: Duration) -> BlobResult<u64> {
+        let mut removed = 0;
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&self.prefix)
+                .set_key_marker(markers.0.take())
+                .set_upload_id_marker(markers.1.take())
+                .send()
+                .await
+                .map_err(|e| self.error("listing multipart uploads under", &self.prefix, e))?;
+            for upload in page.uploads() {
+                let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
+                let age = upload
+                    .initiated()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .and_then(|t| SystemTime::now().duration_since(t).ok());
+                if live().contains(id) || age.is_none_or(|age| age < older_than) {
+                    continue;
+                }
+                match self
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .upload_id(id)
+                    .send()
+                    .await
+                {
+                    Ok(_) => removed += 1,
+                    Err(e) if is_missing(&e, "NoSuchUpload") => {}
+                    Err(e) => return Err(self.error("aborting multipart upload of", key, e)),
+                }
+            }
+            if page.is_truncated() != Some(true) {
+                return Ok(removed);
+            }
+            markers = (
+                page.next_key_marker().map(str::to_owned),
+                page.next_upload_id_marker().map(str::to_owned),
+            );
+            if markers.0.is_none() && markers.1.is_none() {
+                return Ok(removed);
+            }
         }
     }
 }

@@ -163,41 +163,46 @@ pub fn validate(
     rules: &RowRules,
 ) -> RowOutcome {
     let decoded: Vec<Option<&str>> = record.fields.iter().map(decode).collect();
-    let lossy = || -> Vec<String> {
-        record
-            .fields
-            .iter()
-            .map(|f| String::from_utf8_lossy(&f.bytes).into_owned())
-            .collect()
-    };
+    let bad_encoding = decoded.iter().position(Option::is_none);
+    let invalid_encoding = bad_encoding.is_some() || record.malformed_encoding;
     let fail = |error: Issue| {
         RowOutcome::Failed(FailedRow {
             row_number,
             line_number: record.line_number,
-            fields: lossy(),
+            fields: failed_fields::keep(record, &decoded, invalid_encoding),
             error,
         })
     };
     let column_name = |i: usize| columns.names.get(i).map(String::as_str);
 
-    let bad_encoding = decoded.iter().position(Option::is_none);
-    if bad_encoding.is_some() || record.malformed_encoding {
+    if invalid_encoding {
         let i = bad_encoding.unwrap_or(0);
         return fail(Issue::new(
             IssueCode::InvalidEncoding,
             bad_encoding.and(column_name(i)),
-            "the row has bytes that do not decode in the file's encoding".into(),
+            "the row has bytes that do not decode in the file's encoding; failed-rows?raw=true \
+             returns the row's bytes as they were sent"
+                .into(),
             bad_encoding
                 .map(|_| String::from_utf8_lossy(&record.fields[i].bytes))
                 .as_deref(),
         ));
     }
     if record.field_count != columns.columns.len() {
+        let dropped = record.field_count.saturating_sub(record.fields.len());
+        let kept = if dropped > 0 {
+            format!(
+                "; failed-rows keeps the first {} and then a field saying how many more there were",
+                record.fields.len()
+            )
+        } else {
+            String::new()
+        };
         return fail(Issue::new(
             IssueCode::ColumnCountMismatch,
             None,
             format!(
-                "expected {} fields as in the header, found {}",
+                "expected {} fields as in the header, found {}{kept}",
                 columns.columns.len(),
                 record.field_count
             ),
@@ -208,7 +213,12 @@ pub fn validate(
         return fail(Issue::new(
             IssueCode::FieldTooLong,
             column_name(i),
-            format!("the value is longer than {} bytes", rules.max_field_bytes),
+            format!(
+                "the value is longer than {} bytes; failed-rows keeps its first {} bytes followed by {:?}",
+                rules.max_field_bytes,
+                rules.max_field_bytes,
+                failed_fields::TRUNCATED_MARKER
+            ),
             decoded[i],
         ));
     }
@@ -324,6 +334,69 @@ pub fn duplicate_issue(kind: &str, value: &str) -> Issue {
     )
 }
 
+/// How a failed row's fields are kept for `failed-rows`. The splitter keeps a bounded part of
+/// each row (`max_field_bytes` per field, one field more than the header), so a cut is marked
+/// rather than silent, and bytes that do not decode are kept exactly rather than replaced.
+pub mod failed_fields {
+    use base64::Engine as _;
+
+    use super::super::csv::RawRecord;
+
+    /// Appended to a field cut at `ingest.max_field_bytes`.
+    pub const TRUNCATED_MARKER: &str = "[…truncated by Orbit]";
+    /// Fields of an `invalid_encoding` row are kept as this prefix and their bytes in base64.
+    pub const RAW_PREFIX: &str = "b64:";
+
+    /// The stored fields of a failed row: text (or, for a row that does not decode, the exact
+    /// bytes in base64), cut fields marked, and a last field counting fields not kept.
+    pub fn keep(
+        record: &RawRecord,
+        decoded: &[Option<&str>],
+        invalid_encoding: bool,
+    ) -> Vec<String> {
+        let mut fields: Vec<String> = record
+            .fields
+            .iter()
+            .zip(decoded)
+            .map(|(field, text)| {
+                let marker = if field.truncated {
+                    TRUNCATED_MARKER
+                } else {
+                    ""
+                };
+                match text {
+                    Some(text) if !invalid_encoding => format!("{text}{marker}"),
+                    _ => {
+                        let mut bytes = field.bytes.clone();
+                        bytes.extend_from_slice(marker.as_bytes());
+                        format!(
+                            "{RAW_PREFIX}{}",
+                            base64::engine::general_purpose::STANDARD.encode(bytes)
+                        )
+                    }
+                }
+            })
+            .collect();
+        let dropped = record.field_count.saturating_sub(record.fields.len());
+        if dropped > 0 {
+            fields.push(format!("[…{dropped} more fields not kept by Orbit]"));
+        }
+        fields
+    }
+
+    /// The bytes of a stored field: `invalid_encoding` rows' fields are decoded from base64.
+    pub fn bytes(field: &str, invalid_encoding: bool) -> Vec<u8> {
+        if invalid_encoding {
+            if let Some(encoded) = field.strip_prefix(RAW_PREFIX) {
+                if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(encoded) {
+                    return bytes;
+                }
+            }
+        }
+        field.as_bytes().to_vec()
+    }
+}
+
 /// A field's text; a truncated field may end inside a character, which is not an encoding error.
 fn decode(field: &RawField) -> Option<&str> {
     match std::str::from_utf8(&field.bytes) {
@@ -417,6 +490,50 @@ mod tests {
         assert_eq!(rec.fields["last_name"], "Lee");
         assert_eq!(rec.attributes["Shoe Size"], "38");
         assert!(rec.warnings.is_empty());
+    }
+
+    fn failed(outcome: RowOutcome) -> FailedRow {
+        match outcome {
+            RowOutcome::Failed(f) => f,
+            RowOutcome::Accepted(a) => panic!("accepted: {a:?}"),
+        }
+    }
+
+    #[test]
+    fn failed_rows_mark_cuts_and_keep_undecodable_bytes() {
+        let cols = columns(&["email", "city"]);
+        let mut long = raw(&[b"a@b.co", b"Par"]);
+        long.fields[1].truncated = true;
+        let row = failed(validate(&long, 1, &cols, &rules()));
+        assert_eq!(
+            row.fields[1],
+            format!("Par{}", failed_fields::TRUNCATED_MARKER)
+        );
+        assert!(row
+            .error
+            .message
+            .contains("failed-rows keeps its first 64 bytes"));
+
+        let mut wide = raw(&[b"a@b.co", b"x", b"y"]);
+        wide.field_count = 7;
+        let row = failed(validate(&wide, 1, &cols, &rules()));
+        assert_eq!(row.fields.len(), 4);
+        assert_eq!(row.fields[3], "[…4 more fields not kept by Orbit]");
+        assert!(
+            row.error.message.contains("keeps the first 3"),
+            "{}",
+            row.error.message
+        );
+
+        let row = failed(validate(
+            &raw(&[b"a\xff@b.co", b"Paris"]),
+            1,
+            &cols,
+            &rules(),
+        ));
+        assert_eq!(row.error.code, IssueCode::InvalidEncoding);
+        assert_eq!(failed_fields::bytes(&row.fields[0], true), b"a\xff@b.co");
+        assert_eq!(failed_fields::bytes(&row.fields[1], true), b"Paris");
     }
 
     #[test]
