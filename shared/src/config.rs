@@ -25,6 +25,8 @@ pub struct HttpSettings {
     pub listen: String,
     /// Origin printed in hints and used in nothing else; empty means `http://{listen}`.
     pub public_url: String,
+    /// The longest `x-request-id` a client may send; a longer or odd one is replaced.
+    pub max_request_id_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +136,7 @@ const DEFAULTS: &str = r#"
 [http]
 listen = "127.0.0.1:8080"
 public_url = ""
+max_request_id_bytes = 128
 
 [database]
 url = "sqlite://./data/orbit.db"
