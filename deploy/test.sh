@@ -2,7 +2,9 @@
 # Runs Orbit's whole test suite: unit tests, the backend conformance suites (SQLite and
 # PostgreSQL, local directory and S3, in-process queue and RabbitMQ), and the HTTP suites on
 # the embedded stack and again on the distributed one (PostgreSQL, S3, RabbitMQ, two
-# orbit-worker processes). Brings up the services it needs first (deploy/services.sh).
+# orbit-worker processes), and the offline checks of the deployment files (deploy/check.sh).
+# Brings up the services it needs first (deploy/services.sh), and installs Prometheus, which
+# the monitoring test runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +14,8 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 bash deploy/services.sh
+# promtool and docker-compose for the checks, prometheus for gateway/tests/monitoring.rs.
+bash deploy/check.sh
 
 # The distributed HTTP suites spawn orbit-worker processes: build them first.
 cargo build --workspace --bins

@@ -3,19 +3,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Request};
-use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::extract::DefaultBodyLimit;
+use axum::middleware;
 use axum::routing::{get, post};
 use axum::Router;
 use orbit_shared::backends::Backends;
 use orbit_shared::blob::BlobStore;
 use orbit_shared::config::Settings;
 use orbit_shared::liveness;
-use orbit_shared::metrics::METRICS;
 use orbit_shared::queue::Queue;
 use orbit_shared::store::Store;
 use orbit_worker::{Worker, WorkerHandle};
@@ -25,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::guard::{self, BodyPace};
+use crate::observe::{observe, RequestIdLimit};
 use crate::problem::ApiError;
 use crate::routes;
 use crate::server::{self, Limits, Shutdown};
@@ -151,27 +150,11 @@ fn finish(router: Router<AppState>, state: AppState) -> Router {
             )
         })
         .layer(middleware::from_fn_with_state(pace, guard::guard))
-        .layer(middleware::from_fn(record_metrics))
+        .layer(middleware::from_fn_with_state(
+            RequestIdLimit(state.settings.http.max_request_id_bytes),
+            observe,
+        ))
         .with_state(state)
-}
-
-async fn record_metrics(request: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let response = next.run(request).await;
-    METRICS
-        .http_requests
-        .with_label_values(&[&method, &route, response.status().as_str()])
-        .inc();
-    METRICS
-        .http_duration
-        .with_label_values(&[&method, &route])
-        .observe(started.elapsed().as_secs_f64());
-    response
 }
 
 /// A running gateway: its address, and the means to stop it.

@@ -8,6 +8,7 @@
 //!   head-size limits, shutdown in steps.
 //! - [`guard`]: the router's outer middleware: request bodies keep moving, framework errors
 //!   become problem+json.
+//! - [`observe`]: request ids, the access log and the HTTP metrics of every request.
 //! - [`problem`]: RFC 9457 problem+json errors with stable codes.
 //! - [`admin`]: the `admin` subcommands (bootstrap, organizations, directories, tokens).
 
@@ -15,6 +16,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod guard;
+pub mod observe;
 pub mod problem;
 pub mod routes;
 pub mod server;

@@ -6,6 +6,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use orbit_gateway::{admin, app};
 use orbit_shared::config::Settings;
+use orbit_shared::redact::redact;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -81,7 +82,7 @@ async fn main() -> std::process::ExitCode {
     match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("orbit-gateway: {e:#}");
+            orbit_shared::telemetry::report_fatal("orbit-gateway", &e);
             std::process::ExitCode::FAILURE
         }
     }
@@ -92,9 +93,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings).await,
         Command::Migrate => {
+            orbit_shared::telemetry::init(&settings.telemetry)?;
             let state = app::connect(&settings).await?;
             state.store.migrate().await?;
-            eprintln!("migrations applied to {}", state.store.backend());
+            tracing::info!(database = state.store.backend(), "migrations applied");
             Ok(())
         }
         Command::Admin { command } => {
@@ -146,6 +148,8 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What to do next, once the gateway listens: a block of text for a person at a terminal, or
+/// one log event when logs are JSON (where every line must be JSON).
 async fn print_welcome(settings: &Settings, running: &app::Running) {
     let base = if settings.http.public_url.is_empty() {
         format!("http://{}", running.addr)
@@ -161,8 +165,22 @@ async fn print_welcome(settings: &Settings, running: &app::Running) {
         "orbit-gateway {config}{}admin",
         if config.is_empty() { "" } else { " " }
     );
+    let database = redact(&settings.database.url);
+    let objects = redact(&settings.object_store.url);
+    let queue = redact(&settings.queue.url);
+    if orbit_shared::telemetry::json_logs() {
+        tracing::info!(
+            url = %base,
+            %database,
+            object_store = %objects,
+            %queue,
+            next = %format!("{admin} bootstrap"),
+            "Orbit is listening"
+        );
+        return;
+    }
     eprintln!(
-        "\nOrbit is listening on {base} (database: {}, objects: {}, queue: {})\n\
+        "\nOrbit is listening on {base} (database: {database}, objects: {objects}, queue: {queue})\n\
          \n\
          Get an organization, a directory and a token (printed once, as JSON):\n\
          \x20   {admin} bootstrap\n\
@@ -170,7 +188,6 @@ async fn print_welcome(settings: &Settings, running: &app::Running) {
          Then upload a CSV, with ORG, DIR and TOKEN set from that output:\n\
          \x20   curl -sS -H \"Authorization: Bearer $TOKEN\" -F file=@contacts.csv \\\n\
          \x20     {base}/v2/organizations/$ORG/directories/$DIR/sources/csv-upload\n",
-        settings.database.url, settings.object_store.url, settings.queue.url
     );
 }
 

@@ -426,3 +426,37 @@ async fn health_readiness_metrics_and_openapi() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn clients_cannot_mint_metric_label_values() {
+    let app = TestApp::spawn().await;
+    let odd = reqwest::Method::from_bytes(b"FOOBAR").unwrap();
+    let response = app
+        .client
+        .request(odd, app.url("/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let path = format!("/minted-{}", uuid::Uuid::new_v4().simple());
+    let response = app.client.get(app.url(&path)).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!metrics.contains("FOOBAR"), "{metrics}");
+    assert!(!metrics.contains(&path), "{metrics}");
+    for needle in [
+        "orbit_http_requests_total{method=\"other\",route=\"/healthz\",status=\"405\"}",
+        "orbit_http_requests_total{method=\"GET\",route=\"other\",status=\"404\"}",
+        "orbit_http_request_duration_seconds_count{method=\"other\",route=\"/healthz\"}",
+    ] {
+        assert!(metrics.contains(needle), "missing {needle} in\n{metrics}");
+    }
+}

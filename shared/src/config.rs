@@ -56,6 +56,8 @@ pub struct HttpSettings {
     pub metrics_listen: String,
     /// When set, `/metrics` wants `Authorization: Bearer <this>` (on either listener).
     pub metrics_token: String,
+    /// The longest `x-request-id` a client may send; a longer or odd one is replaced.
+    pub max_request_id_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,6 +219,7 @@ max_uploads = 32
 shutdown_grace = "30s"
 metrics_listen = ""
 metrics_token = ""
+max_request_id_bytes = 128
 
 [database]
 url = "sqlite://./data/orbit.db"

@@ -9,7 +9,8 @@
 //! - [`store`]: the database trait and its SQLite backend.
 //! - [`blob`]: the object store trait and its local-directory backend.
 //! - [`queue`]: the work queue trait and its in-process backend.
-//! - [`telemetry`]: logging and tracing set-up.
+//! - [`redact`]: passwords in URLs masked before any text leaves the process.
+//! - [`telemetry`]: logging set-up (text or JSON, redacted) and fatal-error reporting.
 //! - [`metrics`]: the Prometheus registry shared by gateway and worker.
 //! - `testing` (feature `testing`): fixtures for tests against the distributed backends.
 
@@ -22,6 +23,7 @@ pub mod liveness;
 pub mod metrics;
 pub mod model;
 pub mod queue;
+pub mod redact;
 pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]

@@ -1,5 +1,8 @@
 //! Prometheus metrics of gateway and worker. Gauges that mirror the database or the queue
 //! (sources by status, open chunks, queue depth) are refreshed when `/metrics` is scraped.
+//!
+//! Label values come from fixed sets only (see [`http_method_label`]): a value a client could
+//! choose would let it create series without bound.
 
 use std::sync::LazyLock;
 
@@ -130,6 +133,20 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     }
 });
 
+/// Label value to use for an HTTP method: the standard ones by name, anything else `other`.
+pub fn http_method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    KNOWN
+        .into_iter()
+        .find(|known| *known == method)
+        .unwrap_or(OTHER)
+}
+
+/// The label value standing for every value outside a label's fixed set.
+pub const OTHER: &str = "other";
+
 /// Refreshes the mirrored gauges and renders the Prometheus text format.
 pub async fn render(store: &dyn Store, queue: &dyn Queue) -> String {
     let m = &*METRICS;
@@ -140,7 +157,13 @@ pub async fn render(store: &dyn Store, queue: &dyn Queue) -> String {
         m.chunks_open.set(open as i64);
     }
     if let Ok(counts) = store.count_sources_by_status().await {
-        for (status, n) in counts {
+        // A status with no sources left is absent from the counts, and must read 0, not its
+        // last value.
+        for status in crate::model::SourceStatus::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == status)
+                .map_or(0, |(_, n)| *n);
             m.sources
                 .with_label_values(&[status.as_str()])
                 .set(n as i64);

@@ -331,3 +331,40 @@ impl DistributedStack {
         ]
     }
 }
+
+/// Starts the `orbit-worker` at `binary` with `env` (on top of the caller's environment), JSON
+/// logs and its metrics listener on an ephemeral port. Returns the process and the base URL of
+/// that listener, read from the worker's start-up log; stderr is drained from then on so the
+/// worker never blocks on a full pipe.
+pub async fn spawn_worker_with_metrics(
+    binary: &std::path::Path,
+    env: &[(String, String)],
+) -> (tokio::process::Child, String) {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new(binary)
+        .env("ORBIT__WORKER__METRICS_LISTEN", "127.0.0.1:0")
+        .env("ORBIT__TELEMETRY__LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .env_remove("ORBIT_CONFIG")
+        .envs(env.iter().cloned())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("orbit-worker starts");
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().expect("piped")).lines();
+    let patience = std::time::Duration::from_secs(60);
+    loop {
+        let line = tokio::time::timeout(patience, lines.next_line())
+            .await
+            .expect("the worker listens within 60s")
+            .expect("stderr readable")
+            .expect("the worker exited before listening");
+        let event: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if event["fields"]["message"] == "worker metrics listening" {
+            let addr = event["fields"]["addr"].as_str().expect("addr").to_owned();
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            return (child, format!("http://{addr}"));
+        }
+    }
+}

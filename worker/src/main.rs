@@ -1,21 +1,25 @@
 //! The `orbit-worker` command: consumes chunks from the configured queue until SIGTERM, then
-//! finishes the chunks it holds and exits. Serves `/metrics` and `/healthz` on
-//! `worker.metrics_listen` when that is set.
+//! finishes the chunks it holds and exits. Serves `/metrics`, `/healthz` (the process is up)
+//! and `/readyz` (its database, object store and broker answer) on `worker.metrics_listen`
+//! when that is set.
 
 use anyhow::Context as _;
 use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::Router;
+use axum::{Json, Router};
 use orbit_shared::backends::Backends;
 use orbit_shared::config::Settings;
 use orbit_worker::Worker;
+use serde_json::json;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     match run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("orbit-worker: {e:#}");
+            orbit_shared::telemetry::report_fatal("orbit-worker", &e);
             std::process::ExitCode::FAILURE
         }
     }
@@ -68,6 +72,7 @@ async fn run() -> anyhow::Result<()> {
         tracing::info!(addr = %listener.local_addr()?, "worker metrics listening");
         let app = Router::new()
             .route("/healthz", get(|| async { "ok" }))
+            .route("/readyz", get(readyz))
             .route(
                 "/metrics",
                 get(|State(b): State<Backends>| async move {
@@ -88,6 +93,35 @@ async fn run() -> anyhow::Result<()> {
     handle.shutdown().await;
     tracing::info!("drained; exiting");
     Ok(())
+}
+
+/// 200 when the database, the object store and the broker all answer; else 503 with a
+/// problem+json body naming each one that did not, as the gateway's `/readyz` does.
+async fn readyz(State(backends): State<Backends>) -> Response {
+    let failures = backends.not_ready().await;
+    if failures.is_empty() {
+        return Json(json!({
+            "status": "ready",
+            "database": backends.store.backend(),
+            "object_store": backends.blobs.backend(),
+            "queue": backends.queue.backend(),
+        }))
+        .into_response();
+    }
+    let status = StatusCode::SERVICE_UNAVAILABLE;
+    let problem = json!({
+        "type": "https://orbit.dev/problems/not-ready",
+        "title": status.canonical_reason(),
+        "status": status.as_u16(),
+        "detail": failures.join("; "),
+        "code": "not_ready",
+    });
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        problem.to_string(),
+    )
+        .into_response()
 }
 
 async fn shutdown_signal() {

@@ -16,21 +16,8 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// Ready when the database, the object store and the queue all answer.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let (db, blobs, queue) =
-        tokio::join!(state.store.ping(), state.blobs.ping(), state.queue.ping());
-    let failures: Vec<String> = [
-        db.err()
-            .map(|e| format!("database ({}): {e}", state.store.backend())),
-        blobs
-            .err()
-            .map(|e| format!("object store ({}): {e}", state.blobs.backend())),
-        queue
-            .err()
-            .map(|e| format!("queue ({}): {e}", state.queue.backend())),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let failures =
+        orbit_shared::backends::not_ready(&*state.store, &*state.blobs, &*state.queue).await;
     if failures.is_empty() {
         Json(json!({
             "status": "ready",
