@@ -73,6 +73,7 @@ impl CpuCap {
         Ok(cap)
     }
 
+    #[cfg(test)]
     pub fn path(&self) -> &Path {
         &self.path
     }
