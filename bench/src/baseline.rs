@@ -1,5 +1,6 @@
-//! The baselines Orbit is measured against: `psql \copy` and `pgloader` loading the same file
-//! into a plain table with the identity index Orbit keeps (unique email), on the same server.
+//! The baselines Orbit is measured against: `psql \copy` and `pgloader` loading the same file,
+//! on the same server, into a table keyed the way a directory's contacts would be: an identity
+//! primary key, a constant directory column, and a unique `(directory_id, email)` index.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -10,20 +11,37 @@ use orbit_shared::testing::TestDatabase;
 use sqlx::Connection;
 
 use crate::generate::HEADER;
+use crate::wal;
+
+/// What one baseline load measured.
+pub struct Load {
+    /// Wall time of the loader process.
+    pub took: Duration,
+    /// WAL the server wrote during it.
+    pub wal_bytes: u64,
+}
 
 fn columns() -> Vec<&'static str> {
     HEADER.split(',').collect()
 }
 
-/// Creates `table` with every column as text and the unique identity index.
+/// Creates `table`: a generated identity primary key, a directory column that defaults to one
+/// constant id (the whole file goes to one directory, as in Orbit's runs), every CSV column as
+/// text, and the unique `(directory_id, email)` index. Both loaders name the CSV columns, so the
+/// key and the directory come from their defaults.
 async fn create_table(db: &TestDatabase, table: &str) -> anyhow::Result<()> {
     let mut conn = sqlx::PgConnection::connect(&db.url).await?;
     let cols: Vec<String> = columns().iter().map(|c| format!("{c} TEXT")).collect();
-    sqlx::query(&format!("CREATE TABLE {table} ({})", cols.join(", ")))
-        .execute(&mut conn)
-        .await?;
     sqlx::query(&format!(
-        "CREATE UNIQUE INDEX {table}_email ON {table} (email)"
+        "CREATE TABLE {table} (id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+         directory_id UUID NOT NULL DEFAULT '{}', {})",
+        uuid::Uuid::new_v4(),
+        cols.join(", ")
+    ))
+    .execute(&mut conn)
+    .await?;
+    sqlx::query(&format!(
+        "CREATE UNIQUE INDEX {table}_directory_email ON {table} (directory_id, email)"
     ))
     .execute(&mut conn)
     .await?;
@@ -67,13 +85,15 @@ async fn run(command: &mut tokio::process::Command, what: &str) -> anyhow::Resul
     Ok(took)
 }
 
-/// `psql \copy` of `csv` into a fresh indexed table; the wall time of the psql process.
-pub async fn psql_copy(db: &TestDatabase, csv: &Path, rows: u64) -> anyhow::Result<Duration> {
+/// `psql \copy` of `csv` into a fresh indexed table.
+pub async fn psql_copy(db: &TestDatabase, csv: &Path, rows: u64) -> anyhow::Result<Load> {
     create_table(db, "contacts_copy").await?;
     let copy = format!(
-        "\\copy contacts_copy FROM '{}' WITH (FORMAT csv, HEADER true)",
+        "\\copy contacts_copy ({}) FROM '{}' WITH (FORMAT csv, HEADER true)",
+        columns().join(", "),
         csv.display()
     );
+    let mark = wal::mark().await?;
     let took = run(
         tokio::process::Command::new("psql").args([
             "-X",
@@ -88,9 +108,10 @@ pub async fn psql_copy(db: &TestDatabase, csv: &Path, rows: u64) -> anyhow::Resu
         "psql \\copy",
     )
     .await?;
+    let wal_bytes = mark.bytes_since().await?;
     let loaded = count(db, "contacts_copy").await?;
     anyhow::ensure!(loaded == rows as i64, "psql loaded {loaded} rows of {rows}");
-    Ok(took)
+    Ok(Load { took, wal_bytes })
 }
 
 /// `pgloader` with its default batch and concurrency settings, into a fresh indexed table.
@@ -99,7 +120,7 @@ pub async fn pgloader(
     csv: &Path,
     rows: u64,
     work: &Path,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<Load> {
     create_table(db, "contacts_pgloader").await?;
     let cols = columns().join(", ");
     let script = format!(
@@ -115,6 +136,7 @@ pub async fn pgloader(
     // "Failed to start the monitor thread" (a race in its logger, dimitri/pgloader#1380): such
     // a run is retried against the emptied table; any other failure is an error.
     let mut attempt = 1;
+    let mut mark = wal::mark().await?;
     let took = loop {
         let result = run(
             tokio::process::Command::new("pgloader")
@@ -131,16 +153,18 @@ pub async fn pgloader(
             {
                 eprintln!("pgloader failed to start (attempt {attempt}); retrying");
                 truncate(db, "contacts_pgloader").await?;
+                mark = wal::mark().await?;
                 attempt += 1;
             }
             other => break other?,
         }
     };
+    let wal_bytes = mark.bytes_since().await?;
     let loaded = count(db, "contacts_pgloader").await?;
     anyhow::ensure!(
         loaded == rows as i64,
         "pgloader loaded {loaded} rows of {rows}; see {}",
         work.join("pgloader").display()
     );
-    Ok(took)
+    Ok(Load { took, wal_bytes })
 }

@@ -6,12 +6,20 @@
 //! - `generate`: the deterministic contacts CSV;
 //! - `baseline`: the `psql \copy` and `pgloader` loads;
 //! - `orbit`: the release gateway and workers as processes, with /proc readings;
-//! - `load`: the synchronous path under concurrent clients.
+//! - `load`: the synchronous path under concurrent clients;
+//! - `scaleout`: one directory's file on 1, 2, 4… CPU-capped workers;
+//! - `cgroup`: the cgroup v1 CPU cap each of those workers runs under;
+//! - `wal`: PostgreSQL WAL positions, for the bytes of WAL a load writes per row.
+//!
+//! This file holds the flags, the bulk ingest measurement and the targets.
 
 mod baseline;
+mod cgroup;
 mod generate;
 mod load;
 mod orbit;
+mod scaleout;
+mod wal;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,10 +65,44 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "copy,pgloader,distributed,embedded,sync,rss"
+        default_value = "copy,pgloader,distributed,embedded,scaleout,sync,rss",
+        value_parser = PHASES,
     )]
     phases: Vec<String>,
+    /// Scale-out phase: rows in the file uploaded into one directory.
+    #[arg(long, default_value_t = 100_000)]
+    scaleout_rows: u64,
+    /// Scale-out phase: the numbers of orbit-worker processes to run it with, comma-separated.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1,2,4",
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64),
+    )]
+    scaleout_workers: Vec<usize>,
+    /// Scale-out phase: CPU time each worker may use per period, in µs (10000 of 100000 is a
+    /// tenth of a core).
+    #[arg(long, default_value_t = 10_000)]
+    scaleout_quota_us: u64,
+    /// Scale-out phase: the CFS period the quota is counted in, in µs.
+    #[arg(long, default_value_t = 100_000)]
+    scaleout_period_us: u64,
+    /// Scale-out phase: `ingest.chunk_rows`, small enough that each worker gets several chunks
+    /// and the last round's stragglers are a small share of the run.
+    #[arg(long, default_value_t = 2_500)]
+    scaleout_chunk_rows: u64,
 }
+
+/// Every phase, in the order they run.
+const PHASES: [&str; 7] = [
+    "copy",
+    "pgloader",
+    "distributed",
+    "embedded",
+    "scaleout",
+    "sync",
+    "rss",
+];
 
 impl Args {
     /// `--set section.key=value` as the `ORBIT__SECTION__KEY` variables Orbit reads.
@@ -90,7 +132,7 @@ async fn checkpoint() -> anyhow::Result<()> {
 }
 
 /// What one bulk ingest into Orbit measured.
-struct Ingest {
+pub struct Ingest {
     took: Duration,
     gateway_cpu: Duration,
     workers_cpu: Duration,
@@ -98,12 +140,23 @@ struct Ingest {
     gateway_rss: u64,
     workers_rss: u64,
     upload_response: Duration,
+    /// WAL PostgreSQL wrote from the first byte to `completed` (distributed only).
+    wal_bytes: Option<u64>,
 }
 
 /// Uploads `csv` (`rows` rows) to a fresh Orbit and times first byte to `completed`.
 async fn ingest(kind: StackKind, args: &Args, csv: &Path, rows: u64) -> anyhow::Result<Ingest> {
     let mut orbit = Orbit::start(kind, &args.work_dir, args.workers, &args.orbit_env()?).await?;
+    measure_ingest(&mut orbit, csv, rows).await
+}
+
+/// Uploads `csv` (`rows` rows) to a started Orbit and times first byte to `completed`.
+pub async fn measure_ingest(orbit: &mut Orbit, csv: &Path, rows: u64) -> anyhow::Result<Ingest> {
     checkpoint().await?;
+    let wal = match orbit.kind {
+        StackKind::Distributed => Some(wal::mark().await?),
+        StackKind::Embedded => None,
+    };
     let busy_before = orbit::machine_busy()?;
     let (gateway_before, workers_before) = orbit.cpu()?;
     let started = Instant::now();
@@ -125,6 +178,10 @@ async fn ingest(kind: StackKind, args: &Args, csv: &Path, rows: u64) -> anyhow::
     let took = started.elapsed();
     let (gateway_after, workers_after) = orbit.cpu()?;
     let busy_after = orbit::machine_busy()?;
+    let wal_bytes = match wal {
+        Some(mark) => Some(mark.bytes_since().await?),
+        None => None,
+    };
     // The generated file is clean: anything but every row accepted without a warning means
     // the run measured something else (or Orbit lost rows).
     anyhow::ensure!(
@@ -148,20 +205,41 @@ async fn ingest(kind: StackKind, args: &Args, csv: &Path, rows: u64) -> anyhow::
         gateway_rss,
         workers_rss,
         upload_response,
+        wal_bytes,
     })
 }
 
-fn baseline_rate(name: &str, rows: u64, took: Duration) -> f64 {
-    let rate = rows as f64 / took.as_secs_f64();
+fn baseline_rate(name: &str, rows: u64, load: &baseline::Load) -> f64 {
+    let rate = rows as f64 / load.took.as_secs_f64();
     println!(
-        "{name:<20} {:>8.2} s  {rate:>9.0} rows/s",
-        took.as_secs_f64()
+        "{name:<20} {:>8.2} s  {rate:>9.0} rows/s  (WAL {:.0} bytes/row)",
+        load.took.as_secs_f64(),
+        load.wal_bytes as f64 / rows as f64
     );
     rate
 }
 
-/// The targets against what this run measured; what a phase did not run is skipped.
-fn print_targets(results: &serde_json::Map<String, Value>) {
+/// One target and what this run measured for it.
+#[derive(Debug, PartialEq)]
+struct Verdict {
+    name: &'static str,
+    value: f64,
+    target: f64,
+    at_least: bool,
+}
+
+impl Verdict {
+    fn met(&self) -> bool {
+        if self.at_least {
+            self.value >= self.target
+        } else {
+            self.value <= self.target
+        }
+    }
+}
+
+/// The targets against what this run measured; those whose phase did not run are left out.
+fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
     let at = |path: &[&str]| -> Option<f64> {
         let mut v = results.get(path[0])?;
         for key in &path[1..] {
@@ -169,17 +247,30 @@ fn print_targets(results: &serde_json::Map<String, Value>) {
         }
         v.as_f64()
     };
-    let targets: [(&str, Option<f64>, f64, bool); 5] = [
+    let kb = |bytes: Option<f64>| bytes.map(|b| b / 1000.0);
+    let targets: [(&str, Option<f64>, f64, bool); 7] = [
         (
             "distributed rows/s / psql \\copy",
             at(&["ratio_orbit_distributed_to_psql_copy"]),
-            0.5,
+            0.3,
             true,
         ),
         (
             "distributed rows/s / pgloader",
             at(&["ratio_orbit_distributed_to_pgloader"]),
-            3.0,
+            1.0,
+            true,
+        ),
+        (
+            "distributed WAL KB/row",
+            kb(at(&["wal_bytes_per_row", "orbit_distributed"])),
+            1.2,
+            false,
+        ),
+        (
+            "scale-out rows/s, 4 capped workers / 1",
+            at(&["scaleout", "speedup_4_vs_1"]),
+            3.2,
             true,
         ),
         (
@@ -201,18 +292,29 @@ fn print_targets(results: &serde_json::Map<String, Value>) {
             false,
         ),
     ];
+    targets
+        .into_iter()
+        .filter_map(|(name, value, target, at_least)| {
+            Some(Verdict {
+                name,
+                value: value?,
+                target,
+                at_least,
+            })
+        })
+        .collect()
+}
+
+fn print_targets(results: &serde_json::Map<String, Value>) {
     println!("targets:");
-    for (name, value, target, at_least) in targets {
-        let Some(value) = value else { continue };
-        let met = if at_least {
-            value >= target
-        } else {
-            value <= target
-        };
+    for v in targets(results) {
         println!(
-            "  {name:<42} {value:>8.2}  target {} {target:<6} {}",
-            if at_least { ">=" } else { "<=" },
-            if met { "met" } else { "MISSED" }
+            "  {:<42} {:>8.2}  target {} {:<6} {}",
+            v.name,
+            v.value,
+            if v.at_least { ">=" } else { "<=" },
+            v.target,
+            if v.met() { "met" } else { "MISSED" }
         );
     }
 }
@@ -220,8 +322,9 @@ fn print_targets(results: &serde_json::Map<String, Value>) {
 fn report_ingest(name: &str, rows: u64, i: &Ingest) -> Value {
     let rate = rows as f64 / i.took.as_secs_f64();
     let others = i.machine_busy.saturating_sub(i.gateway_cpu + i.workers_cpu);
+    let wal_per_row = i.wal_bytes.map(|b| b as f64 / rows as f64);
     println!(
-        "{name:<20} {:>8.2} s  {rate:>9.0} rows/s  (upload answered after {:.2} s; CPU s: gateway {:.1}, workers {:.1}, everything else {:.1}; peak RSS MiB: gateway {:.1}, worker {:.1})",
+        "{name:<20} {:>8.2} s  {rate:>9.0} rows/s  (upload answered after {:.2} s; CPU s: gateway {:.1}, workers {:.1}, everything else {:.1}; peak RSS MiB: gateway {:.1}, worker {:.1}{})",
         i.took.as_secs_f64(),
         i.upload_response.as_secs_f64(),
         i.gateway_cpu.as_secs_f64(),
@@ -229,6 +332,7 @@ fn report_ingest(name: &str, rows: u64, i: &Ingest) -> Value {
         others.as_secs_f64(),
         mib(i.gateway_rss),
         mib(i.workers_rss),
+        wal_per_row.map_or(String::new(), |w| format!("; WAL {w:.0} bytes/row")),
     );
     json!({
         "seconds": i.took.as_secs_f64(),
@@ -240,6 +344,8 @@ fn report_ingest(name: &str, rows: u64, i: &Ingest) -> Value {
             "everything_else": others.as_secs_f64(),
         },
         "peak_rss_mib": { "gateway": mib(i.gateway_rss), "worker": mib(i.workers_rss) },
+        "wal_bytes": i.wal_bytes,
+        "wal_bytes_per_row": wal_per_row,
     })
 }
 
@@ -297,50 +403,69 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let phase = |name: &str| args.phases.iter().any(|p| p == name);
     std::fs::create_dir_all(&args.work_dir)?;
+    if phase("scaleout") {
+        // Before anything long runs: a machine where the caps cannot be made fails now.
+        scaleout::check_caps(&args)?;
+    }
     let mut results = serde_json::Map::new();
 
-    let csv = args.work_dir.join(format!("contacts-{}.csv", args.rows));
-    let generated = generate::write_csv(&csv, args.rows, u64::MAX)?;
-    let rows = generated.rows;
-    println!(
-        "file: {} ({rows} rows, {:.1} MB)",
-        csv.display(),
-        generated.bytes as f64 / 1e6
-    );
-    results.insert(
-        "file".into(),
-        json!({ "rows": rows, "bytes": generated.bytes }),
-    );
-
     let mut rates = serde_json::Map::new();
-    if phase("copy") || phase("pgloader") {
-        let db = TestDatabase::create().await;
-        if phase("copy") {
-            checkpoint().await?;
-            let took = baseline::psql_copy(&db, &csv, rows).await?;
-            rates.insert(
-                "psql_copy".into(),
-                json!(baseline_rate("psql \\copy", rows, took)),
-            );
+    let mut wal = serde_json::Map::new();
+    let bulk = ["copy", "pgloader", "distributed", "embedded"];
+    if bulk.iter().any(|p| phase(p)) {
+        let csv = args.work_dir.join(format!("contacts-{}.csv", args.rows));
+        let generated = generate::write_csv(&csv, args.rows, u64::MAX)?;
+        let rows = generated.rows;
+        println!(
+            "file: {} ({rows} rows, {:.1} MB)",
+            csv.display(),
+            generated.bytes as f64 / 1e6
+        );
+        results.insert(
+            "file".into(),
+            json!({ "rows": rows, "bytes": generated.bytes }),
+        );
+
+        if phase("copy") || phase("pgloader") {
+            let db = TestDatabase::create().await;
+            if phase("copy") {
+                checkpoint().await?;
+                let load = baseline::psql_copy(&db, &csv, rows).await?;
+                rates.insert(
+                    "psql_copy".into(),
+                    json!(baseline_rate("psql \\copy", rows, &load)),
+                );
+                wal.insert(
+                    "psql_copy".into(),
+                    json!(load.wal_bytes as f64 / rows as f64),
+                );
+            }
+            if phase("pgloader") {
+                checkpoint().await?;
+                let load = baseline::pgloader(&db, &csv, rows, &args.work_dir).await?;
+                rates.insert(
+                    "pgloader".into(),
+                    json!(baseline_rate("pgloader", rows, &load)),
+                );
+                wal.insert(
+                    "pgloader".into(),
+                    json!(load.wal_bytes as f64 / rows as f64),
+                );
+            }
         }
-        if phase("pgloader") {
-            checkpoint().await?;
-            let took = baseline::pgloader(&db, &csv, rows, &args.work_dir).await?;
-            rates.insert(
-                "pgloader".into(),
-                json!(baseline_rate("pgloader", rows, took)),
-            );
-        }
-    }
-    for kind in [StackKind::Distributed, StackKind::Embedded] {
-        if phase(kind.name()) {
-            let i = ingest(kind, &args, &csv, rows).await?;
-            let report = report_ingest(&format!("orbit {}", kind.name()), rows, &i);
-            rates.insert(
-                format!("orbit_{}", kind.name()),
-                report["rows_per_second"].clone(),
-            );
-            results.insert(format!("orbit_{}", kind.name()), report);
+        for kind in [StackKind::Distributed, StackKind::Embedded] {
+            if phase(kind.name()) {
+                let i = ingest(kind, &args, &csv, rows).await?;
+                let report = report_ingest(&format!("orbit {}", kind.name()), rows, &i);
+                rates.insert(
+                    format!("orbit_{}", kind.name()),
+                    report["rows_per_second"].clone(),
+                );
+                if let Some(w) = report["wal_bytes_per_row"].as_f64() {
+                    wal.insert(format!("orbit_{}", kind.name()), json!(w));
+                }
+                results.insert(format!("orbit_{}", kind.name()), report);
+            }
         }
     }
     for orbit in ["orbit_distributed", "orbit_embedded"] {
@@ -355,6 +480,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     results.insert("rows_per_second".into(), Value::Object(rates));
+    results.insert("wal_bytes_per_row".into(), Value::Object(wal));
+
+    if phase("scaleout") {
+        results.insert("scaleout".into(), scaleout::run(&args).await?);
+    }
 
     if phase("sync") {
         let mut sync = serde_json::Map::new();
@@ -400,4 +530,92 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(&out, serde_json::to_string_pretty(&Value::Object(results))?)?;
     println!("results: {}", out.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_run_has_every_phase_and_the_scaleout_settings() {
+        let args = Args::try_parse_from(["orbit-bench"]).unwrap();
+        assert_eq!(args.phases, PHASES);
+        assert_eq!(args.scaleout_workers, [1, 2, 4]);
+        assert_eq!(args.scaleout_rows, 100_000);
+        assert_eq!(
+            (args.scaleout_quota_us, args.scaleout_period_us),
+            (10_000, 100_000)
+        );
+    }
+
+    #[test]
+    fn phase_and_worker_lists_are_parsed_and_checked() {
+        let args = Args::try_parse_from([
+            "orbit-bench",
+            "--phases",
+            "scaleout,copy",
+            "--scaleout-workers",
+            "1,3,8",
+            "--scaleout-rows",
+            "30000",
+        ])
+        .unwrap();
+        assert_eq!(args.phases, ["scaleout", "copy"]);
+        assert_eq!(args.scaleout_workers, [1, 3, 8]);
+        assert_eq!(args.scaleout_rows, 30_000);
+
+        let e = Args::try_parse_from(["orbit-bench", "--phases", "copy,scale-out"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("scale-out") && e.contains("scaleout"), "{e}");
+        for bad in ["0", "1,x", "65"] {
+            assert!(
+                Args::try_parse_from(["orbit-bench", "--scaleout-workers", bad]).is_err(),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn settings_become_orbit_variables() {
+        let args = Args::try_parse_from(["orbit-bench", "--set", "worker.concurrency=4"]).unwrap();
+        assert_eq!(
+            args.orbit_env().unwrap(),
+            [("ORBIT__WORKER__CONCURRENCY".to_owned(), "4".to_owned())]
+        );
+        let args = Args::try_parse_from(["orbit-bench", "--set", "worker.concurrency"]).unwrap();
+        assert!(args.orbit_env().is_err());
+    }
+
+    #[test]
+    fn targets_are_judged_from_what_ran() {
+        let results = json!({
+            "ratio_orbit_distributed_to_psql_copy": 0.31,
+            "ratio_orbit_distributed_to_pgloader": 0.9,
+            "wal_bytes_per_row": { "orbit_distributed": 1250.0 },
+            "scaleout": { "speedup_4_vs_1": 3.25 },
+            "sync": { "distributed_one_dir": { "p99_ms": 49.0 } },
+        });
+        let verdicts = targets(results.as_object().unwrap());
+        let got: Vec<(&str, f64, bool)> = verdicts
+            .iter()
+            .map(|v| (v.name, v.value, v.met()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("distributed rows/s / psql \\copy", 0.31, true),
+                ("distributed rows/s / pgloader", 0.9, false),
+                ("distributed WAL KB/row", 1.25, false),
+                ("scale-out rows/s, 4 capped workers / 1", 3.25, true),
+                ("sync p99 ms, 16 clients, one directory", 49.0, true),
+            ]
+        );
+        // A run of only the memory phase judges only memory.
+        let results = json!({ "rss_run": { "run": { "peak_rss_mib": { "gateway": 58.4, "worker": 64.5 } } } });
+        let verdicts = targets(results.as_object().unwrap());
+        assert_eq!(verdicts.len(), 2);
+        assert!(verdicts[0].met() && !verdicts[1].met());
+    }
 }

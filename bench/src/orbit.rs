@@ -95,6 +95,7 @@ pub struct Tenant {
 }
 
 pub struct Orbit {
+    pub kind: StackKind,
     pub base: String,
     pub client: reqwest::Client,
     pub tenant: Tenant,
@@ -145,6 +146,7 @@ impl Orbit {
             gateway_command(&env, &["migrate"]).await?;
         }
         let mut orbit = Orbit {
+            kind,
             base: format!("http://127.0.0.1:{port}"),
             client: reqwest::Client::new(),
             tenant: Tenant {
@@ -319,6 +321,11 @@ impl Orbit {
             }
         }
         Ok(())
+    }
+
+    /// The settings every process of this stack runs with, as `ORBIT__…` variables.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
     }
 
     /// Marks the measurement a success; a run that ends any other way keeps its logs.

@@ -1,0 +1,31 @@
+//! PostgreSQL's write-ahead log position, read before and after a load to count the WAL bytes
+//! it wrote. The position is the server's, not one database's: on a shared server, whatever
+//! else writes during the load is counted too.
+
+use orbit_shared::testing::postgres_admin_url;
+use sqlx::Connection;
+
+/// A WAL position (`pg_lsn`, as text).
+pub struct WalMark(String);
+
+/// The server's current WAL insert position.
+pub async fn mark() -> anyhow::Result<WalMark> {
+    let mut conn = sqlx::PgConnection::connect(&postgres_admin_url()).await?;
+    let (lsn,): (String,) = sqlx::query_as("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(&mut conn)
+        .await?;
+    Ok(WalMark(lsn))
+}
+
+impl WalMark {
+    /// WAL bytes written on the server since this mark (`pg_wal_lsn_diff`).
+    pub async fn bytes_since(&self) -> anyhow::Result<u64> {
+        let mut conn = sqlx::PgConnection::connect(&postgres_admin_url()).await?;
+        let (bytes,): (i64,) =
+            sqlx::query_as("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), $1::pg_lsn)::bigint")
+                .bind(&self.0)
+                .fetch_one(&mut conn)
+                .await?;
+        Ok(u64::try_from(bytes)?)
+    }
+}
