@@ -269,13 +269,16 @@ pub(super) struct Applied {
 }
 
 /// What `claim_chunk` found, read under the chunk's row lock.
+#[derive(FromRow)]
 pub(super) struct ChunkState {
     pub state: String,
     pub source_status: String,
     pub lease_expires_ms: Option<i64>,
     /// The lease's owner stopped heartbeating: its process is gone.
     pub owner_dead: bool,
+    #[sqlx(try_from = "i64")]
     pub attempts: u32,
+    #[sqlx(rename = "idx")]
     pub index: i64,
     pub last_error: Option<String>,
 }

@@ -924,15 +924,7 @@ impl Store for SqliteStore {
             return Ok(Claim::Nothing);
         };
         let source_id: Uuid = row.try_get("source_id")?;
-        let found = ChunkState {
-            state: row.try_get("state")?,
-            source_status: row.try_get("source_status")?,
-            lease_expires_ms: row.try_get("lease_expires_ms")?,
-            owner_dead: row.try_get("owner_dead")?,
-            attempts: row.try_get::<i64, _>("attempts")? as u32,
-            index: row.try_get("idx")?,
-            last_error: row.try_get("last_error")?,
-        };
+        let found = ChunkState::from_row(&row)?;
         let attempts = found.attempts;
         match decide_claim(&found, now, max_attempts) {
             ClaimDecision::Nothing => return Ok(Claim::Nothing),
