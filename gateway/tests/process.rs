@@ -357,14 +357,14 @@ async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
     let client = reqwest::Client::new();
     let upload = format!("{base}/v2/organizations/{org}/directories/{dir}/sources/csv-upload");
     // An upload that sends its key and the start of its file, then stalls: the gateway holds
-    // the key in flight when it is killed.
-    let (_stall, held) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    let first = b"email\na@x.co\n".to_vec();
-    let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
-        .chain(tokio_stream_from(held));
-    let stalled = {
+    // the key in flight when it is killed. Its sender is returned so the body stays open.
+    let stall = || {
         let (client, upload, token) = (client.clone(), upload.clone(), token.clone());
-        tokio::spawn(async move {
+        let (open, held) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+        let first = b"email\na@x.co\n".to_vec();
+        let body = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
+            .chain(tokio_stream_from(held));
+        let task = tokio::spawn(async move {
             let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(body))
                 .file_name("contacts.csv");
             let form = reqwest::multipart::Form::new()
@@ -376,8 +376,10 @@ async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
                 .multipart(form)
                 .send()
                 .await;
-        })
+        });
+        (open, task)
     };
+    let mut stalled = stall();
     let path = format!("/v2/organizations/{org}/directories/{dir}/sources/csv-upload");
     let send = |base: String, csv: String| {
         let (client, token, url) = (client.clone(), token.clone(), format!("{base}{path}"));
@@ -393,7 +395,8 @@ async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
         }
     };
     // An empty file is refused (422) and stores no key, so probing with one never takes the
-    // key for good: it answers 409 once the stalled upload holds it.
+    // key for good: it answers 409 once the stalled upload holds it. A probe holds the key for
+    // a moment too, and a stall that arrives then is answered 409 and ends: start another.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let status = send(base.clone(), String::new()).await.status();
@@ -405,10 +408,13 @@ async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
             Instant::now() < deadline,
             "the stalled upload never held its key"
         );
+        if stalled.1.is_finished() {
+            stalled = stall();
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     gateway.kill().await.unwrap();
-    stalled.abort();
+    stalled.1.abort();
 
     // The restarted gateway answers 409 only until the dead one's heartbeat expires (5 s), not
     // for the hour of `idempotency.in_flight_timeout`.
