@@ -28,6 +28,8 @@ async fn stack_app_with(lease: Duration) -> TestApp {
     let mut settings = test_settings(data.path());
     settings.ingest.sync_rows = 0;
     settings.ingest.chunk_rows = 1000;
+    // Several slices per chunk, so a kill lands between two of them as often as inside one.
+    settings.worker.slice_rows = 150;
     settings.worker.lease = lease;
     let stack = DistributedStack::create().await;
     stack.apply(&mut settings);

@@ -66,6 +66,8 @@ async fn a_large_file_is_accepted_and_finished_by_workers() {
     let app = TestApp::spawn_with(|s| {
         s.ingest.sync_rows = 10;
         s.ingest.chunk_rows = 25;
+        // Chunks commit in slices, the last one short.
+        s.worker.slice_rows = 7;
     })
     .await;
     let body = app.upload_ok(contacts_csv(240, "w")).await;

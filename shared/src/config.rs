@@ -140,6 +140,10 @@ pub struct IngestSettings {
 pub struct WorkerSettings {
     /// Chunks one worker process runs at once; 0 means the number of cores.
     pub concurrency: usize,
+    /// Rows a worker holds and commits at once: it commits each chunk in slices of this many
+    /// rows, each in its own transaction, so its memory follows this rather than
+    /// `ingest.chunk_rows`. A takeover after a crash resumes after the last committed slice.
+    pub slice_rows: u64,
     pub max_attempts: u32,
     #[serde(with = "humantime_serde_compat")]
     pub lease: Duration,
@@ -250,6 +254,7 @@ sweep_interval = "15m"
 
 [worker]
 concurrency = 0
+slice_rows = 1000
 max_attempts = 5
 lease = "60s"
 transient_retry_for = "15m"
@@ -307,6 +312,10 @@ impl Settings {
         anyhow::ensure!(
             self.ingest.chunk_rows > 0,
             "ingest.chunk_rows must be at least 1"
+        );
+        anyhow::ensure!(
+            self.worker.slice_rows > 0,
+            "worker.slice_rows must be at least 1"
         );
         anyhow::ensure!(
             self.ingest.max_field_bytes > 0,

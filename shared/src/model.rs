@@ -114,6 +114,29 @@ pub struct ChunkSpec {
     pub start_line: u64,
 }
 
+/// Where a committed slice of a chunk ends. A worker commits a chunk in slices of
+/// `worker.slice_rows` rows, each in its own fenced transaction, so that it holds one slice in
+/// memory rather than the whole chunk; the chunk remembers where the next slice starts, and a
+/// worker that takes the chunk over after a crash starts there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SliceEnd {
+    /// The slice holds the chunk's last rows: the chunk is done.
+    Chunk,
+    /// The chunk goes on from this record.
+    Before(Resume),
+}
+
+/// The first record a chunk has not committed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// Its byte offset in the file.
+    pub offset: u64,
+    /// The physical line it starts on.
+    pub line: u64,
+    /// Its row number.
+    pub row: u64,
+}
+
 /// A message on the queue: ids only; the database holds the truth.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRef {
@@ -164,7 +187,7 @@ pub enum Committed {
     Done {
         source_completed: bool,
     },
-    /// The lease was lost (expired and taken over): nothing was written.
+    /// The lease was lost (expired and taken over): nothing of this slice was written.
     LeaseLost,
 }
 

@@ -71,6 +71,7 @@ conformance!(
     idempotency_keys_claim_release_and_complete,
     an_upload_and_its_chunks_complete_the_source,
     a_lost_lease_writes_nothing,
+    a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last,
     a_chunk_out_of_attempts_fails_its_source,
     the_reaper_finds_unpublished_and_abandoned_chunks,
     a_dead_processes_leases_are_void_before_they_expire,
@@ -672,6 +673,114 @@ async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert_eq!((done.accepted, done.processed_rows), (1, 1));
+}
+
+async fn a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            5,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 5)],
+        ))
+        .await
+        .unwrap();
+    let first = claim(&*store, queued[0].chunk_id).await;
+    let slice = ChunkResults {
+        accepted: vec![
+            record(1, &[("email", "a@x.co")]),
+            record(2, &[("email", "b@x.co")]),
+        ],
+        failed: vec![],
+    };
+    let resume = Resume {
+        offset: 300,
+        line: 4,
+        row: 3,
+    };
+    assert_eq!(
+        store
+            .commit_slice(&first.lease, slice, SliceEnd::Before(resume))
+            .await
+            .unwrap(),
+        Committed::Done {
+            source_completed: false
+        }
+    );
+    let mid = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (mid.status, mid.accepted, mid.processed_rows),
+        (SourceStatus::Processing, 2, 2),
+        "a committed slice shows in the source's progress"
+    );
+
+    // The attempt ends (a worker's death ends it the same way, once its lease is void); the
+    // next claim is handed the part no slice committed.
+    let zombie = first.lease.clone();
+    store
+        .release_chunk(&zombie, "worker killed", None)
+        .await
+        .unwrap();
+    let next = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(
+        next.chunk,
+        ChunkSpec {
+            index: 0,
+            first_row: 3,
+            row_count: 3,
+            start_offset: 300,
+            end_offset: 600,
+            start_line: 4,
+        }
+    );
+    // The dead worker's next slice is refused.
+    let late = ChunkResults {
+        accepted: vec![record(3, &[("email", "late@x.co")])],
+        failed: vec![],
+    };
+    assert_eq!(
+        store
+            .commit_slice(&zombie, late, SliceEnd::Chunk)
+            .await
+            .unwrap(),
+        Committed::LeaseLost
+    );
+    let rest = ChunkResults {
+        accepted: vec![
+            record(3, &[("email", "c@x.co")]),
+            record(4, &[("email", "a@x.co")]),
+        ],
+        failed: vec![failed(5)],
+    };
+    assert_eq!(
+        store.commit_chunk(&next.lease, rest).await.unwrap(),
+        Committed::Done {
+            source_completed: true
+        }
+    );
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            done.status,
+            done.accepted,
+            done.failed,
+            done.processed_rows,
+            done.warnings
+        ),
+        (SourceStatus::Completed, 4, 1, 5, 1),
+        "row 4 repeats row 1's email across slices: one duplicate warning"
+    );
 }
 
 async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {

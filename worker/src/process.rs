@@ -1,13 +1,15 @@
-//! One chunk's rows, from bytes to validated results.
+//! One chunk's rows, from bytes to validated results, a slice at a time.
+
+use std::collections::VecDeque;
 
 use futures::StreamExt;
-use orbit_shared::blob::{BlobError, BlobStore};
+use orbit_shared::blob::{BlobError, BlobStore, ByteStream};
 use orbit_shared::config::IngestSettings;
 use orbit_shared::domain::csv::{RawRecord, Splitter, SplitterOptions};
 use orbit_shared::domain::header::ColumnMap;
 use orbit_shared::domain::normalize;
 use orbit_shared::domain::row::{self, RowOutcome, RowRules};
-use orbit_shared::model::{ChunkResults, ChunkSpec, Source};
+use orbit_shared::model::{ChunkResults, ChunkSpec, Resume, SliceEnd, Source};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -66,64 +68,133 @@ pub fn source_rules(source: &Source) -> Result<RowRules, ProcessError> {
     })
 }
 
-/// Reads `chunk` of `source`'s object and validates its rows.
-pub async fn process_chunk(
-    blobs: &dyn BlobStore,
-    source: &Source,
-    chunk: &ChunkSpec,
-) -> Result<ChunkResults, ProcessError> {
-    let rules = source_rules(source)?;
-    let mut stream = blobs
-        .read_range(&source.object_key, chunk.start_offset, chunk.end_offset)
-        .await
-        .map_err(|e| match e {
-            BlobError::NotFound(key) => ProcessError::ObjectMissing(key),
-            other => ProcessError::Transient(other.to_string()),
-        })?;
-    let mut splitter = Splitter::new(SplitterOptions {
-        dialect: source.dialect,
-        start_offset: chunk.start_offset,
-        start_line: chunk.start_line,
-        max_field_bytes: source.max_field_bytes,
-        max_fields: source.columns.columns.len() + 1,
-    });
-    let mut results = ChunkResults::default();
-    let mut next_row = chunk.first_row;
-    let mut records = Vec::new();
-    let mut read = 0u64;
-    while let Some(bytes) = stream.next().await {
-        let bytes = bytes.map_err(|e| ProcessError::Transient(e.to_string()))?;
-        read += bytes.len() as u64;
-        splitter.feed(&bytes, &mut records);
+/// A chunk's rows read from the stored file and validated, a slice at a time: a worker holds
+/// one slice of rows, not the chunk, whatever `ingest.chunk_rows` is.
+pub struct ChunkReader<'a> {
+    source: &'a Source,
+    chunk: &'a ChunkSpec,
+    rules: RowRules,
+    slice_rows: usize,
+    stream: ByteStream,
+    splitter: Splitter,
+    /// Records split and not handed out yet, in file order.
+    pending: VecDeque<RawRecord>,
+    next_row: u64,
+    read: u64,
+    /// The range is read to its end and the splitter flushed.
+    read_all: bool,
+    /// The slice that ends the chunk was handed out.
+    finished: bool,
+}
+
+impl<'a> ChunkReader<'a> {
+    /// Starts reading `chunk` of `source`'s object.
+    pub async fn open(
+        blobs: &dyn BlobStore,
+        source: &'a Source,
+        chunk: &'a ChunkSpec,
+        slice_rows: u64,
+    ) -> Result<Self, ProcessError> {
+        let rules = source_rules(source)?;
+        let stream = blobs
+            .read_range(&source.object_key, chunk.start_offset, chunk.end_offset)
+            .await
+            .map_err(|e| match e {
+                BlobError::NotFound(key) => ProcessError::ObjectMissing(key),
+                other => ProcessError::Transient(other.to_string()),
+            })?;
+        let splitter = Splitter::new(SplitterOptions {
+            dialect: source.dialect,
+            start_offset: chunk.start_offset,
+            start_line: chunk.start_line,
+            max_field_bytes: source.max_field_bytes,
+            max_fields: source.columns.columns.len() + 1,
+        });
+        Ok(ChunkReader {
+            source,
+            chunk,
+            rules,
+            slice_rows: usize::try_from(slice_rows).unwrap_or(usize::MAX).max(1),
+            stream,
+            splitter,
+            pending: VecDeque::new(),
+            next_row: chunk.first_row,
+            read: 0,
+            read_all: false,
+            finished: false,
+        })
+    }
+
+    /// The next slice's validated rows and where the slice ends; `None` after the slice that
+    /// ends the chunk.
+    pub async fn next_slice(&mut self) -> Result<Option<(ChunkResults, SliceEnd)>, ProcessError> {
+        if self.finished {
+            return Ok(None);
+        }
+        // Split one record past the slice when there is one: where it starts is where the
+        // next slice, or a worker taking the chunk over, starts.
+        let mut records = Vec::new();
+        while self.pending.len() <= self.slice_rows && !self.read_all {
+            match self.stream.next().await {
+                Some(bytes) => {
+                    let bytes = bytes.map_err(|e| ProcessError::Transient(e.to_string()))?;
+                    self.read += bytes.len() as u64;
+                    self.splitter.feed(&bytes, &mut records);
+                }
+                None => {
+                    self.splitter.finish(&mut records);
+                    self.read_all = true;
+                    let expected = self.chunk.end_offset - self.chunk.start_offset;
+                    if self.read != expected {
+                        return Err(ProcessError::Transient(format!(
+                            "read {} bytes of chunk {} where {expected} were expected",
+                            self.read, self.chunk.index
+                        )));
+                    }
+                }
+            }
+            self.pending.extend(records.drain(..));
+        }
+        let take = self.pending.len().min(self.slice_rows);
+        let mut results = ChunkResults::default();
         validate_into(
             &mut results,
-            records.drain(..),
-            &mut next_row,
-            &source.columns,
-            &rules,
+            self.pending.drain(..take),
+            &mut self.next_row,
+            &self.source.columns,
+            &self.rules,
         );
+        let rows = self.next_row - self.chunk.first_row;
+        let end = match self.pending.front() {
+            Some(next) if rows < self.chunk.row_count => SliceEnd::Before(Resume {
+                offset: next.start_offset,
+                line: next.line_number,
+                row: self.next_row,
+            }),
+            Some(_) => {
+                return Err(self.miscounted(format!(
+                    "more rows than the {} recorded at upload",
+                    self.chunk.row_count
+                )))
+            }
+            None if rows != self.chunk.row_count => {
+                return Err(self.miscounted(format!(
+                    "{rows} rows where {} were recorded at upload",
+                    self.chunk.row_count
+                )))
+            }
+            None => {
+                self.finished = true;
+                SliceEnd::Chunk
+            }
+        };
+        Ok(Some((results, end)))
     }
-    splitter.finish(&mut records);
-    validate_into(
-        &mut results,
-        records.drain(..),
-        &mut next_row,
-        &source.columns,
-        &rules,
-    );
-    let expected_bytes = chunk.end_offset - chunk.start_offset;
-    if read != expected_bytes {
-        return Err(ProcessError::Transient(format!(
-            "read {read} bytes of chunk {} where {expected_bytes} were expected",
-            chunk.index
-        )));
+
+    fn miscounted(&self, what: String) -> ProcessError {
+        ProcessError::Corrupt(format!(
+            "chunk {} holds {what}, counting from row {}",
+            self.chunk.index, self.chunk.first_row
+        ))
     }
-    let rows = next_row - chunk.first_row;
-    if rows != chunk.row_count {
-        return Err(ProcessError::Corrupt(format!(
-            "chunk {} holds {rows} rows where {} were recorded at upload",
-            chunk.index, chunk.row_count
-        )));
-    }
-    Ok(results)
 }

@@ -7,14 +7,14 @@ use orbit_shared::blob::BlobStore;
 use orbit_shared::config::Settings;
 use orbit_shared::liveness;
 use orbit_shared::metrics::METRICS;
-use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SourceError};
+use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SliceEnd, SourceError};
 use orbit_shared::queue::{Delivery, Queue};
 use orbit_shared::store::Store;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::process::{process_chunk, ProcessError};
+use crate::process::{ChunkReader, ProcessError};
 
 pub struct Worker {
     pub store: Arc<dyn Store>,
@@ -214,33 +214,48 @@ impl Worker {
                 }
             }
         }));
-        let result = process_chunk(&*self.blobs, &work.source, &work.chunk).await;
-        match result {
-            Ok(results) => {
-                let accepted = results.accepted.len() as u64;
-                let failed = results.failed.len() as u64;
-                match self.store.commit_chunk(lease, results).await {
-                    Ok(Committed::Done { source_completed }) => {
-                        METRICS
-                            .rows
-                            .with_label_values(&["accepted"])
-                            .inc_by(accepted);
-                        METRICS.rows.with_label_values(&["failed"]).inc_by(failed);
+        let slice_rows = self.settings.worker.slice_rows;
+        let mut reader =
+            match ChunkReader::open(&*self.blobs, &work.source, &work.chunk, slice_rows).await {
+                Ok(reader) => reader,
+                Err(e) => return self.failed(lease, e).await,
+            };
+        let (mut accepted, mut failed) = (0u64, 0u64);
+        loop {
+            let (results, end) = match reader.next_slice().await {
+                Ok(Some(slice)) => slice,
+                Ok(None) => unreachable!("the reader ends with the chunk's last slice"),
+                Err(e) => return self.failed(lease, e).await,
+            };
+            let rows = (results.accepted.len() as u64, results.failed.len() as u64);
+            match self.store.commit_slice(lease, results, end).await {
+                Ok(Committed::Done { source_completed }) => {
+                    METRICS.rows.with_label_values(&["accepted"]).inc_by(rows.0);
+                    METRICS.rows.with_label_values(&["failed"]).inc_by(rows.1);
+                    accepted += rows.0;
+                    failed += rows.1;
+                    if end == SliceEnd::Chunk {
                         tracing::info!(source = %lease.source_id, chunk = work.chunk.index, accepted, failed, source_completed, "chunk done");
-                        Ok(())
-                    }
-                    Ok(Committed::LeaseLost) => {
-                        tracing::warn!(source = %lease.source_id, chunk = work.chunk.index, "lease lost before commit; another worker owns the chunk");
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let transient = e.is_transient() || e.is_conflict();
-                        self.release(lease, &e.to_string(), transient).await;
-                        Err(e.into())
+                        return Ok(());
                     }
                 }
+                Ok(Committed::LeaseLost) => {
+                    tracing::warn!(source = %lease.source_id, chunk = work.chunk.index, "lease lost before commit; another worker owns the chunk");
+                    return Ok(());
+                }
+                Err(e) => {
+                    let transient = e.is_transient() || e.is_conflict();
+                    self.release(lease, &e.to_string(), transient).await;
+                    return Err(e.into());
+                }
             }
-            Err(ProcessError::ObjectMissing(key)) => {
+        }
+    }
+
+    /// Ends an attempt that could not read or validate its rows.
+    async fn failed(&self, lease: &Lease, error: ProcessError) -> anyhow::Result<()> {
+        match error {
+            ProcessError::ObjectMissing(key) => {
                 self.store
                     .fail_source(
                         lease.source_id,
@@ -254,7 +269,7 @@ impl Worker {
                     .await?;
                 Ok(())
             }
-            Err(e) => {
+            e => {
                 let transient = matches!(e, ProcessError::Transient(_));
                 self.release(lease, &e.to_string(), transient).await;
                 Err(e.into())

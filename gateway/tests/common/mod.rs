@@ -77,6 +77,10 @@ pub fn spawn_worker_with(
             &settings.ingest.default_region,
         )
         .env("ORBIT__WORKER__CONCURRENCY", "2")
+        .env(
+            "ORBIT__WORKER__SLICE_ROWS",
+            settings.worker.slice_rows.to_string(),
+        )
         .env("ORBIT__WORKER__REAP_INTERVAL", "200ms")
         .env(
             "ORBIT__WORKER__LEASE",

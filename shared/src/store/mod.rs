@@ -180,9 +180,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Claim>;
     /// Extends a lease still held; false when it was lost.
     async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool>;
-    /// Materializes the chunk's rows and marks it done, only while `lease` is held; completes
-    /// the source when it was the last chunk.
-    async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed>;
+    /// Materializes one slice of the chunk's rows, only while `lease` is held, in one
+    /// transaction with the chunk's progress: at `SliceEnd::Chunk` the chunk is done (and the
+    /// source completes when it was the last chunk), before it the chunk records where the next
+    /// slice starts.
+    async fn commit_slice(
+        &self,
+        lease: &Lease,
+        results: ChunkResults,
+        end: SliceEnd,
+    ) -> StoreResult<Committed>;
+    /// Materializes the rest of the chunk's rows in one slice.
+    async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed> {
+        self.commit_slice(lease, results, SliceEnd::Chunk).await
+    }
     /// Gives up a lease after a failed attempt so the chunk can be tried again. A transient
     /// failure (`transient_for` set: storage, network or database trouble) gives its attempt
     /// back until the chunk has been failing that way for `transient_for`; any other counts.

@@ -365,10 +365,11 @@ impl PgStore {
         Ok((source, queued))
     }
 
-    async fn try_commit_chunk(
+    async fn try_commit_slice(
         &self,
         lease: &Lease,
         prepared: &mut Prepared,
+        end: SliceEnd,
     ) -> StoreResult<Committed> {
         let target =
             &Target::of(&load_source(&mut *self.pool.acquire().await?, lease.source_id).await?);
@@ -388,11 +389,26 @@ impl PgStore {
             return Ok(Committed::LeaseLost);
         }
         let applied = apply_results(&mut tx, target, prepared, optimistic, &self.pause).await?;
-        sqlx::query("UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = $1")
-            .bind(lease.chunk_id)
-            .execute(&mut *tx)
-            .await?;
-        let completed = advance_source(&mut tx, target.source, &applied, 1).await?;
+        let chunks_done = match end {
+            SliceEnd::Chunk => {
+                sqlx::query(CHUNK_DONE)
+                    .bind(lease.chunk_id)
+                    .execute(&mut *tx)
+                    .await?;
+                1
+            }
+            SliceEnd::Before(next) => {
+                sqlx::query(CHUNK_RESUMES_AT)
+                    .bind(next.offset as i64)
+                    .bind(next.line as i64)
+                    .bind(next.row as i64)
+                    .bind(lease.chunk_id)
+                    .execute(&mut *tx)
+                    .await?;
+                0
+            }
+        };
+        let completed = advance_source(&mut tx, target.source, &applied, chunks_done).await?;
         self.pause.committing(lease.chunk_id);
         tx.commit().await?;
         Ok(Committed::Done {
@@ -1541,11 +1557,16 @@ impl Store for PgStore {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed> {
+    async fn commit_slice(
+        &self,
+        lease: &Lease,
+        results: ChunkResults,
+        end: SliceEnd,
+    ) -> StoreResult<Committed> {
         let mut prepared = prepare(results)?;
         let mut retry = Retry::new(self.retry_for);
         loop {
-            match self.try_commit_chunk(lease, &mut prepared).await {
+            match self.try_commit_slice(lease, &mut prepared, end).await {
                 Err(e) => retry.after(e).await?,
                 done => return done,
             }

@@ -154,20 +154,36 @@ pub(super) struct ChunkRow {
     start_offset: i64,
     end_offset: i64,
     start_line: i64,
+    /// Where the part of the chunk no slice has committed starts; NULL before the first slice.
+    resume_offset: Option<i64>,
+    resume_line: Option<i64>,
+    resume_row: Option<i64>,
 }
 
+/// The part of the chunk still to do: all of it, or what follows its committed slices.
 impl From<ChunkRow> for ChunkSpec {
     fn from(r: ChunkRow) -> ChunkSpec {
+        let (start_offset, start_line, first_row) =
+            match (r.resume_offset, r.resume_line, r.resume_row) {
+                (Some(offset), Some(line), Some(row)) => (offset, line, row),
+                _ => (r.start_offset, r.start_line, r.first_row),
+            };
         ChunkSpec {
             index: r.idx as u32,
-            first_row: r.first_row as u64,
-            row_count: r.row_count as u64,
-            start_offset: r.start_offset as u64,
+            first_row: first_row as u64,
+            row_count: (r.row_count - (first_row - r.first_row)) as u64,
+            start_offset: start_offset as u64,
             end_offset: r.end_offset as u64,
-            start_line: r.start_line as u64,
+            start_line: start_line as u64,
         }
     }
 }
+
+/// Ends a chunk's last slice. (Both dialects read `$n` placeholders.)
+pub(super) const CHUNK_DONE: &str = "UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = $1";
+/// Ends a slice before the chunk's end: where the next one, or a takeover, starts.
+pub(super) const CHUNK_RESUMES_AT: &str =
+    "UPDATE chunks SET resume_offset = $1, resume_line = $2, resume_row = $3 WHERE id = $4";
 
 #[derive(FromRow)]
 pub(super) struct ProfileRow {

@@ -980,7 +980,12 @@ impl Store for SqliteStore {
         Ok(done.rows_affected() > 0)
     }
 
-    async fn commit_chunk(&self, lease: &Lease, results: ChunkResults) -> StoreResult<Committed> {
+    async fn commit_slice(
+        &self,
+        lease: &Lease,
+        results: ChunkResults,
+        end: SliceEnd,
+    ) -> StoreResult<Committed> {
         // Outside the transaction: only resolution needs to see the directory.
         let prepared = prepare(results)?;
         let mut tx = self.writer.begin().await?;
@@ -997,13 +1002,26 @@ impl Store for SqliteStore {
         }
         let source = load_source(&mut tx, lease.source_id).await?;
         let applied = apply_results(&mut tx, &source, prepared).await?;
-        sqlx::query(
-            "UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = ?",
-        )
-        .bind(lease.chunk_id)
-        .execute(&mut *tx)
-        .await?;
-        let completed = advance_source(&mut tx, source.id, &applied, 1).await?;
+        let chunks_done = match end {
+            SliceEnd::Chunk => {
+                sqlx::query(CHUNK_DONE)
+                    .bind(lease.chunk_id)
+                    .execute(&mut *tx)
+                    .await?;
+                1
+            }
+            SliceEnd::Before(next) => {
+                sqlx::query(CHUNK_RESUMES_AT)
+                    .bind(next.offset as i64)
+                    .bind(next.line as i64)
+                    .bind(next.row as i64)
+                    .bind(lease.chunk_id)
+                    .execute(&mut *tx)
+                    .await?;
+                0
+            }
+        };
+        let completed = advance_source(&mut tx, source.id, &applied, chunks_done).await?;
         tx.commit().await?;
         Ok(Committed::Done {
             source_completed: completed,
