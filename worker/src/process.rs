@@ -83,8 +83,6 @@ pub struct ChunkReader<'a> {
     read: u64,
     /// The range is read to its end and the splitter flushed.
     read_all: bool,
-    /// The slice that ends the chunk was handed out.
-    finished: bool,
 }
 
 impl<'a> ChunkReader<'a> {
@@ -121,16 +119,12 @@ impl<'a> ChunkReader<'a> {
             next_row: chunk.first_row,
             read: 0,
             read_all: false,
-            finished: false,
         })
     }
 
-    /// The next slice's validated rows and where the slice ends; `None` after the slice that
-    /// ends the chunk.
-    pub async fn next_slice(&mut self) -> Result<Option<(ChunkResults, SliceEnd)>, ProcessError> {
-        if self.finished {
-            return Ok(None);
-        }
+    /// The next slice's validated rows and where the slice ends. Called again after
+    /// `SliceEnd::Chunk`, it gives an empty slice with the same end.
+    pub async fn next_slice(&mut self) -> Result<(ChunkResults, SliceEnd), ProcessError> {
         // Split one record past the slice when there is one: where it starts is where the
         // next slice, or a worker taking the chunk over, starts.
         let mut records = Vec::new();
@@ -183,12 +177,9 @@ impl<'a> ChunkReader<'a> {
                     self.chunk.row_count
                 )))
             }
-            None => {
-                self.finished = true;
-                SliceEnd::Chunk
-            }
+            None => SliceEnd::Chunk,
         };
-        Ok(Some((results, end)))
+        Ok((results, end))
     }
 
     fn miscounted(&self, what: String) -> ProcessError {
@@ -196,5 +187,175 @@ impl<'a> ChunkReader<'a> {
             "chunk {} holds {what}, counting from row {}",
             self.chunk.index, self.chunk.first_row
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use orbit_shared::blob::local::LocalBlobStore;
+    use orbit_shared::domain::csv::{Dialect, TextEncoding};
+    use orbit_shared::model::SourceStatus;
+    use uuid::Uuid;
+
+    use super::*;
+
+    /// Quoted newlines and blank lines make rows, lines and byte offsets disagree, which is
+    /// what a resume point must get right.
+    const CSV: &str = "email,first_name,notes\n\
+        a@x.co,Ann,\"two\nlines\"\n\
+        \n\
+        b@x.co,Bob,plain\n\
+        not-an-email,Cy,\"x\"\"y\"\n\
+        \n\
+        \n\
+        d@x.co,Di,\"a\n\nb\"\n\
+        e@x.co,Ed,last\n";
+
+    fn source(columns: ColumnMap) -> Source {
+        let now = chrono::Utc::now();
+        Source {
+            id: Uuid::nil(),
+            seq: 1,
+            organization_id: Uuid::nil(),
+            directory_id: Uuid::nil(),
+            status: SourceStatus::Processing,
+            filename: "c.csv".into(),
+            byte_size: CSV.len() as u64,
+            sha256: String::new(),
+            object_key: "c.csv".into(),
+            dialect: Dialect {
+                encoding: TextEncoding::Utf8,
+                delimiter: b',',
+                bom_len: 0,
+            },
+            columns,
+            max_field_bytes: 100,
+            default_region: "US".into(),
+            total_rows: 5,
+            processed_rows: 0,
+            accepted: 0,
+            failed: 0,
+            warnings: 0,
+            error: None,
+            created_at: now,
+            updated_at: now,
+            completed_at: None,
+        }
+    }
+
+    /// Every row of the chunk from `chunk`, and the resume points between slices.
+    async fn read(
+        blobs: &LocalBlobStore,
+        source: &Source,
+        chunk: &ChunkSpec,
+        slice_rows: u64,
+    ) -> (Vec<(u64, u64, bool)>, Vec<Resume>) {
+        let mut reader = ChunkReader::open(blobs, source, chunk, slice_rows)
+            .await
+            .unwrap();
+        let (mut rows, mut resumes) = (Vec::new(), Vec::new());
+        loop {
+            let (results, end) = reader.next_slice().await.unwrap();
+            assert!(results.accepted.len() + results.failed.len() <= slice_rows as usize);
+            let mut slice: Vec<(u64, u64, bool)> = results
+                .accepted
+                .iter()
+                .map(|r| (r.row_number, r.line_number, true))
+                .chain(
+                    results
+                        .failed
+                        .iter()
+                        .map(|f| (f.row_number, f.line_number, false)),
+                )
+                .collect();
+            slice.sort_unstable();
+            rows.extend(slice);
+            match end {
+                SliceEnd::Chunk => return (rows, resumes),
+                SliceEnd::Before(resume) => resumes.push(resume),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn slices_cover_the_chunk_and_each_resume_point_reads_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = LocalBlobStore::open(dir.path()).await.unwrap();
+        let mut writer = blobs.begin("c.csv").await.unwrap();
+        writer
+            .write(Bytes::from_static(CSV.as_bytes()))
+            .await
+            .unwrap();
+        writer.finish().await.unwrap();
+        let header = ["email", "first_name", "notes"].map(String::from);
+        let source = source(ColumnMap::from_header(&header, 10).unwrap());
+        let header_len = CSV.find('\n').unwrap() as u64 + 1;
+        let whole = ChunkSpec {
+            index: 0,
+            first_row: 1,
+            row_count: 5,
+            start_offset: header_len,
+            end_offset: CSV.len() as u64,
+            start_line: 2,
+        };
+        let (all, none) = read(&blobs, &source, &whole, 100).await;
+        assert!(none.is_empty());
+        assert_eq!(
+            all,
+            vec![
+                (1, 2, true),
+                (2, 5, true),
+                (3, 6, false),
+                (4, 9, true),
+                (5, 12, true)
+            ]
+        );
+        for slice_rows in 1..=5 {
+            let (rows, resumes) = read(&blobs, &source, &whole, slice_rows).await;
+            assert_eq!(rows, all, "slices of {slice_rows}");
+            assert_eq!(resumes.len(), (5 - 1) / slice_rows as usize);
+            for resume in resumes {
+                // What a worker taking the chunk over is handed (see the stores' ChunkRow).
+                let rest = ChunkSpec {
+                    first_row: resume.row,
+                    row_count: whole.row_count - (resume.row - whole.first_row),
+                    start_offset: resume.offset,
+                    start_line: resume.line,
+                    ..whole.clone()
+                };
+                let (after, _) = read(&blobs, &source, &rest, slice_rows).await;
+                let expected: Vec<_> = all.iter().filter(|r| r.0 >= resume.row).copied().collect();
+                assert_eq!(after, expected, "resumed at {resume:?}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_chunk_with_more_rows_than_recorded_is_corrupt_before_its_extra_row_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = LocalBlobStore::open(dir.path()).await.unwrap();
+        let mut writer = blobs.begin("c.csv").await.unwrap();
+        writer
+            .write(Bytes::from_static(CSV.as_bytes()))
+            .await
+            .unwrap();
+        writer.finish().await.unwrap();
+        let header = ["email", "first_name", "notes"].map(String::from);
+        let source = source(ColumnMap::from_header(&header, 10).unwrap());
+        let chunk = ChunkSpec {
+            index: 0,
+            first_row: 1,
+            row_count: 2,
+            start_offset: CSV.find('\n').unwrap() as u64 + 1,
+            end_offset: CSV.len() as u64,
+            start_line: 2,
+        };
+        let mut reader = ChunkReader::open(&blobs, &source, &chunk, 2).await.unwrap();
+        let error = reader.next_slice().await.unwrap_err();
+        assert!(
+            matches!(&error, ProcessError::Corrupt(m) if m.contains("more rows than the 2")),
+            "{error}"
+        );
     }
 }

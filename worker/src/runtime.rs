@@ -223,8 +223,7 @@ impl Worker {
         let (mut accepted, mut failed) = (0u64, 0u64);
         loop {
             let (results, end) = match reader.next_slice().await {
-                Ok(Some(slice)) => slice,
-                Ok(None) => unreachable!("the reader ends with the chunk's last slice"),
+                Ok(slice) => slice,
                 Err(e) => return self.failed(lease, e).await,
             };
             let rows = (results.accepted.len() as u64, results.failed.len() as u64);
