@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use orbit_shared::model::Retried;
+use orbit_shared::queue::Queue;
 use orbit_shared::store::Store;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -134,4 +135,12 @@ pub async fn retry_source(
             "every chunk of the source was processed; running them again would not change how it ended"
         ),
     }
+}
+
+/// Moves up to `limit` dead letters back to the work queue: `{replayed, kept, dead_letters_left}`.
+/// A replayed chunk that is already done or failed is acknowledged and dropped by the worker
+/// that receives it, so replaying is always safe.
+pub async fn replay_dead_letters(queue: &dyn Queue, limit: u64) -> anyhow::Result<Value> {
+    let replayed = queue.replay_dead_letters(limit).await?;
+    Ok(serde_json::to_value(replayed)?)
 }

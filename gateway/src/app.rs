@@ -1,5 +1,6 @@
 //! Start-up and wiring: opens the backends named in configuration, runs the in-process worker
-//! when the queue is embedded, and serves the router until shutdown.
+//! when the queue is embedded (the reaper alone on a broker), and serves the router until
+//! shutdown.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -165,7 +166,8 @@ pub struct Running {
     pub state: AppState,
     shutdown: Shutdown,
     server: tokio::task::JoinHandle<()>,
-    worker: Option<WorkerHandle>,
+    /// The in-process worker on the embedded queue; the reaper alone on a broker.
+    worker: WorkerHandle,
     heartbeat: (CancellationToken, tokio::task::JoinHandle<()>),
 }
 
@@ -197,9 +199,7 @@ impl Running {
         {
             tracing::warn!("clean-ups of cancelled requests did not finish in time");
         }
-        if let Some(worker) = self.worker {
-            worker.shutdown().await;
-        }
+        self.worker.shutdown().await;
         // Requests are done: nothing of this process's is in flight any more.
         self.heartbeat.0.cancel();
         let _ = self.heartbeat.1.await;
@@ -223,8 +223,9 @@ async fn sweep(blobs: &dyn BlobStore, settings: &Settings) {
 }
 
 /// Opens the backends, migrates an embedded database, starts the in-process worker when the
-/// queue is embedded, and serves HTTP on `http.listen`.
+/// queue is embedded (else the reaper alone), and serves HTTP on `http.listen`.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
+    orbit_shared::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
     let state = connect(&settings).await?;
     let embedded_queue = state.queue.backend() == "embedded";
     if state.store.backend() == "sqlite" {
@@ -234,6 +235,12 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             .await
             .context("migrating the database")?;
     }
+    let worker = Worker::new(
+        state.store.clone(),
+        state.blobs.clone(),
+        state.queue.clone(),
+        state.settings.clone(),
+    );
     let worker = if embedded_queue {
         // The in-process queue died with the last process: every unfinished chunk needs a new message.
         let requeued = state.store.forget_queued().await?;
@@ -243,15 +250,11 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 "re-queueing chunks left unfinished by the last run"
             );
         }
-        let worker = Worker::new(
-            state.store.clone(),
-            state.blobs.clone(),
-            state.queue.clone(),
-            state.settings.clone(),
-        );
-        Some(worker.start())
+        worker.start()
     } else {
-        None
+        // Workers may all be gone (scaled to zero): a chunk whose publish failed must still be
+        // published again, and with no worker only the gateway is left to do it.
+        worker.start_reaper()
     };
     // Before taking uploads: whatever a killed predecessor left half-written goes first.
     match tokio::time::timeout(SWEEP_AT_START_WAIT, sweep(&*state.blobs, &settings)).await {

@@ -10,7 +10,11 @@ use orbit_shared::redact::redact;
 use uuid::Uuid;
 
 #[derive(Parser)]
-#[command(name = "orbit-gateway", version, about = "Orbit CSV ingestion gateway")]
+#[command(
+    name = "orbit-gateway",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ORBIT_COMMIT"), ")"),
+    about = "Orbit CSV ingestion gateway"
+)]
 struct Cli {
     /// TOML configuration file (also ORBIT_CONFIG); ORBIT__SECTION__KEY variables override it.
     #[arg(long, global = true)]
@@ -74,6 +78,12 @@ enum Admin {
         #[arg(long)]
         source: Uuid,
     },
+    /// Move messages from the dead-letter queue (`{queue.name}.dead`) back to the work queue.
+    ReplayDeadLetters {
+        /// Dead letters to move at most.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+        limit: u64,
+    },
 }
 
 #[tokio::main]
@@ -125,6 +135,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     directory,
                     source,
                 } => admin::retry_source(store, org, directory, source).await?,
+                Admin::ReplayDeadLetters { limit } => {
+                    admin::replay_dead_letters(&*state.queue, limit).await?
+                }
             };
             println!("{out}");
             Ok(())

@@ -14,6 +14,7 @@ use axum::Json;
 use orbit_shared::blob;
 use orbit_shared::domain::csv::{delimiter_from_hint, TextEncoding};
 use orbit_shared::ingest::{FilePlan, FilePlanner, PlannerOptions};
+use orbit_shared::metrics::{Publisher, METRICS};
 use orbit_shared::model::{
     IdempotencyClaim, KeyState, NewSource, NewUpload, SourceStatus, UploadReceipt,
 };
@@ -316,6 +317,7 @@ impl Upload<'_> {
         let mut hasher = Sha256::new();
         let mut size = 0u64;
         while let Some(bytes) = field.chunk().await.map_err(multipart_error)? {
+            METRICS.upload_bytes.inc_by(bytes.len() as u64);
             size += bytes.len() as u64;
             if size > max {
                 return Err(too_large(max));
@@ -360,6 +362,7 @@ impl Upload<'_> {
         let mut size = 0u64;
         let streamed: ApiResult<()> = async {
             while let Some(bytes) = field.chunk().await.map_err(multipart_error)? {
+                METRICS.upload_bytes.inc_by(bytes.len() as u64);
                 size += bytes.len() as u64;
                 if size > ingest.max_upload_bytes {
                     return Err(too_large(ingest.max_upload_bytes));
@@ -407,6 +410,8 @@ impl Upload<'_> {
             _ => None,
         };
         let plan = file.plan;
+        let sync_accepted = plan.sync_results.accepted.len() as u64;
+        let sync_failed = plan.sync_results.failed.len() as u64;
         let upload = NewUpload {
             source: NewSource {
                 id: file.source_id,
@@ -431,10 +436,30 @@ impl Upload<'_> {
         // Committed: from here on the key and the object belong to the source.
         self.key_plan = KeyPlan::None;
         self.object = None;
-        for message in &queued {
+        METRICS
+            .rows
+            .with_label_values(&["accepted"])
+            .inc_by(sync_accepted);
+        METRICS
+            .rows
+            .with_label_values(&["failed"])
+            .inc_by(sync_failed);
+        for (i, message) in queued.iter().enumerate() {
             if let Err(e) = self.state.queue.publish(message).await {
-                // The reaper publishes it again; the upload itself has succeeded.
-                tracing::warn!(chunk = %message.chunk_id, error = %e, "publish failed; left to the reaper");
+                // The upload itself has succeeded: a reaper (this gateway's, or a worker's)
+                // publishes the chunks on its next pass. The broker already had
+                // `queue.reconnect_timeout` to come back, so the rest are not tried one by
+                // one, which would hold the answer that long for each.
+                METRICS
+                    .publish_failures
+                    .with_label_values(&[Publisher::Upload.label()])
+                    .inc();
+                let unpublished: Vec<_> = queued[i..].iter().map(|m| m.chunk_id).collect();
+                tracing::warn!(chunks = unpublished.len(), error = %e, "publish failed; left to the reaper");
+                if let Err(e) = self.state.store.mark_unpublished(&unpublished).await {
+                    tracing::warn!(error = %e, "could not mark chunks unpublished; the reaper publishes them after worker.requeue_after");
+                }
+                break;
             }
         }
         tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), "upload recorded");

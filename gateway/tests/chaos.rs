@@ -232,58 +232,8 @@ async fn a_postgres_restart_during_an_ingest_loses_nothing() {
     );
 }
 
-/// A loopback TCP proxy to the S3 server that can be cut: while it is down, it drops every
-/// connection it holds and refuses new ones with an immediate close, as an object store in an
-/// outage would.
-struct S3Proxy {
-    endpoint: String,
-    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    cut: std::sync::Arc<tokio::sync::Notify>,
-}
-
-impl S3Proxy {
-    async fn start(upstream: &str) -> Self {
-        use std::sync::atomic::{AtomicBool, Ordering};
-        use std::sync::Arc;
-        let upstream = upstream.trim_start_matches("http://").to_owned();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let up = Arc::new(AtomicBool::new(true));
-        let cut = Arc::new(tokio::sync::Notify::new());
-        let (flag, notify) = (up.clone(), cut.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((mut client, _)) = listener.accept().await else {
-                    return;
-                };
-                if !flag.load(Ordering::SeqCst) {
-                    continue; // dropped: the client sees the connection closed
-                }
-                let (upstream, notify) = (upstream.clone(), notify.clone());
-                tokio::spawn(async move {
-                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = notify.notified() => {}
-                    }
-                });
-            }
-        });
-        S3Proxy { endpoint, up, cut }
-    }
-
-    fn set_up(&self, up: bool) {
-        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
-        if !up {
-            self.cut.notify_waiters();
-        }
-    }
-}
-
 /// A worker that reads the object store through `proxy`, with `extra` settings.
-fn add_proxied_worker(app: &mut TestApp, proxy: &S3Proxy, extra: &[(&str, &str)]) {
+fn add_proxied_worker(app: &mut TestApp, proxy: &TcpProxy, extra: &[(&str, &str)]) {
     let mut env = vec![("ORBIT__OBJECT_STORE__ENDPOINT", proxy.endpoint.as_str())];
     env.extend_from_slice(extra);
     let worker = spawn_worker_with(app.stack.as_ref().unwrap(), &app.settings, &env);
@@ -299,7 +249,7 @@ async fn assert_still_processing(app: &TestApp, source: &str) {
 async fn an_object_store_outage_of_90_seconds_costs_no_import() {
     let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
-    let proxy = S3Proxy::start(app.settings.object_store.endpoint.as_deref().unwrap()).await;
+    let proxy = TcpProxy::start(app.settings.object_store.endpoint.as_deref().unwrap()).await;
     // The upload goes to the object store directly; the worker reads through the proxy, which
     // is down from before its first read until 90 s later. Five attempts, each failing, would
     // poison the source in well under a minute if outages counted.
@@ -318,7 +268,7 @@ async fn an_object_store_outage_of_90_seconds_costs_no_import() {
 async fn a_poisoned_source_resumed_completes_exactly() {
     let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
-    let proxy = S3Proxy::start(app.settings.object_store.endpoint.as_deref().unwrap()).await;
+    let proxy = TcpProxy::start(app.settings.object_store.endpoint.as_deref().unwrap()).await;
     let source = upload(&app, "resume").await;
     // Failures count from the first one here, so the outage poisons the source quickly.
     proxy.set_up(false);

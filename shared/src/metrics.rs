@@ -1,5 +1,7 @@
 //! Prometheus metrics of gateway and worker. Gauges that mirror the database or the queue
-//! (sources by status, open chunks, queue depth) are refreshed when `/metrics` is scraped.
+//! (sources by status, failed sources by code, open chunks, queue depth, dead letters) are
+//! refreshed when `/metrics` is scraped. On Linux the registry also carries the standard
+//! `process_*` metrics (memory, CPU, open file descriptors) of the process.
 //!
 //! Label values come from fixed sets only (see [`http_method_label`]): a value a client could
 //! choose would let it create series without bound.
@@ -7,8 +9,8 @@
 use std::sync::LazyLock;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::queue::Queue;
@@ -27,6 +29,33 @@ pub struct Metrics {
     pub commit_retries: IntCounterVec,
     pub leases_taken_over: IntCounterVec,
     pub chunk_failures: IntCounterVec,
+    pub dead_letters: IntGauge,
+    pub chunks_poisoned: IntCounter,
+    pub sources_failed: IntGaugeVec,
+    pub reaper_republishes: IntCounter,
+    pub publish_failures: IntCounterVec,
+    pub upload_bytes: IntCounter,
+    pub build_info: IntGaugeVec,
+}
+
+/// The `error_code`s a source fails with; [`OTHER`] stands for any other.
+pub const SOURCE_ERROR_CODES: [&str; 3] =
+    ["chunk_poisoned", "object_missing", "row_count_mismatch"];
+
+/// Who published a chunk message: the upload that recorded it, or a reaper.
+#[derive(Debug, Clone, Copy)]
+pub enum Publisher {
+    Upload,
+    Reaper,
+}
+
+impl Publisher {
+    pub fn label(self) -> &'static str {
+        match self {
+            Publisher::Upload => "upload",
+            Publisher::Reaper => "reaper",
+        }
+    }
 }
 
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
@@ -64,7 +93,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     let rows = IntCounterVec::new(
         Opts::new(
             "orbit_rows_total",
-            "Rows materialized by this process, by outcome",
+            "Rows materialized by this process, by outcome: the synchronous prefix of uploads in the gateway, chunks in workers",
         ),
         &["outcome"],
     )
@@ -102,8 +131,69 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["kind"],
     )
     .expect("valid metric");
+    let dead_letters = IntGauge::new(
+        "orbit_dead_letters",
+        "Messages in the dead-letter queue (redelivered past queue.delivery_limit, or undecodable)",
+    )
+    .expect("valid metric");
+    let chunks_poisoned = IntCounter::new(
+        "orbit_chunks_poisoned_total",
+        "Chunks found out of attempts (worker.max_attempts) by this process; each fails its source with chunk_poisoned",
+    )
+    .expect("valid metric");
+    let sources_failed = IntGaugeVec::new(
+        Opts::new(
+            "orbit_sources_failed",
+            "Failed sources by error code, from the database",
+        ),
+        &["code"],
+    )
+    .expect("valid metric");
+    let reaper_republishes = IntCounter::new(
+        "orbit_reaper_republishes_total",
+        "Chunk messages published by this process's reaper: chunks never published, whose message was lost, or whose worker died",
+    )
+    .expect("valid metric");
+    let publish_failures = IntCounterVec::new(
+        Opts::new(
+            "orbit_publish_failures_total",
+            "Chunk messages the broker did not take (after queue.reconnect_timeout of retries), by publisher: upload or reaper",
+        ),
+        &["publisher"],
+    )
+    .expect("valid metric");
+    let upload_bytes = IntCounter::new(
+        "orbit_upload_bytes_total",
+        "Bytes of uploaded files received by this gateway, counted as they arrive (rejected uploads too)",
+    )
+    .expect("valid metric");
+    let build_info = IntGaugeVec::new(
+        Opts::new(
+            "orbit_build_info",
+            "Always 1; the labels say which build this process runs",
+        ),
+        &["version", "commit"],
+    )
+    .expect("valid metric");
+    // Exported at 0 from the start, so a rate over them works before the first failure.
+    for publisher in [Publisher::Upload, Publisher::Reaper] {
+        publish_failures.with_label_values(&[publisher.label()]);
+    }
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .expect("process metrics registered once");
     for c in [
         Box::new(commit_retries.clone()) as Box<dyn prometheus::core::Collector>,
+        Box::new(dead_letters.clone()),
+        Box::new(chunks_poisoned.clone()),
+        Box::new(sources_failed.clone()),
+        Box::new(reaper_republishes.clone()),
+        Box::new(publish_failures.clone()),
+        Box::new(upload_bytes.clone()),
+        Box::new(build_info.clone()),
         Box::new(chunk_failures.clone()),
         Box::new(leases_taken_over.clone()),
         Box::new(http_requests.clone()),
@@ -130,8 +220,24 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         commit_retries,
         leases_taken_over,
         chunk_failures,
+        dead_letters,
+        chunks_poisoned,
+        sources_failed,
+        reaper_republishes,
+        publish_failures,
+        upload_bytes,
+        build_info,
     }
 });
+
+/// Sets `orbit_build_info{version, commit}` to 1; each binary calls it once at start with
+/// what it was built from.
+pub fn set_build_info(version: &str, commit: &str) {
+    METRICS
+        .build_info
+        .with_label_values(&[version, commit])
+        .set(1);
+}
 
 /// Label value to use for an HTTP method: the standard ones by name, anything else `other`.
 pub fn http_method_label(method: &str) -> &'static str {
@@ -152,6 +258,22 @@ pub async fn render(store: &dyn Store, queue: &dyn Queue) -> String {
     let m = &*METRICS;
     if let Ok(depth) = queue.depth().await {
         m.queue_depth.set(depth as i64);
+    }
+    if let Ok(dead) = queue.dead_letters().await {
+        m.dead_letters.set(dead as i64);
+    }
+    if let Ok(counts) = store.count_failed_sources_by_code().await {
+        let mut by_label = [0u64; SOURCE_ERROR_CODES.len() + 1];
+        for (code, n) in counts {
+            let i = SOURCE_ERROR_CODES
+                .iter()
+                .position(|known| *known == code)
+                .unwrap_or(SOURCE_ERROR_CODES.len());
+            by_label[i] += n;
+        }
+        for (label, n) in SOURCE_ERROR_CODES.iter().chain([&OTHER]).zip(by_label) {
+            m.sources_failed.with_label_values(&[label]).set(n as i64);
+        }
     }
     if let Ok(open) = store.count_pending_chunks().await {
         m.chunks_open.set(open as i64);

@@ -239,6 +239,67 @@ impl TestQueue {
     }
 }
 
+impl TestQueue {
+    async fn channel(&self) -> (lapin::Connection, lapin::Channel) {
+        let connection =
+            lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
+                .await
+                .expect("RabbitMQ reachable (deploy/services.sh starts it)");
+        let channel = connection.create_channel().await.expect("a channel");
+        (connection, channel)
+    }
+
+    /// Takes the next message off the work queue and rejects it without requeueing, so the
+    /// broker dead-letters it as it does one redelivered past the delivery limit. False when
+    /// the queue was empty.
+    pub async fn dead_letter_next(&self) -> bool {
+        use lapin::options::{BasicGetOptions, BasicRejectOptions};
+        let (connection, channel) = self.channel().await;
+        let got = channel
+            .basic_get(self.name.as_str().into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("basic.get on the work queue");
+        let found = match got {
+            Some(message) => {
+                message
+                    .delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .expect("reject");
+                true
+            }
+            None => false,
+        };
+        let _ = connection.close(200, "OK".into()).await;
+        found
+    }
+
+    /// Publishes `body` straight into the dead-letter queue (`{name}.dead`), confirmed.
+    pub async fn publish_dead_letter(&self, body: &[u8]) {
+        use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+        let (connection, channel) = self.channel().await;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirms");
+        let dead = format!("{}.dead", self.name);
+        channel
+            .basic_publish(
+                "".into(),
+                dead.as_str().into(),
+                BasicPublishOptions::default(),
+                body,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirmed");
+        let _ = connection.close(200, "OK".into()).await;
+    }
+}
+
 impl Default for TestQueue {
     fn default() -> Self {
         Self::new()

@@ -74,6 +74,8 @@ conformance!(
     a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last,
     a_chunk_out_of_attempts_fails_its_source,
     the_reaper_finds_unpublished_and_abandoned_chunks,
+    a_chunk_marked_unpublished_is_reaped_at_once,
+    failed_sources_are_counted_by_code,
     a_dead_processes_leases_are_void_before_they_expire,
     concurrent_chunks_never_split_an_identity,
     terminal_states_never_change,
@@ -947,6 +949,91 @@ async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>
     );
     assert_eq!(store.forget_queued().await.unwrap(), 2);
     assert_eq!(store.chunks_to_publish(long, 10).await.unwrap().len(), 2);
+}
+
+async fn a_chunk_marked_unpublished_is_reaped_at_once(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (_, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            3,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 1), chunk(1, 2, 1), chunk(2, 3, 1)],
+        ))
+        .await
+        .unwrap();
+    let long = Duration::from_secs(3600);
+    assert!(store.chunks_to_publish(long, 10).await.unwrap().is_empty());
+    // The publish of chunks 1 and 2 failed; chunk 0 is meanwhile claimed by a worker, whose
+    // lease a stale mark must not undo.
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "worker", long, 5)
+            .await
+            .unwrap(),
+        Claim::Claimed(_)
+    ));
+    let unsent: Vec<_> = queued.iter().map(|c| c.chunk_id).collect();
+    store.mark_unpublished(&unsent).await.unwrap();
+    let reaped: std::collections::HashSet<_> = store
+        .chunks_to_publish(long, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.chunk_id)
+        .collect();
+    assert_eq!(
+        reaped,
+        [queued[1].chunk_id, queued[2].chunk_id]
+            .into_iter()
+            .collect()
+    );
+    assert!(store.chunks_to_publish(long, 10).await.unwrap().is_empty());
+}
+
+async fn failed_sources_are_counted_by_code(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    assert!(store
+        .count_failed_sources_by_code()
+        .await
+        .unwrap()
+        .is_empty());
+    let mut sources = Vec::new();
+    for _ in 0..3 {
+        let (source, _) = store
+            .commit_upload(new_upload(
+                org,
+                dir,
+                1,
+                ChunkResults::default(),
+                0,
+                vec![chunk(0, 1, 1)],
+            ))
+            .await
+            .unwrap();
+        sources.push(source.id);
+    }
+    for (source, code) in sources
+        .iter()
+        .zip(["object_missing", "object_missing", "chunk_poisoned"])
+    {
+        let error = SourceError {
+            code: code.into(),
+            message: "gone".into(),
+        };
+        store.fail_source(*source, error).await.unwrap();
+    }
+    let mut counts = store.count_failed_sources_by_code().await.unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("chunk_poisoned".to_owned(), 1),
+            ("object_missing".to_owned(), 2)
+        ]
+    );
 }
 
 async fn a_dead_processes_leases_are_void_before_they_expire(store: Arc<dyn Store>) {

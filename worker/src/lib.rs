@@ -3,7 +3,8 @@
 //! - [`process`]: reads one chunk's byte range back from the object store and validates its rows
 //!   with the same rules the gateway applies to the synchronous prefix.
 //! - [`runtime`]: the consumer loop (claim, heartbeat, commit under the lease, ack) and the
-//!   reaper that re-publishes chunks whose message or worker was lost.
+//!   reaper that re-publishes chunks whose message or worker was lost (also run alone by
+//!   gateways on a broker, so recovery needs no worker).
 //!
 //! The embedded deployment runs this inside the gateway process; `orbit-worker` runs it alone.
 

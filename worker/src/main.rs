@@ -36,7 +36,11 @@ fn config_arg() -> anyhow::Result<Option<String>> {
                 std::process::exit(0);
             }
             "-V" | "--version" => {
-                println!("orbit-worker {}", env!("CARGO_PKG_VERSION"));
+                println!(
+                    "orbit-worker {} (commit {})",
+                    env!("CARGO_PKG_VERSION"),
+                    env!("ORBIT_COMMIT")
+                );
                 std::process::exit(0);
             }
             other => anyhow::bail!("unknown argument {other:?} (try --help)"),
@@ -48,6 +52,7 @@ fn config_arg() -> anyhow::Result<Option<String>> {
 async fn run() -> anyhow::Result<()> {
     let settings = Settings::load(config_arg()?.as_deref())?;
     orbit_shared::telemetry::init(&settings.telemetry)?;
+    orbit_shared::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
     anyhow::ensure!(
         settings.queue.url != "embedded",
         "queue.url is \"embedded\": the in-process queue lives inside orbit-gateway, so a separate worker would never see a chunk; point queue.url at RabbitMQ (amqp://…)"

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use orbit_shared::blob::BlobStore;
 use orbit_shared::config::Settings;
 use orbit_shared::liveness;
-use orbit_shared::metrics::METRICS;
+use orbit_shared::metrics::{Publisher, METRICS};
 use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SliceEnd, SourceError};
 use orbit_shared::queue::{Delivery, Queue};
 use orbit_shared::store::Store;
@@ -71,6 +71,18 @@ impl Worker {
         tasks.spawn(self.clone().consume(cancel.clone(), consuming.clone()));
         tasks.spawn(self.clone().reap(cancel.clone()));
         tasks.spawn(self.clone().heartbeat(consuming));
+        WorkerHandle { cancel, tasks }
+    }
+
+    /// Starts the reaper alone, for a process that runs no consumer: a gateway beside remote
+    /// workers, so that chunks whose publish failed are published again even while no worker
+    /// runs (workers scaled to zero). Reapers in several processes share the work safely: each
+    /// pass takes its chunks in the store with `SKIP LOCKED`, and a duplicate message is
+    /// harmless, since the database decides who processes a chunk.
+    pub fn start_reaper(self: &Arc<Self>) -> WorkerHandle {
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(self.clone().reap(cancel.clone()));
         WorkerHandle { cancel, tasks }
     }
 
@@ -173,6 +185,7 @@ impl Worker {
         {
             Claim::Claimed(work) => work,
             Claim::Poisoned => {
+                METRICS.chunks_poisoned.inc();
                 tracing::warn!(chunk = %message.chunk_id, source = %message.source_id, "chunk out of attempts; source failed");
                 return Ok(());
             }
@@ -300,6 +313,8 @@ impl Worker {
     }
 
     /// Publishes chunks that were never published, lost their message, or lost their worker.
+    /// When the broker refuses one, that chunk and the rest of the batch are marked
+    /// unpublished, so the next pass tries them again rather than after `requeue_after`.
     pub async fn reap_once(&self) -> anyhow::Result<usize> {
         let mut published = 0;
         loop {
@@ -310,8 +325,19 @@ impl Worker {
             if batch.is_empty() {
                 return Ok(published);
             }
-            for message in &batch {
-                self.queue.publish(message).await?;
+            for (i, message) in batch.iter().enumerate() {
+                if let Err(e) = self.queue.publish(message).await {
+                    METRICS
+                        .publish_failures
+                        .with_label_values(&[Publisher::Reaper.label()])
+                        .inc();
+                    let unsent: Vec<_> = batch[i..].iter().map(|m| m.chunk_id).collect();
+                    if let Err(store) = self.store.mark_unpublished(&unsent).await {
+                        tracing::warn!(error = %store, "could not mark chunks unpublished; they are published again after worker.requeue_after");
+                    }
+                    return Err(e.into());
+                }
+                METRICS.reaper_republishes.inc();
                 published += 1;
             }
         }

@@ -262,6 +262,13 @@ impl TestApp {
         }
     }
 
+    /// The gateway's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let response = self.client.get(self.url("/metrics")).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        response.text().await.unwrap()
+    }
+
     pub async fn stop(&mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await;
@@ -313,6 +320,15 @@ pub fn contacts_csv(rows: usize, email_prefix: &str) -> String {
         ));
     }
     out
+}
+
+/// The value of the sample `series` (a name with its labels as the text format writes them,
+/// such as `orbit_rows_total{outcome="accepted"}`) in Prometheus text; `None` when absent.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        Some(value.trim().parse().expect("a sample value"))
+    })
 }
 
 /// Reads until the peer closes (or errors); how long that took.
@@ -383,4 +399,56 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// A loopback TCP proxy to a service (the S3 server, RabbitMQ) that can be cut: while it is
+/// down, it drops every connection it holds and refuses new ones with an immediate close, as a
+/// service in an outage would.
+pub struct TcpProxy {
+    /// `http://127.0.0.1:PORT`: where to connect instead of the service.
+    pub endpoint: String,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    cut: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl TcpProxy {
+    /// Proxies to `upstream` (`host:port`, an `http://` prefix allowed).
+    pub async fn start(upstream: &str) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", listener.local_addr().unwrap());
+        let up = Arc::new(AtomicBool::new(true));
+        let cut = Arc::new(tokio::sync::Notify::new());
+        let (flag, notify) = (up.clone(), cut.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut client, _)) = listener.accept().await else {
+                    return;
+                };
+                if !flag.load(Ordering::SeqCst) {
+                    continue; // dropped: the client sees the connection closed
+                }
+                let (upstream, notify) = (upstream.clone(), notify.clone());
+                tokio::spawn(async move {
+                    let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                        _ = notify.notified() => {}
+                    }
+                });
+            }
+        });
+        TcpProxy { endpoint, up, cut }
+    }
+
+    pub fn set_up(&self, up: bool) {
+        self.up.store(up, std::sync::atomic::Ordering::SeqCst);
+        if !up {
+            self.cut.notify_waiters();
+        }
+    }
 }

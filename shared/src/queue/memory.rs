@@ -1,5 +1,8 @@
 //! The in-process queue of the embedded deployment: a channel shared by the worker tasks of the
 //! same process. Messages die with the process; the start-up re-queue covers that.
+//!
+//! It has no dead-letter queue: a message is never redelivered (an in-process worker cannot
+//! crash without the queue going with it), so none is ever dead-lettered.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -7,7 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 
-use super::{Acker, Consumer, Delivery, Queue, QueueError, QueueResult};
+use super::{Acker, Consumer, Delivery, Queue, QueueError, QueueResult, Replayed};
 use crate::model::ChunkRef;
 
 pub struct MemoryQueue {
@@ -93,5 +96,17 @@ impl Queue for MemoryQueue {
 
     async fn depth(&self) -> QueueResult<u64> {
         Ok(self.depth.load(Ordering::Relaxed))
+    }
+
+    async fn dead_letters(&self) -> QueueResult<u64> {
+        Ok(0)
+    }
+
+    async fn replay_dead_letters(&self, _limit: u64) -> QueueResult<Replayed> {
+        Err(QueueError(
+            "the embedded queue has no dead-letter queue: its messages live inside the gateway \
+             process and are never dead-lettered"
+                .into(),
+        ))
     }
 }

@@ -27,6 +27,23 @@ pub trait Queue: Send + Sync + 'static {
     async fn consume(&self, prefetch: u16) -> QueueResult<Box<dyn Consumer>>;
     /// Messages waiting, for dashboards and autoscalers.
     async fn depth(&self) -> QueueResult<u64>;
+    /// Messages in the dead-letter queue: those redelivered past the delivery limit, or that
+    /// could not be decoded.
+    async fn dead_letters(&self) -> QueueResult<u64>;
+    /// Moves up to `limit` dead letters back to the work queue, oldest first. A dead letter
+    /// that does not decode as a chunk message stays where it is (counted in `kept`).
+    async fn replay_dead_letters(&self, limit: u64) -> QueueResult<Replayed>;
+}
+
+/// What [`Queue::replay_dead_letters`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Replayed {
+    /// Moved back to the work queue.
+    pub replayed: u64,
+    /// Undecodable, left in the dead-letter queue.
+    pub kept: u64,
+    /// Still in the dead-letter queue afterwards.
+    pub dead_letters_left: u64,
 }
 
 #[async_trait]

@@ -25,8 +25,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use futures::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
@@ -35,7 +36,7 @@ use lapin::{
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 
-use super::{Acker, Consumer, Delivery, Queue, QueueError, QueueResult};
+use super::{Acker, Consumer, Delivery, Queue, QueueError, QueueResult, Replayed};
 use crate::config::QueueSettings;
 use crate::model::ChunkRef;
 
@@ -565,27 +566,97 @@ impl Queue for RabbitQueue {
     }
 
     async fn depth(&self) -> QueueResult<u64> {
+        self.shared.message_count(&self.shared.name).await
+    }
+
+    async fn dead_letters(&self) -> QueueResult<u64> {
+        self.shared.message_count(&self.shared.dead).await
+    }
+
+    async fn replay_dead_letters(&self, limit: u64) -> QueueResult<Replayed> {
         let shared = &self.shared;
         let p = shared.publisher().await?;
+        let channel = p
+            .connection
+            .create_channel()
+            .await
+            .map_err(|e| err("opening a channel", e))?;
+        let mut replayed = 0;
+        // Undecodable dead letters stay unacknowledged until the end, so `basic.get` moves past
+        // them; closing the channel puts them back where they were.
+        let mut kept = Vec::new();
+        let outcome = async {
+            while replayed + (kept.len() as u64) < limit {
+                let got = channel
+                    .basic_get(
+                        shared.dead.as_str().into(),
+                        BasicGetOptions { no_ack: false },
+                    )
+                    .await
+                    .map_err(|e| err(&format!("reading {}", shared.dead), e))?;
+                let Some(got) = got else { break };
+                let delivery = got.delivery;
+                match decode(&delivery) {
+                    Ok(message) => {
+                        // Published (and confirmed) before the dead letter goes: a failure in
+                        // between leaves a duplicate, which a worker ignores, never a loss.
+                        self.publish(&message).await?;
+                        delivery
+                            .acker
+                            .ack(BasicAckOptions::default())
+                            .await
+                            .map_err(|e| err("acknowledging a replayed dead letter", e))?;
+                        replayed += 1;
+                    }
+                    Err(e) => {
+                        tracing::warn!(queue = %shared.dead, error = %e, "undecodable dead letter kept");
+                        kept.push(delivery.acker);
+                    }
+                }
+            }
+            // Counted while the kept ones are still out, since their return to the queue
+            // after the channel closes is not applied at once.
+            Ok::<_, QueueError>(shared.message_count(&shared.dead).await? + kept.len() as u64)
+        }
+        .await;
+        let _ = channel.close(200, "OK".into()).await;
+        match outcome {
+            Ok(left) => Ok(Replayed {
+                replayed,
+                kept: kept.len() as u64,
+                dead_letters_left: left,
+            }),
+            Err(e) => Err(QueueError(format!(
+                "{} (after replaying {replayed} dead letters)",
+                e.0
+            ))),
+        }
+    }
+}
+
+impl Shared {
+    /// Messages ready in `queue`, asked with a passive declare on a channel of its own.
+    async fn message_count(&self, queue: &str) -> QueueResult<u64> {
+        let p = self.publisher().await?;
         let result = async {
             let channel = p.connection.create_channel().await?;
-            let queue = channel
+            let declared = channel
                 .queue_declare(
-                    shared.name.as_str().into(),
+                    queue.into(),
                     QueueDeclareOptions::default().passive(),
                     FieldTable::default(),
                 )
                 .await;
             let _ = channel.close(200, "OK".into()).await;
-            queue
+            declared
         }
         .await;
         match result {
-            Ok(queue) => Ok(u64::from(queue.message_count())),
+            Ok(declared) => Ok(u64::from(declared.message_count())),
             Err(e) => {
                 // Connection lost, or the queue deleted behind our back: rebuild both next time.
-                shared.discard_publisher(p.generation).await;
-                Err(err(&format!("reading the depth of {}", shared.name), e))
+                self.discard_publisher(p.generation).await;
+                Err(err(&format!("reading the depth of {queue}"), e))
             }
         }
     }

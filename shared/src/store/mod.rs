@@ -225,10 +225,15 @@ pub trait Store: Send + Sync + 'static {
     /// Marks every unfinished chunk as not queued, so the next `chunks_to_publish` returns it:
     /// what a single-process deployment calls on start, since its in-process queue died with it.
     async fn forget_queued(&self) -> StoreResult<u64>;
+    /// Marks these pending chunks as not queued after their publish failed, so the next
+    /// reaper pass (of any process) publishes them again instead of waiting `requeue_after`.
+    async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()>;
 
     // Metrics.
     async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>>;
     async fn count_pending_chunks(&self) -> StoreResult<u64>;
+    /// Failed sources by their `error_code`.
+    async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>>;
 }
 
 /// Opens the store named by `database.url`, with a clear message for an unknown scheme.

@@ -1664,6 +1664,25 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()> {
+        sqlx::query("UPDATE chunks SET queued_ms = NULL WHERE id = ANY($1) AND state = 'pending'")
+            .bind(chunks)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
+        let rows = sqlx::query(
+            "SELECT COALESCE(error_code, '') AS code, COUNT(*) AS n FROM sources WHERE status = 'failed' GROUP BY 1",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("code")?, row.try_get::<i64, _>("n")? as u64)))
+            .collect()
+    }
+
     async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM sources GROUP BY status")
             .fetch_all(&self.pool)
