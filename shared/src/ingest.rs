@@ -128,8 +128,8 @@ impl FilePlanner {
     }
 
     fn take_records(&mut self) -> Result<(), InvalidCsv> {
-        let records = std::mem::take(&mut self.records);
-        for record in &records {
+        let mut records = std::mem::take(&mut self.records);
+        for record in &mut records {
             let Some(columns) = &self.columns else {
                 self.columns = Some(header_of(record, self.opts.max_columns)?);
                 continue;
@@ -156,6 +156,10 @@ impl FilePlanner {
                 segment.row_count += 1;
             }
             if row <= sync {
+                // The splitter keeps `max_columns + 1` fields, to tell a header over the limit;
+                // a worker keeps the header's width plus one. A row is judged on what a worker
+                // would see, so it fails alike (message, kept fields) wherever it is in the file.
+                record.fields.truncate(columns.columns.len() + 1);
                 match row::validate(record, row, columns, &self.opts.rules) {
                     RowOutcome::Accepted(r) => self.sync.accepted.push(r),
                     RowOutcome::Failed(f) => self.sync.failed.push(f),
@@ -280,6 +284,29 @@ mod tests {
         let p = plan(b"email\n", 10, 10, 64).unwrap();
         assert_eq!(p.total_rows, 0);
         assert!(p.sync_chunk.is_none() && p.chunks.is_empty());
+    }
+
+    #[test]
+    fn a_wide_row_in_the_prefix_keeps_what_a_worker_keeps() {
+        // Found by the `splitter` fuzz target: the prefix kept `max_columns + 1` fields of a
+        // wide row where a worker keeps the header's width plus one.
+        let data = b"email,name\nu@example.com,a,b,c,d,e,f,g,h,i,j,k\n";
+        let p = plan(data, 10, 10, 64).unwrap();
+        let failed = &p.sync_results.failed[0];
+        assert_eq!(
+            failed.fields,
+            [
+                "u@example.com",
+                "a",
+                "b",
+                "[…9 more fields not kept by Orbit]"
+            ]
+        );
+        assert!(
+            failed.error.message.contains("keeps the first 3"),
+            "{}",
+            failed.error.message
+        );
     }
 
     #[test]
