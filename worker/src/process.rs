@@ -1,4 +1,8 @@
 //! One chunk's rows, from bytes to validated results.
+//!
+//! Reading and validating take turns as the bytes stream in, so their spans (`chunk.read`,
+//! `chunk.validate`) run side by side; each is entered only while it works, and its busy time
+//! (`busy_ns` on the exported span) tells how the chunk's time was split.
 
 use futures::StreamExt;
 use orbit_shared::blob::{BlobError, BlobStore};
@@ -8,6 +12,7 @@ use orbit_shared::domain::header::ColumnMap;
 use orbit_shared::domain::normalize;
 use orbit_shared::domain::row::{self, RowOutcome, RowRules};
 use orbit_shared::model::{ChunkResults, ChunkSpec, Source};
+use tracing::Instrument as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -73,8 +78,20 @@ pub async fn process_chunk(
     chunk: &ChunkSpec,
 ) -> Result<ChunkResults, ProcessError> {
     let rules = source_rules(source)?;
+    let read_span = tracing::info_span!(
+        "chunk.read",
+        object_store = blobs.backend(),
+        orbit.bytes = chunk.end_offset - chunk.start_offset,
+    );
+    let validate_span = tracing::info_span!(
+        "chunk.validate",
+        orbit.rows = chunk.row_count,
+        orbit.rows.accepted = tracing::field::Empty,
+        orbit.rows.failed = tracing::field::Empty,
+    );
     let mut stream = blobs
         .read_range(&source.object_key, chunk.start_offset, chunk.end_offset)
+        .instrument(read_span.clone())
         .await
         .map_err(|e| match e {
             BlobError::NotFound(key) => ProcessError::ObjectMissing(key),
@@ -91,10 +108,23 @@ pub async fn process_chunk(
     let mut next_row = chunk.first_row;
     let mut records = Vec::new();
     let mut read = 0u64;
-    while let Some(bytes) = stream.next().await {
+    while let Some(bytes) = stream.next().instrument(read_span.clone()).await {
         let bytes = bytes.map_err(|e| ProcessError::Transient(e.to_string()))?;
         read += bytes.len() as u64;
-        splitter.feed(&bytes, &mut records);
+        validate_span.in_scope(|| {
+            splitter.feed(&bytes, &mut records);
+            validate_into(
+                &mut results,
+                records.drain(..),
+                &mut next_row,
+                &source.columns,
+                &rules,
+            );
+        });
+    }
+    drop(read_span);
+    validate_span.in_scope(|| {
+        splitter.finish(&mut records);
         validate_into(
             &mut results,
             records.drain(..),
@@ -102,15 +132,9 @@ pub async fn process_chunk(
             &source.columns,
             &rules,
         );
-    }
-    splitter.finish(&mut records);
-    validate_into(
-        &mut results,
-        records.drain(..),
-        &mut next_row,
-        &source.columns,
-        &rules,
-    );
+    });
+    validate_span.record("orbit.rows.accepted", results.accepted.len());
+    validate_span.record("orbit.rows.failed", results.failed.len());
     let expected_bytes = chunk.end_offset - chunk.start_offset;
     if read != expected_bytes {
         return Err(ProcessError::Transient(format!(

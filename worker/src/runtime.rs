@@ -1,4 +1,8 @@
 //! The consumer loop and the reaper.
+//!
+//! Each delivery is handled inside a `chunk` span (kind consumer) whose parent is the trace
+//! context the message carries, so it joins the upload's trace; its children are
+//! `chunk.claim`, `chunk.read`, `chunk.validate` and `chunk.commit`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,11 +12,14 @@ use orbit_shared::config::Settings;
 use orbit_shared::liveness;
 use orbit_shared::metrics::METRICS;
 use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SourceError};
-use orbit_shared::queue::{Delivery, Queue};
+use orbit_shared::queue::{self, Delivery, Queue};
 use orbit_shared::store::Store;
+use orbit_shared::telemetry;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use crate::process::{process_chunk, ProcessError};
 
@@ -154,8 +161,25 @@ impl Worker {
 
     async fn handle(&self, delivery: Delivery) {
         let message = delivery.message;
-        if let Err(e) = self.run_chunk(&message).await {
-            tracing::error!(chunk = %message.chunk_id, source = %message.source_id, error = %e, "chunk failed");
+        let span = tracing::info_span!(
+            "chunk",
+            otel.kind = "consumer",
+            messaging.system = self.queue.backend(),
+            messaging.operation.type = "process",
+            orbit.source_id = %message.source_id,
+            orbit.chunk_id = %message.chunk_id,
+            orbit.attempt = message.attempt,
+        );
+        telemetry::set_parent(
+            &span,
+            message.traceparent.as_deref(),
+            message.tracestate.as_deref(),
+        );
+        if let Err(e) = self.run_chunk(&message).instrument(span.clone()).await {
+            span.in_scope(|| {
+                tracing::error!(chunk = %message.chunk_id, source = %message.source_id, error = %e, "chunk failed")
+            });
+            telemetry::record_error(&span, &format!("{e:#}"));
         }
         // The database holds the chunk's fate now; the message has done its job either way.
         if let Err(e) = delivery.acker.ack().await {
@@ -166,11 +190,23 @@ impl Worker {
     /// Claims, processes and commits one chunk. Errors are the store's own.
     pub async fn run_chunk(&self, message: &ChunkRef) -> anyhow::Result<()> {
         let w = &self.settings.worker;
-        let work = match self
+        let claim_span = tracing::info_span!("chunk.claim", orbit.claim = Empty);
+        let claim = self
             .store
             .claim_chunk(message.chunk_id, &self.owner, w.lease, w.max_attempts)
-            .await?
-        {
+            .instrument(claim_span.clone())
+            .await?;
+        claim_span.record(
+            "orbit.claim",
+            match &claim {
+                Claim::Claimed(_) => "claimed",
+                Claim::Poisoned => "poisoned",
+                Claim::Busy => "busy",
+                Claim::Nothing => "nothing",
+            },
+        );
+        drop(claim_span);
+        let work = match claim {
             Claim::Claimed(work) => work,
             Claim::Poisoned => {
                 tracing::warn!(chunk = %message.chunk_id, source = %message.source_id, "chunk out of attempts; source failed");
@@ -219,7 +255,30 @@ impl Worker {
             Ok(results) => {
                 let accepted = results.accepted.len() as u64;
                 let failed = results.failed.len() as u64;
-                match self.store.commit_chunk(lease, results).await {
+                let commit_span = tracing::info_span!(
+                    "chunk.commit",
+                    orbit.rows.accepted = accepted,
+                    orbit.rows.failed = failed,
+                    orbit.commit = Empty,
+                );
+                let committed = self
+                    .store
+                    .commit_chunk(lease, results)
+                    .instrument(commit_span.clone())
+                    .await;
+                commit_span.record(
+                    "orbit.commit",
+                    match &committed {
+                        Ok(Committed::Done { .. }) => "done",
+                        Ok(Committed::LeaseLost) => "lease_lost",
+                        Err(_) => "error",
+                    },
+                );
+                if let Err(e) = &committed {
+                    telemetry::record_error(&commit_span, &e.to_string());
+                }
+                drop(commit_span);
+                match committed {
                     Ok(Committed::Done { source_completed }) => {
                         METRICS
                             .rows
@@ -297,7 +356,7 @@ impl Worker {
                 return Ok(published);
             }
             for message in &batch {
-                self.queue.publish(message).await?;
+                queue::publish_traced(&*self.queue, message, "reaper").await?;
                 published += 1;
             }
         }
