@@ -384,7 +384,7 @@ fn check_trace(spans: &[Span], upload: &Upload, worker: &str) -> Result<Vec<Span
         {
             return Err(format!("unexpected publish span {publish:?}"));
         }
-        publishers.push(publish.clone());
+        publishers.push((*publish).clone());
     }
     Ok(publishers)
 }
