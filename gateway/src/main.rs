@@ -89,13 +89,16 @@ enum Admin {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match run(cli).await {
+    let code = match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             orbit_shared::telemetry::report_fatal("orbit-gateway", &e);
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // The spans still queued for export; blocking, and bounded by the exporter's timeout.
+    let _ = tokio::task::spawn_blocking(orbit_shared::telemetry::shutdown).await;
+    code
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -103,7 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings).await,
         Command::Migrate => {
-            orbit_shared::telemetry::init(&settings.telemetry)?;
+            orbit_shared::telemetry::init(&settings.telemetry, None)?;
             let state = app::connect(&settings).await?;
             state.store.migrate().await?;
             tracing::info!(database = state.store.backend(), "migrations applied");
@@ -146,7 +149,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    orbit_shared::telemetry::init(&settings.telemetry)?;
+    orbit_shared::telemetry::init(&settings.telemetry, Some("orbit-gateway"))?;
     let mut running = app::start(settings.clone())
         .await
         .context("starting orbit-gateway")?;

@@ -5,6 +5,9 @@
 //! Only the route template (`/v2/organizations/{org}/…`) is logged or used as a label, never
 //! the raw path: paths carry ids, and a label value a client could choose would let it create
 //! metric series without bound. Unknown methods and unmatched paths become `other`.
+//!
+//! The request span is the root of the request's trace (kind server, named `{method}
+//! {route}`), or the child of the caller's when the request carries a W3C `traceparent`.
 
 use std::time::Instant;
 
@@ -13,6 +16,7 @@ use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
 use orbit_shared::metrics::{http_method_label, METRICS, OTHER};
+use orbit_shared::telemetry;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
@@ -48,9 +52,33 @@ pub async fn observe(
         .extensions()
         .get::<MatchedPath>()
         .map_or_else(|| OTHER.to_owned(), |p| p.as_str().to_owned());
-    let span = tracing::info_span!("request", request_id = %request_id);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %request_id,
+        otel.name = format!("{method} {route}").as_str(),
+        otel.kind = "server",
+    );
+    {
+        // Scoped: a borrow of the request must not be held across an await.
+        let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+        telemetry::set_parent(&span, header("traceparent"), header("tracestate"));
+    }
+    if telemetry::tracing_enabled() {
+        telemetry::set_attribute(&span, "http.request.method", method);
+        telemetry::set_attribute(&span, "http.route", route.clone());
+    }
     let mut response = next.run(request).instrument(span.clone()).await;
     let status = response.status();
+    if telemetry::tracing_enabled() {
+        telemetry::set_attribute(
+            &span,
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        );
+        if status.is_server_error() {
+            telemetry::record_error(&span, status.as_str());
+        }
+    }
     let latency = started.elapsed();
     METRICS
         .http_requests

@@ -5,6 +5,10 @@
 //! chunks. Then one transaction records the source, its chunks, the prefix's rows and the
 //! idempotency record; the chunks are published last. A request that fails before that
 //! transaction leaves no object, no source and no key behind.
+//!
+//! Spans, children of the request's: `upload.object_write` and `upload.plan` (side by side as
+//! the file streams in, each entered only while it works), `upload.commit`, then one
+//! `chunk.publish` per chunk. The request's trace context is stored with every chunk.
 
 use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
@@ -19,6 +23,8 @@ use orbit_shared::model::{
     IdempotencyClaim, KeyState, NewSource, NewUpload, SourceStatus, UploadReceipt,
 };
 use sha2::{Digest, Sha256};
+use tracing::field::Empty;
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use crate::app::AppState;
@@ -354,9 +360,23 @@ impl Upload<'_> {
             delimiter_hint: hints.delimiter,
             rules: orbit_worker::process::row_rules(ingest),
         });
-        let mut writer =
-            self.state.blobs.begin(&object_key).await.map_err(|e| {
-                ApiError::unavailable(format!("the object store is unavailable: {e}"))
+        let write_span = tracing::info_span!(
+            "upload.object_write",
+            object_store = self.state.blobs.backend(),
+            orbit.bytes = Empty,
+        );
+        let plan_span =
+            tracing::info_span!("upload.plan", orbit.rows = Empty, orbit.chunks = Empty,);
+        let mut writer = self
+            .state
+            .blobs
+            .begin(&object_key)
+            .instrument(write_span.clone())
+            .await
+            .map_err(|e| {
+                let e = ApiError::unavailable(format!("the object store is unavailable: {e}"));
+                orbit_shared::telemetry::record_error(&write_span, &e.detail);
+                e
             })?;
         let mut hasher = Sha256::new();
         let mut size = 0u64;
@@ -368,22 +388,40 @@ impl Upload<'_> {
                     return Err(too_large(ingest.max_upload_bytes));
                 }
                 hasher.update(&bytes);
-                planner
-                    .feed(&bytes)
+                plan_span
+                    .in_scope(|| planner.feed(&bytes))
                     .map_err(|e| ApiError::invalid_csv(e.0))?;
                 writer
                     .write(bytes)
+                    .instrument(write_span.clone())
                     .await
                     .map_err(|e| ApiError::unavailable(format!("the object store failed: {e}")))?;
             }
             Ok(())
         }
         .await;
-        let plan = streamed.and_then(|()| planner.finish().map_err(|e| ApiError::invalid_csv(e.0)));
+        let plan = streamed.and_then(|()| {
+            plan_span
+                .in_scope(|| planner.finish())
+                .map_err(|e| ApiError::invalid_csv(e.0))
+        });
+        if let Ok(plan) = &plan {
+            plan_span.record("orbit.rows", plan.total_rows);
+            plan_span.record(
+                "orbit.chunks",
+                plan.chunks.len() + usize::from(plan.sync_chunk.is_some()),
+            );
+        }
+        drop(plan_span);
+        write_span.record("orbit.bytes", size);
         let plan = match plan {
             Ok(plan) => plan,
             Err(e) => {
-                if let Err(abort) = writer.abort().await {
+                orbit_shared::telemetry::record_error(
+                    &write_span,
+                    "upload rejected; object dropped",
+                );
+                if let Err(abort) = writer.abort().instrument(write_span.clone()).await {
                     tracing::warn!(error = %abort, key = object_key, "could not drop a rejected upload's object");
                 }
                 return Err(e);
@@ -391,8 +429,14 @@ impl Upload<'_> {
         };
         writer
             .finish()
+            .instrument(write_span.clone())
             .await
-            .map_err(|e| ApiError::unavailable(format!("the object store failed: {e}")))?;
+            .map_err(|e| {
+                let e = ApiError::unavailable(format!("the object store failed: {e}"));
+                orbit_shared::telemetry::record_error(&write_span, &e.detail);
+                e
+            })?;
+        drop(write_span);
         self.object = Some(object_key.clone());
         Ok(FileRead::Stored(Box::new(StoredFile {
             source_id,
@@ -412,6 +456,15 @@ impl Upload<'_> {
         let plan = file.plan;
         let sync_accepted = plan.sync_results.accepted.len() as u64;
         let sync_failed = plan.sync_results.failed.len() as u64;
+        // The request's trace context, kept with every chunk for whoever publishes it again.
+        let (traceparent, tracestate) =
+            orbit_shared::telemetry::trace_context_of(&tracing::Span::current());
+        let commit_span = tracing::info_span!(
+            "upload.commit",
+            orbit.source_id = %file.source_id,
+            orbit.rows.sync = plan.sync_chunk.as_ref().map_or(0, |c| c.row_count),
+            orbit.chunks.queued = plan.chunks.len(),
+        );
         let upload = NewUpload {
             source: NewSource {
                 id: file.source_id,
@@ -431,8 +484,20 @@ impl Upload<'_> {
             sync_results: plan.sync_results,
             chunks: plan.chunks,
             idempotency: claim,
+            traceparent,
+            tracestate,
         };
-        let (source, queued) = self.state.store.commit_upload(upload).await?;
+        let committed = self
+            .state
+            .store
+            .commit_upload(upload)
+            .instrument(commit_span.clone())
+            .await;
+        if let Err(e) = &committed {
+            orbit_shared::telemetry::record_error(&commit_span, &e.to_string());
+        }
+        drop(commit_span);
+        let (source, queued) = committed?;
         // Committed: from here on the key and the object belong to the source.
         self.key_plan = KeyPlan::None;
         self.object = None;
@@ -445,7 +510,9 @@ impl Upload<'_> {
             .with_label_values(&["failed"])
             .inc_by(sync_failed);
         for (i, message) in queued.iter().enumerate() {
-            if let Err(e) = self.state.queue.publish(message).await {
+            if let Err(e) =
+                orbit_shared::queue::publish_traced(&*self.state.queue, message, "upload").await
+            {
                 // The upload itself has succeeded: a reaper (this gateway's, or a worker's)
                 // publishes the chunks on its next pass. The broker already had
                 // `queue.reconnect_timeout` to come back, so the rest are not tried one by

@@ -180,8 +180,38 @@ pub struct IdempotencySettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetrySettings {
+    /// Where to send traces (OTLP), as a base URL like `OTEL_EXPORTER_OTLP_ENDPOINT`
+    /// (`/v1/traces` is appended for HTTP). Unset: the `OTEL_EXPORTER_OTLP_*` variables decide,
+    /// and with none of them set nothing is exported.
     pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`. Unset: `OTEL_EXPORTER_OTLP_PROTOCOL`, else `http/protobuf`.
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// The `service.name` of this process's spans. Unset: `OTEL_SERVICE_NAME` (or a
+    /// `service.name` in `OTEL_RESOURCE_ATTRIBUTES`), else the binary's name.
+    pub service_name: Option<String>,
+    /// The share of new traces kept (0 to 1), parent-based: a trace begun elsewhere keeps its
+    /// own decision. Unset: `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG`, else every trace.
+    pub sampling_ratio: Option<f64>,
     pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub enum OtlpProtocol {
+    #[serde(rename = "grpc")]
+    Grpc,
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+impl OtlpProtocol {
+    /// The protocol named the way `OTEL_EXPORTER_OTLP_PROTOCOL` names it.
+    pub fn parse(name: &str) -> Option<Self> {
+        match name.trim() {
+            "grpc" => Some(OtlpProtocol::Grpc),
+            "http/protobuf" => Some(OtlpProtocol::HttpProtobuf),
+            _ => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -357,6 +387,27 @@ impl Settings {
             "ingest.default_region {:?} is not an ISO 3166 region code",
             self.ingest.default_region
         );
+        let telemetry = &self.telemetry;
+        if let Some(ratio) = telemetry.sampling_ratio {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&ratio),
+                "telemetry.sampling_ratio must be between 0 and 1, not {ratio}"
+            );
+        }
+        if let Some(endpoint) = &telemetry.otlp_endpoint {
+            let scheme = url::Url::parse(endpoint).map(|u| u.scheme().to_owned());
+            anyhow::ensure!(
+                matches!(scheme.as_deref(), Ok("http" | "https")),
+                "telemetry.otlp_endpoint {:?} is not an http:// or https:// URL",
+                crate::redact::redact(endpoint)
+            );
+        }
+        if let Some(name) = &telemetry.service_name {
+            anyhow::ensure!(
+                !name.trim().is_empty(),
+                "telemetry.service_name must not be empty"
+            );
+        }
         Ok(())
     }
 
@@ -393,6 +444,7 @@ mod tests {
         assert_eq!(s.ingest.max_field_bytes, 8 << 10);
         assert_eq!(s.idempotency.ttl, Duration::from_secs(24 * 3600));
         assert!(s.telemetry.otlp_endpoint.is_none());
+        assert!(s.telemetry.otlp_protocol.is_none() && s.telemetry.sampling_ratio.is_none());
         assert!(s.http.header_timeout <= Duration::from_secs(30));
         assert!(s.http.idle_timeout <= Duration::from_secs(60));
         assert_eq!(s.http.max_uploads, 32);
@@ -420,5 +472,29 @@ mod tests {
         std::fs::write(&path, "[ingest]\nsync_rowz = 5\n").unwrap();
         let err = Settings::load(Some(path.to_str().unwrap())).unwrap_err();
         assert!(format!("{err:#}").contains("sync_rowz"), "{err:#}");
+    }
+
+    #[test]
+    fn telemetry_settings_are_checked() {
+        let mut s = Settings::defaults();
+        s.telemetry.sampling_ratio = Some(1.5);
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("sampling_ratio"));
+        s.telemetry.sampling_ratio = Some(0.25);
+        s.telemetry.otlp_endpoint = Some("collector:4317".into());
+        assert!(s
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("otlp_endpoint"));
+        s.telemetry.otlp_endpoint = Some("http://collector:4318".into());
+        s.validate().unwrap();
+        let protocol: OtlpProtocol = serde_json::from_str("\"http/protobuf\"").unwrap();
+        assert_eq!(protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(OtlpProtocol::parse("grpc"), Some(OtlpProtocol::Grpc));
+        assert_eq!(OtlpProtocol::parse("http/json"), None);
     }
 }

@@ -143,9 +143,12 @@ pub struct ChunkRef {
     pub source_id: Uuid,
     pub chunk_id: Uuid,
     pub attempt: u32,
-    /// W3C trace context of the upload that queued the chunk.
+    /// W3C trace context of the upload that queued the chunk (or of whoever published it
+    /// again on the upload's behalf), so the worker's spans join the upload's trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracestate: Option<String>,
 }
 
 /// A chunk claimed by one worker: writes of its results hold only while the lease does.
@@ -228,6 +231,10 @@ pub struct NewUpload {
     pub sync_results: ChunkResults,
     pub chunks: Vec<ChunkSpec>,
     pub idempotency: Option<IdempotencyClaim>,
+    /// The upload's W3C trace context, kept with each chunk so that a chunk published again
+    /// later (by the reaper) still leads back to the upload's trace.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
 }
 
 /// The response fields of an upload, kept to replay it.

@@ -29,6 +29,7 @@ const PATIENCE: Duration = Duration::from_secs(15);
 /// How long a `next()` that must not complete is given.
 const QUIET: Duration = Duration::from_millis(1500);
 const TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+const TRACESTATE: &str = "vendor=opaque";
 
 /// What a backend promises beyond the trait's common ground.
 #[derive(Clone, Copy)]
@@ -50,6 +51,7 @@ fn chunk(traceparent: Option<&str>) -> ChunkRef {
         chunk_id: Uuid::new_v4(),
         attempt: 1,
         traceparent: traceparent.map(str::to_owned),
+        tracestate: traceparent.map(|_| TRACESTATE.to_owned()),
     }
 }
 
@@ -102,6 +104,7 @@ async fn publish_then_consume_returns_the_same_message(queue: &dyn Queue, _caps:
     let second = next(&mut consumer).await;
     assert_eq!(first.message, traced);
     assert_eq!(first.message.traceparent.as_deref(), Some(TRACEPARENT));
+    assert_eq!(first.message.tracestate.as_deref(), Some(TRACESTATE));
     assert_eq!(second.message, untraced);
     first.acker.ack().await.expect("ack");
     second.acker.ack().await.expect("ack");
@@ -420,13 +423,16 @@ async fn rabbitmq_messages_are_persistent_json_with_a_traceparent_header() {
         Some("application/json")
     );
     assert_eq!(*props.delivery_mode(), Some(2), "persistent");
-    let header = props
-        .headers()
-        .as_ref()
-        .and_then(|h| h.inner().get("traceparent"))
-        .and_then(AMQPValue::as_long_string)
-        .map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned());
-    assert_eq!(header.as_deref(), Some(TRACEPARENT));
+    let header = |name: &str| {
+        props
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name))
+            .and_then(AMQPValue::as_long_string)
+            .map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned())
+    };
+    assert_eq!(header("traceparent").as_deref(), Some(TRACEPARENT));
+    assert_eq!(header("tracestate").as_deref(), Some(TRACESTATE));
     let body: ChunkRef = serde_json::from_slice(&got.delivery.data).expect("JSON body");
     assert_eq!(body, message);
     let _ = conn.close(200, "OK".into()).await;

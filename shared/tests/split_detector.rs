@@ -113,6 +113,8 @@ fn upload(org: Uuid, dir: Uuid) -> NewUpload {
         sync_results: ChunkResults::default(),
         chunks,
         idempotency: None,
+        traceparent: None,
+        tracestate: None,
     }
 }
 

@@ -160,6 +160,8 @@ fn new_upload(
         sync_results: sync,
         chunks,
         idempotency: None,
+        traceparent: None,
+        tracestate: None,
     }
 }
 
@@ -911,17 +913,26 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
 
 async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
-    let (_, queued) = store
-        .commit_upload(new_upload(
-            org,
-            dir,
-            2,
-            ChunkResults::default(),
-            0,
-            vec![chunk(0, 1, 1), chunk(1, 2, 1)],
-        ))
-        .await
-        .unwrap();
+    let mut upload = new_upload(
+        org,
+        dir,
+        2,
+        ChunkResults::default(),
+        0,
+        vec![chunk(0, 1, 1), chunk(1, 2, 1)],
+    );
+    // The upload's trace context goes with every chunk it queued, to every later publish.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    upload.traceparent = Some(traceparent.into());
+    upload.tracestate = Some("vendor=opaque".into());
+    let traced = |refs: &[ChunkRef]| {
+        refs.iter().all(|c| {
+            c.traceparent.as_deref() == Some(traceparent)
+                && c.tracestate.as_deref() == Some("vendor=opaque")
+        })
+    };
+    let (_, queued) = store.commit_upload(upload).await.unwrap();
+    assert!(traced(&queued), "{queued:?}");
     let long = Duration::from_secs(3600);
     assert!(
         store.chunks_to_publish(long, 10).await.unwrap().is_empty(),
@@ -932,6 +943,7 @@ async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>
     tokio::time::sleep(Duration::from_millis(5)).await;
     let again = store.chunks_to_publish(Duration::ZERO, 10).await.unwrap();
     assert_eq!(again.len(), 2, "queued longer ago than requeue_after");
+    assert!(traced(&again), "{again:?}");
     // A worker that died holding a lease: its chunk comes back once the lease expires.
     match store
         .claim_chunk(queued[0].chunk_id, "dead", Duration::ZERO, 5)
@@ -947,6 +959,7 @@ async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>
         reaped.iter().map(|c| c.chunk_id).collect::<Vec<_>>(),
         [queued[0].chunk_id]
     );
+    assert!(traced(&reaped), "{reaped:?}");
     assert_eq!(store.forget_queued().await.unwrap(), 2);
     assert_eq!(store.chunks_to_publish(long, 10).await.unwrap().len(), 2);
 }

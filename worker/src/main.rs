@@ -16,13 +16,16 @@ use serde_json::json;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    match run().await {
+    let code = match run().await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             orbit_shared::telemetry::report_fatal("orbit-worker", &e);
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    // The spans still queued for export; blocking, and bounded by the exporter's timeout.
+    let _ = tokio::task::spawn_blocking(orbit_shared::telemetry::shutdown).await;
+    code
 }
 
 fn config_arg() -> anyhow::Result<Option<String>> {
@@ -51,7 +54,7 @@ fn config_arg() -> anyhow::Result<Option<String>> {
 
 async fn run() -> anyhow::Result<()> {
     let settings = Settings::load(config_arg()?.as_deref())?;
-    orbit_shared::telemetry::init(&settings.telemetry)?;
+    orbit_shared::telemetry::init(&settings.telemetry, Some("orbit-worker"))?;
     orbit_shared::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
     anyhow::ensure!(
         settings.queue.url != "embedded",

@@ -1,4 +1,9 @@
 //! One chunk's rows, from bytes to validated results, a slice at a time.
+//!
+//! Reading and validating take turns as the bytes stream in, so their spans (`chunk.read`,
+//! `chunk.validate`) run side by side over the chunk's slices; each is entered only while it
+//! works, and its busy time (`busy_ns` on the exported span) tells how the chunk's time was
+//! split.
 
 use std::collections::VecDeque;
 
@@ -10,6 +15,7 @@ use orbit_shared::domain::header::ColumnMap;
 use orbit_shared::domain::normalize;
 use orbit_shared::domain::row::{self, RowOutcome, RowRules};
 use orbit_shared::model::{ChunkResults, ChunkSpec, Resume, SliceEnd, Source};
+use tracing::Instrument as _;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -83,6 +89,8 @@ pub struct ChunkReader<'a> {
     read: u64,
     /// The range is read to its end and the splitter flushed.
     read_all: bool,
+    read_span: tracing::Span,
+    validate_span: tracing::Span,
 }
 
 impl<'a> ChunkReader<'a> {
@@ -94,8 +102,15 @@ impl<'a> ChunkReader<'a> {
         slice_rows: u64,
     ) -> Result<Self, ProcessError> {
         let rules = source_rules(source)?;
+        let read_span = tracing::info_span!(
+            "chunk.read",
+            object_store = blobs.backend(),
+            orbit.bytes = chunk.end_offset - chunk.start_offset,
+        );
+        let validate_span = tracing::info_span!("chunk.validate", orbit.rows = chunk.row_count);
         let stream = blobs
             .read_range(&source.object_key, chunk.start_offset, chunk.end_offset)
+            .instrument(read_span.clone())
             .await
             .map_err(|e| match e {
                 BlobError::NotFound(key) => ProcessError::ObjectMissing(key),
@@ -119,6 +134,8 @@ impl<'a> ChunkReader<'a> {
             next_row: chunk.first_row,
             read: 0,
             read_all: false,
+            read_span,
+            validate_span,
         })
     }
 
@@ -129,14 +146,16 @@ impl<'a> ChunkReader<'a> {
         // next slice, or a worker taking the chunk over, starts.
         let mut records = Vec::new();
         while self.pending.len() <= self.slice_rows && !self.read_all {
-            match self.stream.next().await {
+            match self.stream.next().instrument(self.read_span.clone()).await {
                 Some(bytes) => {
                     let bytes = bytes.map_err(|e| ProcessError::Transient(e.to_string()))?;
                     self.read += bytes.len() as u64;
-                    self.splitter.feed(&bytes, &mut records);
+                    self.validate_span
+                        .in_scope(|| self.splitter.feed(&bytes, &mut records));
                 }
                 None => {
-                    self.splitter.finish(&mut records);
+                    self.validate_span
+                        .in_scope(|| self.splitter.finish(&mut records));
                     self.read_all = true;
                     let expected = self.chunk.end_offset - self.chunk.start_offset;
                     if self.read != expected {
@@ -151,13 +170,15 @@ impl<'a> ChunkReader<'a> {
         }
         let take = self.pending.len().min(self.slice_rows);
         let mut results = ChunkResults::default();
-        validate_into(
-            &mut results,
-            self.pending.drain(..take),
-            &mut self.next_row,
-            &self.source.columns,
-            &self.rules,
-        );
+        self.validate_span.in_scope(|| {
+            validate_into(
+                &mut results,
+                self.pending.drain(..take),
+                &mut self.next_row,
+                &self.source.columns,
+                &self.rules,
+            )
+        });
         let rows = self.next_row - self.chunk.first_row;
         let end = match self.pending.front() {
             Some(next) if rows < self.chunk.row_count => SliceEnd::Before(Resume {

@@ -1,4 +1,8 @@
 //! The consumer loop and the reaper.
+//!
+//! Each delivery is handled inside a `chunk` span (kind consumer) whose parent is the trace
+//! context the message carries, so it joins the upload's trace; its children are
+//! `chunk.claim`, `chunk.read`, `chunk.validate` and `chunk.commit`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -8,11 +12,14 @@ use orbit_shared::config::Settings;
 use orbit_shared::liveness;
 use orbit_shared::metrics::{Publisher, METRICS};
 use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SliceEnd, SourceError};
-use orbit_shared::queue::{Delivery, Queue};
+use orbit_shared::queue::{self, Delivery, Queue};
 use orbit_shared::store::Store;
+use orbit_shared::telemetry;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use crate::process::{ChunkReader, ProcessError};
 
@@ -166,8 +173,25 @@ impl Worker {
 
     async fn handle(&self, delivery: Delivery) {
         let message = delivery.message;
-        if let Err(e) = self.run_chunk(&message).await {
-            tracing::error!(chunk = %message.chunk_id, source = %message.source_id, error = %e, "chunk failed");
+        let span = tracing::info_span!(
+            "chunk",
+            otel.kind = "consumer",
+            messaging.system = self.queue.backend(),
+            messaging.operation.type = "process",
+            orbit.source_id = %message.source_id,
+            orbit.chunk_id = %message.chunk_id,
+            orbit.attempt = message.attempt,
+        );
+        telemetry::set_parent(
+            &span,
+            message.traceparent.as_deref(),
+            message.tracestate.as_deref(),
+        );
+        if let Err(e) = self.run_chunk(&message).instrument(span.clone()).await {
+            span.in_scope(|| {
+                tracing::error!(chunk = %message.chunk_id, source = %message.source_id, error = %e, "chunk failed")
+            });
+            telemetry::record_error(&span, &format!("{e:#}"));
         }
         // The database holds the chunk's fate now; the message has done its job either way.
         if let Err(e) = delivery.acker.ack().await {
@@ -178,11 +202,23 @@ impl Worker {
     /// Claims, processes and commits one chunk. Errors are the store's own.
     pub async fn run_chunk(&self, message: &ChunkRef) -> anyhow::Result<()> {
         let w = &self.settings.worker;
-        let work = match self
+        let claim_span = tracing::info_span!("chunk.claim", orbit.claim = Empty);
+        let claim = self
             .store
             .claim_chunk(message.chunk_id, &self.owner, w.lease, w.max_attempts)
-            .await?
-        {
+            .instrument(claim_span.clone())
+            .await?;
+        claim_span.record(
+            "orbit.claim",
+            match &claim {
+                Claim::Claimed(_) => "claimed",
+                Claim::Poisoned => "poisoned",
+                Claim::Busy => "busy",
+                Claim::Nothing => "nothing",
+            },
+        );
+        drop(claim_span);
+        let work = match claim {
             Claim::Claimed(work) => work,
             Claim::Poisoned => {
                 METRICS.chunks_poisoned.inc();
@@ -240,7 +276,31 @@ impl Worker {
                 Err(e) => return self.failed(lease, e).await,
             };
             let rows = (results.accepted.len() as u64, results.failed.len() as u64);
-            match self.store.commit_slice(lease, results, end).await {
+            let commit_span = tracing::info_span!(
+                "chunk.commit",
+                orbit.rows.accepted = rows.0,
+                orbit.rows.failed = rows.1,
+                orbit.last_slice = end == SliceEnd::Chunk,
+                orbit.commit = Empty,
+            );
+            let committed = self
+                .store
+                .commit_slice(lease, results, end)
+                .instrument(commit_span.clone())
+                .await;
+            commit_span.record(
+                "orbit.commit",
+                match &committed {
+                    Ok(Committed::Done { .. }) => "done",
+                    Ok(Committed::LeaseLost) => "lease_lost",
+                    Err(_) => "error",
+                },
+            );
+            if let Err(e) = &committed {
+                telemetry::record_error(&commit_span, &e.to_string());
+            }
+            drop(commit_span);
+            match committed {
                 Ok(Committed::Done { source_completed }) => {
                     METRICS.rows.with_label_values(&["accepted"]).inc_by(rows.0);
                     METRICS.rows.with_label_values(&["failed"]).inc_by(rows.1);
@@ -326,7 +386,7 @@ impl Worker {
                 return Ok(published);
             }
             for (i, message) in batch.iter().enumerate() {
-                if let Err(e) = self.queue.publish(message).await {
+                if let Err(e) = queue::publish_traced(&*self.queue, message, "reaper").await {
                     METRICS
                         .publish_failures
                         .with_label_values(&[Publisher::Reaper.label()])

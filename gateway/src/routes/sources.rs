@@ -141,7 +141,7 @@ pub async fn retry(
         Retried::Reopened(source, chunks) => (source, chunks),
     };
     for message in &chunks {
-        if let Err(e) = state.queue.publish(message).await {
+        if let Err(e) = orbit_shared::queue::publish_traced(&*state.queue, message, "retry").await {
             // Marked queued just now: the reaper publishes it again after `requeue_after`.
             tracing::warn!(chunk = %message.chunk_id, error = %e, "publish failed; left to the reaper");
         }

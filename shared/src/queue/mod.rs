@@ -1,10 +1,14 @@
 //! The work queue: chunk ids, published after an upload commits and by the reaper, consumed by
 //! workers. It is only a wake-up call: the database holds every chunk's state, so a lost or
 //! duplicated message costs time, never correctness.
+//!
+//! Publish through [`publish_traced`]: it records a `chunk.publish` span and sends the
+//! message with that span's trace context, which the worker continues.
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tracing::Instrument as _;
 
 use crate::model::ChunkRef;
 
@@ -71,4 +75,44 @@ pub async fn open(settings: &crate::config::QueueSettings) -> anyhow::Result<Arc
             "queue.url {url:?}: unsupported scheme {scheme:?} (expected embedded or amqp://)"
         ),
     }
+}
+
+/// Why a chunk is being published, for its span: `upload` (the first time), `reaper` (again,
+/// its message or its worker having been lost) or `retry` (its failed source was resumed).
+pub type PublishReason = &'static str;
+
+/// Publishes `message` inside a `chunk.publish` span (kind producer). The span is a child of
+/// the message's own trace context when it carries one (the upload's, kept with the chunk:
+/// so a chunk published again by the reaper stays in its upload's trace), else of the current
+/// span; the message leaves with the span's context, so the worker's spans are its children.
+pub async fn publish_traced(
+    queue: &dyn Queue,
+    message: &ChunkRef,
+    reason: PublishReason,
+) -> QueueResult<()> {
+    let span = tracing::info_span!(
+        "chunk.publish",
+        otel.kind = "producer",
+        messaging.system = queue.backend(),
+        messaging.operation.type = "send",
+        orbit.source_id = %message.source_id,
+        orbit.chunk_id = %message.chunk_id,
+        orbit.attempt = message.attempt,
+        orbit.publish_reason = reason,
+    );
+    crate::telemetry::set_parent(
+        &span,
+        message.traceparent.as_deref(),
+        message.tracestate.as_deref(),
+    );
+    let mut message = message.clone();
+    if let (Some(traceparent), tracestate) = crate::telemetry::trace_context_of(&span) {
+        message.traceparent = Some(traceparent);
+        message.tracestate = tracestate;
+    }
+    let result = queue.publish(&message).instrument(span.clone()).await;
+    if let Err(e) = &result {
+        crate::telemetry::record_error(&span, &e.0);
+    }
+    result
 }

@@ -40,8 +40,10 @@ use super::{Acker, Consumer, Delivery, Queue, QueueError, QueueResult, Replayed}
 use crate::config::QueueSettings;
 use crate::model::ChunkRef;
 
-/// Header carrying the W3C trace context (also in the JSON body).
+/// Headers carrying the W3C trace context (also in the JSON body), where tracing tools that
+/// know AMQP look for it.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
+pub const TRACESTATE_HEADER: &str = "tracestate";
 /// Longest wait for one TCP+AMQP handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const FIRST_RETRY_DELAY: Duration = Duration::from_millis(100);
@@ -413,14 +415,19 @@ impl Acker for RabbitAcker {
 
 fn decode(delivery: &lapin::message::Delivery) -> Result<ChunkRef, serde_json::Error> {
     let mut message: ChunkRef = serde_json::from_slice(&delivery.data)?;
+    // A producer other than Orbit may put the trace context in the headers only.
     if message.traceparent.is_none() {
-        message.traceparent = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get(TRACEPARENT_HEADER))
-            .and_then(AMQPValue::as_long_string)
-            .map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned());
+        let header = |name: &str| {
+            delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name))
+                .and_then(AMQPValue::as_long_string)
+                .map(|s| String::from_utf8_lossy(s.as_bytes()).into_owned())
+        };
+        message.traceparent = header(TRACEPARENT_HEADER);
+        message.tracestate = header(TRACESTATE_HEADER);
     }
     Ok(message)
 }
@@ -496,6 +503,9 @@ impl Queue for RabbitQueue {
         if let Some(traceparent) = &message.traceparent {
             let mut headers = FieldTable::default();
             headers.insert(TRACEPARENT_HEADER.into(), long_string(traceparent));
+            if let Some(tracestate) = &message.tracestate {
+                headers.insert(TRACESTATE_HEADER.into(), long_string(tracestate));
+            }
             properties = properties.with_headers(headers);
         }
         let shared = &self.shared;

@@ -26,7 +26,9 @@ use sqlx::{Executor, FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::writes::{identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution};
+use super::writes::{
+    identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution, Trace,
+};
 use super::{Store, StoreError, StoreResult};
 use crate::config::DatabaseSettings;
 use crate::domain::resolve::{self, Existing, ProfileState};
@@ -87,6 +89,7 @@ struct UploadParts<'a> {
     sync_chunk: Option<&'a ChunkSpec>,
     chunks: &'a [ChunkSpec],
     idempotency: Option<&'a IdempotencyClaim>,
+    trace: Trace<'a>,
 }
 
 impl PgStore {
@@ -233,7 +236,7 @@ impl PgStore {
             "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL,
                  queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL
              WHERE source_id = $1 AND state = 'failed'
-             RETURNING id",
+             RETURNING id, traceparent, tracestate",
         )
         .bind(source)
         .fetch_all(&mut *tx)
@@ -258,7 +261,8 @@ impl PgStore {
                     source_id: source,
                     chunk_id: row.try_get("id")?,
                     attempt: 0,
-                    traceparent: None,
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
                 })
             })
             .collect::<StoreResult<_>>()?;
@@ -318,14 +322,15 @@ impl PgStore {
         for chunk in upload.chunks {
             queued.push(ChunkRef {
                 source_id: s.id,
-                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending").await?,
+                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending", upload.trace).await?,
                 attempt: 0,
-                traceparent: None,
+                traceparent: upload.trace.traceparent.map(str::to_owned),
+                tracestate: upload.trace.tracestate.map(str::to_owned),
             });
         }
         match (upload.sync_chunk, optimistic) {
             (Some(chunk), Some(optimistic)) => {
-                insert_chunk(&mut tx, s.id, chunk, "done").await?;
+                insert_chunk(&mut tx, s.id, chunk, "done", upload.trace).await?;
                 let applied =
                     apply_results(&mut tx, &target, prepared, optimistic, &self.pause).await?;
                 advance_source(&mut tx, s.id, &applied, 1).await?;
@@ -1058,11 +1063,12 @@ async fn insert_chunk(
     source: Uuid,
     chunk: &ChunkSpec,
     state: &str,
+    trace: Trace<'_>,
 ) -> StoreResult<Uuid> {
     let id = Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms, traceparent, tracestate)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
     )
     .bind(id)
     .bind(source)
@@ -1074,6 +1080,8 @@ async fn insert_chunk(
     .bind(chunk.start_line as i64)
     .bind(state)
     .bind(now_ms())
+    .bind(trace.traceparent)
+    .bind(trace.tracestate)
     .execute(&mut *conn)
     .await?;
     Ok(id)
@@ -1350,6 +1358,8 @@ impl Store for PgStore {
             sync_results,
             chunks,
             idempotency,
+            traceparent,
+            tracestate,
         } = upload;
         let mut prepared = prepare(sync_results)?;
         // The source's sequence number versions its profile writes, which the optimistic
@@ -1364,6 +1374,10 @@ impl Store for PgStore {
             sync_chunk: sync_chunk.as_ref(),
             chunks: &chunks,
             idempotency: idempotency.as_ref(),
+            trace: Trace {
+                traceparent: traceparent.as_deref(),
+                tracestate: tracestate.as_deref(),
+            },
         };
         let mut retry = Retry::new(self.retry_for);
         loop {
@@ -1608,7 +1622,7 @@ impl Store for PgStore {
                      (c.state = 'pending' AND c.not_before_ms <= $1 AND (c.queued_ms IS NULL OR c.queued_ms < $3))
                   OR (c.state = 'running' AND (c.lease_expires_ms < $1 OR {OWNER_DEAD})))
                  ORDER BY s.seq, c.idx LIMIT $4 FOR UPDATE OF c SKIP LOCKED)
-             RETURNING id, source_id, attempts"
+             RETURNING id, source_id, attempts, traceparent, tracestate"
         ))
         .bind(now)
         .bind(now)
@@ -1626,7 +1640,8 @@ impl Store for PgStore {
                     source_id: row.try_get("source_id")?,
                     chunk_id: row.try_get("id")?,
                     attempt: row.try_get::<i64, _>("attempts")? as u32,
-                    traceparent: None,
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
                 })
             })
             .collect()

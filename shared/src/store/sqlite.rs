@@ -14,7 +14,7 @@ use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::writes::{identity_lookups, owners_to_load, prepare, resolve, Prepared};
+use super::writes::{identity_lookups, owners_to_load, prepare, resolve, Prepared, Trace};
 use super::{Store, StoreError, StoreResult};
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row::{self, Issue};
@@ -359,10 +359,11 @@ async fn insert_chunk(
     source: Uuid,
     chunk: &ChunkSpec,
     state: &str,
+    trace: Trace<'_>,
 ) -> StoreResult<Uuid> {
     let id = Uuid::now_v7();
     sqlx::query(
-        "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms, traceparent, tracestate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(id)
     .bind(source)
@@ -374,6 +375,8 @@ async fn insert_chunk(
     .bind(chunk.start_line as i64)
     .bind(state)
     .bind(now_ms())
+    .bind(trace.traceparent)
+    .bind(trace.tracestate)
     .execute(&mut *conn)
     .await?;
     Ok(id)
@@ -669,19 +672,24 @@ impl Store for SqliteStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        let trace = Trace {
+            traceparent: upload.traceparent.as_deref(),
+            tracestate: upload.tracestate.as_deref(),
+        };
         let mut queued = Vec::with_capacity(upload.chunks.len());
         for chunk in &upload.chunks {
             queued.push(ChunkRef {
                 source_id: s.id,
-                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending").await?,
+                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending", trace).await?,
                 attempt: 0,
-                traceparent: None,
+                traceparent: upload.traceparent.clone(),
+                tracestate: upload.tracestate.clone(),
             });
         }
         let source = load_source(&mut tx, s.id).await?;
         match &upload.sync_chunk {
             Some(chunk) => {
-                insert_chunk(&mut tx, s.id, chunk, "done").await?;
+                insert_chunk(&mut tx, s.id, chunk, "done", trace).await?;
                 let applied = apply_results(&mut tx, &source, sync_prepared).await?;
                 advance_source(&mut tx, s.id, &applied, 1).await?;
             }
@@ -1088,7 +1096,7 @@ impl Store for SqliteStore {
             "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL,
                  queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL
              WHERE source_id = ?1 AND state = 'failed'
-             RETURNING id",
+             RETURNING id, traceparent, tracestate",
         )
         .bind(source)
         .fetch_all(&mut *tx)
@@ -1113,7 +1121,8 @@ impl Store for SqliteStore {
                     source_id: source,
                     chunk_id: row.try_get("id")?,
                     attempt: 0,
-                    traceparent: None,
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
                 })
             })
             .collect::<StoreResult<_>>()?;
@@ -1135,7 +1144,7 @@ impl Store for SqliteStore {
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
         let rows = sqlx::query(
-            "SELECT c.id, c.source_id, c.attempts FROM chunks c JOIN sources s ON s.id = c.source_id
+            "SELECT c.id, c.source_id, c.attempts, c.traceparent, c.tracestate FROM chunks c JOIN sources s ON s.id = c.source_id
              LEFT JOIN processes p ON p.owner = c.lease_owner
              WHERE s.status IN ('pending', 'processing') AND (
                  (c.state = 'pending' AND c.not_before_ms <= ?1 AND (c.queued_ms IS NULL OR c.queued_ms < ?2))
@@ -1159,7 +1168,8 @@ impl Store for SqliteStore {
                 source_id: row.try_get("source_id")?,
                 chunk_id,
                 attempt: row.try_get::<i64, _>("attempts")? as u32,
-                traceparent: None,
+                traceparent: row.try_get("traceparent")?,
+                tracestate: row.try_get("tracestate")?,
             });
         }
         sqlx::query("DELETE FROM processes WHERE expires_ms < ?")

@@ -18,6 +18,13 @@ use crate::domain::resolve::{self, Existing};
 use crate::domain::row::{self, Issue, RecordDraft};
 use crate::model::ChunkResults;
 
+/// The upload's W3C trace context, written into each of its chunks' rows.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Trace<'a> {
+    pub traceparent: Option<&'a str>,
+    pub tracestate: Option<&'a str>,
+}
+
 pub(super) struct RecordWrite {
     pub row_number: i64,
     pub line_number: i64,
