@@ -284,7 +284,7 @@ sweep_interval = "15m"
 
 [worker]
 concurrency = 0
-slice_rows = 1000
+slice_rows = 250
 max_attempts = 5
 lease = "60s"
 transient_retry_for = "15m"
