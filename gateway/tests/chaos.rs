@@ -9,8 +9,6 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::*;
-use orbit_gateway::app;
-use orbit_shared::testing::DistributedStack;
 use serde_json::Value;
 
 const ROWS: usize = 12_000;
@@ -24,35 +22,12 @@ async fn stack_app() -> TestApp {
 }
 
 async fn stack_app_with(lease: Duration) -> TestApp {
-    let data = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(data.path());
-    settings.ingest.sync_rows = 0;
-    settings.ingest.chunk_rows = 1000;
-    // Several slices per chunk, so a kill lands between two of them as often as inside one.
-    settings.worker.slice_rows = 150;
-    settings.worker.lease = lease;
-    let stack = DistributedStack::create().await;
-    stack.apply(&mut settings);
-    settings.database.max_connections = 5;
-    app::connect(&settings)
-        .await
-        .unwrap()
-        .store
-        .migrate()
-        .await
-        .unwrap();
-    let running = app::start(settings.clone()).await.unwrap();
-    let tenant = new_tenant(&running).await;
-    TestApp {
-        base: format!("http://{}", running.addr),
-        client: reqwest::Client::new(),
-        settings,
-        running: Some(running),
-        tenant,
-        data,
-        workers: Vec::new(),
-        stack: Some(stack),
-    }
+    distributed_app(|s| {
+        // Several slices per chunk, so a kill lands between two of them as often as inside one.
+        s.worker.slice_rows = 150;
+        s.worker.lease = lease;
+    })
+    .await
 }
 
 fn add_worker(app: &mut TestApp) {

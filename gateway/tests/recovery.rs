@@ -9,42 +9,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use orbit_gateway::app;
-use orbit_shared::config::Settings;
-use orbit_shared::testing::{amqp_url, spawn_worker_with_metrics, DistributedStack};
+use orbit_shared::testing::{amqp_url, spawn_worker_with_metrics};
 use serde_json::Value;
-
-/// A gateway on a fresh distributed stack (no worker), one chunk per 1000 rows and no rows in
-/// the request, with `configure` applied last.
-async fn stack_app(configure: impl FnOnce(&mut Settings)) -> TestApp {
-    let data = tempfile::tempdir().unwrap();
-    let mut settings = test_settings(data.path());
-    settings.ingest.sync_rows = 0;
-    settings.ingest.chunk_rows = 1000;
-    let stack = DistributedStack::create().await;
-    stack.apply(&mut settings);
-    settings.database.max_connections = 5;
-    configure(&mut settings);
-    app::connect(&settings)
-        .await
-        .unwrap()
-        .store
-        .migrate()
-        .await
-        .unwrap();
-    let running = app::start(settings.clone()).await.unwrap();
-    let tenant = new_tenant(&running).await;
-    TestApp {
-        base: format!("http://{}", running.addr),
-        client: reqwest::Client::new(),
-        settings,
-        running: Some(running),
-        tenant,
-        data,
-        workers: Vec::new(),
-        stack: Some(stack),
-    }
-}
 
 fn value(text: &str, series: &str) -> f64 {
     metric(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
@@ -93,7 +59,7 @@ async fn scaled_to_zero_a_chunk_whose_publish_failed_completes_once_a_worker_sta
     let mut proxied = broker_url.clone();
     let proxy_addr = url::Url::parse(&broker.endpoint).unwrap();
     proxied.set_port(proxy_addr.port()).unwrap();
-    let mut app = stack_app(|s| {
+    let mut app = distributed_app(|s| {
         s.queue.url = proxied.to_string();
         s.queue.reconnect_timeout = Duration::from_secs(2);
     })
@@ -134,7 +100,7 @@ async fn scaled_to_zero_a_chunk_whose_publish_failed_completes_once_a_worker_sta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_poisoned_chunk_and_a_missing_object_move_their_metrics() {
-    let mut app = stack_app(|_| {}).await;
+    let mut app = distributed_app(|_| {}).await;
     let poisoned = upload(&app, 500, "poison").await;
     let missing = upload(&app, 500, "missing").await;
     let blobs = app.running().state.blobs.clone();
@@ -239,7 +205,7 @@ async fn replay(app: &TestApp, args: &[&str]) -> (bool, Value, String) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_counted_and_replayed() {
-    let mut app = stack_app(|_| {}).await;
+    let mut app = distributed_app(|_| {}).await;
     let source = upload(&app, 1500, "dead").await;
     wait_metric(&app, "orbit_queue_depth", |v| v == 2.0).await;
     // Both chunk messages are dead-lettered, as a broker does past the delivery limit, and a

@@ -276,6 +276,38 @@ impl TestApp {
     }
 }
 
+/// A gateway on a fresh distributed stack (no worker), one chunk per 1000 rows and no rows in
+/// the request, with `configure` applied last.
+pub async fn distributed_app(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let data = tempfile::tempdir().unwrap();
+    let mut settings = test_settings(data.path());
+    settings.ingest.sync_rows = 0;
+    settings.ingest.chunk_rows = 1000;
+    let stack = DistributedStack::create().await;
+    stack.apply(&mut settings);
+    settings.database.max_connections = 5;
+    configure(&mut settings);
+    app::connect(&settings)
+        .await
+        .unwrap()
+        .store
+        .migrate()
+        .await
+        .unwrap();
+    let running = app::start(settings.clone()).await.unwrap();
+    let tenant = new_tenant(&running).await;
+    TestApp {
+        base: format!("http://{}", running.addr),
+        client: reqwest::Client::new(),
+        settings,
+        running: Some(running),
+        tenant,
+        data,
+        workers: Vec::new(),
+        stack: Some(stack),
+    }
+}
+
 pub async fn new_tenant(running: &app::Running) -> Tenant {
     let out = admin::bootstrap(&*running.state.store)
         .await
