@@ -766,6 +766,12 @@ async fn rabbitmq_undecodable_messages_are_dead_lettered_and_skipped() {
     let rabbit = Rabbit::new().await;
     let conn = raw().await;
     let ch = conn.create_channel().await.expect("channel");
+    // Confirmed before the good message goes out on another connection: unconfirmed, the good
+    // one could be queued first, and then nothing polls the consumer that would reject the
+    // garbage.
+    ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .expect("confirm mode");
     ch.basic_publish(
         "".into(),
         rabbit.name.as_str().into(),
@@ -774,7 +780,9 @@ async fn rabbitmq_undecodable_messages_are_dead_lettered_and_skipped() {
         lapin::BasicProperties::default(),
     )
     .await
-    .expect("publish garbage");
+    .expect("publish garbage")
+    .await
+    .expect("garbage confirmed");
     let good = chunk(None);
     rabbit.queue.publish(&good).await.expect("publish");
     let mut consumer = rabbit.queue.consume(1).await.expect("consume");
