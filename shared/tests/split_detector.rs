@@ -8,8 +8,10 @@
 //! pause. The oracle then replays the chunks in their commit order through the domain's
 //! resolution and compares, up to the naming of profiles: which rows share a profile, who owns
 //! each identity, which rows were warned of an identity conflict, and every profile's fields.
-//! SQL checks add that every identity points at a profile that exists and every profile holds
-//! at least one record.
+//! Checks on the tables add that every identity belongs to a profile that lists it, every
+//! profile holds at least one record, and every identity is where a lookup will find it. The
+//! identity keys are masked to a few bits, so that most identities collide with another one
+//! (of this directory or another): a collision must never merge two people.
 //!
 //! Commit order is observable for the chunks of one source: a commit updates its source's row
 //! last and holds that lock until it commits, so the store's commit observer (a `testing`
@@ -22,10 +24,10 @@ use std::time::Duration;
 use orbit_shared::config::DatabaseSettings;
 use orbit_shared::domain::csv::{Dialect, TextEncoding};
 use orbit_shared::domain::header::ColumnMap;
-use orbit_shared::domain::resolve::{resolve_batch, Existing, ProfileState};
+use orbit_shared::domain::resolve::{resolve_batch, Existing, ProfileState, IDENTITY_KINDS};
 use orbit_shared::domain::row::RecordDraft;
 use orbit_shared::model::*;
-use orbit_shared::store::postgres::PgStore;
+use orbit_shared::store::postgres::{identity_key, PgStore};
 use orbit_shared::store::Store;
 use orbit_shared::testing::TestDatabase;
 use rand::rngs::StdRng;
@@ -37,6 +39,10 @@ const SEEDS: u64 = 12;
 const CHUNKS: u64 = 24;
 const ROWS_PER_CHUNK: u64 = 12;
 const COMMITTERS: usize = 8;
+/// Identity keys keep only this many bits of their hash: the seeds' 384 distinct identities
+/// share 512 keys, so most of them collide with another and sit past their home key.
+const KEY_BITS: u32 = 9;
+const KEY_MASK: i64 = (1 << KEY_BITS) - 1;
 
 /// A row drawn from small pools: two rows share an identity often, and a row with two
 /// identities often bridges two profiles.
@@ -184,7 +190,48 @@ fn replay(order: &[usize], chunks: &[Vec<RecordDraft>], seq: i64) -> Outcome {
     )
 }
 
-async fn stored(conn: &mut sqlx::PgConnection, dir: Uuid, source: Uuid) -> Outcome {
+/// The identities of a directory, straight from the table: (kind, value) → (key, profile).
+async fn identity_rows(
+    conn: &mut sqlx::PgConnection,
+    dir: Uuid,
+) -> HashMap<(String, String), (i64, Uuid)> {
+    sqlx::query("SELECT key, kind, value, profile_id FROM identities WHERE directory_id = $1")
+        .bind(dir)
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let kind = IDENTITY_KINDS[r.get::<i16, _>(1) as usize].to_owned();
+            ((kind, r.get(2)), (r.get(0), r.get(3)))
+        })
+        .collect()
+}
+
+/// Every profile of a directory, read through the store.
+async fn profiles(store: &PgStore, org: Uuid, dir: Uuid) -> Vec<Profile> {
+    let mut all = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .list_profiles(org, dir, None, &PageRequest { after, limit: 100 })
+            .await
+            .unwrap();
+        all.extend(page.items);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return all,
+        }
+    }
+}
+
+async fn stored(
+    conn: &mut sqlx::PgConnection,
+    store: &PgStore,
+    org: Uuid,
+    dir: Uuid,
+    source: Uuid,
+) -> Outcome {
     let assignments: HashMap<u64, Uuid> =
         sqlx::query("SELECT row_number, profile_id FROM records WHERE source_id = $1")
             .bind(source)
@@ -194,26 +241,15 @@ async fn stored(conn: &mut sqlx::PgConnection, dir: Uuid, source: Uuid) -> Outco
             .iter()
             .map(|r| (r.get::<i64, _>(0) as u64, r.get(1)))
             .collect();
-    let owners = sqlx::query(
-        "SELECT kind, value, profile_id FROM profile_identities WHERE directory_id = $1",
-    )
-    .bind(dir)
-    .fetch_all(&mut *conn)
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| ((r.get(0), r.get(1)), r.get(2)))
-    .collect();
-    let states = sqlx::query("SELECT id, state FROM profiles WHERE directory_id = $1")
-        .bind(dir)
-        .fetch_all(&mut *conn)
+    let owners = identity_rows(conn, dir)
         .await
-        .unwrap()
-        .iter()
-        .map(|r| {
-            let state: String = r.get(1);
-            (r.get(0), serde_json::from_str(&state).unwrap())
-        })
+        .into_iter()
+        .map(|(identity, (_, profile))| (identity, profile))
+        .collect();
+    let states = profiles(store, org, dir)
+        .await
+        .into_iter()
+        .map(|p| (p.id, p.state))
         .collect();
     let conflicts = sqlx::query(
         "SELECT row_number, column_name FROM row_issues WHERE source_id = $1 AND code = 'identity_conflict'",
@@ -228,22 +264,48 @@ async fn stored(conn: &mut sqlx::PgConnection, dir: Uuid, source: Uuid) -> Outco
     outcome(&assignments, &owners, &states, conflicts)
 }
 
-/// Every identity's profile exists, and every profile holds a record: what a commit that
-/// re-pointed its claims wrongly, or created a profile it then did not use, would break.
-async fn assert_integrity(conn: &mut sqlx::PgConnection, dir: Uuid) {
-    let dangling: i64 = sqlx::query(
-        "SELECT COUNT(*) FROM profile_identities i WHERE i.directory_id = $1
-           AND NOT EXISTS (SELECT 1 FROM profiles p WHERE p.id = i.profile_id)",
-    )
-    .bind(dir)
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap()
-    .get(0);
+/// Every identity's profile exists and lists it, every profile holds a record, and every
+/// identity can be found: no free key between its home and where it sits. What a commit that
+/// re-pointed its claims wrongly, created a profile it then did not use, or probed wrongly
+/// past a collision would break.
+async fn assert_integrity(conn: &mut sqlx::PgConnection, store: &PgStore, org: Uuid, dir: Uuid) {
+    let identities = identity_rows(conn, dir).await;
+    let profiles = profiles(store, org, dir).await;
+    let mut listed: HashMap<(String, String), Uuid> = HashMap::new();
+    for p in &profiles {
+        for identity in &p.identities {
+            assert!(
+                listed.insert(identity.clone(), p.id).is_none(),
+                "{identity:?} is listed by two profiles"
+            );
+        }
+    }
+    let owners: HashMap<(String, String), Uuid> = identities
+        .iter()
+        .map(|(identity, (_, profile))| (identity.clone(), *profile))
+        .collect();
     assert_eq!(
-        dangling, 0,
-        "identities point at profiles that do not exist"
+        listed, owners,
+        "profiles list exactly the identities they own"
     );
+    let taken: BTreeSet<i64> = sqlx::query("SELECT key FROM identities")
+        .fetch_all(&mut *conn)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for ((kind, value), (key, _)) in &identities {
+        let number = IDENTITY_KINDS.iter().position(|k| k == kind).unwrap() as i16;
+        let mut probe = identity_key(dir, number, value) & KEY_MASK;
+        while probe != *key {
+            assert!(
+                taken.contains(&probe),
+                "{kind} {value} sits past a free key"
+            );
+            probe = (probe + 1) & KEY_MASK;
+        }
+    }
     let empty: i64 = sqlx::query(
         "SELECT COUNT(*) FROM profiles p WHERE p.directory_id = $1
            AND NOT EXISTS (SELECT 1 FROM records r WHERE r.profile_id = p.id)",
@@ -296,6 +358,7 @@ async fn concurrent_commits_equal_a_serial_replay_in_commit_order() {
         .await
         .unwrap();
     store.migrate().await.unwrap();
+    store.mask_identity_keys(KEY_BITS);
     let pauses = Arc::new(Mutex::new(StdRng::seed_from_u64(7)));
     store.pause_commits(move || Duration::from_millis(pauses.lock().unwrap().random_range(0..15)));
     let committed = Arc::new(Mutex::new(Vec::new()));
@@ -403,11 +466,38 @@ async fn concurrent_commits_equal_a_serial_replay_in_commit_order() {
         assert_eq!(source.status, SourceStatus::Completed, "seed {seed}");
         assert_eq!(source.accepted, CHUNKS * ROWS_PER_CHUNK);
         let expected = replay(&order, &chunks, source.seq);
-        let actual = stored(&mut admin, dir, source.id).await;
+        let actual = stored(&mut admin, &store, org.id, dir, source.id).await;
         assert_eq!(
             actual, expected,
             "seed {seed}: the concurrent outcome differs from a serial replay in commit order {order:?}"
         );
-        assert_integrity(&mut admin, dir).await;
+        assert_integrity(&mut admin, &store, org.id, dir).await;
+    }
+}
+
+#[tokio::test]
+async fn the_databases_identity_key_function_is_the_stores() {
+    let database = TestDatabase::create().await;
+    let store = PgStore::open(&DatabaseSettings::for_url(&database.url, 2))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let dir = Uuid::now_v7();
+    for (kind, value) in [
+        (0i16, "ann@example.com"),
+        (1, "linkedin.com/in/zoë"),
+        (2, "+14155552671"),
+        (0, ""),
+    ] {
+        let sql: i64 = sqlx::query("SELECT orbit_identity_key($1, $2, $3)")
+            .bind(dir)
+            .bind(kind)
+            .bind(value)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(sql, identity_key(dir, kind, value), "{kind} {value}");
     }
 }

@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::config::DatabaseSettings;
 use crate::model::*;
 
+mod pg_layout;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
@@ -63,7 +64,7 @@ impl StoreError {
         }
     }
 
-    fn sqlstate(&self) -> Option<String> {
+    pub(crate) fn sqlstate(&self) -> Option<String> {
         match self {
             StoreError::Database(sqlx::Error::Database(e)) => e.code().map(|c| c.into_owned()),
             _ => None,

@@ -25,6 +25,10 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Executor, FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+use super::pg_layout::{
+    array_literal, field_names, identity_text, kind_number, profile_columns, profile_from_row,
+    KeySpace, ProfileColumns,
+};
 use super::rows::*;
 use super::writes::{
     identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution, Trace,
@@ -36,10 +40,13 @@ use crate::domain::row;
 use crate::metrics::METRICS;
 use crate::model::*;
 
+pub use super::pg_layout::identity_key;
+
 pub struct PgStore {
     pool: PgPool,
     retry_for: Duration,
     pause: CommitPause,
+    keys: KeySpace,
 }
 
 impl PgStore {
@@ -63,6 +70,7 @@ impl PgStore {
             pool,
             retry_for: settings.retry_for,
             pause: CommitPause::default(),
+            keys: KeySpace::FULL,
         })
     }
 
@@ -71,6 +79,13 @@ impl PgStore {
     #[cfg(feature = "testing")]
     pub fn pause_commits(&mut self, pause: impl Fn() -> Duration + Send + Sync + 'static) {
         self.pause.pause = Some(Arc::new(pause));
+    }
+
+    /// Keeps only the low `bits` of every identity's hash, so that distinct identities collide
+    /// all the time: how the tests show that a collision never merges two people.
+    #[cfg(feature = "testing")]
+    pub fn mask_identity_keys(&mut self, bits: u32) {
+        self.keys = KeySpace::masked(bits);
     }
 
     /// Calls `seen(chunk)` inside each commit of a chunk once it holds its source's row lock,
@@ -284,9 +299,9 @@ impl PgStore {
         let s = upload.source;
         let target = Target {
             source: s.id,
-            organization: s.organization_id,
             directory: s.directory_id,
             seq: upload.seq,
+            keys: self.keys,
         };
         let optimistic = match upload.sync_chunk {
             Some(_) => Some(resolve_optimistically(&self.pool, &target, prepared).await?),
@@ -376,8 +391,10 @@ impl PgStore {
         prepared: &mut Prepared,
         end: SliceEnd,
     ) -> StoreResult<Committed> {
-        let target =
-            &Target::of(&load_source(&mut *self.pool.acquire().await?, lease.source_id).await?);
+        let target = &Target::of(
+            &load_source(&mut *self.pool.acquire().await?, lease.source_id).await?,
+            self.keys,
+        );
         let optimistic = resolve_optimistically(&self.pool, target, prepared).await?;
         let mut tx = self.pool.begin().await?;
         // The row lock fences a concurrent takeover: whoever holds it decides.
@@ -606,124 +623,311 @@ fn issue_row(
 /// write of the source.
 struct Target {
     source: Uuid,
-    organization: Uuid,
     directory: Uuid,
     seq: i64,
+    keys: KeySpace,
 }
 
 impl Target {
-    fn of(source: &Source) -> Self {
+    fn of(source: &Source, keys: KeySpace) -> Self {
         Target {
             source: source.id,
-            organization: source.organization_id,
             directory: source.directory_id,
             seq: source.seq,
+            keys,
         }
     }
+}
+
+/// An identity of a chunk: (kind, value).
+type Identity = (String, String);
+
+/// The key each of a chunk's identities sits at, or would go to if claimed now.
+type Slots = HashMap<Identity, i64>;
+
+/// A probe longer than this means the key space is full, which only a test's tiny masked
+/// space can be (64 bits hold far more identities than any table).
+const MAX_PROBE_ROUNDS: usize = 1024;
+
+/// The identities stored at `keys`, each probed by primary key, whatever the statistics say:
+/// a plain join let the planner, estimating a young table from stale statistics, hash-join
+/// against the whole table, which made each chunk slower than the one before it. The
+/// `LIMIT 1` keeps the lateral subquery from being flattened into such a join.
+async fn stored_at(
+    conn: &mut PgConnection,
+    keys: &[i64],
+) -> StoreResult<HashMap<i64, (Uuid, i16, String, Uuid)>> {
+    let rows = sqlx::query(
+        "SELECT u.key, i.directory_id, i.kind, i.value, i.profile_id FROM UNNEST($1::int8[]) AS u(key)
+         CROSS JOIN LATERAL (SELECT directory_id, kind, value, profile_id FROM identities
+             WHERE key = u.key LIMIT 1) i",
+    )
+    .bind(keys)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get("key")?,
+                (
+                    row.try_get("directory_id")?,
+                    row.try_get("kind")?,
+                    row.try_get("value")?,
+                    row.try_get("profile_id")?,
+                ),
+            ))
+        })
+        .collect()
+}
+
+fn is_identity(
+    stored: &(Uuid, i16, String, Uuid),
+    directory: Uuid,
+    kind: &str,
+    value: &str,
+) -> bool {
+    stored.0 == directory && kind_number(kind).ok() == Some(stored.1) && stored.2 == value
+}
+
+/// Follows each identity's probe sequence from its home key to the key that holds it (its
+/// owner is that row's profile) or to the first free key (where a claim would put it). Keys
+/// held by other identities are collisions: the probe moves on.
+async fn locate(
+    conn: &mut PgConnection,
+    keys: KeySpace,
+    directory: Uuid,
+    identities: Vec<Identity>,
+) -> StoreResult<(HashMap<Identity, Uuid>, Slots)> {
+    let mut owners = HashMap::new();
+    let mut slots = HashMap::with_capacity(identities.len());
+    let mut pending = Vec::with_capacity(identities.len());
+    for (kind, value) in identities {
+        let home = keys.home(directory, kind_number(&kind)?, &value);
+        pending.push(((kind, value), home));
+    }
+    for _ in 0..MAX_PROBE_ROUNDS {
+        if pending.is_empty() {
+            return Ok((owners, slots));
+        }
+        let probed: Vec<i64> = pending.iter().map(|(_, key)| *key).collect();
+        let found = stored_at(conn, &probed).await?;
+        let mut collided = Vec::new();
+        for ((kind, value), key) in pending {
+            match found.get(&key) {
+                Some(stored) if is_identity(stored, directory, &kind, &value) => {
+                    owners.insert((kind.clone(), value.clone()), stored.3);
+                    slots.insert((kind, value), key);
+                }
+                Some(_) => collided.push(((kind, value), keys.next(key))),
+                None => {
+                    slots.insert((kind, value), key);
+                }
+            }
+        }
+        pending = collided;
+    }
+    Err(StoreError::Corrupt("the identity key space is full".into()))
 }
 
 /// The current owners of a chunk's identities and the state of those owners, read without a
-/// lock: what the optimistic resolution works from. Each value is probed by primary key,
-/// whatever the statistics say: a plain join let the planner, estimating a young table from
-/// stale statistics, hash-join against every identity of the directory, which made each chunk
-/// slower than the one before it. The `LIMIT 1` keeps the lateral subquery from being
-/// flattened into such a join.
+/// lock: what the optimistic resolution works from; and where each identity is or would go.
 async fn read_owners(
     conn: &mut PgConnection,
-    directory: Uuid,
+    target: &Target,
     prepared: &Prepared,
-) -> StoreResult<Existing> {
-    let mut existing = Existing::default();
-    for (kind, values) in identity_lookups(prepared) {
-        if values.is_empty() {
-            continue;
-        }
-        let rows = sqlx::query(
-            "SELECT v.value, i.profile_id FROM UNNEST($3::text[]) AS v(value)
-             CROSS JOIN LATERAL (SELECT profile_id FROM profile_identities
-                 WHERE directory_id = $1 AND kind = $2 AND value = v.value LIMIT 1) i",
-        )
-        .bind(directory)
-        .bind(kind)
-        .bind(&values)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            existing.owners.insert(
-                (kind.to_owned(), row.try_get("value")?),
-                row.try_get("profile_id")?,
-            );
-        }
-    }
-    existing.profiles = load_profiles(conn, &owners_to_load(&existing), false).await?;
-    Ok(existing)
+) -> StoreResult<(Existing, Slots)> {
+    let identities: Vec<Identity> = identity_lookups(prepared)
+        .into_iter()
+        .flat_map(|(kind, values)| values.into_iter().map(move |v| (kind.to_owned(), v)))
+        .collect();
+    let (owners, slots) = locate(conn, target.keys, target.directory, identities).await?;
+    let mut existing = Existing {
+        owners,
+        ..Existing::default()
+    };
+    existing.profiles = load_profiles(conn, target.directory, &owners_to_load(&existing), false)
+        .await?
+        .into_iter()
+        .map(|(id, (state, _))| (id, state))
+        .collect();
+    Ok((existing, slots))
 }
 
-/// Profile states by id; with `lock`, each row is locked in the order of `ids` (ascending),
-/// the one order in which every commit locks profiles.
+/// Profile states and identities by id; with `lock`, each row is locked in the order of `ids`
+/// (ascending), the one order in which every commit locks profiles.
 async fn load_profiles(
     conn: &mut PgConnection,
+    directory: Uuid,
     ids: &[Uuid],
     lock: bool,
-) -> StoreResult<HashMap<Uuid, ProfileState>> {
+) -> StoreResult<HashMap<Uuid, (ProfileState, Vec<Identity>)>> {
     let mut profiles = HashMap::with_capacity(ids.len());
     if ids.is_empty() {
         return Ok(profiles);
     }
-    let sql = if lock {
-        "SELECT p.id, p.state FROM UNNEST($1::uuid[]) WITH ORDINALITY AS u(id, n)
-         CROSS JOIN LATERAL (SELECT id, state FROM profiles WHERE id = u.id FOR UPDATE) p
-         ORDER BY u.n"
-    } else {
-        "SELECT p.id, p.state FROM UNNEST($1::uuid[]) AS u(id)
-         CROSS JOIN LATERAL (SELECT id, state FROM profiles WHERE id = u.id LIMIT 1) p"
-    };
-    for row in sqlx::query(sql).bind(ids).fetch_all(&mut *conn).await? {
-        let state: String = row.try_get("state")?;
-        profiles.insert(
-            row.try_get("id")?,
-            serde_json::from_str::<ProfileState>(&state)?,
-        );
+    let sql = format!(
+        "SELECT p.id, {columns} FROM UNNEST($2::uuid[]) WITH ORDINALITY AS u(id, n)
+         CROSS JOIN LATERAL (SELECT * FROM profiles WHERE directory_id = $1 AND id = u.id {lock}) p
+         ORDER BY u.n",
+        columns = profile_columns(),
+        lock = if lock { "FOR UPDATE" } else { "LIMIT 1" },
+    );
+    for row in sqlx::query(&sql)
+        .bind(directory)
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        profiles.insert(row.try_get("id")?, profile_from_row(&row)?);
     }
     Ok(profiles)
 }
 
-/// Claims identities for their profiles, in (kind, value) order, and returns the ones this
-/// transaction now holds. A key another transaction inserted but has not committed makes this
-/// one wait for it (the primary key arbitrates); a key it committed is not returned.
+/// What claiming a chunk's new identities found: the keys this transaction now holds, and the
+/// owners of the identities a concurrent commit claimed first.
+struct Claimed {
+    won: HashMap<Identity, i64>,
+    lost: HashMap<Identity, Uuid>,
+}
+
+/// Claims identities for their profiles, each at the key its probe found free, in ascending
+/// key order. A key another transaction inserted but has not committed makes this one wait for
+/// it (the primary key arbitrates). A key refused is then read: if it holds the same identity,
+/// a concurrent commit claimed it first and owns it; if another (a collision that arrived in
+/// the meantime), the claim moves on to the next key.
 async fn claim_identities(
     conn: &mut PgConnection,
-    directory: Uuid,
+    target: &Target,
     identities: &[(String, String, Uuid)],
-) -> StoreResult<HashSet<(String, String)>> {
-    if identities.is_empty() {
-        return Ok(HashSet::new());
-    }
-    let mut kinds = Vec::with_capacity(identities.len());
-    let mut values = Vec::with_capacity(identities.len());
-    let mut profiles = Vec::with_capacity(identities.len());
+    slots: &Slots,
+) -> StoreResult<Claimed> {
+    let mut claimed = Claimed {
+        won: HashMap::new(),
+        lost: HashMap::new(),
+    };
+    let mut pending = Vec::with_capacity(identities.len());
     for (kind, value, profile) in identities {
-        kinds.push(kind.as_str());
-        values.push(value.as_str());
-        profiles.push(*profile);
+        let key = match slots.get(&(kind.clone(), value.clone())) {
+            Some(key) => *key,
+            None => target
+                .keys
+                .home(target.directory, kind_number(kind)?, value),
+        };
+        pending.push((kind.as_str(), value.as_str(), *profile, key));
     }
-    let rows = sqlx::query(
-        "INSERT INTO profile_identities (directory_id, kind, value, profile_id)
-         SELECT $1, u.kind, u.value, u.profile_id
-         FROM UNNEST($2::text[], $3::text[], $4::uuid[]) AS u(kind, value, profile_id)
-         ORDER BY u.kind, u.value
-         ON CONFLICT DO NOTHING
-         RETURNING kind, value",
+    pending.sort_unstable_by_key(|p| p.3);
+    if claim_all_by_copy(conn, target.directory, &pending).await? {
+        for (kind, value, _, key) in pending {
+            claimed.won.insert((kind.to_owned(), value.to_owned()), key);
+        }
+        return Ok(claimed);
+    }
+    for _ in 0..MAX_PROBE_ROUNDS {
+        if pending.is_empty() {
+            return Ok(claimed);
+        }
+        pending.sort_unstable_by_key(|p| p.3);
+        let mut kinds = Vec::with_capacity(pending.len());
+        for (kind, ..) in &pending {
+            kinds.push(kind_number(kind)?);
+        }
+        let values: Vec<&str> = pending.iter().map(|p| p.1).collect();
+        let profiles: Vec<Uuid> = pending.iter().map(|p| p.2).collect();
+        let keys: Vec<i64> = pending.iter().map(|p| p.3).collect();
+        let inserted: HashSet<(i64, i16, String)> = sqlx::query(
+            "INSERT INTO identities (key, directory_id, kind, value, profile_id)
+             SELECT u.key, $1, u.kind, u.value, u.profile_id
+             FROM UNNEST($2::int8[], $3::int2[], $4::text[], $5::uuid[]) AS u(key, kind, value, profile_id)
+             ORDER BY u.key
+             ON CONFLICT DO NOTHING
+             RETURNING key, kind, value",
+        )
+        .bind(target.directory)
+        .bind(&keys)
+        .bind(&kinds)
+        .bind(&values)
+        .bind(&profiles)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("key")?, row.try_get("kind")?, row.try_get("value")?)))
+        .collect::<StoreResult<_>>()?;
+        let mut refused = Vec::new();
+        for (p, kind) in pending.into_iter().zip(kinds) {
+            if inserted.contains(&(p.3, kind, p.1.to_owned())) {
+                claimed.won.insert((p.0.to_owned(), p.1.to_owned()), p.3);
+            } else {
+                refused.push(p);
+            }
+        }
+        if refused.is_empty() {
+            return Ok(claimed);
+        }
+        let keys: Vec<i64> = refused.iter().map(|p| p.3).collect();
+        let found = stored_at(conn, &keys).await?;
+        pending = Vec::new();
+        for (kind, value, profile, key) in refused {
+            match found.get(&key) {
+                Some(stored) if is_identity(stored, target.directory, kind, value) => {
+                    claimed
+                        .lost
+                        .insert((kind.to_owned(), value.to_owned()), stored.3);
+                }
+                Some(_) => pending.push((kind, value, profile, target.keys.next(key))),
+                // Whoever held the key rolled back: try it again.
+                None => pending.push((kind, value, profile, key)),
+            }
+        }
+    }
+    Err(StoreError::Corrupt("the identity key space is full".into()))
+}
+
+/// The usual case, every identity still free where the optimistic read found it, in one COPY
+/// (rows in ascending key order): a multi-row insert logs about a third of what `INSERT … ON
+/// CONFLICT` logs, which writes a speculative insertion and its confirmation per row. If any
+/// key was claimed meanwhile, the unique index refuses the COPY (after waiting for the claim's
+/// transaction, as `ON CONFLICT` would), the savepoint undoes it, and the caller claims one by
+/// one. Returns whether the COPY claimed them all.
+async fn claim_all_by_copy(
+    conn: &mut PgConnection,
+    directory: Uuid,
+    pending: &[(&str, &str, Uuid, i64)],
+) -> StoreResult<bool> {
+    if pending.is_empty() {
+        return Ok(true);
+    }
+    let directory = directory.to_string();
+    let mut buf = Vec::new();
+    for (kind, value, profile, key) in pending {
+        copy_row(
+            &mut buf,
+            &[
+                Some(&key.to_string()),
+                Some(&directory),
+                Some(&kind_number(kind)?.to_string()),
+                Some(value),
+                Some(&profile.to_string()),
+            ],
+        );
+    }
+    conn.execute("SAVEPOINT claim_by_copy").await?;
+    let copied = copy_in(
+        conn,
+        "COPY identities (key, directory_id, kind, value, profile_id) FROM STDIN",
+        buf,
     )
-    .bind(directory)
-    .bind(&kinds)
-    .bind(&values)
-    .bind(&profiles)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter()
-        .map(|row| Ok((row.try_get("kind")?, row.try_get("value")?)))
-        .collect()
+    .await;
+    match copied {
+        Ok(()) => {
+            conn.execute("RELEASE SAVEPOINT claim_by_copy").await?;
+            Ok(true)
+        }
+        Err(e) if e.sqlstate().as_deref() == Some("23505") => {
+            conn.execute("ROLLBACK TO SAVEPOINT claim_by_copy").await?;
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Turns the optimistic resolution into the one this transaction commits: claims its
@@ -736,39 +940,21 @@ async fn settle(
     conn: &mut PgConnection,
     target: &Target,
     prepared: &mut Prepared,
-    mut existing: Existing,
+    (mut existing, slots): (Existing, Slots),
     optimistic: Resolution,
     pause: &CommitPause,
 ) -> StoreResult<Resolution> {
-    let won = claim_identities(conn, target.directory, &optimistic.identities).await?;
+    let Claimed { won, lost } =
+        claim_identities(conn, target, &optimistic.identities, &slots).await?;
     pause.wait().await;
-    let lost: Vec<(&str, &str)> = optimistic
-        .identities
-        .iter()
-        .filter(|(kind, value, _)| !won.contains(&(kind.clone(), value.clone())))
-        .map(|(kind, value, _)| (kind.as_str(), value.as_str()))
-        .collect();
     let mut stale = !lost.is_empty();
-    if stale {
-        let (kinds, values): (Vec<&str>, Vec<&str>) = lost.iter().copied().unzip();
-        let rows = sqlx::query(
-            "SELECT u.kind, u.value, i.profile_id FROM UNNEST($2::text[], $3::text[]) AS u(kind, value)
-             CROSS JOIN LATERAL (SELECT profile_id FROM profile_identities
-                 WHERE directory_id = $1 AND kind = u.kind AND value = u.value LIMIT 1) i",
-        )
-        .bind(target.directory)
-        .bind(&kinds)
-        .bind(&values)
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            existing.owners.insert(
-                (row.try_get("kind")?, row.try_get("value")?),
-                row.try_get("profile_id")?,
-            );
-        }
-    }
-    let locked = load_profiles(conn, &owners_to_load(&existing), true).await?;
+    existing.owners.extend(lost);
+    let locked: HashMap<Uuid, ProfileState> =
+        load_profiles(conn, target.directory, &owners_to_load(&existing), true)
+            .await?
+            .into_iter()
+            .map(|(id, (state, _))| (id, state))
+            .collect();
     stale |= locked != existing.profiles;
     if !stale {
         return Ok(optimistic);
@@ -778,40 +964,36 @@ async fn settle(
     // The settled resolution claims exactly the keys this transaction won: the others have
     // owners now. Rows that create the same profile keep its id (`Prepared` fixes new ids per
     // row), so only the identities whose profile changed are pointed elsewhere.
-    let optimistic_owner: HashMap<(&str, &str), Uuid> = optimistic
-        .identities
-        .iter()
-        .map(|(kind, value, profile)| ((kind.as_str(), value.as_str()), *profile))
-        .collect();
     if settled.identities.len() != won.len()
         || settled
             .identities
             .iter()
-            .any(|(kind, value, _)| !won.contains(&(kind.clone(), value.clone())))
+            .any(|(kind, value, _)| !won.contains_key(&(kind.clone(), value.clone())))
     {
         return Err(StoreError::Corrupt(
             "re-resolution claimed other identities than the transaction holds".into(),
         ));
     }
-    let moved: Vec<&(String, String, Uuid)> = settled
+    let optimistic_owner: HashMap<(&str, &str), Uuid> = optimistic
+        .identities
+        .iter()
+        .map(|(kind, value, profile)| ((kind.as_str(), value.as_str()), *profile))
+        .collect();
+    let (keys, profiles): (Vec<i64>, Vec<Uuid>) = settled
         .identities
         .iter()
         .filter(|(kind, value, profile)| {
             optimistic_owner.get(&(kind.as_str(), value.as_str())) != Some(profile)
         })
-        .collect();
-    if !moved.is_empty() {
-        let kinds: Vec<&str> = moved.iter().map(|m| m.0.as_str()).collect();
-        let values: Vec<&str> = moved.iter().map(|m| m.1.as_str()).collect();
-        let profiles: Vec<Uuid> = moved.iter().map(|m| m.2).collect();
+        .map(|(kind, value, profile)| (won[&(kind.clone(), value.clone())], *profile))
+        .unzip();
+    if !keys.is_empty() {
         sqlx::query(
-            "UPDATE profile_identities i SET profile_id = u.profile_id
-             FROM UNNEST($2::text[], $3::text[], $4::uuid[]) AS u(kind, value, profile_id)
-             WHERE i.directory_id = $1 AND i.kind = u.kind AND i.value = u.value",
+            "UPDATE identities i SET profile_id = u.profile_id
+             FROM UNNEST($1::int8[], $2::uuid[]) AS u(key, profile_id)
+             WHERE i.key = u.key",
         )
-        .bind(target.directory)
-        .bind(&kinds)
-        .bind(&values)
+        .bind(&keys)
         .bind(&profiles)
         .execute(&mut *conn)
         .await?;
@@ -826,10 +1008,10 @@ async fn resolve_optimistically(
     pool: &PgPool,
     target: &Target,
     prepared: &mut Prepared,
-) -> StoreResult<(Existing, Resolution)> {
-    let snapshot = read_owners(&mut *pool.acquire().await?, target.directory, prepared).await?;
+) -> StoreResult<((Existing, Slots), Resolution)> {
+    let (snapshot, slots) = read_owners(&mut *pool.acquire().await?, target, prepared).await?;
     let optimistic = resolve(prepared, snapshot.clone(), target.seq)?;
-    Ok((snapshot, optimistic))
+    Ok(((snapshot, slots), optimistic))
 }
 
 /// The locked half: settles the resolution and writes it, inside the caller's transaction,
@@ -838,11 +1020,109 @@ async fn apply_results(
     tx: &mut PgConnection,
     target: &Target,
     prepared: &mut Prepared,
-    (snapshot, optimistic): (Existing, Resolution),
+    (snapshot, optimistic): ((Existing, Slots), Resolution),
     pause: &CommitPause,
 ) -> StoreResult<Applied> {
     let resolution = settle(tx, target, prepared, snapshot, optimistic, pause).await?;
     write_all(tx, target, prepared, resolution).await
+}
+
+/// Writes the profiles a resolution created (COPY) and changed (one UPDATE, in place), each
+/// with the identities it claimed.
+async fn write_profiles(
+    conn: &mut PgConnection,
+    target: &Target,
+    resolution: &Resolution,
+    now: i64,
+) -> StoreResult<()> {
+    let mut gained: HashMap<Uuid, Vec<String>> = HashMap::new();
+    for (kind, value, profile) in &resolution.identities {
+        gained
+            .entry(*profile)
+            .or_default()
+            .push(identity_text(kind, value));
+    }
+    // New profiles go straight in with COPY: their ids are new. (Array-bound `INSERT … SELECT
+    // FROM UNNEST` measured within 5% of COPY both ways: slower on 10,000-row chunks, faster on
+    // 100-row uploads.)
+    let (dir_text, now_text) = (target.directory.to_string(), now.to_string());
+    let mut buf = Vec::new();
+    let mut texts: Vec<Option<String>> = Vec::new();
+    for (id, state) in &resolution.created {
+        let columns = ProfileColumns::of(state)?;
+        let mut identities = gained.remove(id).unwrap_or_default();
+        identities.sort_unstable();
+        texts.clear();
+        texts.extend([Some(dir_text.clone()), Some(id.to_string())]);
+        texts.extend([Some(now_text.clone()), Some(now_text.clone())]);
+        for (value, version) in columns.fields {
+            texts.push(value);
+            texts.push(version.map(|v| v.to_string()));
+        }
+        texts.push(columns.attributes);
+        texts.push(Some(array_literal(identities.iter().map(String::as_str))));
+        let fields: Vec<Option<&str>> = texts.iter().map(Option::as_deref).collect();
+        copy_row(&mut buf, &fields);
+    }
+    copy_in(
+        conn,
+        &format!(
+            "COPY profiles (directory_id, id, {}) FROM STDIN",
+            profile_columns()
+        ),
+        buf,
+    )
+    .await?;
+    if resolution.updated.is_empty() {
+        return Ok(());
+    }
+    let n = resolution.updated.len();
+    let names: Vec<&str> = field_names().collect();
+    let mut ids = Vec::with_capacity(n);
+    let mut values: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(n); names.len()];
+    let mut versions: Vec<Vec<Option<i64>>> = vec![Vec::with_capacity(n); names.len()];
+    let mut attributes = Vec::with_capacity(n);
+    let mut gains = Vec::with_capacity(n);
+    for (id, state) in &resolution.updated {
+        let columns = ProfileColumns::of(state)?;
+        ids.push(*id);
+        for (f, (value, version)) in columns.fields.into_iter().enumerate() {
+            values[f].push(value);
+            versions[f].push(version);
+        }
+        attributes.push(columns.attributes);
+        gains.push(serde_json::to_string(
+            &gained.remove(id).unwrap_or_default(),
+        )?);
+    }
+    // $1 directory, $2 now, $3 ids, $4 attributes, $5 gained identities (JSON arrays), then a
+    // value and a version array per field.
+    let mut set = String::from(
+        "updated_ms = $2, attributes = u.attributes,
+         identities = p.identities || ARRAY(SELECT jsonb_array_elements_text(u.gained::jsonb))",
+    );
+    let mut unnest = String::from("$3::uuid[], $4::text[], $5::text[]");
+    let mut aliases = String::from("id, attributes, gained");
+    for (f, name) in names.iter().enumerate() {
+        set.push_str(&format!(", {name} = u.{name}, {name}_v = u.{name}_v"));
+        unnest.push_str(&format!(", ${}::text[], ${}::int8[]", 6 + 2 * f, 7 + 2 * f));
+        aliases.push_str(&format!(", {name}, {name}_v"));
+    }
+    let sql = format!(
+        "UPDATE profiles p SET {set} FROM UNNEST({unnest}) AS u({aliases})
+         WHERE p.directory_id = $1 AND p.id = u.id"
+    );
+    let mut query = sqlx::query(&sql)
+        .bind(target.directory)
+        .bind(now)
+        .bind(&ids)
+        .bind(&attributes)
+        .bind(&gains);
+    for (value, version) in values.iter().zip(&versions) {
+        query = query.bind(value).bind(version);
+    }
+    query.execute(&mut *conn).await?;
+    Ok(())
 }
 
 async fn write_all(
@@ -851,47 +1131,7 @@ async fn write_all(
     prepared: &Prepared,
     resolution: Resolution,
 ) -> StoreResult<Applied> {
-    let now = now_ms();
-    // New profiles go straight in with COPY: their ids are new. (Array-bound `INSERT … SELECT
-    // FROM UNNEST` measured within 5% of COPY both ways: slower on 10,000-row chunks, faster on
-    // 100-row uploads.)
-    let (org, dir_text, now_text) = (
-        target.organization.to_string(),
-        target.directory.to_string(),
-        now.to_string(),
-    );
-    let mut buf = Vec::new();
-    for (id, state) in &resolution.created {
-        copy_row(
-            &mut buf,
-            &[
-                Some(&id.to_string()),
-                Some(&org),
-                Some(&dir_text),
-                Some(state),
-                Some(&now_text),
-                Some(&now_text),
-            ],
-        );
-    }
-    copy_in(
-        conn,
-        "COPY profiles (id, organization_id, directory_id, state, created_ms, updated_ms) FROM STDIN",
-        buf,
-    )
-    .await?;
-    if !resolution.updated.is_empty() {
-        let (ids, states): (Vec<Uuid>, Vec<String>) = resolution.updated.into_iter().unzip();
-        sqlx::query(
-            "UPDATE profiles p SET state = u.state, updated_ms = $3
-             FROM UNNEST($1::uuid[], $2::text[]) AS u(id, state) WHERE p.id = u.id",
-        )
-        .bind(&ids)
-        .bind(&states)
-        .bind(now)
-        .execute(&mut *conn)
-        .await?;
-    }
+    write_profiles(conn, target, &resolution, now_ms()).await?;
     // Records and failed rows go straight in too. None can exist yet: a chunk commits once,
     // fenced by its lease and its `running` state, and the upload's own rows belong to a new
     // source. Should that ever fail, the primary keys refuse the second copy loudly.
@@ -908,14 +1148,12 @@ async fn write_all(
                 r.email.as_deref(),
                 r.linkedin_url.as_deref(),
                 r.phone.as_deref(),
-                Some(&r.fields),
-                Some(&r.attributes),
             ],
         );
     }
     copy_in(
         conn,
-        "COPY records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) FROM STDIN",
+        "COPY records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone) FROM STDIN",
         buf,
     )
     .await?;
@@ -1087,26 +1325,29 @@ async fn insert_chunk(
     Ok(id)
 }
 
-async fn identities_of(
-    pool: &PgPool,
-    profiles: &[Uuid],
-) -> StoreResult<HashMap<Uuid, Vec<(String, String)>>> {
-    let mut out: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
-    if profiles.is_empty() {
-        return Ok(out);
-    }
-    let rows = sqlx::query(
-        "SELECT profile_id, kind, value FROM profile_identities WHERE profile_id = ANY($1) ORDER BY kind, value",
-    )
-    .bind(profiles)
-    .fetch_all(pool)
-    .await?;
-    for row in rows {
-        out.entry(row.try_get("profile_id")?)
-            .or_default()
-            .push((row.try_get("kind")?, row.try_get("value")?));
-    }
-    Ok(out)
+/// A profile row selected with its id, directory and [`profile_columns`].
+fn profile_of_row(row: &PgRow) -> StoreResult<Profile> {
+    let (state, identities) = profile_from_row(row)?;
+    Ok(Profile {
+        id: row.try_get("id")?,
+        directory_id: row.try_get("directory_id")?,
+        state,
+        identities,
+        created_at: at(row.try_get("created_ms")?),
+        updated_at: at(row.try_get("updated_ms")?),
+    })
+}
+
+/// Profiles are paged by their id, which is time-ordered: the cursor is its two halves.
+fn profile_cursor(id: Uuid) -> Cursor {
+    let (hi, lo) = id.as_u64_pair();
+    Cursor(hi as i64, lo as i64)
+}
+
+fn profile_after(cursor: Option<Cursor>) -> Uuid {
+    cursor.map_or(Uuid::nil(), |Cursor(hi, lo)| {
+        Uuid::from_u64_pair(hi as u64, lo as u64)
+    })
 }
 
 #[async_trait]
@@ -1493,38 +1734,44 @@ impl Store for PgStore {
         email: Option<&str>,
         page: &PageRequest,
     ) -> StoreResult<Page<Profile>> {
-        let rows = sqlx::query_as::<_, ProfileRow>(
-            "SELECT p.* FROM profiles p
-             WHERE p.organization_id = $1 AND p.directory_id = $2 AND p.seq > $3
-               AND ($4::text IS NULL OR EXISTS (SELECT 1 FROM profile_identities i
-                    WHERE i.directory_id = p.directory_id AND i.kind = 'email' AND i.value = $4 AND i.profile_id = p.id))
-             ORDER BY p.seq LIMIT $5",
-        )
+        let only = match email {
+            Some(email) => {
+                let identity = ("email".to_owned(), email.to_owned());
+                let mut conn = self.pool.acquire().await?;
+                let (owners, _) = locate(&mut conn, self.keys, dir, vec![identity.clone()]).await?;
+                match owners.get(&identity) {
+                    Some(owner) => Some(*owner),
+                    None => {
+                        return Ok(Page {
+                            items: Vec::new(),
+                            next: None,
+                        })
+                    }
+                }
+            }
+            None => None,
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT p.id, p.directory_id, {columns} FROM profiles p
+             WHERE p.directory_id = $2 AND p.id > $3 AND ($4::uuid IS NULL OR p.id = $4)
+               AND EXISTS (SELECT 1 FROM directories d WHERE d.id = $2 AND d.organization_id = $1)
+             ORDER BY p.id LIMIT $5",
+            columns = profile_columns()
+        ))
         .bind(org)
         .bind(dir)
-        .bind(page.after.map_or(0, |c| c.0))
-        .bind(email)
+        .bind(profile_after(page.after))
+        .bind(only)
         .bind(page_limit(page) + 1)
         .fetch_all(&self.pool)
         .await?;
         let items = rows
-            .into_iter()
-            .map(|r| Ok((r.seq, Profile::try_from(r)?)))
+            .iter()
+            .map(profile_of_row)
             .collect::<StoreResult<Vec<_>>>()?;
-        let page = paginate(items, page_limit(page) as usize, |(seq, _)| Cursor(*seq, 0));
-        let ids: Vec<Uuid> = page.items.iter().map(|(_, p)| p.id).collect();
-        let mut identities = identities_of(&self.pool, &ids).await?;
-        Ok(Page {
-            items: page
-                .items
-                .into_iter()
-                .map(|(_, mut p)| {
-                    p.identities = identities.remove(&p.id).unwrap_or_default();
-                    p
-                })
-                .collect(),
-            next: page.next,
-        })
+        Ok(paginate(items, page_limit(page) as usize, |p| {
+            profile_cursor(p.id)
+        }))
     }
 
     async fn get_profile(
@@ -1533,21 +1780,18 @@ impl Store for PgStore {
         dir: Uuid,
         profile: Uuid,
     ) -> StoreResult<Option<Profile>> {
-        let row = sqlx::query_as::<_, ProfileRow>(
-            "SELECT * FROM profiles WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
-        )
+        let row = sqlx::query(&format!(
+            "SELECT p.id, p.directory_id, {columns} FROM profiles p
+             WHERE p.directory_id = $2 AND p.id = $3
+               AND EXISTS (SELECT 1 FROM directories d WHERE d.id = $2 AND d.organization_id = $1)",
+            columns = profile_columns()
+        ))
         .bind(org)
         .bind(dir)
         .bind(profile)
         .fetch_optional(&self.pool)
         .await?;
-        let Some(row) = row else { return Ok(None) };
-        let mut p = Profile::try_from(row)?;
-        p.identities = identities_of(&self.pool, &[p.id])
-            .await?
-            .remove(&p.id)
-            .unwrap_or_default();
-        Ok(Some(p))
+        row.as_ref().map(profile_of_row).transpose()
     }
 
     async fn claim_chunk(

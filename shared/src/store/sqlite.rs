@@ -1,7 +1,7 @@
 //! The embedded store: one SQLite file in WAL mode. Writes go through a single-connection pool,
 //! which serializes writers without SQLite's lock-upgrade failures; reads use their own pool.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -142,7 +142,14 @@ async fn apply_results(
 
     let writes = resolve(&mut prepared, existing, source.seq)?;
     let now = now_ms();
-    for batch in writes.created.chunks(ROWS_PER_INSERT) {
+    let state_json = |profiles: BTreeMap<Uuid, ProfileState>| -> StoreResult<Vec<(Uuid, String)>> {
+        profiles
+            .into_iter()
+            .map(|(id, state)| Ok((id, serde_json::to_string(&state)?)))
+            .collect()
+    };
+    let (created, updated) = (state_json(writes.created)?, state_json(writes.updated)?);
+    for batch in created.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT INTO profiles (id, organization_id, directory_id, state, created_ms, updated_ms) ",
         );
@@ -156,7 +163,7 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    for (id, state) in &writes.updated {
+    for (id, state) in &updated {
         sqlx::query("UPDATE profiles SET state = ?, updated_ms = ? WHERE id = ?")
             .bind(state)
             .bind(now)
@@ -176,21 +183,31 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    let records: Vec<_> = prepared.records.iter().zip(&writes.profile_of).collect();
+    let mut records = Vec::with_capacity(prepared.records.len());
+    for ((r, draft), profile) in prepared
+        .records
+        .iter()
+        .zip(&prepared.accepted)
+        .zip(&writes.profile_of)
+    {
+        let fields = serde_json::to_string(&draft.fields)?;
+        let attributes = serde_json::to_string(&draft.attributes)?;
+        records.push((r, profile, fields, attributes));
+    }
     for batch in records.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) ",
         );
-        insert.push_values(batch, |mut row, (r, profile)| {
+        insert.push_values(batch, |mut row, (r, profile, fields, attributes)| {
             row.push_bind(source.id)
                 .push_bind(r.row_number)
                 .push_bind(r.line_number)
-                .push_bind(*profile)
+                .push_bind(**profile)
                 .push_bind(&r.email)
                 .push_bind(&r.linkedin_url)
                 .push_bind(&r.phone)
-                .push_bind(&r.fields)
-                .push_bind(&r.attributes);
+                .push_bind(fields)
+                .push_bind(attributes);
         });
         insert.build().execute(&mut *conn).await?;
     }

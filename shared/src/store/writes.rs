@@ -31,8 +31,6 @@ pub(super) struct RecordWrite {
     pub email: Option<String>,
     pub linkedin_url: Option<String>,
     pub phone: Option<String>,
-    pub fields: String,
-    pub attributes: String,
 }
 
 pub(super) struct IssueWrite {
@@ -50,7 +48,7 @@ pub(super) struct FailedWrite {
 }
 
 /// A chunk's results with everything that does not depend on other chunks worked out:
-/// duplicates within the batch, the records' and failed rows' JSON.
+/// duplicates within the batch, the failed rows' JSON.
 pub(super) struct Prepared {
     pub accepted: Vec<RecordDraft>,
     /// One per accepted record, in the same order.
@@ -67,9 +65,10 @@ pub(super) struct Prepared {
 pub(super) struct Resolution {
     /// The profile of each record of [`Prepared::records`], in the same order.
     pub profile_of: Vec<Uuid>,
-    /// New profiles and changed ones, with their state as JSON.
-    pub created: Vec<(Uuid, String)>,
-    pub updated: Vec<(Uuid, String)>,
+    /// New profiles and changed ones, in their final state. An existing profile that gains an
+    /// identity counts as changed even when its fields do not.
+    pub created: BTreeMap<Uuid, resolve::ProfileState>,
+    pub updated: BTreeMap<Uuid, resolve::ProfileState>,
     /// (kind, value, profile) identities to claim, sorted by (kind, value): the one order in
     /// which every commit claims keys, so that two commits never wait on each other in a
     /// circle.
@@ -89,8 +88,6 @@ pub(super) fn prepare(mut results: ChunkResults) -> StoreResult<Prepared> {
             email: record.fields.get("email").cloned(),
             linkedin_url: record.fields.get("linkedin_url").cloned(),
             phone: record.fields.get("phone").cloned(),
-            fields: serde_json::to_string(&record.fields)?,
-            attributes: serde_json::to_string(&record.attributes)?,
         });
     }
     let mut failed = Vec::with_capacity(results.failed.len());
@@ -151,15 +148,16 @@ pub(super) fn resolve(
     source_seq: i64,
 ) -> StoreResult<Resolution> {
     let new_ids = &mut prepared.new_ids;
-    let plan = resolve::resolve_batch(&mut existing, &prepared.accepted, source_seq, |row| {
+    let mut plan = resolve::resolve_batch(&mut existing, &prepared.accepted, source_seq, |row| {
         *new_ids.entry(row).or_insert_with(Uuid::now_v7)
     });
-    let state_json =
-        |m: BTreeMap<Uuid, resolve::ProfileState>| -> StoreResult<Vec<(Uuid, String)>> {
-            m.into_iter()
-                .map(|(id, state)| Ok((id, serde_json::to_string(&state)?)))
-                .collect()
-        };
+    for (_, _, profile) in &plan.new_identities {
+        if !plan.created.contains_key(profile) && !plan.updated.contains_key(profile) {
+            if let Some(state) = existing.profiles.get(profile) {
+                plan.updated.insert(*profile, state.clone());
+            }
+        }
+    }
     let assignments: HashMap<u64, Uuid> = plan.assignments.iter().copied().collect();
     let mut resolution_warnings: HashMap<u64, Vec<Issue>> = HashMap::new();
     for (row_number, issue) in plan.warnings {
@@ -198,8 +196,8 @@ pub(super) fn resolve(
     identities.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     Ok(Resolution {
         profile_of,
-        created: state_json(plan.created)?,
-        updated: state_json(plan.updated)?,
+        created: plan.created,
+        updated: plan.updated,
         identities,
         warnings,
         applied: Applied {

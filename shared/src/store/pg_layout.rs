@@ -1,0 +1,286 @@
+//! How PostgreSQL lays out identities and profiles (migration `0010_narrow_rows`): identities
+//! keyed by a 64-bit hash with open addressing, profiles as typed columns with a packed
+//! version per field. Pure functions, so that the encodings are tested without a database.
+
+use std::collections::BTreeMap;
+
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{StoreError, StoreResult};
+use crate::domain::header::KnownField;
+use crate::domain::resolve::{ProfileState, Version, Versioned, IDENTITY_KINDS};
+
+/// The stored number of an identity kind: its place in resolution order.
+pub(super) fn kind_number(kind: &str) -> StoreResult<i16> {
+    IDENTITY_KINDS
+        .iter()
+        .position(|k| *k == kind)
+        .map(|n| n as i16)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown identity kind {kind}")))
+}
+
+/// The home key of an identity: the first 8 bytes of SHA-256(directory id || kind number ||
+/// value), big-endian, as the SQL function `orbit_identity_key` computes it.
+pub fn identity_key(directory: Uuid, kind: i16, value: &str) -> i64 {
+    let mut hash = Sha256::new();
+    hash.update(directory.as_bytes());
+    hash.update([kind as u8]);
+    hash.update(value.as_bytes());
+    let digest = hash.finalize();
+    i64::from_be_bytes(
+        digest[..8]
+            .try_into()
+            .expect("a SHA-256 digest has 8 bytes"),
+    )
+}
+
+/// Where identities live in the key space. In production every key is possible; a test can
+/// keep only the low bits of the hash, so that distinct identities collide all the time and
+/// the probing is exercised (a collision must never merge two people).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct KeySpace {
+    mask: Option<i64>,
+}
+
+impl KeySpace {
+    pub const FULL: KeySpace = KeySpace { mask: None };
+
+    pub fn masked(bits: u32) -> KeySpace {
+        assert!((1..63).contains(&bits), "a key space of 1 to 62 bits");
+        KeySpace {
+            mask: Some((1i64 << bits) - 1),
+        }
+    }
+
+    pub fn home(self, directory: Uuid, kind: i16, value: &str) -> i64 {
+        let key = identity_key(directory, kind, value);
+        self.mask.map_or(key, |mask| key & mask)
+    }
+
+    /// The key probed after `key` when it holds another identity. Identities are never
+    /// deleted, so a probe that meets a free key has seen every key its identity could be at.
+    pub fn next(self, key: i64) -> i64 {
+        match self.mask {
+            None => key.wrapping_add(1),
+            Some(mask) => (key + 1) & mask,
+        }
+    }
+}
+
+/// A version in one column: source sequence × 2^32 + row number. Both bounds are checked
+/// rather than wrapped: a wrapped version would let an old write win over a new one.
+pub(super) fn pack_version((seq, row): Version) -> StoreResult<i64> {
+    if !(0..1 << 31).contains(&seq) || !(0..1 << 32).contains(&row) {
+        return Err(StoreError::Corrupt(format!(
+            "version (source {seq}, row {row}) does not fit the profile columns: at most 2^31 \
+             sources and 2^32 rows per file"
+        )));
+    }
+    Ok(seq << 32 | row)
+}
+
+pub(super) fn unpack_version(packed: i64) -> Version {
+    (packed >> 32, packed & 0xffff_ffff)
+}
+
+/// The profile fields stored as columns, each with a `<name>_v` version column.
+pub(super) fn field_names() -> impl Iterator<Item = &'static str> {
+    KnownField::ALL.into_iter().map(KnownField::as_str)
+}
+
+/// The columns of a profile row after its key, in the order [`ProfileColumns`] fills them.
+pub(super) fn profile_columns() -> String {
+    let mut columns = String::from("created_ms, updated_ms");
+    for name in field_names() {
+        columns.push_str(&format!(", {name}, {name}_v"));
+    }
+    columns.push_str(", attributes, identities");
+    columns
+}
+
+/// A profile's state as column values: one (value, version) per known field, the free-form
+/// attributes as JSON (`None` when there are none).
+pub(super) struct ProfileColumns {
+    pub fields: Vec<(Option<String>, Option<i64>)>,
+    pub attributes: Option<String>,
+}
+
+impl ProfileColumns {
+    pub fn of(state: &ProfileState) -> StoreResult<ProfileColumns> {
+        let mut fields = Vec::with_capacity(KnownField::ALL.len());
+        for name in field_names() {
+            fields.push(match state.fields.get(name) {
+                Some(v) => (Some(v.value.clone()), Some(pack_version(v.version)?)),
+                None => (None, None),
+            });
+        }
+        if let Some(name) = state
+            .fields
+            .keys()
+            .find(|k| !field_names().any(|f| f == k.as_str()))
+        {
+            return Err(StoreError::Corrupt(format!(
+                "profile field {name} has no column"
+            )));
+        }
+        let attributes = if state.attributes.is_empty() {
+            None
+        } else {
+            Some(serde_json::to_string(&state.attributes)?)
+        };
+        Ok(ProfileColumns { fields, attributes })
+    }
+}
+
+/// Reads the state and identities of a profile row selected with [`profile_columns`].
+pub(super) fn profile_from_row(row: &PgRow) -> StoreResult<(ProfileState, Vec<(String, String)>)> {
+    let mut fields = BTreeMap::new();
+    for name in field_names() {
+        let value: Option<String> = row.try_get(name)?;
+        let version: Option<i64> = row.try_get(format!("{name}_v").as_str())?;
+        if let (Some(value), Some(version)) = (value, version) {
+            fields.insert(
+                name.to_owned(),
+                Versioned {
+                    value,
+                    version: unpack_version(version),
+                },
+            );
+        }
+    }
+    let attributes: Option<String> = row.try_get("attributes")?;
+    let attributes = match attributes {
+        Some(json) => serde_json::from_str(&json)?,
+        None => BTreeMap::new(),
+    };
+    let stored: Vec<String> = row.try_get("identities")?;
+    let mut identities = stored
+        .iter()
+        .map(|i| parse_identity(i))
+        .collect::<StoreResult<Vec<_>>>()?;
+    identities.sort_unstable();
+    Ok((ProfileState { fields, attributes }, identities))
+}
+
+/// A profile's identity as it is kept in its row: `kind:value` (kinds have no colon).
+pub(super) fn identity_text(kind: &str, value: &str) -> String {
+    format!("{kind}:{value}")
+}
+
+fn parse_identity(text: &str) -> StoreResult<(String, String)> {
+    text.split_once(':')
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| StoreError::Corrupt(format!("stored identity {text:?} has no kind")))
+}
+
+/// A `text[]` literal for COPY's text format (before COPY's own escaping): every element
+/// quoted, backslashes and quotes escaped.
+pub(super) fn array_literal<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::from("{");
+    for (i, item) in items.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in item.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_pack_in_order_and_refuse_what_would_wrap() {
+        let versions = [
+            (0, 0),
+            (0, 1),
+            (0, u32::MAX as i64),
+            (1, 0),
+            (7, 12),
+            ((1 << 31) - 1, 5),
+        ];
+        let packed: Vec<i64> = versions.iter().map(|v| pack_version(*v).unwrap()).collect();
+        assert!(
+            packed.windows(2).all(|w| w[0] < w[1]),
+            "packing keeps the order"
+        );
+        for (v, p) in versions.iter().zip(&packed) {
+            assert_eq!(unpack_version(*p), *v);
+        }
+        assert!(pack_version((1 << 31, 0)).is_err());
+        assert!(pack_version((1, 1 << 32)).is_err());
+        assert!(pack_version((-1, 0)).is_err());
+    }
+
+    #[test]
+    fn keys_depend_on_directory_kind_and_value_and_masks_keep_the_low_bits() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let k = identity_key(a, 0, "ann@example.com");
+        assert_eq!(k, identity_key(a, 0, "ann@example.com"));
+        assert_ne!(k, identity_key(b, 0, "ann@example.com"));
+        assert_ne!(k, identity_key(a, 2, "ann@example.com"));
+        assert_ne!(k, identity_key(a, 0, "bob@example.com"));
+        let space = KeySpace::masked(4);
+        let home = space.home(a, 0, "ann@example.com");
+        assert_eq!(home, k & 15);
+        assert_eq!(space.next(15), 0, "a masked probe wraps");
+        assert_eq!(
+            KeySpace::FULL.next(i64::MAX),
+            i64::MIN,
+            "so does a full one"
+        );
+    }
+
+    #[test]
+    fn profile_columns_cover_every_known_field_and_refuse_others() {
+        let mut state = ProfileState::default();
+        state.fields.insert(
+            "city".into(),
+            Versioned {
+                value: "Paris".into(),
+                version: (3, 9),
+            },
+        );
+        let columns = ProfileColumns::of(&state).unwrap();
+        assert_eq!(columns.fields.len(), KnownField::ALL.len());
+        assert_eq!(columns.attributes, None);
+        let city = field_names().position(|f| f == "city").unwrap();
+        assert_eq!(
+            columns.fields[city],
+            (Some("Paris".into()), Some(3 << 32 | 9))
+        );
+        state.fields.insert(
+            "shoe_size".into(),
+            Versioned {
+                value: "44".into(),
+                version: (3, 9),
+            },
+        );
+        assert!(ProfileColumns::of(&state).is_err());
+    }
+
+    #[test]
+    fn array_literals_quote_every_element() {
+        assert_eq!(array_literal([]), "{}");
+        assert_eq!(
+            array_literal(["email:a@x.co", r#"phone:"q"\z"#]),
+            r#"{"email:a@x.co","phone:\"q\"\\z"}"#
+        );
+        assert_eq!(
+            parse_identity("linkedin_url:https://x/in/a").unwrap().1,
+            "https://x/in/a"
+        );
+    }
+}
