@@ -99,8 +99,9 @@ CREATE TABLE typed_profiles (
     country TEXT, country_v BIGINT,
     -- {"name": {"value": …, "version": [sequence, row]}}, NULL when there are none.
     attributes TEXT,
-    -- "kind:value", in (kind, value) order.
-    identities TEXT[] NOT NULL,
+    -- One identity per line, "<kind number>:<value>" (backslash and newline escaped as \\
+    -- and \n): about 50 bytes a row less than a text[] of "kind:value".
+    identities TEXT NOT NULL,
     PRIMARY KEY (directory_id, id)
 ) WITH (fillfactor = 90);
 
@@ -117,8 +118,12 @@ SELECT p.directory_id, p.id, p.created_ms, p.updated_ms,
     s #>> '{fields,city,value}', orbit_version(s #> '{fields,city,version}'),
     s #>> '{fields,country,value}', orbit_version(s #> '{fields,country,version}'),
     CASE WHEN s->'attributes' = '{}'::jsonb THEN NULL ELSE (s->'attributes')::text END,
-    ARRAY(SELECT i.kind || ':' || i.value FROM profile_identities i
-          WHERE i.profile_id = p.id ORDER BY i.kind COLLATE "C", i.value COLLATE "C")
+    COALESCE((SELECT string_agg(k.kind || ':' || replace(replace(i.value, '\', '\\'), E'\n', '\n'),
+                                E'\n' ORDER BY k.kind, i.value COLLATE "C")
+              FROM profile_identities i
+              JOIN (VALUES ('email', 0), ('linkedin_url', 1), ('phone', 2)) AS k(name, kind)
+                ON k.name = i.kind
+              WHERE i.profile_id = p.id), '')
 FROM (SELECT *, state::jsonb AS s FROM profiles) p;
 
 DROP FUNCTION orbit_version(JSONB);

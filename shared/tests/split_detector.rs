@@ -501,3 +501,87 @@ async fn the_databases_identity_key_function_is_the_stores() {
         assert_eq!(sql, identity_key(dir, kind, value), "{kind} {value}");
     }
 }
+
+/// Migration 0010 rewrites the identities and profiles a running installation holds: run the
+/// migrations before it, store profiles and identities the old way, run it, and read them back
+/// through the store.
+#[tokio::test]
+async fn the_narrow_rows_migration_keeps_profiles_and_identities() {
+    let database = TestDatabase::create().await;
+    let mut conn = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let dir_path = concat!(env!("CARGO_MANIFEST_DIR"), "/../migrations/postgres");
+    let mut files: Vec<_> = std::fs::read_dir(dir_path)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let (before, after): (Vec<_>, Vec<_>) = files
+        .into_iter()
+        .partition(|f| f.file_name().unwrap().to_str().unwrap() < "0010");
+    let run = |file: &std::path::Path| std::fs::read_to_string(file).unwrap();
+    for file in &before {
+        sqlx::raw_sql(&run(file)).execute(&mut conn).await.unwrap();
+    }
+    let (org, dir) = (Uuid::now_v7(), Uuid::now_v7());
+    let (ann, bob) = (Uuid::now_v7(), Uuid::now_v7());
+    sqlx::raw_sql(&format!(
+        "INSERT INTO organizations VALUES ('{org}', 'o', 0);
+         INSERT INTO directories (id, organization_id, name, created_ms) VALUES ('{dir}', '{org}', 'd', 0);
+         INSERT INTO profiles (id, organization_id, directory_id, state, created_ms, updated_ms) VALUES
+           ('{ann}', '{org}', '{dir}', '{{\"fields\":{{\"email\":{{\"value\":\"ann@x.co\",\"version\":[3,7]}},\"city\":{{\"value\":\"Paris\",\"version\":[4,1]}}}},\"attributes\":{{\"tier\":{{\"value\":\"gold\",\"version\":[3,7]}}}}}}', 10, 20),
+           ('{bob}', '{org}', '{dir}', '{{\"fields\":{{\"phone\":{{\"value\":\"+14155550100\",\"version\":[5,2]}}}},\"attributes\":{{}}}}', 11, 21);
+         INSERT INTO profile_identities VALUES
+           ('{dir}', 'email', 'ann@x.co', '{ann}'),
+           ('{dir}', 'phone', '+14155550199', '{ann}'),
+           ('{dir}', 'phone', '+14155550100', '{bob}');"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    for file in &after {
+        sqlx::raw_sql(&run(file)).execute(&mut conn).await.unwrap();
+    }
+
+    let store = PgStore::open(&DatabaseSettings::for_url(&database.url, 2))
+        .await
+        .unwrap();
+    let profile = store.get_profile(org, dir, ann).await.unwrap().unwrap();
+    assert_eq!(profile.state.fields["email"].value, "ann@x.co");
+    assert_eq!(profile.state.fields["email"].version, (3, 7));
+    assert_eq!(profile.state.fields["city"].version, (4, 1));
+    assert_eq!(profile.state.attributes["tier"].value, "gold");
+    assert_eq!(
+        profile.identities,
+        vec![
+            ("email".to_owned(), "ann@x.co".to_owned()),
+            ("phone".to_owned(), "+14155550199".to_owned())
+        ]
+    );
+    let by_email = store
+        .list_profiles(
+            org,
+            dir,
+            Some("ann@x.co"),
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        by_email.items.len(),
+        1,
+        "the migrated key finds its profile"
+    );
+    assert_eq!(by_email.items[0].id, ann);
+    let bob = store.get_profile(org, dir, bob).await.unwrap().unwrap();
+    assert_eq!(bob.state.fields["phone"].version, (5, 2));
+    assert!(bob.state.attributes.is_empty());
+    let owners = identity_rows(&mut conn, dir).await;
+    assert_eq!(owners.len(), 3);
+    assert_eq!(
+        owners[&("phone".to_owned(), "+14155550199".to_owned())].1,
+        ann
+    );
+}

@@ -156,45 +156,60 @@ pub(super) fn profile_from_row(row: &PgRow) -> StoreResult<(ProfileState, Vec<(S
         Some(json) => serde_json::from_str(&json)?,
         None => BTreeMap::new(),
     };
-    let stored: Vec<String> = row.try_get("identities")?;
-    let mut identities = stored
-        .iter()
-        .map(|i| parse_identity(i))
-        .collect::<StoreResult<Vec<_>>>()?;
+    let stored: String = row.try_get("identities")?;
+    let mut identities = parse_identities(&stored)?;
     identities.sort_unstable();
     Ok((ProfileState { fields, attributes }, identities))
 }
 
-/// A profile's identity as it is kept in its row: `kind:value` (kinds have no colon).
-pub(super) fn identity_text(kind: &str, value: &str) -> String {
-    format!("{kind}:{value}")
-}
-
-fn parse_identity(text: &str) -> StoreResult<(String, String)> {
-    text.split_once(':')
-        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .ok_or_else(|| StoreError::Corrupt(format!("stored identity {text:?} has no kind")))
-}
-
-/// A `text[]` literal for COPY's text format (before COPY's own escaping): every element
-/// quoted, backslashes and quotes escaped.
-pub(super) fn array_literal<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
-    let mut out = String::from("{");
-    for (i, item) in items.into_iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+/// A profile's identities as its row keeps them: one per line, `<kind number>:<value>`, with
+/// backslash and newline escaped.
+pub(super) fn identities_text<'a>(
+    identities: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> StoreResult<String> {
+    let mut out = String::new();
+    for (kind, value) in identities {
+        if !out.is_empty() {
+            out.push('\n');
         }
-        out.push('"');
-        for c in item.chars() {
-            if c == '"' || c == '\\' {
-                out.push('\\');
+        out.push_str(&kind_number(kind)?.to_string());
+        out.push(':');
+        for c in value.chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                c => out.push(c),
             }
-            out.push(c);
         }
-        out.push('"');
     }
-    out.push('}');
-    out
+    Ok(out)
+}
+
+fn parse_identities(text: &str) -> StoreResult<Vec<(String, String)>> {
+    let corrupt = || StoreError::Corrupt(format!("stored identities {text:?}"));
+    let mut out = Vec::new();
+    for line in text.split('\n').filter(|l| !l.is_empty()) {
+        let (kind, escaped) = line.split_once(':').ok_or_else(corrupt)?;
+        let kind = kind
+            .parse::<usize>()
+            .ok()
+            .and_then(|n| IDENTITY_KINDS.get(n))
+            .ok_or_else(corrupt)?;
+        let mut value = String::with_capacity(escaped.len());
+        let mut chars = escaped.chars();
+        while let Some(c) = chars.next() {
+            value.push(match c {
+                '\\' => match chars.next() {
+                    Some('n') => '\n',
+                    Some('\\') => '\\',
+                    _ => return Err(corrupt()),
+                },
+                c => c,
+            });
+        }
+        out.push(((*kind).to_owned(), value));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -272,15 +287,23 @@ mod tests {
     }
 
     #[test]
-    fn array_literals_quote_every_element() {
-        assert_eq!(array_literal([]), "{}");
-        assert_eq!(
-            array_literal(["email:a@x.co", r#"phone:"q"\z"#]),
-            r#"{"email:a@x.co","phone:\"q\"\\z"}"#
-        );
-        assert_eq!(
-            parse_identity("linkedin_url:https://x/in/a").unwrap().1,
-            "https://x/in/a"
-        );
+    fn identities_round_trip_through_their_text() {
+        let identities = [
+            ("email", "a@x.co"),
+            ("linkedin_url", "linkedin.com/in/a"),
+            ("phone", "odd\\value\nwith:colons"),
+        ];
+        let text = identities_text(identities).unwrap();
+        assert_eq!(text.lines().count(), 3, "one line per identity: {text:?}");
+        assert!(text.starts_with("0:a@x.co\n1:linkedin.com/in/a\n2:"));
+        let back = parse_identities(&text).unwrap();
+        let want: Vec<(String, String)> = identities
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        assert_eq!(back, want);
+        assert!(parse_identities("").unwrap().is_empty());
+        assert!(parse_identities("9:x").is_err());
+        assert!(identities_text([("shoe", "x")]).is_err());
     }
 }
