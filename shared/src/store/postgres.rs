@@ -656,7 +656,7 @@ const MAX_PROBE_ROUNDS: usize = 1024;
 async fn stored_at(
     conn: &mut PgConnection,
     keys: &[i64],
-) -> StoreResult<HashMap<i64, (Uuid, i16, String, Uuid)>> {
+) -> StoreResult<HashMap<i64, StoredIdentity>> {
     let rows = sqlx::query(
         "SELECT u.key, i.directory_id, i.kind, i.value, i.profile_id FROM UNNEST($1::int8[]) AS u(key)
          CROSS JOIN LATERAL (SELECT directory_id, kind, value, profile_id FROM identities
@@ -669,24 +669,32 @@ async fn stored_at(
         .map(|row| {
             Ok((
                 row.try_get("key")?,
-                (
-                    row.try_get("directory_id")?,
-                    row.try_get("kind")?,
-                    row.try_get("value")?,
-                    row.try_get("profile_id")?,
-                ),
+                StoredIdentity {
+                    directory: row.try_get("directory_id")?,
+                    kind: row.try_get("kind")?,
+                    value: row.try_get("value")?,
+                    profile: row.try_get("profile_id")?,
+                },
             ))
         })
         .collect()
 }
 
-fn is_identity(
-    stored: &(Uuid, i16, String, Uuid),
+/// A row of `identities`, as read at some key.
+struct StoredIdentity {
     directory: Uuid,
-    kind: &str,
-    value: &str,
-) -> bool {
-    stored.0 == directory && kind_number(kind).ok() == Some(stored.1) && stored.2 == value
+    kind: i16,
+    value: String,
+    profile: Uuid,
+}
+
+impl StoredIdentity {
+    /// Whether this row is the identity looked for, not another one that collided with it.
+    fn is(&self, directory: Uuid, kind: &str, value: &str) -> bool {
+        self.directory == directory
+            && kind_number(kind).ok() == Some(self.kind)
+            && self.value == value
+    }
 }
 
 /// Follows each identity's probe sequence from its home key to the key that holds it (its
@@ -714,8 +722,8 @@ async fn locate(
         let mut collided = Vec::new();
         for ((kind, value), key) in pending {
             match found.get(&key) {
-                Some(stored) if is_identity(stored, directory, &kind, &value) => {
-                    owners.insert((kind.clone(), value.clone()), stored.3);
+                Some(stored) if stored.is(directory, &kind, &value) => {
+                    owners.insert((kind.clone(), value.clone()), stored.profile);
                     slots.insert((kind, value), key);
                 }
                 Some(_) => collided.push(((kind, value), keys.next(key))),
@@ -745,22 +753,19 @@ async fn read_owners(
         owners,
         ..Existing::default()
     };
-    existing.profiles = load_profiles(conn, target.directory, &owners_to_load(&existing), false)
-        .await?
-        .into_iter()
-        .map(|(id, (state, _))| (id, state))
-        .collect();
+    existing.profiles =
+        load_profiles(conn, target.directory, &owners_to_load(&existing), false).await?;
     Ok((existing, slots))
 }
 
-/// Profile states and identities by id; with `lock`, each row is locked in the order of `ids`
-/// (ascending), the one order in which every commit locks profiles.
+/// Profile states by id; with `lock`, each row is locked in the order of `ids` (ascending),
+/// the one order in which every commit locks profiles.
 async fn load_profiles(
     conn: &mut PgConnection,
     directory: Uuid,
     ids: &[Uuid],
     lock: bool,
-) -> StoreResult<HashMap<Uuid, (ProfileState, Vec<Identity>)>> {
+) -> StoreResult<HashMap<Uuid, ProfileState>> {
     let mut profiles = HashMap::with_capacity(ids.len());
     if ids.is_empty() {
         return Ok(profiles);
@@ -778,7 +783,7 @@ async fn load_profiles(
         .fetch_all(&mut *conn)
         .await?
     {
-        profiles.insert(row.try_get("id")?, profile_from_row(&row)?);
+        profiles.insert(row.try_get("id")?, profile_from_row(&row)?.0);
     }
     Ok(profiles)
 }
@@ -868,10 +873,10 @@ async fn claim_identities(
         pending = Vec::new();
         for (kind, value, profile, key) in refused {
             match found.get(&key) {
-                Some(stored) if is_identity(stored, target.directory, kind, value) => {
+                Some(stored) if stored.is(target.directory, kind, value) => {
                     claimed
                         .lost
-                        .insert((kind.to_owned(), value.to_owned()), stored.3);
+                        .insert((kind.to_owned(), value.to_owned()), stored.profile);
                 }
                 Some(_) => pending.push((kind, value, profile, target.keys.next(key))),
                 // Whoever held the key rolled back: try it again.
@@ -949,12 +954,7 @@ async fn settle(
     pause.wait().await;
     let mut stale = !lost.is_empty();
     existing.owners.extend(lost);
-    let locked: HashMap<Uuid, ProfileState> =
-        load_profiles(conn, target.directory, &owners_to_load(&existing), true)
-            .await?
-            .into_iter()
-            .map(|(id, (state, _))| (id, state))
-            .collect();
+    let locked = load_profiles(conn, target.directory, &owners_to_load(&existing), true).await?;
     stale |= locked != existing.profiles;
     if !stale {
         return Ok(optimistic);
