@@ -108,6 +108,10 @@ pub fn router(state: AppState) -> Router {
             post(routes::sources::retry),
         )
         .route(
+            &format!("{org}/directories/{{dir}}/sources/{{source}}/cancel"),
+            post(routes::sources::cancel),
+        )
+        .route(
             &format!("{org}/directories/{{dir}}/sources/{{source}}/errors"),
             get(routes::sources::errors),
         )

@@ -206,6 +206,19 @@ pub enum Retried {
     Reopened(Source, Vec<ChunkRef>),
 }
 
+/// What asking to cancel a source did.
+#[derive(Debug)]
+pub enum Cancelled {
+    NotFound,
+    /// Completed or failed already: nothing left to stop.
+    Terminal(Source),
+    /// Failed now with `error.code = "cancelled"`; what was committed before stays.
+    Cancelled(Source),
+}
+
+/// The error code of a source a client cancelled.
+pub const CANCELLED: &str = "cancelled";
+
 pub struct NewSource {
     pub id: Uuid,
     pub organization_id: Uuid,

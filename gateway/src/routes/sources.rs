@@ -8,7 +8,7 @@ use axum::Json;
 use chrono::{DateTime, Utc};
 use futures::{stream, StreamExt};
 use orbit_shared::domain::row::failed_fields;
-use orbit_shared::model::{Retried, RowIssue, Source, SourceError, SourceStatus};
+use orbit_shared::model::{Cancelled, Retried, RowIssue, Source, SourceError, SourceStatus};
 use orbit_shared::store::Store;
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -148,6 +148,40 @@ pub async fn retry(
     }
     tracing::info!(source = %source.id, chunks = chunks.len(), "source resumed");
     Ok((StatusCode::ACCEPTED, Json(SourceBody::from(source))).into_response())
+}
+
+/// Cancels a pending or processing source: it takes no more chunks and ends `failed` with
+/// `error.code = "cancelled"`. Rows committed before the cancel stay, counted; a worker
+/// holding a chunk drops it at its next commit. A cancelled source can be resumed with `retry`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, dir, source)): Path<(String, String, String)>,
+) -> ApiResult<Json<SourceBody>> {
+    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
+    let source = parse_id(&source, "source")?;
+    match state
+        .store
+        .cancel_source(dir.organization_id, dir.id, source)
+        .await?
+    {
+        Cancelled::NotFound => Err(ApiError::not_found(
+            "source_not_found",
+            "no such source in this directory",
+        )),
+        Cancelled::Terminal(s) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "source_terminal",
+            format!(
+                "the source is {} already; only a pending or processing source can be cancelled",
+                s.status.as_str()
+            ),
+        )),
+        Cancelled::Cancelled(s) => {
+            tracing::info!(source = %s.id, processed_rows = s.processed_rows, "source cancelled");
+            Ok(Json(s.into()))
+        }
+    }
 }
 
 pub async fn list(

@@ -208,6 +208,11 @@ pub trait Store: Send + Sync + 'static {
     /// done stay done, and the source is processing again.
     /// The one way a source leaves a terminal state, and only on a caller's explicit request.
     async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried>;
+    /// Ends a pending or processing source `failed` with `error.code = "cancelled"`, in one
+    /// transaction that also fails its unfinished chunks: a worker holding one of them finds
+    /// its lease gone at its next commit (the commit fence checks the source's status too), so
+    /// no slice commits after this, and the slices committed before it stay, counted.
+    async fn cancel_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Cancelled>;
     /// Fails a source that cannot be finished (its object is gone, say); rows stay.
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()>;
     /// Chunks to publish (again): never published, queued longer ago than `requeue_after`, or

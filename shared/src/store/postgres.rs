@@ -269,6 +269,53 @@ impl PgStore {
         Ok(Retried::Reopened(retried, refs))
     }
 
+    async fn cancel_source_once(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        source: Uuid,
+    ) -> StoreResult<Cancelled> {
+        let mut tx = self.pool.begin().await?;
+        let found = sqlx::query(
+            "SELECT id FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if found.is_none() {
+            return Ok(Cancelled::NotFound);
+        }
+        // Locks in the order every commit takes them, chunk before source (a commit locks its
+        // chunk, then updates the source): a commit in flight finishes first, and counts; any
+        // later one finds its chunk failed.
+        sqlx::query(
+            "SELECT id FROM chunks WHERE source_id = $1 AND state IN ('pending', 'running') ORDER BY id FOR UPDATE",
+        )
+        .bind(source)
+        .fetch_all(&mut *tx)
+        .await?;
+        let row = sqlx::query("SELECT * FROM sources WHERE id = $1 FOR UPDATE")
+            .bind(source)
+            .fetch_one(&mut *tx)
+            .await?;
+        let current = source_from_row(&row)?;
+        if current.status.is_terminal() {
+            return Ok(Cancelled::Terminal(current));
+        }
+        fail_source_in(
+            &mut tx,
+            source,
+            CANCELLED,
+            "the import was cancelled on request; rows committed before the cancel stay",
+        )
+        .await?;
+        let cancelled = load_source(&mut tx, source).await?;
+        tx.commit().await?;
+        Ok(Cancelled::Cancelled(cancelled))
+    }
+
     async fn fail_source_once(&self, source: Uuid, error: &SourceError) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         fail_source_in(&mut tx, source, &error.code, &error.message).await?;
@@ -1599,6 +1646,11 @@ impl Store for PgStore {
 
     async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried> {
         self.retrying(|| Box::pin(self.retry_source_once(org, dir, source)))
+            .await
+    }
+
+    async fn cancel_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Cancelled> {
+        self.retrying(|| Box::pin(self.cancel_source_once(org, dir, source)))
             .await
     }
 

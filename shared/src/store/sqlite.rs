@@ -1129,6 +1129,36 @@ impl Store for SqliteStore {
         Ok(Retried::Reopened(retried, refs))
     }
 
+    async fn cancel_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Cancelled> {
+        // One writer at a time: no commit can interleave with this transaction.
+        let mut tx = self.writer.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(Cancelled::NotFound);
+        };
+        let found = source_from_row(&row)?;
+        if found.status.is_terminal() {
+            return Ok(Cancelled::Terminal(found));
+        }
+        fail_source_in(
+            &mut tx,
+            source,
+            CANCELLED,
+            "the import was cancelled on request; rows committed before the cancel stay",
+        )
+        .await?;
+        let cancelled = load_source(&mut tx, source).await?;
+        tx.commit().await?;
+        Ok(Cancelled::Cancelled(cancelled))
+    }
+
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
         let mut tx = self.writer.begin().await?;
         fail_source_in(&mut tx, source, &error.code, &error.message).await?;
