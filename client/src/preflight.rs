@@ -80,7 +80,7 @@ pub async fn check(
         .iter()
         .filter_map(|c| match c {
             Column::Custom(name) => Some(name.clone()),
-            Column::Known(_) => None,
+            Column::Known(_) | Column::Ignored => None,
         })
         .collect();
     Ok(Header {

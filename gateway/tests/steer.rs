@@ -106,3 +106,168 @@ async fn cancelling_a_finished_or_unknown_source_is_refused() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::FORBIDDEN);
 }
+
+fn upload_form(csv: &str, fields: &[(&str, &str)]) -> reqwest::multipart::Form {
+    let mut form = reqwest::multipart::Form::new();
+    for (name, value) in fields {
+        form = form.text(name.to_string(), value.to_string());
+    }
+    form.part(
+        "file",
+        reqwest::multipart::Part::bytes(csv.as_bytes().to_vec()).file_name("contacts.csv"),
+    )
+}
+
+async fn upload_with(app: &TestApp, csv: &str, fields: &[(&str, &str)]) -> reqwest::Response {
+    app.post(&app.upload_url())
+        .multipart(upload_form(csv, fields))
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn profile_of(app: &TestApp, email: &str) -> Value {
+    let (status, body) = app
+        .get_json(&app.dir_url(&format!("/profiles?email={email}")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let profiles = body["data"].as_array().unwrap();
+    assert_eq!(profiles.len(), 1, "{email}: {body}");
+    profiles[0].clone()
+}
+
+const MAPPING: &str = r#"{"Correo": "email", "Nombre": "first_name", "Notas": "ignore", "Colour": "attributes.favourite_colour"}"#;
+
+/// `rows` rows under headers only the mapping (and, for `Phone`, the aliases) explain.
+fn mapped_csv(rows: usize) -> String {
+    let mut csv = String::from("Correo,Nombre,Notas,Colour,Phone\n");
+    for i in 0..rows {
+        csv.push_str(&format!(
+            "m{i}@example.com,Name{i},secret {i},blue{i},+1 415 555 {:04}\n",
+            1000 + i
+        ));
+    }
+    csv
+}
+
+#[tokio::test]
+async fn a_mapping_renames_and_ignores_columns_in_the_request_and_in_workers() {
+    // Rows 1-2 in the request, the rest by workers: both must apply the mapping.
+    let app = TestApp::spawn_with(|s| {
+        s.ingest.sync_rows = 2;
+        s.ingest.chunk_rows = 3;
+    })
+    .await;
+    let response = upload_with(&app, &mapped_csv(10), &[("mapping", MAPPING)]).await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let body: Value = response.json().await.unwrap();
+    let source = body["source_id"].as_str().unwrap();
+    let done = app.wait_terminal(source, Duration::from_secs(30)).await;
+    assert_eq!(done["source_status"], "completed", "{done}");
+    assert_eq!(
+        (done["accepted"].as_u64(), done["failed"].as_u64()),
+        (Some(10), Some(0)),
+        "{done}"
+    );
+    assert_eq!(
+        done["mapping"],
+        serde_json::from_str::<Value>(MAPPING).unwrap(),
+        "the source shows its mapping"
+    );
+    for i in [0, 9] {
+        let profile = profile_of(&app, &format!("m{i}@example.com")).await;
+        assert_eq!(
+            profile["first_name"],
+            format!("Name{i}"),
+            "{profile}"
+        );
+        assert_eq!(
+            profile["attributes"],
+            serde_json::json!({ "favourite_colour": format!("blue{i}") }),
+            "the ignored column is kept nowhere: {profile}"
+        );
+        // Not in the mapping: the `Phone` alias still applies.
+        assert_eq!(
+            profile["identities"]["phones"].as_array().unwrap().len(),
+            1,
+            "{profile}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_bad_mapping_is_refused_naming_the_header_or_target() {
+    let app = TestApp::spawn().await;
+    let csv = mapped_csv(2);
+    for (mapping, needle) in [
+        (r#"{"Correo": "email", "Missing": "phone"}"#, "\"Missing\""),
+        (r#"{"Correo": "e-mail"}"#, "\"e-mail\""),
+        (r#"{"Correo": "attributes."}"#, "attribute name"),
+        ("[\"Correo\"]", "JSON object"),
+        (r#"{"Phone": "ignore"}"#, "identifier"),
+    ] {
+        let response = upload_with(&app, &csv, &[("mapping", mapping)]).await;
+        let problem = assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains(needle), "{mapping}: {detail}");
+    }
+    // After the file it cannot steer how the file is read.
+    let form = upload_form(&csv, &[]).text("mapping", MAPPING);
+    let response = app
+        .post(&app.upload_url())
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // Nothing was kept of any of them.
+    let (_, sources) = app.get_json(&app.dir_url("/sources")).await;
+    assert_eq!(sources["data"].as_array().unwrap().len(), 0, "{sources}");
+}
+
+#[tokio::test]
+async fn the_idempotency_fingerprint_covers_the_mapping() {
+    let app = TestApp::spawn().await;
+    let csv = mapped_csv(3);
+    let send = |mapping: &'static str| {
+        let form = upload_form(&csv, &[("mapping", mapping)]);
+        app.post(&app.upload_url())
+            .header("idempotency-key", "mapped-1")
+            .multipart(form)
+            .send()
+    };
+    let first = send(MAPPING).await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let first: Value = first.json().await.unwrap();
+    // The same bytes and the same mapping replay.
+    let replay = send(MAPPING).await.unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    let replay: Value = replay.json().await.unwrap();
+    assert_eq!(replay["source_id"], first["source_id"]);
+    assert_eq!(replay["is_idempotent"], true);
+    // The same bytes under another mapping are another request.
+    let other =
+        send(r#"{"Correo": "email", "Nombre": "ignore", "Notas": "ignore", "Colour": "ignore"}"#)
+            .await
+            .unwrap();
+    assert_problem(
+        other,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
+    // And without one, too (the header has no identifier without it, but the key answers first).
+    let plain = app
+        .post(&app.upload_url())
+        .header("idempotency-key", "mapped-1")
+        .multipart(upload_form(&csv, &[]))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(
+        plain,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
+}

@@ -124,6 +124,8 @@ pub struct IngestSettings {
     pub max_field_bytes: usize,
     pub max_columns: usize,
     pub max_header_bytes: usize,
+    /// The longest `mapping` form field of an upload, in bytes (`400 invalid_request`).
+    pub max_mapping_bytes: usize,
     /// ISO 3166 region used for phone numbers written without a country code.
     pub default_region: String,
     /// An upload still streaming after this long is cut (`408 upload_timeout`); a partial
@@ -278,6 +280,7 @@ max_upload_bytes = 1073741824
 max_field_bytes = 8192
 max_columns = 512
 max_header_bytes = 65536
+max_mapping_bytes = 262144
 default_region = "US"
 max_upload_duration = "24h"
 sweep_interval = "15m"

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::csv::Dialect;
-use crate::domain::header::ColumnMap;
+use crate::domain::header::{ColumnMap, ColumnMapping};
 use crate::domain::resolve::ProfileState;
 use crate::domain::row::{FailedRow, RecordDraft, Severity};
 
@@ -259,6 +259,10 @@ pub struct UploadReceipt {
     pub accepted: u64,
     pub failed: u64,
     pub warnings: u64,
+    /// [`upload_options_fingerprint`] of the upload; absent for a plain upload, so receipts
+    /// kept before options existed still replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<String>,
 }
 
 impl UploadReceipt {
@@ -270,8 +274,20 @@ impl UploadReceipt {
             accepted: source.accepted,
             failed: source.failed,
             warnings: source.warnings,
+            options: upload_options_fingerprint(source.columns.mapping.as_ref()),
         }
     }
+}
+
+/// What an idempotent replay must match besides the file's bytes: the upload's options that
+/// change what is imported (the column mapping). `None` when there are none, as before
+/// options existed.
+pub fn upload_options_fingerprint(mapping: Option<&ColumnMapping>) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let mapping = mapping.filter(|m| !m.is_empty())?;
+    // A BTreeMap serializes in key order: the same mapping always hashes the same.
+    let canonical = serde_json::json!({ "mapping": mapping });
+    Some(hex::encode(Sha256::digest(canonical.to_string())))
 }
 
 #[derive(Debug, Clone)]

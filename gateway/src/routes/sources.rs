@@ -7,6 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use futures::{stream, StreamExt};
+use orbit_shared::domain::header::ColumnMapping;
 use orbit_shared::domain::row::failed_fields;
 use orbit_shared::model::{Cancelled, Retried, RowIssue, Source, SourceError, SourceStatus};
 use orbit_shared::store::Store;
@@ -46,6 +47,9 @@ pub struct SourceBody {
     pub completed_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<SourceError>,
+    /// The upload's column mapping, as sent; absent when it had none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapping: Option<ColumnMapping>,
 }
 
 impl From<Source> for SourceBody {
@@ -69,6 +73,7 @@ impl From<Source> for SourceBody {
             updated_at: s.updated_at,
             completed_at: s.completed_at,
             error: s.error,
+            mapping: s.columns.mapping,
         }
     }
 }
