@@ -48,12 +48,13 @@ struct Hints {
     delimiter: Option<u8>,
     encoding: Option<TextEncoding>,
     mapping: Option<ColumnMapping>,
+    dry_run: bool,
 }
 
 impl Hints {
     /// What a replay must match besides the file (see [`upload_options_fingerprint`]).
     fn fingerprint(&self) -> Option<String> {
-        upload_options_fingerprint(self.mapping.as_ref())
+        upload_options_fingerprint(self.mapping.as_ref(), self.dry_run)
     }
 }
 
@@ -70,6 +71,7 @@ struct StoredFile {
     byte_size: u64,
     sha256: String,
     plan: FilePlan,
+    dry_run: bool,
 }
 
 /// What the idempotency key said before the file was read.
@@ -232,6 +234,20 @@ impl Upload<'_> {
                     let mapping =
                         ColumnMapping::parse(&value).map_err(ApiError::invalid_request)?;
                     hints.mapping = (!mapping.is_empty()).then_some(mapping);
+                }
+                "dry_run" => {
+                    if self.file.is_some() {
+                        return Err(ApiError::invalid_request(
+                            "the `dry_run` field must come before the `file` field",
+                        ));
+                    }
+                    hints.dry_run = match read_text(field).await?.trim() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(ApiError::invalid_request("dry_run must be true or false"))
+                        }
+                    };
                 }
                 "delimiter" | "encoding" => {
                     if self.file.is_some() {
@@ -473,6 +489,7 @@ impl Upload<'_> {
             byte_size: size,
             sha256: hex::encode(hasher.finalize()),
             plan,
+            dry_run: hints.dry_run,
         })))
     }
 
@@ -506,6 +523,7 @@ impl Upload<'_> {
                 columns: plan.columns,
                 max_field_bytes: self.state.settings.ingest.max_field_bytes,
                 default_region: self.state.settings.ingest.default_region.clone(),
+                dry_run: file.dry_run,
                 total_rows: plan.total_rows,
             },
             sync_chunk: plan.sync_chunk,
@@ -557,7 +575,7 @@ impl Upload<'_> {
                 break;
             }
         }
-        tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), "upload recorded");
+        tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), dry_run = source.dry_run, "upload recorded");
         Ok(receipt_response(
             self.org,
             UploadReceipt::of(&source),

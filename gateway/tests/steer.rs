@@ -176,11 +176,7 @@ async fn a_mapping_renames_and_ignores_columns_in_the_request_and_in_workers() {
     );
     for i in [0, 9] {
         let profile = profile_of(&app, &format!("m{i}@example.com")).await;
-        assert_eq!(
-            profile["first_name"],
-            format!("Name{i}"),
-            "{profile}"
-        );
+        assert_eq!(profile["first_name"], format!("Name{i}"), "{profile}");
         assert_eq!(
             profile["attributes"],
             serde_json::json!({ "favourite_colour": format!("blue{i}") }),
@@ -266,6 +262,146 @@ async fn the_idempotency_fingerprint_covers_the_mapping() {
         .unwrap();
     assert_problem(
         plain,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+    )
+    .await;
+}
+
+/// 40 rows: every tenth from the fourth on fails (no valid identifier), every tenth from the
+/// sixth on has a warning (an unusable phone beside a good email).
+fn checked_csv() -> String {
+    let mut csv = String::from("email,phone,first_name\n");
+    for i in 0..40 {
+        match i % 10 {
+            3 => csv.push_str(&format!("not-an-email-{i},,Bad{i}\n")),
+            5 => csv.push_str(&format!("d{i}@example.com,12,Warn{i}\n")),
+            _ => csv.push_str(&format!("d{i}@example.com,,Ok{i}\n")),
+        }
+    }
+    csv
+}
+
+fn counts(source: &Value) -> [Option<u64>; 5] {
+    [
+        "total_rows",
+        "processed_rows",
+        "accepted",
+        "failed",
+        "warnings",
+    ]
+    .map(|k| source[k].as_u64())
+}
+
+async fn issues_of(app: &TestApp, source: &str) -> Vec<(u64, String)> {
+    let mut issues: Vec<(u64, String)> = app
+        .collect(&app.dir_url(&format!("/sources/{source}/errors")))
+        .await
+        .iter()
+        .map(|i| {
+            (
+                i["row_number"].as_u64().unwrap(),
+                i["code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    issues.sort();
+    issues
+}
+
+async fn import(app: &TestApp, csv: &str, dry_run: bool) -> Value {
+    let flag = if dry_run { "true" } else { "false" };
+    let response = upload_with(app, csv, &[("dry_run", flag)]).await;
+    assert!(response.status().is_success(), "{}", response.status());
+    let body: Value = response.json().await.unwrap();
+    app.wait_terminal(body["source_id"].as_str().unwrap(), Duration::from_secs(30))
+        .await
+}
+
+#[tokio::test]
+async fn a_dry_run_reports_what_the_import_would_and_writes_no_profile() {
+    // Rows 1-5 in the request, the rest by workers.
+    let app = TestApp::spawn_with(|s| {
+        s.ingest.sync_rows = 5;
+        s.ingest.chunk_rows = 7;
+    })
+    .await;
+    let csv = checked_csv();
+    let dry = import(&app, &csv, true).await;
+    assert_eq!(dry["source_status"], "completed", "{dry}");
+    assert_eq!(dry["dry_run"], true, "{dry}");
+    assert_eq!(
+        counts(&dry),
+        [Some(40), Some(40), Some(36), Some(4), Some(4)],
+        "{dry}"
+    );
+    assert!(
+        app.collect(&app.dir_url("/profiles")).await.is_empty(),
+        "a dry run wrote profiles"
+    );
+    let dry_id = dry["source_id"].as_str().unwrap();
+    let dry_issues = issues_of(&app, dry_id).await;
+    assert_eq!(dry_issues.len(), 8, "{dry_issues:?}");
+    let failed_rows = app
+        .get(&app.dir_url(&format!("/sources/{dry_id}/failed-rows")))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(failed_rows.lines().count(), 1 + 4, "{failed_rows}");
+
+    let real = import(&app, &csv, false).await;
+    assert_eq!(real["dry_run"], false, "{real}");
+    assert_eq!(
+        counts(&real),
+        counts(&dry),
+        "the dry run's counts are the import's"
+    );
+    assert_eq!(
+        issues_of(&app, real["source_id"].as_str().unwrap()).await,
+        dry_issues
+    );
+    let profiles = app.collect(&app.dir_url("/profiles")).await.len();
+    assert_eq!(profiles, 36);
+
+    // Another dry run over the imported directory leaves it as it was.
+    let again = import(&app, &csv, true).await;
+    assert_eq!(again["source_status"], "completed", "{again}");
+    assert_eq!(
+        (again["accepted"].as_u64(), again["failed"].as_u64()),
+        (Some(36), Some(4))
+    );
+    assert_eq!(app.collect(&app.dir_url("/profiles")).await.len(), profiles);
+    assert_eq!(
+        profile_of(&app, "d0@example.com").await["first_name"],
+        "Ok0"
+    );
+}
+
+#[tokio::test]
+async fn dry_run_takes_true_or_false_and_is_part_of_the_idempotency_fingerprint() {
+    let app = TestApp::spawn().await;
+    let response = upload_with(&app, "email\na@example.com\n", &[("dry_run", "maybe")]).await;
+    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+    let send = |dry_run: &'static str| {
+        app.post(&app.upload_url())
+            .header("idempotency-key", "dry-1")
+            .multipart(upload_form(
+                "email\na@example.com\n",
+                &[("dry_run", dry_run)],
+            ))
+            .send()
+    };
+    let first = send("true").await.unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let replay = send("true").await.unwrap();
+    assert_eq!(replay.status(), StatusCode::OK);
+    // The real import of the same bytes is not a replay of the dry run.
+    let real = send("false").await.unwrap();
+    assert_problem(
+        real,
         StatusCode::UNPROCESSABLE_ENTITY,
         "idempotency_key_reused",
     )

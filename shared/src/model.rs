@@ -92,6 +92,9 @@ pub struct Source {
     /// The row rules of the upload, so every worker judges rows as the gateway did.
     pub max_field_bytes: usize,
     pub default_region: String,
+    /// Validate only: rows are counted and their problems kept, but no record, profile or
+    /// identity is written.
+    pub dry_run: bool,
     pub total_rows: u64,
     pub processed_rows: u64,
     pub accepted: u64,
@@ -231,6 +234,7 @@ pub struct NewSource {
     pub columns: ColumnMap,
     pub max_field_bytes: usize,
     pub default_region: String,
+    pub dry_run: bool,
     pub total_rows: u64,
 }
 
@@ -274,19 +278,25 @@ impl UploadReceipt {
             accepted: source.accepted,
             failed: source.failed,
             warnings: source.warnings,
-            options: upload_options_fingerprint(source.columns.mapping.as_ref()),
+            options: upload_options_fingerprint(source.columns.mapping.as_ref(), source.dry_run),
         }
     }
 }
 
 /// What an idempotent replay must match besides the file's bytes: the upload's options that
-/// change what is imported (the column mapping). `None` when there are none, as before
-/// options existed.
-pub fn upload_options_fingerprint(mapping: Option<&ColumnMapping>) -> Option<String> {
+/// change what is imported (the column mapping, a dry run). `None` when there are none, as
+/// before options existed.
+pub fn upload_options_fingerprint(
+    mapping: Option<&ColumnMapping>,
+    dry_run: bool,
+) -> Option<String> {
     use sha2::{Digest, Sha256};
-    let mapping = mapping.filter(|m| !m.is_empty())?;
+    let mapping = mapping.filter(|m| !m.is_empty());
+    if mapping.is_none() && !dry_run {
+        return None;
+    }
     // A BTreeMap serializes in key order: the same mapping always hashes the same.
-    let canonical = serde_json::json!({ "mapping": mapping });
+    let canonical = serde_json::json!({ "mapping": mapping, "dry_run": dry_run });
     Some(hex::encode(Sha256::digest(canonical.to_string())))
 }
 

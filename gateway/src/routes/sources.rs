@@ -47,6 +47,8 @@ pub struct SourceBody {
     pub completed_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<SourceError>,
+    /// Validated only: nothing of it was imported.
+    pub dry_run: bool,
     /// The upload's column mapping, as sent; absent when it had none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mapping: Option<ColumnMapping>,
@@ -73,6 +75,7 @@ impl From<Source> for SourceBody {
             updated_at: s.updated_at,
             completed_at: s.completed_at,
             error: s.error,
+            dry_run: s.dry_run,
             mapping: s.columns.mapping,
         }
     }

@@ -334,6 +334,7 @@ impl PgStore {
             organization: s.organization_id,
             directory: s.directory_id,
             seq: upload.seq,
+            dry_run: s.dry_run,
         };
         let optimistic = match upload.sync_chunk {
             Some(_) => Some(resolve_optimistically(&self.pool, &target, prepared).await?),
@@ -343,8 +344,8 @@ impl PgStore {
         let now = now_ms();
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         sqlx::query(
-            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms)
-             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)",
+            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run)
+             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $18)",
         )
         .bind(s.id)
         .bind(s.organization_id)
@@ -363,6 +364,7 @@ impl PgStore {
         .bind(chunk_count as i64)
         .bind(now)
         .bind(upload.seq)
+        .bind(s.dry_run)
         .execute(&mut *tx)
         .await?;
         let mut queued = Vec::with_capacity(upload.chunks.len());
@@ -656,6 +658,8 @@ struct Target {
     organization: Uuid,
     directory: Uuid,
     seq: i64,
+    /// A dry run's commits write only what validation found: see [`apply_results`].
+    dry_run: bool,
 }
 
 impl Target {
@@ -665,6 +669,7 @@ impl Target {
             organization: source.organization_id,
             directory: source.directory_id,
             seq: source.seq,
+            dry_run: source.dry_run,
         }
     }
 }
@@ -888,8 +893,50 @@ async fn apply_results(
     (snapshot, optimistic): (Existing, Resolution),
     pause: &CommitPause,
 ) -> StoreResult<Applied> {
+    // DRY RUN: the one point where a dry run leaves the write path. It claims no identity and
+    // writes no record or profile; it keeps what validation and the lock-free resolution
+    // found (counts, warnings, failed rows), as the import would have.
+    if target.dry_run {
+        return write_dry_run(tx, target, prepared, optimistic).await;
+    }
     let resolution = settle(tx, target, prepared, snapshot, optimistic, pause).await?;
     write_all(tx, target, prepared, resolution).await
+}
+
+/// A dry run's commit: the failed rows and the row issues, nothing else.
+async fn write_dry_run(
+    conn: &mut PgConnection,
+    target: &Target,
+    prepared: &Prepared,
+    resolution: Resolution,
+) -> StoreResult<Applied> {
+    let source_id = target.source.to_string();
+    let mut buf = Vec::new();
+    for f in &prepared.failed {
+        copy_row(
+            &mut buf,
+            &[
+                Some(&source_id),
+                Some(&f.row_number.to_string()),
+                Some(&f.line_number.to_string()),
+                Some(&f.fields),
+                Some(f.error_code),
+                Some(&f.error_message),
+            ],
+        );
+    }
+    copy_in(
+        conn,
+        "COPY failed_rows (source_id, row_number, line_number, fields, error_code, error_message) FROM STDIN",
+        buf,
+    )
+    .await?;
+    let mut buf = Vec::new();
+    for i in resolution.warnings.iter().chain(&prepared.failed_issues) {
+        issue_row(&mut buf, &source_id, i.row_number, i.line_number, &i.issue);
+    }
+    insert_issues(conn, buf).await?;
+    Ok(resolution.applied)
 }
 
 async fn write_all(

@@ -14,7 +14,9 @@ use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::writes::{identity_lookups, owners_to_load, prepare, resolve, Prepared, Trace};
+use super::writes::{
+    identity_lookups, owners_to_load, prepare, resolve, IssueWrite, Prepared, Trace,
+};
 use super::{Store, StoreError, StoreResult};
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row::{self, Issue};
@@ -141,6 +143,12 @@ async fn apply_results(
     }
 
     let writes = resolve(&mut prepared, existing, source.seq)?;
+    // DRY RUN: the one point where a dry run leaves the write path: no profile, identity or
+    // record; the counts, warnings and failed rows stay, as the import would have them.
+    if source.dry_run {
+        write_failed_and_issues(conn, source.id, &prepared, &writes.warnings).await?;
+        return Ok(writes.applied);
+    }
     let now = now_ms();
     for batch in writes.created.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
@@ -194,12 +202,23 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
+    write_failed_and_issues(conn, source.id, &prepared, &writes.warnings).await?;
+    Ok(writes.applied)
+}
+
+/// The failed rows and the row issues (`warnings` of accepted rows, the failed rows' errors).
+async fn write_failed_and_issues(
+    conn: &mut SqliteConnection,
+    source: Uuid,
+    prepared: &Prepared,
+    warnings: &[IssueWrite],
+) -> StoreResult<()> {
     for batch in prepared.failed.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT OR IGNORE INTO failed_rows (source_id, row_number, line_number, fields, error_code, error_message) ",
         );
         insert.push_values(batch, |mut row, f| {
-            row.push_bind(source.id)
+            row.push_bind(source)
                 .push_bind(f.row_number)
                 .push_bind(f.line_number)
                 .push_bind(&f.fields)
@@ -208,17 +227,17 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    for i in writes.warnings.iter().chain(&prepared.failed_issues) {
+    for i in warnings.iter().chain(&prepared.failed_issues) {
         insert_issue(
             conn,
-            source.id,
+            source,
             i.row_number as u64,
             i.line_number as u64,
             &i.issue,
         )
         .await?;
     }
-    Ok(writes.applied)
+    Ok(())
 }
 
 async fn insert_issue(
@@ -650,8 +669,8 @@ impl Store for SqliteStore {
         let s = &upload.source;
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         sqlx::query(
-            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms)
-             VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run)
+             VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(s.id)
         .bind(s.organization_id)
@@ -670,6 +689,7 @@ impl Store for SqliteStore {
         .bind(chunk_count as i64)
         .bind(now)
         .bind(now)
+        .bind(s.dry_run)
         .execute(&mut *tx)
         .await?;
         let trace = Trace {
