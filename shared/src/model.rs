@@ -209,6 +209,77 @@ pub enum Retried {
     Reopened(Source, Vec<ChunkRef>),
 }
 
+/// A webhook endpoint: where an organization's source events go.
+#[derive(Debug, Clone)]
+pub struct WebhookEndpoint {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    /// Only this directory's sources; `None` for every directory of the organization.
+    pub directory_id: Option<Uuid>,
+    pub url: String,
+    pub events: Vec<String>,
+    /// `whsec_<base64>`: the HMAC key, base64 after the prefix.
+    pub secret: String,
+    /// Failed attempts in a row, across deliveries; a success resets it.
+    pub failure_run: u32,
+    /// Set once `failure_run` reached `webhooks.disable_after`: nothing is sent until enabled.
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One event for one endpoint, from the outbox, with its attempts.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookDelivery {
+    /// The `webhook-id` header, the same on every attempt.
+    pub id: String,
+    pub event_type: String,
+    pub source_id: Uuid,
+    /// `pending`, `delivered` or `failed` (out of attempts).
+    pub state: String,
+    pub attempt_count: u32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub attempts: Vec<DeliveryAttempt>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryAttempt {
+    pub attempt: u32,
+    pub at: DateTime<Utc>,
+    /// The receiver's status code; absent when no answer came (timeout, refused, …).
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// A delivery a dispatcher has leased and is to send.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    pub id: Uuid,
+    pub endpoint_id: Uuid,
+    pub url: String,
+    pub secret: String,
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub lease_token: Uuid,
+}
+
+/// What an attempt leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptNext {
+    Delivered,
+    RetryAt(DateTime<Utc>),
+    /// Out of attempts: the delivery is `failed`.
+    GiveUp,
+}
+
+/// `msg_<uuid>`: how a delivery's id is shown, and sent as `webhook-id`.
+pub fn webhook_id(id: Uuid) -> String {
+    format!("msg_{}", id.simple())
+}
+
 /// What asking to cancel a source did.
 #[derive(Debug)]
 pub enum Cancelled {

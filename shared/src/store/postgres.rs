@@ -29,12 +29,13 @@ use super::rows::*;
 use super::writes::{
     identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution, Trace,
 };
-use super::{Store, StoreError, StoreResult};
+use super::{pg_webhooks, Store, StoreError, StoreResult};
 use crate::config::DatabaseSettings;
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row;
 use crate::metrics::METRICS;
 use crate::model::*;
+use crate::views::{SOURCE_COMPLETED, SOURCE_FAILED};
 
 pub struct PgStore {
     pool: PgPool,
@@ -1112,7 +1113,7 @@ async fn finalize_source(conn: &mut PgConnection, source_id: Uuid) -> StoreResul
         return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
     }
     let now = now_ms();
-    sqlx::query(
+    let completed = sqlx::query(
         "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = $1 AND severity = 'warning'),
              status = 'completed', completed_ms = $2, updated_ms = $2
          WHERE id = $1 AND status IN ('pending', 'processing')",
@@ -1121,6 +1122,10 @@ async fn finalize_source(conn: &mut PgConnection, source_id: Uuid) -> StoreResul
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    if completed.rows_affected() > 0 {
+        let source = load_source(conn, source_id).await?;
+        pg_webhooks::enqueue(conn, source, SOURCE_COMPLETED).await?;
+    }
     Ok(())
 }
 
@@ -1148,6 +1153,8 @@ async fn fail_source_in(
         .bind(source)
         .execute(&mut *conn)
         .await?;
+        let failed = load_source(conn, source).await?;
+        pg_webhooks::enqueue(conn, failed, SOURCE_FAILED).await?;
     }
     Ok(())
 }
@@ -1784,6 +1791,63 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
+        pg_webhooks::create(&self.pool, endpoint).await
+    }
+
+    async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
+        pg_webhooks::list(&self.pool, org).await
+    }
+
+    async fn get_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        pg_webhooks::get(&self.pool, org, id).await
+    }
+
+    async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool> {
+        pg_webhooks::delete(&self.pool, org, id).await
+    }
+
+    async fn enable_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        pg_webhooks::enable(&self.pool, org, id).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        org: Uuid,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookDelivery>> {
+        pg_webhooks::deliveries(&self.pool, org, endpoint, limit).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        lease_for: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<DueDelivery>> {
+        self.retrying(|| Box::pin(pg_webhooks::claim(&self.pool, lease_for, limit)))
+            .await
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery: &DueDelivery,
+        attempt: &DeliveryAttempt,
+        next: AttemptNext,
+        disable_after: u32,
+    ) -> StoreResult<()> {
+        self.retrying(|| {
+            Box::pin(pg_webhooks::record(
+                &self.pool,
+                delivery,
+                attempt,
+                next,
+                disable_after,
+            ))
+        })
+        .await
     }
 
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {

@@ -17,11 +17,12 @@ use super::rows::*;
 use super::writes::{
     identity_lookups, owners_to_load, prepare, resolve, IssueWrite, Prepared, Trace,
 };
-use super::{Store, StoreError, StoreResult};
+use super::{sqlite_webhooks, Store, StoreError, StoreResult};
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row::{self, Issue};
 use crate::metrics::METRICS;
 use crate::model::*;
+use crate::views::{SOURCE_COMPLETED, SOURCE_FAILED};
 
 /// SQLite allows 32766 bound parameters; stay far below it.
 const IN_BATCH: usize = 500;
@@ -334,7 +335,7 @@ async fn finalize_source(conn: &mut SqliteConnection, source_id: Uuid) -> StoreR
         );
         return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
     }
-    sqlx::query(
+    let completed = sqlx::query(
         "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = ?1 AND severity = 'warning'),
          status = 'completed', completed_ms = ?2, updated_ms = ?2 WHERE id = ?1 AND status IN ('pending', 'processing')",
     )
@@ -342,6 +343,10 @@ async fn finalize_source(conn: &mut SqliteConnection, source_id: Uuid) -> StoreR
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    if completed.rows_affected() > 0 {
+        let source = load_source(conn, source_id).await?;
+        sqlite_webhooks::enqueue(conn, source, SOURCE_COMPLETED).await?;
+    }
     Ok(())
 }
 
@@ -369,6 +374,8 @@ async fn fail_source_in(
         .bind(source)
         .execute(&mut *conn)
         .await?;
+        let failed = load_source(conn, source).await?;
+        sqlite_webhooks::enqueue(conn, failed, SOURCE_FAILED).await?;
     }
     Ok(())
 }
@@ -1272,6 +1279,53 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
+        sqlite_webhooks::create(&self.writer, endpoint).await
+    }
+
+    async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
+        sqlite_webhooks::list(&self.reader, org).await
+    }
+
+    async fn get_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        sqlite_webhooks::get(&self.reader, org, id).await
+    }
+
+    async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool> {
+        sqlite_webhooks::delete(&self.writer, org, id).await
+    }
+
+    async fn enable_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        sqlite_webhooks::enable(&self.writer, org, id).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        org: Uuid,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookDelivery>> {
+        sqlite_webhooks::deliveries(&self.reader, org, endpoint, limit).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        lease_for: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<DueDelivery>> {
+        sqlite_webhooks::claim(&self.writer, lease_for, limit).await
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery: &DueDelivery,
+        attempt: &DeliveryAttempt,
+        next: AttemptNext,
+        disable_after: u32,
+    ) -> StoreResult<()> {
+        sqlite_webhooks::record(&self.writer, delivery, attempt, next, disable_after).await
     }
 
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
