@@ -231,6 +231,15 @@ async fn deliver(
     } else {
         AttemptNext::RetryAt(at + backoff(settings, number))
     };
+    let outcome = match next {
+        AttemptNext::Delivered => "delivered",
+        AttemptNext::RetryAt(_) => "retry",
+        AttemptNext::GiveUp => "given_up",
+    };
+    orbit_shared::metrics::METRICS
+        .webhook_attempts
+        .with_label_values(&[outcome])
+        .inc();
     let id = webhook_id(delivery.id);
     match &error {
         None => tracing::info!(webhook_id = id, attempt = number, "webhook delivered"),

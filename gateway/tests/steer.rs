@@ -75,6 +75,16 @@ async fn a_cancel_mid_ingest_ends_failed_and_nothing_commits_after_it() {
     // A terminal source cannot be cancelled again.
     let again = app.post(&cancel_url(&app, &source)).send().await.unwrap();
     assert_problem(again, StatusCode::CONFLICT, "source_terminal").await;
+    // Operators see cancellations apart from failures.
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metric(&metrics, r#"orbit_sources_failed{code="cancelled"}"#),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&metrics, r#"orbit_sources_failed{code="other"}"#),
+        Some(0.0)
+    );
 }
 
 #[tokio::test]
@@ -606,6 +616,18 @@ async fn a_failing_receiver_gets_the_same_signed_event_until_it_answers_2xx() {
         .map(|a| a["status_code"].as_u64().unwrap())
         .collect();
     assert_eq!(codes, [500, 500, 200], "{delivery}");
+    let metrics = app.metrics().await;
+    let count = |outcome: &str| {
+        metric(
+            &metrics,
+            &format!("orbit_webhook_attempts_total{{outcome=\"{outcome}\"}}"),
+        )
+        .unwrap()
+    };
+    assert!(
+        count("retry") >= 2.0 && count("delivered") >= 1.0,
+        "{metrics}"
+    );
     // The secret is shown once.
     let (_, list) = app.get_json(&webhooks_url(&app)).await;
     assert_eq!(list["data"].as_array().unwrap().len(), 1);
