@@ -179,29 +179,40 @@ pub fn start(
     stop: CancellationToken,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let client = client(&settings)?;
+    let settings = Arc::new(settings);
     Ok(tokio::spawn(async move {
         let lease = settings.timeout + LEASE_MARGIN;
+        // Each delivery runs on its own, and a free slot is refilled as soon as one ends, so
+        // that an endpoint that answers slowly (up to `timeout`) holds one slot, not a batch.
+        let mut sending = tokio::task::JoinSet::new();
         loop {
-            let batch = match store.claim_deliveries(lease, settings.concurrency).await {
-                Ok(batch) => batch,
-                Err(e) => {
-                    tracing::warn!(error = %e, "could not look for due webhook deliveries");
-                    Vec::new()
+            let free = settings.concurrency.saturating_sub(sending.len() as u32);
+            let mut more_due = false;
+            if free > 0 {
+                match store.claim_deliveries(lease, free).await {
+                    Ok(due) => {
+                        more_due = due.len() as u32 == free;
+                        for delivery in due {
+                            let (store, client, settings) =
+                                (store.clone(), client.clone(), settings.clone());
+                            sending.spawn(async move {
+                                deliver(&*store, &client, &settings, delivery).await
+                            });
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not look for due webhook deliveries")
+                    }
                 }
-            };
-            let full = batch.len() as u32 >= settings.concurrency;
-            let sends = batch
-                .into_iter()
-                .map(|delivery| deliver(&*store, &client, &settings, delivery));
-            tokio::select! {
-                _ = futures::future::join_all(sends) => {}
-                // The leases run out and another gateway (or this one, restarted) sends them.
-                () = stop.cancelled() => return,
             }
-            if !full {
-                tokio::select! {
-                    () = tokio::time::sleep(settings.poll_interval) => {}
-                    () = stop.cancelled() => return,
+            tokio::select! {
+                Some(_) = sending.join_next(), if !sending.is_empty() => {}
+                () = tokio::time::sleep(settings.poll_interval), if !more_due => {}
+                // Deliveries in flight are dropped: their leases run out and another gateway
+                // (or this one, restarted) sends them again.
+                () = stop.cancelled() => {
+                    sending.abort_all();
+                    return;
                 }
             }
         }

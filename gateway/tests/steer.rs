@@ -437,6 +437,11 @@ struct Receiver {
 
 impl Receiver {
     async fn start(script: Vec<u16>) -> Self {
+        Self::start_slow(script, Duration::ZERO).await
+    }
+
+    /// [`Receiver::start`], answering each request only after `delay`.
+    async fn start_slow(script: Vec<u16>, delay: Duration) -> Self {
         use axum::http::HeaderMap;
         let got: std::sync::Arc<std::sync::Mutex<Vec<Received>>> = Default::default();
         let sink = got.clone();
@@ -448,6 +453,7 @@ impl Receiver {
             let script = script.clone();
             let is_healthy = is_healthy.clone();
             async move {
+                tokio::time::sleep(delay).await;
                 let mut got = sink.lock().unwrap();
                 let status = match is_healthy.load(std::sync::atomic::Ordering::SeqCst) {
                     true => 200,
@@ -1024,4 +1030,28 @@ async fn a_gateway_killed_before_delivering_delivers_after_restart() {
     assert_eq!(event["data"]["source_id"], uploaded["source_id"]);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(receiver.received().len(), 1, "sent twice");
+}
+
+#[tokio::test]
+async fn a_slow_endpoint_holds_one_delivery_slot_not_the_others() {
+    let app = TestApp::spawn_with(|s| {
+        fast_webhooks(s);
+        s.webhooks.concurrency = 4;
+    })
+    .await;
+    let slow = Receiver::start_slow(vec![], Duration::from_secs(3)).await;
+    let fast = Receiver::start(vec![]).await;
+    for receiver in [&slow, &fast] {
+        create_webhook(
+            &app,
+            serde_json::json!({"url": receiver.url, "events": ["source.completed"]}),
+        )
+        .await;
+    }
+    for i in 0..3 {
+        app.upload_ok(format!("email\nslow{i}@example.com\n")).await;
+    }
+    // Sent in batches, the third source's events would wait for the slow endpoint's first two.
+    fast.wait_for(3, Duration::from_millis(2500)).await;
+    slow.wait_for(3, Duration::from_secs(20)).await;
 }
