@@ -1315,7 +1315,7 @@ impl Store for SqliteStore {
         lease_for: Duration,
         limit: u32,
     ) -> StoreResult<Vec<DueDelivery>> {
-        sqlite_webhooks::claim(&self.writer, lease_for, limit).await
+        sqlite_webhooks::claim(&self.reader, &self.writer, lease_for, limit).await
     }
 
     async fn record_attempt(

@@ -163,11 +163,24 @@ pub(super) async fn deliveries(
 }
 
 pub(super) async fn claim(
+    reader: &SqlitePool,
     writer: &SqlitePool,
     lease_for: Duration,
     limit: u32,
 ) -> StoreResult<Vec<DueDelivery>> {
     let now = now_ms();
+    // Every gateway asks every `webhooks.poll_interval`; the one writer is only taken when
+    // something is due, so an idle outbox never delays uploads and commits.
+    let due = sqlx::query(
+        "SELECT 1 FROM webhook_deliveries WHERE state = 'pending' AND next_attempt_ms <= ?1
+           AND (lease_until_ms IS NULL OR lease_until_ms < ?1) LIMIT 1",
+    )
+    .bind(now)
+    .fetch_optional(reader)
+    .await?;
+    if due.is_none() {
+        return Ok(Vec::new());
+    }
     let token = Uuid::new_v4();
     let mut tx = writer.begin().await?;
     let rows = sqlx::query(
