@@ -20,4 +20,4 @@ bash deploy/check.sh
 # The distributed HTTP suites spawn orbit-worker processes: build them first.
 cargo build --workspace --bins
 cargo test --workspace --all-targets "$@"
-ORBIT_TEST_STACK=distributed cargo test -p orbit-gateway --test upload --test api "$@"
+ORBIT_TEST_STACK=distributed cargo test -p orbit-gateway --test upload --test api --test steer "$@"

@@ -84,6 +84,9 @@ pub enum Command {
     Upload(UploadArgs),
     /// Follow a source until it completes or fails.
     Watch { source: String },
+    /// Cancel a pending or processing source: it ends failed with error code `cancelled`;
+    /// rows committed before the cancel stay.
+    Cancel { source: String },
     /// List the directory's sources, newest first.
     Sources {
         /// At most this many.
@@ -138,4 +141,11 @@ pub struct UploadArgs {
     /// Return once the server has the file; do not wait for workers to finish it.
     #[arg(long)]
     pub no_wait: bool,
+    /// Column mapping, as JSON or `@FILE`: header name to an Orbit field (`email`, …),
+    /// `attributes.<name>` or `ignore`; other columns are matched by their names as usual.
+    #[arg(long)]
+    pub mapping: Option<String>,
+    /// Validate the files exactly as an import would, and import nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }

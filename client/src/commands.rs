@@ -45,6 +45,33 @@ pub async fn watch(
     Ok(report)
 }
 
+/// Cancels a source; its status body after the cancel. Not retried: a cancel whose answer
+/// was lost is seen as `409 source_terminal` by the next try.
+pub async fn cancel(api: &Api, dir: Uuid, source: Uuid) -> Result<Value> {
+    let response = api
+        .http
+        .post(api.dir_url(dir, &format!("/sources/{source}/cancel")))
+        .bearer_auth(&api.conn.token)
+        .send()
+        .await
+        .map_err(|e| crate::exit::ClientError::Network(crate::api::transport_error(&e)))?;
+    if !response.status().is_success() {
+        let problem = crate::api::problem(response).await;
+        // The source ended before the cancel: exit 1, like a source that failed.
+        if problem.code == "source_terminal" {
+            return Err(crate::exit::ClientError::Rejected {
+                message: problem.detail,
+                code: problem.code,
+            });
+        }
+        return Err(crate::exit::ClientError::Api(problem));
+    }
+    response
+        .json()
+        .await
+        .map_err(|e| crate::exit::ClientError::Network(format!("the answer broke off: {e}")))
+}
+
 /// Left-aligned columns, two spaces apart.
 pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();

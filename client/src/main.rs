@@ -60,6 +60,12 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 parallel: args.parallel.into(),
                 poll_interval: global.poll_interval,
                 print_lines: !json,
+                mapping: args
+                    .mapping
+                    .as_deref()
+                    .map(upload::parse_mapping)
+                    .transpose()?,
+                dry_run: args.dry_run,
             };
             upload::validate(&api, &args.files, &options).await?;
             let reports = upload::upload_all(&api, &progress, &args.files, &options).await;
@@ -85,6 +91,22 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 println!("{}", report.line());
             }
             Ok(report.exit)
+        }
+        Command::Cancel { source } => {
+            let source = parse_id(&source, "source")?;
+            let cancelled = commands::cancel(&api, api.conn.directory()?, source).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&cancelled).expect("JSON serializes")
+                );
+            } else {
+                println!(
+                    "source {source}: cancelled, {} of {} rows processed ({} accepted, {} failed) stay",
+                    cancelled["processed_rows"], cancelled["total_rows"], cancelled["accepted"], cancelled["failed"]
+                );
+            }
+            Ok(ExitCode::Completed)
         }
         Command::Sources { limit } => {
             commands::sources(&api, api.conn.directory()?, limit, json).await?;

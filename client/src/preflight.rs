@@ -9,7 +9,7 @@ use std::path::Path;
 
 use futures::StreamExt as _;
 use orbit_shared::domain::csv::{probe, Dialect, Probe, ProbeOptions, TextEncoding};
-use orbit_shared::domain::header::{Column, ColumnMap};
+use orbit_shared::domain::header::{Column, ColumnMap, ColumnMapping};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 /// The server's default `ingest.max_header_bytes`; a server configured larger still decides.
@@ -37,6 +37,7 @@ pub async fn check(
     path: &Path,
     delimiter_hint: Option<u8>,
     encoding_hint: Option<TextEncoding>,
+    mapping: Option<&ColumnMapping>,
 ) -> Result<Header, PreflightError> {
     let mut file = tokio::fs::File::open(path).await?;
     // Blank lines before the header and the header itself are each bounded by the limit.
@@ -73,14 +74,17 @@ pub async fn check(
         read_header(text.as_bytes(), dialect.delimiter).await?
     };
     // The column limit is the server's setting; only the server can apply it.
-    let map =
-        ColumnMap::from_header(&names, usize::MAX).map_err(|e| PreflightError::Invalid(e.0))?;
+    let map = ColumnMap::from_header_mapped(&names, usize::MAX, mapping)
+        .map_err(|e| PreflightError::Invalid(e.0))?;
+    // A column the mapping names was placed on purpose: only the others are worth a warning.
     let unmapped = map
         .columns
         .iter()
-        .filter_map(|c| match c {
+        .zip(&map.names)
+        .filter(|(_, name)| mapping.is_none_or(|m| !m.0.contains_key(*name)))
+        .filter_map(|(c, _)| match c {
             Column::Custom(name) => Some(name.clone()),
-            Column::Known(_) => None,
+            Column::Known(_) | Column::Ignored => None,
         })
         .collect();
     Ok(Header {
@@ -132,7 +136,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.csv");
         std::fs::write(&path, bytes).unwrap();
-        check(&path, None, None).await
+        check(&path, None, None, None).await
     }
 
     #[tokio::test]

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
 use orbit_shared::domain::csv::{delimiter_from_hint, TextEncoding};
+use orbit_shared::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
+use orbit_shared::model::upload_options_fingerprint;
 use reqwest::multipart::{Form, Part};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};
@@ -44,6 +46,20 @@ pub struct UploadOptions {
     pub poll_interval: Duration,
     /// Print each file's summary line as it finishes (off with `--json`).
     pub print_lines: bool,
+    /// The column mapping sent with every file.
+    pub mapping: Option<ColumnMapping>,
+    /// Validate only (`dry_run=true`).
+    pub dry_run: bool,
+}
+
+/// `--mapping`: JSON, or `@FILE` holding it; checked as the server checks it.
+pub fn parse_mapping(raw: &str) -> Result<ColumnMapping> {
+    let text = match raw.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Usage(format!("--mapping {path}: {e}")))?,
+        None => raw.to_owned(),
+    };
+    ColumnMapping::parse(&text).map_err(|e| ClientError::Usage(format!("--mapping: {e}")))
 }
 
 /// What happened to one file; printed as a line, or as JSON with `--json`.
@@ -147,9 +163,14 @@ impl FileReport {
     }
 }
 
-/// The default key: the same directory and bytes always give the same key.
-pub fn derived_key(directory: Uuid, sha256: &str) -> String {
-    format!("orbit:{directory}:sha256:{sha256}")
+/// The default key: the same directory, bytes and options always give the same key. Options
+/// (a mapping, a dry run) add their fingerprint, so that a dry run and the real import of a
+/// file, or two mappings of it, are different uploads rather than a reused key.
+pub fn derived_key(directory: Uuid, sha256: &str, options: Option<&str>) -> String {
+    match options {
+        None => format!("orbit:{directory}:sha256:{sha256}"),
+        Some(options) => format!("orbit:{directory}:sha256:{sha256}:options:{options}"),
+    }
 }
 
 fn check_key(key: &str) -> Result<()> {
@@ -265,7 +286,7 @@ async fn run(
     let (delimiter, encoding) = hints(options)?;
     let name = file.display();
     if options.preflight {
-        match preflight::check(file, delimiter, encoding).await {
+        match preflight::check(file, delimiter, encoding, options.mapping.as_ref()).await {
             Ok(header) => {
                 if !header.unmapped.is_empty() {
                     progress.note(&format!(
@@ -282,10 +303,14 @@ async fn run(
                 report.unmapped_columns = header.unmapped;
             }
             Err(PreflightError::Invalid(message)) => {
+                let code = match message.starts_with(MAPPING_ERROR_PREFIX) {
+                    true => "invalid_request",
+                    false => "invalid_csv",
+                };
                 return Err(ClientError::Rejected {
-                    code: "invalid_csv".into(),
+                    code: code.into(),
                     message: format!("not sent, Orbit would reject it: {message}"),
-                })
+                });
             }
             Err(PreflightError::Io(e)) => return Err(ClientError::Usage(format!("{name}: {e}"))),
         }
@@ -294,10 +319,10 @@ async fn run(
         .await
         .map_err(|e| ClientError::Usage(format!("{name}: {e}")))?;
     report.bytes = bytes;
-    let key = options
-        .idempotency_key
-        .clone()
-        .unwrap_or_else(|| derived_key(options.directory, &sha256));
+    let key = options.idempotency_key.clone().unwrap_or_else(|| {
+        let fingerprint = upload_options_fingerprint(options.mapping.as_ref(), options.dry_run);
+        derived_key(options.directory, &sha256, fingerprint.as_deref())
+    });
     report.sha256 = Some(sha256);
     report.idempotency_key = Some(key.clone());
 
@@ -465,6 +490,15 @@ async fn form(
         .mime_str("text/csv")
         .expect("a valid MIME type");
     let mut form = Form::new();
+    if let Some(mapping) = &options.mapping {
+        form = form.text(
+            "mapping",
+            serde_json::to_string(mapping).expect("a mapping serializes"),
+        );
+    }
+    if options.dry_run {
+        form = form.text("dry_run", "true");
+    }
     if let Some(delimiter) = &options.delimiter {
         form = form.text("delimiter", delimiter.clone());
     }
@@ -481,10 +515,13 @@ mod tests {
     #[test]
     fn the_derived_key_is_a_valid_key_and_names_directory_and_bytes() {
         let dir = Uuid::now_v7();
-        let key = derived_key(dir, &"ab".repeat(32));
+        let key = derived_key(dir, &"ab".repeat(32), None);
         check_key(&key).unwrap();
         assert!(key.contains(&dir.to_string()) && key.ends_with(&"ab".repeat(32)));
-        assert_ne!(key, derived_key(Uuid::now_v7(), &"ab".repeat(32)));
+        assert_ne!(key, derived_key(Uuid::now_v7(), &"ab".repeat(32), None));
+        let with_options = derived_key(dir, &"ab".repeat(32), Some(&"cd".repeat(32)));
+        assert_ne!(with_options, key);
+        check_key(&with_options).unwrap();
         assert!(check_key("").is_err() && check_key("é").is_err());
         assert!(check_key(&"k".repeat(256)).is_err());
     }

@@ -174,6 +174,7 @@ fn check_map(names: &[String]) {
                         assert_eq!(match_known(name), None);
                         assert_eq!(custom, name);
                     }
+                    Column::Ignored => panic!("column {i} ignored without a mapping"),
                 }
             }
         }

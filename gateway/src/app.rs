@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::extract::DefaultBodyLimit;
 use axum::middleware;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::Router;
 use orbit_shared::backends::Backends;
 use orbit_shared::blob::BlobStore;
@@ -108,12 +108,32 @@ pub fn router(state: AppState) -> Router {
             post(routes::sources::retry),
         )
         .route(
+            &format!("{org}/directories/{{dir}}/sources/{{source}}/cancel"),
+            post(routes::sources::cancel),
+        )
+        .route(
             &format!("{org}/directories/{{dir}}/sources/{{source}}/errors"),
             get(routes::sources::errors),
         )
         .route(
             &format!("{org}/directories/{{dir}}/sources/{{source}}/failed-rows"),
             get(routes::sources::failed_rows),
+        )
+        .route(
+            &format!("{org}/webhooks"),
+            get(routes::webhooks::list).post(routes::webhooks::create),
+        )
+        .route(
+            &format!("{org}/webhooks/{{webhook}}"),
+            delete(routes::webhooks::delete),
+        )
+        .route(
+            &format!("{org}/webhooks/{{webhook}}/enable"),
+            post(routes::webhooks::enable),
+        )
+        .route(
+            &format!("{org}/webhooks/{{webhook}}/deliveries"),
+            get(routes::webhooks::deliveries),
         )
         .route(
             &format!("{org}/directories/{{dir}}/profiles"),
@@ -318,6 +338,13 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             }
         });
     }
+    // Every gateway sends webhooks, embedded or not: the outbox is in the database.
+    crate::webhooks::start(
+        state.store.clone(),
+        state.settings.webhooks.clone(),
+        shutdown.stop.clone(),
+    )
+    .context("starting the webhook dispatcher")?;
     tracing::info!(%addr, database = state.store.backend(), object_store = state.blobs.backend(), queue = state.queue.backend(), "orbit-gateway listening");
     Ok(Running {
         addr,

@@ -10,6 +10,7 @@
 //!   become problem+json.
 //! - [`observe`]: request ids, the access log and the HTTP metrics of every request.
 //! - [`problem`]: RFC 9457 problem+json errors with stable codes.
+//! - [`webhooks`]: the dispatcher that sends signed webhook events from the outbox.
 //! - [`admin`]: the `admin` subcommands (bootstrap, organizations, directories, tokens).
 
 pub mod admin;
@@ -21,3 +22,4 @@ pub mod problem;
 pub mod routes;
 pub mod server;
 pub mod upload;
+pub mod webhooks;

@@ -17,10 +17,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use orbit_shared::blob;
 use orbit_shared::domain::csv::{delimiter_from_hint, TextEncoding};
+use orbit_shared::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
+use orbit_shared::domain::InvalidCsv;
 use orbit_shared::ingest::{FilePlan, FilePlanner, PlannerOptions};
 use orbit_shared::metrics::{Publisher, METRICS};
 use orbit_shared::model::{
-    IdempotencyClaim, KeyState, NewSource, NewUpload, SourceStatus, UploadReceipt,
+    upload_options_fingerprint, IdempotencyClaim, KeyState, NewSource, NewUpload, SourceStatus,
+    UploadReceipt,
 };
 use sha2::{Digest, Sha256};
 use tracing::field::Empty;
@@ -39,10 +42,20 @@ const UPLOAD_RETRY_AFTER_SECS: &str = "5";
 /// Room for the multipart framing and text fields around the file, in the early size check.
 const MULTIPART_OVERHEAD_BYTES: u64 = 1 << 20;
 
+/// The form fields that steer how the file is read; all must come before the `file` field.
 #[derive(Default)]
 struct Hints {
     delimiter: Option<u8>,
     encoding: Option<TextEncoding>,
+    mapping: Option<ColumnMapping>,
+    dry_run: bool,
+}
+
+impl Hints {
+    /// What a replay must match besides the file (see [`upload_options_fingerprint`]).
+    fn fingerprint(&self) -> Option<String> {
+        upload_options_fingerprint(self.mapping.as_ref(), self.dry_run)
+    }
 }
 
 /// A file read in full: either stored and planned, or (for a replay) only hashed.
@@ -58,6 +71,7 @@ struct StoredFile {
     byte_size: u64,
     sha256: String,
     plan: FilePlan,
+    dry_run: bool,
 }
 
 /// What the idempotency key said before the file was read.
@@ -139,6 +153,7 @@ pub async fn upload(
         key_plan: KeyPlan::None,
         file: None,
         object: None,
+        options: None,
     };
     let longest = state.settings.ingest.max_upload_duration;
     let result = tokio::select! {
@@ -173,6 +188,8 @@ struct Upload<'a> {
     file: Option<FileRead>,
     /// The object this request stored, until a committed source owns it.
     object: Option<String>,
+    /// The fingerprint of the upload's options, fixed once the file field starts.
+    options: Option<String>,
 }
 
 impl Upload<'_> {
@@ -185,6 +202,7 @@ impl Upload<'_> {
                     if self.file.is_some() {
                         return Err(ApiError::invalid_request("send exactly one `file` field"));
                     }
+                    self.options = hints.fingerprint();
                     if let Some(response) = self.settle_key().await? {
                         return Ok(response);
                     }
@@ -204,6 +222,32 @@ impl Upload<'_> {
                         }
                         _ => self.key = Some(value),
                     }
+                }
+                "mapping" => {
+                    if self.file.is_some() {
+                        return Err(ApiError::invalid_request(
+                            "the `mapping` field must come before the `file` field",
+                        ));
+                    }
+                    let limit = self.state.settings.ingest.max_mapping_bytes;
+                    let value = read_text_limited(field, limit).await?;
+                    let mapping =
+                        ColumnMapping::parse(&value).map_err(ApiError::invalid_request)?;
+                    hints.mapping = (!mapping.is_empty()).then_some(mapping);
+                }
+                "dry_run" => {
+                    if self.file.is_some() {
+                        return Err(ApiError::invalid_request(
+                            "the `dry_run` field must come before the `file` field",
+                        ));
+                    }
+                    hints.dry_run = match read_text(field).await?.trim() {
+                        "true" | "1" => true,
+                        "false" | "0" => false,
+                        _ => {
+                            return Err(ApiError::invalid_request("dry_run must be true or false"))
+                        }
+                    };
                 }
                 "delimiter" | "encoding" => {
                     if self.file.is_some() {
@@ -286,7 +330,7 @@ impl Upload<'_> {
                 }
                 if let Some(FileRead::Stored(file)) = &self.file {
                     // The file was stored before the key arrived: compare, then drop our copy.
-                    let same = file.sha256 == sha256;
+                    let same = file.sha256 == sha256 && receipt.options == self.options;
                     self.clean_up().await;
                     return if same {
                         self.replay_receipt(receipt).map(Some)
@@ -305,7 +349,9 @@ impl Upload<'_> {
             KeyPlan::Replay {
                 sha256: original,
                 receipt,
-            } if original == sha256 => self.replay_receipt(receipt.clone()),
+            } if original == sha256 && receipt.options == self.options => {
+                self.replay_receipt(receipt.clone())
+            }
             _ => Err(key_reused()),
         }
     }
@@ -359,6 +405,7 @@ impl Upload<'_> {
             encoding_hint: hints.encoding,
             delimiter_hint: hints.delimiter,
             rules: orbit_worker::process::row_rules(ingest),
+            mapping: hints.mapping.clone(),
         });
         let write_span = tracing::info_span!(
             "upload.object_write",
@@ -390,7 +437,7 @@ impl Upload<'_> {
                 hasher.update(&bytes);
                 plan_span
                     .in_scope(|| planner.feed(&bytes))
-                    .map_err(|e| ApiError::invalid_csv(e.0))?;
+                    .map_err(plan_error)?;
                 writer
                     .write(bytes)
                     .instrument(write_span.clone())
@@ -400,11 +447,8 @@ impl Upload<'_> {
             Ok(())
         }
         .await;
-        let plan = streamed.and_then(|()| {
-            plan_span
-                .in_scope(|| planner.finish())
-                .map_err(|e| ApiError::invalid_csv(e.0))
-        });
+        let plan =
+            streamed.and_then(|()| plan_span.in_scope(|| planner.finish()).map_err(plan_error));
         if let Ok(plan) = &plan {
             plan_span.record("orbit.rows", plan.total_rows);
             plan_span.record(
@@ -445,6 +489,7 @@ impl Upload<'_> {
             byte_size: size,
             sha256: hex::encode(hasher.finalize()),
             plan,
+            dry_run: hints.dry_run,
         })))
     }
 
@@ -478,6 +523,7 @@ impl Upload<'_> {
                 columns: plan.columns,
                 max_field_bytes: self.state.settings.ingest.max_field_bytes,
                 default_region: self.state.settings.ingest.default_region.clone(),
+                dry_run: file.dry_run,
                 total_rows: plan.total_rows,
             },
             sync_chunk: plan.sync_chunk,
@@ -529,7 +575,7 @@ impl Upload<'_> {
                 break;
             }
         }
-        tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), "upload recorded");
+        tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), dry_run = source.dry_run, "upload recorded");
         Ok(receipt_response(
             self.org,
             UploadReceipt::of(&source),
@@ -610,6 +656,16 @@ fn receipt_response(org: Uuid, receipt: UploadReceipt, is_idempotent: bool) -> R
     (status, [(header::LOCATION, location)], Json(body)).into_response()
 }
 
+/// A file the planner refused: the client's mapping not fitting the header is a bad request,
+/// anything else a bad file.
+fn plan_error(e: InvalidCsv) -> ApiError {
+    if e.0.starts_with(MAPPING_ERROR_PREFIX) {
+        ApiError::invalid_request(e.0)
+    } else {
+        ApiError::invalid_csv(e.0)
+    }
+}
+
 fn validate_key(raw: &str) -> ApiResult<String> {
     if raw.is_empty() || raw.len() > 255 || !raw.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
         return Err(bad_key());
@@ -650,14 +706,18 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
-async fn read_text(mut field: Field<'_>) -> ApiResult<String> {
+async fn read_text(field: Field<'_>) -> ApiResult<String> {
+    read_text_limited(field, MAX_TEXT_FIELD_BYTES).await
+}
+
+async fn read_text_limited(mut field: Field<'_>, limit: usize) -> ApiResult<String> {
     let name = field.name().unwrap_or_default().to_owned();
     let mut out = Vec::new();
     while let Some(bytes) = field.chunk().await.map_err(multipart_error)? {
         out.extend_from_slice(&bytes);
-        if out.len() > MAX_TEXT_FIELD_BYTES {
+        if out.len() > limit {
             return Err(ApiError::invalid_request(format!(
-                "the `{name}` field is too long"
+                "the `{name}` field is longer than the {limit} bytes allowed"
             )));
         }
     }

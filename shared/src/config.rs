@@ -17,6 +17,32 @@ pub struct Settings {
     pub worker: WorkerSettings,
     pub idempotency: IdempotencySettings,
     pub telemetry: TelemetrySettings,
+    pub webhooks: WebhookSettings,
+}
+
+/// Delivery of signed webhook events from the outbox (docs/imports.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookSettings {
+    /// How long one attempt may take, connect to last byte; longer is a failure.
+    #[serde(with = "humantime_serde_compat")]
+    pub timeout: Duration,
+    /// Attempts per delivery before it is given up (`failed`).
+    pub max_attempts: u32,
+    /// Wait before the second attempt; doubled for each one after, up to `retry_max`.
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_base: Duration,
+    #[serde(with = "humantime_serde_compat")]
+    pub retry_max: Duration,
+    /// Failed attempts in a row (across deliveries) after which an endpoint is disabled.
+    pub disable_after: u32,
+    /// How often a gateway looks for due deliveries when it found none.
+    #[serde(with = "humantime_serde_compat")]
+    pub poll_interval: Duration,
+    /// Deliveries one gateway sends at once.
+    pub concurrency: u32,
+    /// Whether endpoints may be on private, loopback or link-local addresses.
+    pub allow_private_targets: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -124,6 +150,8 @@ pub struct IngestSettings {
     pub max_field_bytes: usize,
     pub max_columns: usize,
     pub max_header_bytes: usize,
+    /// The longest `mapping` form field of an upload, in bytes (`400 invalid_request`).
+    pub max_mapping_bytes: usize,
     /// ISO 3166 region used for phone numbers written without a country code.
     pub default_region: String,
     /// An upload still streaming after this long is cut (`408 upload_timeout`); a partial
@@ -278,6 +306,7 @@ max_upload_bytes = 1073741824
 max_field_bytes = 8192
 max_columns = 512
 max_header_bytes = 65536
+max_mapping_bytes = 262144
 default_region = "US"
 max_upload_duration = "24h"
 sweep_interval = "15m"
@@ -300,6 +329,16 @@ in_flight_timeout = "1h"
 
 [telemetry]
 log_format = "text"
+
+[webhooks]
+timeout = "10s"
+max_attempts = 12
+retry_base = "5s"
+retry_max = "1h"
+disable_after = 50
+poll_interval = "1s"
+concurrency = 16
+allow_private_targets = false
 "#;
 
 impl Settings {
@@ -339,6 +378,16 @@ impl Settings {
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.webhooks.max_attempts > 0
+                && self.webhooks.disable_after > 0
+                && self.webhooks.concurrency > 0,
+            "webhooks.max_attempts, webhooks.disable_after and webhooks.concurrency must be at least 1"
+        );
+        anyhow::ensure!(
+            !self.webhooks.timeout.is_zero() && !self.webhooks.poll_interval.is_zero(),
+            "webhooks.timeout and webhooks.poll_interval must be more than zero"
+        );
         anyhow::ensure!(
             self.ingest.chunk_rows > 0,
             "ingest.chunk_rows must be at least 1"

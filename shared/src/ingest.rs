@@ -6,7 +6,7 @@
 use crate::domain::csv::{
     probe, Dialect, Probe, ProbeOptions, RawRecord, Splitter, SplitterOptions, TextEncoding,
 };
-use crate::domain::header::ColumnMap;
+use crate::domain::header::{ColumnMap, ColumnMapping};
 use crate::domain::row::{self, RowOutcome, RowRules};
 use crate::domain::InvalidCsv;
 use crate::model::{ChunkResults, ChunkSpec};
@@ -21,6 +21,8 @@ pub struct PlannerOptions {
     pub encoding_hint: Option<TextEncoding>,
     pub delimiter_hint: Option<u8>,
     pub rules: RowRules,
+    /// The client's column mapping, applied to the header before the aliases.
+    pub mapping: Option<ColumnMapping>,
 }
 
 /// What the upload records: the file's dialect and header, its synchronous prefix (already
@@ -131,7 +133,11 @@ impl FilePlanner {
         let mut records = std::mem::take(&mut self.records);
         for record in &mut records {
             let Some(columns) = &self.columns else {
-                self.columns = Some(header_of(record, self.opts.max_columns)?);
+                self.columns = Some(header_of(
+                    record,
+                    self.opts.max_columns,
+                    self.opts.mapping.as_ref(),
+                )?);
                 continue;
             };
             self.rows += 1;
@@ -173,7 +179,11 @@ impl FilePlanner {
     }
 }
 
-fn header_of(record: &RawRecord, max_columns: usize) -> Result<ColumnMap, InvalidCsv> {
+fn header_of(
+    record: &RawRecord,
+    max_columns: usize,
+    mapping: Option<&ColumnMapping>,
+) -> Result<ColumnMap, InvalidCsv> {
     if record.field_count > max_columns {
         return Err(InvalidCsv(format!(
             "the header has {} columns; at most {max_columns} are allowed",
@@ -190,7 +200,7 @@ fn header_of(record: &RawRecord, max_columns: usize) -> Result<ColumnMap, Invali
         }
         names.push(name.to_owned());
     }
-    ColumnMap::from_header(&names, max_columns)
+    ColumnMap::from_header_mapped(&names, max_columns, mapping)
 }
 
 #[cfg(test)]
@@ -211,6 +221,7 @@ mod tests {
                 max_field_bytes: 1024,
                 default_region: normalize::parse_region("US").unwrap(),
             },
+            mapping: None,
         }
     }
 

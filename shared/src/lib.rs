@@ -11,6 +11,7 @@
 //! - [`queue`]: the work queue trait and its in-process backend.
 //! - [`redact`]: passwords in URLs masked before any text leaves the process.
 //! - [`telemetry`]: logging set-up (text or JSON, redacted) and fatal-error reporting.
+//! - [`views`]: the JSON bodies of a source, served by the API and sent by webhooks.
 //! - [`metrics`]: the Prometheus registry shared by gateway and worker.
 //! - `testing` (feature `testing`): fixtures for tests against the distributed backends.
 
@@ -28,3 +29,4 @@ pub mod store;
 pub mod telemetry;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod views;

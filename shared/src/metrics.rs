@@ -36,11 +36,19 @@ pub struct Metrics {
     pub publish_failures: IntCounterVec,
     pub upload_bytes: IntCounter,
     pub build_info: IntGaugeVec,
+    pub webhook_attempts: IntCounterVec,
 }
 
 /// The `error_code`s a source fails with; [`OTHER`] stands for any other.
-pub const SOURCE_ERROR_CODES: [&str; 3] =
-    ["chunk_poisoned", "object_missing", "row_count_mismatch"];
+pub const SOURCE_ERROR_CODES: [&str; 4] = [
+    "chunk_poisoned",
+    "object_missing",
+    "row_count_mismatch",
+    crate::model::CANCELLED,
+];
+
+/// What a webhook delivery attempt led to (`orbit_webhook_attempts_total{outcome}`).
+pub const WEBHOOK_OUTCOMES: [&str; 3] = ["delivered", "retry", "given_up"];
 
 /// Who published a chunk message: the upload that recorded it, or a reaper.
 #[derive(Debug, Clone, Copy)]
@@ -149,6 +157,17 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["code"],
     )
     .expect("valid metric");
+    let webhook_attempts = IntCounterVec::new(
+        Opts::new(
+            "orbit_webhook_attempts_total",
+            "Webhook delivery attempts made by this gateway, by outcome: delivered (2xx), retry (failed, tried again later), given_up (failed, out of webhooks.max_attempts)",
+        ),
+        &["outcome"],
+    )
+    .expect("valid metric");
+    for outcome in WEBHOOK_OUTCOMES {
+        webhook_attempts.with_label_values(&[outcome]);
+    }
     let reaper_republishes = IntCounter::new(
         "orbit_reaper_republishes_total",
         "Chunk messages published by this process's reaper: chunks never published, whose message was lost, or whose worker died",
@@ -204,6 +223,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(queue_depth.clone()),
         Box::new(chunks_open.clone()),
         Box::new(sources.clone()),
+        Box::new(webhook_attempts.clone()),
     ] {
         registry.register(c).expect("metric registered once");
     }
@@ -227,6 +247,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         publish_failures,
         upload_bytes,
         build_info,
+        webhook_attempts,
     }
 });
 

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::domain::csv::Dialect;
-use crate::domain::header::ColumnMap;
+use crate::domain::header::{ColumnMap, ColumnMapping};
 use crate::domain::resolve::ProfileState;
 use crate::domain::row::{FailedRow, RecordDraft, Severity};
 
@@ -92,6 +92,9 @@ pub struct Source {
     /// The row rules of the upload, so every worker judges rows as the gateway did.
     pub max_field_bytes: usize,
     pub default_region: String,
+    /// Validate only: rows are counted and their problems kept, but no record, profile or
+    /// identity is written.
+    pub dry_run: bool,
     pub total_rows: u64,
     pub processed_rows: u64,
     pub accepted: u64,
@@ -206,6 +209,90 @@ pub enum Retried {
     Reopened(Source, Vec<ChunkRef>),
 }
 
+/// A webhook endpoint: where an organization's source events go.
+#[derive(Debug, Clone)]
+pub struct WebhookEndpoint {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    /// Only this directory's sources; `None` for every directory of the organization.
+    pub directory_id: Option<Uuid>,
+    pub url: String,
+    pub events: Vec<String>,
+    /// `whsec_<base64>`: the HMAC key, base64 after the prefix.
+    pub secret: String,
+    /// Failed attempts in a row, across deliveries; a success resets it.
+    pub failure_run: u32,
+    /// Set once `failure_run` reached `webhooks.disable_after`: nothing is sent until enabled.
+    pub disabled_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
+/// One event for one endpoint, from the outbox, with its attempts.
+#[derive(Debug, Clone, Serialize)]
+pub struct WebhookDelivery {
+    /// The `webhook-id` header, the same on every attempt.
+    pub id: String,
+    pub event_type: String,
+    pub source_id: Uuid,
+    /// `pending`, `delivered` or `failed` (out of attempts).
+    pub state: String,
+    pub attempt_count: u32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub attempts: Vec<DeliveryAttempt>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeliveryAttempt {
+    pub attempt: u32,
+    pub at: DateTime<Utc>,
+    /// The receiver's status code; absent when no answer came (timeout, refused, …).
+    pub status_code: Option<u16>,
+    pub error: Option<String>,
+    pub duration_ms: u64,
+}
+
+/// A delivery a dispatcher has leased and is to send.
+#[derive(Debug, Clone)]
+pub struct DueDelivery {
+    pub id: Uuid,
+    pub endpoint_id: Uuid,
+    pub url: String,
+    pub secret: String,
+    pub payload: String,
+    /// Attempts made before this one.
+    pub attempts: u32,
+    pub lease_token: Uuid,
+}
+
+/// What an attempt leads to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptNext {
+    Delivered,
+    RetryAt(DateTime<Utc>),
+    /// Out of attempts: the delivery is `failed`.
+    GiveUp,
+}
+
+/// `msg_<uuid>`: how a delivery's id is shown, and sent as `webhook-id`.
+pub fn webhook_id(id: Uuid) -> String {
+    format!("msg_{}", id.simple())
+}
+
+/// What asking to cancel a source did.
+#[derive(Debug)]
+pub enum Cancelled {
+    NotFound,
+    /// Completed or failed already: nothing left to stop.
+    Terminal(Source),
+    /// Failed now with `error.code = "cancelled"`; what was committed before stays.
+    Cancelled(Source),
+}
+
+/// The error code of a source a client cancelled.
+pub const CANCELLED: &str = "cancelled";
+
 pub struct NewSource {
     pub id: Uuid,
     pub organization_id: Uuid,
@@ -218,6 +305,7 @@ pub struct NewSource {
     pub columns: ColumnMap,
     pub max_field_bytes: usize,
     pub default_region: String,
+    pub dry_run: bool,
     pub total_rows: u64,
 }
 
@@ -246,6 +334,10 @@ pub struct UploadReceipt {
     pub accepted: u64,
     pub failed: u64,
     pub warnings: u64,
+    /// [`upload_options_fingerprint`] of the upload; absent for a plain upload, so receipts
+    /// kept before options existed still replay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<String>,
 }
 
 impl UploadReceipt {
@@ -257,8 +349,26 @@ impl UploadReceipt {
             accepted: source.accepted,
             failed: source.failed,
             warnings: source.warnings,
+            options: upload_options_fingerprint(source.columns.mapping.as_ref(), source.dry_run),
         }
     }
+}
+
+/// What an idempotent replay must match besides the file's bytes: the upload's options that
+/// change what is imported (the column mapping, a dry run). `None` when there are none, as
+/// before options existed.
+pub fn upload_options_fingerprint(
+    mapping: Option<&ColumnMapping>,
+    dry_run: bool,
+) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    let mapping = mapping.filter(|m| !m.is_empty());
+    if mapping.is_none() && !dry_run {
+        return None;
+    }
+    // A BTreeMap serializes in key order: the same mapping always hashes the same.
+    let canonical = serde_json::json!({ "mapping": mapping, "dry_run": dry_run });
+    Some(hex::encode(Sha256::digest(canonical.to_string())))
 }
 
 #[derive(Debug, Clone)]

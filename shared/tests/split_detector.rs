@@ -113,6 +113,7 @@ fn upload(org: Uuid, dir: Uuid) -> NewUpload {
             columns: ColumnMap::from_header(&["email".into(), "phone".into()], 10).unwrap(),
             max_field_bytes: 100,
             default_region: "US".into(),
+            dry_run: false,
             total_rows: CHUNKS * ROWS_PER_CHUNK,
         },
         sync_chunk: None,

@@ -154,6 +154,7 @@ fn new_upload(
             columns: ColumnMap::from_header(&["email".into(), "phone".into()], 10).unwrap(),
             max_field_bytes: 100,
             default_region: "GB".into(),
+            dry_run: false,
             total_rows,
         },
         sync_chunk: (sync_rows > 0).then(|| chunk(0, 1, sync_rows)),

@@ -253,6 +253,7 @@ mod tests {
             columns,
             max_field_bytes: 100,
             default_region: "US".into(),
+            dry_run: false,
             total_rows: 5,
             processed_rows: 0,
             accepted: 0,

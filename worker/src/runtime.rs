@@ -312,7 +312,7 @@ impl Worker {
                     }
                 }
                 Ok(Committed::LeaseLost) => {
-                    tracing::warn!(source = %lease.source_id, chunk = work.chunk.index, "lease lost before commit; another worker owns the chunk");
+                    tracing::warn!(source = %lease.source_id, chunk = work.chunk.index, "lease lost before commit: another worker owns the chunk, or its source ended (cancelled or failed); dropping it");
                     return Ok(());
                 }
                 Err(e) => {

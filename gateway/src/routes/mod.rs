@@ -4,6 +4,7 @@ pub mod directories;
 pub mod profiles;
 pub mod sources;
 pub mod system;
+pub mod webhooks;
 
 use base64::Engine as _;
 use orbit_shared::model::{Cursor, Page, PageRequest};

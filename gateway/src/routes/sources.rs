@@ -5,12 +5,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
 use futures::{stream, StreamExt};
 use orbit_shared::domain::row::failed_fields;
-use orbit_shared::model::{Retried, RowIssue, Source, SourceError, SourceStatus};
+use orbit_shared::model::{Cancelled, Retried, RowIssue, Source};
 use orbit_shared::store::Store;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::borrow::Cow;
 use std::sync::Arc;
 use uuid::Uuid;
@@ -20,58 +19,7 @@ use crate::app::AppState;
 use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
 
-/// The upload response fields: what `csv-upload` answers and replays.
-#[derive(Debug, Serialize)]
-pub struct UploadBody {
-    pub source_id: Uuid,
-    pub directory_id: Uuid,
-    pub source_status: SourceStatus,
-    pub accepted: u64,
-    pub failed: u64,
-    pub warnings: u64,
-    pub is_idempotent: bool,
-}
-
-#[derive(Serialize)]
-pub struct SourceBody {
-    #[serde(flatten)]
-    pub upload: UploadBody,
-    pub total_rows: u64,
-    pub processed_rows: u64,
-    pub filename: String,
-    pub byte_size: u64,
-    pub sha256: String,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub completed_at: Option<DateTime<Utc>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub error: Option<SourceError>,
-}
-
-impl From<Source> for SourceBody {
-    fn from(s: Source) -> Self {
-        SourceBody {
-            upload: UploadBody {
-                source_id: s.id,
-                directory_id: s.directory_id,
-                source_status: s.status,
-                accepted: s.accepted,
-                failed: s.failed,
-                warnings: s.warnings,
-                is_idempotent: false,
-            },
-            total_rows: s.total_rows,
-            processed_rows: s.processed_rows,
-            filename: s.filename,
-            byte_size: s.byte_size,
-            sha256: s.sha256,
-            created_at: s.created_at,
-            updated_at: s.updated_at,
-            completed_at: s.completed_at,
-            error: s.error,
-        }
-    }
-}
+pub use orbit_shared::views::{SourceBody, UploadBody};
 
 async fn scoped_source(
     state: &AppState,
@@ -148,6 +96,40 @@ pub async fn retry(
     }
     tracing::info!(source = %source.id, chunks = chunks.len(), "source resumed");
     Ok((StatusCode::ACCEPTED, Json(SourceBody::from(source))).into_response())
+}
+
+/// Cancels a pending or processing source: it takes no more chunks and ends `failed` with
+/// `error.code = "cancelled"`. Rows committed before the cancel stay, counted; a worker
+/// holding a chunk drops it at its next commit. A cancelled source can be resumed with `retry`.
+pub async fn cancel(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((org, dir, source)): Path<(String, String, String)>,
+) -> ApiResult<Json<SourceBody>> {
+    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
+    let source = parse_id(&source, "source")?;
+    match state
+        .store
+        .cancel_source(dir.organization_id, dir.id, source)
+        .await?
+    {
+        Cancelled::NotFound => Err(ApiError::not_found(
+            "source_not_found",
+            "no such source in this directory",
+        )),
+        Cancelled::Terminal(s) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "source_terminal",
+            format!(
+                "the source is {} already; only a pending or processing source can be cancelled",
+                s.status.as_str()
+            ),
+        )),
+        Cancelled::Cancelled(s) => {
+            tracing::info!(source = %s.id, processed_rows = s.processed_rows, "source cancelled");
+            Ok(Json(s.into()))
+        }
+    }
 }
 
 pub async fn list(

@@ -234,9 +234,10 @@ pub fn validate(
         }
         let name = &columns.names[i];
         match column {
-            Column::Custom(_) => {
-                attributes.insert(name.clone(), value.to_owned());
+            Column::Custom(custom) => {
+                attributes.insert(custom.clone(), value.to_owned());
             }
+            Column::Ignored => {}
             Column::Known(field) => {
                 let normalized = match field {
                     KnownField::Email => normalize::email(value).ok_or(IssueCode::InvalidEmail),

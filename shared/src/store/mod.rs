@@ -14,9 +14,12 @@ use crate::config::DatabaseSettings;
 use crate::model::*;
 
 mod pg_layout;
+mod pg_webhooks;
 pub mod postgres;
 mod rows;
 pub mod sqlite;
+mod sqlite_webhooks;
+mod webhook_rows;
 mod writes;
 
 pub type StoreResult<T> = Result<T, StoreError>;
@@ -209,6 +212,11 @@ pub trait Store: Send + Sync + 'static {
     /// done stay done, and the source is processing again.
     /// The one way a source leaves a terminal state, and only on a caller's explicit request.
     async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried>;
+    /// Ends a pending or processing source `failed` with `error.code = "cancelled"`, in one
+    /// transaction that also fails its unfinished chunks: a worker holding one of them finds
+    /// its lease gone at its next commit (the commit fence checks the source's status too), so
+    /// no slice commits after this, and the slices committed before it stay, counted.
+    async fn cancel_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Cancelled>;
     /// Fails a source that cannot be finished (its object is gone, say); rows stay.
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()>;
     /// Chunks to publish (again): never published, queued longer ago than `requeue_after`, or
@@ -229,6 +237,41 @@ pub trait Store: Send + Sync + 'static {
     /// Marks these pending chunks as not queued after their publish failed, so the next
     /// reaper pass (of any process) publishes them again instead of waiting `requeue_after`.
     async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()>;
+
+    // Webhooks. Ending a source (completing or failing it) writes one outbox row per matching
+    // enabled endpoint in the transaction that ends it.
+    async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()>;
+    async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>>;
+    async fn get_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>>;
+    /// Whether it existed; its deliveries go with it.
+    async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool>;
+    /// Enables a disabled endpoint again (its failure run starts over); its pending
+    /// deliveries are sent again.
+    async fn enable_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>>;
+    /// The endpoint's newest deliveries, with their attempts.
+    async fn list_deliveries(
+        &self,
+        org: Uuid,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookDelivery>>;
+    /// Leases up to `limit` due deliveries of enabled endpoints for `lease_for`; one a
+    /// dispatcher holds is not handed to another until its lease runs out.
+    async fn claim_deliveries(
+        &self,
+        lease_for: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<DueDelivery>>;
+    /// Records an attempt of a leased delivery and what follows it; the endpoint's failure run
+    /// grows or resets, and the endpoint is disabled once the run reaches `disable_after`.
+    /// Nothing is recorded when the lease was lost.
+    async fn record_attempt(
+        &self,
+        delivery: &DueDelivery,
+        attempt: &DeliveryAttempt,
+        next: AttemptNext,
+        disable_after: u32,
+    ) -> StoreResult<()>;
 
     // Metrics.
     async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>>;

@@ -33,12 +33,13 @@ use super::rows::*;
 use super::writes::{
     identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution, Trace,
 };
-use super::{Store, StoreError, StoreResult};
+use super::{pg_webhooks, Store, StoreError, StoreResult};
 use crate::config::DatabaseSettings;
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row;
 use crate::metrics::METRICS;
 use crate::model::*;
+use crate::views::{SOURCE_COMPLETED, SOURCE_FAILED};
 
 pub use super::pg_layout::identity_key;
 
@@ -284,6 +285,53 @@ impl PgStore {
         Ok(Retried::Reopened(retried, refs))
     }
 
+    async fn cancel_source_once(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        source: Uuid,
+    ) -> StoreResult<Cancelled> {
+        let mut tx = self.pool.begin().await?;
+        let found = sqlx::query(
+            "SELECT id FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if found.is_none() {
+            return Ok(Cancelled::NotFound);
+        }
+        // Locks in the order every commit takes them, chunk before source (a commit locks its
+        // chunk, then updates the source): a commit in flight finishes first, and counts; any
+        // later one finds its chunk failed.
+        sqlx::query(
+            "SELECT id FROM chunks WHERE source_id = $1 AND state IN ('pending', 'running') ORDER BY id FOR UPDATE",
+        )
+        .bind(source)
+        .fetch_all(&mut *tx)
+        .await?;
+        let row = sqlx::query("SELECT * FROM sources WHERE id = $1 FOR UPDATE")
+            .bind(source)
+            .fetch_one(&mut *tx)
+            .await?;
+        let current = source_from_row(&row)?;
+        if current.status.is_terminal() {
+            return Ok(Cancelled::Terminal(current));
+        }
+        fail_source_in(
+            &mut tx,
+            source,
+            CANCELLED,
+            "the import was cancelled on request; rows committed before the cancel stay",
+        )
+        .await?;
+        let cancelled = load_source(&mut tx, source).await?;
+        tx.commit().await?;
+        Ok(Cancelled::Cancelled(cancelled))
+    }
+
     async fn fail_source_once(&self, source: Uuid, error: &SourceError) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         fail_source_in(&mut tx, source, &error.code, &error.message).await?;
@@ -302,6 +350,7 @@ impl PgStore {
             directory: s.directory_id,
             seq: upload.seq,
             keys: self.keys,
+            dry_run: s.dry_run,
         };
         let optimistic = match upload.sync_chunk {
             Some(_) => Some(resolve_optimistically(&self.pool, &target, prepared).await?),
@@ -311,8 +360,8 @@ impl PgStore {
         let now = now_ms();
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         sqlx::query(
-            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms)
-             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16)",
+            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run)
+             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $18)",
         )
         .bind(s.id)
         .bind(s.organization_id)
@@ -331,6 +380,7 @@ impl PgStore {
         .bind(chunk_count as i64)
         .bind(now)
         .bind(upload.seq)
+        .bind(s.dry_run)
         .execute(&mut *tx)
         .await?;
         let mut queued = Vec::with_capacity(upload.chunks.len());
@@ -626,6 +676,8 @@ struct Target {
     directory: Uuid,
     seq: i64,
     keys: KeySpace,
+    /// A dry run's commits write only what validation found: see [`apply_results`].
+    dry_run: bool,
 }
 
 impl Target {
@@ -635,6 +687,7 @@ impl Target {
             directory: source.directory_id,
             seq: source.seq,
             keys,
+            dry_run: source.dry_run,
         }
     }
 }
@@ -1023,6 +1076,12 @@ async fn apply_results(
     (snapshot, optimistic): ((Existing, Slots), Resolution),
     pause: &CommitPause,
 ) -> StoreResult<Applied> {
+    // DRY RUN: the one point where a dry run leaves the write path. It claims no identity and
+    // writes no record or profile; it keeps what validation and the lock-free resolution
+    // found (counts, warnings, failed rows), as the import would have.
+    if target.dry_run {
+        return write_failed_and_issues(tx, target, prepared, optimistic).await;
+    }
     let resolution = settle(tx, target, prepared, snapshot, optimistic, pause).await?;
     write_all(tx, target, prepared, resolution).await
 }
@@ -1156,6 +1215,17 @@ async fn write_all(
         buf,
     )
     .await?;
+    write_failed_and_issues(conn, target, prepared, resolution).await
+}
+
+/// What every commit writes, a dry run's too: the failed rows and the row issues.
+async fn write_failed_and_issues(
+    conn: &mut PgConnection,
+    target: &Target,
+    prepared: &Prepared,
+    resolution: Resolution,
+) -> StoreResult<Applied> {
+    let source_id = target.source.to_string();
     let mut buf = Vec::new();
     for f in &prepared.failed {
         copy_row(
@@ -1255,7 +1325,7 @@ async fn finalize_source(conn: &mut PgConnection, source_id: Uuid) -> StoreResul
         return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
     }
     let now = now_ms();
-    sqlx::query(
+    let completed = sqlx::query(
         "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = $1 AND severity = 'warning'),
              status = 'completed', completed_ms = $2, updated_ms = $2
          WHERE id = $1 AND status IN ('pending', 'processing')",
@@ -1264,6 +1334,10 @@ async fn finalize_source(conn: &mut PgConnection, source_id: Uuid) -> StoreResul
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    if completed.rows_affected() > 0 {
+        let source = load_source(conn, source_id).await?;
+        pg_webhooks::enqueue(conn, source, SOURCE_COMPLETED).await?;
+    }
     Ok(())
 }
 
@@ -1291,6 +1365,8 @@ async fn fail_source_in(
         .bind(source)
         .execute(&mut *conn)
         .await?;
+        let failed = load_source(conn, source).await?;
+        pg_webhooks::enqueue(conn, failed, SOURCE_FAILED).await?;
     }
     Ok(())
 }
@@ -1845,6 +1921,11 @@ impl Store for PgStore {
             .await
     }
 
+    async fn cancel_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Cancelled> {
+        self.retrying(|| Box::pin(self.cancel_source_once(org, dir, source)))
+            .await
+    }
+
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
         self.retrying(|| Box::pin(self.fail_source_once(source, &error)))
             .await
@@ -1928,6 +2009,63 @@ impl Store for PgStore {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
+        pg_webhooks::create(&self.pool, endpoint).await
+    }
+
+    async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
+        pg_webhooks::list(&self.pool, org).await
+    }
+
+    async fn get_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        pg_webhooks::get(&self.pool, org, id).await
+    }
+
+    async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool> {
+        pg_webhooks::delete(&self.pool, org, id).await
+    }
+
+    async fn enable_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        pg_webhooks::enable(&self.pool, org, id).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        org: Uuid,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookDelivery>> {
+        pg_webhooks::deliveries(&self.pool, org, endpoint, limit).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        lease_for: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<DueDelivery>> {
+        self.retrying(|| Box::pin(pg_webhooks::claim(&self.pool, lease_for, limit)))
+            .await
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery: &DueDelivery,
+        attempt: &DeliveryAttempt,
+        next: AttemptNext,
+        disable_after: u32,
+    ) -> StoreResult<()> {
+        self.retrying(|| {
+            Box::pin(pg_webhooks::record(
+                &self.pool,
+                delivery,
+                attempt,
+                next,
+                disable_after,
+            ))
+        })
+        .await
     }
 
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {

@@ -14,12 +14,15 @@ use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use super::rows::*;
-use super::writes::{identity_lookups, owners_to_load, prepare, resolve, Prepared, Trace};
-use super::{Store, StoreError, StoreResult};
+use super::writes::{
+    identity_lookups, owners_to_load, prepare, resolve, IssueWrite, Prepared, Trace,
+};
+use super::{sqlite_webhooks, Store, StoreError, StoreResult};
 use crate::domain::resolve::{self, Existing, ProfileState};
 use crate::domain::row::{self, Issue};
 use crate::metrics::METRICS;
 use crate::model::*;
+use crate::views::{SOURCE_COMPLETED, SOURCE_FAILED};
 
 /// SQLite allows 32766 bound parameters; stay far below it.
 const IN_BATCH: usize = 500;
@@ -141,6 +144,12 @@ async fn apply_results(
     }
 
     let writes = resolve(&mut prepared, existing, source.seq)?;
+    // DRY RUN: the one point where a dry run leaves the write path: no profile, identity or
+    // record; the counts, warnings and failed rows stay, as the import would have them.
+    if source.dry_run {
+        write_failed_and_issues(conn, source.id, &prepared, &writes.warnings).await?;
+        return Ok(writes.applied);
+    }
     let now = now_ms();
     let state_json = |profiles: BTreeMap<Uuid, ProfileState>| -> StoreResult<Vec<(Uuid, String)>> {
         profiles
@@ -211,12 +220,23 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
+    write_failed_and_issues(conn, source.id, &prepared, &writes.warnings).await?;
+    Ok(writes.applied)
+}
+
+/// The failed rows and the row issues (`warnings` of accepted rows, the failed rows' errors).
+async fn write_failed_and_issues(
+    conn: &mut SqliteConnection,
+    source: Uuid,
+    prepared: &Prepared,
+    warnings: &[IssueWrite],
+) -> StoreResult<()> {
     for batch in prepared.failed.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT OR IGNORE INTO failed_rows (source_id, row_number, line_number, fields, error_code, error_message) ",
         );
         insert.push_values(batch, |mut row, f| {
-            row.push_bind(source.id)
+            row.push_bind(source)
                 .push_bind(f.row_number)
                 .push_bind(f.line_number)
                 .push_bind(&f.fields)
@@ -225,17 +245,17 @@ async fn apply_results(
         });
         insert.build().execute(&mut *conn).await?;
     }
-    for i in writes.warnings.iter().chain(&prepared.failed_issues) {
+    for i in warnings.iter().chain(&prepared.failed_issues) {
         insert_issue(
             conn,
-            source.id,
+            source,
             i.row_number as u64,
             i.line_number as u64,
             &i.issue,
         )
         .await?;
     }
-    Ok(writes.applied)
+    Ok(())
 }
 
 async fn insert_issue(
@@ -332,7 +352,7 @@ async fn finalize_source(conn: &mut SqliteConnection, source_id: Uuid) -> StoreR
         );
         return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
     }
-    sqlx::query(
+    let completed = sqlx::query(
         "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = ?1 AND severity = 'warning'),
          status = 'completed', completed_ms = ?2, updated_ms = ?2 WHERE id = ?1 AND status IN ('pending', 'processing')",
     )
@@ -340,6 +360,10 @@ async fn finalize_source(conn: &mut SqliteConnection, source_id: Uuid) -> StoreR
     .bind(now)
     .execute(&mut *conn)
     .await?;
+    if completed.rows_affected() > 0 {
+        let source = load_source(conn, source_id).await?;
+        sqlite_webhooks::enqueue(conn, source, SOURCE_COMPLETED).await?;
+    }
     Ok(())
 }
 
@@ -367,6 +391,8 @@ async fn fail_source_in(
         .bind(source)
         .execute(&mut *conn)
         .await?;
+        let failed = load_source(conn, source).await?;
+        sqlite_webhooks::enqueue(conn, failed, SOURCE_FAILED).await?;
     }
     Ok(())
 }
@@ -667,8 +693,8 @@ impl Store for SqliteStore {
         let s = &upload.source;
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         sqlx::query(
-            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms)
-             VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run)
+             VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(s.id)
         .bind(s.organization_id)
@@ -687,6 +713,7 @@ impl Store for SqliteStore {
         .bind(chunk_count as i64)
         .bind(now)
         .bind(now)
+        .bind(s.dry_run)
         .execute(&mut *tx)
         .await?;
         let trace = Trace {
@@ -1146,6 +1173,36 @@ impl Store for SqliteStore {
         Ok(Retried::Reopened(retried, refs))
     }
 
+    async fn cancel_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Cancelled> {
+        // One writer at a time: no commit can interleave with this transaction.
+        let mut tx = self.writer.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(Cancelled::NotFound);
+        };
+        let found = source_from_row(&row)?;
+        if found.status.is_terminal() {
+            return Ok(Cancelled::Terminal(found));
+        }
+        fail_source_in(
+            &mut tx,
+            source,
+            CANCELLED,
+            "the import was cancelled on request; rows committed before the cancel stay",
+        )
+        .await?;
+        let cancelled = load_source(&mut tx, source).await?;
+        tx.commit().await?;
+        Ok(Cancelled::Cancelled(cancelled))
+    }
+
     async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
         let mut tx = self.writer.begin().await?;
         fail_source_in(&mut tx, source, &error.code, &error.message).await?;
@@ -1239,6 +1296,53 @@ impl Store for SqliteStore {
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
+        sqlite_webhooks::create(&self.writer, endpoint).await
+    }
+
+    async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
+        sqlite_webhooks::list(&self.reader, org).await
+    }
+
+    async fn get_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        sqlite_webhooks::get(&self.reader, org, id).await
+    }
+
+    async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool> {
+        sqlite_webhooks::delete(&self.writer, org, id).await
+    }
+
+    async fn enable_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        sqlite_webhooks::enable(&self.writer, org, id).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        org: Uuid,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookDelivery>> {
+        sqlite_webhooks::deliveries(&self.reader, org, endpoint, limit).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        lease_for: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<DueDelivery>> {
+        sqlite_webhooks::claim(&self.reader, &self.writer, lease_for, limit).await
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery: &DueDelivery,
+        attempt: &DeliveryAttempt,
+        next: AttemptNext,
+        disable_after: u32,
+    ) -> StoreResult<()> {
+        sqlite_webhooks::record(&self.writer, delivery, attempt, next, disable_after).await
     }
 
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
