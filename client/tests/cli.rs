@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{code, contacts, json, proxy, run, stderr, stdout, Fault, Gateway};
-use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::Notify;
@@ -204,27 +203,27 @@ async fn an_upload_still_in_flight_is_waited_out_then_replayed() {
     tokio::time::timeout(Duration::from_secs(60), held.notified())
         .await
         .expect("the first upload reached the proxy");
-    // The server has claimed the key once it sees the file field start: wait for that. The
-    // probe sends an empty file, so if it wins the race it is rejected (422) and keeps no key.
+    // Wait until the server has claimed the key for the first upload (it does once it sees the
+    // file field start). Read from the gateway's database rather than probed over HTTP: a probe
+    // with the same key could win the claim and make the held upload itself answer 409.
+    let db = format!("sqlite://{}/orbit.db?mode=ro", gw.data.path().display());
+    let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
+        .await
+        .unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let response = gw
-            .http
-            .post(gw.dir_url("/sources/csv-upload"))
-            .bearer_auth(&gw.token)
-            .header("Idempotency-Key", key)
-            .multipart(Form::new().part("file", Part::bytes(Vec::new()).file_name("fly.csv")))
-            .send()
-            .await
-            .unwrap();
-        if response.status() == 409 {
-            assert!(response.headers().contains_key("retry-after"));
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM idempotency_keys WHERE key = ?")
+                .bind(key)
+                .fetch_optional(&mut conn)
+                .await
+                .unwrap();
+        if state.as_deref() == Some("in_flight") {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "{}",
-            response.status()
+            "key state {state:?}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
