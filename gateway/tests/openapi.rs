@@ -94,3 +94,77 @@ async fn every_route_has_an_operation_id_a_declared_tag_and_is_served() {
         "the router mounts {mounted} handlers, the document describes {operations}"
     );
 }
+
+/// docs/api.md and the OpenAPI document describe the same API: each names every route of the
+/// other, and both cover every problem code the gateway can answer (`problem::CODES`), the
+/// document with its `type` URI.
+#[tokio::test]
+async fn docs_api_md_and_the_openapi_document_agree() {
+    let app = TestApp::spawn().await;
+    let doc: Value = app
+        .client
+        .get(app.url("/openapi.json"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let docs = include_str!("../../docs/api.md");
+
+    let mut in_document = HashSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("path item").keys() {
+            in_document.insert(format!("{} {path}", method.to_uppercase()));
+        }
+    }
+    // Each endpoint of docs/api.md has a heading "### `METHOD /path`".
+    let in_docs: HashSet<String> = docs
+        .lines()
+        .filter_map(|l| l.strip_prefix("### `")?.strip_suffix('`'))
+        .map(str::to_owned)
+        .collect();
+    let mut missing: Vec<_> = in_document.difference(&in_docs).collect();
+    missing.sort();
+    assert!(missing.is_empty(), "routes not in docs/api.md: {missing:?}");
+    let mut missing: Vec<_> = in_docs.difference(&in_document).collect();
+    missing.sort();
+    assert!(
+        missing.is_empty(),
+        "routes of docs/api.md not in /openapi.json: {missing:?}"
+    );
+
+    let enumerated: HashSet<&str> = doc["components"]["schemas"]["Problem"]["properties"]["code"]
+        ["enum"]
+        .as_array()
+        .expect("the Problem schema enumerates its codes")
+        .iter()
+        .map(|c| c.as_str().unwrap())
+        .collect();
+    let listed: HashSet<&str> = orbit_gateway::problem::CODES.iter().copied().collect();
+    assert_eq!(
+        enumerated, listed,
+        "/openapi.json's codes and problem::CODES"
+    );
+    for code in orbit_gateway::problem::CODES {
+        let row = docs
+            .lines()
+            .find(|l| l.starts_with('|') && l.contains(&format!("| `{code}` |")))
+            .unwrap_or_else(|| panic!("{code} has no row in docs/api.md's problem codes"));
+        let uri = orbit_gateway::problem::type_uri(code);
+        assert!(row.contains(&format!("`{uri}`")), "{code}: {row}");
+    }
+    // And the table lists nothing else: a row per code, no stale one.
+    let table = docs
+        .split("## Problem codes")
+        .nth(1)
+        .expect("a problem codes section")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let rows = table
+        .lines()
+        .filter(|l| l.starts_with('|') && l.contains("https://orbit.dev/problems/"))
+        .count();
+    assert_eq!(rows, orbit_gateway::problem::CODES.len(), "{table}");
+}

@@ -341,7 +341,7 @@ pub async fn assert_problem(response: reqwest::Response, status: StatusCode, cod
     body
 }
 
-/// `rows` contacts with unique emails, in the columns of the upload contract (first name, last name, email, phone, ...).
+/// `rows` contacts with unique emails, in the columns of the upload contract, docs/api.md (first name, last name, email, phone, ...).
 pub fn contacts_csv(rows: usize, email_prefix: &str) -> String {
     let mut out =
         String::from("first_name,last_name,email,phone,company,title,linkedin_url,city,country\n");
