@@ -52,9 +52,15 @@ impl Caller {
     }
 }
 
+/// An id of the path: a UUID in its hyphenated form (`8-4-4-4-12` hex digits, any case), the
+/// one form Orbit writes and the OpenAPI document's pattern; braced, URN and unhyphenated
+/// spellings are refused rather than accepted behind the contract's back.
 pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw)
-        .map_err(|_| ApiError::invalid_request(format!("{what} id {raw:?} is not a UUID")))
+    let invalid = || ApiError::invalid_request(format!("{what} id {raw:?} is not a UUID"));
+    if raw.len() != 36 {
+        return Err(invalid());
+    }
+    Uuid::try_parse(raw).map_err(|_| invalid())
 }
 
 impl FromRequestParts<AppState> for Caller {

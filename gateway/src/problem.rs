@@ -29,6 +29,7 @@ pub const CODES: &[&str] = &[
     "unsupported_media_type",
     "invalid_csv",
     "idempotency_key_reused",
+    "idempotency_key_mismatch",
     "headers_too_large",
     "internal_error",
     "service_unavailable",

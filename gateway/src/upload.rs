@@ -198,9 +198,13 @@ impl Upload<'_> {
                     let value = validate_key(&read_text(field).await?)?;
                     match &self.key {
                         Some(existing) if *existing != value => {
-                            return Err(ApiError::invalid_request(
+                            // Each is well formed; together they contradict each other, which the
+                            // request's syntax (and so the OpenAPI document) cannot rule out.
+                            return Err(ApiError::new(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                "idempotency_key_mismatch",
                                 "the Idempotency-Key header and the idempotency_key field differ",
-                            ))
+                            ));
                         }
                         _ => self.key = Some(value),
                     }

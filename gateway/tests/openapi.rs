@@ -1,12 +1,13 @@
 //! The OpenAPI document names every operation, so generated clients get readable method names,
-//! and every documented operation is a route the gateway really serves.
+//! every documented operation is a route the gateway really serves, the document agrees with
+//! docs/api.md, and the server does exactly what the document says (schemathesis, with real ids).
 
 mod common;
 
 use std::collections::HashSet;
 
-use common::TestApp;
-use reqwest::Method;
+use common::{assert_problem, TestApp};
+use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -167,4 +168,149 @@ async fn docs_api_md_and_the_openapi_document_agree() {
         .filter(|l| l.starts_with('|') && l.contains("https://orbit.dev/problems/"))
         .count();
     assert_eq!(rows, orbit_gateway::problem::CODES.len(), "{table}");
+}
+
+/// The disagreements schemathesis once found, each as a client meets it.
+#[tokio::test]
+async fn the_server_answers_what_the_document_says() {
+    let app = TestApp::spawn().await;
+    // A parameter given twice is a problem+json 400, not the framework's text/plain.
+    let response = app
+        .get(&app.dir_url("/sources?limit=1&limit=2"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // An empty cursor is the first page.
+    let (status, body) = app.get_json(&app.dir_url("/sources?cursor=")).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body["data"].is_array(), "{body}");
+    // The directory body takes `name` and nothing else, as its schema says.
+    let response = app
+        .post(&app.url(&format!("/v2/organizations/{}/directories", app.tenant.org)))
+        .json(&serde_json::json!({"name": "Leads", "colour": "blue"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // Ids are hyphenated UUIDs, the document's pattern; other spellings are refused.
+    let simple = app.tenant.dir.simple().to_string();
+    let response = app
+        .get(&app.url(&format!(
+            "/v2/organizations/{}/directories/{simple}/sources",
+            app.tenant.org
+        )))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // A key outside printable ASCII, as the document's pattern says.
+    let response = app
+        .post(&app.upload_url())
+        .header(
+            "Idempotency-Key",
+            reqwest::header::HeaderValue::from_bytes("café".as_bytes()).unwrap(),
+        )
+        .multipart(common::file_form("email\nann@example.com\n"))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+}
+
+/// schemathesis (deploy/schemathesis.sh installs it from PyPI) generates requests from the
+/// served /openapi.json, valid and invalid, and runs every check it has against the answers:
+/// no server error, every status, content type, header and body as documented, schema-valid
+/// requests accepted and invalid ones rejected. Path ids are real (the tenant's organization
+/// and directory, a source and a profile of an upload), so requests reach the handlers rather
+/// than stopping at 404; archiving gets a directory of its own, so uploads keep theirs. Two
+/// things a schema cannot say are configured: a cursor is opaque (pinned to the empty one,
+/// the first page), and whether a file is a valid CSV is decided by its content (`422`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schemathesis_finds_no_failure() {
+    let app = TestApp::spawn().await;
+    let upload = app
+        .upload_ok(
+            "First Name,Email,Phone\nAnn,ann@example.com,(415) 555-2671\nBob,not-an-email,\n",
+        )
+        .await;
+    let source = upload["source_id"].as_str().unwrap().to_owned();
+    let profiles = app.collect(&app.dir_url("/profiles")).await;
+    let profile = profiles[0]["id"].as_str().unwrap().to_owned();
+    let (status, archive_me) = {
+        let response = app
+            .post(&app.url(&format!("/v2/organizations/{}/directories", app.tenant.org)))
+            .json(&serde_json::json!({"name": "Archive me"}))
+            .send()
+            .await
+            .unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, StatusCode::CREATED, "{archive_me}");
+
+    let work = tempfile::tempdir().unwrap();
+    let config = work.path().join("schemathesis.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[parameters]
+"path.organizationId" = "{org}"
+"path.directoryId" = "{dir}"
+"path.sourceId" = "{source}"
+"path.profileId" = "{profile}"
+"query.cursor" = ""
+
+[[operations]]
+include-operation-id = "archiveDirectory"
+parameters = {{ "path.organizationId" = "{org}", "path.directoryId" = "{archive}" }}
+
+[[operations]]
+include-operation-id = "uploadCsv"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404", "409", "422"]
+"#,
+            org = app.tenant.org,
+            dir = app.tenant.dir,
+            archive = archive_me["id"].as_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/schemathesis.sh");
+    let output = tokio::process::Command::new("bash")
+        .arg(script)
+        .args([
+            "--no-color",
+            "--config-file",
+            config.to_str().unwrap(),
+            "run",
+        ])
+        .arg(app.url("/openapi.json"))
+        .args([
+            "--header",
+            &format!("Authorization: Bearer {}", app.tenant.token),
+        ])
+        // Every check; a bounded number of cases per operation and a fixed seed, so a run
+        // takes about a minute and a failure can be replayed.
+        .args([
+            "--checks",
+            "all",
+            "--max-examples",
+            "40",
+            "--seed",
+            "20261129",
+        ])
+        .args(["--workers", "2"])
+        .current_dir(work.path())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .expect("bash runs deploy/schemathesis.sh");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success(),
+        "schemathesis failed ({}):\n{stdout}\n{stderr}",
+        output.status
+    );
+    assert!(stdout.contains("generated"), "{stdout}");
 }

@@ -422,7 +422,13 @@ async fn request_level_errors_have_their_codes() {
         .send()
         .await
         .unwrap();
-    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // Each well formed, together contradictory: what no schema can rule out is a 422.
+    assert_problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_mismatch",
+    )
+    .await;
 
     // 415: not multipart.
     let response = app

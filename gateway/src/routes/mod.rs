@@ -36,7 +36,14 @@ impl PageQuery {
                     ))
                 })?,
         };
-        let after = self.cursor.as_deref().map(decode_cursor).transpose()?;
+        // An empty cursor is the first page, as an absent one: clients that template
+        // `?cursor=${next_cursor}` need no special case for the first request.
+        let after = self
+            .cursor
+            .as_deref()
+            .filter(|c| !c.is_empty())
+            .map(decode_cursor)
+            .transpose()?;
         Ok(PageRequest { after, limit })
     }
 }

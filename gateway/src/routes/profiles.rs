@@ -87,9 +87,11 @@ pub async fn list(
 ) -> ApiResult<Json<PageBody<ProfileBody>>> {
     let dir = scoped_directory(&state, &caller, &org, &dir).await?;
     // Matched as stored: normalized the way rows are, so `Ann@Example.com ` finds ann@example.com.
+    // `email=` (empty) is no filter, as with `cursor=`.
     let email = query
         .email
         .as_deref()
+        .filter(|e| !e.is_empty())
         .map(|e| normalize::email(e).unwrap_or_else(|| e.trim().to_lowercase()));
     let page = state
         .store
