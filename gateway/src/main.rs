@@ -113,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin { command } => {
+            admin::check_database(&settings.database.url)?;
             let state = app::connect(&settings).await?;
             if state.store.backend() == "sqlite" {
                 state.store.migrate().await?;
@@ -143,6 +144,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             println!("{out}");
+            // On stderr, so that stdout stays the JSON: which database this was, since a
+            // relative `sqlite://./data/…` depends on where the command ran.
+            eprintln!(
+                "database: {}",
+                admin::describe_database(&settings.database.url)
+            );
             Ok(())
         }
     }

@@ -577,6 +577,8 @@ async fn the_embedded_stack_traces_over_grpc_through_its_in_process_queue_and_fl
     ] {
         env.push((key.into(), value.into()));
     }
+    // Admin commands do not create the database; the gateway (or `migrate`) does.
+    run(GATEWAY, &env, &["migrate"]).await;
     let tenant: Value = serde_json::from_str(&run(GATEWAY, &env, &["admin", "bootstrap"]).await)
         .expect("bootstrap prints JSON");
     let (org, dir, token) = (
