@@ -362,7 +362,7 @@ impl Upload<'_> {
             max_header_bytes: ingest.max_header_bytes,
             encoding_hint: hints.encoding,
             delimiter_hint: hints.delimiter,
-            rules: orbit_worker::process::row_rules(ingest),
+            rules: ingest.row_rules(),
         });
         let write_span = tracing::info_span!(
             "upload.object_write",
@@ -481,7 +481,7 @@ impl Upload<'_> {
                 dialect: plan.dialect,
                 columns: plan.columns,
                 max_field_bytes: self.state.settings.ingest.max_field_bytes,
-                default_region: self.state.settings.ingest.default_region.clone(),
+                default_region: self.state.settings.ingest.default_region.code().to_owned(),
                 total_rows: plan.total_rows,
             },
             sync_chunk: plan.sync_chunk,

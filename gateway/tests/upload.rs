@@ -186,7 +186,7 @@ async fn queued_chunks_follow_the_row_rules_of_the_upload() {
         s.ingest.sync_rows = 1;
         s.ingest.chunk_rows = 2;
         s.ingest.max_field_bytes = 16;
-        s.ingest.default_region = "GB".into();
+        s.ingest.default_region = "GB".parse().unwrap();
     })
     .await;
     let long = "x".repeat(40);

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use phonenumber::country;
 use serde::{Deserialize, Serialize};
+
+use crate::domain::row::RowRules;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -79,6 +82,57 @@ pub struct DatabaseSettings {
     pub retry_for: Duration,
 }
 
+impl IngestSettings {
+    /// The rules rows are judged by under these settings: the gateway's for the rows of the
+    /// request, and what it records with each source for the workers.
+    pub fn row_rules(&self) -> RowRules {
+        RowRules {
+            max_field_bytes: self.max_field_bytes,
+            default_region: self.default_region.id(),
+        }
+    }
+}
+
+/// An ISO 3166-1 region code such as `US`, parsed when the configuration is read, so that an
+/// unknown one stops the process at start-up and nothing parses it again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region(country::Id);
+
+impl Region {
+    pub fn id(self) -> country::Id {
+        self.0
+    }
+
+    /// The code as written in configuration and recorded with sources (`US`).
+    pub fn code(&self) -> &str {
+        self.0.as_ref()
+    }
+}
+
+impl std::str::FromStr for Region {
+    type Err = String;
+
+    fn from_str(code: &str) -> Result<Self, String> {
+        crate::domain::normalize::parse_region(code)
+            .map(Region)
+            .ok_or_else(|| format!("{code:?} is not an ISO 3166 region code"))
+    }
+}
+
+impl Serialize for Region {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for Region {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 impl DatabaseSettings {
     /// The default settings for the database at `url`, with a pool of `max_connections`.
     pub fn for_url(url: &str, max_connections: u32) -> Self {
@@ -124,8 +178,9 @@ pub struct IngestSettings {
     pub max_field_bytes: usize,
     pub max_columns: usize,
     pub max_header_bytes: usize,
-    /// ISO 3166 region used for phone numbers written without a country code.
-    pub default_region: String,
+    /// ISO 3166 region used for phone numbers written without a country code; parsed (and so
+    /// checked) when the configuration is read.
+    pub default_region: Region,
     /// An upload still streaming after this long is cut (`408 upload_timeout`); a partial
     /// object or multipart upload older than this that no live request owns is swept away.
     #[serde(with = "humantime_serde_compat")]
@@ -382,11 +437,6 @@ impl Settings {
             self.worker.liveness_timeout > self.worker.heartbeat_interval,
             "worker.liveness_timeout must be longer than worker.heartbeat_interval"
         );
-        anyhow::ensure!(
-            crate::domain::normalize::parse_region(&self.ingest.default_region).is_some(),
-            "ingest.default_region {:?} is not an ISO 3166 region code",
-            self.ingest.default_region
-        );
         let telemetry = &self.telemetry;
         if let Some(ratio) = telemetry.sampling_ratio {
             anyhow::ensure!(
@@ -472,6 +522,25 @@ mod tests {
         std::fs::write(&path, "[ingest]\nsync_rowz = 5\n").unwrap();
         let err = Settings::load(Some(path.to_str().unwrap())).unwrap_err();
         assert!(format!("{err:#}").contains("sync_rowz"), "{err:#}");
+    }
+
+    #[test]
+    fn the_default_region_is_parsed_as_the_configuration_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orbit.toml");
+        std::fs::write(&path, "[ingest]\ndefault_region = \"ZZ\"\n").unwrap();
+        let err = Settings::load(Some(path.to_str().unwrap())).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("\"ZZ\" is not an ISO 3166 region code"),
+            "{err:#}"
+        );
+        std::fs::write(&path, "[ingest]\ndefault_region = \"gb\"\n").unwrap();
+        let s = Settings::load(Some(path.to_str().unwrap())).unwrap();
+        assert_eq!(s.ingest.default_region.code(), "GB");
+        assert_eq!(
+            s.ingest.row_rules().default_region,
+            s.ingest.default_region.id()
+        );
     }
 
     #[test]

@@ -74,7 +74,7 @@ pub fn spawn_worker_with(
         )
         .env(
             "ORBIT__INGEST__DEFAULT_REGION",
-            &settings.ingest.default_region,
+            settings.ingest.default_region.code(),
         )
         .env("ORBIT__WORKER__CONCURRENCY", "2")
         .env(
