@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use orbit_gateway::{admin, app};
-use orbit_shared::config::Settings;
+use orbit_shared::config::{DatabaseBackend, Settings};
 use orbit_shared::redact::redact;
 use uuid::Uuid;
 
@@ -138,7 +138,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Admin { command } => {
             admin::check_database(&settings.database.url)?;
             let state = app::connect(&settings).await?;
-            if state.store.backend() == "sqlite" {
+            if settings.database.url.backend() == DatabaseBackend::Sqlite {
                 state.store.migrate().await?;
             }
             let store = &*state.store;

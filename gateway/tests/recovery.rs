@@ -60,7 +60,7 @@ async fn scaled_to_zero_a_chunk_whose_publish_failed_completes_once_a_worker_sta
     let proxy_addr = url::Url::parse(&broker.endpoint).unwrap();
     proxied.set_port(proxy_addr.port()).unwrap();
     let mut app = distributed_app(|s| {
-        s.queue.url = proxied.to_string();
+        s.queue.url = proxied.to_string().parse().unwrap();
         s.queue.reconnect_timeout = Duration::from_secs(2);
     })
     .await;

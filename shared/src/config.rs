@@ -66,7 +66,8 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
-    pub url: String,
+    /// `sqlite://…` (embedded) or `postgres://…`.
+    pub url: BackendUrl<DatabaseBackend>,
     pub max_connections: u32,
     /// PostgreSQL: the longest a statement waits for a lock (a commit waiting on another's
     /// identity claims) before its transaction is retried.
@@ -80,6 +81,153 @@ pub struct DatabaseSettings {
     /// unreachable, before the error counts as a failed attempt.
     #[serde(with = "humantime_serde_compat")]
     pub retry_for: Duration,
+}
+
+/// The database a `database.url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseBackend {
+    Sqlite,
+    Postgres,
+}
+
+/// The object store an `object_store.url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectStoreBackend {
+    Local,
+    S3,
+}
+
+/// The queue a `queue.url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// In-process: the gateway runs the workers itself.
+    Embedded,
+    RabbitMq,
+}
+
+/// How a backend is recognized from its URL.
+pub trait Backend: Copy + PartialEq + std::fmt::Debug {
+    /// The setting, for messages.
+    const SETTING: &'static str;
+    /// What it accepts, for messages.
+    const EXPECTED: &'static str;
+    /// The backend of the URL's scheme (the text before the first `:`).
+    fn from_scheme(scheme: &str) -> Option<Self>;
+}
+
+impl Backend for DatabaseBackend {
+    const SETTING: &'static str = "database.url";
+    const EXPECTED: &'static str = "sqlite:// or postgres://";
+    fn from_scheme(scheme: &str) -> Option<Self> {
+        match scheme {
+            "sqlite" => Some(Self::Sqlite),
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            _ => None,
+        }
+    }
+}
+
+impl Backend for ObjectStoreBackend {
+    const SETTING: &'static str = "object_store.url";
+    const EXPECTED: &'static str = "file:// or s3://";
+    fn from_scheme(scheme: &str) -> Option<Self> {
+        match scheme {
+            "file" => Some(Self::Local),
+            "s3" => Some(Self::S3),
+            _ => None,
+        }
+    }
+}
+
+impl Backend for QueueBackend {
+    const SETTING: &'static str = "queue.url";
+    const EXPECTED: &'static str = "embedded or amqp://";
+    fn from_scheme(scheme: &str) -> Option<Self> {
+        match scheme {
+            "embedded" => Some(Self::Embedded),
+            "amqp" | "amqps" => Some(Self::RabbitMq),
+            _ => None,
+        }
+    }
+}
+
+/// A backend's URL, with the backend it names decided once, when the configuration is read:
+/// an unknown scheme fails the load, and code asks [`BackendUrl::backend`] rather than
+/// comparing strings. Reads as the URL's text (`&*url`, `as_str`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendUrl<B> {
+    url: String,
+    backend: B,
+}
+
+impl<B: Backend> BackendUrl<B> {
+    pub fn backend(&self) -> B {
+        self.backend
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+}
+
+impl<B: Backend> std::str::FromStr for BackendUrl<B> {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        let scheme = url.split(':').next().unwrap_or_default();
+        let backend = B::from_scheme(scheme).ok_or_else(|| {
+            format!(
+                "{} {:?}: unsupported scheme {scheme:?} (expected {})",
+                B::SETTING,
+                crate::redact::redact(url),
+                B::EXPECTED
+            )
+        })?;
+        Ok(BackendUrl {
+            url: url.to_owned(),
+            backend,
+        })
+    }
+}
+
+impl<B> std::ops::Deref for BackendUrl<B> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.url
+    }
+}
+
+impl<B> std::fmt::Display for BackendUrl<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+/// Masks a password, as logs do: settings are printed with `{:?}` in places.
+impl<B> std::fmt::Debug for BackendUrl<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&crate::redact::redact(&self.url), f)
+    }
+}
+
+impl<B> PartialEq<&str> for BackendUrl<B> {
+    fn eq(&self, other: &&str) -> bool {
+        self.url == *other
+    }
+}
+
+impl<B> Serialize for BackendUrl<B> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.url)
+    }
+}
+
+impl<'de, B: Backend> Deserialize<'de> for BackendUrl<B> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 impl IngestSettings {
@@ -135,9 +283,12 @@ impl<'de> Deserialize<'de> for Region {
 
 impl DatabaseSettings {
     /// The default settings for the database at `url`, with a pool of `max_connections`.
+    ///
+    /// # Panics
+    /// When `url` names no database Orbit knows: callers pass literal test URLs.
     pub fn for_url(url: &str, max_connections: u32) -> Self {
         DatabaseSettings {
-            url: url.to_owned(),
+            url: url.parse().unwrap_or_else(|e| panic!("{e}")),
             max_connections,
             ..Settings::defaults().database
         }
@@ -147,7 +298,8 @@ impl DatabaseSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectStoreSettings {
-    pub url: String,
+    /// `file://…` (embedded) or `s3://bucket[/prefix]`.
+    pub url: BackendUrl<ObjectStoreBackend>,
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub access_key_id: Option<String>,
@@ -157,7 +309,8 @@ pub struct ObjectStoreSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueSettings {
-    pub url: String,
+    /// `embedded` (in-process) or `amqp://…`.
+    pub url: BackendUrl<QueueBackend>,
     /// Name of the work queue (the dead-letter queue is `{name}.dead`).
     pub name: String,
     /// RabbitMQ: times one message may go back to the queue unacknowledged (its consumer died)
@@ -522,6 +675,34 @@ mod tests {
         std::fs::write(&path, "[ingest]\nsync_rowz = 5\n").unwrap();
         let err = Settings::load(Some(path.to_str().unwrap())).unwrap_err();
         assert!(format!("{err:#}").contains("sync_rowz"), "{err:#}");
+    }
+
+    #[test]
+    fn backends_are_decided_as_the_configuration_loads() {
+        let s = Settings::defaults();
+        assert_eq!(s.database.url.backend(), DatabaseBackend::Sqlite);
+        assert_eq!(s.object_store.url.backend(), ObjectStoreBackend::Local);
+        assert_eq!(s.queue.url.backend(), QueueBackend::Embedded);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orbit.toml");
+        std::fs::write(
+            &path,
+            "[database]\nurl = \"mysql://orbit:secret@db/orbit\"\n",
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            Settings::load(Some(path.to_str().unwrap())).unwrap_err()
+        );
+        assert!(
+            err.contains("unsupported scheme \"mysql\" (expected sqlite:// or postgres://)"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "the password is masked: {err}");
+        std::fs::write(&path, "[queue]\nurl = \"amqps://mq/%2f\"\n").unwrap();
+        let s = Settings::load(Some(path.to_str().unwrap())).unwrap();
+        assert_eq!(s.queue.url.backend(), QueueBackend::RabbitMq);
+        assert_eq!(s.queue.url.as_str(), "amqps://mq/%2f");
     }
 
     #[test]

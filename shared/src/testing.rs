@@ -356,13 +356,15 @@ impl DistributedStack {
 
     /// Points `settings` at this stack.
     pub fn apply(&self, settings: &mut Settings) {
-        settings.database.url = self.database.url.clone();
-        settings.object_store.url = format!("s3://{}", self.bucket.bucket);
+        settings.database.url = self.database.url.parse().expect("a postgres URL");
+        settings.object_store.url = format!("s3://{}", self.bucket.bucket)
+            .parse()
+            .expect("an s3 URL");
         settings.object_store.endpoint = Some(self.bucket.endpoint.clone());
         settings.object_store.region = Some("us-east-1".into());
         settings.object_store.access_key_id = Some(self.bucket.access_key.clone());
         settings.object_store.secret_access_key = Some(self.bucket.secret_key.clone());
-        settings.queue.url = self.queue.url.clone();
+        settings.queue.url = self.queue.url.parse().expect("an amqp URL");
         settings.queue.name = self.queue.name.clone();
     }
 

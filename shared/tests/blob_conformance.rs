@@ -328,7 +328,7 @@ impl S3Fixture {
 
     fn settings(&self, url: &str) -> ObjectStoreSettings {
         ObjectStoreSettings {
-            url: url.to_owned(),
+            url: url.parse().unwrap(),
             endpoint: Some(self.server.endpoint.clone()),
             region: None,
             access_key_id: Some(self.server.access_key.clone()),
@@ -544,7 +544,7 @@ async fn s3_failed_part_fails_the_upload() {
 async fn s3_settings_are_checked() {
     let mut settings = settings("s3://");
     assert!(blob::open(&settings).await.is_err(), "no bucket");
-    settings.url = "s3://bucket".into();
+    settings.url = "s3://bucket".parse().unwrap();
     settings.access_key_id = Some("only-the-key".into());
     assert!(blob::open(&settings).await.is_err(), "key without secret");
 }
@@ -553,7 +553,7 @@ async fn s3_settings_are_checked() {
 
 fn settings(url: &str) -> ObjectStoreSettings {
     ObjectStoreSettings {
-        url: url.to_owned(),
+        url: url.parse().unwrap(),
         endpoint: None,
         region: None,
         access_key_id: None,

@@ -185,7 +185,7 @@ async fn unacked_delivery_is_redelivered_after_its_consumer_is_dropped(
 
 fn rabbit_settings(name: &str) -> QueueSettings {
     let mut settings = Settings::defaults().queue;
-    settings.url = amqp_url();
+    settings.url = amqp_url().parse().unwrap();
     settings.name = name.to_owned();
     settings.reconnect_timeout = Duration::from_secs(20);
     settings
@@ -464,7 +464,7 @@ async fn rabbitmq_unroutable_publish_fails_and_the_next_one_redeclares_the_queue
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_open_fails_clearly_when_the_broker_is_unreachable() {
     let mut settings = rabbit_settings(&format!("orbit-test-{}", Uuid::new_v4()));
-    settings.url = "amqp://guest:secret@127.0.0.1:1/%2f".to_owned();
+    settings.url = "amqp://guest:secret@127.0.0.1:1/%2f".parse().unwrap();
     settings.reconnect_timeout = Duration::from_secs(1);
     let started = std::time::Instant::now();
     let e = match RabbitQueue::open(&settings).await {
@@ -618,7 +618,7 @@ async fn rabbitmq_open_fails_fast_on_refused_credentials() {
     url.set_password(Some("not-the-password"))
         .expect("password");
     let mut settings = rabbit_settings(&format!("orbit-test-{}", Uuid::new_v4()));
-    settings.url = url.to_string();
+    settings.url = url.to_string().parse().unwrap();
     let started = std::time::Instant::now();
     let e = match RabbitQueue::open(&settings).await {
         Ok(_) => panic!("logged in with a wrong password"),
@@ -709,7 +709,7 @@ impl Drop for Proxy {
 async fn rabbitmq_publish_rides_out_a_broker_outage() {
     let proxy = Proxy::start().await;
     let url = proxy.url.clone();
-    let rabbit = Rabbit::with(|s| s.url = url).await;
+    let rabbit = Rabbit::with(|s| s.url = url.parse().unwrap()).await;
     let queue = &rabbit.queue;
     let first = chunk(None);
     queue.publish(&first).await.expect("publish");

@@ -11,7 +11,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use clap::{Parser, Subcommand};
 use orbit_shared::backends::Backends;
-use orbit_shared::config::Settings;
+use orbit_shared::config::{QueueBackend, Settings};
 use orbit_worker::Worker;
 use serde_json::json;
 
@@ -61,7 +61,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     orbit_shared::telemetry::init(&settings.telemetry, Some("orbit-worker"))?;
     orbit_shared::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
     anyhow::ensure!(
-        settings.queue.url != "embedded",
+        settings.queue.url.backend() != QueueBackend::Embedded,
         "queue.url is \"embedded\": the in-process queue lives inside orbit-gateway, so a separate worker would never see a chunk; point queue.url at RabbitMQ (amqp://…)"
     );
     let backends = Backends::open(&settings).await?;

@@ -98,8 +98,12 @@ pub fn spawn_worker_with(
 pub fn test_settings(data: &std::path::Path) -> Settings {
     let mut s = Settings::defaults();
     s.http.listen = "127.0.0.1:0".into();
-    s.database.url = format!("sqlite://{}/orbit.db", data.display());
-    s.object_store.url = format!("file://{}/objects", data.display());
+    s.database.url = format!("sqlite://{}/orbit.db", data.display())
+        .parse()
+        .unwrap();
+    s.object_store.url = format!("file://{}/objects", data.display())
+        .parse()
+        .unwrap();
     s.worker.concurrency = 2;
     s.worker.reap_interval = Duration::from_millis(200);
     s

@@ -8,6 +8,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+use crate::config::ObjectStoreBackend;
+
 pub mod local;
 pub mod s3;
 
@@ -56,9 +58,8 @@ pub async fn open(
     settings: &crate::config::ObjectStoreSettings,
 ) -> anyhow::Result<Arc<dyn BlobStore>> {
     let url = settings.url.as_str();
-    let scheme = url.split(':').next().unwrap_or_default();
-    match scheme {
-        "file" => {
+    match settings.url.backend() {
+        ObjectStoreBackend::Local => {
             let path = url.trim_start_matches("file://");
             anyhow::ensure!(
                 !path.is_empty(),
@@ -66,10 +67,7 @@ pub async fn open(
             );
             Ok(Arc::new(local::LocalBlobStore::open(path).await?))
         }
-        "s3" => Ok(Arc::new(s3::S3BlobStore::open(settings).await?)),
-        _ => anyhow::bail!(
-            "object_store.url {url:?}: unsupported scheme {scheme:?} (expected file:// or s3://)"
-        ),
+        ObjectStoreBackend::S3 => Ok(Arc::new(s3::S3BlobStore::open(settings).await?)),
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tracing::Instrument as _;
 
+use crate::config::QueueBackend;
 use crate::model::ChunkRef;
 
 pub mod memory;
@@ -67,14 +68,10 @@ pub trait Acker: Send + Sync {
 }
 
 pub async fn open(settings: &crate::config::QueueSettings) -> anyhow::Result<Arc<dyn Queue>> {
-    let url = settings.url.as_str();
-    match url.split(':').next().unwrap_or_default() {
-        "embedded" => Ok(Arc::new(memory::MemoryQueue::new())),
-        "amqp" | "amqps" => Ok(Arc::new(rabbitmq::RabbitQueue::open(settings).await?)),
-        scheme => anyhow::bail!(
-            "queue.url {url:?}: unsupported scheme {scheme:?} (expected embedded or amqp://)"
-        ),
-    }
+    Ok(match settings.url.backend() {
+        QueueBackend::Embedded => Arc::new(memory::MemoryQueue::new()),
+        QueueBackend::RabbitMq => Arc::new(rabbitmq::RabbitQueue::open(settings).await?),
+    })
 }
 
 /// Why a chunk is being published, for its span: `upload` (the first time), `reaper` (again,

@@ -102,7 +102,7 @@ impl RabbitQueue {
         }
         let queue = RabbitQueue {
             shared: Arc::new(Shared {
-                url: settings.url.clone(),
+                url: settings.url.to_string(),
                 dlx: format!("{name}.dlx"),
                 dead: format!("{name}.dead"),
                 name,
