@@ -70,6 +70,19 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        // Extractors that scope a path ([`crate::routes::ScopedDirectory`]) authenticate too:
+        // the token is looked up once per request.
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(*caller);
+        }
+        let caller = Self::authenticate(parts, state).await?;
+        parts.extensions.insert(caller);
+        Ok(caller)
+    }
+}
+
+impl Caller {
+    async fn authenticate(parts: &Parts, state: &AppState) -> Result<Self, ApiError> {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             return Err(ApiError::unauthenticated(
                 "an Authorization: Bearer token is required",

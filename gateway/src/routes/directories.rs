@@ -10,7 +10,7 @@ use orbit_shared::model::Directory;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{scoped_directory, PageBody, PageQuery};
+use super::{PageBody, PageQuery, ScopedDirectory};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::problem::{ApiError, ApiResult};
@@ -98,10 +98,8 @@ pub async fn create(
 
 pub async fn archive(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir)): Path<(String, String)>,
+    ScopedDirectory(dir): ScopedDirectory,
 ) -> ApiResult<Json<DirectoryBody>> {
-    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
     let archived = state
         .store
         .archive_directory(dir.organization_id, dir.id)
