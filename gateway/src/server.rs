@@ -8,8 +8,9 @@
 //!   accept or from the first byte of the next request, `idle_timeout` for a kept-alive
 //!   connection that sends nothing. Both are tracked here rather than by hyper, so that they hold
 //!   for HTTP/1 and HTTP/2 alike and a connection that never sends a byte is covered too.
-//! - [`GuardedIo`] sees the raw bytes: it answers a request line or header block over its limits
-//!   with a problem+json `414`/`431` before hyper would send its own empty one, and cuts a
+//! - `GuardedIo` sees the raw bytes: it answers a request line or header block over its limits
+//!   (and a request target hyper cannot parse) with a problem+json `414`/`431`/`400` before
+//!   hyper would send its own empty one, and cuts a
 //!   response the client has stopped reading.
 //! - Shutdown in steps: stop accepting and let requests finish; after the grace period the
 //!   application cancels its work (see `app::Running::shutdown`); at last connections are dropped.

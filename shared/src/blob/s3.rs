@@ -10,7 +10,7 @@
 //!
 //! Reads are ranged GetObjects whose body is passed on as it arrives, never collected.
 //!
-//! A multipart upload this process has open is in [`LIVE`]; `sweep_abandoned` aborts the open
+//! A multipart upload this process has open is in `LIVE`; `sweep_abandoned` aborts the open
 //! uploads under the prefix that are not, once they are older than the threshold (other
 //! gateways' uploads look the same from here, so only age tells them apart).
 
