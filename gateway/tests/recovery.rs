@@ -246,17 +246,29 @@ async fn dead_letters_are_counted_and_replayed() {
 #[tokio::test]
 async fn the_embedded_queue_has_no_dead_letters_to_replay() {
     let data = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_orbit-gateway"))
-        .env(
-            "ORBIT__DATABASE__URL",
-            format!("sqlite://{}/orbit.db", data.path().display()),
-        )
-        .env(
-            "ORBIT__OBJECT_STORE__URL",
-            format!("file://{}/objects", data.path().display()),
-        )
-        .env_remove("ORBIT_CONFIG")
-        .args(["admin", "replay-dead-letters"])
+    let command = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_orbit-gateway"));
+        command
+            .env(
+                "ORBIT__DATABASE__URL",
+                format!("sqlite://{}/orbit.db", data.path().display()),
+            )
+            .env(
+                "ORBIT__OBJECT_STORE__URL",
+                format!("file://{}/objects", data.path().display()),
+            )
+            .env_remove("ORBIT_CONFIG")
+            .args(args);
+        command
+    };
+    // Admin commands need the database a gateway made; `migrate` makes it here.
+    assert!(command(&["migrate"])
+        .output()
+        .await
+        .unwrap()
+        .status
+        .success());
+    let out = command(&["admin", "replay-dead-letters"])
         .output()
         .await
         .unwrap();
