@@ -507,8 +507,11 @@ async fn s3_ping_fails_clearly_for_a_missing_bucket() {
     let store = blob::open(&fixture.settings(&format!("s3://{missing}")))
         .await
         .unwrap();
-    let error = store.ping().await.unwrap_err().to_string();
+    let error = store.ping().await.unwrap_err();
     fixture.cleanup().await;
+    // The SDK's error is kept as the source, not only quoted in the message.
+    assert!(std::error::Error::source(&error).is_some(), "{error:?}");
+    let error = error.to_string();
     assert!(error.contains(&missing), "{error}");
     assert!(error.contains(&fixture.server.endpoint), "{error}");
 }

@@ -17,14 +17,20 @@ pub mod s3;
 pub enum BlobError {
     #[error("object {0} not found")]
     NotFound(String),
+    /// A failure with no underlying error to keep (an invalid key, a malformed setting).
     #[error("object store error: {0}")]
     Other(String),
-}
-
-impl From<std::io::Error> for BlobError {
-    fn from(e: std::io::Error) -> Self {
-        BlobError::Other(e.to_string())
-    }
+    /// A local file operation that failed, its `io::Error` kept as the source.
+    #[error("object store error: {0}")]
+    Io(#[from] std::io::Error),
+    /// An S3 request that failed: `message` says what was being done and quotes the causes for
+    /// people reading logs; `source` keeps the SDK's error for callers that look into it.
+    #[error("object store error: {message}")]
+    Backend {
+        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 pub type BlobResult<T> = Result<T, BlobError>;

@@ -16,9 +16,36 @@ use crate::model::ChunkRef;
 pub mod memory;
 pub mod rabbitmq;
 
+/// A queue operation that failed. `message` says what was being done (and, for people reading
+/// logs, what went wrong); `source` keeps the broker client's own error, when there is one,
+/// for callers that look into it.
 #[derive(Debug, thiserror::Error)]
-#[error("queue error: {0}")]
-pub struct QueueError(pub String);
+#[error("queue error: {message}")]
+pub struct QueueError {
+    pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl QueueError {
+    pub fn new(message: impl Into<String>) -> Self {
+        QueueError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `message`, caused by `source` (kept, not only quoted).
+    pub fn caused(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        QueueError {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
 
 pub type QueueResult<T> = Result<T, QueueError>;
 
@@ -109,7 +136,7 @@ pub async fn publish_traced(
     }
     let result = queue.publish(&message).instrument(span.clone()).await;
     if let Err(e) = &result {
-        crate::telemetry::record_error(&span, &e.0);
+        crate::telemetry::record_error(&span, &e.message);
     }
     result
 }
