@@ -431,3 +431,30 @@ pub async fn spawn_worker_with_metrics(
         }
     }
 }
+
+/// A conformance suite: every case run against every backend, as one test per pair in a
+/// module per backend. A backend is a `runner!` macro of the test file that runs one case
+/// (`$case` is the case function's path) on a fresh instance of that backend:
+///
+/// ```ignore
+/// macro_rules! on_sqlite {
+///     ($case:path) => { $case(super::sqlite().await.store).await };
+/// }
+/// orbit_shared::conformance!(sqlite => on_sqlite, postgres => on_postgres; { case_one, case_two });
+/// ```
+#[macro_export]
+macro_rules! conformance {
+    ($($backend:ident => $runner:ident),+ $(,)?; $cases:tt) => {
+        $( $crate::conformance!(@backend $backend $runner $cases); )+
+    };
+    (@backend $backend:ident $runner:ident { $($case:ident),* $(,)? }) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    $runner!(super::$case);
+                }
+            )*
+        }
+    };
+}

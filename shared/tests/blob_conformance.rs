@@ -203,30 +203,25 @@ mod suite {
 }
 
 /// Generates one test per suite function and backend.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod local {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let fixture = super::LocalFixture::new().await;
-                    super::suite::$name(&*fixture.store).await;
-                }
-            )*
-        }
-        mod s3 {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let fixture = super::S3Fixture::new().await;
-                    fixture.run(|store| async move { super::suite::$name(&*store).await }).await;
-                }
-            )*
-        }
-    };
+use suite::*;
+
+macro_rules! on_local {
+    ($case:path) => {{
+        let fixture = super::LocalFixture::new().await;
+        $case(&*fixture.store).await;
+    }};
 }
 
-conformance!(
+macro_rules! on_s3 {
+    ($case:path) => {{
+        let fixture = super::S3Fixture::new().await;
+        fixture
+            .run(|store| async move { $case(&*store).await })
+            .await;
+    }};
+}
+
+orbit_shared::conformance!(local => on_local, s3 => on_s3; {
     small_pieces_read_back_whole_and_by_range,
     empty_object,
     multipart_upload_round_trips,
@@ -236,7 +231,7 @@ conformance!(
     delete_is_idempotent,
     invalid_keys_are_refused,
     ping_works,
-);
+});
 
 // ---- Local backend -------------------------------------------------------------------------
 

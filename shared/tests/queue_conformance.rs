@@ -239,39 +239,28 @@ async fn raw() -> Connection {
         .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {}: {e}", amqp_url()))
 }
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let queue = MemoryQueue::new();
-                    assert_eq!(queue.backend(), "embedded");
-                    super::$case(&queue, MEMORY).await;
-                }
-            )*
-        }
-        mod rabbitmq {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let rabbit = Rabbit::new().await;
-                    assert_eq!(rabbit.queue.backend(), "rabbitmq");
-                    super::$case(&rabbit.queue, RABBIT).await;
-                }
-            )*
-        }
-    };
+macro_rules! on_memory {
+    ($case:path) => {{
+        let queue = super::MemoryQueue::new();
+        assert_eq!(super::Queue::backend(&queue), "embedded");
+        $case(&queue, super::MEMORY).await;
+    }};
 }
 
-conformance!(
+macro_rules! on_rabbitmq {
+    ($case:path) => {{
+        let rabbit = super::Rabbit::new().await;
+        assert_eq!(super::Queue::backend(&rabbit.queue), "rabbitmq");
+        $case(&rabbit.queue, super::RABBIT).await;
+    }};
+}
+
+orbit_shared::conformance!(memory => on_memory, rabbitmq => on_rabbitmq; {
     publish_then_consume_returns_the_same_message,
     depth_counts_ready_messages,
     prefetch_bounds_unacked_deliveries,
     unacked_delivery_is_redelivered_after_its_consumer_is_dropped,
-);
+});
 
 // ---------------------------------------------------------------------------------------------
 // RabbitMQ only.
