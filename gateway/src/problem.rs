@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 /// Every `code` an error of the API can carry: the contract's list, which docs/api.md and
-/// the OpenAPI document must both cover (gateway/tests/openapi.rs checks they do).
+/// the OpenAPI document must both cover (gateway/tests/http/openapi.rs checks they do).
 pub const CODES: &[&str] = &[
     "invalid_request",
     "unauthenticated",

@@ -1,10 +1,8 @@
 //! The csv-upload endpoint over HTTP: status codes, error codes, CSV rules and idempotency.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::Value;

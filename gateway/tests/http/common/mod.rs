@@ -4,7 +4,6 @@
 //! By default the gateway runs on the embedded stack over a temporary data directory. With
 //! `ORBIT_TEST_STACK=distributed` the same tests run against PostgreSQL, S3 and RabbitMQ (a
 //! fresh database, bucket and queue each) with two `orbit-worker` processes doing the work.
-#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 

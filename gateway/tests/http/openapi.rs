@@ -2,27 +2,26 @@
 //! every documented operation is a route the gateway really serves, the document agrees with
 //! docs/api.md, and the server does exactly what the document says (schemathesis, with real ids).
 
-mod common;
+use crate::common;
 
 use std::collections::HashSet;
 
-use common::{assert_problem, TestApp};
+use crate::common::{assert_problem, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use uuid::Uuid;
 
+/// The OpenAPI document as the gateway serves it.
+async fn served_document(app: &TestApp) -> Value {
+    let (status, doc) = app.get_json(&app.url("/openapi.json")).await;
+    assert_eq!(status, StatusCode::OK, "{doc}");
+    doc
+}
+
 #[tokio::test]
 async fn every_route_has_an_operation_id_a_declared_tag_and_is_served() {
     let app = TestApp::spawn().await;
-    let doc: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = served_document(&app).await;
     let servers = doc["servers"].as_array().expect("servers");
     assert!(!servers.is_empty() && servers.iter().all(|s| s["url"].is_string()));
     let declared: HashSet<&str> = doc["tags"]
@@ -77,7 +76,7 @@ async fn every_route_has_an_operation_id_a_declared_tag_and_is_served() {
     }
     // The other direction: every handler the router mounts is documented. A handler mounted
     // on two listeners (`/metrics`) is one operation.
-    let router = include_str!("../src/app.rs");
+    let router = include_str!("../../src/app.rs");
     let mut handlers = HashSet::new();
     for method in ["get(", "post(", "put(", "patch(", "delete("] {
         for prefix in ["routes::", "crate::"] {
@@ -102,16 +101,8 @@ async fn every_route_has_an_operation_id_a_declared_tag_and_is_served() {
 #[tokio::test]
 async fn docs_api_md_and_the_openapi_document_agree() {
     let app = TestApp::spawn().await;
-    let doc: Value = app
-        .client
-        .get(app.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let docs = include_str!("../../docs/api.md");
+    let doc = served_document(&app).await;
+    let docs = include_str!("../../../docs/api.md");
 
     let mut in_document = HashSet::new();
     for (path, item) in doc["paths"].as_object().expect("paths") {
@@ -299,7 +290,9 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "401", "403", "404",
             "--seed",
             "20261129",
         ])
-        .args(["--workers", "2"])
+        // One worker: two threads have tripped CPython 3.11 ("AST constructor recursion depth
+        // mismatch") inside schemathesis, an error of the tool rather than a finding.
+        .args(["--workers", "1"])
         .current_dir(work.path())
         .kill_on_drop(true)
         .output()

@@ -4,11 +4,9 @@
 //! poisoned chunk and a missing object show in the worker's and the gateway's metrics; dead
 //! letters are counted, and `orbit-gateway admin replay-dead-letters` moves them back.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use orbit_shared::testing::{amqp_url, spawn_worker_with_metrics};
 use serde_json::Value;
 

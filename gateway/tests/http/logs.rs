@@ -5,7 +5,7 @@
 //! not a terminal. Runs `orbit-gateway` on PostgreSQL (with a password in its URL), S3 and
 //! RabbitMQ.
 
-mod common;
+use crate::common;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

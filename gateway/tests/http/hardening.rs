@@ -3,12 +3,10 @@
 //! limits; framework errors; CSV injection in `failed-rows`; `/metrics` access; leftovers of
 //! dead uploads.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     assert_problem, contacts_csv, file_form, problem_code, read_response, time_to_close, TestApp,
 };
 use reqwest::StatusCode;

@@ -6,7 +6,7 @@
 //! the trace context stored with the chunk. The embedded stack exports over gRPC to a second
 //! receiver, through its in-process queue, and flushes on exit.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::process::Stdio;

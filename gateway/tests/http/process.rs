@@ -2,13 +2,13 @@
 //! with SIGKILL mid-processing that finishes the work after a restart without adding a row twice,
 //! and SIGTERM with a stalled upload, which exits after the shutdown grace and leaves nothing.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::contacts_csv;
+use crate::common::contacts_csv;
 use futures::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::Value;

@@ -12,7 +12,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_orbit-gateway");
-const README: &str = include_str!("../../README.md");
+const README: &str = include_str!("../../../README.md");
 const MARK: &str = "@@step ";
 
 /// The first `sh` block after the heading `## A first upload`.
