@@ -1,4 +1,5 @@
-//! The benchmark's input: a deterministic contacts CSV in the columns of the upload contract.
+//! The benchmark's input: a deterministic contacts CSV in the columns of the upload
+//! contract (docs/api.md, "CSV rules").
 //!
 //! Every row has a unique email, and phones and LinkedIn URLs (when present) are unique too,
 //! so each row becomes its own profile in Orbit and its own row in the baseline table: both

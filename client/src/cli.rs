@@ -31,7 +31,7 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct Global {
-    /// The Orbit API, e.g. https://orbit.example.com [default: http://127.0.0.1:8080]
+    /// The Orbit API, e.g. `https://orbit.example.com` [default: http://127.0.0.1:8080]
     #[arg(long, env = "ORBIT_URL", global = true)]
     pub url: Option<String>,
     /// A bearer token (`orb_…`).

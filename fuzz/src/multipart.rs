@@ -57,8 +57,12 @@ impl Gateway {
             .tempdir()
             .expect("a temporary directory");
         let mut settings = Settings::defaults();
-        settings.database.url = format!("sqlite://{}/orbit.db", data.path().display());
-        settings.object_store.url = format!("file://{}/objects", data.path().display());
+        settings.database.url = format!("sqlite://{}/orbit.db", data.path().display())
+            .parse()
+            .unwrap();
+        settings.object_store.url = format!("file://{}/objects", data.path().display())
+            .parse()
+            .unwrap();
         // Small synchronous prefix and chunks, so that fuzzed files reach the chunk planner.
         settings.ingest.sync_rows = 2;
         settings.ingest.chunk_rows = 2;

@@ -1,5 +1,6 @@
 //! `orbit-gateway admin …`: operator commands that print JSON on stdout.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -11,6 +12,49 @@ use uuid::Uuid;
 
 use crate::auth::{generate_token, hash_token};
 use crate::routes::directories::validate_name;
+
+/// The file of an embedded database URL (`sqlite://./data/orbit.db`, `sqlite:x.db?mode=rwc`),
+/// or `None` for another backend or an in-memory database.
+pub fn sqlite_file(url: &str) -> Option<PathBuf> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or_default();
+    (!path.is_empty() && path != ":memory:").then(|| PathBuf::from(path))
+}
+
+/// The database as a person should read it: an embedded one by its absolute file name, any
+/// other by its URL with the password masked.
+pub fn describe_database(url: &str) -> String {
+    match sqlite_file(url) {
+        Some(file) => std::path::absolute(&file)
+            .unwrap_or(file)
+            .display()
+            .to_string(),
+        None => orbit_shared::redact::redact(url).into_owned(),
+    }
+}
+
+/// Admin commands never create an embedded database. One that does not exist yet is almost
+/// always the wrong one: the default `sqlite://./data/orbit.db` is relative to the directory
+/// the command runs in, so run from elsewhere it would make a second, empty database, and the
+/// token it printed would get `401` from the running gateway.
+pub fn check_database(url: &str) -> anyhow::Result<()> {
+    let Some(file) = sqlite_file(url) else {
+        return Ok(());
+    };
+    if file.exists() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "there is no database at {}: admin commands do not create one, because a gateway using \
+         another database would not see what they write. Run this command in the directory \
+         where the gateway runs (database.url {url:?} is relative to it), or give it the \
+         gateway's --config or ORBIT__DATABASE__URL; for a new installation, start the gateway \
+         (or run `orbit-gateway migrate`) first",
+        describe_database(url)
+    )
+}
 
 /// Email recorded for tokens created without `--user-email`.
 pub const DEFAULT_USER_EMAIL: &str = "admin@localhost";

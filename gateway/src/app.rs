@@ -13,7 +13,7 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use orbit_shared::backends::Backends;
 use orbit_shared::blob::BlobStore;
-use orbit_shared::config::Settings;
+use orbit_shared::config::{DatabaseBackend, QueueBackend, Settings};
 use orbit_shared::liveness;
 use orbit_shared::queue::Queue;
 use orbit_shared::store::Store;
@@ -247,8 +247,8 @@ async fn sweep(blobs: &dyn BlobStore, settings: &Settings) {
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     orbit_shared::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
     let state = connect(&settings).await?;
-    let embedded_queue = state.queue.backend() == "embedded";
-    if state.store.backend() == "sqlite" {
+    let embedded_queue = settings.queue.url.backend() == QueueBackend::Embedded;
+    if settings.database.url.backend() == DatabaseBackend::Sqlite {
         state
             .store
             .migrate()

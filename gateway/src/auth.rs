@@ -52,9 +52,15 @@ impl Caller {
     }
 }
 
+/// An id of the path: a UUID in its hyphenated form (`8-4-4-4-12` hex digits, any case), the
+/// one form Orbit writes and the OpenAPI document's pattern; braced, URN and unhyphenated
+/// spellings are refused rather than accepted behind the contract's back.
 pub fn parse_id(raw: &str, what: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw)
-        .map_err(|_| ApiError::invalid_request(format!("{what} id {raw:?} is not a UUID")))
+    let invalid = || ApiError::invalid_request(format!("{what} id {raw:?} is not a UUID"));
+    if raw.len() != 36 {
+        return Err(invalid());
+    }
+    Uuid::try_parse(raw).map_err(|_| invalid())
 }
 
 impl FromRequestParts<AppState> for Caller {
@@ -64,6 +70,19 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
+        // Extractors that scope a path ([`crate::routes::ScopedDirectory`]) authenticate too:
+        // the token is looked up once per request.
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(*caller);
+        }
+        let caller = Self::authenticate(parts, state).await?;
+        parts.extensions.insert(caller);
+        Ok(caller)
+    }
+}
+
+impl Caller {
+    async fn authenticate(parts: &Parts, state: &AppState) -> Result<Self, ApiError> {
         let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
             return Err(ApiError::unauthenticated(
                 "an Authorization: Bearer token is required",

@@ -3,15 +3,23 @@
 //! - [`app`]: start-up, backend wiring, the router and graceful shutdown.
 //! - [`auth`]: bearer tokens and the [`auth::Caller`] extractor that scopes every request.
 //! - [`upload`]: the streaming `csv-upload` pipeline and idempotency.
-//! - [`routes`]: directories, sources, errors, failed rows, profiles, health and metrics.
+//! - [`routes`]: directories, sources, errors, failed rows, profiles, health and metrics,
+//!   with the [`routes::ScopedDirectory`] and [`routes::ScopedSource`] extractors that scope
+//!   a path's ids to the caller's organization.
 //! - [`server`]: the accept loop under the router: connection cap, header and idle deadlines,
 //!   head-size limits, shutdown in steps.
 //! - [`guard`]: the router's outer middleware: request bodies keep moving, framework errors
 //!   become problem+json.
 //! - [`observe`]: request ids, the access log and the HTTP metrics of every request.
-//! - [`problem`]: RFC 9457 problem+json errors with stable codes.
+//! - [`problem`]: RFC 9457 problem+json errors with stable codes ([`problem::CODES`], the
+//!   list docs/api.md and `openapi.json` must cover).
 //! - [`webhooks`]: the dispatcher that sends signed webhook events from the outbox.
-//! - [`admin`]: the `admin` subcommands (bootstrap, organizations, directories, tokens).
+//! - [`admin`]: the `admin` subcommands (bootstrap, organizations, directories, tokens), which
+//!   never create a database.
+//!
+//! The command line (`serve`, `migrate`, `admin …`) is `src/main.rs`; the OpenAPI document
+//! served at `/openapi.json` is `openapi.json` beside `src/`; the in-process worker of the
+//! embedded deployment is `orbit-worker`'s, started by [`app::start`].
 
 pub mod admin;
 pub mod app;

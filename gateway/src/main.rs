@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use orbit_gateway::{admin, app};
-use orbit_shared::config::Settings;
+use orbit_shared::config::{DatabaseBackend, Settings};
 use orbit_shared::redact::redact;
 use uuid::Uuid;
 
@@ -36,49 +36,72 @@ enum Command {
     },
 }
 
+/// Operator commands. Each prints JSON on stdout and, on stderr, the database it used; none
+/// creates a database (start the gateway or run `migrate` first).
 #[derive(Subcommand)]
 enum Admin {
-    /// Create an organization, a directory and a token.
+    /// Create an organization, a directory and a token: `{organization_id, directory_id, token}`.
+    /// The token is shown once.
     Bootstrap,
+    /// Create an organization: `{organization_id}`.
     CreateOrg {
+        /// Its name: 1 to 200 characters, no control characters.
         #[arg(long)]
         name: String,
     },
+    /// Create a directory in an organization: `{directory_id}`.
     CreateDirectory {
+        /// The organization's id.
         #[arg(long)]
         org: Uuid,
+        /// Its name: 1 to 200 characters, no control characters.
         #[arg(long)]
         name: String,
     },
+    /// Create a bearer token for a user of an organization: `{token, user_id, expires_at}`.
+    /// The token is shown once and stored only as a hash.
     CreateToken {
+        /// The organization's id.
         #[arg(long)]
         org: Uuid,
+        /// The user the token acts as, created if new (default admin@localhost).
         #[arg(long)]
         user_email: Option<String>,
         /// How long the token lives, such as `30d` or `12h` (1m to 100years); forever when absent.
         #[arg(long, value_parser = admin::parse_lifetime)]
         expires_in: Option<Duration>,
     },
+    /// Revoke a token at once: `{revoked: true}`; fails when no live token matches.
     RevokeToken {
+        /// The token itself (`orb_…`).
         #[arg(long)]
         token: String,
     },
+    /// Archive a directory: it stays readable and takes no more uploads.
+    /// `{directory_id, archived, archived_at}`.
     ArchiveDirectory {
+        /// The organization's id.
         #[arg(long)]
         org: Uuid,
+        /// The directory's id.
         #[arg(long)]
         directory: Uuid,
     },
     /// Resume a failed source: its unfinished chunks run again, exactly once.
+    /// `{source_id, source_status, chunks_to_run}`.
     RetrySource {
+        /// The organization's id.
         #[arg(long)]
         org: Uuid,
+        /// The directory's id.
         #[arg(long)]
         directory: Uuid,
+        /// The failed source's id.
         #[arg(long)]
         source: Uuid,
     },
-    /// Move messages from the dead-letter queue (`{queue.name}.dead`) back to the work queue.
+    /// Move messages from the dead-letter queue (`{queue.name}.dead`) back to the work queue:
+    /// `{replayed, kept, dead_letters_left}`. Needs a RabbitMQ queue.url.
     ReplayDeadLetters {
         /// Dead letters to move at most.
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -113,8 +136,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Admin { command } => {
+            admin::check_database(&settings.database.url)?;
             let state = app::connect(&settings).await?;
-            if state.store.backend() == "sqlite" {
+            if settings.database.url.backend() == DatabaseBackend::Sqlite {
                 state.store.migrate().await?;
             }
             let store = &*state.store;
@@ -143,6 +167,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             };
             println!("{out}");
+            // On stderr, so that stdout stays the JSON: which database this was, since a
+            // relative `sqlite://./data/…` depends on where the command ran.
+            eprintln!(
+                "database: {}",
+                admin::describe_database(&settings.database.url)
+            );
             Ok(())
         }
     }
@@ -220,4 +250,33 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// `--help` says what every command and every flag is for.
+    #[test]
+    fn every_command_and_flag_has_help() {
+        fn check(command: &clap::Command, path: &str) {
+            let path = format!("{path} {}", command.get_name());
+            assert!(command.get_about().is_some(), "{path} has no help text");
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                assert!(arg.get_help().is_some(), "{path} --{id} has no help text");
+            }
+            for sub in command.get_subcommands() {
+                check(sub, &path);
+            }
+        }
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        check(&cli, "");
+    }
 }

@@ -4,6 +4,44 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
+/// Every `code` an error of the API can carry: the contract's list, which docs/api.md and
+/// the OpenAPI document must both cover (gateway/tests/http/openapi.rs checks they do).
+pub const CODES: &[&str] = &[
+    "invalid_request",
+    "unauthenticated",
+    "organization_mismatch",
+    "directory_not_found",
+    "source_not_found",
+    "profile_not_found",
+    "not_found",
+    "method_not_allowed",
+    "body_timeout",
+    "upload_timeout",
+    "request_timeout",
+    "directory_archived",
+    "idempotency_key_in_use",
+    "source_not_failed",
+    "source_not_retryable",
+    "length_required",
+    "upload_too_large",
+    "payload_too_large",
+    "uri_too_long",
+    "unsupported_media_type",
+    "invalid_csv",
+    "idempotency_key_reused",
+    "idempotency_key_mismatch",
+    "headers_too_large",
+    "internal_error",
+    "service_unavailable",
+    "not_ready",
+    "too_many_uploads",
+];
+
+/// The problem `type` URI of `code`.
+pub fn type_uri(code: &str) -> String {
+    format!("https://orbit.dev/problems/{}", code.replace('_', "-"))
+}
+
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
@@ -25,6 +63,10 @@ struct Problem<'a> {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        debug_assert!(
+            CODES.contains(&code),
+            "{code} is missing from problem::CODES"
+        );
         ApiError {
             status,
             code,
@@ -84,8 +126,12 @@ impl From<orbit_shared::store::StoreError> for ApiError {
 
 /// The problem+json document for `status`, `code` and `detail`.
 pub fn body(status: StatusCode, code: &str, detail: &str) -> Vec<u8> {
+    debug_assert!(
+        CODES.contains(&code),
+        "{code} is missing from problem::CODES"
+    );
     serde_json::to_vec(&Problem {
-        kind: format!("https://orbit.dev/problems/{}", code.replace('_', "-")),
+        kind: type_uri(code),
         title: status.canonical_reason().unwrap_or("Error"),
         status: status.as_u16(),
         detail,
@@ -130,3 +176,16 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_framework_code_is_listed() {
+        for status in 400..600 {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert!(CODES.contains(&code_for_status(status)), "{status}");
+        }
+    }
+}

@@ -8,8 +8,9 @@
 //!   accept or from the first byte of the next request, `idle_timeout` for a kept-alive
 //!   connection that sends nothing. Both are tracked here rather than by hyper, so that they hold
 //!   for HTTP/1 and HTTP/2 alike and a connection that never sends a byte is covered too.
-//! - [`GuardedIo`] sees the raw bytes: it answers a request line or header block over its limits
-//!   with a problem+json `414`/`431` before hyper would send its own empty one, and cuts a
+//! - `GuardedIo` sees the raw bytes: it answers a request line or header block over its limits
+//!   (and a request target hyper cannot parse) with a problem+json `414`/`431`/`400` before
+//!   hyper would send its own empty one, and cuts a
 //!   response the client has stopped reading.
 //! - Shutdown in steps: stop accepting and let requests finish; after the grace period the
 //!   application cancels its work (see `app::Running::shutdown`); at last connections are dropped.
@@ -428,9 +429,14 @@ struct HeadScan {
     started: bool,
     at_line_start: bool,
     ended_seen: u64,
+    /// The request line so far, to check its target once it ends.
+    request_line: Vec<u8>,
 }
 
 enum HeadProblem {
+    /// A target hyper would refuse with an empty `400` (an unencoded `<`, `>`, space or
+    /// backquote, such as a README placeholder pasted as is).
+    InvalidTarget,
     UriTooLong,
     HeadersTooLarge,
     TooManyHeaders,
@@ -451,7 +457,17 @@ impl HeadScan {
                 return None;
             }
             self.bytes += 1;
+            if self.lines == 0 && b != b'\n' && b != b'\r' && (self.started || b != b' ') {
+                self.request_line.push(b);
+                // A space ends a token: hyper may judge the line from here on, before its end.
+                if b == b' ' && !request_line_ok(&self.request_line, false) {
+                    return Some(HeadProblem::InvalidTarget);
+                }
+            }
             if b == b'\n' {
+                if self.started && self.lines == 0 && !request_line_ok(&self.request_line, true) {
+                    return Some(HeadProblem::InvalidTarget);
+                }
                 if self.started {
                     if self.at_line_start {
                         self.off = true;
@@ -476,6 +492,10 @@ impl HeadScan {
                 return Some(HeadProblem::TooManyHeaders);
             }
         }
+        // hyper parses what it has so far, so the line is judged at each read's end too.
+        if self.lines == 0 && !self.off && !request_line_ok(&self.request_line, false) {
+            return Some(HeadProblem::InvalidTarget);
+        }
         None
     }
 
@@ -485,6 +505,30 @@ impl HeadScan {
             ended_seen: ended,
             ..HeadScan::default()
         };
+    }
+}
+
+/// Whether the request line so far (`METHOD TARGET VERSION`, `ended` once its line break came)
+/// can still be one hyper accepts, judged as hyper does: the target by the same parser
+/// (`http::Uri`), and a third token that must be the version. What hyper would refuse with an
+/// empty `400` is answered here with a problem+json one instead; anything else wrong with the
+/// line (say, a method with odd bytes) is left to hyper.
+fn request_line_ok(line: &[u8], ended: bool) -> bool {
+    let tokens: Vec<&[u8]> = line
+        .split(|&b| b == b' ')
+        .filter(|t| !t.is_empty())
+        .collect();
+    let token_ended = ended || line.last() == Some(&b' ');
+    match tokens[..] {
+        // A fourth token: a space inside the target (`/sources/<source id>/errors`).
+        [_, _, _, _, ..] => false,
+        [_, _, _] if token_ended && line.last() == Some(&b' ') => false,
+        [_, target, version] => {
+            axum::http::Uri::try_from(target).is_ok()
+                && (version.starts_with(b"HTTP/") || b"HTTP/".starts_with(version))
+        }
+        [_, target] if token_ended => axum::http::Uri::try_from(target).is_ok(),
+        _ => true,
     }
 }
 
@@ -581,6 +625,14 @@ impl GuardedIo {
     fn refuse(&mut self, problem: HeadProblem) {
         let limits = &self.limits;
         let (status, code, detail) = match problem {
+            HeadProblem::InvalidTarget => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request target is not a valid URI: characters such as <, >, spaces \
+                 and backquotes must be percent-encoded (is a placeholder such \
+                 as <source_id> still in the URL?)"
+                    .to_owned(),
+            ),
             HeadProblem::UriTooLong => (
                 StatusCode::URI_TOO_LONG,
                 "uri_too_long",

@@ -216,9 +216,13 @@ impl Upload<'_> {
                     let value = validate_key(&read_text(field).await?)?;
                     match &self.key {
                         Some(existing) if *existing != value => {
-                            return Err(ApiError::invalid_request(
+                            // Each is well formed; together they contradict each other, which the
+                            // request's syntax (and so the OpenAPI document) cannot rule out.
+                            return Err(ApiError::new(
+                                StatusCode::UNPROCESSABLE_ENTITY,
+                                "idempotency_key_mismatch",
                                 "the Idempotency-Key header and the idempotency_key field differ",
-                            ))
+                            ));
                         }
                         _ => self.key = Some(value),
                     }
@@ -404,7 +408,7 @@ impl Upload<'_> {
             max_header_bytes: ingest.max_header_bytes,
             encoding_hint: hints.encoding,
             delimiter_hint: hints.delimiter,
-            rules: orbit_worker::process::row_rules(ingest),
+            rules: ingest.row_rules(),
             mapping: hints.mapping.clone(),
         });
         let write_span = tracing::info_span!(
@@ -522,7 +526,7 @@ impl Upload<'_> {
                 dialect: plan.dialect,
                 columns: plan.columns,
                 max_field_bytes: self.state.settings.ingest.max_field_bytes,
-                default_region: self.state.settings.ingest.default_region.clone(),
+                default_region: self.state.settings.ingest.default_region.code().to_owned(),
                 dry_run: file.dry_run,
                 total_rows: plan.total_rows,
             },

@@ -4,7 +4,10 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use phonenumber::country;
 use serde::{Deserialize, Serialize};
+
+use crate::domain::row::RowRules;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -89,7 +92,8 @@ pub struct HttpSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
-    pub url: String,
+    /// `sqlite://…` (embedded) or `postgres://…`.
+    pub url: BackendUrl<DatabaseBackend>,
     pub max_connections: u32,
     /// PostgreSQL: the longest a statement waits for a lock (a commit waiting on another's
     /// identity claims) before its transaction is retried.
@@ -105,11 +109,212 @@ pub struct DatabaseSettings {
     pub retry_for: Duration,
 }
 
+/// The database a `database.url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatabaseBackend {
+    Sqlite,
+    Postgres,
+}
+
+/// The object store an `object_store.url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ObjectStoreBackend {
+    Local,
+    S3,
+}
+
+/// The queue a `queue.url` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueBackend {
+    /// In-process: the gateway runs the workers itself.
+    Embedded,
+    RabbitMq,
+}
+
+/// How a backend is recognized from its URL.
+pub trait Backend: Copy + PartialEq + std::fmt::Debug {
+    /// The setting, for messages.
+    const SETTING: &'static str;
+    /// What it accepts, for messages.
+    const EXPECTED: &'static str;
+    /// The backend of the URL's scheme (the text before the first `:`).
+    fn from_scheme(scheme: &str) -> Option<Self>;
+}
+
+impl Backend for DatabaseBackend {
+    const SETTING: &'static str = "database.url";
+    const EXPECTED: &'static str = "sqlite:// or postgres://";
+    fn from_scheme(scheme: &str) -> Option<Self> {
+        match scheme {
+            "sqlite" => Some(Self::Sqlite),
+            "postgres" | "postgresql" => Some(Self::Postgres),
+            _ => None,
+        }
+    }
+}
+
+impl Backend for ObjectStoreBackend {
+    const SETTING: &'static str = "object_store.url";
+    const EXPECTED: &'static str = "file:// or s3://";
+    fn from_scheme(scheme: &str) -> Option<Self> {
+        match scheme {
+            "file" => Some(Self::Local),
+            "s3" => Some(Self::S3),
+            _ => None,
+        }
+    }
+}
+
+impl Backend for QueueBackend {
+    const SETTING: &'static str = "queue.url";
+    const EXPECTED: &'static str = "embedded or amqp://";
+    fn from_scheme(scheme: &str) -> Option<Self> {
+        match scheme {
+            "embedded" => Some(Self::Embedded),
+            "amqp" | "amqps" => Some(Self::RabbitMq),
+            _ => None,
+        }
+    }
+}
+
+/// A backend's URL, with the backend it names decided once, when the configuration is read:
+/// an unknown scheme fails the load, and code asks [`BackendUrl::backend`] rather than
+/// comparing strings. Reads as the URL's text (`&*url`, `as_str`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct BackendUrl<B> {
+    url: String,
+    backend: B,
+}
+
+impl<B: Backend> BackendUrl<B> {
+    pub fn backend(&self) -> B {
+        self.backend
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.url
+    }
+}
+
+impl<B: Backend> std::str::FromStr for BackendUrl<B> {
+    type Err = String;
+
+    fn from_str(url: &str) -> Result<Self, String> {
+        let scheme = url.split(':').next().unwrap_or_default();
+        let backend = B::from_scheme(scheme).ok_or_else(|| {
+            format!(
+                "{} {:?}: unsupported scheme {scheme:?} (expected {})",
+                B::SETTING,
+                crate::redact::redact(url),
+                B::EXPECTED
+            )
+        })?;
+        Ok(BackendUrl {
+            url: url.to_owned(),
+            backend,
+        })
+    }
+}
+
+impl<B> std::ops::Deref for BackendUrl<B> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.url
+    }
+}
+
+impl<B> std::fmt::Display for BackendUrl<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.url)
+    }
+}
+
+/// Masks a password, as logs do: settings are printed with `{:?}` in places.
+impl<B> std::fmt::Debug for BackendUrl<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&crate::redact::redact(&self.url), f)
+    }
+}
+
+impl<B> PartialEq<&str> for BackendUrl<B> {
+    fn eq(&self, other: &&str) -> bool {
+        self.url == *other
+    }
+}
+
+impl<B> Serialize for BackendUrl<B> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.url)
+    }
+}
+
+impl<'de, B: Backend> Deserialize<'de> for BackendUrl<B> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl IngestSettings {
+    /// The rules rows are judged by under these settings: the gateway's for the rows of the
+    /// request, and what it records with each source for the workers.
+    pub fn row_rules(&self) -> RowRules {
+        RowRules {
+            max_field_bytes: self.max_field_bytes,
+            default_region: self.default_region.id(),
+        }
+    }
+}
+
+/// An ISO 3166-1 region code such as `US`, parsed when the configuration is read, so that an
+/// unknown one stops the process at start-up and nothing parses it again later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region(country::Id);
+
+impl Region {
+    pub fn id(self) -> country::Id {
+        self.0
+    }
+
+    /// The code as written in configuration and recorded with sources (`US`).
+    pub fn code(&self) -> &str {
+        self.0.as_ref()
+    }
+}
+
+impl std::str::FromStr for Region {
+    type Err = String;
+
+    fn from_str(code: &str) -> Result<Self, String> {
+        crate::domain::normalize::parse_region(code)
+            .map(Region)
+            .ok_or_else(|| format!("{code:?} is not an ISO 3166 region code"))
+    }
+}
+
+impl Serialize for Region {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.code())
+    }
+}
+
+impl<'de> Deserialize<'de> for Region {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 impl DatabaseSettings {
     /// The default settings for the database at `url`, with a pool of `max_connections`.
+    ///
+    /// # Panics
+    /// When `url` names no database Orbit knows: callers pass literal test URLs.
     pub fn for_url(url: &str, max_connections: u32) -> Self {
         DatabaseSettings {
-            url: url.to_owned(),
+            url: url.parse().unwrap_or_else(|e| panic!("{e}")),
             max_connections,
             ..Settings::defaults().database
         }
@@ -119,7 +324,8 @@ impl DatabaseSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ObjectStoreSettings {
-    pub url: String,
+    /// `file://…` (embedded) or `s3://bucket[/prefix]`.
+    pub url: BackendUrl<ObjectStoreBackend>,
     pub endpoint: Option<String>,
     pub region: Option<String>,
     pub access_key_id: Option<String>,
@@ -129,7 +335,8 @@ pub struct ObjectStoreSettings {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueSettings {
-    pub url: String,
+    /// `embedded` (in-process) or `amqp://…`.
+    pub url: BackendUrl<QueueBackend>,
     /// Name of the work queue (the dead-letter queue is `{name}.dead`).
     pub name: String,
     /// RabbitMQ: times one message may go back to the queue unacknowledged (its consumer died)
@@ -152,8 +359,9 @@ pub struct IngestSettings {
     pub max_header_bytes: usize,
     /// The longest `mapping` form field of an upload, in bytes (`400 invalid_request`).
     pub max_mapping_bytes: usize,
-    /// ISO 3166 region used for phone numbers written without a country code.
-    pub default_region: String,
+    /// ISO 3166 region used for phone numbers written without a country code; parsed (and so
+    /// checked) when the configuration is read.
+    pub default_region: Region,
     /// An upload still streaming after this long is cut (`408 upload_timeout`); a partial
     /// object or multipart upload older than this that no live request owns is swept away.
     #[serde(with = "humantime_serde_compat")]
@@ -431,11 +639,6 @@ impl Settings {
             self.worker.liveness_timeout > self.worker.heartbeat_interval,
             "worker.liveness_timeout must be longer than worker.heartbeat_interval"
         );
-        anyhow::ensure!(
-            crate::domain::normalize::parse_region(&self.ingest.default_region).is_some(),
-            "ingest.default_region {:?} is not an ISO 3166 region code",
-            self.ingest.default_region
-        );
         let telemetry = &self.telemetry;
         if let Some(ratio) = telemetry.sampling_ratio {
             anyhow::ensure!(
@@ -521,6 +724,53 @@ mod tests {
         std::fs::write(&path, "[ingest]\nsync_rowz = 5\n").unwrap();
         let err = Settings::load(Some(path.to_str().unwrap())).unwrap_err();
         assert!(format!("{err:#}").contains("sync_rowz"), "{err:#}");
+    }
+
+    #[test]
+    fn backends_are_decided_as_the_configuration_loads() {
+        let s = Settings::defaults();
+        assert_eq!(s.database.url.backend(), DatabaseBackend::Sqlite);
+        assert_eq!(s.object_store.url.backend(), ObjectStoreBackend::Local);
+        assert_eq!(s.queue.url.backend(), QueueBackend::Embedded);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orbit.toml");
+        std::fs::write(
+            &path,
+            "[database]\nurl = \"mysql://orbit:secret@db/orbit\"\n",
+        )
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            Settings::load(Some(path.to_str().unwrap())).unwrap_err()
+        );
+        assert!(
+            err.contains("unsupported scheme \"mysql\" (expected sqlite:// or postgres://)"),
+            "{err}"
+        );
+        assert!(!err.contains("secret"), "the password is masked: {err}");
+        std::fs::write(&path, "[queue]\nurl = \"amqps://mq/%2f\"\n").unwrap();
+        let s = Settings::load(Some(path.to_str().unwrap())).unwrap();
+        assert_eq!(s.queue.url.backend(), QueueBackend::RabbitMq);
+        assert_eq!(s.queue.url.as_str(), "amqps://mq/%2f");
+    }
+
+    #[test]
+    fn the_default_region_is_parsed_as_the_configuration_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("orbit.toml");
+        std::fs::write(&path, "[ingest]\ndefault_region = \"ZZ\"\n").unwrap();
+        let err = Settings::load(Some(path.to_str().unwrap())).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("\"ZZ\" is not an ISO 3166 region code"),
+            "{err:#}"
+        );
+        std::fs::write(&path, "[ingest]\ndefault_region = \"gb\"\n").unwrap();
+        let s = Settings::load(Some(path.to_str().unwrap())).unwrap();
+        assert_eq!(s.ingest.default_region.code(), "GB");
+        assert_eq!(
+            s.ingest.row_rules().default_region,
+            s.ingest.default_region.id()
+        );
     }
 
     #[test]

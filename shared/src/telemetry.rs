@@ -340,7 +340,18 @@ pub fn json_logs() -> bool {
 
 /// Reports the error a command exits with: a log event in JSON mode, else a plain line
 /// `{command}: {error}`; redacted either way.
+///
+/// An error before logging was set up (the configuration did not load) still honours
+/// `ORBIT__TELEMETRY__LOG_FORMAT=json`, where every line must be JSON.
 pub fn report_fatal(command: &str, error: &anyhow::Error) {
+    let json_asked = std::env::var("ORBIT__TELEMETRY__LOG_FORMAT")
+        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("json"));
+    if FORMAT.get().is_none() && json_asked {
+        let mut settings = crate::config::Settings::defaults().telemetry;
+        settings.log_format = crate::config::LogFormat::Json;
+        // No service: nothing is exported, only the line below is logged.
+        let _ = init(&settings, None);
+    }
     let message = format!("{error:#}");
     let message = crate::redact::redact(&message);
     if json_logs() {

@@ -356,13 +356,15 @@ impl DistributedStack {
 
     /// Points `settings` at this stack.
     pub fn apply(&self, settings: &mut Settings) {
-        settings.database.url = self.database.url.clone();
-        settings.object_store.url = format!("s3://{}", self.bucket.bucket);
+        settings.database.url = self.database.url.parse().expect("a postgres URL");
+        settings.object_store.url = format!("s3://{}", self.bucket.bucket)
+            .parse()
+            .expect("an s3 URL");
         settings.object_store.endpoint = Some(self.bucket.endpoint.clone());
         settings.object_store.region = Some("us-east-1".into());
         settings.object_store.access_key_id = Some(self.bucket.access_key.clone());
         settings.object_store.secret_access_key = Some(self.bucket.secret_key.clone());
-        settings.queue.url = self.queue.url.clone();
+        settings.queue.url = self.queue.url.parse().expect("an amqp URL");
         settings.queue.name = self.queue.name.clone();
     }
 
@@ -428,4 +430,31 @@ pub async fn spawn_worker_with_metrics(
             return (child, format!("http://{addr}"));
         }
     }
+}
+
+/// A conformance suite: every case run against every backend, as one test per pair in a
+/// module per backend. A backend is a `runner!` macro of the test file that runs one case
+/// (`$case` is the case function's path) on a fresh instance of that backend:
+///
+/// ```ignore
+/// macro_rules! on_sqlite {
+///     ($case:path) => { $case(super::sqlite().await.store).await };
+/// }
+/// orbit_shared::conformance!(sqlite => on_sqlite, postgres => on_postgres; { case_one, case_two });
+/// ```
+#[macro_export]
+macro_rules! conformance {
+    ($($backend:ident => $runner:ident),+ $(,)?; $cases:tt) => {
+        $( $crate::conformance!(@backend $backend $runner $cases); )+
+    };
+    (@backend $backend:ident $runner:ident { $($case:ident),* $(,)? }) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    $runner!(super::$case);
+                }
+            )*
+        }
+    };
 }

@@ -203,30 +203,25 @@ mod suite {
 }
 
 /// Generates one test per suite function and backend.
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod local {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let fixture = super::LocalFixture::new().await;
-                    super::suite::$name(&*fixture.store).await;
-                }
-            )*
-        }
-        mod s3 {
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    let fixture = super::S3Fixture::new().await;
-                    fixture.run(|store| async move { super::suite::$name(&*store).await }).await;
-                }
-            )*
-        }
-    };
+use suite::*;
+
+macro_rules! on_local {
+    ($case:path) => {{
+        let fixture = super::LocalFixture::new().await;
+        $case(&*fixture.store).await;
+    }};
 }
 
-conformance!(
+macro_rules! on_s3 {
+    ($case:path) => {{
+        let fixture = super::S3Fixture::new().await;
+        fixture
+            .run(|store| async move { $case(&*store).await })
+            .await;
+    }};
+}
+
+orbit_shared::conformance!(local => on_local, s3 => on_s3; {
     small_pieces_read_back_whole_and_by_range,
     empty_object,
     multipart_upload_round_trips,
@@ -236,7 +231,7 @@ conformance!(
     delete_is_idempotent,
     invalid_keys_are_refused,
     ping_works,
-);
+});
 
 // ---- Local backend -------------------------------------------------------------------------
 
@@ -328,7 +323,7 @@ impl S3Fixture {
 
     fn settings(&self, url: &str) -> ObjectStoreSettings {
         ObjectStoreSettings {
-            url: url.to_owned(),
+            url: url.parse().unwrap(),
             endpoint: Some(self.server.endpoint.clone()),
             region: None,
             access_key_id: Some(self.server.access_key.clone()),
@@ -507,8 +502,11 @@ async fn s3_ping_fails_clearly_for_a_missing_bucket() {
     let store = blob::open(&fixture.settings(&format!("s3://{missing}")))
         .await
         .unwrap();
-    let error = store.ping().await.unwrap_err().to_string();
+    let error = store.ping().await.unwrap_err();
     fixture.cleanup().await;
+    // The SDK's error is kept as the source, not only quoted in the message.
+    assert!(std::error::Error::source(&error).is_some(), "{error:?}");
+    let error = error.to_string();
     assert!(error.contains(&missing), "{error}");
     assert!(error.contains(&fixture.server.endpoint), "{error}");
 }
@@ -544,7 +542,7 @@ async fn s3_failed_part_fails_the_upload() {
 async fn s3_settings_are_checked() {
     let mut settings = settings("s3://");
     assert!(blob::open(&settings).await.is_err(), "no bucket");
-    settings.url = "s3://bucket".into();
+    settings.url = "s3://bucket".parse().unwrap();
     settings.access_key_id = Some("only-the-key".into());
     assert!(blob::open(&settings).await.is_err(), "key without secret");
 }
@@ -553,7 +551,7 @@ async fn s3_settings_are_checked() {
 
 fn settings(url: &str) -> ObjectStoreSettings {
     ObjectStoreSettings {
-        url: url.to_owned(),
+        url: url.parse().unwrap(),
         endpoint: None,
         region: None,
         access_key_id: None,

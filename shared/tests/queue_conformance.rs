@@ -185,7 +185,7 @@ async fn unacked_delivery_is_redelivered_after_its_consumer_is_dropped(
 
 fn rabbit_settings(name: &str) -> QueueSettings {
     let mut settings = Settings::defaults().queue;
-    settings.url = amqp_url();
+    settings.url = amqp_url().parse().unwrap();
     settings.name = name.to_owned();
     settings.reconnect_timeout = Duration::from_secs(20);
     settings
@@ -239,39 +239,28 @@ async fn raw() -> Connection {
         .unwrap_or_else(|e| panic!("RabbitMQ is not reachable at {}: {e}", amqp_url()))
 }
 
-macro_rules! conformance {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let queue = MemoryQueue::new();
-                    assert_eq!(queue.backend(), "embedded");
-                    super::$case(&queue, MEMORY).await;
-                }
-            )*
-        }
-        mod rabbitmq {
-            use super::*;
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $case() {
-                    let rabbit = Rabbit::new().await;
-                    assert_eq!(rabbit.queue.backend(), "rabbitmq");
-                    super::$case(&rabbit.queue, RABBIT).await;
-                }
-            )*
-        }
-    };
+macro_rules! on_memory {
+    ($case:path) => {{
+        let queue = super::MemoryQueue::new();
+        assert_eq!(super::Queue::backend(&queue), "embedded");
+        $case(&queue, super::MEMORY).await;
+    }};
 }
 
-conformance!(
+macro_rules! on_rabbitmq {
+    ($case:path) => {{
+        let rabbit = super::Rabbit::new().await;
+        assert_eq!(super::Queue::backend(&rabbit.queue), "rabbitmq");
+        $case(&rabbit.queue, super::RABBIT).await;
+    }};
+}
+
+orbit_shared::conformance!(memory => on_memory, rabbitmq => on_rabbitmq; {
     publish_then_consume_returns_the_same_message,
     depth_counts_ready_messages,
     prefetch_bounds_unacked_deliveries,
     unacked_delivery_is_redelivered_after_its_consumer_is_dropped,
-);
+});
 
 // ---------------------------------------------------------------------------------------------
 // RabbitMQ only.
@@ -451,7 +440,7 @@ async fn rabbitmq_unroutable_publish_fails_and_the_next_one_redeclares_the_queue
         .publish(&chunk(None))
         .await
         .expect_err("a mandatory message with no queue is returned");
-    assert!(e.0.contains("unroutable"), "{e}");
+    assert!(e.message.contains("unroutable"), "{e}");
     rabbit
         .queue
         .publish(&chunk(None))
@@ -464,7 +453,7 @@ async fn rabbitmq_unroutable_publish_fails_and_the_next_one_redeclares_the_queue
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_open_fails_clearly_when_the_broker_is_unreachable() {
     let mut settings = rabbit_settings(&format!("orbit-test-{}", Uuid::new_v4()));
-    settings.url = "amqp://guest:secret@127.0.0.1:1/%2f".to_owned();
+    settings.url = "amqp://guest:secret@127.0.0.1:1/%2f".parse().unwrap();
     settings.reconnect_timeout = Duration::from_secs(1);
     let started = std::time::Instant::now();
     let e = match RabbitQueue::open(&settings).await {
@@ -475,8 +464,8 @@ async fn rabbitmq_open_fails_clearly_when_the_broker_is_unreachable() {
         started.elapsed() < Duration::from_secs(10),
         "gave up in time"
     );
-    assert!(e.0.contains("127.0.0.1:1"), "{e}");
-    assert!(!e.0.contains("secret"), "password leaked: {e}");
+    assert!(e.message.contains("127.0.0.1:1"), "{e}");
+    assert!(!e.message.contains("secret"), "password leaked: {e}");
 }
 
 /// Closes the queue's connections from the broker's side with `rabbitmqctl` when it is here
@@ -618,18 +607,23 @@ async fn rabbitmq_open_fails_fast_on_refused_credentials() {
     url.set_password(Some("not-the-password"))
         .expect("password");
     let mut settings = rabbit_settings(&format!("orbit-test-{}", Uuid::new_v4()));
-    settings.url = url.to_string();
+    settings.url = url.to_string().parse().unwrap();
     let started = std::time::Instant::now();
     let e = match RabbitQueue::open(&settings).await {
         Ok(_) => panic!("logged in with a wrong password"),
         Err(e) => e,
     };
-    assert!(e.0.contains("ACCESS_REFUSED"), "{e}");
+    assert!(e.message.contains("ACCESS_REFUSED"), "{e}");
+    // The broker client's error is kept as the source, not only quoted.
+    assert!(std::error::Error::source(&e).is_some(), "{e:?}");
     assert!(
         started.elapsed() < settings.reconnect_timeout / 2,
         "refused credentials are not retried"
     );
-    assert!(!e.0.contains("not-the-password"), "password leaked: {e}");
+    assert!(
+        !e.message.contains("not-the-password"),
+        "password leaked: {e}"
+    );
 }
 
 /// A TCP proxy in front of the broker that can simulate an outage (a broker restart): every
@@ -709,7 +703,7 @@ impl Drop for Proxy {
 async fn rabbitmq_publish_rides_out_a_broker_outage() {
     let proxy = Proxy::start().await;
     let url = proxy.url.clone();
-    let rabbit = Rabbit::with(|s| s.url = url).await;
+    let rabbit = Rabbit::with(|s| s.url = url.parse().unwrap()).await;
     let queue = &rabbit.queue;
     let first = chunk(None);
     queue.publish(&first).await.expect("publish");

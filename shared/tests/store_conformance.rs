@@ -52,20 +52,19 @@ async fn postgres() -> Backend {
     }
 }
 
-macro_rules! conformance {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite_backend {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::sqlite().await.store).await; })*
-        }
-        mod postgres_backend {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { super::$name(super::postgres().await.store).await; })*
-        }
+macro_rules! on_sqlite {
+    ($case:path) => {
+        $case(super::sqlite().await.store).await
     };
 }
 
-conformance!(
+macro_rules! on_postgres {
+    ($case:path) => {
+        $case(super::postgres().await.store).await
+    };
+}
+
+orbit_shared::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_postgres; {
     tenancy_is_scoped_by_organization,
     tokens_are_found_by_hash_and_revoked_once,
     idempotency_keys_claim_release_and_complete,
@@ -79,7 +78,7 @@ conformance!(
     a_dead_processes_leases_are_void_before_they_expire,
     concurrent_chunks_never_split_an_identity,
     terminal_states_never_change,
-);
+});
 
 fn record(row: u64, fields: &[(&str, &str)]) -> RecordDraft {
     RecordDraft {

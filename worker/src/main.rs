@@ -9,14 +9,16 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use clap::{Parser, Subcommand};
 use orbit_shared::backends::Backends;
-use orbit_shared::config::Settings;
+use orbit_shared::config::{QueueBackend, Settings};
 use orbit_worker::Worker;
 use serde_json::json;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let code = match run().await {
+    let cli = Cli::parse();
+    let code = match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             orbit_shared::telemetry::report_fatal("orbit-worker", &e);
@@ -28,36 +30,38 @@ async fn main() -> std::process::ExitCode {
     code
 }
 
-fn config_arg() -> anyhow::Result<Option<String>> {
-    let mut args = std::env::args().skip(1);
-    let mut config = None;
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" => config = Some(args.next().context("--config needs a path")?),
-            "-h" | "--help" => {
-                println!("orbit-worker [--config PATH]\n\nProcesses queued chunks. Settings: defaults, then the TOML file (or ORBIT_CONFIG), then ORBIT__SECTION__KEY variables.");
-                std::process::exit(0);
-            }
-            "-V" | "--version" => {
-                println!(
-                    "orbit-worker {} (commit {})",
-                    env!("CARGO_PKG_VERSION"),
-                    env!("ORBIT_COMMIT")
-                );
-                std::process::exit(0);
-            }
-            other => anyhow::bail!("unknown argument {other:?} (try --help)"),
-        }
-    }
-    Ok(config)
+#[derive(Parser)]
+#[command(
+    name = "orbit-worker",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("ORBIT_COMMIT"), ")"),
+    about = "Orbit's chunk worker: processes the chunks queued on RabbitMQ until SIGTERM",
+    long_about = "Orbit's chunk worker: claims the chunks queued on RabbitMQ (queue.url = amqp://…) \
+        under a lease, validates and commits their rows, and republishes lost chunks. On SIGTERM \
+        or Ctrl-C it finishes the chunks in hand, then exits.\n\n\
+        Settings: built-in defaults, then the TOML file (--config or ORBIT_CONFIG), then \
+        ORBIT__SECTION__KEY variables (README, \"Configuration\")."
+)]
+struct Cli {
+    /// TOML configuration file (also ORBIT_CONFIG); ORBIT__SECTION__KEY variables override it.
+    #[arg(long, global = true)]
+    config: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-async fn run() -> anyhow::Result<()> {
-    let settings = Settings::load(config_arg()?.as_deref())?;
+#[derive(Subcommand)]
+enum Command {
+    /// Process queued chunks until SIGTERM (the default).
+    Run,
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Command::Run = cli.command.unwrap_or(Command::Run);
+    let settings = Settings::load(cli.config.as_deref())?;
     orbit_shared::telemetry::init(&settings.telemetry, Some("orbit-worker"))?;
     orbit_shared::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
     anyhow::ensure!(
-        settings.queue.url != "embedded",
+        settings.queue.url.backend() != QueueBackend::Embedded,
         "queue.url is \"embedded\": the in-process queue lives inside orbit-gateway, so a separate worker would never see a chunk; point queue.url at RabbitMQ (amqp://…)"
     );
     let backends = Backends::open(&settings).await?;
@@ -138,5 +142,28 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    #[test]
+    fn every_command_and_flag_has_help() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        for command in std::iter::once(&cli).chain(cli.get_subcommands()) {
+            assert!(command.get_about().is_some(), "{}", command.get_name());
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                assert!(
+                    id == "help" || id == "version" || arg.get_help().is_some(),
+                    "--{id}"
+                );
+            }
+        }
     }
 }

@@ -9,7 +9,6 @@ use std::collections::VecDeque;
 
 use futures::StreamExt;
 use orbit_shared::blob::{BlobError, BlobStore, ByteStream};
-use orbit_shared::config::IngestSettings;
 use orbit_shared::domain::csv::{RawRecord, Splitter, SplitterOptions};
 use orbit_shared::domain::header::ColumnMap;
 use orbit_shared::domain::normalize;
@@ -28,14 +27,6 @@ pub enum ProcessError {
     /// The stored file does not match the chunk's boundaries; retrying will not help.
     #[error("{0}")]
     Corrupt(String),
-}
-
-pub fn row_rules(ingest: &IngestSettings) -> RowRules {
-    RowRules {
-        max_field_bytes: ingest.max_field_bytes,
-        default_region: normalize::parse_region(&ingest.default_region)
-            .expect("default_region validated at start-up"),
-    }
 }
 
 /// Collects validated rows into the results a store commits.

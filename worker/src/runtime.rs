@@ -32,10 +32,34 @@ pub struct Worker {
     pub owner: String,
 }
 
-/// Aborts a background task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+/// Renews a chunk's lease every third of `worker.lease` for as long as it lives. Dropping it,
+/// however the attempt ends (including through a `?` on a failed store call), stops the
+/// renewal: a lease renewed for a chunk nobody works on would keep it from every other worker
+/// until this process exits.
+struct LeaseRenewal(tokio::task::JoinHandle<()>);
 
-impl Drop for AbortOnDrop {
+impl LeaseRenewal {
+    fn start(store: Arc<dyn Store>, lease: Lease, lease_for: Duration) -> Self {
+        let period = lease_for / 3;
+        LeaseRenewal(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(period).await;
+                match store.renew_lease(&lease, lease_for).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        tracing::warn!(chunk = %lease.chunk_id, "lease lost; results will be discarded");
+                        return;
+                    }
+                    Err(e) => {
+                        tracing::warn!(chunk = %lease.chunk_id, error = %e, "lease renewal failed")
+                    }
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for LeaseRenewal {
     fn drop(&mut self) {
         self.0.abort();
     }
@@ -240,29 +264,12 @@ impl Worker {
 
     async fn process_under_lease(&self, work: &ChunkWork) -> anyhow::Result<()> {
         let lease = &work.lease;
-        // Renews the lease while the chunk is worked on, and stops whichever way this function
-        // returns: a lease renewed for a chunk nobody works on would keep it from others.
-        let _renewal = AbortOnDrop(tokio::spawn({
-            let store = self.store.clone();
-            let lease = lease.clone();
-            let period = self.settings.worker.lease / 3;
-            let lease_for = self.settings.worker.lease;
-            async move {
-                loop {
-                    tokio::time::sleep(period).await;
-                    match store.renew_lease(&lease, lease_for).await {
-                        Ok(true) => {}
-                        Ok(false) => {
-                            tracing::warn!(chunk = %lease.chunk_id, "lease lost; results will be discarded");
-                            return;
-                        }
-                        Err(e) => {
-                            tracing::warn!(chunk = %lease.chunk_id, error = %e, "lease renewal failed")
-                        }
-                    }
-                }
-            }
-        }));
+        // Held until this function returns, whichever way it does.
+        let _renewal = LeaseRenewal::start(
+            self.store.clone(),
+            lease.clone(),
+            self.settings.worker.lease,
+        );
         let slice_rows = self.settings.worker.slice_rows;
         let mut reader =
             match ChunkReader::open(&*self.blobs, &work.source, &work.chunk, slice_rows).await {

@@ -103,3 +103,33 @@ async fn readyz_checks_the_database_the_object_store_and_the_broker() {
         child.kill().await.unwrap();
     }
 }
+
+/// The command line as an operator first meets it: `help`, `--help` and `--version` answer
+/// and exit 0; an unknown argument is refused with a usage hint.
+#[tokio::test]
+async fn the_command_line_helps() {
+    let run = |args: &'static [&'static str]| async move {
+        let out = tokio::process::Command::new(BIN)
+            .args(args)
+            .env_remove("ORBIT_CONFIG")
+            .output()
+            .await
+            .expect("orbit-worker runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for args in [&["help"][..], &["--help"], &["help", "run"]] {
+        let (ok, stdout, stderr) = run(args).await;
+        assert!(ok, "{args:?}: {stderr}");
+        assert!(stdout.contains("Usage: orbit-worker"), "{args:?}: {stdout}");
+        assert!(stdout.contains("--config"), "{args:?}: {stdout}");
+    }
+    let (ok, stdout, _) = run(&["--version"]).await;
+    assert!(ok && stdout.starts_with("orbit-worker 0."), "{stdout}");
+    assert!(stdout.contains("(commit "), "{stdout}");
+    let (ok, _, stderr) = run(&["--frobnicate"]).await;
+    assert!(!ok && stderr.contains("--help"), "{stderr}");
+}

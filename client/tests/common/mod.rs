@@ -41,8 +41,12 @@ impl Gateway {
         let data = tempfile::tempdir().expect("temp dir");
         let mut s = Settings::defaults();
         s.http.listen = "127.0.0.1:0".into();
-        s.database.url = format!("sqlite://{}/orbit.db", data.path().display());
-        s.object_store.url = format!("file://{}/objects", data.path().display());
+        s.database.url = format!("sqlite://{}/orbit.db", data.path().display())
+            .parse()
+            .unwrap();
+        s.object_store.url = format!("file://{}/objects", data.path().display())
+            .parse()
+            .unwrap();
         s.worker.concurrency = 2;
         s.worker.reap_interval = Duration::from_millis(200);
         s.ingest.sync_rows = SYNC_ROWS;

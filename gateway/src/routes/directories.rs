@@ -10,7 +10,7 @@ use orbit_shared::model::Directory;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{scoped_directory, PageBody, PageQuery};
+use super::{PageBody, PageQuery, ScopedDirectory};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::problem::{ApiError, ApiResult};
@@ -57,17 +57,23 @@ struct CreateDirectory {
 
 pub const MAX_NAME_CHARS: usize = 200;
 
+/// 1 to `MAX_NAME_CHARS` characters as sent (so the OpenAPI document's `maxLength` is the
+/// rule), some of them not white space, none a control character; stored trimmed.
 pub fn validate_name(name: &str) -> ApiResult<&str> {
+    if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+        return Err(bad_name());
+    }
     let name = name.trim();
-    if name.is_empty()
-        || name.chars().count() > MAX_NAME_CHARS
-        || name.chars().any(char::is_control)
-    {
-        return Err(ApiError::invalid_request(format!(
-            "name must be 1 to {MAX_NAME_CHARS} characters, without control characters"
-        )));
+    if name.is_empty() {
+        return Err(bad_name());
     }
     Ok(name)
+}
+
+fn bad_name() -> ApiError {
+    ApiError::invalid_request(format!(
+        "name must be 1 to {MAX_NAME_CHARS} characters, not all white space, without control characters"
+    ))
 }
 
 pub async fn create(
@@ -92,10 +98,8 @@ pub async fn create(
 
 pub async fn archive(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir)): Path<(String, String)>,
+    ScopedDirectory(dir): ScopedDirectory,
 ) -> ApiResult<Json<DirectoryBody>> {
-    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
     let archived = state
         .store
         .archive_directory(dir.organization_id, dir.id)

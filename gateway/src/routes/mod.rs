@@ -6,8 +6,12 @@ pub mod sources;
 pub mod system;
 pub mod webhooks;
 
+use std::collections::HashMap;
+
+use axum::extract::{FromRequestParts, Path};
+use axum::http::request::Parts;
 use base64::Engine as _;
-use orbit_shared::model::{Cursor, Page, PageRequest};
+use orbit_shared::model::{Cursor, Directory, Page, PageRequest, Source};
 use serde::{Deserialize, Serialize};
 
 use crate::app::AppState;
@@ -37,7 +41,14 @@ impl PageQuery {
                     ))
                 })?,
         };
-        let after = self.cursor.as_deref().map(decode_cursor).transpose()?;
+        // An empty cursor is the first page, as an absent one: clients that template
+        // `?cursor=${next_cursor}` need no special case for the first request.
+        let after = self
+            .cursor
+            .as_deref()
+            .filter(|c| !c.is_empty())
+            .map(decode_cursor)
+            .transpose()?;
         Ok(PageRequest { after, limit })
     }
 }
@@ -74,19 +85,63 @@ impl<T> PageBody<T> {
     }
 }
 
-/// Checks the caller's scope over `org` and that `dir` is one of its directories.
-pub async fn scoped_directory(
-    state: &AppState,
-    caller: &Caller,
-    org: &str,
-    dir: &str,
-) -> ApiResult<orbit_shared::model::Directory> {
-    let org = caller.scope(org)?;
-    let dir = parse_id(dir, "directory")?;
-    state.store.get_directory(org, dir).await?.ok_or_else(|| {
-        ApiError::not_found(
-            "directory_not_found",
-            "no such directory in this organization",
-        )
-    })
+/// The path's parameters by name (`org`, `dir`, `source`, …).
+async fn path_params(parts: &mut Parts, state: &AppState) -> ApiResult<HashMap<String, String>> {
+    let Path(params) = Path::<HashMap<String, String>>::from_request_parts(parts, state)
+        .await
+        .map_err(|e| ApiError::invalid_request(e.body_text()))?;
+    Ok(params)
+}
+
+fn param<'a>(params: &'a HashMap<String, String>, name: &str) -> &'a str {
+    params
+        .get(name)
+        .map(String::as_str)
+        .unwrap_or_else(|| panic!("the route has no {{{name}}} parameter"))
+}
+
+/// The path's directory (`…/organizations/{org}/directories/{dir}/…`): the caller's token
+/// must be of `{org}` (else `403`), `{dir}` a UUID (else `400`) naming one of its directories
+/// (else `404 directory_not_found`). Extracting it authenticates the request.
+pub struct ScopedDirectory(pub Directory);
+
+impl FromRequestParts<AppState> for ScopedDirectory {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        let params = path_params(parts, state).await?;
+        let org = caller.scope(param(&params, "org"))?;
+        let dir = parse_id(param(&params, "dir"), "directory")?;
+        let directory = state.store.get_directory(org, dir).await?.ok_or_else(|| {
+            ApiError::not_found(
+                "directory_not_found",
+                "no such directory in this organization",
+            )
+        })?;
+        Ok(ScopedDirectory(directory))
+    }
+}
+
+/// The path's source (`…/directories/{dir}/sources/{source}…`) within its
+/// [`ScopedDirectory`]: `{source}` a UUID (else `400`) naming one of the directory's sources
+/// (else `404 source_not_found`).
+pub struct ScopedSource(pub Source);
+
+impl FromRequestParts<AppState> for ScopedSource {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> ApiResult<Self> {
+        let ScopedDirectory(dir) = ScopedDirectory::from_request_parts(parts, state).await?;
+        let params = path_params(parts, state).await?;
+        let source = parse_id(param(&params, "source"), "source")?;
+        let source = state
+            .store
+            .get_source(dir.organization_id, dir.id, source)
+            .await?
+            .ok_or_else(|| {
+                ApiError::not_found("source_not_found", "no such source in this directory")
+            })?;
+        Ok(ScopedSource(source))
+    }
 }

@@ -1,6 +1,6 @@
 //! Resolved profiles of a directory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::extract::{Path, Query, State};
 use axum::Json;
@@ -11,9 +11,9 @@ use orbit_shared::model::Profile;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{scoped_directory, PageBody, PageQuery};
+use super::{PageBody, PageQuery, ScopedDirectory};
 use crate::app::AppState;
-use crate::auth::{parse_id, Caller};
+use crate::auth::parse_id;
 use crate::problem::{ApiError, ApiResult};
 
 #[derive(Serialize)]
@@ -81,15 +81,15 @@ pub struct ProfileQuery {
 
 pub async fn list(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir)): Path<(String, String)>,
+    ScopedDirectory(dir): ScopedDirectory,
     Query(query): Query<ProfileQuery>,
 ) -> ApiResult<Json<PageBody<ProfileBody>>> {
-    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
     // Matched as stored: normalized the way rows are, so `Ann@Example.com ` finds ann@example.com.
+    // `email=` (empty) is no filter, as with `cursor=`.
     let email = query
         .email
         .as_deref()
+        .filter(|e| !e.is_empty())
         .map(|e| normalize::email(e).unwrap_or_else(|| e.trim().to_lowercase()));
     let page = state
         .store
@@ -105,11 +105,10 @@ pub async fn list(
 
 pub async fn get(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir, profile)): Path<(String, String, String)>,
+    ScopedDirectory(dir): ScopedDirectory,
+    Path(params): Path<HashMap<String, String>>,
 ) -> ApiResult<Json<ProfileBody>> {
-    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
-    let profile = parse_id(&profile, "profile")?;
+    let profile = parse_id(&params["profile"], "profile")?;
     let profile = state
         .store
         .get_profile(dir.organization_id, dir.id, profile)

@@ -7,57 +7,34 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{stream, StreamExt};
 use orbit_shared::domain::row::failed_fields;
-use orbit_shared::model::{Cancelled, Retried, RowIssue, Source};
+use orbit_shared::model::{Cancelled, Retried, RowIssue};
 use orbit_shared::store::Store;
 use serde::Deserialize;
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 use uuid::Uuid;
 
-use super::{scoped_directory, PageBody, PageQuery};
+use super::{PageBody, PageQuery, ScopedDirectory, ScopedSource};
 use crate::app::AppState;
 use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
 
 pub use orbit_shared::views::{SourceBody, UploadBody};
 
-async fn scoped_source(
-    state: &AppState,
-    caller: &Caller,
-    org: &str,
-    dir: &str,
-    source: &str,
-) -> ApiResult<Source> {
-    let dir = scoped_directory(state, caller, org, dir).await?;
-    let source = parse_id(source, "source")?;
-    state
-        .store
-        .get_source(dir.organization_id, dir.id, source)
-        .await?
-        .ok_or_else(|| ApiError::not_found("source_not_found", "no such source in this directory"))
-}
-
-pub async fn get(
-    State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir, source)): Path<(String, String, String)>,
-) -> ApiResult<Json<SourceBody>> {
-    Ok(Json(
-        scoped_source(&state, &caller, &org, &dir, &source)
-            .await?
-            .into(),
-    ))
+pub async fn get(ScopedSource(source): ScopedSource) -> Json<SourceBody> {
+    Json(source.into())
 }
 
 /// Resumes a failed source: its unfinished chunks run again with fresh attempts, exactly once
 /// (chunks already committed stay committed), and the source is `processing` again.
 pub async fn retry(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir, source)): Path<(String, String, String)>,
+    ScopedDirectory(dir): ScopedDirectory,
+    Path(params): Path<HashMap<String, String>>,
 ) -> ApiResult<Response> {
-    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
-    let source = parse_id(&source, "source")?;
+    // Not a ScopedSource: the store reads and reopens the source in one transaction.
+    let source = parse_id(&params["source"], "source")?;
     let (source, chunks) = match state
         .store
         .retry_source(dir.organization_id, dir.id, source)
@@ -103,11 +80,11 @@ pub async fn retry(
 /// holding a chunk drops it at its next commit. A cancelled source can be resumed with `retry`.
 pub async fn cancel(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir, source)): Path<(String, String, String)>,
+    ScopedDirectory(dir): ScopedDirectory,
+    Path(params): Path<HashMap<String, String>>,
 ) -> ApiResult<Json<SourceBody>> {
-    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
-    let source = parse_id(&source, "source")?;
+    // Not a ScopedSource: the store reads and cancels the source in one transaction.
+    let source = parse_id(&params["source"], "source")?;
     match state
         .store
         .cancel_source(dir.organization_id, dir.id, source)
@@ -134,11 +111,9 @@ pub async fn cancel(
 
 pub async fn list(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir)): Path<(String, String)>,
+    ScopedDirectory(dir): ScopedDirectory,
     Query(query): Query<PageQuery>,
 ) -> ApiResult<Json<PageBody<SourceBody>>> {
-    let dir = scoped_directory(&state, &caller, &org, &dir).await?;
     let page = state
         .store
         .list_sources(dir.organization_id, dir.id, &query.parse()?)
@@ -148,11 +123,9 @@ pub async fn list(
 
 pub async fn errors(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir, source)): Path<(String, String, String)>,
+    ScopedSource(source): ScopedSource,
     Query(query): Query<PageQuery>,
 ) -> ApiResult<Json<PageBody<RowIssue>>> {
-    let source = scoped_source(&state, &caller, &org, &dir, &source).await?;
     let page = state
         .store
         .list_issues(
@@ -170,7 +143,18 @@ const FAILED_ROWS_PAGE: u32 = 1000;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FailedRowsQuery {
-    raw: Option<String>,
+    /// Read with the query, before the source is looked up: a bad request is told so whether
+    /// or not the source exists.
+    #[serde(default, deserialize_with = "raw_flag")]
+    raw: bool,
+}
+
+fn raw_flag<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    match String::deserialize(deserializer)?.as_str() {
+        "false" | "0" => Ok(false),
+        "true" | "1" => Ok(true),
+        _ => Err(serde::de::Error::custom("raw must be true or false")),
+    }
 }
 
 /// Every failed row's original fields (padded to the widest row, extra fields in `extra_N`
@@ -181,16 +165,11 @@ pub struct FailedRowsQuery {
 /// `?raw=true` returns the values exactly as uploaded, undecodable bytes included.
 pub async fn failed_rows(
     State(state): State<AppState>,
-    caller: Caller,
-    Path((org, dir, source)): Path<(String, String, String)>,
+    _authenticated: Caller,
     Query(query): Query<FailedRowsQuery>,
+    ScopedSource(source): ScopedSource,
 ) -> ApiResult<Response> {
-    let raw = match query.raw.as_deref() {
-        None | Some("false") | Some("0") => false,
-        Some("true") | Some("1") => true,
-        Some(_) => return Err(ApiError::invalid_request("raw must be true or false")),
-    };
-    let source = scoped_source(&state, &caller, &org, &dir, &source).await?;
+    let raw = query.raw;
     let width = state.store.failed_row_width(source.id).await?;
     let mut header: Vec<String> = source.columns.names.clone();
     for i in header.len()..width {

@@ -8,6 +8,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 
+use crate::config::ObjectStoreBackend;
+
 pub mod local;
 pub mod s3;
 
@@ -15,14 +17,20 @@ pub mod s3;
 pub enum BlobError {
     #[error("object {0} not found")]
     NotFound(String),
+    /// A failure with no underlying error to keep (an invalid key, a malformed setting).
     #[error("object store error: {0}")]
     Other(String),
-}
-
-impl From<std::io::Error> for BlobError {
-    fn from(e: std::io::Error) -> Self {
-        BlobError::Other(e.to_string())
-    }
+    /// A local file operation that failed, its `io::Error` kept as the source.
+    #[error("object store error: {0}")]
+    Io(#[from] std::io::Error),
+    /// An S3 request that failed: `message` says what was being done and quotes the causes for
+    /// people reading logs; `source` keeps the SDK's error for callers that look into it.
+    #[error("object store error: {message}")]
+    Backend {
+        message: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
 }
 
 pub type BlobResult<T> = Result<T, BlobError>;
@@ -56,9 +64,8 @@ pub async fn open(
     settings: &crate::config::ObjectStoreSettings,
 ) -> anyhow::Result<Arc<dyn BlobStore>> {
     let url = settings.url.as_str();
-    let scheme = url.split(':').next().unwrap_or_default();
-    match scheme {
-        "file" => {
+    match settings.url.backend() {
+        ObjectStoreBackend::Local => {
             let path = url.trim_start_matches("file://");
             anyhow::ensure!(
                 !path.is_empty(),
@@ -66,10 +73,7 @@ pub async fn open(
             );
             Ok(Arc::new(local::LocalBlobStore::open(path).await?))
         }
-        "s3" => Ok(Arc::new(s3::S3BlobStore::open(settings).await?)),
-        _ => anyhow::bail!(
-            "object_store.url {url:?}: unsupported scheme {scheme:?} (expected file:// or s3://)"
-        ),
+        ObjectStoreBackend::S3 => Ok(Arc::new(s3::S3BlobStore::open(settings).await?)),
     }
 }
 

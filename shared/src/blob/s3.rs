@@ -10,7 +10,7 @@
 //!
 //! Reads are ranged GetObjects whose body is passed on as it arrives, never collected.
 //!
-//! A multipart upload this process has open is in [`LIVE`]; `sweep_abandoned` aborts the open
+//! A multipart upload this process has open is in `LIVE`; `sweep_abandoned` aborts the open
 //! uploads under the prefix that are not, once they are older than the threshold (other
 //! gateways' uploads look the same from here, so only age tells them apart).
 
@@ -136,14 +136,17 @@ impl S3BlobStore {
 
     fn error<E>(&self, action: &str, key: &str, err: SdkError<E>) -> BlobError
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        BlobError::Other(format!(
-            "{action} {key:?} in bucket {:?} at {}: {}",
-            self.bucket,
-            self.endpoint,
-            describe(&err)
-        ))
+        BlobError::Backend {
+            message: format!(
+                "{action} {key:?} in bucket {:?} at {}: {}",
+                self.bucket,
+                self.endpoint,
+                describe(&err)
+            ),
+            source: Box::new(err),
+        }
     }
 }
 
@@ -236,15 +239,18 @@ struct S3Writer {
 impl S3Writer {
     fn error<E>(&self, action: &str, err: SdkError<E>) -> BlobError
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        BlobError::Other(format!(
-            "{action} {:?} in bucket {:?} at {}: {}",
-            self.key,
-            self.bucket,
-            self.endpoint,
-            describe(&err)
-        ))
+        BlobError::Backend {
+            message: format!(
+                "{action} {:?} in bucket {:?} at {}: {}",
+                self.key,
+                self.bucket,
+                self.endpoint,
+                describe(&err)
+            ),
+            source: Box::new(err),
+        }
     }
 
     async fn upload_part(&mut self, body: Bytes) -> BlobResult<()> {
@@ -445,10 +451,10 @@ impl BlobStore for S3BlobStore {
                     Some(403) => "is not accessible with these credentials".to_owned(),
                     _ => format!("is not reachable: {}", describe(&e)),
                 };
-                BlobError::Other(format!(
-                    "bucket {:?} at {} {reason}",
-                    self.bucket, self.endpoint
-                ))
+                BlobError::Backend {
+                    message: format!("bucket {:?} at {} {reason}", self.bucket, self.endpoint),
+                    source: Box::new(e),
+                }
             })?;
         Ok(())
     }
@@ -508,7 +514,10 @@ impl BlobStore for S3BlobStore {
             async move {
                 let item = body.next().await?;
                 Some((
-                    item.map_err(|e| BlobError::Other(format!("reading {key:?}: {}", causes(&e)))),
+                    item.map_err(|e| BlobError::Backend {
+                        message: format!("reading {key:?}: {}", causes(&e)),
+                        source: Box::new(e),
+                    }),
                     body,
                 ))
             }

@@ -82,7 +82,7 @@ impl Queue for MemoryQueue {
         self.depth.fetch_add(1, Ordering::Relaxed);
         self.sender.send(message.clone()).map_err(|_| {
             self.depth.fetch_sub(1, Ordering::Relaxed);
-            QueueError("the in-process queue is closed".into())
+            QueueError::new("the in-process queue is closed")
         })
     }
 
@@ -103,10 +103,9 @@ impl Queue for MemoryQueue {
     }
 
     async fn replay_dead_letters(&self, _limit: u64) -> QueueResult<Replayed> {
-        Err(QueueError(
+        Err(QueueError::new(
             "the embedded queue has no dead-letter queue: its messages live inside the gateway \
-             process and are never dead-lettered"
-                .into(),
+             process and are never dead-lettered",
         ))
     }
 }

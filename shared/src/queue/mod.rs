@@ -10,14 +10,42 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tracing::Instrument as _;
 
+use crate::config::QueueBackend;
 use crate::model::ChunkRef;
 
 pub mod memory;
 pub mod rabbitmq;
 
+/// A queue operation that failed. `message` says what was being done (and, for people reading
+/// logs, what went wrong); `source` keeps the broker client's own error, when there is one,
+/// for callers that look into it.
 #[derive(Debug, thiserror::Error)]
-#[error("queue error: {0}")]
-pub struct QueueError(pub String);
+#[error("queue error: {message}")]
+pub struct QueueError {
+    pub message: String,
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+impl QueueError {
+    pub fn new(message: impl Into<String>) -> Self {
+        QueueError {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// `message`, caused by `source` (kept, not only quoted).
+    pub fn caused(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        QueueError {
+            message: message.into(),
+            source: Some(Box::new(source)),
+        }
+    }
+}
 
 pub type QueueResult<T> = Result<T, QueueError>;
 
@@ -67,14 +95,10 @@ pub trait Acker: Send + Sync {
 }
 
 pub async fn open(settings: &crate::config::QueueSettings) -> anyhow::Result<Arc<dyn Queue>> {
-    let url = settings.url.as_str();
-    match url.split(':').next().unwrap_or_default() {
-        "embedded" => Ok(Arc::new(memory::MemoryQueue::new())),
-        "amqp" | "amqps" => Ok(Arc::new(rabbitmq::RabbitQueue::open(settings).await?)),
-        scheme => anyhow::bail!(
-            "queue.url {url:?}: unsupported scheme {scheme:?} (expected embedded or amqp://)"
-        ),
-    }
+    Ok(match settings.url.backend() {
+        QueueBackend::Embedded => Arc::new(memory::MemoryQueue::new()),
+        QueueBackend::RabbitMq => Arc::new(rabbitmq::RabbitQueue::open(settings).await?),
+    })
 }
 
 /// Why a chunk is being published, for its span: `upload` (the first time), `reaper` (again,
@@ -112,7 +136,7 @@ pub async fn publish_traced(
     }
     let result = queue.publish(&message).instrument(span.clone()).await;
     if let Err(e) = &result {
-        crate::telemetry::record_error(&span, &e.0);
+        crate::telemetry::record_error(&span, &e.message);
     }
     result
 }

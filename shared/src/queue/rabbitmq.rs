@@ -80,8 +80,8 @@ impl Publisher {
     }
 }
 
-fn err(what: &str, e: impl std::fmt::Display) -> QueueError {
-    QueueError(format!("rabbitmq: {what}: {e}"))
+fn err(what: &str, e: impl std::error::Error + Send + Sync + 'static) -> QueueError {
+    QueueError::caused(format!("rabbitmq: {what}: {e}"), e)
 }
 
 /// Why one publish attempt failed: worth another try on a new connection, or final.
@@ -96,13 +96,13 @@ impl RabbitQueue {
     pub async fn open(settings: &QueueSettings) -> QueueResult<Self> {
         let name = settings.name.clone();
         if name.is_empty() || name.len() > 250 {
-            return Err(QueueError(format!(
+            return Err(QueueError::new(format!(
                 "rabbitmq: queue.name {name:?} must be 1 to 250 bytes"
             )));
         }
         let queue = RabbitQueue {
             shared: Arc::new(Shared {
-                url: settings.url.clone(),
+                url: settings.url.to_string(),
                 dlx: format!("{name}.dlx"),
                 dead: format!("{name}.dead"),
                 name,
@@ -121,9 +121,9 @@ impl RabbitQueue {
                 Err(e) if is_permanent(&e) => return Err(e),
                 Err(e) => {
                     if Instant::now() + delay > deadline {
-                        return Err(QueueError(format!(
+                        return Err(QueueError::new(format!(
                             "{} (gave up after {:?})",
-                            e.0, queue.shared.reconnect_timeout
+                            e.message, queue.shared.reconnect_timeout
                         )));
                     }
                     tracing::warn!(error = %e, "rabbitmq not reachable yet; retrying");
@@ -159,7 +159,7 @@ impl RabbitQueue {
 /// Errors no reconnection will fix: bad credentials, a vhost that does not exist, a queue that
 /// exists with other arguments.
 fn is_permanent(e: &QueueError) -> bool {
-    let m = e.0.as_str();
+    let m = e.message.as_str();
     m.contains("PRECONDITION_FAILED")
         || m.contains("ACCESS_REFUSED")
         || m.contains("NOT_ALLOWED")
@@ -174,7 +174,7 @@ impl Shared {
             tokio::time::timeout(CONNECT_TIMEOUT, Connection::connect(&self.url, properties))
                 .await
                 .map_err(|_| {
-                    QueueError(format!(
+                    QueueError::new(format!(
                         "rabbitmq: connecting to {}: no answer within {CONNECT_TIMEOUT:?}",
                         redact(&self.url)
                     ))
@@ -334,19 +334,19 @@ impl Shared {
             Ok(Confirmation::Ack(Some(returned))) | Ok(Confirmation::Nack(Some(returned))) => {
                 // The queue is gone (deleted by hand?): the next publish redeclares it.
                 self.discard_publisher(p.generation).await;
-                Err(Failure::Final(QueueError(format!(
+                Err(Failure::Final(QueueError::new(format!(
                     "rabbitmq: message to {} returned as unroutable: {} {}",
                     self.name, returned.reply_code, returned.reply_text
                 ))))
             }
-            Ok(Confirmation::Nack(None)) => Err(Failure::Final(QueueError(format!(
+            Ok(Confirmation::Nack(None)) => Err(Failure::Final(QueueError::new(format!(
                 "rabbitmq: the broker refused (nacked) the message to {}",
                 self.name
             )))),
             Ok(Confirmation::NotRequested) => {
                 self.discard_publisher(p.generation).await;
-                Err(Failure::Retry(QueueError(
-                    "rabbitmq: publish on a channel without confirms".into(),
+                Err(Failure::Retry(QueueError::new(
+                    "rabbitmq: publish on a channel without confirms",
                 )))
             }
             Err(e) => {
@@ -404,9 +404,8 @@ impl Acker for RabbitAcker {
     async fn ack(self: Box<Self>) -> QueueResult<()> {
         match self.acker.ack(BasicAckOptions::default()).await {
             Ok(true) => Ok(()),
-            Ok(false) => Err(QueueError(
-                "rabbitmq: cannot ack, the delivery's channel is closed (the broker will redeliver it)"
-                    .into(),
+            Ok(false) => Err(QueueError::new(
+                "rabbitmq: cannot ack, the delivery's channel is closed (the broker will redeliver it)",
             )),
             Err(e) => Err(err("ack", e)),
         }
@@ -437,7 +436,7 @@ impl Consumer for RabbitConsumer {
     async fn next(&mut self) -> Option<QueueResult<Delivery>> {
         loop {
             if let Some(reason) = &self.failed {
-                return Some(Err(QueueError(reason.clone())));
+                return Some(Err(QueueError::new(reason.clone())));
             }
             let delivery = match self.consumer.next().await {
                 Some(Ok(delivery)) => delivery,
@@ -523,13 +522,13 @@ impl Queue for RabbitQueue {
                     // No confirm in time: a half-open or blocked connection; start afresh.
                     let stale = shared.publisher.lock().await.take();
                     drop(stale);
-                    QueueError("rabbitmq: no publisher confirm in time".into())
+                    QueueError::new("rabbitmq: no publisher confirm in time")
                 }
             };
             if Instant::now() + delay >= deadline {
-                return Err(QueueError(format!(
+                return Err(QueueError::new(format!(
                     "{} (gave up publishing after {:?})",
-                    e.0, shared.reconnect_timeout
+                    e.message, shared.reconnect_timeout
                 )));
             }
             tracing::warn!(error = %e, retry_in = ?delay, "rabbitmq publish failed; retrying");
@@ -636,9 +635,9 @@ impl Queue for RabbitQueue {
                 kept: kept.len() as u64,
                 dead_letters_left: left,
             }),
-            Err(e) => Err(QueueError(format!(
+            Err(e) => Err(QueueError::new(format!(
                 "{} (after replaying {replayed} dead letters)",
-                e.0
+                e.message
             ))),
         }
     }

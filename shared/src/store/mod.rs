@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::config::DatabaseSettings;
+use crate::config::{DatabaseBackend, DatabaseSettings};
 use crate::model::*;
 
 mod pg_layout;
@@ -280,17 +280,12 @@ pub trait Store: Send + Sync + 'static {
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>>;
 }
 
-/// Opens the store named by `database.url`, with a clear message for an unknown scheme.
+/// Opens the store named by `database.url` (its scheme was checked when it was read).
 pub async fn open(settings: &DatabaseSettings) -> anyhow::Result<Arc<dyn Store>> {
-    let url = &settings.url;
-    let scheme = url.split(':').next().unwrap_or_default();
-    match scheme {
-        "sqlite" => Ok(Arc::new(
-            sqlite::SqliteStore::open(url, settings.max_connections).await?,
-        )),
-        "postgres" | "postgresql" => Ok(Arc::new(postgres::PgStore::open(settings).await?)),
-        _ => anyhow::bail!(
-            "database.url {url:?}: unsupported scheme {scheme:?} (expected sqlite:// or postgres://)"
-        ),
-    }
+    Ok(match settings.url.backend() {
+        DatabaseBackend::Sqlite => {
+            Arc::new(sqlite::SqliteStore::open(&settings.url, settings.max_connections).await?)
+        }
+        DatabaseBackend::Postgres => Arc::new(postgres::PgStore::open(settings).await?),
+    })
 }

@@ -1,10 +1,8 @@
 //! The csv-upload endpoint over HTTP: status codes, error codes, CSV rules and idempotency.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -186,7 +184,7 @@ async fn queued_chunks_follow_the_row_rules_of_the_upload() {
         s.ingest.sync_rows = 1;
         s.ingest.chunk_rows = 2;
         s.ingest.max_field_bytes = 16;
-        s.ingest.default_region = "GB".into();
+        s.ingest.default_region = "GB".parse().unwrap();
     })
     .await;
     let long = "x".repeat(40);
@@ -422,7 +420,13 @@ async fn request_level_errors_have_their_codes() {
         .send()
         .await
         .unwrap();
-    assert_problem(response, StatusCode::BAD_REQUEST, "invalid_request").await;
+    // Each well formed, together contradictory: what no schema can rule out is a 422.
+    assert_problem(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_mismatch",
+    )
+    .await;
 
     // 415: not multipart.
     let response = app

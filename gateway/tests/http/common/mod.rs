@@ -4,7 +4,6 @@
 //! By default the gateway runs on the embedded stack over a temporary data directory. With
 //! `ORBIT_TEST_STACK=distributed` the same tests run against PostgreSQL, S3 and RabbitMQ (a
 //! fresh database, bucket and queue each) with two `orbit-worker` processes doing the work.
-#![allow(dead_code)]
 
 use std::time::{Duration, Instant};
 
@@ -74,7 +73,7 @@ pub fn spawn_worker_with(
         )
         .env(
             "ORBIT__INGEST__DEFAULT_REGION",
-            &settings.ingest.default_region,
+            settings.ingest.default_region.code(),
         )
         .env("ORBIT__WORKER__CONCURRENCY", "2")
         .env(
@@ -98,8 +97,12 @@ pub fn spawn_worker_with(
 pub fn test_settings(data: &std::path::Path) -> Settings {
     let mut s = Settings::defaults();
     s.http.listen = "127.0.0.1:0".into();
-    s.database.url = format!("sqlite://{}/orbit.db", data.display());
-    s.object_store.url = format!("file://{}/objects", data.display());
+    s.database.url = format!("sqlite://{}/orbit.db", data.display())
+        .parse()
+        .unwrap();
+    s.object_store.url = format!("file://{}/objects", data.display())
+        .parse()
+        .unwrap();
     s.worker.concurrency = 2;
     s.worker.reap_interval = Duration::from_millis(200);
     s
@@ -341,7 +344,7 @@ pub async fn assert_problem(response: reqwest::Response, status: StatusCode, cod
     body
 }
 
-/// `rows` contacts with unique emails, in the columns of the upload contract (first name, last name, email, phone, ...).
+/// `rows` contacts with unique emails, in the columns of the upload contract, docs/api.md (first name, last name, email, phone, ...).
 pub fn contacts_csv(rows: usize, email_prefix: &str) -> String {
     let mut out =
         String::from("first_name,last_name,email,phone,company,title,linkedin_url,city,country\n");

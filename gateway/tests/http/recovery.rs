@@ -4,11 +4,9 @@
 //! poisoned chunk and a missing object show in the worker's and the gateway's metrics; dead
 //! letters are counted, and `orbit-gateway admin replay-dead-letters` moves them back.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use orbit_shared::testing::{amqp_url, spawn_worker_with_metrics};
 use serde_json::Value;
 
@@ -60,7 +58,7 @@ async fn scaled_to_zero_a_chunk_whose_publish_failed_completes_once_a_worker_sta
     let proxy_addr = url::Url::parse(&broker.endpoint).unwrap();
     proxied.set_port(proxy_addr.port()).unwrap();
     let mut app = distributed_app(|s| {
-        s.queue.url = proxied.to_string();
+        s.queue.url = proxied.to_string().parse().unwrap();
         s.queue.reconnect_timeout = Duration::from_secs(2);
     })
     .await;
@@ -246,17 +244,29 @@ async fn dead_letters_are_counted_and_replayed() {
 #[tokio::test]
 async fn the_embedded_queue_has_no_dead_letters_to_replay() {
     let data = tempfile::tempdir().unwrap();
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_orbit-gateway"))
-        .env(
-            "ORBIT__DATABASE__URL",
-            format!("sqlite://{}/orbit.db", data.path().display()),
-        )
-        .env(
-            "ORBIT__OBJECT_STORE__URL",
-            format!("file://{}/objects", data.path().display()),
-        )
-        .env_remove("ORBIT_CONFIG")
-        .args(["admin", "replay-dead-letters"])
+    let command = |args: &[&str]| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_orbit-gateway"));
+        command
+            .env(
+                "ORBIT__DATABASE__URL",
+                format!("sqlite://{}/orbit.db", data.path().display()),
+            )
+            .env(
+                "ORBIT__OBJECT_STORE__URL",
+                format!("file://{}/objects", data.path().display()),
+            )
+            .env_remove("ORBIT_CONFIG")
+            .args(args);
+        command
+    };
+    // Admin commands need the database a gateway made; `migrate` makes it here.
+    assert!(command(&["migrate"])
+        .output()
+        .await
+        .unwrap()
+        .status
+        .success());
+    let out = command(&["admin", "replay-dead-letters"])
         .output()
         .await
         .unwrap();

@@ -1,11 +1,9 @@
 //! A 100,000-row upload followed to `completed` with exact counts and profiles.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_thousand_rows_complete_with_exact_counts() {

@@ -3,12 +3,10 @@
 //! lease, a broker restart and a PostgreSQL restart during an ingest. Each upload must still
 //! complete with exact counts and no duplicate profile.
 
-mod common;
-
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::Value;
 
 const ROWS: usize = 12_000;

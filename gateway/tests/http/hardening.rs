@@ -3,12 +3,10 @@
 //! limits; framework errors; CSV injection in `failed-rows`; `/metrics` access; leftovers of
 //! dead uploads.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{
+use crate::common::{
     assert_problem, contacts_csv, file_form, problem_code, read_response, time_to_close, TestApp,
 };
 use reqwest::StatusCode;
@@ -504,4 +502,45 @@ async fn partial_objects_of_dead_uploads_are_swept_and_live_ones_kept() {
     let restarted = orbit_gateway::app::start(settings).await.unwrap();
     assert!(partial_files(&app).is_empty());
     restarted.shutdown().await;
+}
+
+/// A request target hyper cannot parse (the README's `<source_id>` pasted as is, a space, a
+/// backquote) gets a problem+json 400 saying what is wrong, not hyper's empty one; a
+/// valid target on the same kind of line is unaffected.
+#[tokio::test]
+async fn an_invalid_request_target_is_a_problem() {
+    let app = TestApp::spawn().await;
+    let source_path = app.dir_url("/sources/<source_id>/errors");
+    let source_path = source_path.trim_start_matches(&app.base);
+    for target in [
+        source_path.to_owned(),
+        "/healthz/a b".to_owned(),
+        "/`".to_owned(),
+    ] {
+        let mut stream = TcpStream::connect(addr(&app)).await.unwrap();
+        stream
+            .write_all(format!("GET {target} HTTP/1.1\r\nHost: orbit\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let (status, head, body) = read_response(&mut stream, CLOSE_WITHIN).await;
+        assert_eq!(status, 400, "{target}: {head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains("content-type: application/problem+json"),
+            "{target}: {head}"
+        );
+        assert_eq!(problem_code(&body), "invalid_request", "{target}");
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert!(
+            body["detail"].as_str().unwrap().contains("percent-encoded"),
+            "{body}"
+        );
+    }
+    let mut stream = TcpStream::connect(addr(&app)).await.unwrap();
+    stream
+        .write_all(b"GET /healthz?a=%3Cb%3E HTTP/1.1\r\nHost: orbit\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, _, _) = read_response(&mut stream, CLOSE_WITHIN).await;
+    assert_eq!(status, 200);
 }

@@ -6,7 +6,7 @@
 //! the trace context stored with the chunk. The embedded stack exports over gRPC to a second
 //! receiver, through its in-process queue, and flushes on exit.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::process::Stdio;
@@ -577,6 +577,8 @@ async fn the_embedded_stack_traces_over_grpc_through_its_in_process_queue_and_fl
     ] {
         env.push((key.into(), value.into()));
     }
+    // Admin commands do not create the database; the gateway (or `migrate`) does.
+    run(GATEWAY, &env, &["migrate"]).await;
     let tenant: Value = serde_json::from_str(&run(GATEWAY, &env, &["admin", "bootstrap"]).await)
         .expect("bootstrap prints JSON");
     let (org, dir, token) = (

@@ -2,13 +2,13 @@
 //! with SIGKILL mid-processing that finishes the work after a restart without adding a row twice,
 //! and SIGTERM with a stalled upload, which exits after the shutdown grace and leaves nothing.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::contacts_csv;
+use crate::common::contacts_csv;
 use futures::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -34,6 +34,23 @@ fn command(data: &Path) -> Command {
     .env_remove("ORBIT_CONFIG")
     .kill_on_drop(true);
     cmd
+}
+
+/// A data directory with a migrated database, as a gateway leaves it on first start: admin
+/// commands refuse to create one.
+async fn data_dir() -> tempfile::TempDir {
+    let data = tempfile::tempdir().unwrap();
+    let out = command(data.path())
+        .arg("migrate")
+        .output()
+        .await
+        .expect("runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    data
 }
 
 async fn admin(data: &Path, args: &[&str]) -> (bool, Value, String) {
@@ -81,9 +98,34 @@ async fn serve_with(data: &Path, env: &[(&str, &str)]) -> (Child, String) {
     }
 }
 
+/// Run from the wrong directory, an admin command would make a second database that no
+/// gateway reads, and print a token that gets 401: it refuses, says where it looked, and
+/// creates nothing. Where the database exists it says which one it used.
+#[tokio::test]
+async fn admin_commands_never_create_a_database() {
+    let data = tempfile::tempdir().unwrap();
+    let (ok, out, stderr) = admin(data.path(), &["bootstrap"]).await;
+    assert!(!ok && out.is_null(), "{out}");
+    let file = data.path().join("orbit.db");
+    assert!(
+        stderr.contains(&format!("there is no database at {}", file.display()))
+            && stderr.contains("orbit-gateway migrate"),
+        "{stderr}"
+    );
+    assert!(!file.exists());
+    let out = command(data.path()).arg("migrate").output().await.unwrap();
+    assert!(out.status.success());
+    let (ok, boot, stderr) = admin(data.path(), &["bootstrap"]).await;
+    assert!(ok && boot["token"].is_string(), "{boot}");
+    assert!(
+        stderr.contains(&format!("database: {}", file.display())),
+        "{stderr}"
+    );
+}
+
 #[tokio::test]
 async fn admin_commands_print_json() {
-    let data = tempfile::tempdir().unwrap();
+    let data = data_dir().await;
     let (ok, org, _) = admin(data.path(), &["create-org", "--name", "Acme"]).await;
     assert!(ok);
     let org = org["organization_id"].as_str().unwrap().to_owned();
@@ -145,7 +187,7 @@ async fn admin_commands_print_json() {
 
 #[tokio::test]
 async fn a_killed_gateway_finishes_the_work_after_restart() {
-    let data = tempfile::tempdir().unwrap();
+    let data = data_dir().await;
     let (_, boot, _) = admin(data.path(), &["bootstrap"]).await;
     let (org, dir, token) = (
         boot["organization_id"].as_str().unwrap().to_owned(),
@@ -243,7 +285,7 @@ async fn a_killed_gateway_finishes_the_work_after_restart() {
 
 #[tokio::test]
 async fn create_token_refuses_bad_lifetimes_before_writing_anything() {
-    let data = tempfile::tempdir().unwrap();
+    let data = data_dir().await;
     let (ok, org, _) = admin(data.path(), &["create-org", "--name", "Acme"]).await;
     assert!(ok);
     let org = org["organization_id"].as_str().unwrap().to_owned();
@@ -272,7 +314,7 @@ async fn create_token_refuses_bad_lifetimes_before_writing_anything() {
 
 #[tokio::test]
 async fn sigterm_with_a_stalled_upload_exits_within_the_grace_and_leaves_nothing() {
-    let data = tempfile::tempdir().unwrap();
+    let data = data_dir().await;
     let (_, boot, _) = admin(data.path(), &["bootstrap"]).await;
     let (org, dir, token) = (
         boot["organization_id"].as_str().unwrap().to_owned(),
@@ -346,7 +388,7 @@ async fn sigterm_with_a_stalled_upload_exits_within_the_grace_and_leaves_nothing
 
 #[tokio::test]
 async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
-    let data = tempfile::tempdir().unwrap();
+    let data = data_dir().await;
     let (_, boot, _) = admin(data.path(), &["bootstrap"]).await;
     let (org, dir, token) = (
         boot["organization_id"].as_str().unwrap().to_owned(),

@@ -1,10 +1,8 @@
 //! The rest of the surface: directories, source listing, profiles, tenancy, health and metrics.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 

@@ -5,7 +5,7 @@
 //! dashboard runs against it, and every Orbit metric the dashboard and the alerts use must be
 //! one the processes really export.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -2,11 +2,9 @@
 //! completion webhooks. Runs on the embedded stack, and on the distributed one with
 //! `ORBIT_TEST_STACK=distributed` (deploy/test.sh does both).
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use reqwest::StatusCode;
 use serde_json::Value;
 

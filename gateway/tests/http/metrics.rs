@@ -3,9 +3,7 @@
 //! byte of an upload in `orbit_upload_bytes_total` (a rejected one too), and the process says
 //! which build it runs and what it costs (`process_*`).
 
-mod common;
-
-use common::*;
+use crate::common::*;
 use reqwest::StatusCode;
 
 fn value(text: &str, series: &str) -> f64 {
