@@ -966,9 +966,8 @@ impl Gateways {
 #[tokio::test]
 async fn a_gateway_killed_before_delivering_delivers_after_restart() {
     let gateways = Gateways::new().await;
-    if gateways.stack.is_some() {
-        gateways.run(&["migrate"]).await;
-    }
+    // Admin commands never create a database: migrate first, on either stack.
+    gateways.run(&["migrate"]).await;
     let tenant = gateways.run(&["admin", "bootstrap"]).await;
     let (org, dir, token) = (
         tenant["organization_id"].as_str().unwrap(),
