@@ -93,7 +93,7 @@ pub(super) fn field_names() -> impl Iterator<Item = &'static str> {
 
 /// The columns of a profile row after its key, in the order [`ProfileColumns`] fills them.
 pub(super) fn profile_columns() -> String {
-    let mut columns = String::from("created_ms, updated_ms");
+    let mut columns = String::from("created_ms, updated_ms, version");
     for name in field_names() {
         columns.push_str(&format!(", {name}, {name}_v"));
     }
@@ -101,22 +101,40 @@ pub(super) fn profile_columns() -> String {
     columns
 }
 
-/// A profile's state as column values: one (value, version) per known field, the free-form
-/// attributes as JSON (`None` when there are none).
+/// A profile's state as column values: the version most of its fields share, one (value,
+/// version) per known field with the version left out (`None`) where it is the shared one, and
+/// the free-form attributes as JSON (`None` when there are none).
 pub(super) struct ProfileColumns {
+    pub version: Option<i64>,
     pub fields: Vec<(Option<String>, Option<i64>)>,
     pub attributes: Option<String>,
 }
 
 impl ProfileColumns {
     pub fn of(state: &ProfileState) -> StoreResult<ProfileColumns> {
-        let mut fields = Vec::with_capacity(KnownField::ALL.len());
+        let mut packed = Vec::with_capacity(KnownField::ALL.len());
         for name in field_names() {
-            fields.push(match state.fields.get(name) {
-                Some(v) => (Some(v.value.clone()), Some(pack_version(v.version)?)),
-                None => (None, None),
+            packed.push(match state.fields.get(name) {
+                Some(v) => Some((v.value.clone(), pack_version(v.version)?)),
+                None => None,
             });
         }
+        // The most common version (the newest among equals) is stored once.
+        let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+        for (_, version) in packed.iter().flatten() {
+            *counts.entry(*version).or_default() += 1;
+        }
+        let version = counts
+            .iter()
+            .max_by_key(|(version, n)| (**n, **version))
+            .map(|(version, _)| *version);
+        let fields = packed
+            .into_iter()
+            .map(|field| match field {
+                Some((value, v)) => (Some(value), (Some(v) != version).then_some(v)),
+                None => (None, None),
+            })
+            .collect();
         if let Some(name) = state
             .fields
             .keys()
@@ -131,17 +149,25 @@ impl ProfileColumns {
         } else {
             Some(serde_json::to_string(&state.attributes)?)
         };
-        Ok(ProfileColumns { fields, attributes })
+        Ok(ProfileColumns {
+            version,
+            fields,
+            attributes,
+        })
     }
 }
 
 /// Reads the state and identities of a profile row selected with [`profile_columns`].
 pub(super) fn profile_from_row(row: &PgRow) -> StoreResult<(ProfileState, Vec<(String, String)>)> {
+    let shared: Option<i64> = row.try_get("version")?;
     let mut fields = BTreeMap::new();
     for name in field_names() {
         let value: Option<String> = row.try_get(name)?;
-        let version: Option<i64> = row.try_get(format!("{name}_v").as_str())?;
-        if let (Some(value), Some(version)) = (value, version) {
+        let own: Option<i64> = row.try_get(format!("{name}_v").as_str())?;
+        if let Some(value) = value {
+            let version = own.or(shared).ok_or_else(|| {
+                StoreError::Corrupt(format!("profile field {name} has no version"))
+            })?;
             fields.insert(
                 name.to_owned(),
                 Versioned {
@@ -268,14 +294,37 @@ mod tests {
                 version: (3, 9),
             },
         );
+        state.fields.insert(
+            "title".into(),
+            Versioned {
+                value: "CTO".into(),
+                version: (3, 9),
+            },
+        );
+        state.fields.insert(
+            "company".into(),
+            Versioned {
+                value: "Acme".into(),
+                version: (2, 4),
+            },
+        );
         let columns = ProfileColumns::of(&state).unwrap();
         assert_eq!(columns.fields.len(), KnownField::ALL.len());
         assert_eq!(columns.attributes, None);
-        let city = field_names().position(|f| f == "city").unwrap();
         assert_eq!(
-            columns.fields[city],
-            (Some("Paris".into()), Some(3 << 32 | 9))
+            columns.version,
+            Some(3 << 32 | 9),
+            "the version two fields share"
         );
+        let at = |name: &str| field_names().position(|f| f == name).unwrap();
+        assert_eq!(columns.fields[at("city")], (Some("Paris".into()), None));
+        assert_eq!(columns.fields[at("title")], (Some("CTO".into()), None));
+        assert_eq!(
+            columns.fields[at("company")],
+            (Some("Acme".into()), Some(2 << 32 | 4)),
+            "a field written by another row keeps its own"
+        );
+        assert_eq!(columns.fields[at("email")], (None, None));
         state.fields.insert(
             "shoe_size".into(),
             Versioned {

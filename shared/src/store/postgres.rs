@@ -1114,6 +1114,7 @@ async fn write_profiles(
         texts.clear();
         texts.extend([Some(dir_text.clone()), Some(id.to_string())]);
         texts.extend([Some(now_text.clone()), Some(now_text.clone())]);
+        texts.push(columns.version.map(|v| v.to_string()));
         for (value, version) in columns.fields {
             texts.push(value);
             texts.push(version.map(|v| v.to_string()));
@@ -1142,9 +1143,11 @@ async fn write_profiles(
     let mut versions: Vec<Vec<Option<i64>>> = vec![Vec::with_capacity(n); names.len()];
     let mut attributes = Vec::with_capacity(n);
     let mut gains = Vec::with_capacity(n);
+    let mut shared = Vec::with_capacity(n);
     for (id, state) in &resolution.updated {
         let columns = ProfileColumns::of(state)?;
         ids.push(*id);
+        shared.push(columns.version);
         for (f, (value, version)) in columns.fields.into_iter().enumerate() {
             values[f].push(value);
             versions[f].push(version);
@@ -1152,18 +1155,18 @@ async fn write_profiles(
         attributes.push(columns.attributes);
         gains.push(identities_text(gained.remove(id).unwrap_or_default())?);
     }
-    // $1 directory, $2 now, $3 ids, $4 attributes, $5 gained identities (lines), then a value
-    // and a version array per field.
+    // $1 directory, $2 now, $3 ids, $4 attributes, $5 gained identities (lines), $6 shared
+    // versions, then a value and a version array per field.
     let mut set = String::from(
-        "updated_ms = $2, attributes = u.attributes,
+        "updated_ms = $2, attributes = u.attributes, version = u.version,
          identities = CASE WHEN u.gained = '' THEN p.identities WHEN p.identities = '' THEN u.gained
                            ELSE p.identities || E'\\n' || u.gained END",
     );
-    let mut unnest = String::from("$3::uuid[], $4::text[], $5::text[]");
-    let mut aliases = String::from("id, attributes, gained");
+    let mut unnest = String::from("$3::uuid[], $4::text[], $5::text[], $6::int8[]");
+    let mut aliases = String::from("id, attributes, gained, version");
     for (f, name) in names.iter().enumerate() {
         set.push_str(&format!(", {name} = u.{name}, {name}_v = u.{name}_v"));
-        unnest.push_str(&format!(", ${}::text[], ${}::int8[]", 6 + 2 * f, 7 + 2 * f));
+        unnest.push_str(&format!(", ${}::text[], ${}::int8[]", 7 + 2 * f, 8 + 2 * f));
         aliases.push_str(&format!(", {name}, {name}_v"));
     }
     let sql = format!(
@@ -1175,7 +1178,8 @@ async fn write_profiles(
         .bind(now)
         .bind(&ids)
         .bind(&attributes)
-        .bind(&gains);
+        .bind(&gains)
+        .bind(&shared);
     for (value, version) in values.iter().zip(&versions) {
         query = query.bind(value).bind(version);
     }
