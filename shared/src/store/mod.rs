@@ -17,6 +17,7 @@ mod pg_layout;
 mod pg_webhooks;
 pub mod postgres;
 mod rows;
+mod sql;
 pub mod sqlite;
 mod sqlite_webhooks;
 mod webhook_rows;

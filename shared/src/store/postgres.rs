@@ -30,6 +30,7 @@ use super::pg_layout::{
     ProfileColumns,
 };
 use super::rows::*;
+use super::sql;
 use super::writes::{
     identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution, Trace,
 };
@@ -163,16 +164,14 @@ impl PgStore {
             }
         }
         let token = Uuid::new_v4();
-        sqlx::query(
-            "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE id = $4",
-        )
-        .bind(owner)
-        .bind(token)
-        .bind(now + dur_ms(lease_for))
-        .bind(chunk)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE sources SET status = 'processing', updated_ms = $1 WHERE id = $2 AND status = 'pending'")
+        sqlx::query(sql::TAKE_LEASE)
+            .bind(owner)
+            .bind(token)
+            .bind(now + dur_ms(lease_for))
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::SOURCE_PROCESSING)
             .bind(now)
             .bind(source_id)
             .execute(&mut *tx)
@@ -215,18 +214,14 @@ impl PgStore {
             transient_for,
             row.try_get("transient_since_ms")?,
         );
-        sqlx::query(
-            "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL,
-                 not_before_ms = $1, last_error = $2, attempts = attempts - $3, transient_since_ms = $4
-             WHERE id = $5",
-        )
-        .bind(release.not_before_ms)
-        .bind(error)
-        .bind(i64::from(release.refund))
-        .bind(release.transient_since_ms)
-        .bind(lease.chunk_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql::RELEASE_CHUNK)
+            .bind(release.not_before_ms)
+            .bind(error)
+            .bind(i64::from(release.refund))
+            .bind(release.transient_since_ms)
+            .bind(lease.chunk_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -413,18 +408,15 @@ impl PgStore {
         let source = load_source(&mut tx, s.id).await?;
         if let Some(claim) = upload.idempotency {
             let receipt = UploadReceipt::of(&source);
-            let done = sqlx::query(
-                "UPDATE idempotency_keys SET state = 'completed', sha256 = $1, source_id = $2, response = $3
-                 WHERE organization_id = $4 AND key = $5 AND claim_token = $6",
-            )
-            .bind(&source.sha256)
-            .bind(source.id)
-            .bind(serde_json::to_string(&receipt)?)
-            .bind(claim.organization_id)
-            .bind(&claim.key)
-            .bind(claim.token)
-            .execute(&mut *tx)
-            .await?;
+            let done = sqlx::query(sql::IDEMPOTENCY_COMPLETED)
+                .bind(&source.sha256)
+                .bind(source.id)
+                .bind(serde_json::to_string(&receipt)?)
+                .bind(claim.organization_id)
+                .bind(&claim.key)
+                .bind(claim.token)
+                .execute(&mut *tx)
+                .await?;
             if done.rows_affected() == 0 {
                 return Err(StoreError::Conflict(
                     "the idempotency key was taken over by another request".into(),
@@ -567,7 +559,7 @@ fn source_from_row(row: &PgRow) -> StoreResult<Source> {
 }
 
 async fn load_source(conn: &mut PgConnection, id: Uuid) -> StoreResult<Source> {
-    let row = sqlx::query("SELECT * FROM sources WHERE id = $1")
+    let row = sqlx::query(sql::SOURCE_BY_ID)
         .bind(id)
         .fetch_one(&mut *conn)
         .await?;
@@ -1363,12 +1355,10 @@ async fn fail_source_in(
     .execute(&mut *conn)
     .await?;
     if updated.rows_affected() > 0 {
-        sqlx::query(
-            "UPDATE chunks SET state = 'failed', lease_token = NULL, lease_owner = NULL WHERE source_id = $1 AND state IN ('pending', 'running')",
-        )
-        .bind(source)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(sql::FAIL_OPEN_CHUNKS)
+            .bind(source)
+            .execute(&mut *conn)
+            .await?;
         let failed = load_source(conn, source).await?;
         pg_webhooks::enqueue(conn, failed, SOURCE_FAILED).await?;
     }
@@ -1383,24 +1373,21 @@ async fn insert_chunk(
     trace: Trace<'_>,
 ) -> StoreResult<Uuid> {
     let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms, traceparent, tracestate)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-    )
-    .bind(id)
-    .bind(source)
-    .bind(i64::from(chunk.index))
-    .bind(chunk.first_row as i64)
-    .bind(chunk.row_count as i64)
-    .bind(chunk.start_offset as i64)
-    .bind(chunk.end_offset as i64)
-    .bind(chunk.start_line as i64)
-    .bind(state)
-    .bind(now_ms())
-    .bind(trace.traceparent)
-    .bind(trace.tracestate)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(sql::INSERT_CHUNK)
+        .bind(id)
+        .bind(source)
+        .bind(i64::from(chunk.index))
+        .bind(chunk.first_row as i64)
+        .bind(chunk.row_count as i64)
+        .bind(chunk.start_offset as i64)
+        .bind(chunk.end_offset as i64)
+        .bind(chunk.start_line as i64)
+        .bind(state)
+        .bind(now_ms())
+        .bind(trace.traceparent)
+        .bind(trace.tracestate)
+        .execute(&mut *conn)
+        .await?;
     Ok(id)
 }
 
@@ -1453,7 +1440,7 @@ impl Store for PgStore {
             name: name.to_owned(),
             created_at: at(now_ms()),
         };
-        sqlx::query("INSERT INTO organizations (id, name, created_ms) VALUES ($1, $2, $3)")
+        sqlx::query(sql::INSERT_ORGANIZATION)
             .bind(org.id)
             .bind(&org.name)
             .bind(ms(org.created_at))
@@ -1463,7 +1450,7 @@ impl Store for PgStore {
     }
 
     async fn organization_exists(&self, org: Uuid) -> StoreResult<bool> {
-        Ok(sqlx::query("SELECT 1 FROM organizations WHERE id = $1")
+        Ok(sqlx::query(sql::ORGANIZATION_EXISTS)
             .bind(org)
             .fetch_optional(&self.pool)
             .await?
@@ -1480,7 +1467,7 @@ impl Store for PgStore {
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
-        let row = sqlx::query("SELECT id FROM users WHERE organization_id = $1 AND email = $2")
+        let row = sqlx::query(sql::USER_BY_EMAIL)
             .bind(org)
             .bind(email)
             .fetch_one(&self.pool)
@@ -1495,7 +1482,7 @@ impl Store for PgStore {
         user: Uuid,
         expires_at: Option<DateTime<Utc>>,
     ) -> StoreResult<()> {
-        sqlx::query("INSERT INTO tokens (hash, organization_id, user_id, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5)")
+        sqlx::query(sql::INSERT_TOKEN)
             .bind(hash)
             .bind(org)
             .bind(user)
@@ -1507,22 +1494,19 @@ impl Store for PgStore {
     }
 
     async fn find_token(&self, hash: &[u8]) -> StoreResult<Option<TokenRecord>> {
-        let row = sqlx::query_as::<_, TokenRow>(
-            "SELECT organization_id, user_id, expires_ms, revoked_ms FROM tokens WHERE hash = $1",
-        )
-        .bind(hash)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row = sqlx::query_as::<_, TokenRow>(sql::TOKEN_BY_HASH)
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(row.map(TokenRecord::from))
     }
 
     async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool> {
-        let done =
-            sqlx::query("UPDATE tokens SET revoked_ms = $1 WHERE hash = $2 AND revoked_ms IS NULL")
-                .bind(now_ms())
-                .bind(hash)
-                .execute(&self.pool)
-                .await?;
+        let done = sqlx::query(sql::REVOKE_TOKEN)
+            .bind(now_ms())
+            .bind(hash)
+            .execute(&self.pool)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -1540,14 +1524,12 @@ impl Store for PgStore {
     }
 
     async fn get_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
-        Ok(sqlx::query_as::<_, DirectoryRow>(
-            "SELECT * FROM directories WHERE organization_id = $1 AND id = $2",
-        )
-        .bind(org)
-        .bind(dir)
-        .fetch_optional(&self.pool)
-        .await?
-        .map(Directory::from))
+        Ok(sqlx::query_as::<_, DirectoryRow>(sql::DIRECTORY)
+            .bind(org)
+            .bind(dir)
+            .fetch_optional(&self.pool)
+            .await?
+            .map(Directory::from))
     }
 
     async fn list_directories(
@@ -1555,14 +1537,12 @@ impl Store for PgStore {
         org: Uuid,
         page: &PageRequest,
     ) -> StoreResult<Page<Directory>> {
-        let rows = sqlx::query_as::<_, DirectoryRow>(
-            "SELECT * FROM directories WHERE organization_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
-        )
-        .bind(org)
-        .bind(page.after.map_or(0, |c| c.0))
-        .bind(page_limit(page) + 1)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query_as::<_, DirectoryRow>(sql::DIRECTORIES_PAGE)
+            .bind(org)
+            .bind(page.after.map_or(0, |c| c.0))
+            .bind(page_limit(page) + 1)
+            .fetch_all(&self.pool)
+            .await?;
         let page = paginate(rows, page_limit(page) as usize, |d| Cursor(d.seq, 0));
         Ok(Page {
             items: page.items.into_iter().map(Directory::from).collect(),
@@ -1660,14 +1640,12 @@ impl Store for PgStore {
     }
 
     async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()> {
-        sqlx::query(
-            "DELETE FROM idempotency_keys WHERE organization_id = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'",
-        )
-        .bind(claim.organization_id)
-        .bind(&claim.key)
-        .bind(claim.token)
-        .execute(&self.pool)
-        .await?;
+        sqlx::query(sql::RELEASE_IDEMPOTENCY_KEY)
+            .bind(claim.organization_id)
+            .bind(&claim.key)
+            .bind(claim.token)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
@@ -1709,17 +1687,15 @@ impl Store for PgStore {
     }
 
     async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>> {
-        sqlx::query(
-            "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
-        )
-        .bind(org)
-        .bind(dir)
-        .bind(source)
-        .fetch_optional(&self.pool)
-        .await?
-        .as_ref()
-        .map(source_from_row)
-        .transpose()
+        sqlx::query(sql::SOURCE)
+            .bind(org)
+            .bind(dir)
+            .bind(source)
+            .fetch_optional(&self.pool)
+            .await?
+            .as_ref()
+            .map(source_from_row)
+            .transpose()
     }
 
     async fn list_sources(
@@ -1728,15 +1704,13 @@ impl Store for PgStore {
         dir: Uuid,
         page: &PageRequest,
     ) -> StoreResult<Page<Source>> {
-        let rows = sqlx::query(
-            "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4",
-        )
-        .bind(org)
-        .bind(dir)
-        .bind(page.after.map_or(i64::MAX, |c| c.0))
-        .bind(page_limit(page) + 1)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sql::SOURCES_PAGE)
+            .bind(org)
+            .bind(dir)
+            .bind(page.after.map_or(i64::MAX, |c| c.0))
+            .bind(page_limit(page) + 1)
+            .fetch_all(&self.pool)
+            .await?;
         let items = rows
             .iter()
             .map(source_from_row)
@@ -1795,14 +1769,12 @@ impl Store for PgStore {
         after_row: u64,
         limit: u32,
     ) -> StoreResult<Vec<StoredFailedRow>> {
-        let rows = sqlx::query_as::<_, FailedRowRow>(
-            "SELECT * FROM failed_rows WHERE source_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3",
-        )
-        .bind(source)
-        .bind(after_row as i64)
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query_as::<_, FailedRowRow>(sql::FAILED_ROWS_PAGE)
+            .bind(source)
+            .bind(after_row as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
         rows.into_iter().map(StoredFailedRow::try_from).collect()
     }
 
@@ -1885,7 +1857,7 @@ impl Store for PgStore {
     }
 
     async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE chunks SET lease_expires_ms = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running'")
+        let done = sqlx::query(sql::RENEW_LEASE)
             .bind(now_ms() + dur_ms(lease_for))
             .bind(lease.chunk_id)
             .bind(lease.token)
@@ -1958,7 +1930,7 @@ impl Store for PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        sqlx::query("DELETE FROM processes WHERE expires_ms < $1")
+        sqlx::query(sql::FORGET_DEAD_PROCESSES)
             .bind(now - FORGET_PROCESSES_AFTER_MS)
             .execute(&self.pool)
             .await?;
@@ -1990,7 +1962,7 @@ impl Store for PgStore {
     }
 
     async fn retire(&self, owner: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM processes WHERE owner = $1")
+        sqlx::query(sql::RETIRE_PROCESS)
             .bind(owner)
             .execute(&self.pool)
             .await?;
@@ -1998,12 +1970,7 @@ impl Store for PgStore {
     }
 
     async fn forget_queued(&self) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "UPDATE chunks SET queued_ms = NULL, lease_expires_ms = CASE WHEN state = 'running' THEN 0 ELSE lease_expires_ms END
-             WHERE state IN ('pending', 'running')",
-        )
-        .execute(&self.pool)
-        .await?;
+        let done = sqlx::query(sql::FORGET_QUEUED).execute(&self.pool).await?;
         Ok(done.rows_affected())
     }
 
@@ -2073,18 +2040,16 @@ impl Store for PgStore {
     }
 
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
-        let rows = sqlx::query(
-            "SELECT COALESCE(error_code, '') AS code, COUNT(*) AS n FROM sources WHERE status = 'failed' GROUP BY 1",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let rows = sqlx::query(sql::FAILED_SOURCES_BY_CODE)
+            .fetch_all(&self.pool)
+            .await?;
         rows.iter()
             .map(|row| Ok((row.try_get("code")?, row.try_get::<i64, _>("n")? as u64)))
             .collect()
     }
 
     async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM sources GROUP BY status")
+        let rows = sqlx::query(sql::SOURCES_BY_STATUS)
             .fetch_all(&self.pool)
             .await?;
         let mut counts: HashMap<SourceStatus, u64> = HashMap::new();
@@ -2101,9 +2066,7 @@ impl Store for PgStore {
     }
 
     async fn count_pending_chunks(&self) -> StoreResult<u64> {
-        let row = sqlx::query("SELECT COUNT(*) FROM chunks WHERE state IN ('pending', 'running')")
-            .fetch_one(&self.pool)
-            .await?;
+        let row = sqlx::query(sql::OPEN_CHUNKS).fetch_one(&self.pool).await?;
         Ok(row.try_get::<i64, _>(0)? as u64)
     }
 }

@@ -14,6 +14,7 @@ use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use super::rows::*;
+use super::sql;
 use super::writes::{
     identity_lookups, owners_to_load, prepare, resolve, IssueWrite, Prepared, Trace,
 };
@@ -90,7 +91,7 @@ fn profile_from_row(row: &SqliteRow) -> StoreResult<(i64, Profile)> {
 }
 
 async fn load_source(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Source> {
-    sqlx::query_as::<_, SourceRow>("SELECT * FROM sources WHERE id = ?")
+    sqlx::query_as::<_, SourceRow>(sql::SOURCE_BY_ID)
         .bind(id)
         .fetch_one(&mut *conn)
         .await?
@@ -385,12 +386,10 @@ async fn fail_source_in(
     .execute(&mut *conn)
     .await?;
     if updated.rows_affected() > 0 {
-        sqlx::query(
-            "UPDATE chunks SET state = 'failed', lease_token = NULL, lease_owner = NULL WHERE source_id = ? AND state IN ('pending', 'running')",
-        )
-        .bind(source)
-        .execute(&mut *conn)
-        .await?;
+        sqlx::query(sql::FAIL_OPEN_CHUNKS)
+            .bind(source)
+            .execute(&mut *conn)
+            .await?;
         let failed = load_source(conn, source).await?;
         sqlite_webhooks::enqueue(conn, failed, SOURCE_FAILED).await?;
     }
@@ -405,23 +404,21 @@ async fn insert_chunk(
     trace: Trace<'_>,
 ) -> StoreResult<Uuid> {
     let id = Uuid::now_v7();
-    sqlx::query(
-        "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms, traceparent, tracestate) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(source)
-    .bind(chunk.index as i64)
-    .bind(chunk.first_row as i64)
-    .bind(chunk.row_count as i64)
-    .bind(chunk.start_offset as i64)
-    .bind(chunk.end_offset as i64)
-    .bind(chunk.start_line as i64)
-    .bind(state)
-    .bind(now_ms())
-    .bind(trace.traceparent)
-    .bind(trace.tracestate)
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(sql::INSERT_CHUNK)
+        .bind(id)
+        .bind(source)
+        .bind(chunk.index as i64)
+        .bind(chunk.first_row as i64)
+        .bind(chunk.row_count as i64)
+        .bind(chunk.start_offset as i64)
+        .bind(chunk.end_offset as i64)
+        .bind(chunk.start_line as i64)
+        .bind(state)
+        .bind(now_ms())
+        .bind(trace.traceparent)
+        .bind(trace.tracestate)
+        .execute(&mut *conn)
+        .await?;
     Ok(id)
 }
 
@@ -472,7 +469,7 @@ impl Store for SqliteStore {
             name: name.to_owned(),
             created_at: at(now_ms()),
         };
-        sqlx::query("INSERT INTO organizations (id, name, created_ms) VALUES (?, ?, ?)")
+        sqlx::query(sql::INSERT_ORGANIZATION)
             .bind(org.id)
             .bind(&org.name)
             .bind(ms(org.created_at))
@@ -482,7 +479,7 @@ impl Store for SqliteStore {
     }
 
     async fn organization_exists(&self, org: Uuid) -> StoreResult<bool> {
-        Ok(sqlx::query("SELECT 1 FROM organizations WHERE id = ?")
+        Ok(sqlx::query(sql::ORGANIZATION_EXISTS)
             .bind(org)
             .fetch_optional(&self.reader)
             .await?
@@ -497,7 +494,7 @@ impl Store for SqliteStore {
             .bind(now_ms())
             .execute(&self.writer)
             .await?;
-        let row = sqlx::query("SELECT id FROM users WHERE organization_id = ? AND email = ?")
+        let row = sqlx::query(sql::USER_BY_EMAIL)
             .bind(org)
             .bind(email)
             .fetch_one(&self.writer)
@@ -512,7 +509,7 @@ impl Store for SqliteStore {
         user: Uuid,
         expires_at: Option<DateTime<Utc>>,
     ) -> StoreResult<()> {
-        sqlx::query("INSERT INTO tokens (hash, organization_id, user_id, created_ms, expires_ms) VALUES (?, ?, ?, ?, ?)")
+        sqlx::query(sql::INSERT_TOKEN)
             .bind(hash)
             .bind(org)
             .bind(user)
@@ -524,12 +521,10 @@ impl Store for SqliteStore {
     }
 
     async fn find_token(&self, hash: &[u8]) -> StoreResult<Option<TokenRecord>> {
-        let row = sqlx::query(
-            "SELECT organization_id, user_id, expires_ms, revoked_ms FROM tokens WHERE hash = ?",
-        )
-        .bind(hash)
-        .fetch_optional(&self.reader)
-        .await?;
+        let row = sqlx::query(sql::TOKEN_BY_HASH)
+            .bind(hash)
+            .fetch_optional(&self.reader)
+            .await?;
         Ok(row
             .as_ref()
             .map(TokenRow::from_row)
@@ -538,12 +533,11 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool> {
-        let done =
-            sqlx::query("UPDATE tokens SET revoked_ms = ? WHERE hash = ? AND revoked_ms IS NULL")
-                .bind(now_ms())
-                .bind(hash)
-                .execute(&self.writer)
-                .await?;
+        let done = sqlx::query(sql::REVOKE_TOKEN)
+            .bind(now_ms())
+            .bind(hash)
+            .execute(&self.writer)
+            .await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -566,7 +560,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
-        sqlx::query("SELECT * FROM directories WHERE organization_id = ? AND id = ?")
+        sqlx::query(sql::DIRECTORY)
             .bind(org)
             .bind(dir)
             .fetch_optional(&self.reader)
@@ -581,14 +575,12 @@ impl Store for SqliteStore {
         org: Uuid,
         page: &PageRequest,
     ) -> StoreResult<Page<Directory>> {
-        let rows = sqlx::query(
-            "SELECT * FROM directories WHERE organization_id = ? AND seq > ? ORDER BY seq LIMIT ?",
-        )
-        .bind(org)
-        .bind(page.after.map_or(0, |c| c.0))
-        .bind(page_limit(page) + 1)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(sql::DIRECTORIES_PAGE)
+            .bind(org)
+            .bind(page.after.map_or(0, |c| c.0))
+            .bind(page_limit(page) + 1)
+            .fetch_all(&self.reader)
+            .await?;
         let items = rows
             .iter()
             .map(|r| Ok((r.try_get::<i64, _>("seq")?, directory_from_row(r)?)))
@@ -607,7 +599,7 @@ impl Store for SqliteStore {
             .bind(dir)
             .execute(&self.writer)
             .await?;
-        sqlx::query("SELECT * FROM directories WHERE organization_id = ? AND id = ?")
+        sqlx::query(sql::DIRECTORY)
             .bind(org)
             .bind(dir)
             .fetch_optional(&self.writer)
@@ -677,7 +669,7 @@ impl Store for SqliteStore {
     }
 
     async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()> {
-        sqlx::query("DELETE FROM idempotency_keys WHERE organization_id = ? AND key = ? AND claim_token = ? AND state = 'in_flight'")
+        sqlx::query(sql::RELEASE_IDEMPOTENCY_KEY)
             .bind(claim.organization_id)
             .bind(&claim.key)
             .bind(claim.token)
@@ -750,17 +742,15 @@ impl Store for SqliteStore {
         let source = load_source(&mut tx, s.id).await?;
         if let Some(claim) = &upload.idempotency {
             let receipt = UploadReceipt::of(&source);
-            let done = sqlx::query(
-                "UPDATE idempotency_keys SET state = 'completed', sha256 = ?, source_id = ?, response = ? WHERE organization_id = ? AND key = ? AND claim_token = ?",
-            )
-            .bind(&source.sha256)
-            .bind(source.id)
-            .bind(serde_json::to_string(&receipt)?)
-            .bind(claim.organization_id)
-            .bind(&claim.key)
-            .bind(claim.token)
-            .execute(&mut *tx)
-            .await?;
+            let done = sqlx::query(sql::IDEMPOTENCY_COMPLETED)
+                .bind(&source.sha256)
+                .bind(source.id)
+                .bind(serde_json::to_string(&receipt)?)
+                .bind(claim.organization_id)
+                .bind(&claim.key)
+                .bind(claim.token)
+                .execute(&mut *tx)
+                .await?;
             if done.rows_affected() == 0 {
                 return Err(StoreError::Conflict(
                     "the idempotency key was taken over by another request".into(),
@@ -772,17 +762,15 @@ impl Store for SqliteStore {
     }
 
     async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>> {
-        sqlx::query(
-            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?",
-        )
-        .bind(org)
-        .bind(dir)
-        .bind(source)
-        .fetch_optional(&self.reader)
-        .await?
-        .as_ref()
-        .map(source_from_row)
-        .transpose()
+        sqlx::query(sql::SOURCE)
+            .bind(org)
+            .bind(dir)
+            .bind(source)
+            .fetch_optional(&self.reader)
+            .await?
+            .as_ref()
+            .map(source_from_row)
+            .transpose()
     }
 
     async fn list_sources(
@@ -791,15 +779,13 @@ impl Store for SqliteStore {
         dir: Uuid,
         page: &PageRequest,
     ) -> StoreResult<Page<Source>> {
-        let rows = sqlx::query(
-            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND seq < ? ORDER BY seq DESC LIMIT ?",
-        )
-        .bind(org)
-        .bind(dir)
-        .bind(page.after.map_or(i64::MAX, |c| c.0))
-        .bind(page_limit(page) + 1)
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(sql::SOURCES_PAGE)
+            .bind(org)
+            .bind(dir)
+            .bind(page.after.map_or(i64::MAX, |c| c.0))
+            .bind(page_limit(page) + 1)
+            .fetch_all(&self.reader)
+            .await?;
         let items = rows
             .iter()
             .map(source_from_row)
@@ -862,14 +848,12 @@ impl Store for SqliteStore {
         after_row: u64,
         limit: u32,
     ) -> StoreResult<Vec<StoredFailedRow>> {
-        let rows = sqlx::query(
-            "SELECT * FROM failed_rows WHERE source_id = ? AND row_number > ? ORDER BY row_number LIMIT ?",
-        )
-        .bind(source)
-        .bind(after_row as i64)
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(sql::FAILED_ROWS_PAGE)
+            .bind(source)
+            .bind(after_row as i64)
+            .bind(i64::from(limit))
+            .fetch_all(&self.reader)
+            .await?;
         rows.iter()
             .map(|r| FailedRowRow::from_row(r)?.try_into())
             .collect()
@@ -993,16 +977,14 @@ impl Store for SqliteStore {
             }
         }
         let token = Uuid::new_v4();
-        sqlx::query(
-            "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = ?, lease_token = ?, lease_expires_ms = ? WHERE id = ?",
-        )
-        .bind(owner)
-        .bind(token)
-        .bind(now + dur_ms(lease_for))
-        .bind(chunk)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE sources SET status = 'processing', updated_ms = ? WHERE id = ? AND status = 'pending'")
+        sqlx::query(sql::TAKE_LEASE)
+            .bind(owner)
+            .bind(token)
+            .bind(now + dur_ms(lease_for))
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::SOURCE_PROCESSING)
             .bind(now)
             .bind(source_id)
             .execute(&mut *tx)
@@ -1023,7 +1005,7 @@ impl Store for SqliteStore {
     }
 
     async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
-        let done = sqlx::query("UPDATE chunks SET lease_expires_ms = ? WHERE id = ? AND lease_token = ? AND state = 'running'")
+        let done = sqlx::query(sql::RENEW_LEASE)
             .bind(now_ms() + dur_ms(lease_for))
             .bind(lease.chunk_id)
             .bind(lease.token)
@@ -1103,32 +1085,26 @@ impl Store for SqliteStore {
             transient_for,
             row.try_get("transient_since_ms")?,
         );
-        sqlx::query(
-            "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL,
-                 not_before_ms = ?, last_error = ?, attempts = attempts - ?, transient_since_ms = ?
-             WHERE id = ?",
-        )
-        .bind(release.not_before_ms)
-        .bind(error)
-        .bind(i64::from(release.refund))
-        .bind(release.transient_since_ms)
-        .bind(lease.chunk_id)
-        .execute(&mut *tx)
-        .await?;
+        sqlx::query(sql::RELEASE_CHUNK)
+            .bind(release.not_before_ms)
+            .bind(error)
+            .bind(i64::from(release.refund))
+            .bind(release.transient_since_ms)
+            .bind(lease.chunk_id)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(())
     }
 
     async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried> {
         let mut tx = self.writer.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?",
-        )
-        .bind(org)
-        .bind(dir)
-        .bind(source)
-        .fetch_optional(&mut *tx)
-        .await?
+        let Some(row) = sqlx::query(sql::SOURCE)
+            .bind(org)
+            .bind(dir)
+            .bind(source)
+            .fetch_optional(&mut *tx)
+            .await?
         else {
             return Ok(Retried::NotFound);
         };
@@ -1176,14 +1152,12 @@ impl Store for SqliteStore {
     async fn cancel_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Cancelled> {
         // One writer at a time: no commit can interleave with this transaction.
         let mut tx = self.writer.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT * FROM sources WHERE organization_id = ? AND directory_id = ? AND id = ?",
-        )
-        .bind(org)
-        .bind(dir)
-        .bind(source)
-        .fetch_optional(&mut *tx)
-        .await?
+        let Some(row) = sqlx::query(sql::SOURCE)
+            .bind(org)
+            .bind(dir)
+            .bind(source)
+            .fetch_optional(&mut *tx)
+            .await?
         else {
             return Ok(Cancelled::NotFound);
         };
@@ -1246,7 +1220,7 @@ impl Store for SqliteStore {
                 tracestate: row.try_get("tracestate")?,
             });
         }
-        sqlx::query("DELETE FROM processes WHERE expires_ms < ?")
+        sqlx::query(sql::FORGET_DEAD_PROCESSES)
             .bind(now - FORGET_PROCESSES_AFTER_MS)
             .execute(&mut *tx)
             .await?;
@@ -1269,7 +1243,7 @@ impl Store for SqliteStore {
     }
 
     async fn retire(&self, owner: &str) -> StoreResult<()> {
-        sqlx::query("DELETE FROM processes WHERE owner = ?")
+        sqlx::query(sql::RETIRE_PROCESS)
             .bind(owner)
             .execute(&self.writer)
             .await?;
@@ -1277,12 +1251,9 @@ impl Store for SqliteStore {
     }
 
     async fn forget_queued(&self) -> StoreResult<u64> {
-        let done = sqlx::query(
-            "UPDATE chunks SET queued_ms = NULL, lease_expires_ms = CASE WHEN state = 'running' THEN 0 ELSE lease_expires_ms END
-             WHERE state IN ('pending', 'running')",
-        )
-        .execute(&self.writer)
-        .await?;
+        let done = sqlx::query(sql::FORGET_QUEUED)
+            .execute(&self.writer)
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -1346,18 +1317,16 @@ impl Store for SqliteStore {
     }
 
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
-        let rows = sqlx::query(
-            "SELECT COALESCE(error_code, '') AS code, COUNT(*) AS n FROM sources WHERE status = 'failed' GROUP BY 1",
-        )
-        .fetch_all(&self.reader)
-        .await?;
+        let rows = sqlx::query(sql::FAILED_SOURCES_BY_CODE)
+            .fetch_all(&self.reader)
+            .await?;
         rows.iter()
             .map(|row| Ok((row.try_get("code")?, row.try_get::<i64, _>("n")? as u64)))
             .collect()
     }
 
     async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
-        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM sources GROUP BY status")
+        let rows = sqlx::query(sql::SOURCES_BY_STATUS)
             .fetch_all(&self.reader)
             .await?;
         let mut counts: HashMap<SourceStatus, u64> = HashMap::new();
@@ -1374,7 +1343,7 @@ impl Store for SqliteStore {
     }
 
     async fn count_pending_chunks(&self) -> StoreResult<u64> {
-        let row = sqlx::query("SELECT COUNT(*) FROM chunks WHERE state IN ('pending', 'running')")
+        let row = sqlx::query(sql::OPEN_CHUNKS)
             .fetch_one(&self.reader)
             .await?;
         Ok(row.try_get::<i64, _>(0)? as u64)

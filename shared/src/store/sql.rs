@@ -1,0 +1,106 @@
+//! SQL that both backends run as it is, written once. Both dialects read `$n` placeholders;
+//! SQLite numbers them by first appearance, so in every statement here they first appear in
+//! order ($1 before $2 …), which a test checks. What differs between the dialects (locking,
+//! COPY, upserts, time functions) stays in `postgres.rs` and `sqlite.rs`.
+
+/// Leases a claimed chunk to its new owner.
+pub(super) const TAKE_LEASE: &str = "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE id = $4";
+/// A pending source is processing once a chunk of it is claimed.
+pub(super) const SOURCE_PROCESSING: &str = "UPDATE sources SET status = 'processing', updated_ms = $1 WHERE id = $2 AND status = 'pending'";
+/// Gives a chunk back after a failed attempt, to be tried again after `not_before_ms`.
+pub(super) const RELEASE_CHUNK: &str = "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = $1, last_error = $2, attempts = attempts - $3, transient_since_ms = $4 WHERE id = $5";
+/// Records the answer of an upload under its idempotency key, if the claim is still this request's.
+pub(super) const IDEMPOTENCY_COMPLETED: &str = "UPDATE idempotency_keys SET state = 'completed', sha256 = $1, source_id = $2, response = $3 WHERE organization_id = $4 AND key = $5 AND claim_token = $6";
+/// A source by id, unscoped: for the store's own use after a scoped check.
+pub(super) const SOURCE_BY_ID: &str = "SELECT * FROM sources WHERE id = $1";
+/// The open chunks of a source that failed.
+pub(super) const FAIL_OPEN_CHUNKS: &str = "UPDATE chunks SET state = 'failed', lease_token = NULL, lease_owner = NULL WHERE source_id = $1 AND state IN ('pending', 'running')";
+/// A planned chunk of an upload.
+pub(super) const INSERT_CHUNK: &str = "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms, traceparent, tracestate) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+pub(super) const INSERT_ORGANIZATION: &str =
+    "INSERT INTO organizations (id, name, created_ms) VALUES ($1, $2, $3)";
+pub(super) const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE id = $1";
+pub(super) const USER_BY_EMAIL: &str =
+    "SELECT id FROM users WHERE organization_id = $1 AND email = $2";
+pub(super) const INSERT_TOKEN: &str = "INSERT INTO tokens (hash, organization_id, user_id, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5)";
+pub(super) const TOKEN_BY_HASH: &str =
+    "SELECT organization_id, user_id, expires_ms, revoked_ms FROM tokens WHERE hash = $1";
+pub(super) const REVOKE_TOKEN: &str =
+    "UPDATE tokens SET revoked_ms = $1 WHERE hash = $2 AND revoked_ms IS NULL";
+pub(super) const DIRECTORY: &str =
+    "SELECT * FROM directories WHERE organization_id = $1 AND id = $2";
+/// A page of an organization's directories, oldest first.
+pub(super) const DIRECTORIES_PAGE: &str =
+    "SELECT * FROM directories WHERE organization_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+/// Frees a key whose request failed, if the claim is still this request's.
+pub(super) const RELEASE_IDEMPOTENCY_KEY: &str = "DELETE FROM idempotency_keys WHERE organization_id = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'";
+/// A source, scoped to its organization and directory.
+pub(super) const SOURCE: &str =
+    "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3";
+/// A page of a directory's sources, newest first.
+pub(super) const SOURCES_PAGE: &str = "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4";
+pub(super) const FAILED_ROWS_PAGE: &str = "SELECT * FROM failed_rows WHERE source_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3";
+pub(super) const RENEW_LEASE: &str = "UPDATE chunks SET lease_expires_ms = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running'";
+/// Processes dead for long: their leases were taken over long ago.
+pub(super) const FORGET_DEAD_PROCESSES: &str = "DELETE FROM processes WHERE expires_ms < $1";
+pub(super) const RETIRE_PROCESS: &str = "DELETE FROM processes WHERE owner = $1";
+/// At start-up: every open chunk is to be published again, and running ones taken over.
+pub(super) const FORGET_QUEUED: &str = "UPDATE chunks SET queued_ms = NULL, lease_expires_ms = CASE WHEN state = 'running' THEN 0 ELSE lease_expires_ms END WHERE state IN ('pending', 'running')";
+pub(super) const FAILED_SOURCES_BY_CODE: &str = "SELECT COALESCE(error_code, '') AS code, COUNT(*) AS n FROM sources WHERE status = 'failed' GROUP BY 1";
+pub(super) const SOURCES_BY_STATUS: &str =
+    "SELECT status, COUNT(*) AS n FROM sources GROUP BY status";
+pub(super) const OPEN_CHUNKS: &str =
+    "SELECT COUNT(*) FROM chunks WHERE state IN ('pending', 'running')";
+
+#[cfg(test)]
+mod tests {
+    /// Every shared statement, for the placeholder check.
+    const ALL: &[&str] = &[
+        super::TAKE_LEASE,
+        super::SOURCE_PROCESSING,
+        super::RELEASE_CHUNK,
+        super::IDEMPOTENCY_COMPLETED,
+        super::SOURCE_BY_ID,
+        super::FAIL_OPEN_CHUNKS,
+        super::INSERT_CHUNK,
+        super::INSERT_ORGANIZATION,
+        super::ORGANIZATION_EXISTS,
+        super::USER_BY_EMAIL,
+        super::INSERT_TOKEN,
+        super::TOKEN_BY_HASH,
+        super::REVOKE_TOKEN,
+        super::DIRECTORY,
+        super::DIRECTORIES_PAGE,
+        super::RELEASE_IDEMPOTENCY_KEY,
+        super::SOURCE,
+        super::SOURCES_PAGE,
+        super::FAILED_ROWS_PAGE,
+        super::RENEW_LEASE,
+        super::FORGET_DEAD_PROCESSES,
+        super::RETIRE_PROCESS,
+        super::FORGET_QUEUED,
+        super::FAILED_SOURCES_BY_CODE,
+        super::SOURCES_BY_STATUS,
+        super::OPEN_CHUNKS,
+        super::super::rows::CHUNK_DONE,
+        super::super::rows::CHUNK_RESUMES_AT,
+    ];
+
+    #[test]
+    fn placeholders_first_appear_in_order() {
+        for sql in ALL {
+            let mut seen = Vec::new();
+            let mut rest = *sql;
+            while let Some(at) = rest.find('$') {
+                rest = &rest[at + 1..];
+                let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+                let n: usize = digits.parse().expect("a $n placeholder");
+                if !seen.contains(&n) {
+                    seen.push(n);
+                }
+            }
+            let expected: Vec<usize> = (1..=seen.len()).collect();
+            assert_eq!(seen, expected, "{sql}");
+        }
+    }
+}
