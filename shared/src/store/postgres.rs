@@ -2,17 +2,20 @@
 //!
 //! Chunks of one directory commit concurrently. A commit resolves its rows optimistically
 //! against a lock-free read of the directory, then, in its one transaction fenced by the
-//! chunk's lease: claims the identities it found free (`INSERT … ORDER BY key ON CONFLICT DO
-//! NOTHING`: the primary key arbitrates, and makes it wait for a concurrent claim of the same
-//! key), reads the owners of the keys it lost, locks the existing profiles it merges into in id
-//! order, and resolves again only if something changed under it. Locks are always taken in one
-//! order (chunk, identity keys ascending, profiles ascending, source), so commits do not
-//! deadlock; deadlocks, serialization failures, lock timeouts and a briefly unreachable
-//! database are retried anyway ([`Retry`]), without counting an attempt of the chunk.
+//! chunk's lease: claims the identities it found free, at their hashed keys in ascending order
+//! (one `COPY` in a savepoint; `INSERT … ON CONFLICT DO NOTHING` after a lost race: the primary
+//! key arbitrates, and makes it wait for a concurrent claim of the same key), reads the owners
+//! of the keys it lost, locks the existing profiles it merges into in id order, and resolves
+//! again only if something changed under it. Locks are always taken in one order (chunk,
+//! identity keys ascending, profiles ascending, source), so commits do not deadlock;
+//! deadlocks, serialization failures, lock timeouts and a briefly unreachable database are
+//! retried anyway (`Retry`), without counting an attempt of the chunk.
 //!
-//! New profiles, records and failed rows go in with `COPY` (row issues through a staging
-//! table, since completion may flag one twice); lookups take arrays, so a chunk costs a handful
-//! of round trips whatever its size. docs/performance.md measures where a commit's time goes.
+//! How identities and profiles are laid out (hashed keys with open addressing, typed profile
+//! columns) is `pg_layout`; the statements SQLite runs too are `sql`. New profiles, records
+//! and failed rows go in with `COPY` (row issues through a staging table, since completion may
+//! flag one twice); lookups take arrays, so a chunk costs a handful of round trips whatever its
+//! size. docs/performance.md measures where a commit's time goes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
