@@ -1609,20 +1609,8 @@ impl Store for PgStore {
         .bind(key)
         .fetch_one(&mut *tx)
         .await?;
-        let state: String = row.try_get("state")?;
-        let locked: i64 = row.try_get("locked_ms")?;
-        let expires: i64 = row.try_get("expires_ms")?;
-        if state == "completed" && expires > now {
-            let response: String = row.try_get("response")?;
-            return Ok(KeyState::Completed {
-                directory_id: row.try_get("directory_id")?,
-                sha256: row.try_get("sha256")?,
-                receipt: serde_json::from_str(&response)?,
-            });
-        }
-        let owner_dead: bool = row.try_get("owner_dead")?;
-        if state == "in_flight" && locked > now - dur_ms(in_flight_timeout) && !owner_dead {
-            return Ok(KeyState::InFlight);
+        if let Some(held) = decide_key(&KeyRow::from_row(&row)?, now, in_flight_timeout)? {
+            return Ok(held);
         }
         sqlx::query(
             "UPDATE idempotency_keys SET directory_id = $3, state = 'in_flight', claim_token = $4, sha256 = NULL, source_id = NULL,

@@ -340,9 +340,107 @@ pub(super) fn decide_claim(c: &ChunkState, now: i64, max_attempts: u32) -> Claim
     })
 }
 
+/// An idempotency key's row, read under its lock when a request with the same key arrives.
+#[derive(FromRow)]
+pub(super) struct KeyRow {
+    pub state: String,
+    pub directory_id: Uuid,
+    pub sha256: Option<String>,
+    pub response: Option<String>,
+    pub locked_ms: i64,
+    pub expires_ms: i64,
+    /// The process that claimed it stopped heartbeating.
+    pub owner_dead: bool,
+}
+
+/// The one place that decides what a held key means, for every backend: the answer to replay,
+/// a request still running, or `None` when the new request may take the key over (the old
+/// answer expired, or the claim's process died or ran past `in_flight_timeout`).
+pub(super) fn decide_key(
+    k: &KeyRow,
+    now: i64,
+    in_flight_timeout: std::time::Duration,
+) -> StoreResult<Option<KeyState>> {
+    if k.state == "completed" && k.expires_ms > now {
+        let (Some(sha256), Some(response)) = (&k.sha256, &k.response) else {
+            return Err(StoreError::Corrupt(
+                "a completed idempotency key without its answer".into(),
+            ));
+        };
+        return Ok(Some(KeyState::Completed {
+            directory_id: k.directory_id,
+            sha256: sha256.clone(),
+            receipt: serde_json::from_str(response)?,
+        }));
+    }
+    let fresh = k.locked_ms > now - in_flight_timeout.as_millis() as i64;
+    if k.state == "in_flight" && fresh && !k.owner_dead {
+        return Ok(Some(KeyState::InFlight));
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(state: &str, locked_ms: i64, expires_ms: i64, owner_dead: bool) -> KeyRow {
+        let receipt = UploadReceipt {
+            source_id: Uuid::from_u128(7),
+            directory_id: Uuid::from_u128(2),
+            source_status: SourceStatus::Completed,
+            accepted: 3,
+            failed: 0,
+            warnings: 0,
+            options: None,
+        };
+        KeyRow {
+            state: state.into(),
+            directory_id: Uuid::from_u128(2),
+            sha256: Some("ab".into()),
+            response: Some(serde_json::to_string(&receipt).unwrap()),
+            locked_ms,
+            expires_ms,
+            owner_dead,
+        }
+    }
+
+    #[test]
+    fn a_held_key_is_replayed_waited_for_or_taken_over() {
+        let timeout = std::time::Duration::from_secs(60);
+        let now = 1_000_000;
+        let replay = decide_key(&key("completed", 0, now + 1, false), now, timeout).unwrap();
+        assert!(matches!(replay, Some(KeyState::Completed { ref sha256, .. }) if sha256 == "ab"));
+        assert!(
+            decide_key(&key("completed", 0, now, false), now, timeout)
+                .unwrap()
+                .is_none(),
+            "an expired answer is taken over"
+        );
+        assert!(matches!(
+            decide_key(&key("in_flight", now - 1_000, now + 1, false), now, timeout).unwrap(),
+            Some(KeyState::InFlight)
+        ));
+        assert!(
+            decide_key(&key("in_flight", now - 1_000, now + 1, true), now, timeout)
+                .unwrap()
+                .is_none(),
+            "a dead process's claim is taken over at once"
+        );
+        assert!(
+            decide_key(
+                &key("in_flight", now - 60_000, now + 1, false),
+                now,
+                timeout
+            )
+            .unwrap()
+            .is_none(),
+            "so is one older than in_flight_timeout"
+        );
+        let mut broken = key("completed", 0, now + 1, false);
+        broken.response = None;
+        assert!(decide_key(&broken, now, timeout).is_err());
+    }
 
     fn chunk(state: &str, expires: Option<i64>, owner_dead: bool, attempts: u32) -> ChunkState {
         ChunkState {
