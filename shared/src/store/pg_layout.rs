@@ -1,6 +1,7 @@
 //! How PostgreSQL lays out identities and profiles (migration `0010_narrow_rows`): identities
-//! keyed by a 64-bit hash with open addressing, profiles as typed columns with a packed
-//! version per field. Pure functions, so that the encodings are tested without a database.
+//! keyed by a 64-bit hash with open addressing, profiles as typed columns with packed
+//! versions (one the fields share, and a field's own where it differs), a profile's identities
+//! as lines of text. Pure functions, so that the encodings are tested without a database.
 
 use std::collections::BTreeMap;
 
