@@ -1,77 +1,30 @@
 //! The store side of clients steering imports (cancel, dry runs, the webhook outbox), on
 //! SQLite and on PostgreSQL (a fresh database per test on `ORBIT_TEST_POSTGRES_URL`).
 
+#[macro_use]
+mod common;
+
+use common::LEASE;
+
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use orbit_shared::config::DatabaseSettings;
 use orbit_shared::domain::csv::{Dialect, TextEncoding};
 use orbit_shared::domain::header::ColumnMap;
 use orbit_shared::domain::row::{FailedRow, Issue, IssueCode, RecordDraft};
 use orbit_shared::model::*;
-use orbit_shared::store::{self, Store};
-use orbit_shared::testing::TestDatabase;
+use orbit_shared::store::Store;
 use uuid::Uuid;
 
-const LEASE: Duration = Duration::from_secs(60);
-
-struct Backend {
-    store: Arc<dyn Store>,
-    _guard: Guard,
-}
-
-enum Guard {
-    Sqlite(#[allow(dead_code)] tempfile::TempDir),
-    Postgres(#[allow(dead_code)] TestDatabase),
-}
-
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/orbit.db", dir.path().display());
-    let store = store::open(&DatabaseSettings::for_url(&url, 4))
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    Backend {
-        store,
-        _guard: Guard::Sqlite(dir),
-    }
-}
-
-async fn postgres() -> Backend {
-    let database = TestDatabase::create().await;
-    let store = store::open(&DatabaseSettings::for_url(&database.url, 10))
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    Backend {
-        store,
-        _guard: Guard::Postgres(database),
-    }
-}
-
-macro_rules! both {
-    ($($name:ident),* $(,)?) => {
-        mod sqlite_backend {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { let b = super::sqlite().await; super::$name(b.store.clone()).await; })*
-        }
-        mod postgres_backend {
-            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $name() { let b = super::postgres().await; super::$name(b.store.clone()).await; })*
-        }
-    };
-}
-
-both!(
+orbit_shared::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_postgres; {
     a_cancel_fails_the_source_keeps_what_committed_and_fences_the_rest,
     a_dry_run_keeps_counts_and_problems_but_writes_no_profile,
     an_ending_source_writes_one_delivery_per_subscribed_endpoint,
     a_leased_delivery_is_not_handed_out_twice_and_attempts_are_fenced,
     failed_attempts_in_a_row_disable_an_endpoint,
-);
+});
 
 fn record(row: u64, email: &str) -> RecordDraft {
     RecordDraft {

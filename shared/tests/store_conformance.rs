@@ -1,68 +1,21 @@
 //! One conformance suite for the `Store` trait, run against SQLite (a temporary file) and
 //! PostgreSQL (a fresh database per test on `ORBIT_TEST_POSTGRES_URL`, dropped afterwards).
 
+#[macro_use]
+mod common;
+
+use common::LEASE;
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use orbit_shared::config::DatabaseSettings;
 use orbit_shared::domain::csv::{Dialect, TextEncoding};
 use orbit_shared::domain::header::ColumnMap;
 use orbit_shared::domain::row::{FailedRow, Issue, IssueCode, RecordDraft};
 use orbit_shared::model::*;
-use orbit_shared::store::{self, Store};
-use orbit_shared::testing::TestDatabase;
+use orbit_shared::store::Store;
 use uuid::Uuid;
-
-const LEASE: Duration = Duration::from_secs(60);
-
-/// A store plus whatever keeps its database alive; dropping it cleans up.
-struct Backend {
-    store: Arc<dyn Store>,
-    _guard: Guard,
-}
-
-enum Guard {
-    Sqlite(#[allow(dead_code)] tempfile::TempDir),
-    Postgres(#[allow(dead_code)] TestDatabase),
-}
-
-async fn sqlite() -> Backend {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/orbit.db", dir.path().display());
-    let store = store::open(&DatabaseSettings::for_url(&url, 4))
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    Backend {
-        store,
-        _guard: Guard::Sqlite(dir),
-    }
-}
-
-async fn postgres() -> Backend {
-    let database = TestDatabase::create().await;
-    let store = store::open(&DatabaseSettings::for_url(&database.url, 10))
-        .await
-        .unwrap();
-    store.migrate().await.unwrap();
-    Backend {
-        store,
-        _guard: Guard::Postgres(database),
-    }
-}
-
-macro_rules! on_sqlite {
-    ($case:path) => {
-        $case(super::sqlite().await.store).await
-    };
-}
-
-macro_rules! on_postgres {
-    ($case:path) => {
-        $case(super::postgres().await.store).await
-    };
-}
 
 orbit_shared::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_postgres; {
     tenancy_is_scoped_by_organization,
