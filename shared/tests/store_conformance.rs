@@ -4,7 +4,7 @@
 #[macro_use]
 mod common;
 
-use common::LEASE;
+use common::{chunk, tenant, LEASE};
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -61,23 +61,6 @@ fn failed(row: u64) -> FailedRow {
             value: None,
         },
     }
-}
-
-fn chunk(index: u32, first_row: u64, row_count: u64) -> ChunkSpec {
-    ChunkSpec {
-        index,
-        first_row,
-        row_count,
-        start_offset: first_row * 100,
-        end_offset: (first_row + row_count) * 100,
-        start_line: first_row + 1,
-    }
-}
-
-async fn tenant(store: &dyn Store) -> (Uuid, Uuid) {
-    let org = store.create_organization("Acme").await.unwrap();
-    let dir = store.create_directory(org.id, "Contacts").await.unwrap();
-    (org.id, dir.id)
 }
 
 fn new_upload(

@@ -5,8 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use orbit_shared::config::DatabaseSettings;
+use orbit_shared::model::ChunkSpec;
 use orbit_shared::store::{self, Store};
 use orbit_shared::testing::TestDatabase;
+use uuid::Uuid;
 
 pub const LEASE: Duration = Duration::from_secs(60);
 
@@ -46,6 +48,25 @@ pub async fn postgres() -> Backend {
         store,
         _guard: Guard::Postgres(database),
     }
+}
+
+/// A chunk of `row_count` rows from `first_row`, 100 bytes a row.
+pub fn chunk(index: u32, first_row: u64, row_count: u64) -> ChunkSpec {
+    ChunkSpec {
+        index,
+        first_row,
+        row_count,
+        start_offset: first_row * 100,
+        end_offset: (first_row + row_count) * 100,
+        start_line: first_row + 1,
+    }
+}
+
+/// A new organization and a directory in it.
+pub async fn tenant(store: &dyn Store) -> (Uuid, Uuid) {
+    let org = store.create_organization("Acme").await.unwrap();
+    let dir = store.create_directory(org.id, "Contacts").await.unwrap();
+    (org.id, dir.id)
 }
 
 macro_rules! on_sqlite {
