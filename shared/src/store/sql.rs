@@ -1,7 +1,8 @@
-//! SQL that both backends run as it is, written once. Both dialects read `$n` placeholders;
-//! SQLite numbers them by first appearance, so in every statement here they first appear in
-//! order ($1 before $2 …), which a test checks. What differs between the dialects (locking,
-//! COPY, upserts, time functions) stays in `postgres.rs` and `sqlite.rs`.
+//! SQL that both backends run as it is, written once: the stores' statements and their
+//! webhook outboxes'. Both dialects read `$n` placeholders; SQLite numbers them by first
+//! appearance, so in every statement here they first appear in order ($1 before $2 …), which
+//! a test checks. What differs between the dialects (locking, COPY, upserts, time functions)
+//! stays in each backend's own module.
 
 /// Leases a claimed chunk to its new owner.
 pub(super) const TAKE_LEASE: &str = "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE id = $4";
@@ -52,6 +53,24 @@ pub(super) const SOURCES_BY_STATUS: &str =
 pub(super) const OPEN_CHUNKS: &str =
     "SELECT COUNT(*) FROM chunks WHERE state IN ('pending', 'running')";
 
+// Webhook endpoints and deliveries.
+/// The enabled webhook endpoints of an organization, for the events of an ending source.
+pub(super) const SUBSCRIBED_ENDPOINTS: &str =
+    "SELECT * FROM webhook_endpoints WHERE organization_id = $1 AND disabled_ms IS NULL";
+pub(super) const INSERT_ENDPOINT: &str = "INSERT INTO webhook_endpoints (id, organization_id, directory_id, url, events, secret, created_ms) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+/// An organization's webhook endpoints, oldest first.
+pub(super) const ENDPOINTS: &str =
+    "SELECT * FROM webhook_endpoints WHERE organization_id = $1 ORDER BY created_ms, id";
+pub(super) const ENDPOINT: &str =
+    "SELECT * FROM webhook_endpoints WHERE organization_id = $1 AND id = $2";
+/// Enables an endpoint again, its failure run back at 0.
+pub(super) const ENABLE_ENDPOINT: &str = "UPDATE webhook_endpoints SET disabled_ms = NULL, failure_run = 0 WHERE organization_id = $1 AND id = $2 RETURNING *";
+/// An endpoint's newest deliveries.
+pub(super) const DELIVERIES_PAGE: &str = "SELECT d.* FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id WHERE e.organization_id = $1 AND d.endpoint_id = $2 ORDER BY d.created_ms DESC, d.id DESC LIMIT $3";
+/// An endpoint that answered 2xx starts its failure run over.
+pub(super) const ENDPOINT_SUCCEEDED: &str =
+    "UPDATE webhook_endpoints SET failure_run = 0 WHERE id = $1";
+
 #[cfg(test)]
 mod tests {
     /// Every shared statement, for the placeholder check.
@@ -82,6 +101,13 @@ mod tests {
         super::FAILED_SOURCES_BY_CODE,
         super::SOURCES_BY_STATUS,
         super::OPEN_CHUNKS,
+        super::SUBSCRIBED_ENDPOINTS,
+        super::INSERT_ENDPOINT,
+        super::ENDPOINTS,
+        super::ENDPOINT,
+        super::ENABLE_ENDPOINT,
+        super::DELIVERIES_PAGE,
+        super::ENDPOINT_SUCCEEDED,
         super::super::rows::CHUNK_DONE,
         super::super::rows::CHUNK_RESUMES_AT,
     ];

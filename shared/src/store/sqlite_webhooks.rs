@@ -7,6 +7,7 @@ use sqlx::{Row, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use super::rows::{dur_ms, ms, now_ms};
+use super::sql;
 use super::webhook_rows::*;
 use super::StoreResult;
 use crate::model::*;
@@ -18,12 +19,10 @@ pub(super) async fn enqueue(
     source: Source,
     event: &str,
 ) -> StoreResult<()> {
-    let rows: Vec<EndpointRow> = sqlx::query_as(
-        "SELECT * FROM webhook_endpoints WHERE organization_id = ? AND disabled_ms IS NULL",
-    )
-    .bind(source.organization_id)
-    .fetch_all(&mut *conn)
-    .await?;
+    let rows: Vec<EndpointRow> = sqlx::query_as(sql::SUBSCRIBED_ENDPOINTS)
+        .bind(source.organization_id)
+        .fetch_all(&mut *conn)
+        .await?;
     let endpoints = subscribed(rows, event, source.directory_id);
     if endpoints.is_empty() {
         return Ok(());
@@ -49,29 +48,24 @@ pub(super) async fn enqueue(
 }
 
 pub(super) async fn create(pool: &SqlitePool, e: &WebhookEndpoint) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO webhook_endpoints (id, organization_id, directory_id, url, events, secret, created_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(e.id)
-    .bind(e.organization_id)
-    .bind(e.directory_id)
-    .bind(&e.url)
-    .bind(serde_json::to_string(&e.events)?)
-    .bind(&e.secret)
-    .bind(ms(e.created_at))
-    .execute(pool)
-    .await?;
+    sqlx::query(sql::INSERT_ENDPOINT)
+        .bind(e.id)
+        .bind(e.organization_id)
+        .bind(e.directory_id)
+        .bind(&e.url)
+        .bind(serde_json::to_string(&e.events)?)
+        .bind(&e.secret)
+        .bind(ms(e.created_at))
+        .execute(pool)
+        .await?;
     Ok(())
 }
 
 pub(super) async fn list(pool: &SqlitePool, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
-    let rows: Vec<EndpointRow> = sqlx::query_as(
-        "SELECT * FROM webhook_endpoints WHERE organization_id = ? ORDER BY created_ms, id",
-    )
-    .bind(org)
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<EndpointRow> = sqlx::query_as(sql::ENDPOINTS)
+        .bind(org)
+        .fetch_all(pool)
+        .await?;
     rows.into_iter().map(TryInto::try_into).collect()
 }
 
@@ -80,12 +74,11 @@ pub(super) async fn get(
     org: Uuid,
     id: Uuid,
 ) -> StoreResult<Option<WebhookEndpoint>> {
-    let row: Option<EndpointRow> =
-        sqlx::query_as("SELECT * FROM webhook_endpoints WHERE organization_id = ? AND id = ?")
-            .bind(org)
-            .bind(id)
-            .fetch_optional(pool)
-            .await?;
+    let row: Option<EndpointRow> = sqlx::query_as(sql::ENDPOINT)
+        .bind(org)
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
     row.map(TryInto::try_into).transpose()
 }
 
@@ -123,14 +116,11 @@ pub(super) async fn enable(
     org: Uuid,
     id: Uuid,
 ) -> StoreResult<Option<WebhookEndpoint>> {
-    let row: Option<EndpointRow> = sqlx::query_as(
-        "UPDATE webhook_endpoints SET disabled_ms = NULL, failure_run = 0
-         WHERE organization_id = ? AND id = ? RETURNING *",
-    )
-    .bind(org)
-    .bind(id)
-    .fetch_optional(writer)
-    .await?;
+    let row: Option<EndpointRow> = sqlx::query_as(sql::ENABLE_ENDPOINT)
+        .bind(org)
+        .bind(id)
+        .fetch_optional(writer)
+        .await?;
     row.map(TryInto::try_into).transpose()
 }
 
@@ -140,16 +130,12 @@ pub(super) async fn deliveries(
     endpoint: Uuid,
     limit: u32,
 ) -> StoreResult<Vec<WebhookDelivery>> {
-    let rows: Vec<DeliveryRow> = sqlx::query_as(
-        "SELECT d.* FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
-         WHERE e.organization_id = ? AND d.endpoint_id = ?
-         ORDER BY d.created_ms DESC, d.id DESC LIMIT ?",
-    )
-    .bind(org)
-    .bind(endpoint)
-    .bind(i64::from(limit))
-    .fetch_all(pool)
-    .await?;
+    let rows: Vec<DeliveryRow> = sqlx::query_as(sql::DELIVERIES_PAGE)
+        .bind(org)
+        .bind(endpoint)
+        .bind(i64::from(limit))
+        .fetch_all(pool)
+        .await?;
     let mut attempts: Vec<AttemptRow> = Vec::new();
     for row in &rows {
         let mut of_one: Vec<AttemptRow> =
@@ -265,7 +251,7 @@ pub(super) async fn record(
     .execute(&mut *tx)
     .await?;
     if effect.delivered {
-        sqlx::query("UPDATE webhook_endpoints SET failure_run = 0 WHERE id = ?")
+        sqlx::query(sql::ENDPOINT_SUCCEEDED)
             .bind(delivery.endpoint_id)
             .execute(&mut *tx)
             .await?;
