@@ -19,6 +19,8 @@ set -euo pipefail
 port="${ORBIT_S3_PORT:-9000}"
 data="${ORBIT_S3_DATA:-/var/tmp/orbit-s3}"
 data="${data%/}"
+mkdir -p "$data"
+data="$(cd "$data" && pwd)"
 access_key="${ORBIT_S3_ACCESS_KEY:-orbit}"
 secret_key="${ORBIT_S3_SECRET_KEY:-orbit-secret}"
 log="$data.log"
@@ -45,8 +47,10 @@ if ! command -v s3s-fs >/dev/null 2>&1; then
   cargo install "s3s-fs@$version" --features binary --locked --quiet </dev/null
 fi
 
-mkdir -p "$data"
-# setsid + nohup: the server outlives this script, its terminal and its process group.
+# setsid + nohup: the server outlives this script, its terminal and its process group. It runs
+# in its data directory: started from a clone that is later deleted, s3s-fs answers every
+# request with 500 InternalError.
+cd "$data"
 setsid nohup s3s-fs \
   --host 127.0.0.1 \
   --port "$port" \
