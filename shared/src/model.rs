@@ -104,6 +104,17 @@ pub struct Source {
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
+    /// Set while some unfinished chunk of the source is failing on transient trouble (storage,
+    /// network, database): the oldest such run. Filled only where a source is served to
+    /// clients.
+    pub retrying: Option<Retrying>,
+}
+
+/// A source waiting out transient trouble: since when, and what its last attempt said.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct Retrying {
+    pub since: DateTime<Utc>,
+    pub message: String,
 }
 
 /// A row-aligned byte range of a source's object, processed as one unit of work.

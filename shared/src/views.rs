@@ -6,7 +6,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::domain::header::ColumnMapping;
-use crate::model::{Source, SourceError, SourceStatus};
+use crate::model::{Retrying, Source, SourceError, SourceStatus};
 
 /// The upload response fields: what `csv-upload` answers and replays.
 #[derive(Debug, Serialize)]
@@ -34,6 +34,9 @@ pub struct SourceBody {
     pub completed_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<SourceError>,
+    /// Present while the source waits out transient trouble rather than failing.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retrying: Option<Retrying>,
     /// Validated only: nothing of it was imported.
     pub dry_run: bool,
     /// The upload's column mapping, as sent; absent when it had none.
@@ -62,6 +65,7 @@ impl From<Source> for SourceBody {
             updated_at: s.updated_at,
             completed_at: s.completed_at,
             error: s.error,
+            retrying: s.retrying,
             dry_run: s.dry_run,
             mapping: s.columns.mapping,
         }

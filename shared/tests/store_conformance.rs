@@ -25,6 +25,7 @@ orbit_shared::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_p
     a_lost_lease_writes_nothing,
     a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last,
     a_chunk_out_of_attempts_fails_its_source,
+    a_source_says_it_is_retrying_until_its_chunk_moves_again,
     the_reaper_finds_unpublished_and_abandoned_chunks,
     a_chunk_marked_unpublished_is_reaped_at_once,
     failed_sources_are_counted_by_code,
@@ -720,6 +721,114 @@ async fn a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last(store: 
         ),
         (SourceStatus::Completed, 4, 1, 5, 1),
         "row 4 repeats row 1's email across slices: one duplicate warning"
+    );
+}
+
+async fn a_source_says_it_is_retrying_until_its_chunk_moves_again(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            4,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 4)],
+        ))
+        .await
+        .unwrap();
+    let get = || async {
+        store
+            .get_source(org, dir, source.id)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(get().await.retrying, None);
+
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    for error in [
+        "object store error: connection refused",
+        "object store error: timed out",
+    ] {
+        let work = claim(&*store, queued[0].chunk_id).await;
+        store
+            .release_chunk(&work.lease, error, Some(Duration::from_secs(600)))
+            .await
+            .unwrap();
+    }
+    let waiting = get().await;
+    let retrying = waiting
+        .retrying
+        .expect("a chunk in a run of transient failures");
+    assert_eq!(
+        retrying.message, "object store error: timed out",
+        "the last attempt's"
+    );
+    assert!(
+        before <= retrying.since && retrying.since <= chrono::Utc::now(),
+        "since the first failure of the run: {retrying:?}"
+    );
+    let page = store
+        .list_sources(
+            org,
+            dir,
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.items[0].retrying.as_ref(),
+        Some(&retrying),
+        "the list says it too"
+    );
+
+    // The since of the run stays while it lasts, through a running retry.
+    let work = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(get().await.retrying.as_ref(), Some(&retrying));
+    // A committed slice ends the run: the chunk is moving again.
+    let slice = ChunkResults {
+        accepted: vec![record(1, &[("email", "a@x.co")])],
+        failed: vec![],
+    };
+    let resume = Resume {
+        offset: 200,
+        line: 3,
+        row: 2,
+    };
+    store
+        .commit_slice(&work.lease, slice, SliceEnd::Before(resume))
+        .await
+        .unwrap();
+    assert_eq!(get().await.retrying, None);
+
+    // A new run ends with the chunk, and a completed source never says it retries.
+    store
+        .release_chunk(
+            &work.lease,
+            "database error: pool timed out",
+            Some(Duration::from_secs(600)),
+        )
+        .await
+        .unwrap();
+    assert!(get().await.retrying.is_some());
+    let last = claim(&*store, queued[0].chunk_id).await;
+    let rest = ChunkResults {
+        accepted: vec![
+            record(2, &[("email", "b@x.co")]),
+            record(3, &[("email", "c@x.co")]),
+            record(4, &[("email", "d@x.co")]),
+        ],
+        failed: vec![],
+    };
+    store.commit_chunk(&last.lease, rest).await.unwrap();
+    let done = get().await;
+    assert_eq!(
+        (done.status, done.retrying),
+        (SourceStatus::Completed, None)
     );
 }
 

@@ -254,6 +254,7 @@ mod tests {
             created_at: now,
             updated_at: now,
             completed_at: None,
+            retrying: None,
         }
     }
 

@@ -63,6 +63,12 @@ pub(super) struct SourceRow {
     created_ms: i64,
     updated_ms: i64,
     completed_ms: Option<i64>,
+    /// Only the queries that serve a source to clients (`sql::SOURCE`, `sql::SOURCES_PAGE`)
+    /// select these; elsewhere they read as absent.
+    #[sqlx(default)]
+    retrying_since_ms: Option<i64>,
+    #[sqlx(default)]
+    retrying_error: Option<String>,
 }
 
 impl TryFrom<SourceRow> for Source {
@@ -102,6 +108,10 @@ impl TryFrom<SourceRow> for Source {
             created_at: at(r.created_ms),
             updated_at: at(r.updated_ms),
             completed_at: r.completed_ms.map(at),
+            retrying: r.retrying_since_ms.map(|since| Retrying {
+                since: at(since),
+                message: r.retrying_error.unwrap_or_default(),
+            }),
         })
     }
 }
@@ -182,10 +192,11 @@ impl From<ChunkRow> for ChunkSpec {
 }
 
 /// Ends a chunk's last slice. (Both dialects read `$n` placeholders.)
-pub(super) const CHUNK_DONE: &str = "UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL WHERE id = $1";
-/// Ends a slice before the chunk's end: where the next one, or a takeover, starts.
+pub(super) const CHUNK_DONE: &str = "UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, transient_since_ms = NULL WHERE id = $1";
+/// Ends a slice before the chunk's end: where the next one, or a takeover, starts. A slice
+/// committed ends the chunk's run of transient failures, if it was in one: it is moving again.
 pub(super) const CHUNK_RESUMES_AT: &str =
-    "UPDATE chunks SET resume_offset = $1, resume_line = $2, resume_row = $3 WHERE id = $4";
+    "UPDATE chunks SET resume_offset = $1, resume_line = $2, resume_row = $3, transient_since_ms = NULL WHERE id = $4";
 
 #[derive(FromRow)]
 pub(super) struct ProfileRow {

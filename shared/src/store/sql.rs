@@ -4,6 +4,16 @@
 //! a test checks. What differs between the dialects (locking, COPY, upserts, time functions)
 //! stays in each backend's own module.
 
+/// The columns of `rows::SourceRow` that say whether a source waits out transient trouble:
+/// the oldest run among its unfinished chunks, and what that chunk's last attempt said. Read
+/// through `UNIQUE (source_id, idx)`, over one source's chunks only.
+macro_rules! retrying {
+    () => {
+        "(SELECT MIN(c.transient_since_ms) FROM chunks c WHERE c.source_id = s.id AND c.state IN ('pending', 'running')) AS retrying_since_ms, \
+         (SELECT c.last_error FROM chunks c WHERE c.source_id = s.id AND c.state IN ('pending', 'running') AND c.transient_since_ms IS NOT NULL ORDER BY c.transient_since_ms LIMIT 1) AS retrying_error"
+    };
+}
+
 /// Leases a claimed chunk to its new owner.
 pub(super) const TAKE_LEASE: &str = "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE id = $4";
 /// A pending source is processing once a chunk of it is claimed.
@@ -35,11 +45,18 @@ pub(super) const DIRECTORIES_PAGE: &str =
     "SELECT * FROM directories WHERE organization_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
 /// Frees a key whose request failed, if the claim is still this request's.
 pub(super) const RELEASE_IDEMPOTENCY_KEY: &str = "DELETE FROM idempotency_keys WHERE organization_id = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'";
-/// A source, scoped to its organization and directory.
-pub(super) const SOURCE: &str =
-    "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3";
-/// A page of a directory's sources, newest first.
-pub(super) const SOURCES_PAGE: &str = "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4";
+/// A source as clients see it, scoped to its organization and directory.
+pub(super) const SOURCE: &str = concat!(
+    "SELECT s.*, ",
+    retrying!(),
+    " FROM sources s WHERE organization_id = $1 AND directory_id = $2 AND id = $3"
+);
+/// A page of a directory's sources as clients see them, newest first.
+pub(super) const SOURCES_PAGE: &str = concat!(
+    "SELECT s.*, ",
+    retrying!(),
+    " FROM sources s WHERE organization_id = $1 AND directory_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
+);
 pub(super) const FAILED_ROWS_PAGE: &str = "SELECT * FROM failed_rows WHERE source_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3";
 pub(super) const RENEW_LEASE: &str = "UPDATE chunks SET lease_expires_ms = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running'";
 /// Processes dead for long: their leases were taken over long ago.
