@@ -28,6 +28,7 @@ pub struct Metrics {
     pub sources: IntGaugeVec,
     pub commit_retries: IntCounterVec,
     pub leases_taken_over: IntCounterVec,
+    pub leases_lost: IntCounter,
     pub chunk_failures: IntCounterVec,
     pub dead_letters: IntGauge,
     pub chunks_poisoned: IntCounter,
@@ -131,6 +132,14 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         &["reason"],
     )
     .expect("valid metric");
+    for reason in ["owner_dead", "expired"] {
+        leases_taken_over.with_label_values(&[reason]);
+    }
+    let leases_lost = IntCounter::new(
+        "orbit_leases_lost_total",
+        "Chunk attempts of this worker that found their lease gone, at a renewal or a refused commit (taken over after the worker overran the lease or was presumed dead, or the source ended): the uncommitted work is dropped and the new owner does it",
+    )
+    .expect("valid metric");
     let chunk_failures = IntCounterVec::new(
         Opts::new(
             "orbit_chunk_failures_total",
@@ -215,6 +224,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         Box::new(build_info.clone()),
         Box::new(chunk_failures.clone()),
         Box::new(leases_taken_over.clone()),
+        Box::new(leases_lost.clone()),
         Box::new(http_requests.clone()),
         Box::new(http_duration.clone()),
         Box::new(chunks_in_flight.clone()),
@@ -239,6 +249,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         sources,
         commit_retries,
         leases_taken_over,
+        leases_lost,
         chunk_failures,
         dead_letters,
         chunks_poisoned,

@@ -4,6 +4,7 @@
 //! context the message carries, so it joins the upload's trace; its children are
 //! `chunk.claim`, `chunk.read`, `chunk.validate` and `chunk.commit`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -36,18 +37,24 @@ pub struct Worker {
 /// however the attempt ends (including through a `?` on a failed store call), stops the
 /// renewal: a lease renewed for a chunk nobody works on would keep it from every other worker
 /// until this process exits.
-struct LeaseRenewal(tokio::task::JoinHandle<()>);
+struct LeaseRenewal {
+    task: tokio::task::JoinHandle<()>,
+    lost: Arc<AtomicBool>,
+}
 
 impl LeaseRenewal {
     fn start(store: Arc<dyn Store>, lease: Lease, lease_for: Duration) -> Self {
         let period = lease_for / 3;
-        LeaseRenewal(tokio::spawn(async move {
+        let lost = Arc::new(AtomicBool::new(false));
+        let noticed = lost.clone();
+        let task = tokio::spawn(async move {
             loop {
                 tokio::time::sleep(period).await;
                 match store.renew_lease(&lease, lease_for).await {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(chunk = %lease.chunk_id, "lease lost; results will be discarded");
+                        LeaseRenewal::count_lost(&noticed);
                         return;
                     }
                     Err(e) => {
@@ -55,13 +62,23 @@ impl LeaseRenewal {
                     }
                 }
             }
-        }))
+        });
+        LeaseRenewal { task, lost }
+    }
+
+    /// Counts the attempt's lost lease once, whichever finds it first: the renewal, or a
+    /// commit refused for it. A frozen worker's renewal may find it before its commit can,
+    /// or instead of it, when the freeze also cost the commit its database session.
+    fn count_lost(lost: &AtomicBool) {
+        if !lost.swap(true, Ordering::Relaxed) {
+            METRICS.leases_lost.inc();
+        }
     }
 }
 
 impl Drop for LeaseRenewal {
     fn drop(&mut self) {
-        self.0.abort();
+        self.task.abort();
     }
 }
 
@@ -265,7 +282,7 @@ impl Worker {
     async fn process_under_lease(&self, work: &ChunkWork) -> anyhow::Result<()> {
         let lease = &work.lease;
         // Held until this function returns, whichever way it does.
-        let _renewal = LeaseRenewal::start(
+        let renewal = LeaseRenewal::start(
             self.store.clone(),
             lease.clone(),
             self.settings.worker.lease,
@@ -319,6 +336,7 @@ impl Worker {
                     }
                 }
                 Ok(Committed::LeaseLost) => {
+                    LeaseRenewal::count_lost(&renewal.lost);
                     tracing::warn!(source = %lease.source_id, chunk = work.chunk.index, "lease lost before commit: another worker owns the chunk, or its source ended (cancelled or failed); dropping it");
                     return Ok(());
                 }

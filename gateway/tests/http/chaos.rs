@@ -33,6 +33,28 @@ fn add_worker(app: &mut TestApp) {
     app.workers.push(worker);
 }
 
+/// [`add_worker`], serving its metrics: the base URL of its `/metrics`.
+async fn add_watched_worker(app: &mut TestApp) -> String {
+    let (worker, url) =
+        spawn_worker_serving_metrics(app.stack.as_ref().unwrap(), &app.settings).await;
+    app.workers.push(worker);
+    url
+}
+
+/// A counter of a worker's `/metrics`; 0 when the series is absent.
+async fn worker_counter(app: &TestApp, url: &str, series: &str) -> f64 {
+    let text = app
+        .client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric(&text, series).unwrap_or(0.0)
+}
+
 async fn wait_processed_over(app: &TestApp, source: &str, rows: u64) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -88,8 +110,8 @@ async fn a_worker_killed_mid_chunk_loses_nothing() {
 async fn a_worker_frozen_past_its_lease_is_fenced() {
     let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
-    add_worker(&mut app);
-    add_worker(&mut app);
+    let frozen = add_watched_worker(&mut app).await;
+    let other = add_watched_worker(&mut app).await;
     let source = upload(&app, "freeze").await;
     wait_processed_over(&app, &source, 1).await;
     let pid = app.workers[0].id().unwrap().to_string();
@@ -106,6 +128,24 @@ async fn a_worker_frozen_past_its_lease_is_fenced() {
         .unwrap()
         .success());
     assert_exact(&app, &source).await;
+    // Each side of the takeover shows in its worker's metrics.
+    let taken_over = worker_counter(
+        &app,
+        &other,
+        r#"orbit_leases_taken_over_total{reason="expired"}"#,
+    )
+    .await
+        + worker_counter(
+            &app,
+            &other,
+            r#"orbit_leases_taken_over_total{reason="owner_dead"}"#,
+        )
+        .await;
+    assert!(taken_over >= 1.0, "the other worker took no chunk over");
+    assert!(
+        worker_counter(&app, &frozen, "orbit_leases_lost_total").await >= 1.0,
+        "the frozen worker's late commit was not counted as a lost lease"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -159,9 +199,19 @@ async fn a_killed_workers_chunks_are_taken_over_long_before_its_lease_ends() {
     wait_processed_over(&app, &source, 1).await;
     app.workers[0].kill().await.unwrap();
     let killed = Instant::now();
-    add_worker(&mut app);
+    let heir = add_watched_worker(&mut app).await;
     assert_exact(&app, &source).await;
     let took = killed.elapsed();
+    assert!(
+        worker_counter(
+            &app,
+            &heir,
+            r#"orbit_leases_taken_over_total{reason="owner_dead"}"#
+        )
+        .await
+            >= 1.0,
+        "the takeover of the dead worker's chunks is not in the metrics"
+    );
     eprintln!("completed {took:?} after the SIGKILL");
     assert!(
         took < Duration::from_secs(40),
@@ -213,9 +263,20 @@ fn add_proxied_worker(app: &mut TestApp, proxy: &TcpProxy, extra: &[(&str, &str)
     app.workers.push(worker);
 }
 
-async fn assert_still_processing(app: &TestApp, source: &str) {
+/// Still processing, and saying why it makes no progress: since when it has been retrying
+/// (the same time at every look, as the outage is one run of failures) and the last error.
+async fn assert_still_retrying(app: &TestApp, source: &str) -> Value {
     let body = app.source(source).await;
     assert_eq!(body["source_status"], "processing", "{body}");
+    let retrying = &body["retrying"];
+    assert!(
+        retrying["since"].is_string()
+            && retrying["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("object store")),
+        "{body}"
+    );
+    retrying["since"].clone()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,11 +291,13 @@ async fn an_object_store_outage_of_90_seconds_costs_no_import() {
     proxy.set_up(false);
     add_proxied_worker(&mut app, &proxy, &[]);
     tokio::time::sleep(Duration::from_secs(45)).await;
-    assert_still_processing(&app, &source).await;
+    let since = assert_still_retrying(&app, &source).await;
     tokio::time::sleep(Duration::from_secs(45)).await;
-    assert_still_processing(&app, &source).await;
+    assert_eq!(assert_still_retrying(&app, &source).await, since);
     proxy.set_up(true);
     assert_exact(&app, &source).await;
+    let done = app.source(&source).await;
+    assert!(done.get("retrying").is_none(), "{done}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

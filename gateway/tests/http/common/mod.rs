@@ -66,31 +66,59 @@ pub fn spawn_worker_with(
     extra: &[(&str, &str)],
 ) -> tokio::process::Child {
     tokio::process::Command::new(worker_binary())
-        .envs(stack.env())
-        .env(
-            "ORBIT__INGEST__MAX_FIELD_BYTES",
-            settings.ingest.max_field_bytes.to_string(),
-        )
-        .env(
-            "ORBIT__INGEST__DEFAULT_REGION",
-            settings.ingest.default_region.code(),
-        )
-        .env("ORBIT__WORKER__CONCURRENCY", "2")
-        .env(
-            "ORBIT__WORKER__SLICE_ROWS",
-            settings.worker.slice_rows.to_string(),
-        )
-        .env("ORBIT__WORKER__REAP_INTERVAL", "200ms")
-        .env(
-            "ORBIT__WORKER__LEASE",
-            humantime::format_duration(settings.worker.lease).to_string(),
-        )
         .env("RUST_LOG", "warn")
-        .envs(extra.iter().copied())
+        .envs(worker_env(stack, settings, extra))
         .env_remove("ORBIT_CONFIG")
         .kill_on_drop(true)
         .spawn()
         .expect("orbit-worker starts")
+}
+
+/// [`spawn_worker`], serving its `/metrics`: the process and that endpoint's base URL.
+pub async fn spawn_worker_serving_metrics(
+    stack: &DistributedStack,
+    settings: &Settings,
+) -> (tokio::process::Child, String) {
+    orbit_shared::testing::spawn_worker_with_metrics(
+        &worker_binary(),
+        &worker_env(stack, settings, &[]),
+    )
+    .await
+}
+
+/// The environment of a worker on `stack` with the row rules and worker settings of
+/// `settings`, then `extra` (`ORBIT__…` variables) over them.
+fn worker_env(
+    stack: &DistributedStack,
+    settings: &Settings,
+    extra: &[(&str, &str)],
+) -> Vec<(String, String)> {
+    let mut env = stack.env();
+    env.extend(
+        [
+            (
+                "ORBIT__INGEST__MAX_FIELD_BYTES",
+                settings.ingest.max_field_bytes.to_string(),
+            ),
+            (
+                "ORBIT__INGEST__DEFAULT_REGION",
+                settings.ingest.default_region.code().to_string(),
+            ),
+            ("ORBIT__WORKER__CONCURRENCY", "2".to_string()),
+            (
+                "ORBIT__WORKER__SLICE_ROWS",
+                settings.worker.slice_rows.to_string(),
+            ),
+            ("ORBIT__WORKER__REAP_INTERVAL", "200ms".to_string()),
+            (
+                "ORBIT__WORKER__LEASE",
+                humantime::format_duration(settings.worker.lease).to_string(),
+            ),
+        ]
+        .map(|(k, v)| (k.to_owned(), v)),
+    );
+    env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    env
 }
 
 /// Settings for a test: everything embedded under `data`, on an ephemeral port.
