@@ -386,8 +386,16 @@ async fn sigterm_with_a_stalled_upload_exits_within_the_grace_and_leaves_nothing
     assert_eq!(response.status(), StatusCode::CREATED);
 }
 
+/// The files in the local object store's `.partial/`: uploads still being written, or left by
+/// a process that died writing them.
+fn partial_files(data: &Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(data.join("objects").join(".partial"))
+        .map(|dir| dir.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default()
+}
+
 #[tokio::test]
-async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
+async fn a_killed_gateways_partial_upload_and_idempotency_key_are_gone_after_restart() {
     let data = data_dir().await;
     let (_, boot, _) = admin(data.path(), &["bootstrap"]).await;
     let (org, dir, token) = (
@@ -455,8 +463,18 @@ async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // The stalled upload's bytes are on disk, in a partial file, when the gateway dies.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while partial_files(data.path()).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the stalled upload never began its object"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     gateway.kill().await.unwrap();
     stalled.1.abort();
+    let orphans = partial_files(data.path());
 
     // The restarted gateway answers 409 only until the dead one's heartbeat expires (5 s), not
     // for the hour of `idempotency.in_flight_timeout`.
@@ -475,6 +493,15 @@ async fn a_killed_gateways_idempotency_keys_are_free_again_within_seconds() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // The restarted gateway's start-up sweep removed what the dead one was writing.
+    let left: Vec<_> = partial_files(data.path())
+        .into_iter()
+        .filter(|f| orphans.contains(f))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "partial files of the killed gateway: {left:?}"
+    );
 }
 
 /// The receiving half of a channel as a stream (what `tokio-stream` would give).
