@@ -427,6 +427,55 @@ async fn rabbitmq_messages_are_persistent_json_with_a_traceparent_header() {
     let _ = conn.close(200, "OK".into()).await;
 }
 
+/// The `frame_max` RabbitMQ negotiated for the queue's publishing connection, as
+/// `rabbitmqctl list_connections` reports it.
+async fn publishing_frame_max(rabbit: &Rabbit) -> u32 {
+    let name = format!("\"{} publish\"", rabbit.queue.connection_name_prefix());
+    let out = tokio::task::spawn_blocking(|| {
+        std::process::Command::new("rabbitmqctl")
+            .args([
+                "list_connections",
+                "frame_max",
+                "client_properties",
+                "--quiet",
+                "--no-table-headers",
+            ])
+            .output()
+            .expect("rabbitmqctl runs")
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listing = String::from_utf8_lossy(&out.stdout);
+    listing
+        .lines()
+        .find(|line| line.contains(&name))
+        .and_then(|line| line.split('\t').next()?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no connection {name} in:\n{listing}"))
+}
+
+/// lapin buffers 32 frames each way per connection: at RabbitMQ's default frame_max (128 KiB)
+/// that was 8 MiB of every process's memory a connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_connections_use_small_frames_unless_the_url_sets_them() {
+    let rabbit = Rabbit::new().await;
+    rabbit.queue.publish(&chunk(None)).await.expect("publish");
+    assert_eq!(publishing_frame_max(&rabbit).await, 16 * 1024);
+
+    let url = amqp_url();
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let rabbit = Rabbit::with(|s| {
+        s.url = format!("{url}{separator}frame_max=65536").parse().unwrap();
+    })
+    .await;
+    rabbit.queue.publish(&chunk(None)).await.expect("publish");
+    assert_eq!(publishing_frame_max(&rabbit).await, 65536);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rabbitmq_unroutable_publish_fails_and_the_next_one_redeclares_the_queue() {
     let rabbit = Rabbit::new().await;
