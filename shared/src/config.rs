@@ -521,7 +521,7 @@ sweep_interval = "15m"
 
 [worker]
 concurrency = 0
-slice_rows = 250
+slice_rows = 750
 max_attempts = 5
 lease = "60s"
 transient_retry_for = "15m"
