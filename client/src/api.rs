@@ -30,8 +30,18 @@ pub struct SourceStatus {
     pub processed_rows: u64,
     #[serde(default)]
     pub error: Option<SourceError>,
+    /// Present while the source waits out transient trouble on the server's side.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retrying: Option<Retrying>,
     #[serde(flatten)]
     pub rest: serde_json::Map<String, Value>,
+}
+
+/// Since when a source has been retrying, and what its last attempt said.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retrying {
+    pub since: String,
+    pub message: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

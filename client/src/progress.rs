@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use crate::api::Retrying;
 use crate::cli::ProgressMode;
 
 const PLAIN_EVERY: Duration = Duration::from_secs(1);
@@ -77,6 +78,7 @@ impl Progress {
             position: AtomicU64::new(0),
             total: AtomicU64::new(0),
             last_plain: Mutex::new(Instant::now()),
+            retrying: Mutex::new(None),
         })
     }
 }
@@ -98,6 +100,8 @@ pub struct Tracker {
     position: AtomicU64,
     total: AtomicU64,
     last_plain: Mutex<Instant>,
+    /// The server-side retry run last reported, so each is said once.
+    retrying: Mutex<Option<Retrying>>,
 }
 
 impl Tracker {
@@ -120,7 +124,7 @@ impl Tracker {
     pub fn start_processing(&self, processed: u64, total_rows: u64) {
         self.start(Phase::Processing, total_rows, processed, || {
             ProgressStyle::with_template(
-                "{prefix} processing [{bar:30}] {pos}/{len} rows {per_sec} eta {eta}",
+                "{prefix} processing [{bar:30}] {pos}/{len} rows {per_sec} eta {eta} {msg}",
             )
         });
     }
@@ -132,6 +136,23 @@ impl Tracker {
         }
         self.position.store(processed, Ordering::Relaxed);
         self.advance(processed, false);
+    }
+
+    /// Says when the source starts waiting out transient trouble on the server (an outage of
+    /// its object store or database) and when it moves again: on the bar's line, or as a plain
+    /// line once per change.
+    pub fn retrying(&self, now: Option<&Retrying>) {
+        let mut last = self.retrying.lock().expect("progress lock");
+        let Some(line) = retry_change(&self.name, last.as_ref(), now) else {
+            return;
+        };
+        *last = now.cloned();
+        match (&self.bar, self.style) {
+            (Some(bar), Style::Bar) => bar
+                .set_message(now.map_or_else(String::new, |r| format!("retrying: {}", r.message))),
+            (_, Style::Plain) => eprintln!("{line}"),
+            _ => {}
+        }
     }
 
     /// Ends the current phase, printing its last plain line.
@@ -199,5 +220,57 @@ impl Tracker {
                 }
             }
         }
+    }
+}
+
+/// The line that reports a change of a source's server-side retrying, if it changed: a new
+/// run of transient failures (a new `since`), or the end of one.
+fn retry_change(name: &str, last: Option<&Retrying>, now: Option<&Retrying>) -> Option<String> {
+    match (last, now) {
+        (last, Some(now)) if last.map(|l| &l.since) != Some(&now.since) => Some(format!(
+            "{name}: the server has been retrying since {} after transient trouble: {}",
+            now.since, now.message
+        )),
+        (Some(_), None) => Some(format!("{name}: moving again")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(since: &str, message: &str) -> Retrying {
+        Retrying {
+            since: since.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn each_retry_run_and_its_end_are_said_once() {
+        let a = run(
+            "2026-11-29T15:02:11Z",
+            "object store error: connection refused",
+        );
+        let a_later = run("2026-11-29T15:02:11Z", "object store error: timed out");
+        let b = run("2026-11-29T15:09:00Z", "database error: pool timed out");
+        assert_eq!(retry_change("f.csv", None, None), None);
+        assert_eq!(
+            retry_change("f.csv", None, Some(&a)).as_deref(),
+            Some("f.csv: the server has been retrying since 2026-11-29T15:02:11Z after transient trouble: object store error: connection refused")
+        );
+        assert_eq!(
+            retry_change("f.csv", Some(&a), Some(&a_later)),
+            None,
+            "the same run, whatever its last error"
+        );
+        assert_eq!(
+            retry_change("f.csv", Some(&a), None).as_deref(),
+            Some("f.csv: moving again")
+        );
+        assert!(retry_change("f.csv", Some(&a), Some(&b))
+            .unwrap()
+            .contains("since 2026-11-29T15:09:00Z"));
     }
 }

@@ -396,6 +396,7 @@ pub async fn follow(
         } else {
             tracker.processed(status.processed_rows, status.total_rows);
         }
+        tracker.retrying(status.retrying.as_ref());
         if status.is_terminal() {
             tracker.end_phase();
             return Ok(status);
