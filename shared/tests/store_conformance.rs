@@ -597,6 +597,13 @@ async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert_eq!(mid.accepted, 0, "the zombie's write was refused");
+    assert!(
+        !store
+            .release_chunk(&zombie.lease, "failed late", None)
+            .await
+            .unwrap(),
+        "the zombie's release finds its lease gone and leaves the live one alone"
+    );
     assert_eq!(
         store.commit_chunk(&live.lease, results()).await.unwrap(),
         Committed::Done {
@@ -752,10 +759,10 @@ async fn a_source_says_it_is_retrying_until_its_chunk_moves_again(store: Arc<dyn
         "object store error: timed out",
     ] {
         let work = claim(&*store, queued[0].chunk_id).await;
-        store
+        assert!(store
             .release_chunk(&work.lease, error, Some(Duration::from_secs(600)))
             .await
-            .unwrap();
+            .unwrap());
     }
     let waiting = get().await;
     let retrying = waiting

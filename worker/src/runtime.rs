@@ -54,7 +54,7 @@ impl LeaseRenewal {
                     Ok(true) => {}
                     Ok(false) => {
                         tracing::warn!(chunk = %lease.chunk_id, "lease lost; results will be discarded");
-                        LeaseRenewal::count_lost(&noticed);
+                        count_lost(&noticed);
                         return;
                     }
                     Err(e) => {
@@ -66,13 +66,20 @@ impl LeaseRenewal {
         LeaseRenewal { task, lost }
     }
 
-    /// Counts the attempt's lost lease once, whichever finds it first: the renewal, or a
-    /// commit refused for it. A frozen worker's renewal may find it before its commit can,
-    /// or instead of it, when the freeze also cost the commit its database session.
-    fn count_lost(lost: &AtomicBool) {
-        if !lost.swap(true, Ordering::Relaxed) {
-            METRICS.leases_lost.inc();
-        }
+    /// The attempt found its lease gone: a commit was refused for it, or a failed attempt
+    /// found nothing of its own to release.
+    fn lost(&self) {
+        count_lost(&self.lost);
+    }
+}
+
+/// Counts an attempt's lost lease once, whichever finds it first: the renewal, a refused
+/// commit, or the release after a failed one. A frozen worker's renewal may find it before
+/// its commit can, and a freeze that also cost the commit its database session ends the
+/// attempt in an error, whose release finds the lease gone.
+fn count_lost(lost: &AtomicBool) {
+    if !lost.swap(true, Ordering::Relaxed) {
+        METRICS.leases_lost.inc();
     }
 }
 
@@ -291,13 +298,13 @@ impl Worker {
         let mut reader =
             match ChunkReader::open(&*self.blobs, &work.source, &work.chunk, slice_rows).await {
                 Ok(reader) => reader,
-                Err(e) => return self.failed(lease, e).await,
+                Err(e) => return self.failed(lease, &renewal, e).await,
             };
         let (mut accepted, mut failed) = (0u64, 0u64);
         loop {
             let (results, end) = match reader.next_slice().await {
                 Ok(slice) => slice,
-                Err(e) => return self.failed(lease, e).await,
+                Err(e) => return self.failed(lease, &renewal, e).await,
             };
             let rows = (results.accepted.len() as u64, results.failed.len() as u64);
             let commit_span = tracing::info_span!(
@@ -336,13 +343,14 @@ impl Worker {
                     }
                 }
                 Ok(Committed::LeaseLost) => {
-                    LeaseRenewal::count_lost(&renewal.lost);
+                    renewal.lost();
                     tracing::warn!(source = %lease.source_id, chunk = work.chunk.index, "lease lost before commit: another worker owns the chunk, or its source ended (cancelled or failed); dropping it");
                     return Ok(());
                 }
                 Err(e) => {
                     let transient = e.is_transient() || e.is_conflict();
-                    self.release(lease, &e.to_string(), transient).await;
+                    self.release(lease, &renewal, &e.to_string(), transient)
+                        .await;
                     return Err(e.into());
                 }
             }
@@ -350,7 +358,12 @@ impl Worker {
     }
 
     /// Ends an attempt that could not read or validate its rows.
-    async fn failed(&self, lease: &Lease, error: ProcessError) -> anyhow::Result<()> {
+    async fn failed(
+        &self,
+        lease: &Lease,
+        renewal: &LeaseRenewal,
+        error: ProcessError,
+    ) -> anyhow::Result<()> {
         match error {
             ProcessError::ObjectMissing(key) => {
                 self.store
@@ -368,7 +381,8 @@ impl Worker {
             }
             e => {
                 let transient = matches!(e, ProcessError::Transient(_));
-                self.release(lease, &e.to_string(), transient).await;
+                self.release(lease, renewal, &e.to_string(), transient)
+                    .await;
                 Err(e.into())
             }
         }
@@ -376,12 +390,16 @@ impl Worker {
 
     /// Gives the chunk back after a failed attempt. Should that fail too (the database is
     /// gone), the chunk's lease runs out and the reaper publishes it again.
-    async fn release(&self, lease: &Lease, error: &str, transient: bool) {
+    async fn release(&self, lease: &Lease, renewal: &LeaseRenewal, error: &str, transient: bool) {
         let kind = if transient { "transient" } else { "permanent" };
         METRICS.chunk_failures.with_label_values(&[kind]).inc();
         let transient_for = transient.then_some(self.settings.worker.transient_retry_for);
-        if let Err(e) = self.store.release_chunk(lease, error, transient_for).await {
-            tracing::warn!(chunk = %lease.chunk_id, error = %e, "could not release the chunk; it returns when its lease expires");
+        match self.store.release_chunk(lease, error, transient_for).await {
+            Ok(true) => {}
+            Ok(false) => renewal.lost(),
+            Err(e) => {
+                tracing::warn!(chunk = %lease.chunk_id, error = %e, "could not release the chunk; it returns when its lease expires")
+            }
         }
     }
 

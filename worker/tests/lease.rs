@@ -41,7 +41,7 @@ impl Store for FailingEnds {
         _lease: &Lease,
         _error: &str,
         _transient_for: Option<Duration>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         blip()
     }
     async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {

@@ -41,8 +41,8 @@ async fn add_watched_worker(app: &mut TestApp) -> String {
     url
 }
 
-/// A counter of a worker's `/metrics`; 0 when the series is absent.
-async fn worker_counter(app: &TestApp, url: &str, series: &str) -> f64 {
+/// A sample of a worker's `/metrics`; 0 when the series is absent.
+async fn worker_metric(app: &TestApp, url: &str, series: &str) -> f64 {
     let text = app
         .client
         .get(format!("{url}/metrics"))
@@ -114,38 +114,55 @@ async fn a_worker_frozen_past_its_lease_is_fenced() {
     let other = add_watched_worker(&mut app).await;
     let source = upload(&app, "freeze").await;
     wait_processed_over(&app, &source, 1).await;
+    // Frozen while it holds a chunk, so that there is a lease to lose and one to take over.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker_metric(&app, &frozen, "orbit_chunks_in_flight").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the worker to freeze took no chunk"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let pid = app.workers[0].id().unwrap().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-STOP", &pid])
         .status()
         .unwrap()
         .success());
-    // Past the 3 s lease: the other worker takes the frozen one's chunk over.
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Past the 3 s lease the other worker takes the frozen one's chunk over, and shows it in
+    // its metrics. (A worker thawed before anyone took its chunk would simply renew.)
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut taken_over = 0.0;
+        for reason in ["expired", "owner_dead"] {
+            let series = format!("orbit_leases_taken_over_total{{reason=\"{reason}\"}}");
+            taken_over += worker_metric(&app, &other, &series).await;
+        }
+        if taken_over >= 1.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the other worker took no chunk over"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(std::process::Command::new("kill")
         .args(["-CONT", &pid])
         .status()
         .unwrap()
         .success());
     assert_exact(&app, &source).await;
-    // Each side of the takeover shows in its worker's metrics.
-    let taken_over = worker_counter(
-        &app,
-        &other,
-        r#"orbit_leases_taken_over_total{reason="expired"}"#,
-    )
-    .await
-        + worker_counter(
-            &app,
-            &other,
-            r#"orbit_leases_taken_over_total{reason="owner_dead"}"#,
-        )
-        .await;
-    assert!(taken_over >= 1.0, "the other worker took no chunk over");
-    assert!(
-        worker_counter(&app, &frozen, "orbit_leases_lost_total").await >= 1.0,
-        "the frozen worker's late commit was not counted as a lost lease"
-    );
+    // The source can complete before the thawed worker has got as far as its renewal or its
+    // commit: give it the time.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while worker_metric(&app, &frozen, "orbit_leases_lost_total").await < 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the frozen worker never counted its lost lease"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +220,7 @@ async fn a_killed_workers_chunks_are_taken_over_long_before_its_lease_ends() {
     assert_exact(&app, &source).await;
     let took = killed.elapsed();
     assert!(
-        worker_counter(
+        worker_metric(
             &app,
             &heir,
             r#"orbit_leases_taken_over_total{reason="owner_dead"}"#

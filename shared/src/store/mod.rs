@@ -202,12 +202,14 @@ pub trait Store: Send + Sync + 'static {
     /// Gives up a lease after a failed attempt so the chunk can be tried again. A transient
     /// failure (`transient_for` set: storage, network or database trouble) gives its attempt
     /// back until the chunk has been failing that way for `transient_for`; any other counts.
+    /// `false` when the lease was no longer this attempt's (taken over, or its source ended):
+    /// nothing is changed then.
     async fn release_chunk(
         &self,
         lease: &Lease,
         error: &str,
         transient_for: Option<Duration>,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<bool>;
     /// Re-opens a failed source: its failed (unfinished) chunks get fresh attempts and are
     /// returned to publish (the reaper publishes them too, should nobody else), chunks already
     /// done stay done, and the source is processing again.

@@ -199,7 +199,7 @@ impl PgStore {
         lease: &Lease,
         error: &str,
         transient_for: Option<Duration>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         let Some(row) = sqlx::query(
             "SELECT transient_since_ms FROM chunks WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
@@ -209,7 +209,7 @@ impl PgStore {
         .fetch_optional(&mut *tx)
         .await?
         else {
-            return Ok(());
+            return Ok(false);
         };
         let release = decide_release(
             now_ms(),
@@ -226,7 +226,7 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn retry_source_once(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried> {
@@ -1878,7 +1878,7 @@ impl Store for PgStore {
         lease: &Lease,
         error: &str,
         transient_for: Option<Duration>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         self.retrying(|| Box::pin(self.release_chunk_once(lease, error, transient_for)))
             .await
     }

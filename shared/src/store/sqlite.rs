@@ -1055,7 +1055,7 @@ impl Store for SqliteStore {
         lease: &Lease,
         error: &str,
         transient_for: Option<Duration>,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         let mut tx = self.writer.begin().await?;
         let Some(row) = sqlx::query(
             "SELECT transient_since_ms FROM chunks WHERE id = ? AND lease_token = ? AND state = 'running'",
@@ -1065,7 +1065,7 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await?
         else {
-            return Ok(());
+            return Ok(false);
         };
         let release = decide_release(
             now_ms(),
@@ -1082,7 +1082,7 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried> {
