@@ -102,6 +102,26 @@ fn new_upload(
     }
 }
 
+/// An upload with no synchronous prefix and one queued chunk of `rows` rows.
+async fn one_chunk_upload(
+    store: &dyn Store,
+    org: Uuid,
+    dir: Uuid,
+    rows: u64,
+) -> (Source, Vec<ChunkRef>) {
+    store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            rows,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, rows)],
+        ))
+        .await
+        .unwrap()
+}
+
 async fn claim(store: &dyn Store, chunk: Uuid) -> ChunkWork {
     match store.claim_chunk(chunk, "test", LEASE, 5).await.unwrap() {
         Claim::Claimed(work) => *work,
@@ -560,17 +580,7 @@ async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
 
 async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
-    let (source, queued) = store
-        .commit_upload(new_upload(
-            org,
-            dir,
-            1,
-            ChunkResults::default(),
-            0,
-            vec![chunk(0, 1, 1)],
-        ))
-        .await
-        .unwrap();
+    let (source, queued) = one_chunk_upload(&*store, org, dir, 1).await;
     // A lease that has already expired: another worker takes the chunk over.
     let zombie = match store
         .claim_chunk(queued[0].chunk_id, "zombie", Duration::ZERO, 5)
@@ -625,17 +635,7 @@ async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
 
 async fn a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
-    let (source, queued) = store
-        .commit_upload(new_upload(
-            org,
-            dir,
-            5,
-            ChunkResults::default(),
-            0,
-            vec![chunk(0, 1, 5)],
-        ))
-        .await
-        .unwrap();
+    let (source, queued) = one_chunk_upload(&*store, org, dir, 5).await;
     let first = claim(&*store, queued[0].chunk_id).await;
     let slice = ChunkResults {
         accepted: vec![
@@ -733,17 +733,7 @@ async fn a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last(store: 
 
 async fn a_source_says_it_is_retrying_until_its_chunk_moves_again(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
-    let (source, queued) = store
-        .commit_upload(new_upload(
-            org,
-            dir,
-            4,
-            ChunkResults::default(),
-            0,
-            vec![chunk(0, 1, 4)],
-        ))
-        .await
-        .unwrap();
+    let (source, queued) = one_chunk_upload(&*store, org, dir, 4).await;
     let get = || async {
         store
             .get_source(org, dir, source.id)
@@ -841,17 +831,7 @@ async fn a_source_says_it_is_retrying_until_its_chunk_moves_again(store: Arc<dyn
 
 async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
-    let (source, queued) = store
-        .commit_upload(new_upload(
-            org,
-            dir,
-            1,
-            ChunkResults::default(),
-            0,
-            vec![chunk(0, 1, 1)],
-        ))
-        .await
-        .unwrap();
+    let (source, queued) = one_chunk_upload(&*store, org, dir, 1).await;
     // Transient failures (an outage) cost no attempt while they last less than the ceiling,
     // however many there are.
     for _ in 0..5 {
