@@ -41,18 +41,37 @@ async fn add_watched_worker(app: &mut TestApp) -> String {
     url
 }
 
-/// A sample of a worker's `/metrics`; 0 when the series is absent.
-async fn worker_metric(app: &TestApp, url: &str, series: &str) -> f64 {
-    let text = app
-        .client
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    metric(&text, series).unwrap_or(0.0)
+/// The sum of `series` in a worker's metrics `text`; 0 for a series that is absent.
+fn sum(text: &str, series: &[&str]) -> f64 {
+    series.iter().map(|s| metric(text, s).unwrap_or(0.0)).sum()
+}
+
+/// Chunks a worker took over from a process that stopped heartbeating.
+const OWNER_DEAD: &str = r#"orbit_leases_taken_over_total{reason="owner_dead"}"#;
+/// Every way a worker takes a chunk over: from a dead owner, or after a lease expired.
+const TAKEN_OVER: [&str; 2] = [
+    OWNER_DEAD,
+    r#"orbit_leases_taken_over_total{reason="expired"}"#,
+];
+
+/// Polls a worker's metrics until `series` add up to at least 1, for up to `within`; `what`
+/// says what never happened.
+async fn wait_worker_counts(
+    app: &TestApp,
+    url: &str,
+    series: &[&str],
+    within: Duration,
+    what: &str,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = worker_metrics(app, url).await;
+        if sum(&text, series) >= 1.0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 async fn wait_processed_over(app: &TestApp, source: &str, rows: u64) {
@@ -115,14 +134,14 @@ async fn a_worker_frozen_past_its_lease_is_fenced() {
     let source = upload(&app, "freeze").await;
     wait_processed_over(&app, &source, 1).await;
     // Frozen while it holds a chunk, so that there is a lease to lose and one to take over.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while worker_metric(&app, &frozen, "orbit_chunks_in_flight").await < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the worker to freeze took no chunk"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_worker_counts(
+        &app,
+        &frozen,
+        &["orbit_chunks_in_flight"],
+        Duration::from_secs(30),
+        "the worker to freeze took no chunk",
+    )
+    .await;
     let pid = app.workers[0].id().unwrap().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-STOP", &pid])
@@ -131,22 +150,14 @@ async fn a_worker_frozen_past_its_lease_is_fenced() {
         .success());
     // Past the 3 s lease the other worker takes the frozen one's chunk over, and shows it in
     // its metrics. (A worker thawed before anyone took its chunk would simply renew.)
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut taken_over = 0.0;
-        for reason in ["expired", "owner_dead"] {
-            let series = format!("orbit_leases_taken_over_total{{reason=\"{reason}\"}}");
-            taken_over += worker_metric(&app, &other, &series).await;
-        }
-        if taken_over >= 1.0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the other worker took no chunk over"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_worker_counts(
+        &app,
+        &other,
+        &TAKEN_OVER,
+        Duration::from_secs(60),
+        "the other worker took no chunk over",
+    )
+    .await;
     assert!(std::process::Command::new("kill")
         .args(["-CONT", &pid])
         .status()
@@ -155,14 +166,14 @@ async fn a_worker_frozen_past_its_lease_is_fenced() {
     assert_exact(&app, &source).await;
     // The source can complete before the thawed worker has got as far as its renewal or its
     // commit: give it the time.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while worker_metric(&app, &frozen, "orbit_leases_lost_total").await < 1.0 {
-        assert!(
-            Instant::now() < deadline,
-            "the frozen worker never counted its lost lease"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_worker_counts(
+        &app,
+        &frozen,
+        &["orbit_leases_lost_total"],
+        Duration::from_secs(30),
+        "the frozen worker never counted its lost lease",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,15 +230,10 @@ async fn a_killed_workers_chunks_are_taken_over_long_before_its_lease_ends() {
     let heir = add_watched_worker(&mut app).await;
     assert_exact(&app, &source).await;
     let took = killed.elapsed();
+    let heirs = worker_metrics(&app, &heir).await;
     assert!(
-        worker_metric(
-            &app,
-            &heir,
-            r#"orbit_leases_taken_over_total{reason="owner_dead"}"#
-        )
-        .await
-            >= 1.0,
-        "the takeover of the dead worker's chunks is not in the metrics"
+        sum(&heirs, &[OWNER_DEAD]) >= 1.0,
+        "the takeover of the dead worker's chunks is not in the metrics:\n{heirs}"
     );
     eprintln!("completed {took:?} after the SIGKILL");
     assert!(

@@ -152,15 +152,7 @@ async fn a_poisoned_chunk_and_a_missing_object_move_their_metrics() {
     }
     assert!(!gateway.contains("made_up_code"), "{gateway}");
     // The worker process saw two failed attempts, then found the chunk out of attempts.
-    let worker = app
-        .client
-        .get(format!("{worker_url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let worker = worker_metrics(&app, &worker_url).await;
     assert_eq!(
         value(&worker, "orbit_chunks_poisoned_total"),
         1.0,

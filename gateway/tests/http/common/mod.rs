@@ -86,6 +86,19 @@ pub async fn spawn_worker_serving_metrics(
     .await
 }
 
+/// The text of the `/metrics` of a worker serving them at `url` (from
+/// [`spawn_worker_serving_metrics`] or `spawn_worker_with_metrics`).
+pub async fn worker_metrics(app: &TestApp, url: &str) -> String {
+    app.client
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// The environment of a worker on `stack` with the row rules and worker settings of
 /// `settings`, then `extra` (`ORBIT__…` variables) over them.
 fn worker_env(
