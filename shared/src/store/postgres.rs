@@ -18,7 +18,8 @@
 //! size. docs/performance.md measures where a commit's time goes.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -52,6 +53,7 @@ pub struct PgStore {
     retry_for: Duration,
     pause: CommitPause,
     keys: KeySpace,
+    reads: OwnerReads,
 }
 
 impl PgStore {
@@ -76,7 +78,15 @@ impl PgStore {
             retry_for: settings.retry_for,
             pause: CommitPause::default(),
             keys: KeySpace::FULL,
+            reads: OwnerReads::default(),
         })
+    }
+
+    /// Overrides when commits read their identities' owners before claiming them: the split
+    /// detector runs each way.
+    #[cfg(feature = "testing")]
+    pub fn read_owners(&self, when: ReadOwners) {
+        self.reads.when.store(when as u8, Ordering::Relaxed);
     }
 
     /// Makes every commit pause for `pause()` between claiming its identities and committing:
@@ -99,6 +109,61 @@ impl PgStore {
     #[cfg(feature = "testing")]
     pub fn observe_commits(&mut self, seen: impl Fn(Uuid) + Send + Sync + 'static) {
         self.pause.observe = Some(Arc::new(seen));
+    }
+}
+
+/// When a commit reads the current owners of its identities before it claims them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReadOwners {
+    /// When the directory's last commit in this process found any of its identities owned
+    /// already; otherwise the commit claims blind (docs/concurrency.md, "Blind claims").
+    Adaptive,
+    Always,
+    Never,
+}
+
+/// The directories whose last commit in this process found some of its identities owned:
+/// their next commit reads owners first. A commit into any other directory claims blind,
+/// which for new contacts saves a primary-key probe per identity and a round trip, and costs
+/// a refused `COPY` when it guessed wrong (that commit then takes the lost-race path).
+struct OwnerReads {
+    when: AtomicU8,
+    owned_last: Mutex<HashSet<Uuid>>,
+}
+
+impl Default for OwnerReads {
+    fn default() -> Self {
+        OwnerReads {
+            when: AtomicU8::new(ReadOwners::Adaptive as u8),
+            owned_last: Mutex::default(),
+        }
+    }
+}
+
+impl OwnerReads {
+    /// Enough directories for every busy one of a process; past it the set starts over, and
+    /// each directory costs at most one wrong guess.
+    const REMEMBERED: usize = 10_000;
+
+    fn before_commit(&self, directory: Uuid) -> bool {
+        match self.when.load(Ordering::Relaxed) {
+            w if w == ReadOwners::Always as u8 => true,
+            w if w == ReadOwners::Never as u8 => false,
+            _ => self.owned_last.lock().unwrap().contains(&directory),
+        }
+    }
+
+    fn after_commit(&self, directory: Uuid, owned: u64) {
+        let mut last = self.owned_last.lock().unwrap();
+        if owned == 0 {
+            last.remove(&directory);
+        } else {
+            if last.len() >= Self::REMEMBERED {
+                last.clear();
+            }
+            last.insert(directory);
+        }
     }
 }
 
@@ -351,15 +416,18 @@ impl PgStore {
             dry_run: s.dry_run,
         };
         let optimistic = match upload.sync_chunk {
-            Some(_) => Some(resolve_optimistically(&self.pool, &target, prepared).await?),
+            Some(_) => {
+                let read = self.reads.before_commit(target.directory);
+                Some(resolve_optimistically(&self.pool, &target, prepared, read).await?)
+            }
             None => None,
         };
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         sqlx::query(
-            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run)
-             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $18)",
+            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run, owned_identities)
+             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $18, 0)",
         )
         .bind(s.id)
         .bind(s.organization_id)
@@ -394,9 +462,10 @@ impl PgStore {
         match (upload.sync_chunk, optimistic) {
             (Some(chunk), Some(optimistic)) => {
                 insert_chunk(&mut tx, s.id, chunk, "done", upload.trace).await?;
-                let applied =
+                let (applied, owned) =
                     apply_results(&mut tx, &target, prepared, optimistic, &self.pause).await?;
-                advance_source(&mut tx, s.id, &applied, 1).await?;
+                self.reads.after_commit(target.directory, owned);
+                advance_source(&mut tx, s.id, &applied, owned, 1).await?;
             }
             _ if chunk_count == 0 => {
                 let none = Applied {
@@ -404,7 +473,7 @@ impl PgStore {
                     failed: 0,
                     warnings: 0,
                 };
-                advance_source(&mut tx, s.id, &none, 0).await?;
+                advance_source(&mut tx, s.id, &none, 0, 0).await?;
             }
             _ => {}
         }
@@ -440,7 +509,8 @@ impl PgStore {
             &load_source(&mut *self.pool.acquire().await?, lease.source_id).await?,
             self.keys,
         );
-        let optimistic = resolve_optimistically(&self.pool, target, prepared).await?;
+        let read = self.reads.before_commit(target.directory);
+        let optimistic = resolve_optimistically(&self.pool, target, prepared, read).await?;
         let mut tx = self.pool.begin().await?;
         // The row lock fences a concurrent takeover: whoever holds it decides.
         let held = sqlx::query(
@@ -455,7 +525,9 @@ impl PgStore {
         if held.is_none() {
             return Ok(Committed::LeaseLost);
         }
-        let applied = apply_results(&mut tx, target, prepared, optimistic, &self.pause).await?;
+        let (applied, owned) =
+            apply_results(&mut tx, target, prepared, optimistic, &self.pause).await?;
+        self.reads.after_commit(target.directory, owned);
         let chunks_done = match end {
             SliceEnd::Chunk => {
                 sqlx::query(CHUNK_DONE)
@@ -475,7 +547,8 @@ impl PgStore {
                 0
             }
         };
-        let completed = advance_source(&mut tx, target.source, &applied, chunks_done).await?;
+        let completed =
+            advance_source(&mut tx, target.source, &applied, owned, chunks_done).await?;
         self.pause.committing(lease.chunk_id);
         tx.commit().await?;
         Ok(Committed::Done {
@@ -989,6 +1062,7 @@ async fn claim_all_by_copy(
 /// lock-free read saw. After it, every identity of the chunk is either held by this
 /// transaction or owned by a committed one (identities never change owner), and every profile
 /// it reads is locked, so the outcome is the one a serial commit at this point would give.
+/// Also returns how many of the chunk's identities were owned already.
 async fn settle(
     conn: &mut PgConnection,
     target: &Target,
@@ -996,16 +1070,17 @@ async fn settle(
     (mut existing, slots): (Existing, Slots),
     optimistic: Resolution,
     pause: &CommitPause,
-) -> StoreResult<Resolution> {
+) -> StoreResult<(Resolution, u64)> {
     let Claimed { won, lost } =
         claim_identities(conn, target, &optimistic.identities, &slots).await?;
     pause.wait().await;
     let mut stale = !lost.is_empty();
     existing.owners.extend(lost);
+    let owned = existing.owners.len() as u64;
     let locked = load_profiles(conn, target.directory, &owners_to_load(&existing), true).await?;
     stale |= locked != existing.profiles;
     if !stale {
-        return Ok(optimistic);
+        return Ok((optimistic, owned));
     }
     existing.profiles = locked;
     let settled = resolve(prepared, existing, target.seq)?;
@@ -1046,18 +1121,25 @@ async fn settle(
         .execute(&mut *conn)
         .await?;
     }
-    Ok(settled)
+    Ok((settled, owned))
 }
 
 /// The optimistic half of a commit, on a connection of its own before any lock is taken, so
 /// that a commit holds its locks only while it writes: the directory's current owners of the
-/// chunk's identities, and the resolution they give.
+/// chunk's identities, and the resolution they give. Without `read`, it assumes every identity
+/// is new and free at its home key; claiming them (`settle`) corrects the guess where it was
+/// wrong, exactly as it does after a concurrent commit claimed a key first.
 async fn resolve_optimistically(
     pool: &PgPool,
     target: &Target,
     prepared: &mut Prepared,
+    read: bool,
 ) -> StoreResult<((Existing, Slots), Resolution)> {
-    let (snapshot, slots) = read_owners(&mut *pool.acquire().await?, target, prepared).await?;
+    let (snapshot, slots) = if read {
+        read_owners(&mut *pool.acquire().await?, target, prepared).await?
+    } else {
+        (Existing::default(), Slots::new())
+    };
     let optimistic = resolve(prepared, snapshot.clone(), target.seq)?;
     Ok(((snapshot, slots), optimistic))
 }
@@ -1070,15 +1152,16 @@ async fn apply_results(
     prepared: &mut Prepared,
     (snapshot, optimistic): ((Existing, Slots), Resolution),
     pause: &CommitPause,
-) -> StoreResult<Applied> {
+) -> StoreResult<(Applied, u64)> {
     // DRY RUN: the one point where a dry run leaves the write path. It claims no identity and
     // writes no record or profile; it keeps what validation and the lock-free resolution
     // found (counts, warnings, failed rows), as the import would have.
     if target.dry_run {
-        return write_failed_and_issues(tx, target, prepared, optimistic).await;
+        let applied = write_failed_and_issues(tx, target, prepared, optimistic).await?;
+        return Ok((applied, 0));
     }
-    let resolution = settle(tx, target, prepared, snapshot, optimistic, pause).await?;
-    write_all(tx, target, prepared, resolution).await
+    let (resolution, owned) = settle(tx, target, prepared, snapshot, optimistic, pause).await?;
+    Ok((write_all(tx, target, prepared, resolution).await?, owned))
 }
 
 /// Writes the profiles a resolution created (COPY) and changed (one UPDATE, in place), each
@@ -1253,15 +1336,19 @@ async fn write_failed_and_issues(
     Ok(resolution.applied)
 }
 
+/// Adds a commit's counts to its source (`owned`: how many of its identities were owned
+/// already), and completes the source when this was its last chunk.
 async fn advance_source(
     conn: &mut PgConnection,
     source: Uuid,
     applied: &Applied,
+    owned: u64,
     chunks_done: u64,
 ) -> StoreResult<bool> {
     let row = sqlx::query(
         "UPDATE sources SET accepted = accepted + $1, failed = failed + $2, warnings = warnings + $3,
-             processed_rows = processed_rows + $4, chunks_done = chunks_done + $5, status = 'processing', updated_ms = $6
+             processed_rows = processed_rows + $4, chunks_done = chunks_done + $5, status = 'processing', updated_ms = $6,
+             owned_identities = owned_identities + $8
          WHERE id = $7 AND status IN ('pending', 'processing')
          RETURNING chunk_count, chunks_done",
     )
@@ -1272,6 +1359,7 @@ async fn advance_source(
     .bind(chunks_done as i64)
     .bind(now_ms())
     .bind(source)
+    .bind(owned as i64)
     .fetch_optional(&mut *conn)
     .await?;
     let Some(row) = row else { return Ok(false) };
@@ -1284,7 +1372,21 @@ async fn advance_source(
 }
 
 async fn finalize_source(conn: &mut PgConnection, source_id: Uuid) -> StoreResult<()> {
-    for kind in resolve::IDENTITY_KINDS {
+    // A value on two rows committed apart makes the later commit find its identity owned. If
+    // no commit did, every duplicate was within one commit's rows, which flagged it already
+    // (`row::flag_duplicates_in_batch`), and the scans below (about 2.4 s for 1M rows, on one
+    // core, at the very end of the ingest) would find nothing new.
+    let owned: Option<i64> =
+        sqlx::query_scalar("SELECT owned_identities FROM sources WHERE id = $1")
+            .bind(source_id)
+            .fetch_one(&mut *conn)
+            .await?;
+    let kinds = if owned == Some(0) {
+        &[][..]
+    } else {
+        &resolve::IDENTITY_KINDS[..]
+    };
+    for kind in kinds {
         let sql = format!(
             "SELECT r.row_number, r.line_number, r.{kind} AS value FROM records r
              JOIN (SELECT {kind} AS value, MIN(row_number) AS first FROM records
