@@ -13,6 +13,7 @@ use uuid::Uuid;
 use crate::config::{DatabaseBackend, DatabaseSettings};
 use crate::model::*;
 
+mod pg_copy;
 mod pg_layout;
 mod pg_webhooks;
 pub mod postgres;

@@ -13,9 +13,10 @@
 //!
 //! How identities and profiles are laid out (hashed keys with open addressing, typed profile
 //! columns) is `pg_layout`; the statements SQLite runs too are `sql`. New profiles, records
-//! and failed rows go in with `COPY` (row issues through a staging table, since completion may
-//! flag one twice); lookups take arrays, so a chunk costs a handful of round trips whatever its
-//! size. docs/performance.md measures where a commit's time goes.
+//! and identities go in with binary `COPY` (`pg_copy`), failed rows with text `COPY`, row
+//! issues through a staging table, since completion may flag one twice. Lookups take arrays,
+//! so a chunk costs a handful of round trips whatever its size. docs/performance.md measures
+//! where a commit's time goes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -29,6 +30,7 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{Executor, FromRow, PgConnection, PgPool, Row};
 use uuid::Uuid;
 
+use super::pg_copy::BinaryRows;
 use super::pg_layout::{
     field_names, identities_text, kind_number, profile_columns, profile_from_row, KeySpace,
     ProfileColumns,
@@ -650,8 +652,7 @@ fn copy_row(buf: &mut Vec<u8>, fields: &[Option<&str>]) {
         }
         match field {
             None => buf.extend_from_slice(b"\\N"),
-            // Most values need no escaping: copy them whole (this runs under the directory
-            // lock, once per field of every row).
+            // Most values need no escaping: copy them whole.
             Some(text)
                 if !text
                     .bytes()
@@ -1019,28 +1020,23 @@ async fn claim_all_by_copy(
     directory: Uuid,
     pending: &[(&str, &str, Uuid, i64)],
 ) -> StoreResult<bool> {
-    if pending.is_empty() {
-        return Ok(true);
-    }
-    let directory = directory.to_string();
-    let mut buf = Vec::new();
+    let mut rows = BinaryRows::new();
     for (kind, value, profile, key) in pending {
-        copy_row(
-            &mut buf,
-            &[
-                Some(&key.to_string()),
-                Some(&directory),
-                Some(&kind_number(kind)?.to_string()),
-                Some(value),
-                Some(&profile.to_string()),
-            ],
-        );
+        rows.row(5)
+            .int8(*key)
+            .uuid(directory)
+            .int2(kind_number(kind)?)
+            .text(value)
+            .uuid(*profile);
     }
+    let Some(data) = rows.finish() else {
+        return Ok(true);
+    };
     conn.execute("SAVEPOINT claim_by_copy").await?;
     let copied = copy_in(
         conn,
-        "COPY identities (key, directory_id, kind, value, profile_id) FROM STDIN",
-        buf,
+        "COPY identities (key, directory_id, kind, value, profile_id) FROM STDIN (FORMAT binary)",
+        data,
     )
     .await;
     match copied {
@@ -1182,35 +1178,33 @@ async fn write_profiles(
     // New profiles go straight in with COPY: their ids are new. (Array-bound `INSERT … SELECT
     // FROM UNNEST` measured within 5% of COPY both ways: slower on 10,000-row chunks, faster on
     // 100-row uploads.)
-    let (dir_text, now_text) = (target.directory.to_string(), now.to_string());
-    let mut buf = Vec::new();
-    let mut texts: Vec<Option<String>> = Vec::new();
+    // directory, id, created, updated, version, a value and a version per field, attributes,
+    // identities.
+    let width = 7 + 2 * field_names().count() as i16;
+    let mut rows = BinaryRows::new();
     for (id, state) in &resolution.created {
         let columns = ProfileColumns::of(state)?;
         let mut identities = gained.remove(id).unwrap_or_default();
         identities.sort_unstable();
-        texts.clear();
-        texts.extend([Some(dir_text.clone()), Some(id.to_string())]);
-        texts.extend([Some(now_text.clone()), Some(now_text.clone())]);
-        texts.push(columns.version.map(|v| v.to_string()));
-        for (value, version) in columns.fields {
-            texts.push(value);
-            texts.push(version.map(|v| v.to_string()));
+        rows.row(width)
+            .uuid(target.directory)
+            .uuid(*id)
+            .int8(now)
+            .int8(now)
+            .int8_or_null(columns.version);
+        for (value, version) in &columns.fields {
+            rows.text_or_null(value.as_deref()).int8_or_null(*version);
         }
-        texts.push(columns.attributes);
-        texts.push(Some(identities_text(identities)?));
-        let fields: Vec<Option<&str>> = texts.iter().map(Option::as_deref).collect();
-        copy_row(&mut buf, &fields);
+        rows.text_or_null(columns.attributes.as_deref())
+            .text(&identities_text(identities)?);
     }
-    copy_in(
-        conn,
-        &format!(
-            "COPY profiles (directory_id, id, {}) FROM STDIN",
+    if let Some(data) = rows.finish() {
+        let statement = format!(
+            "COPY profiles (directory_id, id, {}) FROM STDIN (FORMAT binary)",
             profile_columns()
-        ),
-        buf,
-    )
-    .await?;
+        );
+        copy_in(conn, &statement, data).await?;
+    }
     if resolution.updated.is_empty() {
         return Ok(());
     }
@@ -1275,28 +1269,25 @@ async fn write_all(
     // Records and failed rows go straight in too. None can exist yet: a chunk commits once,
     // fenced by its lease and its `running` state, and the upload's own rows belong to a new
     // source. Should that ever fail, the primary keys refuse the second copy loudly.
-    let source_id = target.source.to_string();
-    let mut buf = Vec::new();
+    let mut rows = BinaryRows::new();
     for (r, profile) in prepared.records.iter().zip(&resolution.profile_of) {
-        copy_row(
-            &mut buf,
-            &[
-                Some(&source_id),
-                Some(&r.row_number.to_string()),
-                Some(&r.line_number.to_string()),
-                Some(&profile.to_string()),
-                r.email.as_deref(),
-                r.linkedin_url.as_deref(),
-                r.phone.as_deref(),
-            ],
-        );
+        rows.row(7)
+            .uuid(target.source)
+            .int8(r.row_number)
+            .int8(r.line_number)
+            .uuid(*profile)
+            .text_or_null(r.email.as_deref())
+            .text_or_null(r.linkedin_url.as_deref())
+            .text_or_null(r.phone.as_deref());
     }
-    copy_in(
-        conn,
-        "COPY records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone) FROM STDIN",
-        buf,
-    )
-    .await?;
+    if let Some(data) = rows.finish() {
+        copy_in(
+            conn,
+            "COPY records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone) FROM STDIN (FORMAT binary)",
+            data,
+        )
+        .await?;
+    }
     write_failed_and_issues(conn, target, prepared, resolution).await
 }
 
