@@ -526,7 +526,7 @@ impl Upload<'_> {
                 dialect: plan.dialect,
                 columns: plan.columns,
                 max_field_bytes: self.state.settings.ingest.max_field_bytes,
-                default_region: self.state.settings.ingest.default_region.code().to_owned(),
+                default_region: self.state.settings.ingest.default_region.code(),
                 dry_run: file.dry_run,
                 total_rows: plan.total_rows,
             },

@@ -4,7 +4,6 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
-use phonenumber::country;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::row::RowRules;
@@ -270,16 +269,16 @@ impl IngestSettings {
 /// An ISO 3166-1 region code such as `US`, parsed when the configuration is read, so that an
 /// unknown one stops the process at start-up and nothing parses it again later.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Region(country::Id);
+pub struct Region(rlibphonenumber::Region);
 
 impl Region {
-    pub fn id(self) -> country::Id {
+    pub fn id(self) -> rlibphonenumber::Region {
         self.0
     }
 
     /// The code as written in configuration and recorded with sources (`US`).
-    pub fn code(&self) -> &str {
-        self.0.as_ref()
+    pub fn code(&self) -> String {
+        self.0.to_string()
     }
 }
 
@@ -295,7 +294,7 @@ impl std::str::FromStr for Region {
 
 impl Serialize for Region {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.code())
+        serializer.serialize_str(&self.code())
     }
 }
 

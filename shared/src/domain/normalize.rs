@@ -1,10 +1,15 @@
 //! Value normalization: emails trimmed and lower-cased, phones to E.164, LinkedIn URLs to
 //! `linkedin.com/in/<slug>`, and full names split when first and last names are absent.
 
-use phonenumber::country;
+use rlibphonenumber::{PhoneNumberFormat, Region, PHONE_NUMBER_UTIL};
 
-pub fn parse_region(code: &str) -> Option<country::Id> {
-    code.trim().to_ascii_uppercase().parse().ok()
+/// An ISO 3166-1 code (`US`, `gb`) of a region phone numbers are known for: not `ZZ`
+/// ("unknown") or `001` ("world"), which parse as codes but number nothing.
+pub fn parse_region(code: &str) -> Option<Region> {
+    let region: Region = code.trim().to_ascii_uppercase().parse().ok()?;
+    PHONE_NUMBER_UTIL
+        .get_country_code_for_region(region)
+        .map(|_| region)
 }
 
 pub fn email(raw: &str) -> Option<String> {
@@ -22,16 +27,20 @@ pub fn email(raw: &str) -> Option<String> {
 }
 
 /// E.164, reading national numbers in `region`.
-pub fn phone(raw: &str, region: country::Id) -> Option<String> {
+pub fn phone(raw: &str, region: Region) -> Option<String> {
     let value = raw.trim();
     if value.chars().filter(char::is_ascii_digit).count() < 5 {
         return None;
     }
-    let number = phonenumber::parse(Some(region), value).ok()?;
-    if !phonenumber::is_valid(&number) {
+    let number = PHONE_NUMBER_UTIL.parse(value, Some(region)).ok()?;
+    if !PHONE_NUMBER_UTIL.is_valid_number(&number) {
         return None;
     }
-    Some(number.format().mode(phonenumber::Mode::E164).to_string())
+    Some(
+        PHONE_NUMBER_UTIL
+            .format(&number, PhoneNumberFormat::E164)
+            .into_owned(),
+    )
 }
 
 /// `https://www.linkedin.com/in/Ann-Lee/?trk=x` → `linkedin.com/in/ann-lee`.
@@ -120,6 +129,8 @@ mod tests {
     fn regions_are_iso_codes() {
         assert!(parse_region("DE").is_some());
         assert!(parse_region("Germany").is_none());
+        assert!(parse_region("ZZ").is_none());
+        assert!(parse_region("001").is_none());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use phonenumber::country;
+use rlibphonenumber::Region;
 use serde::{Deserialize, Serialize};
 
 use super::csv::{RawField, RawRecord};
@@ -153,7 +153,7 @@ pub enum RowOutcome {
 #[derive(Debug, Clone)]
 pub struct RowRules {
     pub max_field_bytes: usize,
-    pub default_region: country::Id,
+    pub default_region: Region,
 }
 
 pub fn validate(
