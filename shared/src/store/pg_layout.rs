@@ -104,19 +104,20 @@ pub(super) fn profile_columns() -> String {
 
 /// A profile's state as column values: the version most of its fields share, one (value,
 /// version) per known field with the version left out (`None`) where it is the shared one, and
-/// the free-form attributes as JSON (`None` when there are none).
-pub(super) struct ProfileColumns {
+/// the free-form attributes as JSON (`None` when there are none). Values are borrowed from
+/// the state: every new profile of a bulk load goes through here.
+pub(super) struct ProfileColumns<'a> {
     pub version: Option<i64>,
-    pub fields: Vec<(Option<String>, Option<i64>)>,
+    pub fields: Vec<(Option<&'a str>, Option<i64>)>,
     pub attributes: Option<String>,
 }
 
-impl ProfileColumns {
-    pub fn of(state: &ProfileState) -> StoreResult<ProfileColumns> {
+impl<'a> ProfileColumns<'a> {
+    pub fn of(state: &'a ProfileState) -> StoreResult<ProfileColumns<'a>> {
         let mut packed = Vec::with_capacity(KnownField::ALL.len());
         for name in field_names() {
             packed.push(match state.fields.get(name) {
-                Some(v) => Some((v.value.clone(), pack_version(v.version)?)),
+                Some(v) => Some((v.value.as_str(), pack_version(v.version)?)),
                 None => None,
             });
         }

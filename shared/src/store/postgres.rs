@@ -1193,7 +1193,7 @@ async fn write_profiles(
             .int8(now)
             .int8_or_null(columns.version);
         for (value, version) in &columns.fields {
-            rows.text_or_null(value.as_deref()).int8_or_null(*version);
+            rows.text_or_null(*value).int8_or_null(*version);
         }
         rows.text_or_null(columns.attributes.as_deref())
             .text(&identities_text(identities)?);
@@ -1211,7 +1211,7 @@ async fn write_profiles(
     let n = resolution.updated.len();
     let names: Vec<&str> = field_names().collect();
     let mut ids = Vec::with_capacity(n);
-    let mut values: Vec<Vec<Option<String>>> = vec![Vec::with_capacity(n); names.len()];
+    let mut values: Vec<Vec<Option<&str>>> = vec![Vec::with_capacity(n); names.len()];
     let mut versions: Vec<Vec<Option<i64>>> = vec![Vec::with_capacity(n); names.len()];
     let mut attributes = Vec::with_capacity(n);
     let mut gains = Vec::with_capacity(n);
