@@ -8,7 +8,7 @@
 //! inside its transaction should a concurrent commit have claimed one of the chunk's
 //! identities first; SQLite, with its single writer, resolves once.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use uuid::Uuid;
 
@@ -151,13 +151,19 @@ pub(super) fn resolve(
     let mut plan = resolve::resolve_batch(&mut existing, &prepared.accepted, source_seq, |row| {
         *new_ids.entry(row).or_insert_with(Uuid::now_v7)
     });
+    // An existing profile that gains an identity is written even when its fields stay.
     for (_, _, profile) in &plan.new_identities {
-        if !plan.created.contains_key(profile) && !plan.updated.contains_key(profile) {
-            if let Some(state) = existing.profiles.get(profile) {
-                plan.updated.insert(*profile, state.clone());
-            }
+        if !plan.created.contains(profile) {
+            plan.updated.insert(*profile);
         }
     }
+    // `existing` ends here: its final states move into the resolution.
+    let mut take = |ids: &BTreeSet<Uuid>| -> BTreeMap<Uuid, resolve::ProfileState> {
+        ids.iter()
+            .filter_map(|id| existing.profiles.remove(id).map(|state| (*id, state)))
+            .collect()
+    };
+    let (created, updated) = (take(&plan.created), take(&plan.updated));
     let assignments: HashMap<u64, Uuid> = plan.assignments.iter().copied().collect();
     let mut resolution_warnings: HashMap<u64, Vec<Issue>> = HashMap::new();
     for (row_number, issue) in plan.warnings {
@@ -196,8 +202,8 @@ pub(super) fn resolve(
     identities.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
     Ok(Resolution {
         profile_of,
-        created: plan.created,
-        updated: plan.updated,
+        created,
+        updated,
         identities,
         warnings,
         applied: Applied {
