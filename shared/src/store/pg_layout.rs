@@ -319,11 +319,11 @@ mod tests {
             "the version two fields share"
         );
         let at = |name: &str| field_names().position(|f| f == name).unwrap();
-        assert_eq!(columns.fields[at("city")], (Some("Paris".into()), None));
-        assert_eq!(columns.fields[at("title")], (Some("CTO".into()), None));
+        assert_eq!(columns.fields[at("city")], (Some("Paris"), None));
+        assert_eq!(columns.fields[at("title")], (Some("CTO"), None));
         assert_eq!(
             columns.fields[at("company")],
-            (Some("Acme".into()), Some(2 << 32 | 4)),
+            (Some("Acme"), Some(2 << 32 | 4)),
             "a field written by another row keeps its own"
         );
         assert_eq!(columns.fields[at("email")], (None, None));
