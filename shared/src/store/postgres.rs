@@ -1153,8 +1153,11 @@ async fn apply_results(
     // writes no record or profile; it keeps what validation and the lock-free resolution
     // found (counts, warnings, failed rows), as the import would have.
     if target.dry_run {
+        // What the lock-free read found (nothing, if the commit claimed blind), so that a dry
+        // run does not tell the next commit into a directory of known contacts to claim blind.
+        let owned = snapshot.0.owners.len() as u64;
         let applied = write_failed_and_issues(tx, target, prepared, optimistic).await?;
-        return Ok((applied, 0));
+        return Ok((applied, owned));
     }
     let (resolution, owned) = settle(tx, target, prepared, snapshot, optimistic, pause).await?;
     Ok((write_all(tx, target, prepared, resolution).await?, owned))
