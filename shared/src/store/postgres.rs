@@ -1344,7 +1344,7 @@ async fn advance_source(
              processed_rows = processed_rows + $4, chunks_done = chunks_done + $5, status = 'processing', updated_ms = $6,
              owned_identities = owned_identities + $8
          WHERE id = $7 AND status IN ('pending', 'processing')
-         RETURNING chunk_count, chunks_done",
+         RETURNING chunk_count, chunks_done, owned_identities",
     )
     .bind(applied.accepted as i64)
     .bind(applied.failed as i64)
@@ -1361,20 +1361,20 @@ async fn advance_source(
     if done < count {
         return Ok(false);
     }
-    finalize_source(conn, source).await?;
+    finalize_source(conn, source, row.try_get(2)?).await?;
     Ok(true)
 }
 
-async fn finalize_source(conn: &mut PgConnection, source_id: Uuid) -> StoreResult<()> {
+/// Completes a source whose last chunk just committed; `owned` is its `owned_identities`.
+async fn finalize_source(
+    conn: &mut PgConnection,
+    source_id: Uuid,
+    owned: Option<i64>,
+) -> StoreResult<()> {
     // A value on two rows committed apart makes the later commit find its identity owned. If
     // no commit did, every duplicate was within one commit's rows, which flagged it already
     // (`row::flag_duplicates_in_batch`), and the scans below (about 2.4 s for 1M rows, on one
     // core, at the very end of the ingest) would find nothing new.
-    let owned: Option<i64> =
-        sqlx::query_scalar("SELECT owned_identities FROM sources WHERE id = $1")
-            .bind(source_id)
-            .fetch_one(&mut *conn)
-            .await?;
     let kinds = if owned == Some(0) {
         &[][..]
     } else {
