@@ -60,11 +60,11 @@ fn draw_record(rng: &mut StdRng, row: u64) -> RecordDraft {
                 "phone" => format!("+1415555{n:04}"),
                 _ => format!("linkedin.com/in/p{n}"),
             };
-            fields.insert(kind.to_owned(), value);
+            fields.insert(kind, value);
         }
     }
     if fields.is_empty() {
-        fields.insert("email".into(), format!("p{}@x.co", rng.random_range(0..14)));
+        fields.insert("email", format!("p{}@x.co", rng.random_range(0..14)));
     }
     // Fields that merges fight over: the newest row must win whatever the commit order.
     for (field, choices) in [
@@ -72,7 +72,7 @@ fn draw_record(rng: &mut StdRng, row: u64) -> RecordDraft {
         ("title", ["CTO", "CEO", "VP"]),
     ] {
         if rng.random_bool(0.6) {
-            fields.insert(field.into(), choices[rng.random_range(0..3)].into());
+            fields.insert(field, choices[rng.random_range(0..3)].into());
         }
     }
     RecordDraft {
@@ -154,7 +154,7 @@ fn outcome(
         state
             .fields
             .iter()
-            .map(|(k, v)| (k.clone(), (v.value.clone(), v.version)))
+            .map(|(k, v)| (k.to_string(), (v.value.clone(), v.version)))
             .collect()
     };
     Outcome {
@@ -183,12 +183,12 @@ fn replay(order: &[usize], chunks: &[Vec<RecordDraft>], seq: i64) -> Outcome {
                 .map(|(row, issue)| (row, issue.column.unwrap_or_default())),
         );
     }
-    outcome(
-        &assignments,
-        &existing.owners,
-        &existing.profiles,
-        conflicts,
-    )
+    let owners = existing
+        .owners
+        .iter()
+        .map(|(kind, value, owner)| ((kind.to_owned(), value.to_owned()), owner))
+        .collect();
+    outcome(&assignments, &owners, &existing.profiles, conflicts)
 }
 
 /// The identities of a directory, straight from the table: (kind, value) → (key, profile).

@@ -30,7 +30,7 @@ fn record(row: u64, email: &str) -> RecordDraft {
     RecordDraft {
         row_number: row,
         line_number: row + 1,
-        fields: BTreeMap::from([("email".to_string(), email.to_string())]),
+        fields: BTreeMap::from([("email", email.to_string())]),
         attributes: BTreeMap::new(),
         warnings: vec![],
     }

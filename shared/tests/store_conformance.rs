@@ -34,14 +34,11 @@ orbit_shared::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_p
     terminal_states_never_change,
 });
 
-fn record(row: u64, fields: &[(&str, &str)]) -> RecordDraft {
+fn record(row: u64, fields: &[(&'static str, &str)]) -> RecordDraft {
     RecordDraft {
         row_number: row,
         line_number: row + 1,
-        fields: fields
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
+        fields: fields.iter().map(|(k, v)| (*k, v.to_string())).collect(),
         attributes: BTreeMap::from([(
             "note".to_string(),
             format!("row {row}\twith\\tab\nand newline"),

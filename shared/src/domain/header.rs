@@ -52,6 +52,11 @@ impl KnownField {
         }
     }
 
+    /// The field whose canonical name is `name`, exactly.
+    pub fn named(name: &str) -> Option<KnownField> {
+        KnownField::ALL.into_iter().find(|f| f.as_str() == name)
+    }
+
     pub fn is_identifier(self) -> bool {
         matches!(
             self,

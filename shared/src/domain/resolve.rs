@@ -9,13 +9,19 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
-use super::row::{Issue, IssueCode, RecordDraft};
+use super::header::KnownField;
+use super::row::{FieldName, Issue, IssueCode, RecordDraft};
 
 /// Identity kinds in resolution priority order.
-pub const IDENTITY_KINDS: [&str; 3] = ["email", "linkedin_url", "phone"];
+pub const IDENTITY_KINDS: [FieldName; 3] = ["email", "linkedin_url", "phone"];
+
+/// Where `kind` stands in [`IDENTITY_KINDS`].
+fn kind_index(kind: &str) -> Option<usize> {
+    IDENTITY_KINDS.iter().position(|k| *k == kind)
+}
 
 /// (source sequence, row number): later sources win, and later rows within a source.
 pub type Version = (i64, i64);
@@ -28,8 +34,25 @@ pub struct Versioned {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProfileState {
-    pub fields: BTreeMap<String, Versioned>,
+    #[serde(deserialize_with = "known_fields")]
+    pub fields: BTreeMap<FieldName, Versioned>,
     pub attributes: BTreeMap<String, Versioned>,
+}
+
+/// Reads stored fields back under their static names; a name that is not a known field is
+/// refused rather than dropped.
+fn known_fields<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<BTreeMap<FieldName, Versioned>, D::Error> {
+    BTreeMap::<String, Versioned>::deserialize(deserializer)?
+        .into_iter()
+        .map(|(name, value)| match KnownField::named(&name) {
+            Some(field) => Ok((field.as_str(), value)),
+            None => Err(serde::de::Error::custom(format!(
+                "{name:?} is not a known profile field"
+            ))),
+        })
+        .collect()
 }
 
 impl ProfileState {
@@ -42,9 +65,9 @@ impl ProfileState {
     }
 }
 
-fn merge_map(
-    target: &mut BTreeMap<String, Versioned>,
-    source: &BTreeMap<String, String>,
+fn merge_map<K: Ord + Clone>(
+    target: &mut BTreeMap<K, Versioned>,
+    source: &BTreeMap<K, String>,
     version: Version,
 ) -> bool {
     let mut changed = false;
@@ -74,11 +97,57 @@ fn merge_map(
     changed
 }
 
+/// A value per identity, kept by kind, so that a lookup borrows the value it looks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityMap<V>([HashMap<String, V>; 3]);
+
+/// The profile that owns each identity.
+pub type Owners = IdentityMap<Uuid>;
+
+impl<V> Default for IdentityMap<V> {
+    fn default() -> Self {
+        IdentityMap(Default::default())
+    }
+}
+
+impl<V: Copy> IdentityMap<V> {
+    pub fn get(&self, kind: &str, value: &str) -> Option<V> {
+        self.0[kind_index(kind)?].get(value).copied()
+    }
+
+    /// Sets the value of (`kind`, `value`); `kind` is one of [`IDENTITY_KINDS`].
+    pub fn insert(&mut self, kind: &str, value: String, v: V) {
+        let index = kind_index(kind).unwrap_or_else(|| panic!("{kind:?} is not an identity kind"));
+        self.0[index].insert(value, v);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.iter().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values, once per identity.
+    pub fn values(&self) -> impl Iterator<Item = V> + '_ {
+        self.0.iter().flat_map(|kind| kind.values().copied())
+    }
+
+    /// (kind, value, its value here) for every identity.
+    pub fn iter(&self) -> impl Iterator<Item = (FieldName, &str, V)> + '_ {
+        IDENTITY_KINDS
+            .into_iter()
+            .zip(&self.0)
+            .flat_map(|(kind, map)| map.iter().map(move |(value, v)| (kind, value.as_str(), *v)))
+    }
+}
+
 /// What the store knows before resolving a batch: the owners of the batch's identities and
 /// the state of those owners.
 #[derive(Debug, Default, Clone)]
 pub struct Existing {
-    pub owners: HashMap<(String, String), Uuid>,
+    pub owners: Owners,
     pub profiles: HashMap<Uuid, ProfileState>,
 }
 
@@ -87,7 +156,7 @@ pub struct Plan {
     /// Record row number → its profile.
     pub assignments: Vec<(u64, Uuid)>,
     /// (kind, value, profile) identities claimed by this batch.
-    pub new_identities: Vec<(String, String, Uuid)>,
+    pub new_identities: Vec<(FieldName, String, Uuid)>,
     /// Profiles created by this batch; their final state is in `existing.profiles`.
     pub created: BTreeSet<Uuid>,
     /// Existing profiles whose fields this batch changed; their final state is in
@@ -111,20 +180,16 @@ pub fn resolve_batch(
 ) -> Plan {
     let mut plan = Plan::default();
     for record in records {
-        let identities: Vec<(&str, &String)> = IDENTITY_KINDS
-            .iter()
-            .filter_map(|kind| record.fields.get(*kind).map(|v| (*kind, v)))
-            .collect();
-        let owners: Vec<Option<Uuid>> = identities
-            .iter()
-            .map(|(kind, value)| {
-                existing
-                    .owners
-                    .get(&(kind.to_string(), value.to_string()))
-                    .copied()
-            })
-            .collect();
-        let chosen = owners.iter().flatten().next().copied();
+        // At most one of each kind, in priority order, with its current owner.
+        let mut identities: [Option<(FieldName, &String, Option<Uuid>)>; 3] = [None; 3];
+        for (slot, kind) in identities.iter_mut().zip(IDENTITY_KINDS) {
+            *slot = record
+                .fields
+                .get(kind)
+                .map(|value| (kind, value, existing.owners.get(kind, value)));
+        }
+        let identities = identities.iter().flatten();
+        let chosen = identities.clone().find_map(|(_, _, owner)| *owner);
         let profile_id = match chosen {
             Some(id) => id,
             None => {
@@ -134,27 +199,31 @@ pub fn resolve_batch(
                 id
             }
         };
-        for ((kind, value), owner) in identities.iter().zip(&owners) {
+        for (kind, value, owner) in identities.clone() {
             match owner {
                 None => {
-                    existing
-                        .owners
-                        .insert((kind.to_string(), value.to_string()), profile_id);
+                    existing.owners.insert(kind, (*value).clone(), profile_id);
                     plan.new_identities
-                        .push((kind.to_string(), value.to_string(), profile_id));
+                        .push((kind, (*value).clone(), profile_id));
                 }
-                Some(other) if *other != profile_id => plan.warnings.push((
-                    record.row_number,
-                    Issue {
-                        code: IssueCode::IdentityConflict,
-                        column: Some(kind.to_string()),
-                        message: format!(
-                            "{kind} {value} belongs to another profile than this row's other identities; the row was merged into the profile of its {}",
-                            identities[owners.iter().position(|o| *o == Some(profile_id)).unwrap_or(0)].0
-                        ),
-                        value: Some(value.to_string()),
-                    },
-                )),
+                Some(other) if *other != profile_id => {
+                    let kept_by = identities
+                        .clone()
+                        .find(|(_, _, owner)| *owner == Some(profile_id))
+                        .or(identities.clone().next())
+                        .map_or(*kind, |(kind, ..)| *kind);
+                    plan.warnings.push((
+                        record.row_number,
+                        Issue {
+                            code: IssueCode::IdentityConflict,
+                            column: Some(kind.to_string()),
+                            message: format!(
+                                "{kind} {value} belongs to another profile than this row's other identities; the row was merged into the profile of its {kept_by}"
+                            ),
+                            value: Some(value.to_string()),
+                        },
+                    ))
+                }
                 Some(_) => {}
             }
         }
@@ -172,14 +241,11 @@ pub fn resolve_batch(
 mod tests {
     use super::*;
 
-    fn record(row: u64, fields: &[(&str, &str)]) -> RecordDraft {
+    fn record(row: u64, fields: &[(FieldName, &str)]) -> RecordDraft {
         RecordDraft {
             row_number: row,
             line_number: row + 1,
-            fields: fields
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
+            fields: fields.iter().map(|(k, v)| (*k, v.to_string())).collect(),
             attributes: BTreeMap::new(),
             warnings: vec![],
         }
@@ -213,7 +279,7 @@ mod tests {
         assert_eq!(conflict.1.column.as_deref(), Some("phone"));
         // The phone stays with the profile that held it.
         assert_eq!(
-            existing.owners[&("phone".into(), "+14155552671".into())],
+            existing.owners.get("phone", "+14155552671").unwrap(),
             plan.assignments[1].1
         );
     }
@@ -223,10 +289,10 @@ mod tests {
         let a = Uuid::from_u128(100);
         let b = Uuid::from_u128(200);
         let mut existing = Existing::default();
-        existing.owners.insert(("phone".into(), "+1".into()), a);
+        existing.owners.insert("phone", "+1".into(), a);
         existing
             .owners
-            .insert(("linkedin_url".into(), "linkedin.com/in/x".into()), b);
+            .insert("linkedin_url", "linkedin.com/in/x".into(), b);
         existing.profiles.insert(a, ProfileState::default());
         existing.profiles.insert(b, ProfileState::default());
         let plan = resolve_batch(
@@ -318,5 +384,24 @@ mod tests {
         );
         assert!(plan.updated.is_empty());
         assert!(plan.created.is_empty());
+    }
+
+    #[test]
+    fn a_stored_state_reads_back_with_known_fields_only() {
+        let mut existing = Existing::default();
+        let plan = resolve_batch(
+            &mut existing,
+            &[record(1, &[("email", "a@x.co"), ("city", "Paris")])],
+            1,
+            ids(),
+        );
+        let state = &existing.profiles[&plan.assignments[0].1];
+        let json = serde_json::to_string(state).unwrap();
+        assert_eq!(&serde_json::from_str::<ProfileState>(&json).unwrap(), state);
+        let unknown = json.replace("\"city\"", "\"shoe_size\"");
+        let error = serde_json::from_str::<ProfileState>(&unknown).unwrap_err();
+        assert!(error
+            .to_string()
+            .contains("\"shoe_size\" is not a known profile field"));
     }
 }

@@ -113,13 +113,17 @@ pub struct Identities {
     pub phone: Option<String>,
 }
 
+/// A known field's canonical name ([`KnownField::as_str`]): drafts and profile states key
+/// their fields by it, so that a row's fields cost no allocation for their names.
+pub type FieldName = &'static str;
+
 /// An accepted row, normalized, before resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordDraft {
     pub row_number: u64,
     pub line_number: u64,
     /// Known fields by their canonical name (`first_name`, `email`, …); empty values are absent.
-    pub fields: BTreeMap<String, String>,
+    pub fields: BTreeMap<FieldName, String>,
     /// Custom columns by their header name; empty values are absent.
     pub attributes: BTreeMap<String, String>,
     pub warnings: Vec<Issue>,
@@ -247,11 +251,11 @@ pub fn validate(
                     KnownField::LinkedinUrl => {
                         normalize::linkedin_url(value).ok_or(IssueCode::InvalidLinkedinUrl)
                     }
-                    _ => Ok(value.split_whitespace().collect::<Vec<_>>().join(" ")),
+                    _ => Ok(fold_spaces(value)),
                 };
                 match normalized {
                     Ok(v) => {
-                        fields.insert(field.as_str().to_owned(), v);
+                        fields.insert(field.as_str(), v);
                     }
                     Err(code) => {
                         let what = field.as_str().replace('_', " ");
@@ -292,10 +296,10 @@ pub fn validate(
         if let Some(full) = fields.get("full_name") {
             let (first, last) = normalize::split_full_name(full);
             if let Some(first) = first {
-                fields.insert("first_name".into(), first);
+                fields.insert("first_name", first);
             }
             if let Some(last) = last {
-                fields.insert("last_name".into(), last);
+                fields.insert("last_name", last);
             }
         }
     }
@@ -312,17 +316,36 @@ pub fn validate(
 /// the same batch. Batches are in row order; duplicates across batches are found when the
 /// source completes.
 pub fn flag_duplicates_in_batch(records: &mut [RecordDraft]) {
-    let mut seen: HashSet<(&'static str, String)> = HashSet::new();
-    for record in records.iter_mut() {
+    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    for RecordDraft {
+        fields, warnings, ..
+    } in records.iter_mut()
+    {
+        let fields: &BTreeMap<FieldName, String> = fields;
         for kind in ["email", "linkedin_url", "phone"] {
-            let Some(value) = record.fields.get(kind) else {
+            let Some(value) = fields.get(kind) else {
                 continue;
             };
-            if !seen.insert((kind, value.clone())) {
-                let issue = duplicate_issue(kind, value);
-                record.warnings.push(issue);
+            if !seen.insert((kind, value)) {
+                warnings.push(duplicate_issue(kind, value));
             }
         }
+    }
+}
+
+/// Runs of whitespace inside a (trimmed) value become one space; most values have none, and
+/// are copied as they are.
+fn fold_spaces(value: &str) -> String {
+    let mut previous_space = false;
+    let clean = value.chars().all(|c| {
+        let ok = (c == ' ' && !previous_space) || !c.is_whitespace();
+        previous_space = c == ' ';
+        ok
+    });
+    if clean {
+        value.to_owned()
+    } else {
+        value.split_whitespace().collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -639,5 +662,19 @@ mod tests {
         assert_eq!(recs[1].warnings[0].code, IssueCode::DuplicateInFile);
         assert_eq!(recs[1].warnings[0].column.as_deref(), Some("email"));
         assert_eq!(recs[2].warnings[0].column.as_deref(), Some("phone"));
+    }
+
+    #[test]
+    fn whitespace_inside_a_value_folds_to_one_space() {
+        for (value, folded) in [
+            ("Acme", "Acme"),
+            ("Acme Corp", "Acme Corp"),
+            ("Acme  Corp", "Acme Corp"),
+            ("Acme\tCorp", "Acme Corp"),
+            ("New \n York  City", "New York City"),
+            ("São\u{a0}Paulo", "São Paulo"),
+        ] {
+            assert_eq!(fold_spaces(value), folded, "{value:?}");
+        }
     }
 }

@@ -121,14 +121,22 @@ impl<'a> ProfileColumns<'a> {
                 None => None,
             });
         }
-        // The most common version (the newest among equals) is stored once.
-        let mut counts: BTreeMap<i64, usize> = BTreeMap::new();
+        // The most common version (the newest among equals) is stored once. A profile has at
+        // most one version per field, so a linear count beats a map (and its allocation).
+        let mut counts = [(0i64, 0usize); KnownField::ALL.len()];
+        let mut distinct = 0;
         for (_, version) in packed.iter().flatten() {
-            *counts.entry(*version).or_default() += 1;
+            match counts[..distinct].iter_mut().find(|(v, _)| v == version) {
+                Some((_, n)) => *n += 1,
+                None => {
+                    counts[distinct] = (*version, 1);
+                    distinct += 1;
+                }
+            }
         }
-        let version = counts
+        let version = counts[..distinct]
             .iter()
-            .max_by_key(|(version, n)| (**n, **version))
+            .max_by_key(|(version, n)| (*n, *version))
             .map(|(version, _)| *version);
         let fields = packed
             .into_iter()
@@ -140,7 +148,7 @@ impl<'a> ProfileColumns<'a> {
         if let Some(name) = state
             .fields
             .keys()
-            .find(|k| !field_names().any(|f| f == k.as_str()))
+            .find(|k| !field_names().any(|f| f == **k))
         {
             return Err(StoreError::Corrupt(format!(
                 "profile field {name} has no column"
@@ -171,7 +179,7 @@ pub(super) fn profile_from_row(row: &PgRow) -> StoreResult<(ProfileState, Vec<(S
                 StoreError::Corrupt(format!("profile field {name} has no version"))
             })?;
             fields.insert(
-                name.to_owned(),
+                name,
                 Versioned {
                     value,
                     version: unpack_version(version),
@@ -290,21 +298,21 @@ mod tests {
     fn profile_columns_cover_every_known_field_and_refuse_others() {
         let mut state = ProfileState::default();
         state.fields.insert(
-            "city".into(),
+            "city",
             Versioned {
                 value: "Paris".into(),
                 version: (3, 9),
             },
         );
         state.fields.insert(
-            "title".into(),
+            "title",
             Versioned {
                 value: "CTO".into(),
                 version: (3, 9),
             },
         );
         state.fields.insert(
-            "company".into(),
+            "company",
             Versioned {
                 value: "Acme".into(),
                 version: (2, 4),
@@ -328,7 +336,7 @@ mod tests {
         );
         assert_eq!(columns.fields[at("email")], (None, None));
         state.fields.insert(
-            "shoe_size".into(),
+            "shoe_size",
             Versioned {
                 value: "44".into(),
                 version: (3, 9),

@@ -116,13 +116,12 @@ async fn apply_results(
             );
             let mut query = sqlx::query(&sql).bind(dir).bind(kind);
             for v in batch {
-                query = query.bind(v);
+                query = query.bind(*v);
             }
             for row in query.fetch_all(&mut *conn).await? {
-                existing.owners.insert(
-                    (kind.to_owned(), row.try_get("value")?),
-                    row.try_get("profile_id")?,
-                );
+                existing
+                    .owners
+                    .insert(kind, row.try_get("value")?, row.try_get("profile_id")?);
             }
         }
     }
@@ -202,23 +201,26 @@ async fn apply_results(
     {
         let fields = serde_json::to_string(&draft.fields)?;
         let attributes = serde_json::to_string(&draft.attributes)?;
-        records.push((r, profile, fields, attributes));
+        records.push((r, &draft.fields, profile, fields, attributes));
     }
     for batch in records.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
             "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) ",
         );
-        insert.push_values(batch, |mut row, (r, profile, fields, attributes)| {
-            row.push_bind(source.id)
-                .push_bind(r.row_number)
-                .push_bind(r.line_number)
-                .push_bind(**profile)
-                .push_bind(&r.email)
-                .push_bind(&r.linkedin_url)
-                .push_bind(&r.phone)
-                .push_bind(fields)
-                .push_bind(attributes);
-        });
+        insert.push_values(
+            batch,
+            |mut row, (r, identities, profile, fields, attributes)| {
+                row.push_bind(source.id)
+                    .push_bind(r.row_number)
+                    .push_bind(r.line_number)
+                    .push_bind(**profile)
+                    .push_bind(identities.get("email"))
+                    .push_bind(identities.get("linkedin_url"))
+                    .push_bind(identities.get("phone"))
+                    .push_bind(fields)
+                    .push_bind(attributes);
+            },
+        );
         insert.build().execute(&mut *conn).await?;
     }
     write_failed_and_issues(conn, source.id, &prepared, &writes.warnings).await?;

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::rows::Applied;
 use super::StoreResult;
 use crate::domain::resolve::{self, Existing};
-use crate::domain::row::{self, Issue, RecordDraft};
+use crate::domain::row::{self, FieldName, Issue, RecordDraft};
 use crate::model::ChunkResults;
 
 /// The upload's W3C trace context, written into each of its chunks' rows.
@@ -25,12 +25,11 @@ pub(super) struct Trace<'a> {
     pub tracestate: Option<&'a str>,
 }
 
+/// An accepted row's place in the file; its identities are read from its draft
+/// ([`Prepared::accepted`]), which it goes with.
 pub(super) struct RecordWrite {
     pub row_number: i64,
     pub line_number: i64,
-    pub email: Option<String>,
-    pub linkedin_url: Option<String>,
-    pub phone: Option<String>,
 }
 
 pub(super) struct IssueWrite {
@@ -72,7 +71,7 @@ pub(super) struct Resolution {
     /// (kind, value, profile) identities to claim, sorted by (kind, value): the one order in
     /// which every commit claims keys, so that two commits never wait on each other in a
     /// circle.
-    pub identities: Vec<(String, String, Uuid)>,
+    pub identities: Vec<(FieldName, String, Uuid)>,
     /// Warnings of accepted rows: their own and those resolution found.
     pub warnings: Vec<IssueWrite>,
     pub applied: Applied,
@@ -85,9 +84,6 @@ pub(super) fn prepare(mut results: ChunkResults) -> StoreResult<Prepared> {
         records.push(RecordWrite {
             row_number: record.row_number as i64,
             line_number: record.line_number as i64,
-            email: record.fields.get("email").cloned(),
-            linkedin_url: record.fields.get("linkedin_url").cloned(),
-            phone: record.fields.get("phone").cloned(),
         });
     }
     let mut failed = Vec::with_capacity(results.failed.len());
@@ -117,16 +113,16 @@ pub(super) fn prepare(mut results: ChunkResults) -> StoreResult<Prepared> {
 }
 
 /// The distinct identity values of a batch, by kind: what the backend must look up.
-pub(super) fn identity_lookups(prepared: &Prepared) -> Vec<(&'static str, Vec<String>)> {
+pub(super) fn identity_lookups(prepared: &Prepared) -> Vec<(FieldName, Vec<&str>)> {
     resolve::IDENTITY_KINDS
         .iter()
         .map(|kind| {
-            let values: HashSet<&String> = prepared
+            let values: HashSet<&str> = prepared
                 .accepted
                 .iter()
-                .filter_map(|r| r.fields.get(*kind))
+                .filter_map(|r| r.fields.get(*kind).map(String::as_str))
                 .collect();
-            (*kind, values.into_iter().cloned().collect())
+            (*kind, values.into_iter().collect())
         })
         .collect()
 }
@@ -134,7 +130,7 @@ pub(super) fn identity_lookups(prepared: &Prepared) -> Vec<(&'static str, Vec<St
 /// The profiles the loaded identities point at, in ascending id order: what the backend loads
 /// (and, in PostgreSQL, locks) next.
 pub(super) fn owners_to_load(existing: &Existing) -> Vec<Uuid> {
-    let owners: HashSet<Uuid> = existing.owners.values().copied().collect();
+    let owners: HashSet<Uuid> = existing.owners.values().collect();
     let mut owners: Vec<Uuid> = owners.into_iter().collect();
     owners.sort_unstable();
     owners
@@ -199,7 +195,7 @@ pub(super) fn resolve(
         );
     }
     let mut identities = plan.new_identities;
-    identities.sort_unstable_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+    identities.sort_unstable_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
     Ok(Resolution {
         profile_of,
         created,
