@@ -1,7 +1,7 @@
 //! Per-row validation: turns a raw CSV record into an accepted record draft (with its warnings)
 //! or a failed row (with the one error that failed it).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use rlibphonenumber::Region;
 use serde::{Deserialize, Serialize};
@@ -316,7 +316,7 @@ pub fn validate(
 /// the same batch. Batches are in row order; duplicates across batches are found when the
 /// source completes.
 pub fn flag_duplicates_in_batch(records: &mut [RecordDraft]) {
-    let mut seen: HashSet<(&str, &str)> = HashSet::new();
+    let mut seen: foldhash::HashSet<(&str, &str)> = Default::default();
     for RecordDraft {
         fields, warnings, ..
     } in records.iter_mut()

@@ -914,7 +914,8 @@ async fn load_profiles(
 /// What claiming a chunk's new identities found: the keys this transaction now holds, and the
 /// owners of the identities a concurrent commit claimed first.
 struct Claimed<'a> {
-    won: HashMap<(&'a str, &'a str), i64>,
+    /// (kind, value, key), in no particular order; only a re-resolution looks them up.
+    won: Vec<(FieldName, &'a str, i64)>,
     lost: Vec<(FieldName, String, Uuid)>,
 }
 
@@ -930,7 +931,7 @@ async fn claim_identities<'a>(
     slots: &Slots,
 ) -> StoreResult<Claimed<'a>> {
     let mut claimed = Claimed {
-        won: HashMap::with_capacity(identities.len()),
+        won: Vec::with_capacity(identities.len()),
         lost: Vec::new(),
     };
     let mut pending = Vec::with_capacity(identities.len());
@@ -945,9 +946,10 @@ async fn claim_identities<'a>(
     }
     pending.sort_unstable_by_key(|p| p.3);
     if claim_all_by_copy(conn, target.directory, &pending).await? {
-        for (kind, value, _, key) in pending {
-            claimed.won.insert((kind, value), key);
-        }
+        claimed.won = pending
+            .into_iter()
+            .map(|(kind, value, _, key)| (kind, value, key))
+            .collect();
         return Ok(claimed);
     }
     for _ in 0..MAX_PROBE_ROUNDS {
@@ -983,7 +985,7 @@ async fn claim_identities<'a>(
         let mut refused = Vec::new();
         for (p, kind) in pending.into_iter().zip(kinds) {
             if inserted.contains(&(p.3, kind, p.1.to_owned())) {
-                claimed.won.insert((p.0, p.1), p.3);
+                claimed.won.push((p.0, p.1, p.3));
             } else {
                 refused.push(p);
             }
@@ -1081,6 +1083,10 @@ async fn settle(
     }
     existing.profiles = locked;
     let settled = resolve(prepared, existing, target.seq)?;
+    let won: HashMap<(&str, &str), i64> = won
+        .into_iter()
+        .map(|(kind, value, key)| ((kind, value), key))
+        .collect();
     // The settled resolution claims exactly the keys this transaction won: the others have
     // owners now. Rows that create the same profile keep its id (`Prepared` fixes new ids per
     // row), so only the identities whose profile changed are pointed elsewhere.

@@ -57,7 +57,7 @@ pub(super) struct Prepared {
     pub failed_issues: Vec<IssueWrite>,
     /// The profile id each row would create, fixed once so that resolving again names the
     /// same new profiles.
-    new_ids: HashMap<u64, Uuid>,
+    new_ids: foldhash::HashMap<u64, Uuid>,
 }
 
 /// Where a prepared chunk's records go, given what the directory holds.
@@ -108,7 +108,7 @@ pub(super) fn prepare(mut results: ChunkResults) -> StoreResult<Prepared> {
         records,
         failed,
         failed_issues,
-        new_ids: HashMap::new(),
+        new_ids: Default::default(),
     })
 }
 
@@ -117,7 +117,7 @@ pub(super) fn identity_lookups(prepared: &Prepared) -> Vec<(FieldName, Vec<&str>
     resolve::IDENTITY_KINDS
         .iter()
         .map(|kind| {
-            let values: HashSet<&str> = prepared
+            let values: foldhash::HashSet<&str> = prepared
                 .accepted
                 .iter()
                 .filter_map(|r| r.fields.get(*kind).map(String::as_str))
@@ -160,7 +160,6 @@ pub(super) fn resolve(
             .collect()
     };
     let (created, updated) = (take(&plan.created), take(&plan.updated));
-    let assignments: HashMap<u64, Uuid> = plan.assignments.iter().copied().collect();
     let mut resolution_warnings: HashMap<u64, Vec<Issue>> = HashMap::new();
     for (row_number, issue) in plan.warnings {
         resolution_warnings
@@ -170,9 +169,10 @@ pub(super) fn resolve(
     }
     let mut warnings = Vec::new();
     let mut warned_rows = 0u64;
-    let mut profile_of = Vec::with_capacity(prepared.records.len());
+    // One assignment per record, in the records' order.
+    debug_assert_eq!(plan.assignments.len(), prepared.accepted.len());
+    let profile_of: Vec<Uuid> = plan.assignments.iter().map(|(_, id)| *id).collect();
     for (record, write) in prepared.accepted.iter().zip(&prepared.records) {
-        profile_of.push(assignments[&record.row_number]);
         let extra = resolution_warnings
             .remove(&record.row_number)
             .unwrap_or_default();
