@@ -76,9 +76,25 @@ pub fn linkedin_url(raw: &str) -> Option<String> {
     Some(format!("linkedin.com/in/{}", slug.to_ascii_lowercase()))
 }
 
+/// Runs of whitespace become one space and the ends are trimmed; most values need neither,
+/// and are copied as they are.
+pub fn fold_spaces(value: &str) -> String {
+    let mut previous_space = false;
+    let clean = value.chars().all(|c| {
+        let ok = (c == ' ' && !previous_space) || !c.is_whitespace();
+        previous_space = c == ' ';
+        ok
+    });
+    if clean && !value.starts_with(' ') && !value.ends_with(' ') {
+        value.to_owned()
+    } else {
+        value.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+}
+
 /// Splits "Ann Marie Lee" into ("Ann Marie", "Lee"), and "Lee, Ann" into ("Ann", "Lee").
 pub fn split_full_name(full: &str) -> (Option<String>, Option<String>) {
-    let full = full.split_whitespace().collect::<Vec<_>>().join(" ");
+    let full = fold_spaces(full);
     if let Some((last, first)) = full.split_once(',') {
         let (first, last) = (first.trim(), last.trim());
         return (

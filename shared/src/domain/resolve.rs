@@ -18,8 +18,8 @@ use super::row::{FieldName, Issue, IssueCode, RecordDraft};
 /// Identity kinds in resolution priority order.
 pub const IDENTITY_KINDS: [FieldName; 3] = ["email", "linkedin_url", "phone"];
 
-/// Where `kind` stands in [`IDENTITY_KINDS`].
-fn kind_index(kind: &str) -> Option<usize> {
+/// Where `kind` stands in [`IDENTITY_KINDS`] (PostgreSQL stores it as the kind's number).
+pub fn kind_index(kind: &str) -> Option<usize> {
     IDENTITY_KINDS.iter().position(|k| *k == kind)
 }
 

@@ -251,7 +251,7 @@ pub fn validate(
                     KnownField::LinkedinUrl => {
                         normalize::linkedin_url(value).ok_or(IssueCode::InvalidLinkedinUrl)
                     }
-                    _ => Ok(fold_spaces(value)),
+                    _ => Ok(normalize::fold_spaces(value)),
                 };
                 match normalized {
                     Ok(v) => {
@@ -330,22 +330,6 @@ pub fn flag_duplicates_in_batch(records: &mut [RecordDraft]) {
                 warnings.push(duplicate_issue(kind, value));
             }
         }
-    }
-}
-
-/// Runs of whitespace inside a (trimmed) value become one space; most values have none, and
-/// are copied as they are.
-fn fold_spaces(value: &str) -> String {
-    let mut previous_space = false;
-    let clean = value.chars().all(|c| {
-        let ok = (c == ' ' && !previous_space) || !c.is_whitespace();
-        previous_space = c == ' ';
-        ok
-    });
-    if clean {
-        value.to_owned()
-    } else {
-        value.split_whitespace().collect::<Vec<_>>().join(" ")
     }
 }
 
@@ -673,8 +657,9 @@ mod tests {
             ("Acme\tCorp", "Acme Corp"),
             ("New \n York  City", "New York City"),
             ("São\u{a0}Paulo", "São Paulo"),
+            (" Ann  Lee ", "Ann Lee"),
         ] {
-            assert_eq!(fold_spaces(value), folded, "{value:?}");
+            assert_eq!(normalize::fold_spaces(value), folded, "{value:?}");
         }
     }
 }

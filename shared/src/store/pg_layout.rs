@@ -12,13 +12,11 @@ use uuid::Uuid;
 
 use super::{StoreError, StoreResult};
 use crate::domain::header::KnownField;
-use crate::domain::resolve::{ProfileState, Version, Versioned, IDENTITY_KINDS};
+use crate::domain::resolve::{self, ProfileState, Version, Versioned, IDENTITY_KINDS};
 
 /// The stored number of an identity kind: its place in resolution order.
 pub(super) fn kind_number(kind: &str) -> StoreResult<i16> {
-    IDENTITY_KINDS
-        .iter()
-        .position(|k| *k == kind)
+    resolve::kind_index(kind)
         .map(|n| n as i16)
         .ok_or_else(|| StoreError::Corrupt(format!("unknown identity kind {kind}")))
 }
