@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs schemathesis (an OpenAPI-driven fuzzer, from PyPI) with the given arguments, installing
 # it first into a virtualenv when missing (ORBIT_SCHEMATHESIS_VENV, default
-# /var/tmp/orbit-tools/schemathesis). gateway/tests/http/openapi.rs runs it against an embedded
+# /var/tmp/orbit-tools/schemathesis). gateway/tests/gateway/openapi.rs runs it against an embedded
 # gateway with real ids; by hand, against a running gateway:
 #   bash deploy/schemathesis.sh run http://127.0.0.1:8080/openapi.json \
 #     --header "Authorization: Bearer $TOKEN" --checks all

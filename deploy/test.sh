@@ -14,12 +14,12 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 
 bash deploy/services.sh
-# promtool and docker-compose for the checks, prometheus for gateway/tests/http/monitoring.rs.
+# promtool and docker-compose for the checks, prometheus for gateway/tests/gateway/monitoring.rs.
 bash deploy/check.sh
 
 # The distributed HTTP suites spawn orbit-worker processes: build them first.
 cargo build --workspace --bins
 cargo test --workspace --all-targets "$@"
-# The HTTP suites are one test binary (gateway/tests/http); its upload, api and steer suites
+# The HTTP suites are one test binary (gateway/tests/gateway); its upload, api and steer suites
 # again on the distributed stack (filters match by substring, so openapi:: is skipped by name).
-ORBIT_TEST_STACK=distributed cargo test --workspace --test http "$@" -- upload:: api:: steer:: --skip openapi::
+ORBIT_TEST_STACK=distributed cargo test --workspace --test gateway "$@" -- upload:: api:: steer:: --skip openapi::

@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use orbit_shared::testing::TestDatabase;
+use orbit_testkit::TestDatabase;
 use sqlx::Connection;
 
 use crate::generate::HEADER;

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Parser;
 use orbit::{Orbit, StackKind};
-use orbit_shared::testing::{postgres_admin_url, TestDatabase};
+use orbit_testkit::{postgres_admin_url, TestDatabase};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::Connection;

@@ -2,7 +2,7 @@
 //! it wrote. The position is the server's, not one database's: on a shared server, whatever
 //! else writes during the load is counted too.
 
-use orbit_shared::testing::postgres_admin_url;
+use orbit_testkit::postgres_admin_url;
 use sqlx::Connection;
 
 /// A WAL position (`pg_lsn`, as text).

@@ -16,17 +16,17 @@
 //!
 //! The client reads CSV twice, both times with `csv-async` because both are naturally
 //! asynchronous streams: the header of a file about to be uploaded (matched with the server's own
-//! `orbit_shared::domain::header` rules, so a column the client calls unmapped is one the server
+//! `orbit_core::domain::header` rules, so a column the client calls unmapped is one the server
 //! keeps as a custom attribute), and the `failed-rows` download, parsed record by record as it
 //! arrives and written to disk without holding it in memory.
 //!
-//! The server keeps its own csv-core splitter (`orbit_shared::domain::csv`): planning chunks
+//! The server keeps its own csv-core splitter (`orbit_core::domain::csv`): planning chunks
 //! needs the raw byte offset and physical line where every record starts, in the coordinates of
 //! the original (possibly UTF-16 or windows-1252) bytes, so that a worker can re-read one byte
 //! range on its own. `csv-async` hands out records, not the offsets of their raw bytes before
 //! transcoding, so it cannot do that job; the client needs no offsets, only names and fields.
 //! The dialect (encoding, BOM, delimiter) is settled on both sides by the same
-//! `orbit_shared::domain::csv::probe`.
+//! `orbit_core::domain::csv::probe`.
 
 pub mod api;
 pub mod cli;

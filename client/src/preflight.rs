@@ -8,8 +8,8 @@ use std::io::SeekFrom;
 use std::path::Path;
 
 use futures::StreamExt as _;
-use orbit_shared::domain::csv::{probe, Dialect, Probe, ProbeOptions, TextEncoding};
-use orbit_shared::domain::header::{Column, ColumnMap, ColumnMapping};
+use orbit_core::domain::csv::{probe, Dialect, Probe, ProbeOptions, TextEncoding};
+use orbit_core::domain::header::{Column, ColumnMap, ColumnMapping};
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 /// The server's default `ingest.max_header_bytes`; a server configured larger still decides.

@@ -16,9 +16,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{StreamExt as _, TryStreamExt as _};
-use orbit_shared::domain::csv::{delimiter_from_hint, TextEncoding};
-use orbit_shared::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
-use orbit_shared::model::upload_options_fingerprint;
+use orbit_core::domain::csv::{delimiter_from_hint, TextEncoding};
+use orbit_core::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
+use orbit_core::model::upload_options_fingerprint;
 use reqwest::multipart::{Form, Part};
 use serde::Serialize;
 use sha2::{Digest as _, Sha256};

@@ -10,8 +10,8 @@
 //! - a cursor that is accepted reads back the same once encoded again;
 //! - an empty cursor is the first page, as an absent one.
 
+use orbit_core::model::Cursor;
 use orbit_gateway::routes::{encode_cursor, PageQuery};
-use orbit_shared::model::Cursor;
 
 use crate::Knobs;
 

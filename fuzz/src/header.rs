@@ -1,4 +1,4 @@
-//! Target `header`: header matching (`orbit_shared::domain::header`).
+//! Target `header`: header matching (`orbit_core::domain::header`).
 //!
 //! Input: one option byte, then text (lossy UTF-8) whose lines are header names.
 //!
@@ -14,7 +14,7 @@
 
 use std::collections::HashSet;
 
-use orbit_shared::domain::header::{fold_name, match_known, Column, ColumnMap, KnownField};
+use orbit_core::domain::header::{fold_name, match_known, Column, ColumnMap, KnownField};
 
 use crate::Knobs;
 

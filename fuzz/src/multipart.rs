@@ -25,8 +25,8 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{header, HeaderValue, Request, StatusCode};
 use axum::Router;
+use orbit_config::Settings;
 use orbit_gateway::{admin, app};
-use orbit_shared::config::Settings;
 use tower::ServiceExt as _;
 
 use crate::Knobs;

@@ -1,5 +1,5 @@
-//! Target `normalize`: value normalization (`orbit_shared::domain::normalize`) and the row
-//! validation around it (`orbit_shared::domain::row`).
+//! Target `normalize`: value normalization (`orbit_core::domain::normalize`) and the row
+//! validation around it (`orbit_core::domain::row`).
 //!
 //! Input: two option bytes (the default region, the row's columns), then the value (lossy
 //! UTF-8); for the row, the raw bytes split at commas are its fields.
@@ -13,10 +13,10 @@
 //! - a row is validated without panicking, and an accepted row fed its own normalized values
 //!   is accepted with the same values.
 
-use orbit_shared::domain::csv::{RawField, RawRecord};
-use orbit_shared::domain::header::{match_known, ColumnMap};
-use orbit_shared::domain::normalize::{email, linkedin_url, parse_region, phone, split_full_name};
-use orbit_shared::domain::row::{self, RowOutcome, RowRules};
+use orbit_core::domain::csv::{RawField, RawRecord};
+use orbit_core::domain::header::{match_known, ColumnMap};
+use orbit_core::domain::normalize::{email, linkedin_url, parse_region, phone, split_full_name};
+use orbit_core::domain::row::{self, RowOutcome, RowRules};
 
 use crate::Knobs;
 

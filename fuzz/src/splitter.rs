@@ -1,5 +1,5 @@
 //! Target `splitter`: probing, splitting and chunk planning of an upload
-//! (`orbit_shared::domain::csv` and `orbit_shared::ingest`).
+//! (`orbit_core::domain::csv` and `orbit_core::ingest`).
 //!
 //! Input: four option bytes, then the file (after a generated BOM and header unless bit 7 of
 //! the first byte is set). The options pick the encoding and delimiter hints, a BOM, the
@@ -18,13 +18,13 @@
 //!   (fields, field counts, truncation) and every record's line number is one plus the line
 //!   breaks (CR, LF, CRLF) before its offset, which lies on a code unit that is not a break.
 
-use orbit_shared::domain::csv::{Dialect, RawRecord, Splitter, SplitterOptions, TextEncoding};
-use orbit_shared::domain::header::ColumnMap;
-use orbit_shared::domain::normalize;
-use orbit_shared::domain::row::{self, RowOutcome, RowRules};
-use orbit_shared::domain::InvalidCsv;
-use orbit_shared::ingest::{FilePlan, FilePlanner, PlannerOptions};
-use orbit_shared::model::ChunkSpec;
+use orbit_core::domain::csv::{Dialect, RawRecord, Splitter, SplitterOptions, TextEncoding};
+use orbit_core::domain::header::ColumnMap;
+use orbit_core::domain::normalize;
+use orbit_core::domain::row::{self, RowOutcome, RowRules};
+use orbit_core::domain::InvalidCsv;
+use orbit_core::ingest::{FilePlan, FilePlanner, PlannerOptions};
+use orbit_core::model::ChunkSpec;
 
 use crate::Knobs;
 

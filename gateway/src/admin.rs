@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use orbit_shared::model::Retried;
-use orbit_shared::queue::Queue;
-use orbit_shared::store::Store;
+use orbit_adapters::queue::Queue;
+use orbit_core::model::Retried;
+use orbit_store::Store;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -31,7 +31,7 @@ pub fn describe_database(url: &str) -> String {
             .unwrap_or(file)
             .display()
             .to_string(),
-        None => orbit_shared::redact::redact(url).into_owned(),
+        None => orbit_core::redact::redact(url).into_owned(),
     }
 }
 
@@ -92,7 +92,7 @@ pub async fn create_token(
         .trim()
         .to_lowercase();
     anyhow::ensure!(
-        orbit_shared::domain::normalize::email(&email).is_some() || email == DEFAULT_USER_EMAIL,
+        orbit_core::domain::normalize::email(&email).is_some() || email == DEFAULT_USER_EMAIL,
         "--user-email {email:?} is not an email address"
     );
     let user = store.ensure_user(org, &email).await?;

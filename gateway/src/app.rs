@@ -11,12 +11,12 @@ use axum::extract::DefaultBodyLimit;
 use axum::middleware;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use orbit_shared::backends::Backends;
-use orbit_shared::blob::BlobStore;
-use orbit_shared::config::{DatabaseBackend, QueueBackend, Settings};
-use orbit_shared::liveness;
-use orbit_shared::queue::Queue;
-use orbit_shared::store::Store;
+use orbit_adapters::backends::{Backends, MetricsPage};
+use orbit_adapters::blob::BlobStore;
+use orbit_adapters::liveness;
+use orbit_adapters::queue::Queue;
+use orbit_config::{DatabaseBackend, QueueBackend, Settings};
+use orbit_store::Store;
 use orbit_worker::{Worker, WorkerHandle};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -51,6 +51,8 @@ pub struct AppState {
     pub cancel: CancellationToken,
     /// Clean-ups spawned for requests dropped mid-way; waited for at shutdown.
     pub cleanups: TaskTracker,
+    /// `/metrics`, with the gauges mirroring the database and the broker cached.
+    pub metrics: Arc<MetricsPage>,
 }
 
 /// The backends of `settings`, opened and checked.
@@ -69,6 +71,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
         uploads: Arc::new(Semaphore::new(settings.http.max_uploads)),
         cancel: CancellationToken::new(),
         cleanups: TaskTracker::new(),
+        metrics: Arc::new(MetricsPage::new(settings.telemetry.gauges_refresh)),
     })
 }
 
@@ -245,7 +248,8 @@ async fn sweep(blobs: &dyn BlobStore, settings: &Settings) {
 /// Opens the backends, migrates an embedded database, starts the in-process worker when the
 /// queue is embedded (else the reaper alone), and serves HTTP on `http.listen`.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
-    orbit_shared::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
+    orbit_adapters::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
+    crate::metrics::register();
     let state = connect(&settings).await?;
     let embedded_queue = settings.queue.url.backend() == QueueBackend::Embedded;
     if settings.database.url.backend() == DatabaseBackend::Sqlite {
@@ -256,6 +260,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
             .context("migrating the database")?;
     }
     let worker = Worker::new(
+        state.store.clone(),
         state.store.clone(),
         state.blobs.clone(),
         state.queue.clone(),

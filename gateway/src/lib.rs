@@ -10,6 +10,7 @@
 //!   head-size limits, shutdown in steps.
 //! - [`guard`]: the router's outer middleware: request bodies keep moving, framework errors
 //!   become problem+json.
+//! - [`metrics`]: what the gateway counts (requests, upload bytes, webhook attempts).
 //! - [`observe`]: request ids, the access log and the HTTP metrics of every request.
 //! - [`problem`]: RFC 9457 problem+json errors with stable codes ([`problem::CODES`], the
 //!   list docs/api.md and `openapi.json` must cover).
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod app;
 pub mod auth;
 pub mod guard;
+pub mod metrics;
 pub mod observe;
 pub mod problem;
 pub mod routes;

@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use orbit_config::{DatabaseBackend, Settings};
+use orbit_core::redact::redact;
 use orbit_gateway::{admin, app};
-use orbit_shared::config::{DatabaseBackend, Settings};
-use orbit_shared::redact::redact;
 use uuid::Uuid;
 
 #[derive(Parser)]
@@ -115,12 +115,12 @@ async fn main() -> std::process::ExitCode {
     let code = match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            orbit_shared::telemetry::report_fatal("orbit-gateway", &e);
+            orbit_adapters::telemetry::report_fatal("orbit-gateway", &e);
             std::process::ExitCode::FAILURE
         }
     };
     // The spans still queued for export; blocking, and bounded by the exporter's timeout.
-    let _ = tokio::task::spawn_blocking(orbit_shared::telemetry::shutdown).await;
+    let _ = tokio::task::spawn_blocking(orbit_adapters::telemetry::shutdown).await;
     code
 }
 
@@ -129,7 +129,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings).await,
         Command::Migrate => {
-            orbit_shared::telemetry::init(&settings.telemetry, None)?;
+            orbit_adapters::telemetry::init(&settings.telemetry, None)?;
             let state = app::connect(&settings).await?;
             state.store.migrate().await?;
             tracing::info!(database = state.store.backend(), "migrations applied");
@@ -179,7 +179,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    orbit_shared::telemetry::init(&settings.telemetry, Some("orbit-gateway"))?;
+    orbit_adapters::telemetry::init(&settings.telemetry, Some("orbit-gateway"))?;
     let mut running = app::start(settings.clone())
         .await
         .context("starting orbit-gateway")?;
@@ -214,7 +214,7 @@ async fn print_welcome(settings: &Settings, running: &app::Running) {
     let database = redact(&settings.database.url);
     let objects = redact(&settings.object_store.url);
     let queue = redact(&settings.queue.url);
-    if orbit_shared::telemetry::json_logs() {
+    if orbit_adapters::telemetry::json_logs() {
         tracing::info!(
             url = %base,
             %database,

@@ -11,12 +11,12 @@
 
 use std::time::Instant;
 
+use crate::metrics::{http_method_label, METRICS, OTHER};
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::Next;
 use axum::response::Response;
-use orbit_shared::metrics::{http_method_label, METRICS, OTHER};
-use orbit_shared::telemetry;
+use orbit_adapters::telemetry;
 use tracing::Instrument as _;
 use uuid::Uuid;
 

@@ -5,7 +5,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 /// Every `code` an error of the API can carry: the contract's list, which docs/api.md and
-/// the OpenAPI document must both cover (gateway/tests/http/openapi.rs checks they do).
+/// the OpenAPI document must both cover (gateway/tests/gateway/openapi.rs checks they do).
 pub const CODES: &[&str] = &[
     "invalid_request",
     "unauthenticated",
@@ -121,8 +121,8 @@ impl ApiError {
     }
 }
 
-impl From<orbit_shared::store::StoreError> for ApiError {
-    fn from(e: orbit_shared::store::StoreError) -> Self {
+impl From<orbit_store::StoreError> for ApiError {
+    fn from(e: orbit_store::StoreError) -> Self {
         ApiError::internal(e)
     }
 }

@@ -15,13 +15,16 @@ use axum::extract::{FromRequest, Multipart, Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use orbit_shared::blob;
-use orbit_shared::domain::csv::{delimiter_from_hint, TextEncoding};
-use orbit_shared::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
-use orbit_shared::domain::InvalidCsv;
-use orbit_shared::ingest::{FilePlan, FilePlanner, PlannerOptions};
-use orbit_shared::metrics::{Publisher, METRICS};
-use orbit_shared::model::{
+use orbit_adapters::blob;
+use orbit_adapters::metrics::{Publisher, METRICS as QUEUE_METRICS};
+use orbit_core::domain::csv::{delimiter_from_hint, TextEncoding};
+use orbit_core::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
+use orbit_core::domain::InvalidCsv;
+use orbit_core::ingest::{FilePlan, FilePlanner, PlannerOptions};
+use orbit_worker::metrics::METRICS as WORKER_METRICS;
+
+use crate::metrics::METRICS;
+use orbit_core::model::{
     upload_options_fingerprint, IdempotencyClaim, KeyState, NewSource, NewUpload, SourceStatus,
     UploadReceipt,
 };
@@ -426,7 +429,7 @@ impl Upload<'_> {
             .await
             .map_err(|e| {
                 let e = ApiError::unavailable(format!("the object store is unavailable: {e}"));
-                orbit_shared::telemetry::record_error(&write_span, &e.detail);
+                orbit_adapters::telemetry::record_error(&write_span, &e.detail);
                 e
             })?;
         let mut hasher = Sha256::new();
@@ -465,7 +468,7 @@ impl Upload<'_> {
         let plan = match plan {
             Ok(plan) => plan,
             Err(e) => {
-                orbit_shared::telemetry::record_error(
+                orbit_adapters::telemetry::record_error(
                     &write_span,
                     "upload rejected; object dropped",
                 );
@@ -481,7 +484,7 @@ impl Upload<'_> {
             .await
             .map_err(|e| {
                 let e = ApiError::unavailable(format!("the object store failed: {e}"));
-                orbit_shared::telemetry::record_error(&write_span, &e.detail);
+                orbit_adapters::telemetry::record_error(&write_span, &e.detail);
                 e
             })?;
         drop(write_span);
@@ -507,7 +510,7 @@ impl Upload<'_> {
         let sync_failed = plan.sync_results.failed.len() as u64;
         // The request's trace context, kept with every chunk for whoever publishes it again.
         let (traceparent, tracestate) =
-            orbit_shared::telemetry::trace_context_of(&tracing::Span::current());
+            orbit_adapters::telemetry::trace_context_of(&tracing::Span::current());
         let commit_span = tracing::info_span!(
             "upload.commit",
             orbit.source_id = %file.source_id,
@@ -544,30 +547,30 @@ impl Upload<'_> {
             .instrument(commit_span.clone())
             .await;
         if let Err(e) = &committed {
-            orbit_shared::telemetry::record_error(&commit_span, &e.to_string());
+            orbit_adapters::telemetry::record_error(&commit_span, &e.to_string());
         }
         drop(commit_span);
         let (source, queued) = committed?;
         // Committed: from here on the key and the object belong to the source.
         self.key_plan = KeyPlan::None;
         self.object = None;
-        METRICS
+        WORKER_METRICS
             .rows
             .with_label_values(&["accepted"])
             .inc_by(sync_accepted);
-        METRICS
+        WORKER_METRICS
             .rows
             .with_label_values(&["failed"])
             .inc_by(sync_failed);
         for (i, message) in queued.iter().enumerate() {
             if let Err(e) =
-                orbit_shared::queue::publish_traced(&*self.state.queue, message, "upload").await
+                orbit_adapters::queue::publish_traced(&*self.state.queue, message, "upload").await
             {
                 // The upload itself has succeeded: a reaper (this gateway's, or a worker's)
                 // publishes the chunks on its next pass. The broker already had
                 // `queue.reconnect_timeout` to come back, so the rest are not tried one by
                 // one, which would hold the answer that long for each.
-                METRICS
+                QUEUE_METRICS
                     .publish_failures
                     .with_label_values(&[Publisher::Upload.label()])
                     .inc();

@@ -17,9 +17,9 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use chrono::Utc;
 use hmac::{Hmac, Mac};
-use orbit_shared::config::WebhookSettings;
-use orbit_shared::model::{webhook_id, AttemptNext, DeliveryAttempt, DueDelivery};
-use orbit_shared::store::Store;
+use orbit_config::WebhookSettings;
+use orbit_core::model::{webhook_id, AttemptNext, DeliveryAttempt, DueDelivery};
+use orbit_store::Store;
 use rand::Rng as _;
 use sha2::Sha256;
 use tokio_util::sync::CancellationToken;
@@ -247,7 +247,7 @@ async fn deliver(
         AttemptNext::RetryAt(_) => "retry",
         AttemptNext::GiveUp => "given_up",
     };
-    orbit_shared::metrics::METRICS
+    crate::metrics::METRICS
         .webhook_attempts
         .with_label_values(&[outcome])
         .inc();

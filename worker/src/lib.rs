@@ -1,5 +1,6 @@
 //! `orbit-worker`: turns queued chunks into records and profiles.
 //!
+//! - [`metrics`]: what the worker counts (chunks, rows, failed attempts, leases lost, republishes).
 //! - [`process`]: reads one chunk's byte range back from the object store and validates its rows
 //!   with the same rules the gateway applies to the synchronous prefix.
 //! - [`runtime`]: the consumer loop (claim, heartbeat, commit under the lease, ack) and the
@@ -8,6 +9,7 @@
 //!
 //! The embedded deployment runs this inside the gateway process; `orbit-worker` runs it alone.
 
+pub mod metrics;
 pub mod process;
 pub mod runtime;
 

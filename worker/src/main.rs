@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use clap::{Parser, Subcommand};
-use orbit_shared::backends::Backends;
-use orbit_shared::config::{QueueBackend, Settings};
+use orbit_adapters::backends::{Backends, MetricsPage};
+use orbit_config::{QueueBackend, Settings};
 use orbit_worker::Worker;
 use serde_json::json;
 
@@ -21,12 +21,12 @@ async fn main() -> std::process::ExitCode {
     let code = match run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            orbit_shared::telemetry::report_fatal("orbit-worker", &e);
+            orbit_adapters::telemetry::report_fatal("orbit-worker", &e);
             std::process::ExitCode::FAILURE
         }
     };
     // The spans still queued for export; blocking, and bounded by the exporter's timeout.
-    let _ = tokio::task::spawn_blocking(orbit_shared::telemetry::shutdown).await;
+    let _ = tokio::task::spawn_blocking(orbit_adapters::telemetry::shutdown).await;
     code
 }
 
@@ -58,14 +58,15 @@ enum Command {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let Command::Run = cli.command.unwrap_or(Command::Run);
     let settings = Settings::load(cli.config.as_deref())?;
-    orbit_shared::telemetry::init(&settings.telemetry, Some("orbit-worker"))?;
-    orbit_shared::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
+    orbit_adapters::telemetry::init(&settings.telemetry, Some("orbit-worker"))?;
+    orbit_adapters::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
     anyhow::ensure!(
         settings.queue.url.backend() != QueueBackend::Embedded,
         "queue.url is \"embedded\": the in-process queue lives inside orbit-gateway, so a separate worker would never see a chunk; point queue.url at RabbitMQ (amqp://…)"
     );
     let backends = Backends::open(&settings).await?;
     let worker = Worker::new(
+        backends.store.clone(),
         backends.store.clone(),
         backends.blobs.clone(),
         backends.queue.clone(),
@@ -82,16 +83,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
         tracing::info!(addr = %listener.local_addr()?, "worker metrics listening");
-        let app = Router::new()
-            .route("/healthz", get(|| async { "ok" }))
-            .route("/readyz", get(readyz))
-            .route(
-                "/metrics",
-                get(|State(b): State<Backends>| async move {
-                    orbit_shared::metrics::render(&*b.store, &*b.queue).await
-                }),
-            )
-            .with_state(backends.clone());
+        let page = std::sync::Arc::new(MetricsPage::new(settings.telemetry.gauges_refresh));
+        let app =
+            Router::new()
+                .route("/healthz", get(|| async { "ok" }))
+                .route("/readyz", get(readyz))
+                .route(
+                    "/metrics",
+                    get(|State(b): State<Backends>| async move {
+                        page.render(&*b.store, &*b.queue).await
+                    }),
+                )
+                .with_state(backends.clone());
         tokio::spawn(async move { axum::serve(listener, app).await });
     }
     tracing::info!(

@@ -8,12 +8,12 @@
 use std::collections::VecDeque;
 
 use futures::StreamExt;
-use orbit_shared::blob::{BlobError, BlobStore, ByteStream};
-use orbit_shared::domain::csv::{RawRecord, Splitter, SplitterOptions};
-use orbit_shared::domain::header::ColumnMap;
-use orbit_shared::domain::normalize;
-use orbit_shared::domain::row::{self, RowOutcome, RowRules};
-use orbit_shared::model::{ChunkResults, ChunkSpec, Resume, SliceEnd, Source};
+use orbit_adapters::blob::{BlobError, BlobStore, ByteStream};
+use orbit_core::domain::csv::{RawRecord, Splitter, SplitterOptions};
+use orbit_core::domain::header::ColumnMap;
+use orbit_core::domain::normalize;
+use orbit_core::domain::row::{self, RowOutcome, RowRules};
+use orbit_core::model::{ChunkResults, ChunkSpec, Resume, SliceEnd, Source};
 use tracing::Instrument as _;
 
 #[derive(Debug, thiserror::Error)]
@@ -205,9 +205,9 @@ impl<'a> ChunkReader<'a> {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
-    use orbit_shared::blob::local::LocalBlobStore;
-    use orbit_shared::domain::csv::{Dialect, TextEncoding};
-    use orbit_shared::model::SourceStatus;
+    use orbit_adapters::blob::local::LocalBlobStore;
+    use orbit_core::domain::csv::{Dialect, TextEncoding};
+    use orbit_core::model::SourceStatus;
     use uuid::Uuid;
 
     use super::*;

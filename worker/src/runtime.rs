@@ -8,24 +8,27 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orbit_shared::blob::BlobStore;
-use orbit_shared::config::Settings;
-use orbit_shared::liveness;
-use orbit_shared::metrics::{Publisher, METRICS};
-use orbit_shared::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SliceEnd, SourceError};
-use orbit_shared::queue::{self, Delivery, Queue};
-use orbit_shared::store::Store;
-use orbit_shared::telemetry;
+use orbit_adapters::blob::BlobStore;
+use orbit_adapters::liveness;
+use orbit_adapters::metrics::{Publisher, METRICS as QUEUE_METRICS};
+use orbit_adapters::queue::{self, Delivery, Queue};
+use orbit_adapters::telemetry;
+use orbit_config::Settings;
+use orbit_core::model::{ChunkRef, ChunkWork, Claim, Committed, Lease, SliceEnd, SourceError};
+use orbit_store::{Chunks, Liveness};
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::field::Empty;
 use tracing::Instrument as _;
 
+use crate::metrics::METRICS;
 use crate::process::{ChunkReader, ProcessError};
 
+/// The roles of the store a worker uses: it takes, commits and releases chunks, and heartbeats.
 pub struct Worker {
-    pub store: Arc<dyn Store>,
+    pub chunks: Arc<dyn Chunks>,
+    pub liveness: Arc<dyn Liveness>,
     pub blobs: Arc<dyn BlobStore>,
     pub queue: Arc<dyn Queue>,
     pub settings: Arc<Settings>,
@@ -43,7 +46,7 @@ struct LeaseRenewal {
 }
 
 impl LeaseRenewal {
-    fn start(store: Arc<dyn Store>, lease: Lease, lease_for: Duration) -> Self {
+    fn start(store: Arc<dyn Chunks>, lease: Lease, lease_for: Duration) -> Self {
         let period = lease_for / 3;
         let lost = Arc::new(AtomicBool::new(false));
         let noticed = lost.clone();
@@ -104,13 +107,16 @@ impl WorkerHandle {
 
 impl Worker {
     pub fn new(
-        store: Arc<dyn Store>,
+        chunks: Arc<dyn Chunks>,
+        liveness: Arc<dyn Liveness>,
         blobs: Arc<dyn BlobStore>,
         queue: Arc<dyn Queue>,
         settings: Arc<Settings>,
     ) -> Arc<Self> {
+        crate::metrics::register();
         Arc::new(Worker {
-            store,
+            chunks,
+            liveness,
             blobs,
             queue,
             settings,
@@ -147,7 +153,7 @@ impl Worker {
     async fn heartbeat(self: Arc<Self>, drained: CancellationToken) {
         let w = &self.settings.worker;
         liveness::keep_alive(
-            self.store.clone(),
+            self.liveness.clone(),
             self.owner.clone(),
             w.heartbeat_interval,
             w.liveness_timeout,
@@ -160,7 +166,7 @@ impl Worker {
         let _drained = drained.drop_guard();
         // A lease taken before this process's first heartbeat would look like a dead owner's.
         while let Err(e) = self
-            .store
+            .liveness
             .heartbeat(&self.owner, self.settings.worker.liveness_timeout)
             .await
         {
@@ -252,7 +258,7 @@ impl Worker {
         let w = &self.settings.worker;
         let claim_span = tracing::info_span!("chunk.claim", orbit.claim = Empty);
         let claim = self
-            .store
+            .chunks
             .claim_chunk(message.chunk_id, &self.owner, w.lease, w.max_attempts)
             .instrument(claim_span.clone())
             .await?;
@@ -290,7 +296,7 @@ impl Worker {
         let lease = &work.lease;
         // Held until this function returns, whichever way it does.
         let renewal = LeaseRenewal::start(
-            self.store.clone(),
+            self.chunks.clone(),
             lease.clone(),
             self.settings.worker.lease,
         );
@@ -315,7 +321,7 @@ impl Worker {
                 orbit.commit = Empty,
             );
             let committed = self
-                .store
+                .chunks
                 .commit_slice(lease, results, end)
                 .instrument(commit_span.clone())
                 .await;
@@ -366,7 +372,7 @@ impl Worker {
     ) -> anyhow::Result<()> {
         match error {
             ProcessError::ObjectMissing(key) => {
-                self.store
+                self.chunks
                     .fail_source(
                         lease.source_id,
                         SourceError {
@@ -394,7 +400,7 @@ impl Worker {
         let kind = if transient { "transient" } else { "permanent" };
         METRICS.chunk_failures.with_label_values(&[kind]).inc();
         let transient_for = transient.then_some(self.settings.worker.transient_retry_for);
-        match self.store.release_chunk(lease, error, transient_for).await {
+        match self.chunks.release_chunk(lease, error, transient_for).await {
             Ok(true) => {}
             Ok(false) => renewal.lost(),
             Err(e) => {
@@ -422,7 +428,7 @@ impl Worker {
         let mut published = 0;
         loop {
             let batch = self
-                .store
+                .chunks
                 .chunks_to_publish(self.settings.worker.requeue_after, 500)
                 .await?;
             if batch.is_empty() {
@@ -430,12 +436,12 @@ impl Worker {
             }
             for (i, message) in batch.iter().enumerate() {
                 if let Err(e) = queue::publish_traced(&*self.queue, message, "reaper").await {
-                    METRICS
+                    QUEUE_METRICS
                         .publish_failures
                         .with_label_values(&[Publisher::Reaper.label()])
                         .inc();
                     let unsent: Vec<_> = batch[i..].iter().map(|m| m.chunk_id).collect();
-                    if let Err(store) = self.store.mark_unpublished(&unsent).await {
+                    if let Err(store) = self.chunks.mark_unpublished(&unsent).await {
                         tracing::warn!(error = %store, "could not mark chunks unpublished; they are published again after worker.requeue_after");
                     }
                     return Err(e.into());

@@ -6,7 +6,7 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use orbit_shared::model::Directory;
+use orbit_core::model::Directory;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
 use base64::Engine as _;
-use orbit_shared::model::{Cursor, Directory, Page, PageRequest, Source};
+use orbit_core::model::{Cursor, Directory, Page, PageRequest, Source};
 use serde::{Deserialize, Serialize};
 
 use crate::app::AppState;

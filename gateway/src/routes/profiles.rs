@@ -5,9 +5,9 @@ use std::collections::{BTreeMap, HashMap};
 use axum::extract::{Path, Query, State};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use orbit_shared::domain::header::KnownField;
-use orbit_shared::domain::normalize;
-use orbit_shared::model::Profile;
+use orbit_core::domain::header::KnownField;
+use orbit_core::domain::normalize;
+use orbit_core::model::Profile;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 

@@ -6,9 +6,9 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{stream, StreamExt};
-use orbit_shared::domain::row::failed_fields;
-use orbit_shared::model::{Cancelled, Retried, RowIssue};
-use orbit_shared::store::Store;
+use orbit_core::domain::row::failed_fields;
+use orbit_core::model::{Cancelled, Retried, RowIssue};
+use orbit_store::Store;
 use serde::Deserialize;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -20,7 +20,7 @@ use crate::app::AppState;
 use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
 
-pub use orbit_shared::views::{SourceBody, UploadBody};
+pub use orbit_core::views::{SourceBody, UploadBody};
 
 pub async fn get(ScopedSource(source): ScopedSource) -> Json<SourceBody> {
     Json(source.into())
@@ -66,7 +66,8 @@ pub async fn retry(
         Retried::Reopened(source, chunks) => (source, chunks),
     };
     for message in &chunks {
-        if let Err(e) = orbit_shared::queue::publish_traced(&*state.queue, message, "retry").await {
+        if let Err(e) = orbit_adapters::queue::publish_traced(&*state.queue, message, "retry").await
+        {
             // Marked queued just now: the reaper publishes it again after `requeue_after`.
             tracing::warn!(chunk = %message.chunk_id, error = %e, "publish failed; left to the reaper");
         }

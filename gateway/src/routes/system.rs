@@ -17,7 +17,7 @@ pub async fn healthz() -> Json<serde_json::Value> {
 /// Ready when the database, the object store and the queue all answer.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let failures =
-        orbit_shared::backends::not_ready(&*state.store, &*state.blobs, &*state.queue).await;
+        orbit_adapters::backends::not_ready(&*state.store, &*state.blobs, &*state.queue).await;
     if failures.is_empty() {
         Json(json!({
             "status": "ready",
@@ -53,7 +53,7 @@ pub async fn metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
             .into_response();
         }
     }
-    let body = orbit_shared::metrics::render(&*state.store, &*state.queue).await;
+    let body = state.metrics.render(&*state.store, &*state.queue).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }
 

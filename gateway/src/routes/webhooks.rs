@@ -7,8 +7,8 @@ use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::Json;
 use chrono::{DateTime, Utc};
-use orbit_shared::model::{WebhookDelivery, WebhookEndpoint};
-use orbit_shared::views::WEBHOOK_EVENTS;
+use orbit_core::model::{WebhookDelivery, WebhookEndpoint};
+use orbit_core::views::WEBHOOK_EVENTS;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 

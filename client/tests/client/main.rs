@@ -1,0 +1,11 @@
+//! The `orbit` client's suites, compiled as one test binary: the built binary against a real
+//! embedded gateway.
+//!
+//! - `cli`: what a user types, what they see, and what ends up on the server, directly and
+//!   through a proxy that breaks connections.
+//! - `steering`: `orbit upload --mapping/--dry-run` and `orbit cancel`.
+
+mod common;
+
+mod cli;
+mod steering;

@@ -1,0 +1,27 @@
+//! The gateway's HTTP and process suites, compiled as one test binary (one link instead of a
+//! dozen, and `common` checked for dead code as a whole): each module is one suite.
+//!
+//! A new suite is a file in this directory plus a `mod` line below; it reaches the harness through
+//! `crate::common` (not `mod common;`, which would compile the harness again). Run one
+//! suite with `cargo test --workspace --test gateway -- upload::`; filters match test paths by
+//! substring, so `api::` also matches `openapi::` (add `--skip openapi::`).
+//!
+//! `chaos` restarts the shared PostgreSQL: skip it on a machine others use
+//! (`-- --skip chaos::`).
+
+mod common;
+
+mod api;
+mod chaos;
+mod hardening;
+mod large;
+mod logs;
+mod metrics;
+mod monitoring;
+mod openapi;
+mod process;
+mod readme;
+mod recovery;
+mod steer;
+mod traces;
+mod upload;

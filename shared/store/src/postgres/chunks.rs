@@ -1,0 +1,512 @@
+//! The chunk work of the PostgreSQL store: claims and releases under leases, retrying and
+//! cancelling sources, and one try of an upload's or a slice's transaction (the writes
+//! themselves are `commit`).
+
+use super::*;
+
+/// The parts of an upload one try of its transaction reads.
+pub(super) struct UploadParts<'a> {
+    pub(super) source: &'a NewSource,
+    pub(super) seq: i64,
+    pub(super) sync_chunk: Option<&'a ChunkSpec>,
+    pub(super) chunks: &'a [ChunkSpec],
+    pub(super) idempotency: Option<&'a IdempotencyClaim>,
+    pub(super) trace: Trace<'a>,
+}
+
+impl PgStore {
+    /// Runs `once` until it succeeds or fails in a way [`Retry`] does not retry.
+    pub(super) async fn retrying<'a, T>(
+        &'a self,
+        mut once: impl FnMut() -> futures::future::BoxFuture<'a, StoreResult<T>>,
+    ) -> StoreResult<T> {
+        let mut retry = Retry::new(self.retry_for);
+        loop {
+            match once().await {
+                Err(e) => retry.after(e).await?,
+                done => return done,
+            }
+        }
+    }
+
+    pub(super) async fn claim_chunk_once(
+        &self,
+        chunk: Uuid,
+        owner: &str,
+        lease_for: Duration,
+        max_attempts: u32,
+    ) -> StoreResult<Claim> {
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let row = sqlx::query(&format!(
+            "SELECT c.*, s.status AS source_status, {OWNER_DEAD} AS owner_dead
+             FROM chunks c JOIN sources s ON s.id = c.source_id
+             LEFT JOIN processes p ON p.owner = c.lease_owner
+             WHERE c.id = $1 FOR UPDATE OF c"
+        ))
+        .bind(chunk)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Claim::Nothing);
+        };
+        let source_id: Uuid = row.try_get("source_id")?;
+        let found = ChunkState::from_row(&row)?;
+        let attempts = found.attempts;
+        match decide_claim(&found, now, max_attempts) {
+            ClaimDecision::Nothing => return Ok(Claim::Nothing),
+            ClaimDecision::Busy => return Ok(Claim::Busy),
+            ClaimDecision::Poison(message) => {
+                fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
+                tx.commit().await?;
+                return Ok(Claim::Poisoned);
+            }
+            ClaimDecision::Take(over) => {
+                if let Some(reason) = over {
+                    METRICS.leases_taken_over.with_label_values(&[reason]).inc();
+                }
+            }
+        }
+        let token = Uuid::new_v4();
+        sqlx::query(sql::TAKE_LEASE)
+            .bind(owner)
+            .bind(token)
+            .bind(now + dur_ms(lease_for))
+            .bind(chunk)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sql::SOURCE_PROCESSING)
+            .bind(now)
+            .bind(source_id)
+            .execute(&mut *tx)
+            .await?;
+        let spec: ChunkSpec = ChunkRow::from_row(&row)?.into();
+        let source = load_source(&mut tx, source_id).await?;
+        tx.commit().await?;
+        Ok(Claim::Claimed(Box::new(ChunkWork {
+            lease: Lease {
+                chunk_id: chunk,
+                source_id,
+                token,
+                attempt: attempts + 1,
+            },
+            chunk: spec,
+            source,
+        })))
+    }
+
+    pub(super) async fn release_chunk_once(
+        &self,
+        lease: &Lease,
+        error: &str,
+        transient_for: Option<Duration>,
+    ) -> StoreResult<bool> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT transient_since_ms FROM chunks WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
+        )
+        .bind(lease.chunk_id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(false);
+        };
+        let release = decide_release(
+            now_ms(),
+            lease.attempt,
+            transient_for,
+            row.try_get("transient_since_ms")?,
+        );
+        sqlx::query(sql::RELEASE_CHUNK)
+            .bind(release.not_before_ms)
+            .bind(error)
+            .bind(i64::from(release.refund))
+            .bind(release.transient_since_ms)
+            .bind(lease.chunk_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    pub(super) async fn retry_source_once(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        source: Uuid,
+    ) -> StoreResult<Retried> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3 FOR UPDATE",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(Retried::NotFound);
+        };
+        let found = source_from_row(&row)?;
+        if found.status != SourceStatus::Failed {
+            return Ok(Retried::NotFailed(found));
+        }
+        let chunks = sqlx::query(
+            "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL,
+                 queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL
+             WHERE source_id = $1 AND state = 'failed'
+             RETURNING id, traceparent, tracestate",
+        )
+        .bind(source)
+        .fetch_all(&mut *tx)
+        .await?;
+        if chunks.is_empty() {
+            return Ok(Retried::NothingToRetry(found));
+        }
+        sqlx::query(
+            "UPDATE sources SET status = 'processing', error_code = NULL, error_message = NULL, completed_ms = NULL, updated_ms = $2
+             WHERE id = $1",
+        )
+        .bind(source)
+        .bind(now_ms())
+        .execute(&mut *tx)
+        .await?;
+        let retried = load_source(&mut tx, source).await?;
+        tx.commit().await?;
+        let refs = chunks
+            .iter()
+            .map(|row| {
+                Ok(ChunkRef {
+                    source_id: source,
+                    chunk_id: row.try_get("id")?,
+                    attempt: 0,
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
+                })
+            })
+            .collect::<StoreResult<_>>()?;
+        Ok(Retried::Reopened(retried, refs))
+    }
+
+    pub(super) async fn cancel_source_once(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        source: Uuid,
+    ) -> StoreResult<Cancelled> {
+        let mut tx = self.pool.begin().await?;
+        let found = sqlx::query(
+            "SELECT id FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(source)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if found.is_none() {
+            return Ok(Cancelled::NotFound);
+        }
+        // Locks in the order every commit takes them, chunk before source (a commit locks its
+        // chunk, then updates the source): a commit in flight finishes first, and counts; any
+        // later one finds its chunk failed.
+        sqlx::query(
+            "SELECT id FROM chunks WHERE source_id = $1 AND state IN ('pending', 'running') ORDER BY id FOR UPDATE",
+        )
+        .bind(source)
+        .fetch_all(&mut *tx)
+        .await?;
+        let row = sqlx::query("SELECT * FROM sources WHERE id = $1 FOR UPDATE")
+            .bind(source)
+            .fetch_one(&mut *tx)
+            .await?;
+        let current = source_from_row(&row)?;
+        if current.status.is_terminal() {
+            return Ok(Cancelled::Terminal(current));
+        }
+        fail_source_in(
+            &mut tx,
+            source,
+            CANCELLED,
+            "the import was cancelled on request; rows committed before the cancel stay",
+        )
+        .await?;
+        let cancelled = load_source(&mut tx, source).await?;
+        tx.commit().await?;
+        Ok(Cancelled::Cancelled(cancelled))
+    }
+
+    pub(super) async fn fail_source_once(
+        &self,
+        source: Uuid,
+        error: &SourceError,
+    ) -> StoreResult<()> {
+        let mut tx = self.pool.begin().await?;
+        fail_source_in(&mut tx, source, &error.code, &error.message).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub(super) async fn try_commit_upload(
+        &self,
+        upload: &UploadParts<'_>,
+        prepared: &mut Prepared,
+    ) -> StoreResult<(Source, Vec<ChunkRef>)> {
+        let s = upload.source;
+        let target = Target {
+            source: s.id,
+            directory: s.directory_id,
+            seq: upload.seq,
+            keys: self.keys,
+            dry_run: s.dry_run,
+        };
+        let optimistic = match upload.sync_chunk {
+            Some(_) => {
+                let read = self.reads.before_commit(target.directory);
+                Some(resolve_optimistically(&self.pool, &target, prepared, read).await?)
+            }
+            None => None,
+        };
+        let mut tx = self.pool.begin().await?;
+        let now = now_ms();
+        let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
+        sqlx::query(
+            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run, owned_identities)
+             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $18, 0)",
+        )
+        .bind(s.id)
+        .bind(s.organization_id)
+        .bind(s.directory_id)
+        .bind(&s.filename)
+        .bind(s.byte_size as i64)
+        .bind(&s.sha256)
+        .bind(&s.object_key)
+        .bind(s.dialect.encoding.as_str())
+        .bind(i64::from(s.dialect.delimiter))
+        .bind(s.dialect.bom_len as i64)
+        .bind(serde_json::to_string(&s.columns)?)
+        .bind(s.max_field_bytes as i64)
+        .bind(&s.default_region)
+        .bind(s.total_rows as i64)
+        .bind(chunk_count as i64)
+        .bind(now)
+        .bind(upload.seq)
+        .bind(s.dry_run)
+        .execute(&mut *tx)
+        .await?;
+        let mut queued = Vec::with_capacity(upload.chunks.len());
+        for chunk in upload.chunks {
+            queued.push(ChunkRef {
+                source_id: s.id,
+                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending", upload.trace).await?,
+                attempt: 0,
+                traceparent: upload.trace.traceparent.map(str::to_owned),
+                tracestate: upload.trace.tracestate.map(str::to_owned),
+            });
+        }
+        match (upload.sync_chunk, optimistic) {
+            (Some(chunk), Some(optimistic)) => {
+                insert_chunk(&mut tx, s.id, chunk, "done", upload.trace).await?;
+                let (applied, owned) =
+                    apply_results(&mut tx, &target, prepared, optimistic, &self.pause).await?;
+                self.reads.after_commit(target.directory, owned);
+                advance_source(&mut tx, s.id, &applied, owned, 1).await?;
+            }
+            _ if chunk_count == 0 => {
+                let none = Applied {
+                    accepted: 0,
+                    failed: 0,
+                    warnings: 0,
+                };
+                advance_source(&mut tx, s.id, &none, 0, 0).await?;
+            }
+            _ => {}
+        }
+        let source = load_source(&mut tx, s.id).await?;
+        if let Some(claim) = upload.idempotency {
+            let receipt = UploadReceipt::of(&source);
+            let done = sqlx::query(sql::IDEMPOTENCY_COMPLETED)
+                .bind(&source.sha256)
+                .bind(source.id)
+                .bind(serde_json::to_string(&receipt)?)
+                .bind(claim.organization_id)
+                .bind(&claim.key)
+                .bind(claim.token)
+                .execute(&mut *tx)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::Conflict(
+                    "the idempotency key was taken over by another request".into(),
+                ));
+            }
+        }
+        tx.commit().await?;
+        Ok((source, queued))
+    }
+
+    pub(super) async fn try_commit_slice(
+        &self,
+        lease: &Lease,
+        prepared: &mut Prepared,
+        end: SliceEnd,
+    ) -> StoreResult<Committed> {
+        let target = &Target::of(
+            &load_source(&mut *self.pool.acquire().await?, lease.source_id).await?,
+            self.keys,
+        );
+        let read = self.reads.before_commit(target.directory);
+        let optimistic = resolve_optimistically(&self.pool, target, prepared, read).await?;
+        let mut tx = self.pool.begin().await?;
+        // The row lock fences a concurrent takeover: whoever holds it decides.
+        let held = sqlx::query(
+            "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
+             WHERE c.id = $1 AND c.lease_token = $2 AND c.state = 'running' AND s.status IN ('pending', 'processing')
+             FOR UPDATE OF c",
+        )
+        .bind(lease.chunk_id)
+        .bind(lease.token)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if held.is_none() {
+            return Ok(Committed::LeaseLost);
+        }
+        let (applied, owned) =
+            apply_results(&mut tx, target, prepared, optimistic, &self.pause).await?;
+        self.reads.after_commit(target.directory, owned);
+        let chunks_done = match end {
+            SliceEnd::Chunk => {
+                sqlx::query(CHUNK_DONE)
+                    .bind(lease.chunk_id)
+                    .execute(&mut *tx)
+                    .await?;
+                1
+            }
+            SliceEnd::Before(next) => {
+                sqlx::query(CHUNK_RESUMES_AT)
+                    .bind(next.offset as i64)
+                    .bind(next.line as i64)
+                    .bind(next.row as i64)
+                    .bind(lease.chunk_id)
+                    .execute(&mut *tx)
+                    .await?;
+                0
+            }
+        };
+        let completed =
+            advance_source(&mut tx, target.source, &applied, owned, chunks_done).await?;
+        self.pause.committing(lease.chunk_id);
+        tx.commit().await?;
+        Ok(Committed::Done {
+            source_completed: completed,
+        })
+    }
+}
+
+#[async_trait]
+impl Chunks for PgStore {
+    async fn claim_chunk(
+        &self,
+        chunk: Uuid,
+        owner: &str,
+        lease_for: Duration,
+        max_attempts: u32,
+    ) -> StoreResult<Claim> {
+        self.retrying(|| Box::pin(self.claim_chunk_once(chunk, owner, lease_for, max_attempts)))
+            .await
+    }
+
+    async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
+        let done = sqlx::query(sql::RENEW_LEASE)
+            .bind(now_ms() + dur_ms(lease_for))
+            .bind(lease.chunk_id)
+            .bind(lease.token)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn commit_slice(
+        &self,
+        lease: &Lease,
+        results: ChunkResults,
+        end: SliceEnd,
+    ) -> StoreResult<Committed> {
+        let mut prepared = prepare(results)?;
+        let mut retry = Retry::new(self.retry_for);
+        loop {
+            match self.try_commit_slice(lease, &mut prepared, end).await {
+                Err(e) => retry.after(e).await?,
+                done => return done,
+            }
+        }
+    }
+
+    async fn release_chunk(
+        &self,
+        lease: &Lease,
+        error: &str,
+        transient_for: Option<Duration>,
+    ) -> StoreResult<bool> {
+        self.retrying(|| Box::pin(self.release_chunk_once(lease, error, transient_for)))
+            .await
+    }
+
+    async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
+        self.retrying(|| Box::pin(self.fail_source_once(source, &error)))
+            .await
+    }
+
+    async fn chunks_to_publish(
+        &self,
+        requeue_after: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<ChunkRef>> {
+        let now = now_ms();
+        // SKIP LOCKED: several reapers (gateways, workers) share the work without waiting.
+        let rows = sqlx::query(&format!(
+            "UPDATE chunks SET queued_ms = $1 WHERE id IN (
+                 SELECT c.id FROM chunks c JOIN sources s ON s.id = c.source_id
+                 LEFT JOIN processes p ON p.owner = c.lease_owner
+                 WHERE s.status IN ('pending', 'processing') AND (
+                     (c.state = 'pending' AND c.not_before_ms <= $1 AND (c.queued_ms IS NULL OR c.queued_ms < $3))
+                  OR (c.state = 'running' AND (c.lease_expires_ms < $1 OR {OWNER_DEAD})))
+                 ORDER BY s.seq, c.idx LIMIT $4 FOR UPDATE OF c SKIP LOCKED)
+             RETURNING id, source_id, attempts, traceparent, tracestate"
+        ))
+        .bind(now)
+        .bind(now)
+        .bind(now - dur_ms(requeue_after))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        sqlx::query(sql::FORGET_DEAD_PROCESSES)
+            .bind(now - FORGET_PROCESSES_AFTER_MS)
+            .execute(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(ChunkRef {
+                    source_id: row.try_get("source_id")?,
+                    chunk_id: row.try_get("id")?,
+                    attempt: row.try_get::<i64, _>("attempts")? as u32,
+                    traceparent: row.try_get("traceparent")?,
+                    tracestate: row.try_get("tracestate")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn forget_queued(&self) -> StoreResult<u64> {
+        let done = sqlx::query(sql::FORGET_QUEUED).execute(&self.pool).await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()> {
+        sqlx::query("UPDATE chunks SET queued_ms = NULL WHERE id = ANY($1) AND state = 'pending'")
+            .bind(chunks)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,408 @@
+//! The distributed store: PostgreSQL.
+//!
+//! Chunks of one directory commit concurrently. A commit resolves its rows optimistically
+//! against a lock-free read of the directory, then, in its one transaction fenced by the
+//! chunk's lease: claims the identities it found free, at their hashed keys in ascending order
+//! (one `COPY` in a savepoint; `INSERT … ON CONFLICT DO NOTHING` after a lost race: the primary
+//! key arbitrates, and makes it wait for a concurrent claim of the same key), reads the owners
+//! of the keys it lost, locks the existing profiles it merges into in id order, and resolves
+//! again only if something changed under it. Locks are always taken in one order (chunk,
+//! identity keys ascending, profiles ascending, source), so commits do not deadlock;
+//! deadlocks, serialization failures, lock timeouts and a briefly unreachable database are
+//! retried anyway (`Retry`), without counting an attempt of the chunk.
+//!
+//! How identities and profiles are laid out (hashed keys with open addressing, typed profile
+//! columns) is `layout`; the statements SQLite runs too are `sql`. New profiles, records
+//! and identities go in with binary `COPY` (`copy`), failed rows with text `COPY`, row
+//! issues through a staging table, since completion may flag one twice. Lookups take arrays,
+//! so a chunk costs a handful of round trips whatever its size. docs/performance.md measures
+//! where a commit's time goes.
+
+mod api;
+mod chunks;
+mod commit;
+mod copy;
+mod identities;
+mod layout;
+mod webhooks;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use rand::Rng as _;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{Executor, FromRow, PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::metrics::METRICS;
+use crate::rows::*;
+use crate::sql;
+use crate::writes::{
+    identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution, Trace,
+};
+use crate::{
+    Chunks, Database, Liveness, Outbox, Profiles, Stats, StoreError, StoreResult, Tenancy, Uploads,
+};
+use copy::BinaryRows;
+use layout::{
+    field_names, identities_text, kind_number, profile_columns, profile_from_row, KeySpace,
+    ProfileColumns,
+};
+use orbit_config::DatabaseSettings;
+use orbit_core::domain::resolve::{self, Existing, IdentityMap, Owners, ProfileState};
+use orbit_core::domain::row;
+use orbit_core::domain::row::FieldName;
+use orbit_core::model::*;
+use orbit_core::views::{SOURCE_COMPLETED, SOURCE_FAILED};
+
+use chunks::UploadParts;
+use commit::*;
+use identities::*;
+
+pub use layout::identity_key;
+
+pub struct PgStore {
+    pool: PgPool,
+    retry_for: Duration,
+    pause: CommitPause,
+    keys: KeySpace,
+    reads: OwnerReads,
+}
+
+impl PgStore {
+    pub async fn open(settings: &DatabaseSettings) -> StoreResult<Self> {
+        let options: PgConnectOptions = settings.url.parse()?;
+        // A commit waits on another only while that one writes; a frozen process must not hold
+        // its claims for longer than these (docs/concurrency.md).
+        let options = options.options([
+            ("lock_timeout", pg_duration(settings.lock_timeout)),
+            (
+                "idle_in_transaction_session_timeout",
+                pg_duration(settings.idle_in_transaction_timeout),
+            ),
+        ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections.max(2))
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        Ok(PgStore {
+            pool,
+            retry_for: settings.retry_for,
+            pause: CommitPause::default(),
+            keys: KeySpace::FULL,
+            reads: OwnerReads::default(),
+        })
+    }
+
+    /// Overrides when commits read their identities' owners before claiming them: the split
+    /// detector runs each way.
+    #[cfg(feature = "testing")]
+    pub fn read_owners(&self, when: ReadOwners) {
+        self.reads.when.store(when as u8, Ordering::Relaxed);
+    }
+
+    /// Makes every commit pause for `pause()` between claiming its identities and committing:
+    /// the split detector's way of widening the window in which commits race.
+    #[cfg(feature = "testing")]
+    pub fn pause_commits(&mut self, pause: impl Fn() -> Duration + Send + Sync + 'static) {
+        self.pause.pause = Some(Arc::new(pause));
+    }
+
+    /// Keeps only the low `bits` of every identity's hash, so that distinct identities collide
+    /// all the time: how the tests show that a collision never merges two people.
+    #[cfg(feature = "testing")]
+    pub fn mask_identity_keys(&mut self, bits: u32) {
+        self.keys = KeySpace::masked(bits);
+    }
+
+    /// Calls `seen(chunk)` inside each commit of a chunk once it holds its source's row lock,
+    /// which it keeps until it commits: the calls come in the commit order of the chunks of one
+    /// source (a try that then fails is followed by another call for the same chunk).
+    #[cfg(feature = "testing")]
+    pub fn observe_commits(&mut self, seen: impl Fn(Uuid) + Send + Sync + 'static) {
+        self.pause.observe = Some(Arc::new(seen));
+    }
+}
+
+/// When a commit reads the current owners of its identities before it claims them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ReadOwners {
+    /// When the directory's last commit in this process found any of its identities owned
+    /// already; otherwise the commit claims blind (docs/concurrency.md, "Blind claims").
+    Adaptive,
+    Always,
+    Never,
+}
+
+/// The directories whose last commit in this process found some of its identities owned:
+/// their next commit reads owners first. A commit into any other directory claims blind,
+/// which for new contacts saves a primary-key probe per identity and a round trip, and costs
+/// a refused `COPY` when it guessed wrong (that commit then takes the lost-race path).
+struct OwnerReads {
+    when: AtomicU8,
+    owned_last: Mutex<HashSet<Uuid>>,
+}
+
+impl Default for OwnerReads {
+    fn default() -> Self {
+        OwnerReads {
+            when: AtomicU8::new(ReadOwners::Adaptive as u8),
+            owned_last: Mutex::default(),
+        }
+    }
+}
+
+impl OwnerReads {
+    /// Enough directories for every busy one of a process; past it the set starts over, and
+    /// each directory costs at most one wrong guess.
+    const REMEMBERED: usize = 10_000;
+
+    fn before_commit(&self, directory: Uuid) -> bool {
+        match self.when.load(Ordering::Relaxed) {
+            w if w == ReadOwners::Always as u8 => true,
+            w if w == ReadOwners::Never as u8 => false,
+            _ => self.owned_last.lock().unwrap().contains(&directory),
+        }
+    }
+
+    fn after_commit(&self, directory: Uuid, owned: u64) {
+        let mut last = self.owned_last.lock().unwrap();
+        if owned == 0 {
+            last.remove(&directory);
+        } else {
+            if last.len() >= Self::REMEMBERED {
+                last.clear();
+            }
+            last.insert(directory);
+        }
+    }
+}
+
+/// Whether the lease owner `p` (a `processes` row joined on `lease_owner`) is gone, given the
+/// time `$2`: its heartbeat expired, and the server has been up for at least one heartbeat
+/// window since it started, so that a database restart does not make every worker look dead
+/// before it had a chance to heartbeat again.
+const OWNER_DEAD: &str = "COALESCE(p.expires_ms < $2
+    AND $2 - (EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000)::BIGINT > p.expires_ms - p.heartbeat_ms, FALSE)";
+
+fn pg_duration(d: Duration) -> String {
+    format!("{}ms", d.as_millis())
+}
+
+/// Test hooks of the commit path; both empty outside the split detector.
+#[derive(Default, Clone)]
+struct CommitPause {
+    #[allow(clippy::type_complexity)]
+    pause: Option<Arc<dyn Fn() -> Duration + Send + Sync>>,
+    #[allow(clippy::type_complexity)]
+    observe: Option<Arc<dyn Fn(Uuid) + Send + Sync>>,
+}
+
+impl CommitPause {
+    async fn wait(&self) {
+        if let Some(pause) = &self.pause {
+            tokio::time::sleep(pause()).await;
+        }
+    }
+
+    fn committing(&self, chunk: Uuid) {
+        if let Some(observe) = &self.observe {
+            observe(chunk);
+        }
+    }
+}
+
+/// Runs a transaction again after errors that say nothing about its data: a lost race
+/// (deadlock, serialization failure, lock timeout) at once with a short jittered backoff, and
+/// a database that cannot be reached (a restart, a failover) with a longer one, for at most
+/// `retry_for` in all. Any other error is returned as it is.
+struct Retry {
+    deadline: Instant,
+    tries: u32,
+}
+
+impl Retry {
+    fn new(retry_for: Duration) -> Self {
+        Retry {
+            deadline: Instant::now() + retry_for,
+            tries: 0,
+        }
+    }
+
+    /// Waits before the next try, or gives `error` back when it is not worth one.
+    async fn after(&mut self, error: StoreError) -> StoreResult<()> {
+        let (reason, ceiling_ms) = if error.is_conflict() {
+            ("conflict", 1_000u64)
+        } else if error.is_transient() {
+            ("unavailable", 5_000)
+        } else {
+            return Err(error);
+        };
+        if Instant::now() >= self.deadline {
+            return Err(error);
+        }
+        self.tries += 1;
+        METRICS.commit_retries.with_label_values(&[reason]).inc();
+        let ceiling = (20u64 << self.tries.min(10)).min(ceiling_ms);
+        let wait = Duration::from_millis(rand::rng().random_range(ceiling / 2..=ceiling));
+        tracing::debug!(reason, tries = self.tries, error = %error, ?wait, "retrying a transaction");
+        tokio::time::sleep(wait.min(self.deadline.saturating_duration_since(Instant::now()))).await;
+        Ok(())
+    }
+}
+
+fn source_from_row(row: &PgRow) -> StoreResult<Source> {
+    SourceRow::from_row(row)?.try_into()
+}
+
+async fn load_source(conn: &mut PgConnection, id: Uuid) -> StoreResult<Source> {
+    let row = sqlx::query(sql::SOURCE_BY_ID)
+        .bind(id)
+        .fetch_one(&mut *conn)
+        .await?;
+    source_from_row(&row)
+}
+
+#[async_trait]
+impl Database for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn migrate(&self) -> StoreResult<()> {
+        sqlx::migrate!("migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Liveness for PgStore {
+    async fn heartbeat(&self, owner: &str, valid_for: Duration) -> StoreResult<()> {
+        let now = now_ms();
+        sqlx::query(
+            "INSERT INTO processes (owner, heartbeat_ms, expires_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (owner) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms, expires_ms = EXCLUDED.expires_ms",
+        )
+        .bind(owner)
+        .bind(now)
+        .bind(now + dur_ms(valid_for))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn retire(&self, owner: &str) -> StoreResult<()> {
+        sqlx::query(sql::RETIRE_PROCESS)
+            .bind(owner)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Outbox for PgStore {
+    async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
+        webhooks::create(&self.pool, endpoint).await
+    }
+
+    async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
+        webhooks::list(&self.pool, org).await
+    }
+
+    async fn get_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        webhooks::get(&self.pool, org, id).await
+    }
+
+    async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool> {
+        webhooks::delete(&self.pool, org, id).await
+    }
+
+    async fn enable_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
+        webhooks::enable(&self.pool, org, id).await
+    }
+
+    async fn list_deliveries(
+        &self,
+        org: Uuid,
+        endpoint: Uuid,
+        limit: u32,
+    ) -> StoreResult<Vec<WebhookDelivery>> {
+        webhooks::deliveries(&self.pool, org, endpoint, limit).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        lease_for: Duration,
+        limit: u32,
+    ) -> StoreResult<Vec<DueDelivery>> {
+        self.retrying(|| Box::pin(webhooks::claim(&self.pool, lease_for, limit)))
+            .await
+    }
+
+    async fn record_attempt(
+        &self,
+        delivery: &DueDelivery,
+        attempt: &DeliveryAttempt,
+        next: AttemptNext,
+        disable_after: u32,
+    ) -> StoreResult<()> {
+        self.retrying(|| {
+            Box::pin(webhooks::record(
+                &self.pool,
+                delivery,
+                attempt,
+                next,
+                disable_after,
+            ))
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl Stats for PgStore {
+    async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
+        let rows = sqlx::query(sql::FAILED_SOURCES_BY_CODE)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("code")?, row.try_get::<i64, _>("n")? as u64)))
+            .collect()
+    }
+
+    async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
+        let rows = sqlx::query(sql::SOURCES_BY_STATUS)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut counts: HashMap<SourceStatus, u64> = HashMap::new();
+        for row in rows {
+            let status: String = row.try_get("status")?;
+            if let Some(s) = SourceStatus::parse(&status) {
+                counts.insert(s, row.try_get::<i64, _>("n")? as u64);
+            }
+        }
+        Ok(SourceStatus::ALL
+            .into_iter()
+            .map(|s| (s, counts.get(&s).copied().unwrap_or(0)))
+            .collect())
+    }
+
+    async fn count_pending_chunks(&self) -> StoreResult<u64> {
+        let row = sqlx::query(sql::OPEN_CHUNKS).fetch_one(&self.pool).await?;
+        Ok(row.try_get::<i64, _>(0)? as u64)
+    }
+}

@@ -1,0 +1,1263 @@
+//! One conformance suite for the `Store` trait, run against SQLite (a temporary file) and
+//! PostgreSQL (a fresh database per test on `ORBIT_TEST_POSTGRES_URL`, dropped afterwards).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use orbit_core::domain::csv::{Dialect, TextEncoding};
+use orbit_core::domain::header::ColumnMap;
+use orbit_core::domain::row::{FailedRow, Issue, IssueCode, RecordDraft};
+use orbit_core::model::*;
+use orbit_store::Store;
+use uuid::Uuid;
+
+use crate::common::{chunk, tenant, LEASE};
+
+orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_postgres; {
+    tenancy_is_scoped_by_organization,
+    tokens_are_found_by_hash_and_revoked_once,
+    idempotency_keys_claim_release_and_complete,
+    an_upload_and_its_chunks_complete_the_source,
+    a_lost_lease_writes_nothing,
+    a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last,
+    a_chunk_out_of_attempts_fails_its_source,
+    a_source_says_it_is_retrying_until_its_chunk_moves_again,
+    the_reaper_finds_unpublished_and_abandoned_chunks,
+    a_chunk_marked_unpublished_is_reaped_at_once,
+    failed_sources_are_counted_by_code,
+    a_dead_processes_leases_are_void_before_they_expire,
+    concurrent_chunks_never_split_an_identity,
+    terminal_states_never_change,
+});
+
+fn record(row: u64, fields: &[(&'static str, &str)]) -> RecordDraft {
+    RecordDraft {
+        row_number: row,
+        line_number: row + 1,
+        fields: fields.iter().map(|(k, v)| (*k, v.to_string())).collect(),
+        attributes: BTreeMap::from([(
+            "note".to_string(),
+            format!("row {row}\twith\\tab\nand newline"),
+        )]),
+        warnings: vec![],
+    }
+}
+
+fn failed(row: u64) -> FailedRow {
+    FailedRow {
+        row_number: row,
+        line_number: row + 1,
+        fields: vec!["no-email".into(), "x".into()],
+        error: Issue {
+            code: IssueCode::MissingIdentifier,
+            column: Some("email".into()),
+            message: "the row has no email, phone or LinkedIn URL".into(),
+            value: None,
+        },
+    }
+}
+
+fn new_upload(
+    org: Uuid,
+    dir: Uuid,
+    total_rows: u64,
+    sync: ChunkResults,
+    sync_rows: u64,
+    chunks: Vec<ChunkSpec>,
+) -> NewUpload {
+    let id = Uuid::now_v7();
+    NewUpload {
+        source: NewSource {
+            id,
+            organization_id: org,
+            directory_id: dir,
+            filename: "contacts.csv".into(),
+            byte_size: 1234,
+            sha256: "ab".repeat(32),
+            object_key: format!("sources/{org}/{id}.csv"),
+            dialect: Dialect {
+                encoding: TextEncoding::Utf8,
+                delimiter: b',',
+                bom_len: 0,
+            },
+            columns: ColumnMap::from_header(&["email".into(), "phone".into()], 10).unwrap(),
+            max_field_bytes: 100,
+            default_region: "GB".into(),
+            dry_run: false,
+            total_rows,
+        },
+        sync_chunk: (sync_rows > 0).then(|| chunk(0, 1, sync_rows)),
+        sync_results: sync,
+        chunks,
+        idempotency: None,
+        traceparent: None,
+        tracestate: None,
+    }
+}
+
+/// An upload with no synchronous prefix and one queued chunk of `rows` rows.
+async fn one_chunk_upload(
+    store: &dyn Store,
+    org: Uuid,
+    dir: Uuid,
+    rows: u64,
+) -> (Source, Vec<ChunkRef>) {
+    store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            rows,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, rows)],
+        ))
+        .await
+        .unwrap()
+}
+
+async fn claim(store: &dyn Store, chunk: Uuid) -> ChunkWork {
+    match store.claim_chunk(chunk, "test", LEASE, 5).await.unwrap() {
+        Claim::Claimed(work) => *work,
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
+async fn tenancy_is_scoped_by_organization(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (other_org, _) = tenant(&*store).await;
+    assert!(store.organization_exists(org).await.unwrap());
+    assert!(!store.organization_exists(Uuid::new_v4()).await.unwrap());
+    assert!(store.get_directory(org, dir).await.unwrap().is_some());
+    assert!(store.get_directory(other_org, dir).await.unwrap().is_none());
+    assert!(store
+        .archive_directory(other_org, dir)
+        .await
+        .unwrap()
+        .is_none());
+    for i in 0..4 {
+        store.create_directory(org, &format!("D{i}")).await.unwrap();
+    }
+    let first = store
+        .list_directories(
+            org,
+            &PageRequest {
+                after: None,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(first.items.len(), 3);
+    let rest = store
+        .list_directories(
+            org,
+            &PageRequest {
+                after: first.next,
+                limit: 3,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(rest.items.len(), 2);
+    assert!(rest.next.is_none());
+    assert_eq!(
+        store
+            .list_directories(
+                other_org,
+                &PageRequest {
+                    after: None,
+                    limit: 10
+                }
+            )
+            .await
+            .unwrap()
+            .items
+            .len(),
+        1
+    );
+    let archived = store.archive_directory(org, dir).await.unwrap().unwrap();
+    assert!(archived.archived);
+    let again = store.archive_directory(org, dir).await.unwrap().unwrap();
+    assert_eq!(
+        again.archived_at, archived.archived_at,
+        "archiving twice keeps the first time"
+    );
+
+    let (source, _) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            1,
+            ChunkResults {
+                accepted: vec![record(1, &[("email", "a@x.co")])],
+                failed: vec![],
+            },
+            1,
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert!(store
+        .get_source(other_org, dir, source.id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .list_sources(
+            other_org,
+            dir,
+            &PageRequest {
+                after: None,
+                limit: 10
+            }
+        )
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(store
+        .list_issues(
+            other_org,
+            dir,
+            source.id,
+            &PageRequest {
+                after: None,
+                limit: 10
+            }
+        )
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    assert!(store
+        .list_profiles(
+            other_org,
+            dir,
+            None,
+            &PageRequest {
+                after: None,
+                limit: 10
+            }
+        )
+        .await
+        .unwrap()
+        .items
+        .is_empty());
+    let profile = store
+        .list_profiles(
+            org,
+            dir,
+            None,
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap()
+        .items
+        .remove(0);
+    assert!(store
+        .get_profile(other_org, dir, profile.id)
+        .await
+        .unwrap()
+        .is_none());
+}
+
+async fn tokens_are_found_by_hash_and_revoked_once(store: Arc<dyn Store>) {
+    let (org, _) = tenant(&*store).await;
+    let user = store.ensure_user(org, "ops@example.com").await.unwrap();
+    assert_eq!(
+        store.ensure_user(org, "ops@example.com").await.unwrap(),
+        user
+    );
+    store
+        .insert_token(&[1, 2, 3], org, user, None)
+        .await
+        .unwrap();
+    let found = store.find_token(&[1, 2, 3]).await.unwrap().unwrap();
+    assert_eq!((found.organization_id, found.user_id), (org, user));
+    assert!(found.revoked_at.is_none());
+    assert!(store.find_token(&[9]).await.unwrap().is_none());
+    assert!(store.revoke_token(&[1, 2, 3]).await.unwrap());
+    assert!(!store.revoke_token(&[1, 2, 3]).await.unwrap());
+    assert!(store
+        .find_token(&[1, 2, 3])
+        .await
+        .unwrap()
+        .unwrap()
+        .revoked_at
+        .is_some());
+}
+
+async fn idempotency_keys_claim_release_and_complete(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let ttl = Duration::from_secs(3600);
+    let KeyState::Claimed(claim) = store
+        .claim_idempotency_key(org, "k", dir, "gw", ttl, ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("first claim")
+    };
+    assert!(matches!(
+        store
+            .claim_idempotency_key(org, "k", dir, "gw", ttl, ttl)
+            .await
+            .unwrap(),
+        KeyState::InFlight
+    ));
+    // Another organization's same key is its own.
+    let (other, other_dir) = tenant(&*store).await;
+    assert!(matches!(
+        store
+            .claim_idempotency_key(other, "k", other_dir, "gw", ttl, ttl)
+            .await
+            .unwrap(),
+        KeyState::Claimed(_)
+    ));
+    store.release_idempotency_key(&claim).await.unwrap();
+    let KeyState::Claimed(claim) = store
+        .claim_idempotency_key(org, "k", dir, "gw", ttl, ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("claim after release")
+    };
+    // A stale in-flight claim is taken over, and the old claimant can no longer complete.
+    let KeyState::Claimed(takeover) = store
+        .claim_idempotency_key(org, "k", dir, "gw", ttl, Duration::ZERO)
+        .await
+        .unwrap()
+    else {
+        panic!("takeover")
+    };
+    let mut upload = new_upload(org, dir, 0, ChunkResults::default(), 0, vec![]);
+    upload.idempotency = Some(claim);
+    assert!(store.commit_upload(upload).await.is_err());
+    // A claim whose process died is taken over as soon as its heartbeat expires, long before
+    // the in-flight timeout; a live process's claim stands.
+    store.heartbeat("crashing-gw", ttl).await.unwrap();
+    let KeyState::Claimed(_) = store
+        .claim_idempotency_key(org, "crash", dir, "crashing-gw", ttl, ttl)
+        .await
+        .unwrap()
+    else {
+        panic!("claim by a live process")
+    };
+    assert!(matches!(
+        store
+            .claim_idempotency_key(org, "crash", dir, "gw", ttl, ttl)
+            .await
+            .unwrap(),
+        KeyState::InFlight
+    ));
+    store
+        .heartbeat("crashing-gw", Duration::ZERO)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert!(matches!(
+        store
+            .claim_idempotency_key(org, "crash", dir, "gw", ttl, ttl)
+            .await
+            .unwrap(),
+        KeyState::Claimed(_)
+    ));
+    let mut upload = new_upload(org, dir, 0, ChunkResults::default(), 0, vec![]);
+    upload.idempotency = Some(takeover);
+    let (source, _) = store.commit_upload(upload).await.unwrap();
+    match store
+        .claim_idempotency_key(org, "k", dir, "gw", ttl, ttl)
+        .await
+        .unwrap()
+    {
+        KeyState::Completed {
+            directory_id,
+            sha256,
+            receipt,
+        } => {
+            assert_eq!(directory_id, dir);
+            assert_eq!(sha256, source.sha256);
+            assert_eq!(receipt.source_id, source.id);
+            assert_eq!(receipt.source_status, SourceStatus::Completed);
+        }
+        other => panic!("expected completed, got {other:?}"),
+    }
+    // Past its TTL a completed key is forgotten.
+    assert!(matches!(
+        store
+            .claim_idempotency_key(org, "k2", dir, "gw", Duration::ZERO, ttl)
+            .await
+            .unwrap(),
+        KeyState::Claimed(_)
+    ));
+}
+
+async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let sync = ChunkResults {
+        accepted: vec![
+            record(1, &[("email", "a@x.co")]),
+            record(2, &[("email", "b@x.co")]),
+        ],
+        failed: vec![failed(3)],
+    };
+    let upload = new_upload(org, dir, 7, sync, 3, vec![chunk(1, 4, 2), chunk(2, 6, 2)]);
+    let (source, queued) = store.commit_upload(upload).await.unwrap();
+    assert_eq!(source.status, SourceStatus::Processing);
+    assert_eq!(
+        (source.accepted, source.failed, source.processed_rows),
+        (2, 1, 3)
+    );
+    assert_eq!(queued.len(), 2);
+    assert_eq!(store.count_pending_chunks().await.unwrap(), 2);
+
+    let work = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(work.chunk, chunk(1, 4, 2));
+    assert_eq!(work.source.id, source.id);
+    assert_eq!(
+        (
+            work.source.max_field_bytes,
+            work.source.default_region.as_str()
+        ),
+        (100, "GB")
+    );
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "other", LEASE, 5)
+            .await
+            .unwrap(),
+        Claim::Busy
+    ));
+    assert!(store.renew_lease(&work.lease, LEASE).await.unwrap());
+    let results = ChunkResults {
+        // Row 5 repeats row 1's email: flagged when the source completes.
+        accepted: vec![
+            record(4, &[("email", "c@x.co")]),
+            record(5, &[("email", "a@x.co")]),
+        ],
+        failed: vec![],
+    };
+    assert_eq!(
+        store.commit_chunk(&work.lease, results).await.unwrap(),
+        Committed::Done {
+            source_completed: false
+        }
+    );
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "test", LEASE, 5)
+            .await
+            .unwrap(),
+        Claim::Nothing
+    ));
+
+    let work = claim(&*store, queued[1].chunk_id).await;
+    let results = ChunkResults {
+        accepted: vec![record(6, &[("phone", "+14155552671")])],
+        failed: vec![failed(7)],
+    };
+    assert_eq!(
+        store.commit_chunk(&work.lease, results).await.unwrap(),
+        Committed::Done {
+            source_completed: true
+        }
+    );
+
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, SourceStatus::Completed);
+    assert_eq!(
+        (
+            done.accepted,
+            done.failed,
+            done.processed_rows,
+            done.warnings
+        ),
+        (5, 2, 7, 1)
+    );
+    assert!(done.completed_at.is_some());
+    let issues = store
+        .list_issues(
+            org,
+            dir,
+            source.id,
+            &PageRequest {
+                after: None,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        issues
+            .items
+            .iter()
+            .map(|i| i.row_number)
+            .collect::<Vec<_>>(),
+        [3, 5]
+    );
+    let rest = store
+        .list_issues(
+            org,
+            dir,
+            source.id,
+            &PageRequest {
+                after: issues.next,
+                limit: 2,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.items
+            .iter()
+            .map(|i| (i.row_number, i.code.as_str()))
+            .collect::<Vec<_>>(),
+        [(7, "missing_identifier")]
+    );
+    let failed_rows = store.failed_rows(source.id, 0, 10).await.unwrap();
+    assert_eq!(
+        failed_rows.iter().map(|f| f.row_number).collect::<Vec<_>>(),
+        [3, 7]
+    );
+    assert_eq!(failed_rows[0].fields, ["no-email", "x"]);
+    assert_eq!(store.failed_row_width(source.id).await.unwrap(), 2);
+    let profiles = store
+        .list_profiles(
+            org,
+            dir,
+            None,
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(profiles.items.len(), 4);
+    let a = store
+        .list_profiles(
+            org,
+            dir,
+            Some("a@x.co"),
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(a.items.len(), 1);
+    assert_eq!(
+        a.items[0].identities,
+        [("email".to_string(), "a@x.co".to_string())]
+    );
+    assert_eq!(
+        a.items[0].state.attributes["note"].value,
+        "row 5\twith\\tab\nand newline"
+    );
+    assert_eq!(store.count_pending_chunks().await.unwrap(), 0);
+    let counts: HashMap<SourceStatus, u64> = store
+        .count_sources_by_status()
+        .await
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(counts[&SourceStatus::Completed], 1);
+}
+
+async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, queued) = one_chunk_upload(&*store, org, dir, 1).await;
+    // A lease that has already expired: another worker takes the chunk over.
+    let zombie = match store
+        .claim_chunk(queued[0].chunk_id, "zombie", Duration::ZERO, 5)
+        .await
+        .unwrap()
+    {
+        Claim::Claimed(w) => *w,
+        other => panic!("{other:?}"),
+    };
+    let live = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(live.lease.attempt, 2);
+    assert!(!store.renew_lease(&zombie.lease, LEASE).await.unwrap());
+    let results = || ChunkResults {
+        accepted: vec![record(1, &[("email", "z@x.co")])],
+        failed: vec![],
+    };
+    assert_eq!(
+        store.commit_chunk(&zombie.lease, results()).await.unwrap(),
+        Committed::LeaseLost
+    );
+    let mid = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(mid.accepted, 0, "the zombie's write was refused");
+    assert!(
+        !store
+            .release_chunk(&zombie.lease, "failed late", None)
+            .await
+            .unwrap(),
+        "the zombie's release finds its lease gone and leaves the live one alone"
+    );
+    assert_eq!(
+        store.commit_chunk(&live.lease, results()).await.unwrap(),
+        Committed::Done {
+            source_completed: true
+        }
+    );
+    // A late replay of the same lease changes nothing either.
+    assert_eq!(
+        store.commit_chunk(&live.lease, results()).await.unwrap(),
+        Committed::LeaseLost
+    );
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((done.accepted, done.processed_rows), (1, 1));
+}
+
+async fn a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, queued) = one_chunk_upload(&*store, org, dir, 5).await;
+    let first = claim(&*store, queued[0].chunk_id).await;
+    let slice = ChunkResults {
+        accepted: vec![
+            record(1, &[("email", "a@x.co")]),
+            record(2, &[("email", "b@x.co")]),
+        ],
+        failed: vec![],
+    };
+    let resume = Resume {
+        offset: 300,
+        line: 4,
+        row: 3,
+    };
+    assert_eq!(
+        store
+            .commit_slice(&first.lease, slice, SliceEnd::Before(resume))
+            .await
+            .unwrap(),
+        Committed::Done {
+            source_completed: false
+        }
+    );
+    let mid = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (mid.status, mid.accepted, mid.processed_rows),
+        (SourceStatus::Processing, 2, 2),
+        "a committed slice shows in the source's progress"
+    );
+
+    // The attempt ends (a worker's death ends it the same way, once its lease is void); the
+    // next claim is handed the part no slice committed.
+    let zombie = first.lease.clone();
+    store
+        .release_chunk(&zombie, "worker killed", None)
+        .await
+        .unwrap();
+    let next = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(
+        next.chunk,
+        ChunkSpec {
+            index: 0,
+            first_row: 3,
+            row_count: 3,
+            start_offset: 300,
+            end_offset: 600,
+            start_line: 4,
+        }
+    );
+    // The dead worker's next slice is refused.
+    let late = ChunkResults {
+        accepted: vec![record(3, &[("email", "late@x.co")])],
+        failed: vec![],
+    };
+    assert_eq!(
+        store
+            .commit_slice(&zombie, late, SliceEnd::Chunk)
+            .await
+            .unwrap(),
+        Committed::LeaseLost
+    );
+    let rest = ChunkResults {
+        accepted: vec![
+            record(3, &[("email", "c@x.co")]),
+            record(4, &[("email", "a@x.co")]),
+        ],
+        failed: vec![failed(5)],
+    };
+    assert_eq!(
+        store.commit_chunk(&next.lease, rest).await.unwrap(),
+        Committed::Done {
+            source_completed: true
+        }
+    );
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (
+            done.status,
+            done.accepted,
+            done.failed,
+            done.processed_rows,
+            done.warnings
+        ),
+        (SourceStatus::Completed, 4, 1, 5, 1),
+        "row 4 repeats row 1's email across slices: one duplicate warning"
+    );
+}
+
+async fn a_source_says_it_is_retrying_until_its_chunk_moves_again(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, queued) = one_chunk_upload(&*store, org, dir, 4).await;
+    let get = || async {
+        store
+            .get_source(org, dir, source.id)
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(get().await.retrying, None);
+
+    let before = chrono::Utc::now() - chrono::Duration::seconds(1);
+    for error in [
+        "object store error: connection refused",
+        "object store error: timed out",
+    ] {
+        let work = claim(&*store, queued[0].chunk_id).await;
+        assert!(store
+            .release_chunk(&work.lease, error, Some(Duration::from_secs(600)))
+            .await
+            .unwrap());
+    }
+    let waiting = get().await;
+    let retrying = waiting
+        .retrying
+        .expect("a chunk in a run of transient failures");
+    assert_eq!(
+        retrying.message, "object store error: timed out",
+        "the last attempt's"
+    );
+    assert!(
+        before <= retrying.since && retrying.since <= chrono::Utc::now(),
+        "since the first failure of the run: {retrying:?}"
+    );
+    let page = store
+        .list_sources(
+            org,
+            dir,
+            &PageRequest {
+                after: None,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.items[0].retrying.as_ref(),
+        Some(&retrying),
+        "the list says it too"
+    );
+
+    // The since of the run stays while it lasts, through a running retry.
+    let work = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(get().await.retrying.as_ref(), Some(&retrying));
+    // A committed slice ends the run: the chunk is moving again.
+    let slice = ChunkResults {
+        accepted: vec![record(1, &[("email", "a@x.co")])],
+        failed: vec![],
+    };
+    let resume = Resume {
+        offset: 200,
+        line: 3,
+        row: 2,
+    };
+    store
+        .commit_slice(&work.lease, slice, SliceEnd::Before(resume))
+        .await
+        .unwrap();
+    assert_eq!(get().await.retrying, None);
+
+    // A new run ends with the chunk, and a completed source never says it retries.
+    store
+        .release_chunk(
+            &work.lease,
+            "database error: pool timed out",
+            Some(Duration::from_secs(600)),
+        )
+        .await
+        .unwrap();
+    assert!(get().await.retrying.is_some());
+    let last = claim(&*store, queued[0].chunk_id).await;
+    let rest = ChunkResults {
+        accepted: vec![
+            record(2, &[("email", "b@x.co")]),
+            record(3, &[("email", "c@x.co")]),
+            record(4, &[("email", "d@x.co")]),
+        ],
+        failed: vec![],
+    };
+    store.commit_chunk(&last.lease, rest).await.unwrap();
+    let done = get().await;
+    assert_eq!(
+        (done.status, done.retrying),
+        (SourceStatus::Completed, None)
+    );
+}
+
+async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, queued) = one_chunk_upload(&*store, org, dir, 1).await;
+    // Transient failures (an outage) cost no attempt while they last less than the ceiling,
+    // however many there are.
+    for _ in 0..5 {
+        let work = match store
+            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
+            .await
+            .unwrap()
+        {
+            Claim::Claimed(w) => *w,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            work.lease.attempt, 1,
+            "transient failures gave their attempts back"
+        );
+        store
+            .release_chunk(
+                &work.lease,
+                "object store error: Too many open files",
+                Some(Duration::from_secs(600)),
+            )
+            .await
+            .unwrap();
+    }
+    for _ in 0..2 {
+        let work = match store
+            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
+            .await
+            .unwrap()
+        {
+            Claim::Claimed(w) => *w,
+            other => panic!("{other:?}"),
+        };
+        store
+            .release_chunk(&work.lease, "the rows do not match the file", None)
+            .await
+            .unwrap();
+    }
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
+            .await
+            .unwrap(),
+        Claim::Poisoned
+    ));
+    let failed = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(failed.status, SourceStatus::Failed);
+    let error = failed.error.unwrap();
+    assert_eq!(error.code, "chunk_poisoned");
+    assert!(
+        error.message.contains("the rows do not match the file"),
+        "{}",
+        error.message
+    );
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
+            .await
+            .unwrap(),
+        Claim::Nothing
+    ));
+
+    // Resumed: the failed chunk runs again with fresh attempts, and the source completes.
+    let reopened = match store.retry_source(org, dir, source.id).await.unwrap() {
+        Retried::Reopened(source, chunks) => {
+            assert_eq!(
+                chunks.iter().map(|c| c.chunk_id).collect::<Vec<_>>(),
+                [queued[0].chunk_id]
+            );
+            source
+        }
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(reopened.status, SourceStatus::Processing);
+    assert!(reopened.error.is_none());
+    assert!(matches!(
+        store.retry_source(org, dir, source.id).await.unwrap(),
+        Retried::NotFailed(_)
+    ));
+    let work = claim(&*store, queued[0].chunk_id).await;
+    assert_eq!(work.lease.attempt, 1);
+    let results = ChunkResults {
+        accepted: vec![record(1, &[("email", "resumed@x.co")])],
+        failed: vec![],
+    };
+    assert_eq!(
+        store.commit_chunk(&work.lease, results).await.unwrap(),
+        Committed::Done {
+            source_completed: true
+        }
+    );
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (done.status, done.accepted, done.processed_rows),
+        (SourceStatus::Completed, 1, 1)
+    );
+    let (other_org, _) = tenant(&*store).await;
+    assert!(matches!(
+        store.retry_source(other_org, dir, source.id).await.unwrap(),
+        Retried::NotFound
+    ));
+}
+
+async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let mut upload = new_upload(
+        org,
+        dir,
+        2,
+        ChunkResults::default(),
+        0,
+        vec![chunk(0, 1, 1), chunk(1, 2, 1)],
+    );
+    // The upload's trace context goes with every chunk it queued, to every later publish.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    upload.traceparent = Some(traceparent.into());
+    upload.tracestate = Some("vendor=opaque".into());
+    let traced = |refs: &[ChunkRef]| {
+        refs.iter().all(|c| {
+            c.traceparent.as_deref() == Some(traceparent)
+                && c.tracestate.as_deref() == Some("vendor=opaque")
+        })
+    };
+    let (_, queued) = store.commit_upload(upload).await.unwrap();
+    assert!(traced(&queued), "{queued:?}");
+    let long = Duration::from_secs(3600);
+    assert!(
+        store.chunks_to_publish(long, 10).await.unwrap().is_empty(),
+        "just published by the upload"
+    );
+    // Timestamps are in milliseconds: let one pass, or the upload's chunks were queued 0 ms
+    // ago, which is not longer than a zero requeue_after (fast enough, SQLite got there).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = store.chunks_to_publish(Duration::ZERO, 10).await.unwrap();
+    assert_eq!(again.len(), 2, "queued longer ago than requeue_after");
+    assert!(traced(&again), "{again:?}");
+    // A worker that died holding a lease: its chunk comes back once the lease expires.
+    match store
+        .claim_chunk(queued[0].chunk_id, "dead", Duration::ZERO, 5)
+        .await
+        .unwrap()
+    {
+        Claim::Claimed(_) => {}
+        other => panic!("{other:?}"),
+    }
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let reaped = store.chunks_to_publish(long, 10).await.unwrap();
+    assert_eq!(
+        reaped.iter().map(|c| c.chunk_id).collect::<Vec<_>>(),
+        [queued[0].chunk_id]
+    );
+    assert!(traced(&reaped), "{reaped:?}");
+    assert_eq!(store.forget_queued().await.unwrap(), 2);
+    assert_eq!(store.chunks_to_publish(long, 10).await.unwrap().len(), 2);
+}
+
+async fn a_chunk_marked_unpublished_is_reaped_at_once(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (_, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            3,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 1), chunk(1, 2, 1), chunk(2, 3, 1)],
+        ))
+        .await
+        .unwrap();
+    let long = Duration::from_secs(3600);
+    assert!(store.chunks_to_publish(long, 10).await.unwrap().is_empty());
+    // The publish of chunks 1 and 2 failed; chunk 0 is meanwhile claimed by a worker, whose
+    // lease a stale mark must not undo.
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "worker", long, 5)
+            .await
+            .unwrap(),
+        Claim::Claimed(_)
+    ));
+    let unsent: Vec<_> = queued.iter().map(|c| c.chunk_id).collect();
+    store.mark_unpublished(&unsent).await.unwrap();
+    let reaped: std::collections::HashSet<_> = store
+        .chunks_to_publish(long, 10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.chunk_id)
+        .collect();
+    assert_eq!(
+        reaped,
+        [queued[1].chunk_id, queued[2].chunk_id]
+            .into_iter()
+            .collect()
+    );
+    assert!(store.chunks_to_publish(long, 10).await.unwrap().is_empty());
+}
+
+async fn failed_sources_are_counted_by_code(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    assert!(store
+        .count_failed_sources_by_code()
+        .await
+        .unwrap()
+        .is_empty());
+    let mut sources = Vec::new();
+    for _ in 0..3 {
+        let (source, _) = store
+            .commit_upload(new_upload(
+                org,
+                dir,
+                1,
+                ChunkResults::default(),
+                0,
+                vec![chunk(0, 1, 1)],
+            ))
+            .await
+            .unwrap();
+        sources.push(source.id);
+    }
+    for (source, code) in sources
+        .iter()
+        .zip(["object_missing", "object_missing", "chunk_poisoned"])
+    {
+        let error = SourceError {
+            code: code.into(),
+            message: "gone".into(),
+        };
+        store.fail_source(*source, error).await.unwrap();
+    }
+    let mut counts = store.count_failed_sources_by_code().await.unwrap();
+    counts.sort();
+    assert_eq!(
+        counts,
+        [
+            ("chunk_poisoned".to_owned(), 1),
+            ("object_missing".to_owned(), 2)
+        ]
+    );
+}
+
+async fn a_dead_processes_leases_are_void_before_they_expire(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (_, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            2,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 1), chunk(1, 2, 1)],
+        ))
+        .await
+        .unwrap();
+    let long = Duration::from_secs(3600);
+    store.heartbeat("alive", long).await.unwrap();
+    store.heartbeat("doomed", long).await.unwrap();
+    for (chunk, owner) in [
+        (queued[0].chunk_id, "alive"),
+        (queued[1].chunk_id, "doomed"),
+    ] {
+        assert!(matches!(
+            store.claim_chunk(chunk, owner, long, 5).await.unwrap(),
+            Claim::Claimed(_)
+        ));
+    }
+    // Both leases run for an hour, and both owners are alive: nobody else may take them, and
+    // the reaper leaves them alone.
+    for c in &queued {
+        assert!(matches!(
+            store
+                .claim_chunk(c.chunk_id, "thief", long, 5)
+                .await
+                .unwrap(),
+            Claim::Busy
+        ));
+    }
+    assert!(store.chunks_to_publish(long, 10).await.unwrap().is_empty());
+    // "doomed" dies: its last heartbeat runs out (a heartbeat valid for no time at all), and
+    // its lease is void at once, long before it expires. A process that has no row at all
+    // (it never heartbeated) is judged by its lease alone.
+    store.heartbeat("doomed", Duration::ZERO).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let reaped = store.chunks_to_publish(long, 10).await.unwrap();
+    assert_eq!(
+        reaped.iter().map(|c| c.chunk_id).collect::<Vec<_>>(),
+        [queued[1].chunk_id]
+    );
+    assert!(matches!(
+        store
+            .claim_chunk(queued[0].chunk_id, "thief", long, 5)
+            .await
+            .unwrap(),
+        Claim::Busy
+    ));
+    match store
+        .claim_chunk(queued[1].chunk_id, "heir", long, 5)
+        .await
+        .unwrap()
+    {
+        Claim::Claimed(work) => assert_eq!(work.lease.attempt, 2),
+        other => panic!("expected a takeover, got {other:?}"),
+    }
+    // A process that exits cleanly retires; retiring twice is harmless.
+    store.retire("alive").await.unwrap();
+    store.retire("alive").await.unwrap();
+}
+
+async fn concurrent_chunks_never_split_an_identity(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    const CHUNKS: u64 = 8;
+    const ROWS: u64 = 50;
+    let chunks: Vec<ChunkSpec> = (0..CHUNKS)
+        .map(|i| chunk(i as u32, 1 + i * ROWS, ROWS))
+        .collect();
+    let (source, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            CHUNKS * ROWS,
+            ChunkResults::default(),
+            0,
+            chunks,
+        ))
+        .await
+        .unwrap();
+    // Every chunk holds the same 50 people, each by email in even chunks and by phone plus
+    // email in odd ones: 8 workers race to create and merge the same profiles.
+    let mut tasks = Vec::new();
+    for (i, message) in queued.into_iter().enumerate() {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let work = claim(&*store, message.chunk_id).await;
+            let first = 1 + i as u64 * ROWS;
+            let accepted = (0..ROWS)
+                .map(|p| {
+                    let email = format!("p{p}@x.co");
+                    let phone = format!("+1415555{:04}", p);
+                    if i % 2 == 0 {
+                        record(first + p, &[("email", &email)])
+                    } else {
+                        record(first + p, &[("email", &email), ("phone", &phone)])
+                    }
+                })
+                .collect();
+            store
+                .commit_chunk(
+                    &work.lease,
+                    ChunkResults {
+                        accepted,
+                        failed: vec![],
+                    },
+                )
+                .await
+                .unwrap()
+        }));
+    }
+    for task in tasks {
+        assert!(matches!(task.await.unwrap(), Committed::Done { .. }));
+    }
+    let done = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(done.status, SourceStatus::Completed);
+    assert_eq!(done.accepted, CHUNKS * ROWS);
+    assert_eq!(
+        done.warnings,
+        (CHUNKS - 1) * ROWS,
+        "every repeat is a duplicate_in_file"
+    );
+    let mut all = Vec::new();
+    let mut page = PageRequest {
+        after: None,
+        limit: 1000,
+    };
+    loop {
+        let p = store.list_profiles(org, dir, None, &page).await.unwrap();
+        all.extend(p.items);
+        match p.next {
+            Some(next) => page.after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(all.len(), ROWS as usize, "one profile per person");
+    for profile in &all {
+        assert_eq!(profile.identities.len(), 2, "{:?}", profile.identities);
+    }
+}
+
+async fn terminal_states_never_change(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (source, _) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            1,
+            ChunkResults {
+                accepted: vec![record(1, &[("email", "a@x.co")])],
+                failed: vec![],
+            },
+            1,
+            vec![],
+        ))
+        .await
+        .unwrap();
+    assert_eq!(source.status, SourceStatus::Completed);
+    store
+        .fail_source(
+            source.id,
+            SourceError {
+                code: "object_missing".into(),
+                message: "gone".into(),
+            },
+        )
+        .await
+        .unwrap();
+    let after = store
+        .get_source(org, dir, source.id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(after.status, SourceStatus::Completed);
+    assert!(after.error.is_none());
+    assert_eq!(after.completed_at, source.completed_at);
+}
