@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{code, contacts, json, proxy, run, stderr, stdout, Fault, Gateway};
+use crate::common::{code, contacts, json, run, stderr, stdout, Fault, Gateway, Proxy};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::Notify;
@@ -104,7 +104,7 @@ async fn on_a_terminal_both_phases_draw_as_bars() {
     let file = gw.file("tty.csv", &contacts(200, "t", None));
     // `script` gives the client a pseudo-terminal; the typescript is what a user would see.
     let orbit = env!("CARGO_BIN_EXE_orbit");
-    let typescript = gw.data.path().join("typescript");
+    let typescript = gw.app.data.path().join("typescript");
     let mut script = tokio::process::Command::new("script");
     script
         .args(["-q", "-e", "-c"])
@@ -133,7 +133,7 @@ async fn on_a_terminal_both_phases_draw_as_bars() {
 async fn a_connection_cut_mid_upload_is_retried_into_exactly_one_source() {
     let gw = Gateway::start().await;
     let file = gw.file("cut.csv", &contacts(100, "cut", None));
-    let broken = proxy(gw.addr, Fault::CutRequest(2_000)).await;
+    let broken = Proxy::start(&gw.addr.to_string(), Fault::CutRequest(2_000)).await;
     let out = run(&mut gw.orbit_at(&broken.url, &args(&["upload", &file, "--json"]))).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(broken.tripped.load(std::sync::atomic::Ordering::SeqCst));
@@ -158,7 +158,7 @@ async fn a_connection_cut_mid_upload_is_retried_into_exactly_one_source() {
 async fn a_response_lost_after_the_server_recorded_the_upload_replays_it() {
     let gw = Gateway::start().await;
     let file = gw.file("lost.csv", &contacts(100, "lost", Some(25)));
-    let broken = proxy(gw.addr, Fault::DropResponse(2_000)).await;
+    let broken = Proxy::start(&gw.addr.to_string(), Fault::DropResponse(2_000)).await;
     let out = run(&mut gw.orbit_at(&broken.url, &args(&["upload", &file, "--json"]))).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let report = &json(&out)[0];
@@ -181,8 +181,8 @@ async fn an_upload_still_in_flight_is_waited_out_then_replayed() {
     let contents = contacts(100, "fly", None);
     let file = gw.file("fly.csv", &contents);
     let (held, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let slow = proxy(
-        gw.addr,
+    let slow = Proxy::start(
+        &gw.addr.to_string(),
         Fault::Hold {
             bytes: 2_000,
             held: held.clone(),
@@ -204,7 +204,7 @@ async fn an_upload_still_in_flight_is_waited_out_then_replayed() {
     // Wait until the server has claimed the key for the first upload (it does once it sees the
     // file field start). Read from the gateway's database rather than probed over HTTP: a probe
     // with the same key could win the claim and make the held upload itself answer 409.
-    let db = format!("sqlite://{}/orbit.db?mode=ro", gw.data.path().display());
+    let db = format!("sqlite://{}/orbit.db?mode=ro", gw.app.data.path().display());
     let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&db)
         .await
         .unwrap();
@@ -380,7 +380,7 @@ async fn reports_watch_sources_errors_failed_rows_profiles_and_directories() {
     let out = run(&mut gw.orbit(&["errors", &source, "--limit", "3"])).await;
     assert_eq!(stdout(&out).lines().count(), 4, "{}", stdout(&out));
 
-    let saved = gw.data.path().join("failed.csv");
+    let saved = gw.app.data.path().join("failed.csv");
     let out = run(&mut gw.orbit(&["failed-rows", &source, "-o", saved.to_str().unwrap()])).await;
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     assert!(
@@ -399,7 +399,7 @@ async fn reports_watch_sources_errors_failed_rows_profiles_and_directories() {
         .await
         .unwrap();
     assert_eq!(std::fs::read_to_string(&saved).unwrap(), direct);
-    assert!(!gw.data.path().join("failed.csv.part").exists());
+    assert!(!gw.app.data.path().join("failed.csv.part").exists());
 
     let out = run(&mut gw.orbit(&["profiles", "--email", "M3@Example.com", "--json"])).await;
     let profiles = json(&out);

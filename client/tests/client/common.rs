@@ -1,21 +1,14 @@
-//! The harness for the `orbit` binary: a real embedded gateway on 127.0.0.1:0 with a fresh
-//! tenant, a way to run `orbit` against it, and a loopback TCP proxy that breaks connections
-//! on purpose.
+//! The `orbit` binary's side of the harness: the test kit's embedded gateway with a fresh
+//! tenant, spelled as a user points `orbit` at it, and a way to run `orbit` against it.
 
 use std::net::SocketAddr;
 use std::process::Output;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use orbit_config::Settings;
-use orbit_gateway::{admin, app};
+use orbit_testkit::gateway::TestApp;
 use serde_json::Value;
-use tempfile::TempDir;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+
+pub use orbit_testkit::proxy::{Fault, Proxy};
 
 /// Rows validated inside the request; the rest goes to the in-process workers in chunks.
 pub const SYNC_ROWS: u64 = 10;
@@ -23,6 +16,7 @@ pub const CHUNK_ROWS: u64 = 50;
 /// No test waits longer than this for the `orbit` process.
 const RUN_LIMIT: Duration = Duration::from_secs(120);
 
+/// The test kit's gateway, with what `orbit` is pointed at spelled as a user would type it.
 pub struct Gateway {
     pub base: String,
     pub addr: SocketAddr,
@@ -30,40 +24,25 @@ pub struct Gateway {
     pub dir: String,
     pub token: String,
     pub http: reqwest::Client,
-    running: Option<app::Running>,
-    /// The gateway's data, and the files and home directory the client uses.
-    pub data: TempDir,
+    /// The gateway; its temporary directory also holds the files and home the client uses.
+    pub app: TestApp,
 }
 
 impl Gateway {
     pub async fn start() -> Self {
-        let data = tempfile::tempdir().expect("temp dir");
-        let mut s = Settings::defaults();
-        s.http.listen = "127.0.0.1:0".into();
-        s.database.url = format!("sqlite://{}/orbit.db", data.path().display())
-            .parse()
-            .unwrap();
-        s.object_store.url = format!("file://{}/objects", data.path().display())
-            .parse()
-            .unwrap();
-        s.worker.concurrency = 2;
-        s.worker.reap_interval = Duration::from_millis(200);
-        s.ingest.sync_rows = SYNC_ROWS;
-        s.ingest.chunk_rows = CHUNK_ROWS;
-        let running = app::start(s).await.expect("gateway starts");
-        let tenant = admin::bootstrap(&*running.state.store)
-            .await
-            .expect("bootstrap");
-        let field = |k: &str| tenant[k].as_str().expect("bootstrap field").to_owned();
+        let app = TestApp::spawn_with(|s| {
+            s.ingest.sync_rows = SYNC_ROWS;
+            s.ingest.chunk_rows = CHUNK_ROWS;
+        })
+        .await;
         Gateway {
-            base: format!("http://{}", running.addr),
-            addr: running.addr,
-            org: field("organization_id"),
-            dir: field("directory_id"),
-            token: field("token"),
-            http: reqwest::Client::new(),
-            running: Some(running),
-            data,
+            base: app.base.clone(),
+            addr: app.running().addr,
+            org: app.tenant.org.to_string(),
+            dir: app.tenant.dir.to_string(),
+            token: app.tenant.token.clone(),
+            http: app.client.clone(),
+            app,
         }
     }
 
@@ -75,7 +54,10 @@ impl Gateway {
             ("ORBIT_ORG", self.org.clone()),
             ("ORBIT_DIRECTORY", self.dir.clone()),
             // No profiles file of the person running the tests gets in.
-            ("XDG_CONFIG_HOME", self.data.path().display().to_string()),
+            (
+                "XDG_CONFIG_HOME",
+                self.app.data.path().display().to_string(),
+            ),
         ]
     }
 
@@ -97,7 +79,7 @@ impl Gateway {
 
     /// Writes `contents` to a file under the temp dir and returns its path.
     pub fn file(&self, name: &str, contents: &str) -> String {
-        let path = self.data.path().join(name);
+        let path = self.app.data.path().join(name);
         std::fs::write(&path, contents).expect("write test file");
         path.display().to_string()
     }
@@ -130,9 +112,7 @@ impl Gateway {
     }
 
     pub async fn stop(mut self) {
-        if let Some(running) = self.running.take() {
-            running.shutdown().await;
-        }
+        self.app.stop().await;
     }
 }
 
@@ -178,161 +158,4 @@ pub fn contacts(rows: usize, prefix: &str, bad_every: Option<usize>) -> String {
         out.push_str(&format!("First{i},Last{i},{email},Acme,blue\n"));
     }
     out
-}
-
-/// What the proxy does to the one connection it breaks (every other connection passes).
-#[derive(Clone)]
-pub enum Fault {
-    /// Forward this many request bytes of a connection, then close it both ways.
-    CutRequest(u64),
-    /// Forward the whole request of a connection that sent more than this many bytes, then
-    /// close it instead of forwarding the response: the server did the work, the client
-    /// never hears of it.
-    DropResponse(u64),
-    /// Forward this many request bytes, tell `held`, and forward the rest after `release`.
-    Hold {
-        bytes: u64,
-        held: Arc<Notify>,
-        release: Arc<Notify>,
-    },
-}
-
-pub struct Proxy {
-    pub url: String,
-    /// Set once the fault has been applied.
-    pub tripped: Arc<AtomicBool>,
-    stop: CancellationToken,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// A loopback proxy to `upstream` that applies `fault` to the first connection it fits.
-pub async fn proxy(upstream: SocketAddr, fault: Fault) -> Proxy {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
-    let url = format!("http://{}", listener.local_addr().expect("addr"));
-    let tripped = Arc::new(AtomicBool::new(false));
-    let stop = CancellationToken::new();
-    {
-        let (tripped, stop) = (tripped.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let client = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    accepted = listener.accept() => match accepted {
-                        Ok((client, _)) => client,
-                        Err(_) => return,
-                    },
-                };
-                let Ok(server) = TcpStream::connect(upstream).await else {
-                    continue;
-                };
-                tokio::spawn(relay(
-                    client,
-                    server,
-                    fault.clone(),
-                    tripped.clone(),
-                    stop.child_token(),
-                ));
-            }
-        });
-    }
-    Proxy { url, tripped, stop }
-}
-
-async fn relay(
-    client: TcpStream,
-    server: TcpStream,
-    fault: Fault,
-    tripped: Arc<AtomicBool>,
-    cut: CancellationToken,
-) {
-    let (mut from_client, mut to_client) = client.into_split();
-    let (mut from_server, mut to_server) = server.into_split();
-    let request_bytes = Arc::new(AtomicU64::new(0));
-    // Claims the one fault; false when another connection already took it.
-    let trip = {
-        let tripped = tripped.clone();
-        move || !tripped.swap(true, Ordering::SeqCst)
-    };
-    let upstream = {
-        let (fault, trip, cut, request_bytes) = (
-            fault.clone(),
-            trip.clone(),
-            cut.clone(),
-            request_bytes.clone(),
-        );
-        async move {
-            let mut buf = vec![0u8; 16 * 1024];
-            loop {
-                let n = tokio::select! {
-                    _ = cut.cancelled() => return,
-                    n = from_client.read(&mut buf) => n.unwrap_or(0),
-                };
-                if n == 0 {
-                    let _ = to_server.shutdown().await;
-                    return;
-                }
-                let before = request_bytes.fetch_add(n as u64, Ordering::SeqCst);
-                let after = before + n as u64;
-                let split = |limit: u64| (limit.saturating_sub(before) as usize).min(n);
-                match &fault {
-                    Fault::CutRequest(limit) if after > *limit && trip() => {
-                        let _ = to_server.write_all(&buf[..split(*limit)]).await;
-                        cut.cancel();
-                        return;
-                    }
-                    Fault::Hold {
-                        bytes,
-                        held,
-                        release,
-                    } if after > *bytes && trip() => {
-                        let k = split(*bytes);
-                        if to_server.write_all(&buf[..k]).await.is_err() {
-                            return;
-                        }
-                        held.notify_one();
-                        release.notified().await;
-                        if to_server.write_all(&buf[k..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                    _ => {
-                        if to_server.write_all(&buf[..n]).await.is_err() {
-                            cut.cancel();
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-    };
-    let downstream = async move {
-        let mut buf = vec![0u8; 16 * 1024];
-        loop {
-            let n = tokio::select! {
-                _ = cut.cancelled() => return,
-                n = from_server.read(&mut buf) => n.unwrap_or(0),
-            };
-            if n == 0 {
-                let _ = to_client.shutdown().await;
-                return;
-            }
-            if let Fault::DropResponse(limit) = &fault {
-                if request_bytes.load(Ordering::SeqCst) > *limit && trip() {
-                    cut.cancel();
-                    return;
-                }
-            }
-            if to_client.write_all(&buf[..n]).await.is_err() {
-                cut.cancel();
-                return;
-            }
-        }
-    };
-    // Both directions end when the cut is made; dropping their halves closes both sockets.
-    tokio::join!(upstream, downstream);
 }

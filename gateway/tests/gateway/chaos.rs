@@ -279,8 +279,8 @@ async fn a_postgres_restart_during_an_ingest_loses_nothing() {
 }
 
 /// A worker that reads the object store through `proxy`, with `extra` settings.
-fn add_proxied_worker(app: &mut TestApp, proxy: &TcpProxy, extra: &[(&str, &str)]) {
-    let mut env = vec![("ORBIT__OBJECT_STORE__ENDPOINT", proxy.endpoint.as_str())];
+fn add_proxied_worker(app: &mut TestApp, proxy: &Proxy, extra: &[(&str, &str)]) {
+    let mut env = vec![("ORBIT__OBJECT_STORE__ENDPOINT", proxy.url.as_str())];
     env.extend_from_slice(extra);
     let worker = spawn_worker_with(app.stack.as_ref().unwrap(), &app.settings, &env);
     app.workers.push(worker);
@@ -306,7 +306,11 @@ async fn assert_still_retrying(app: &TestApp, source: &str) -> Value {
 async fn an_object_store_outage_of_90_seconds_costs_no_import() {
     let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
-    let proxy = TcpProxy::start(app.settings.object_store.endpoint.as_deref().unwrap()).await;
+    let proxy = Proxy::start(
+        app.settings.object_store.endpoint.as_deref().unwrap(),
+        Fault::None,
+    )
+    .await;
     // The upload goes to the object store directly; the worker reads through the proxy, which
     // is down from before its first read until 90 s later. Five attempts, each failing, would
     // poison the source in well under a minute if outages counted.
@@ -327,7 +331,11 @@ async fn an_object_store_outage_of_90_seconds_costs_no_import() {
 async fn a_poisoned_source_resumed_completes_exactly() {
     let _shared = FAULTS.read().await;
     let mut app = stack_app().await;
-    let proxy = TcpProxy::start(app.settings.object_store.endpoint.as_deref().unwrap()).await;
+    let proxy = Proxy::start(
+        app.settings.object_store.endpoint.as_deref().unwrap(),
+        Fault::None,
+    )
+    .await;
     let source = upload(&app, "resume").await;
     // Failures count from the first one here, so the outage poisons the source quickly.
     proxy.set_up(false);

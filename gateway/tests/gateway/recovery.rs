@@ -48,14 +48,17 @@ fn worker_env(app: &TestApp, extra: &[(&str, &str)]) -> Vec<(String, String)> {
 async fn scaled_to_zero_a_chunk_whose_publish_failed_completes_once_a_worker_starts() {
     // The gateway reaches RabbitMQ through a proxy that can be cut; workers connect directly.
     let broker_url = url::Url::parse(&amqp_url()).unwrap();
-    let broker = TcpProxy::start(&format!(
-        "{}:{}",
-        broker_url.host_str().unwrap(),
-        broker_url.port().unwrap_or(5672)
-    ))
+    let broker = Proxy::start(
+        &format!(
+            "{}:{}",
+            broker_url.host_str().unwrap(),
+            broker_url.port().unwrap_or(5672)
+        ),
+        Fault::None,
+    )
     .await;
     let mut proxied = broker_url.clone();
-    let proxy_addr = url::Url::parse(&broker.endpoint).unwrap();
+    let proxy_addr = url::Url::parse(&broker.url).unwrap();
     proxied.set_port(proxy_addr.port()).unwrap();
     let mut app = distributed_app(|s| {
         s.queue.url = proxied.to_string().parse().unwrap();
