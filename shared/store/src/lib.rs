@@ -2,8 +2,9 @@
 //! [`Tenancy`], [`Uploads`], [`Profiles`], [`Chunks`], [`Liveness`], [`Outbox`], [`Stats`]),
 //! and [`Store`] is their sum; each backend implements every role: [`sqlite`] (embedded) and
 //! [`postgres`] (distributed), picked from the `database.url` scheme. Their migrations are in
-//! `migrations/` beside `src/`; the SQL both backends run as it is, `sql`; rows as stored and
-//! read back, `rows`; the store's metrics, [`metrics`]. Every tenant-facing query takes the organization and filters by it,
+//! `migrations/` beside `src/`; the SQL both backends run as it is, `sql`; the Rust they run
+//! alike, as macros expanded per backend, `shared`; rows as stored and read back, `rows`; the
+//! store's metrics, [`metrics`]. Every tenant-facing query takes the organization and filters by it,
 //! so a token of one organization can never read or write another's data.
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use orbit_core::model::*;
 pub mod metrics;
 pub mod postgres;
 mod rows;
+mod shared;
 mod sql;
 pub mod sqlite;
 mod webhook_rows;

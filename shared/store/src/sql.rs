@@ -87,6 +87,14 @@ pub(super) const DELIVERIES_PAGE: &str = "SELECT d.* FROM webhook_deliveries d J
 /// An endpoint that answered 2xx starts its failure run over.
 pub(super) const ENDPOINT_SUCCEEDED: &str =
     "UPDATE webhook_endpoints SET failure_run = 0 WHERE id = $1";
+/// A source's end, queued for one endpoint.
+pub(super) const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries (id, endpoint_id, source_id, event_type, payload, state, next_attempt_ms, created_ms) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)";
+/// An attempt's record; a second record of the same attempt (a retried transaction) is dropped.
+pub(super) const INSERT_ATTEMPT: &str = "INSERT INTO webhook_attempts (delivery_id, attempt, at_ms, status_code, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+/// What an attempt leaves of its delivery: its state, when it is due again, its lease gone.
+pub(super) const DELIVERY_ATTEMPTED: &str = "UPDATE webhook_deliveries SET state = $1, attempts = attempts + 1, next_attempt_ms = COALESCE($2, next_attempt_ms), lease_token = NULL, lease_until_ms = NULL, delivered_ms = CASE WHEN $3 THEN $4 ELSE delivered_ms END WHERE id = $5";
+/// An endpoint that failed: its failure run grows, and at `disable_after` ($1) it is disabled.
+pub(super) const ENDPOINT_FAILED: &str = "UPDATE webhook_endpoints SET failure_run = failure_run + 1, disabled_ms = CASE WHEN disabled_ms IS NULL AND failure_run + 1 >= $1 THEN $2 ELSE disabled_ms END WHERE id = $3";
 
 #[cfg(test)]
 mod tests {
@@ -125,6 +133,10 @@ mod tests {
         super::ENABLE_ENDPOINT,
         super::DELIVERIES_PAGE,
         super::ENDPOINT_SUCCEEDED,
+        super::INSERT_DELIVERY,
+        super::INSERT_ATTEMPT,
+        super::DELIVERY_ATTEMPTED,
+        super::ENDPOINT_FAILED,
         super::super::rows::CHUNK_DONE,
         super::super::rows::CHUNK_RESUMES_AT,
     ];

@@ -83,6 +83,31 @@ pub(super) struct AttemptRow {
     duration_ms: i64,
 }
 
+/// A due delivery as a claim selects it, before it is leased.
+#[derive(FromRow)]
+pub(super) struct DueRow {
+    pub id: Uuid,
+    endpoint_id: Uuid,
+    url: String,
+    secret: String,
+    payload: String,
+    attempts: i64,
+}
+
+impl DueRow {
+    pub(super) fn leased(self, lease_token: Uuid) -> DueDelivery {
+        DueDelivery {
+            id: self.id,
+            endpoint_id: self.endpoint_id,
+            url: self.url,
+            secret: self.secret,
+            payload: self.payload,
+            attempts: self.attempts as u32,
+            lease_token,
+        }
+    }
+}
+
 /// Deliveries with their attempts, in the order of `deliveries`.
 pub(super) fn deliveries_with_attempts(
     deliveries: Vec<DeliveryRow>,

@@ -1,0 +1,186 @@
+//! Rust both SQL backends run as it is, written once, as `sql` holds the SQL they share. Each
+//! macro here expands the same function bodies for one backend's pool and connection types.
+//!
+//! Macros rather than functions generic over `sqlx::Database`: every statement binds and
+//! decodes several types, and a generic function would have to spell out an `Encode + Type`
+//! bound per type, a `FromRow` bound per row shape and a higher-ranked `Executor` bound per
+//! connection, all of it repeated on each function; expanded per backend, the code reads as
+//! plain sqlx over one pool type.
+
+/// The webhook functions both backends write the same way, expanded into a backend's
+/// `webhooks` module: `connection` and `pool` are its sqlx types, `lease_held` its query that
+/// a delivery's lease is still this attempt's (taking the row lock where there are row locks),
+/// and `attempts_of` its function reading the attempts of a page of deliveries.
+macro_rules! webhook_store {
+    (
+        connection: $conn:ty,
+        pool: $pool:ty,
+        lease_held: $lease_held:expr,
+        attempts_of: $attempts_of:path $(,)?
+    ) => {
+        /// Writes the outbox rows of `source`'s end, inside the transaction that ends it.
+        pub(super) async fn enqueue(
+            conn: &mut $conn,
+            source: ::orbit_core::model::Source,
+            event: &str,
+        ) -> $crate::StoreResult<()> {
+            let rows: Vec<$crate::webhook_rows::EndpointRow> =
+                sqlx::query_as($crate::sql::SUBSCRIBED_ENDPOINTS)
+                    .bind(source.organization_id)
+                    .fetch_all(&mut *conn)
+                    .await?;
+            let endpoints = $crate::webhook_rows::subscribed(rows, event, source.directory_id);
+            if endpoints.is_empty() {
+                return Ok(());
+            }
+            let now = $crate::rows::now_ms();
+            let source_id = source.id;
+            let payload = ::orbit_core::views::source_event(event, source, $crate::rows::at(now));
+            for endpoint in endpoints {
+                sqlx::query($crate::sql::INSERT_DELIVERY)
+                    .bind(::uuid::Uuid::now_v7())
+                    .bind(endpoint)
+                    .bind(source_id)
+                    .bind(event)
+                    .bind(&payload)
+                    .bind(now)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(())
+        }
+
+        pub(super) async fn create(
+            pool: &$pool,
+            e: &::orbit_core::model::WebhookEndpoint,
+        ) -> $crate::StoreResult<()> {
+            sqlx::query($crate::sql::INSERT_ENDPOINT)
+                .bind(e.id)
+                .bind(e.organization_id)
+                .bind(e.directory_id)
+                .bind(&e.url)
+                .bind(serde_json::to_string(&e.events)?)
+                .bind(&e.secret)
+                .bind($crate::rows::ms(e.created_at))
+                .execute(pool)
+                .await?;
+            Ok(())
+        }
+
+        pub(super) async fn list(
+            pool: &$pool,
+            org: ::uuid::Uuid,
+        ) -> $crate::StoreResult<Vec<::orbit_core::model::WebhookEndpoint>> {
+            let rows: Vec<$crate::webhook_rows::EndpointRow> =
+                sqlx::query_as($crate::sql::ENDPOINTS)
+                    .bind(org)
+                    .fetch_all(pool)
+                    .await?;
+            rows.into_iter().map(TryInto::try_into).collect()
+        }
+
+        pub(super) async fn get(
+            pool: &$pool,
+            org: ::uuid::Uuid,
+            id: ::uuid::Uuid,
+        ) -> $crate::StoreResult<Option<::orbit_core::model::WebhookEndpoint>> {
+            endpoint_row($crate::sql::ENDPOINT, pool, org, id).await
+        }
+
+        pub(super) async fn enable(
+            pool: &$pool,
+            org: ::uuid::Uuid,
+            id: ::uuid::Uuid,
+        ) -> $crate::StoreResult<Option<::orbit_core::model::WebhookEndpoint>> {
+            endpoint_row($crate::sql::ENABLE_ENDPOINT, pool, org, id).await
+        }
+
+        /// The one endpoint `statement` selects or returns, given the organization and id.
+        async fn endpoint_row(
+            statement: &str,
+            pool: &$pool,
+            org: ::uuid::Uuid,
+            id: ::uuid::Uuid,
+        ) -> $crate::StoreResult<Option<::orbit_core::model::WebhookEndpoint>> {
+            let row: Option<$crate::webhook_rows::EndpointRow> = sqlx::query_as(statement)
+                .bind(org)
+                .bind(id)
+                .fetch_optional(pool)
+                .await?;
+            row.map(TryInto::try_into).transpose()
+        }
+
+        pub(super) async fn deliveries(
+            pool: &$pool,
+            org: ::uuid::Uuid,
+            endpoint: ::uuid::Uuid,
+            limit: u32,
+        ) -> $crate::StoreResult<Vec<::orbit_core::model::WebhookDelivery>> {
+            let rows: Vec<$crate::webhook_rows::DeliveryRow> =
+                sqlx::query_as($crate::sql::DELIVERIES_PAGE)
+                    .bind(org)
+                    .bind(endpoint)
+                    .bind(i64::from(limit))
+                    .fetch_all(pool)
+                    .await?;
+            let attempts = $attempts_of(pool, &rows).await?;
+            Ok($crate::webhook_rows::deliveries_with_attempts(
+                rows, attempts,
+            ))
+        }
+
+        /// Records an attempt of a leased delivery; nothing when the lease was lost.
+        pub(super) async fn record(
+            writer: &$pool,
+            delivery: &::orbit_core::model::DueDelivery,
+            attempt: &::orbit_core::model::DeliveryAttempt,
+            next: ::orbit_core::model::AttemptNext,
+            disable_after: u32,
+        ) -> $crate::StoreResult<()> {
+            let mut tx = writer.begin().await?;
+            let held = sqlx::query($lease_held)
+                .bind(delivery.id)
+                .bind(delivery.lease_token)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if held.is_none() {
+                return Ok(());
+            }
+            let now = $crate::rows::now_ms();
+            sqlx::query($crate::sql::INSERT_ATTEMPT)
+                .bind(delivery.id)
+                .bind(i64::from(attempt.attempt))
+                .bind($crate::rows::ms(attempt.at))
+                .bind(attempt.status_code.map(i64::from))
+                .bind(&attempt.error)
+                .bind(attempt.duration_ms as i64)
+                .execute(&mut *tx)
+                .await?;
+            let effect = $crate::webhook_rows::effect(next);
+            sqlx::query($crate::sql::DELIVERY_ATTEMPTED)
+                .bind(effect.state)
+                .bind(effect.next_attempt_ms)
+                .bind(effect.delivered)
+                .bind(now)
+                .bind(delivery.id)
+                .execute(&mut *tx)
+                .await?;
+            if effect.delivered {
+                sqlx::query($crate::sql::ENDPOINT_SUCCEEDED)
+                    .bind(delivery.endpoint_id)
+                    .execute(&mut *tx)
+                    .await?;
+            } else {
+                sqlx::query($crate::sql::ENDPOINT_FAILED)
+                    .bind(i64::from(disable_after))
+                    .bind(now)
+                    .bind(delivery.endpoint_id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+    };
+}
+pub(crate) use webhook_store;
