@@ -70,6 +70,34 @@ pub(super) const SOURCES_BY_STATUS: &str =
 pub(super) const OPEN_CHUNKS: &str =
     "SELECT COUNT(*) FROM chunks WHERE state IN ('pending', 'running')";
 
+/// Records a process's heartbeat.
+pub(super) const HEARTBEAT: &str = "INSERT INTO processes (owner, heartbeat_ms, expires_ms) VALUES ($1, $2, $3) ON CONFLICT (owner) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, expires_ms = excluded.expires_ms";
+pub(super) const INSERT_USER: &str = "INSERT INTO users (id, organization_id, email, created_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (organization_id, email) DO NOTHING";
+pub(super) const INSERT_DIRECTORY: &str = "INSERT INTO directories (id, organization_id, name, created_ms) VALUES ($1, $2, $3, $4) RETURNING *";
+/// Archives a directory once: archiving it again keeps the first time.
+pub(super) const ARCHIVE_DIRECTORY: &str = "UPDATE directories SET archived_ms = COALESCE(archived_ms, $1) WHERE organization_id = $2 AND id = $3 RETURNING *";
+/// A page of a source's row issues, in row order, after the cursor (row, id).
+pub(super) const ISSUES_PAGE: &str = "SELECT i.* FROM row_issues i JOIN sources s ON s.id = i.source_id WHERE s.organization_id = $1 AND s.directory_id = $2 AND i.source_id = $3 AND (i.row_number, i.id) > ($4, $5) ORDER BY i.row_number, i.id LIMIT $6";
+/// A failed source's failed chunks, open again with fresh attempts.
+pub(super) const REOPEN_CHUNKS: &str = "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL WHERE source_id = $1 AND state = 'failed' RETURNING id, traceparent, tracestate";
+pub(super) const REOPEN_SOURCE: &str = "UPDATE sources SET status = 'processing', error_code = NULL, error_message = NULL, completed_ms = NULL, updated_ms = $1 WHERE id = $2";
+/// Ends an open source failed; a source already ended stays as it is.
+pub(super) const FAIL_SOURCE: &str = "UPDATE sources SET status = 'failed', error_code = $1, error_message = $2, completed_ms = $3, updated_ms = $3 WHERE id = $4 AND status IN ('pending', 'processing')";
+/// Completes an open source whose rows all add up, its warnings counted by row at last.
+pub(super) const COMPLETE_SOURCE: &str = "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = $1 AND severity = 'warning'), status = 'completed', completed_ms = $2, updated_ms = $2 WHERE id = $1 AND status IN ('pending', 'processing')";
+
+/// The rows of a source ($1) whose `kind` identity an earlier row of it has: one grouping
+/// pass finds each repeated identity's first row.
+pub(super) fn repeated_identities(kind: &str) -> String {
+    format!(
+        "SELECT r.row_number, r.line_number, r.{kind} AS value FROM records r
+         JOIN (SELECT {kind} AS value, MIN(row_number) AS first FROM records
+               WHERE source_id = $1 AND {kind} IS NOT NULL GROUP BY {kind} HAVING COUNT(*) > 1) d
+           ON r.{kind} = d.value
+         WHERE r.source_id = $1 AND r.{kind} IS NOT NULL AND r.row_number > d.first"
+    )
+}
+
 // Webhook endpoints and deliveries.
 /// The enabled webhook endpoints of an organization, for the events of an ending source.
 pub(super) const SUBSCRIBED_ENDPOINTS: &str =
@@ -133,6 +161,15 @@ mod tests {
         super::ENABLE_ENDPOINT,
         super::DELIVERIES_PAGE,
         super::ENDPOINT_SUCCEEDED,
+        super::HEARTBEAT,
+        super::INSERT_USER,
+        super::INSERT_DIRECTORY,
+        super::ARCHIVE_DIRECTORY,
+        super::ISSUES_PAGE,
+        super::REOPEN_CHUNKS,
+        super::REOPEN_SOURCE,
+        super::FAIL_SOURCE,
+        super::COMPLETE_SOURCE,
         super::INSERT_DELIVERY,
         super::INSERT_ATTEMPT,
         super::DELIVERY_ATTEMPTED,
@@ -143,9 +180,10 @@ mod tests {
 
     #[test]
     fn placeholders_first_appear_in_order() {
-        for sql in ALL {
+        let repeated = super::repeated_identities("email");
+        for sql in ALL.iter().copied().chain([repeated.as_str()]) {
             let mut seen = Vec::new();
-            let mut rest = *sql;
+            let mut rest = sql;
             while let Some(at) = rest.find('$') {
                 rest = &rest[at + 1..];
                 let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();

@@ -1,6 +1,7 @@
-//! The chunk work of the PostgreSQL store: claims and releases under leases, retrying and
-//! cancelling sources, and one try of an upload's or a slice's transaction (the writes
-//! themselves are `commit`).
+//! The chunk work the PostgreSQL store does its own way: retrying transactions, cancelling
+//! sources, one try of an upload's or a slice's transaction (the writes themselves are
+//! `commit`), and publishing chunks with SKIP LOCKED. Claims, releases and reopening a source
+//! are `shared::store_roles`.
 
 use super::*;
 
@@ -27,167 +28,6 @@ impl PgStore {
                 done => return done,
             }
         }
-    }
-
-    pub(super) async fn claim_chunk_once(
-        &self,
-        chunk: Uuid,
-        owner: &str,
-        lease_for: Duration,
-        max_attempts: u32,
-    ) -> StoreResult<Claim> {
-        let mut tx = self.pool.begin().await?;
-        let now = now_ms();
-        let row = sqlx::query(&format!(
-            "SELECT c.*, s.status AS source_status, {OWNER_DEAD} AS owner_dead
-             FROM chunks c JOIN sources s ON s.id = c.source_id
-             LEFT JOIN processes p ON p.owner = c.lease_owner
-             WHERE c.id = $1 FOR UPDATE OF c"
-        ))
-        .bind(chunk)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(row) = row else {
-            return Ok(Claim::Nothing);
-        };
-        let source_id: Uuid = row.try_get("source_id")?;
-        let found = ChunkState::from_row(&row)?;
-        let attempts = found.attempts;
-        match decide_claim(&found, now, max_attempts) {
-            ClaimDecision::Nothing => return Ok(Claim::Nothing),
-            ClaimDecision::Busy => return Ok(Claim::Busy),
-            ClaimDecision::Poison(message) => {
-                fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
-                tx.commit().await?;
-                return Ok(Claim::Poisoned);
-            }
-            ClaimDecision::Take(over) => {
-                if let Some(reason) = over {
-                    METRICS.leases_taken_over.with_label_values(&[reason]).inc();
-                }
-            }
-        }
-        let token = Uuid::new_v4();
-        sqlx::query(sql::TAKE_LEASE)
-            .bind(owner)
-            .bind(token)
-            .bind(now + dur_ms(lease_for))
-            .bind(chunk)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(sql::SOURCE_PROCESSING)
-            .bind(now)
-            .bind(source_id)
-            .execute(&mut *tx)
-            .await?;
-        let spec: ChunkSpec = ChunkRow::from_row(&row)?.into();
-        let source = load_source(&mut tx, source_id).await?;
-        tx.commit().await?;
-        Ok(Claim::Claimed(Box::new(ChunkWork {
-            lease: Lease {
-                chunk_id: chunk,
-                source_id,
-                token,
-                attempt: attempts + 1,
-            },
-            chunk: spec,
-            source,
-        })))
-    }
-
-    pub(super) async fn release_chunk_once(
-        &self,
-        lease: &Lease,
-        error: &str,
-        transient_for: Option<Duration>,
-    ) -> StoreResult<bool> {
-        let mut tx = self.pool.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT transient_since_ms FROM chunks WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
-        )
-        .bind(lease.chunk_id)
-        .bind(lease.token)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
-            return Ok(false);
-        };
-        let release = decide_release(
-            now_ms(),
-            lease.attempt,
-            transient_for,
-            row.try_get("transient_since_ms")?,
-        );
-        sqlx::query(sql::RELEASE_CHUNK)
-            .bind(release.not_before_ms)
-            .bind(error)
-            .bind(i64::from(release.refund))
-            .bind(release.transient_since_ms)
-            .bind(lease.chunk_id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
-    }
-
-    pub(super) async fn retry_source_once(
-        &self,
-        org: Uuid,
-        dir: Uuid,
-        source: Uuid,
-    ) -> StoreResult<Retried> {
-        let mut tx = self.pool.begin().await?;
-        let Some(row) = sqlx::query(
-            "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3 FOR UPDATE",
-        )
-        .bind(org)
-        .bind(dir)
-        .bind(source)
-        .fetch_optional(&mut *tx)
-        .await?
-        else {
-            return Ok(Retried::NotFound);
-        };
-        let found = source_from_row(&row)?;
-        if found.status != SourceStatus::Failed {
-            return Ok(Retried::NotFailed(found));
-        }
-        let chunks = sqlx::query(
-            "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL,
-                 queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL
-             WHERE source_id = $1 AND state = 'failed'
-             RETURNING id, traceparent, tracestate",
-        )
-        .bind(source)
-        .fetch_all(&mut *tx)
-        .await?;
-        if chunks.is_empty() {
-            return Ok(Retried::NothingToRetry(found));
-        }
-        sqlx::query(
-            "UPDATE sources SET status = 'processing', error_code = NULL, error_message = NULL, completed_ms = NULL, updated_ms = $2
-             WHERE id = $1",
-        )
-        .bind(source)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        let retried = load_source(&mut tx, source).await?;
-        tx.commit().await?;
-        let refs = chunks
-            .iter()
-            .map(|row| {
-                Ok(ChunkRef {
-                    source_id: source,
-                    chunk_id: row.try_get("id")?,
-                    attempt: 0,
-                    traceparent: row.try_get("traceparent")?,
-                    tracestate: row.try_get("tracestate")?,
-                })
-            })
-            .collect::<StoreResult<_>>()?;
-        Ok(Retried::Reopened(retried, refs))
     }
 
     pub(super) async fn cancel_source_once(
@@ -217,35 +57,15 @@ impl PgStore {
         .bind(source)
         .fetch_all(&mut *tx)
         .await?;
-        let row = sqlx::query("SELECT * FROM sources WHERE id = $1 FOR UPDATE")
-            .bind(source)
-            .fetch_one(&mut *tx)
-            .await?;
-        let current = source_from_row(&row)?;
-        if current.status.is_terminal() {
-            return Ok(Cancelled::Terminal(current));
-        }
-        fail_source_in(
-            &mut tx,
-            source,
-            CANCELLED,
-            "the import was cancelled on request; rows committed before the cancel stay",
-        )
-        .await?;
-        let cancelled = load_source(&mut tx, source).await?;
+        let current: Source =
+            sqlx::query_as::<_, SourceRow>("SELECT * FROM sources WHERE id = $1 FOR UPDATE")
+                .bind(source)
+                .fetch_one(&mut *tx)
+                .await?
+                .try_into()?;
+        let cancelled = cancel_in(&mut tx, current).await?;
         tx.commit().await?;
-        Ok(Cancelled::Cancelled(cancelled))
-    }
-
-    pub(super) async fn fail_source_once(
-        &self,
-        source: Uuid,
-        error: &SourceError,
-    ) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        fail_source_in(&mut tx, source, &error.code, &error.message).await?;
-        tx.commit().await?;
-        Ok(())
+        Ok(cancelled)
     }
 
     pub(super) async fn try_commit_upload(
@@ -374,25 +194,7 @@ impl PgStore {
         let (applied, owned) =
             apply_results(&mut tx, target, prepared, optimistic, &self.pause).await?;
         self.reads.after_commit(target.directory, owned);
-        let chunks_done = match end {
-            SliceEnd::Chunk => {
-                sqlx::query(CHUNK_DONE)
-                    .bind(lease.chunk_id)
-                    .execute(&mut *tx)
-                    .await?;
-                1
-            }
-            SliceEnd::Before(next) => {
-                sqlx::query(CHUNK_RESUMES_AT)
-                    .bind(next.offset as i64)
-                    .bind(next.line as i64)
-                    .bind(next.row as i64)
-                    .bind(lease.chunk_id)
-                    .execute(&mut *tx)
-                    .await?;
-                0
-            }
-        };
+        let chunks_done = end_slice(&mut tx, lease.chunk_id, end).await?;
         let completed =
             advance_source(&mut tx, target.source, &applied, owned, chunks_done).await?;
         self.pause.committing(lease.chunk_id);
@@ -401,32 +203,8 @@ impl PgStore {
             source_completed: completed,
         })
     }
-}
 
-#[async_trait]
-impl Chunks for PgStore {
-    async fn claim_chunk(
-        &self,
-        chunk: Uuid,
-        owner: &str,
-        lease_for: Duration,
-        max_attempts: u32,
-    ) -> StoreResult<Claim> {
-        self.retrying(|| Box::pin(self.claim_chunk_once(chunk, owner, lease_for, max_attempts)))
-            .await
-    }
-
-    async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
-        let done = sqlx::query(sql::RENEW_LEASE)
-            .bind(now_ms() + dur_ms(lease_for))
-            .bind(lease.chunk_id)
-            .bind(lease.token)
-            .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn commit_slice(
+    pub(super) async fn store_slice(
         &self,
         lease: &Lease,
         results: ChunkResults,
@@ -442,22 +220,7 @@ impl Chunks for PgStore {
         }
     }
 
-    async fn release_chunk(
-        &self,
-        lease: &Lease,
-        error: &str,
-        transient_for: Option<Duration>,
-    ) -> StoreResult<bool> {
-        self.retrying(|| Box::pin(self.release_chunk_once(lease, error, transient_for)))
-            .await
-    }
-
-    async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
-        self.retrying(|| Box::pin(self.fail_source_once(source, &error)))
-            .await
-    }
-
-    async fn chunks_to_publish(
+    pub(super) async fn requeue_chunks(
         &self,
         requeue_after: Duration,
         limit: u32,
@@ -497,12 +260,7 @@ impl Chunks for PgStore {
             .collect()
     }
 
-    async fn forget_queued(&self) -> StoreResult<u64> {
-        let done = sqlx::query(sql::FORGET_QUEUED).execute(&self.pool).await?;
-        Ok(done.rows_affected())
-    }
-
-    async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()> {
+    pub(super) async fn unqueue_chunks(&self, chunks: &[Uuid]) -> StoreResult<()> {
         sqlx::query("UPDATE chunks SET queued_ms = NULL WHERE id = ANY($1) AND state = 'pending'")
             .bind(chunks)
             .execute(&self.pool)

@@ -1,7 +1,10 @@
 //! What a commit writes: failed rows and issues by text `COPY`, profiles, records and
-//! identities by binary `COPY`, and the source's counters, completion and failure.
+//! identities by binary `COPY`, and the source's counters; completing and failing a source,
+//! as SQLite does too, is `shared::transaction_steps`.
 
 use super::*;
+
+crate::shared::transaction_steps! { connection: PgConnection }
 
 /// Appends one row in COPY's text format: tab-separated, `\N` for NULL, backslash escapes.
 pub(super) fn copy_row(buf: &mut Vec<u8>, fields: &[Option<&str>]) {
@@ -348,113 +351,19 @@ pub(super) async fn finalize_source(
         &resolve::IDENTITY_KINDS[..]
     };
     for kind in kinds {
-        let sql = format!(
-            "SELECT r.row_number, r.line_number, r.{kind} AS value FROM records r
-             JOIN (SELECT {kind} AS value, MIN(row_number) AS first FROM records
-                   WHERE source_id = $1 AND {kind} IS NOT NULL GROUP BY {kind} HAVING COUNT(*) > 1) d
-               ON r.{kind} = d.value
-             WHERE r.source_id = $1 AND r.{kind} IS NOT NULL AND r.row_number > d.first"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(source_id)
-            .fetch_all(&mut *conn)
-            .await?;
+        let rows = repeated_identities(conn, source_id, kind).await?;
         if rows.is_empty() {
             continue;
         }
         let mut buf = Vec::new();
         let source = source_id.to_string();
-        for r in rows {
-            let value: String = r.try_get("value")?;
+        for (row_number, line_number, value) in rows {
             let issue = row::duplicate_issue(kind, &value);
-            issue_row(
-                &mut buf,
-                &source,
-                r.try_get("row_number")?,
-                r.try_get("line_number")?,
-                &issue,
-            );
+            issue_row(&mut buf, &source, row_number, line_number, &issue);
         }
         insert_issues(conn, buf).await?;
     }
-    let source = load_source(conn, source_id).await?;
-    if source.accepted + source.failed != source.total_rows {
-        let message = format!(
-            "processed {} rows of {}; the source cannot be completed",
-            source.accepted + source.failed,
-            source.total_rows
-        );
-        return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
-    }
-    let now = now_ms();
-    let completed = sqlx::query(
-        "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = $1 AND severity = 'warning'),
-             status = 'completed', completed_ms = $2, updated_ms = $2
-         WHERE id = $1 AND status IN ('pending', 'processing')",
-    )
-    .bind(source_id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    if completed.rows_affected() > 0 {
-        let source = load_source(conn, source_id).await?;
-        webhooks::enqueue(conn, source, SOURCE_COMPLETED).await?;
-    }
-    Ok(())
-}
-
-pub(super) async fn fail_source_in(
-    conn: &mut PgConnection,
-    source: Uuid,
-    code: &str,
-    message: &str,
-) -> StoreResult<()> {
-    let now = now_ms();
-    let updated = sqlx::query(
-        "UPDATE sources SET status = 'failed', error_code = $1, error_message = $2, completed_ms = $3, updated_ms = $3
-         WHERE id = $4 AND status IN ('pending', 'processing')",
-    )
-    .bind(code)
-    .bind(message)
-    .bind(now)
-    .bind(source)
-    .execute(&mut *conn)
-    .await?;
-    if updated.rows_affected() > 0 {
-        sqlx::query(sql::FAIL_OPEN_CHUNKS)
-            .bind(source)
-            .execute(&mut *conn)
-            .await?;
-        let failed = load_source(conn, source).await?;
-        webhooks::enqueue(conn, failed, SOURCE_FAILED).await?;
-    }
-    Ok(())
-}
-
-pub(super) async fn insert_chunk(
-    conn: &mut PgConnection,
-    source: Uuid,
-    chunk: &ChunkSpec,
-    state: &str,
-    trace: Trace<'_>,
-) -> StoreResult<Uuid> {
-    let id = Uuid::now_v7();
-    sqlx::query(sql::INSERT_CHUNK)
-        .bind(id)
-        .bind(source)
-        .bind(i64::from(chunk.index))
-        .bind(chunk.first_row as i64)
-        .bind(chunk.row_count as i64)
-        .bind(chunk.start_offset as i64)
-        .bind(chunk.end_offset as i64)
-        .bind(chunk.start_line as i64)
-        .bind(state)
-        .bind(now_ms())
-        .bind(trace.traceparent)
-        .bind(trace.tracestate)
-        .execute(&mut *conn)
-        .await?;
-    Ok(id)
+    complete_source(conn, source_id).await
 }
 
 #[cfg(test)]

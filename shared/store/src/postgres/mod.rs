@@ -12,7 +12,8 @@
 //! retried anyway (`Retry`), without counting an attempt of the chunk.
 //!
 //! How identities and profiles are laid out (hashed keys with open addressing, typed profile
-//! columns) is `layout`; the statements SQLite runs too are `sql`. New profiles, records
+//! columns) is `layout`; the statements SQLite runs too are `sql`, and the code,
+//! among it most of the role implementations, `shared`. New profiles, records
 //! and identities go in with binary `COPY` (`copy`), failed rows with text `COPY`, row
 //! issues through a staging table, since completion may flag one twice. Lookups take arrays,
 //! so a chunk costs a handful of round trips whatever its size. docs/performance.md measures
@@ -57,7 +58,6 @@ use orbit_core::domain::resolve::{self, Existing, IdentityMap, Owners, ProfileSt
 use orbit_core::domain::row;
 use orbit_core::domain::row::FieldName;
 use orbit_core::model::*;
-use orbit_core::views::{SOURCE_COMPLETED, SOURCE_FAILED};
 
 use chunks::UploadParts;
 use commit::*;
@@ -257,152 +257,18 @@ impl Retry {
     }
 }
 
-fn source_from_row(row: &PgRow) -> StoreResult<Source> {
-    SourceRow::from_row(row)?.try_into()
-}
-
-async fn load_source(conn: &mut PgConnection, id: Uuid) -> StoreResult<Source> {
-    let row = sqlx::query(sql::SOURCE_BY_ID)
-        .bind(id)
-        .fetch_one(&mut *conn)
-        .await?;
-    source_from_row(&row)
-}
-
-#[async_trait]
-impl Database for PgStore {
-    fn backend(&self) -> &'static str {
-        "postgres"
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("migrations/postgres")
-            .run(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Liveness for PgStore {
-    async fn heartbeat(&self, owner: &str, valid_for: Duration) -> StoreResult<()> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO processes (owner, heartbeat_ms, expires_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (owner) DO UPDATE SET heartbeat_ms = EXCLUDED.heartbeat_ms, expires_ms = EXCLUDED.expires_ms",
-        )
-        .bind(owner)
-        .bind(now)
-        .bind(now + dur_ms(valid_for))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn retire(&self, owner: &str) -> StoreResult<()> {
-        sqlx::query(sql::RETIRE_PROCESS)
-            .bind(owner)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Outbox for PgStore {
-    async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
-        webhooks::create(&self.pool, endpoint).await
-    }
-
-    async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
-        webhooks::list(&self.pool, org).await
-    }
-
-    async fn get_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
-        webhooks::get(&self.pool, org, id).await
-    }
-
-    async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool> {
-        webhooks::delete(&self.pool, org, id).await
-    }
-
-    async fn enable_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
-        webhooks::enable(&self.pool, org, id).await
-    }
-
-    async fn list_deliveries(
-        &self,
-        org: Uuid,
-        endpoint: Uuid,
-        limit: u32,
-    ) -> StoreResult<Vec<WebhookDelivery>> {
-        webhooks::deliveries(&self.pool, org, endpoint, limit).await
-    }
-
-    async fn claim_deliveries(
-        &self,
-        lease_for: Duration,
-        limit: u32,
-    ) -> StoreResult<Vec<DueDelivery>> {
-        self.retrying(|| Box::pin(webhooks::claim(&self.pool, lease_for, limit)))
-            .await
-    }
-
-    async fn record_attempt(
-        &self,
-        delivery: &DueDelivery,
-        attempt: &DeliveryAttempt,
-        next: AttemptNext,
-        disable_after: u32,
-    ) -> StoreResult<()> {
-        self.retrying(|| {
-            Box::pin(webhooks::record(
-                &self.pool,
-                delivery,
-                attempt,
-                next,
-                disable_after,
-            ))
-        })
-        .await
-    }
-}
-
-#[async_trait]
-impl Stats for PgStore {
-    async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
-        let rows = sqlx::query(sql::FAILED_SOURCES_BY_CODE)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("code")?, row.try_get::<i64, _>("n")? as u64)))
-            .collect()
-    }
-
-    async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
-        let rows = sqlx::query(sql::SOURCES_BY_STATUS)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut counts: HashMap<SourceStatus, u64> = HashMap::new();
-        for row in rows {
-            let status: String = row.try_get("status")?;
-            if let Some(s) = SourceStatus::parse(&status) {
-                counts.insert(s, row.try_get::<i64, _>("n")? as u64);
-            }
-        }
-        Ok(SourceStatus::ALL
-            .into_iter()
-            .map(|s| (s, counts.get(&s).copied().unwrap_or(0)))
-            .collect())
-    }
-
-    async fn count_pending_chunks(&self) -> StoreResult<u64> {
-        let row = sqlx::query(sql::OPEN_CHUNKS).fetch_one(&self.pool).await?;
-        Ok(row.try_get::<i64, _>(0)? as u64)
-    }
+crate::shared::store_roles! {
+    store: PgStore,
+    backend: "postgres",
+    migrations: "migrations/postgres",
+    read: pool,
+    write: pool,
+    lock_source: "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3 FOR UPDATE",
+    lock_chunk: &format!(
+        "SELECT c.*, s.status AS source_status, {OWNER_DEAD} AS owner_dead
+         FROM chunks c JOIN sources s ON s.id = c.source_id
+         LEFT JOIN processes p ON p.owner = c.lease_owner
+         WHERE c.id = $1 FOR UPDATE OF c"
+    ),
+    lock_lease: "SELECT transient_since_ms FROM chunks WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
 }

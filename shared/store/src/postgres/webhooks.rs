@@ -41,6 +41,16 @@ pub(super) async fn delete(pool: &PgPool, org: Uuid, id: Uuid) -> StoreResult<bo
 }
 
 pub(super) async fn claim(
+    store: &super::PgStore,
+    lease_for: Duration,
+    limit: u32,
+) -> StoreResult<Vec<DueDelivery>> {
+    store
+        .retrying(|| Box::pin(claim_once(&store.pool, lease_for, limit)))
+        .await
+}
+
+async fn claim_once(
     pool: &PgPool,
     lease_for: Duration,
     limit: u32,

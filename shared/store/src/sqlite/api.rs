@@ -1,4 +1,5 @@
-//! The roles the HTTP API reads and writes through: tenancy, uploads and profiles.
+//! What the HTTP API reads and writes through in SQLite's own way: claiming idempotency
+//! keys, recording uploads, and profiles (the rest of its roles is `shared::store_roles`).
 
 use super::*;
 
@@ -25,158 +26,9 @@ pub(super) async fn identities_of(
     Ok(out)
 }
 
-#[async_trait]
-impl Tenancy for SqliteStore {
-    async fn create_organization(&self, name: &str) -> StoreResult<Organization> {
-        let org = Organization {
-            id: Uuid::now_v7(),
-            name: name.to_owned(),
-            created_at: at(now_ms()),
-        };
-        sqlx::query(sql::INSERT_ORGANIZATION)
-            .bind(org.id)
-            .bind(&org.name)
-            .bind(ms(org.created_at))
-            .execute(&self.writer)
-            .await?;
-        Ok(org)
-    }
-
-    async fn organization_exists(&self, org: Uuid) -> StoreResult<bool> {
-        Ok(sqlx::query(sql::ORGANIZATION_EXISTS)
-            .bind(org)
-            .fetch_optional(&self.reader)
-            .await?
-            .is_some())
-    }
-
-    async fn ensure_user(&self, org: Uuid, email: &str) -> StoreResult<Uuid> {
-        sqlx::query("INSERT OR IGNORE INTO users (id, organization_id, email, created_ms) VALUES (?, ?, ?, ?)")
-            .bind(Uuid::now_v7())
-            .bind(org)
-            .bind(email)
-            .bind(now_ms())
-            .execute(&self.writer)
-            .await?;
-        let row = sqlx::query(sql::USER_BY_EMAIL)
-            .bind(org)
-            .bind(email)
-            .fetch_one(&self.writer)
-            .await?;
-        Ok(row.try_get("id")?)
-    }
-
-    async fn insert_token(
-        &self,
-        hash: &[u8],
-        org: Uuid,
-        user: Uuid,
-        expires_at: Option<DateTime<Utc>>,
-    ) -> StoreResult<()> {
-        sqlx::query(sql::INSERT_TOKEN)
-            .bind(hash)
-            .bind(org)
-            .bind(user)
-            .bind(now_ms())
-            .bind(expires_at.map(ms))
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn find_token(&self, hash: &[u8]) -> StoreResult<Option<TokenRecord>> {
-        let row = sqlx::query(sql::TOKEN_BY_HASH)
-            .bind(hash)
-            .fetch_optional(&self.reader)
-            .await?;
-        Ok(row
-            .as_ref()
-            .map(TokenRow::from_row)
-            .transpose()?
-            .map(TokenRecord::from))
-    }
-
-    async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool> {
-        let done = sqlx::query(sql::REVOKE_TOKEN)
-            .bind(now_ms())
-            .bind(hash)
-            .execute(&self.writer)
-            .await?;
-        Ok(done.rows_affected() > 0)
-    }
-
-    async fn create_directory(&self, org: Uuid, name: &str) -> StoreResult<Directory> {
-        let id = Uuid::now_v7();
-        sqlx::query(
-            "INSERT INTO directories (id, organization_id, name, created_ms) VALUES (?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(org)
-        .bind(name)
-        .bind(now_ms())
-        .execute(&self.writer)
-        .await?;
-        let row = sqlx::query("SELECT * FROM directories WHERE id = ?")
-            .bind(id)
-            .fetch_one(&self.writer)
-            .await?;
-        directory_from_row(&row)
-    }
-
-    async fn get_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
-        sqlx::query(sql::DIRECTORY)
-            .bind(org)
-            .bind(dir)
-            .fetch_optional(&self.reader)
-            .await?
-            .as_ref()
-            .map(directory_from_row)
-            .transpose()
-    }
-
-    async fn list_directories(
-        &self,
-        org: Uuid,
-        page: &PageRequest,
-    ) -> StoreResult<Page<Directory>> {
-        let rows = sqlx::query(sql::DIRECTORIES_PAGE)
-            .bind(org)
-            .bind(page.after.map_or(0, |c| c.0))
-            .bind(page_limit(page) + 1)
-            .fetch_all(&self.reader)
-            .await?;
-        let items = rows
-            .iter()
-            .map(|r| Ok((r.try_get::<i64, _>("seq")?, directory_from_row(r)?)))
-            .collect::<StoreResult<Vec<_>>>()?;
-        let page = paginate(items, page_limit(page) as usize, |(seq, _)| Cursor(*seq, 0));
-        Ok(Page {
-            items: page.items.into_iter().map(|(_, d)| d).collect(),
-            next: page.next,
-        })
-    }
-
-    async fn archive_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
-        sqlx::query("UPDATE directories SET archived_ms = ? WHERE organization_id = ? AND id = ? AND archived_ms IS NULL")
-            .bind(now_ms())
-            .bind(org)
-            .bind(dir)
-            .execute(&self.writer)
-            .await?;
-        sqlx::query(sql::DIRECTORY)
-            .bind(org)
-            .bind(dir)
-            .fetch_optional(&self.writer)
-            .await?
-            .as_ref()
-            .map(directory_from_row)
-            .transpose()
-    }
-}
-
-#[async_trait]
-impl Uploads for SqliteStore {
-    async fn claim_idempotency_key(
+/// What SQLite does its own way in the roles `shared::store_roles` implements.
+impl SqliteStore {
+    pub(super) async fn claim_key(
         &self,
         org: Uuid,
         key: &str,
@@ -223,17 +75,10 @@ impl Uploads for SqliteStore {
         Ok(KeyState::Claimed(claim))
     }
 
-    async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()> {
-        sqlx::query(sql::RELEASE_IDEMPOTENCY_KEY)
-            .bind(claim.organization_id)
-            .bind(&claim.key)
-            .bind(claim.token)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn commit_upload(&self, upload: NewUpload) -> StoreResult<(Source, Vec<ChunkRef>)> {
+    pub(super) async fn store_upload(
+        &self,
+        upload: NewUpload,
+    ) -> StoreResult<(Source, Vec<ChunkRef>)> {
         let sync_prepared = prepare(upload.sync_results)?;
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
@@ -316,80 +161,7 @@ impl Uploads for SqliteStore {
         Ok((source, queued))
     }
 
-    async fn get_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Option<Source>> {
-        sqlx::query(sql::SOURCE)
-            .bind(org)
-            .bind(dir)
-            .bind(source)
-            .fetch_optional(&self.reader)
-            .await?
-            .as_ref()
-            .map(source_from_row)
-            .transpose()
-    }
-
-    async fn list_sources(
-        &self,
-        org: Uuid,
-        dir: Uuid,
-        page: &PageRequest,
-    ) -> StoreResult<Page<Source>> {
-        let rows = sqlx::query(sql::SOURCES_PAGE)
-            .bind(org)
-            .bind(dir)
-            .bind(page.after.map_or(i64::MAX, |c| c.0))
-            .bind(page_limit(page) + 1)
-            .fetch_all(&self.reader)
-            .await?;
-        let items = rows
-            .iter()
-            .map(source_from_row)
-            .collect::<StoreResult<Vec<_>>>()?;
-        Ok(paginate(items, page_limit(page) as usize, |s| {
-            Cursor(s.seq, 0)
-        }))
-    }
-
-    async fn list_issues(
-        &self,
-        org: Uuid,
-        dir: Uuid,
-        source: Uuid,
-        page: &PageRequest,
-    ) -> StoreResult<Page<RowIssue>> {
-        let (after_row, after_id) = page.after.map_or((0, 0), |c| (c.0, c.1));
-        let rows = sqlx::query(
-            "SELECT i.* FROM row_issues i JOIN sources s ON s.id = i.source_id
-             WHERE s.organization_id = ? AND s.directory_id = ? AND i.source_id = ?
-               AND (i.row_number > ? OR (i.row_number = ? AND i.id > ?))
-             ORDER BY i.row_number, i.id LIMIT ?",
-        )
-        .bind(org)
-        .bind(dir)
-        .bind(source)
-        .bind(after_row)
-        .bind(after_row)
-        .bind(after_id)
-        .bind(page_limit(page) + 1)
-        .fetch_all(&self.reader)
-        .await?;
-        let items = rows
-            .iter()
-            .map(|r| {
-                let row = IssueRow::from_row(r)?;
-                Ok((row.id, RowIssue::from(row)))
-            })
-            .collect::<StoreResult<Vec<_>>>()?;
-        let page = paginate(items, page_limit(page) as usize, |(id, i)| {
-            Cursor(i.row_number as i64, *id)
-        });
-        Ok(Page {
-            items: page.items.into_iter().map(|(_, i)| i).collect(),
-            next: page.next,
-        })
-    }
-
-    async fn failed_row_width(&self, source: Uuid) -> StoreResult<usize> {
+    pub(super) async fn widest_failed_row(&self, source: Uuid) -> StoreResult<usize> {
         let row = sqlx::query("SELECT COALESCE(MAX(json_array_length(fields)), 0) FROM failed_rows WHERE source_id = ?")
             .bind(source)
             .fetch_one(&self.reader)
@@ -397,79 +169,15 @@ impl Uploads for SqliteStore {
         Ok(row.try_get::<i64, _>(0)? as usize)
     }
 
-    async fn failed_rows(
+    pub(super) async fn cancel_source_once(
         &self,
+        org: Uuid,
+        dir: Uuid,
         source: Uuid,
-        after_row: u64,
-        limit: u32,
-    ) -> StoreResult<Vec<StoredFailedRow>> {
-        let rows = sqlx::query(sql::FAILED_ROWS_PAGE)
-            .bind(source)
-            .bind(after_row as i64)
-            .bind(i64::from(limit))
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter()
-            .map(|r| FailedRowRow::from_row(r)?.try_into())
-            .collect()
-    }
-
-    async fn retry_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Retried> {
-        let mut tx = self.writer.begin().await?;
-        let Some(row) = sqlx::query(sql::SOURCE)
-            .bind(org)
-            .bind(dir)
-            .bind(source)
-            .fetch_optional(&mut *tx)
-            .await?
-        else {
-            return Ok(Retried::NotFound);
-        };
-        let found = source_from_row(&row)?;
-        if found.status != SourceStatus::Failed {
-            return Ok(Retried::NotFailed(found));
-        }
-        let chunks = sqlx::query(
-            "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL,
-                 queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL
-             WHERE source_id = ?1 AND state = 'failed'
-             RETURNING id, traceparent, tracestate",
-        )
-        .bind(source)
-        .fetch_all(&mut *tx)
-        .await?;
-        if chunks.is_empty() {
-            return Ok(Retried::NothingToRetry(found));
-        }
-        sqlx::query(
-            "UPDATE sources SET status = 'processing', error_code = NULL, error_message = NULL, completed_ms = NULL, updated_ms = ?2
-             WHERE id = ?1",
-        )
-        .bind(source)
-        .bind(now_ms())
-        .execute(&mut *tx)
-        .await?;
-        let retried = load_source(&mut tx, source).await?;
-        tx.commit().await?;
-        let refs = chunks
-            .iter()
-            .map(|row| {
-                Ok(ChunkRef {
-                    source_id: source,
-                    chunk_id: row.try_get("id")?,
-                    attempt: 0,
-                    traceparent: row.try_get("traceparent")?,
-                    tracestate: row.try_get("tracestate")?,
-                })
-            })
-            .collect::<StoreResult<_>>()?;
-        Ok(Retried::Reopened(retried, refs))
-    }
-
-    async fn cancel_source(&self, org: Uuid, dir: Uuid, source: Uuid) -> StoreResult<Cancelled> {
+    ) -> StoreResult<Cancelled> {
         // One writer at a time: no commit can interleave with this transaction.
         let mut tx = self.writer.begin().await?;
-        let Some(row) = sqlx::query(sql::SOURCE)
+        let Some(row) = sqlx::query_as::<_, SourceRow>(sql::SOURCE)
             .bind(org)
             .bind(dir)
             .bind(source)
@@ -478,20 +186,9 @@ impl Uploads for SqliteStore {
         else {
             return Ok(Cancelled::NotFound);
         };
-        let found = source_from_row(&row)?;
-        if found.status.is_terminal() {
-            return Ok(Cancelled::Terminal(found));
-        }
-        fail_source_in(
-            &mut tx,
-            source,
-            CANCELLED,
-            "the import was cancelled on request; rows committed before the cancel stay",
-        )
-        .await?;
-        let cancelled = load_source(&mut tx, source).await?;
+        let cancelled = cancel_in(&mut tx, row.try_into()?).await?;
         tx.commit().await?;
-        Ok(Cancelled::Cancelled(cancelled))
+        Ok(cancelled)
     }
 }
 

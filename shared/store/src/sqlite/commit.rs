@@ -1,7 +1,10 @@
 //! What a commit writes: records, profiles and identities, issues and failed rows, and the
-//! source's counters, completion and failure.
+//! source's counters; completing and failing a source, as PostgreSQL does too, is
+//! `shared::transaction_steps`.
 
 use super::*;
+
+crate::shared::transaction_steps! { connection: SqliteConnection }
 
 /// Materializes validated rows: resolves them to profiles and writes records, profiles,
 /// identities, issues and failed rows. Runs inside the caller's write transaction, which is
@@ -228,106 +231,17 @@ pub(super) async fn finalize_source(
     source_id: Uuid,
 ) -> StoreResult<()> {
     for kind in resolve::IDENTITY_KINDS {
-        // Set-based: one grouping pass finds each repeated identity's first row.
-        let sql = format!(
-            "SELECT r.row_number, r.line_number, r.{kind} AS value FROM records r
-             JOIN (SELECT {kind} AS value, MIN(row_number) AS first FROM records
-                   WHERE source_id = ?1 AND {kind} IS NOT NULL GROUP BY {kind} HAVING COUNT(*) > 1) d
-               ON r.{kind} = d.value
-             WHERE r.source_id = ?1 AND r.{kind} IS NOT NULL AND r.row_number > d.first"
-        );
-        let rows = sqlx::query(&sql)
-            .bind(source_id)
-            .fetch_all(&mut *conn)
-            .await?;
-        for r in rows {
-            let value: String = r.try_get("value")?;
+        for (row_number, line_number, value) in repeated_identities(conn, source_id, kind).await? {
             let issue = row::duplicate_issue(kind, &value);
             insert_issue(
                 conn,
                 source_id,
-                r.try_get::<i64, _>("row_number")? as u64,
-                r.try_get::<i64, _>("line_number")? as u64,
+                row_number as u64,
+                line_number as u64,
                 &issue,
             )
             .await?;
         }
     }
-    let source = load_source(conn, source_id).await?;
-    let now = now_ms();
-    if source.accepted + source.failed != source.total_rows {
-        let message = format!(
-            "processed {} rows of {}; the source cannot be completed",
-            source.accepted + source.failed,
-            source.total_rows
-        );
-        return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
-    }
-    let completed = sqlx::query(
-        "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = ?1 AND severity = 'warning'),
-         status = 'completed', completed_ms = ?2, updated_ms = ?2 WHERE id = ?1 AND status IN ('pending', 'processing')",
-    )
-    .bind(source_id)
-    .bind(now)
-    .execute(&mut *conn)
-    .await?;
-    if completed.rows_affected() > 0 {
-        let source = load_source(conn, source_id).await?;
-        webhooks::enqueue(conn, source, SOURCE_COMPLETED).await?;
-    }
-    Ok(())
-}
-
-pub(super) async fn fail_source_in(
-    conn: &mut SqliteConnection,
-    source: Uuid,
-    code: &str,
-    message: &str,
-) -> StoreResult<()> {
-    let now = now_ms();
-    let updated = sqlx::query(
-        "UPDATE sources SET status = 'failed', error_code = ?, error_message = ?, completed_ms = ?, updated_ms = ? WHERE id = ? AND status IN ('pending', 'processing')",
-    )
-    .bind(code)
-    .bind(message)
-    .bind(now)
-    .bind(now)
-    .bind(source)
-    .execute(&mut *conn)
-    .await?;
-    if updated.rows_affected() > 0 {
-        sqlx::query(sql::FAIL_OPEN_CHUNKS)
-            .bind(source)
-            .execute(&mut *conn)
-            .await?;
-        let failed = load_source(conn, source).await?;
-        webhooks::enqueue(conn, failed, SOURCE_FAILED).await?;
-    }
-    Ok(())
-}
-
-pub(super) async fn insert_chunk(
-    conn: &mut SqliteConnection,
-    source: Uuid,
-    chunk: &ChunkSpec,
-    state: &str,
-    trace: Trace<'_>,
-) -> StoreResult<Uuid> {
-    let id = Uuid::now_v7();
-    sqlx::query(sql::INSERT_CHUNK)
-        .bind(id)
-        .bind(source)
-        .bind(chunk.index as i64)
-        .bind(chunk.first_row as i64)
-        .bind(chunk.row_count as i64)
-        .bind(chunk.start_offset as i64)
-        .bind(chunk.end_offset as i64)
-        .bind(chunk.start_line as i64)
-        .bind(state)
-        .bind(now_ms())
-        .bind(trace.traceparent)
-        .bind(trace.tracestate)
-        .execute(&mut *conn)
-        .await?;
-    Ok(id)
+    complete_source(conn, source_id).await
 }

@@ -1,5 +1,7 @@
 //! The embedded store: one SQLite file in WAL mode. Writes go through a single-connection pool,
 //! which serializes writers without SQLite's lock-upgrade failures; reads use their own pool.
+//! Most of the role implementations, shared with PostgreSQL, are `crate::shared`; the modules
+//! here hold what SQLite does its own way.
 
 mod api;
 mod chunks;
@@ -18,7 +20,6 @@ use sqlx::sqlite::{
 use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
-use crate::metrics::METRICS;
 use crate::rows::*;
 use crate::sql;
 use crate::writes::{
@@ -30,7 +31,6 @@ use crate::{
 use orbit_core::domain::resolve::{self, Existing, ProfileState};
 use orbit_core::domain::row::{self, Issue};
 use orbit_core::model::*;
-use orbit_core::views::{SOURCE_COMPLETED, SOURCE_FAILED};
 
 /// SQLite allows 32766 bound parameters; stay far below it.
 use commit::*;
@@ -82,157 +82,31 @@ impl SqliteStore {
     }
 }
 
-fn source_from_row(row: &SqliteRow) -> StoreResult<Source> {
-    SourceRow::from_row(row)?.try_into()
-}
-
-fn directory_from_row(row: &SqliteRow) -> StoreResult<Directory> {
-    Ok(DirectoryRow::from_row(row)?.into())
-}
-
-fn chunk_from_row(row: &SqliteRow) -> StoreResult<ChunkSpec> {
-    Ok(ChunkRow::from_row(row)?.into())
-}
-
 fn profile_from_row(row: &SqliteRow) -> StoreResult<(i64, Profile)> {
     let r = ProfileRow::from_row(row)?;
     Ok((r.seq, r.try_into()?))
 }
 
-async fn load_source(conn: &mut SqliteConnection, id: Uuid) -> StoreResult<Source> {
-    sqlx::query_as::<_, SourceRow>(sql::SOURCE_BY_ID)
-        .bind(id)
-        .fetch_one(&mut *conn)
-        .await?
-        .try_into()
-}
-
-#[async_trait]
-impl Database for SqliteStore {
-    fn backend(&self) -> &'static str {
-        "sqlite"
-    }
-
-    async fn migrate(&self) -> StoreResult<()> {
-        sqlx::migrate!("migrations/sqlite")
-            .run(&self.writer)
-            .await?;
-        Ok(())
-    }
-
-    async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
+impl SqliteStore {
+    /// Runs `once` once: with one writer at a time, SQLite loses no race worth trying again.
+    async fn retrying<'a, T>(
+        &'a self,
+        mut once: impl FnMut() -> futures::future::BoxFuture<'a, StoreResult<T>>,
+    ) -> StoreResult<T> {
+        once().await
     }
 }
 
-#[async_trait]
-impl Liveness for SqliteStore {
-    async fn heartbeat(&self, owner: &str, valid_for: Duration) -> StoreResult<()> {
-        let now = now_ms();
-        sqlx::query(
-            "INSERT INTO processes (owner, heartbeat_ms, expires_ms) VALUES (?1, ?2, ?3)
-             ON CONFLICT (owner) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, expires_ms = excluded.expires_ms",
-        )
-        .bind(owner)
-        .bind(now)
-        .bind(now + dur_ms(valid_for))
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
-    async fn retire(&self, owner: &str) -> StoreResult<()> {
-        sqlx::query(sql::RETIRE_PROCESS)
-            .bind(owner)
-            .execute(&self.writer)
-            .await?;
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl Outbox for SqliteStore {
-    async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
-        webhooks::create(&self.writer, endpoint).await
-    }
-
-    async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
-        webhooks::list(&self.reader, org).await
-    }
-
-    async fn get_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
-        webhooks::get(&self.reader, org, id).await
-    }
-
-    async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool> {
-        webhooks::delete(&self.writer, org, id).await
-    }
-
-    async fn enable_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<Option<WebhookEndpoint>> {
-        webhooks::enable(&self.writer, org, id).await
-    }
-
-    async fn list_deliveries(
-        &self,
-        org: Uuid,
-        endpoint: Uuid,
-        limit: u32,
-    ) -> StoreResult<Vec<WebhookDelivery>> {
-        webhooks::deliveries(&self.reader, org, endpoint, limit).await
-    }
-
-    async fn claim_deliveries(
-        &self,
-        lease_for: Duration,
-        limit: u32,
-    ) -> StoreResult<Vec<DueDelivery>> {
-        webhooks::claim(&self.reader, &self.writer, lease_for, limit).await
-    }
-
-    async fn record_attempt(
-        &self,
-        delivery: &DueDelivery,
-        attempt: &DeliveryAttempt,
-        next: AttemptNext,
-        disable_after: u32,
-    ) -> StoreResult<()> {
-        webhooks::record(&self.writer, delivery, attempt, next, disable_after).await
-    }
-}
-
-#[async_trait]
-impl Stats for SqliteStore {
-    async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
-        let rows = sqlx::query(sql::FAILED_SOURCES_BY_CODE)
-            .fetch_all(&self.reader)
-            .await?;
-        rows.iter()
-            .map(|row| Ok((row.try_get("code")?, row.try_get::<i64, _>("n")? as u64)))
-            .collect()
-    }
-
-    async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
-        let rows = sqlx::query(sql::SOURCES_BY_STATUS)
-            .fetch_all(&self.reader)
-            .await?;
-        let mut counts: HashMap<SourceStatus, u64> = HashMap::new();
-        for row in rows {
-            let status: String = row.try_get("status")?;
-            if let Some(s) = SourceStatus::parse(&status) {
-                counts.insert(s, row.try_get::<i64, _>("n")? as u64);
-            }
-        }
-        Ok(SourceStatus::ALL
-            .into_iter()
-            .map(|s| (s, counts.get(&s).copied().unwrap_or(0)))
-            .collect())
-    }
-
-    async fn count_pending_chunks(&self) -> StoreResult<u64> {
-        let row = sqlx::query(sql::OPEN_CHUNKS)
-            .fetch_one(&self.reader)
-            .await?;
-        Ok(row.try_get::<i64, _>(0)? as u64)
-    }
+crate::shared::store_roles! {
+    store: SqliteStore,
+    backend: "sqlite",
+    migrations: "migrations/sqlite",
+    read: reader,
+    write: writer,
+    lock_source: "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
+    lock_chunk: "SELECT c.*, s.status AS source_status, COALESCE(p.expires_ms < ?2, 0) AS owner_dead
+         FROM chunks c JOIN sources s ON s.id = c.source_id
+         LEFT JOIN processes p ON p.owner = c.lease_owner
+         WHERE c.id = ?1",
+    lock_lease: "SELECT transient_since_ms FROM chunks WHERE id = $1 AND lease_token = $2 AND state = 'running'",
 }

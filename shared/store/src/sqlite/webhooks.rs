@@ -66,11 +66,11 @@ pub(super) async fn delete(writer: &SqlitePool, org: Uuid, id: Uuid) -> StoreRes
 }
 
 pub(super) async fn claim(
-    reader: &SqlitePool,
-    writer: &SqlitePool,
+    store: &super::SqliteStore,
     lease_for: Duration,
     limit: u32,
 ) -> StoreResult<Vec<DueDelivery>> {
+    let (reader, writer) = (&store.reader, &store.writer);
     let now = now_ms();
     // Every gateway asks every `webhooks.poll_interval`; the one writer is only taken when
     // something is due, so an idle outbox never delays uploads and commits.

@@ -6,6 +6,13 @@
 //! bound per type, a `FromRow` bound per row shape and a higher-ranked `Executor` bound per
 //! connection, all of it repeated on each function; expanded per backend, the code reads as
 //! plain sqlx over one pool type.
+//!
+//! The role implementations are `roles`; here are the webhook store and the steps of a
+//! transaction.
+
+mod roles;
+
+pub(crate) use roles::store_roles;
 
 /// The webhook functions both backends write the same way, expanded into a backend's
 /// `webhooks` module: `connection` and `pool` are its sqlx types, `lease_held` its query that
@@ -184,3 +191,162 @@ macro_rules! webhook_store {
     };
 }
 pub(crate) use webhook_store;
+
+/// The steps of a transaction both backends take the same way, expanded into a backend's
+/// `commit` module over its `connection` type; the module has the backend's `webhooks` in
+/// scope. How a backend writes a commit's rows (`apply_results`) is its own.
+macro_rules! transaction_steps {
+    (connection: $conn:ty $(,)?) => {
+        /// A source by id, unscoped: for the store's own use after a scoped check.
+        pub(super) async fn load_source(
+            conn: &mut $conn,
+            id: ::uuid::Uuid,
+        ) -> $crate::StoreResult<::orbit_core::model::Source> {
+            sqlx::query_as::<_, $crate::rows::SourceRow>($crate::sql::SOURCE_BY_ID)
+                .bind(id)
+                .fetch_one(&mut *conn)
+                .await?
+                .try_into()
+        }
+
+        pub(super) async fn fail_source_in(
+            conn: &mut $conn,
+            source: ::uuid::Uuid,
+            code: &str,
+            message: &str,
+        ) -> $crate::StoreResult<()> {
+            let updated = sqlx::query($crate::sql::FAIL_SOURCE)
+                .bind(code)
+                .bind(message)
+                .bind($crate::rows::now_ms())
+                .bind(source)
+                .execute(&mut *conn)
+                .await?;
+            if updated.rows_affected() > 0 {
+                sqlx::query($crate::sql::FAIL_OPEN_CHUNKS)
+                    .bind(source)
+                    .execute(&mut *conn)
+                    .await?;
+                let failed = load_source(conn, source).await?;
+                webhooks::enqueue(conn, failed, ::orbit_core::views::SOURCE_FAILED).await?;
+            }
+            Ok(())
+        }
+
+        /// Ends a source cancelled, unless it ended already; the caller holds what it locks.
+        pub(super) async fn cancel_in(
+            conn: &mut $conn,
+            current: ::orbit_core::model::Source,
+        ) -> $crate::StoreResult<::orbit_core::model::Cancelled> {
+            use ::orbit_core::model::Cancelled;
+            if current.status.is_terminal() {
+                return Ok(Cancelled::Terminal(current));
+            }
+            fail_source_in(
+                conn,
+                current.id,
+                ::orbit_core::model::CANCELLED,
+                "the import was cancelled on request; rows committed before the cancel stay",
+            )
+            .await?;
+            Ok(Cancelled::Cancelled(load_source(conn, current.id).await?))
+        }
+
+        /// Completes a source whose every chunk is in and whose duplicates across chunks are
+        /// flagged; fails it should its counts not add up.
+        pub(super) async fn complete_source(
+            conn: &mut $conn,
+            source_id: ::uuid::Uuid,
+        ) -> $crate::StoreResult<()> {
+            let source = load_source(conn, source_id).await?;
+            if source.accepted + source.failed != source.total_rows {
+                let message = format!(
+                    "processed {} rows of {}; the source cannot be completed",
+                    source.accepted + source.failed,
+                    source.total_rows
+                );
+                return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
+            }
+            let completed = sqlx::query($crate::sql::COMPLETE_SOURCE)
+                .bind(source_id)
+                .bind($crate::rows::now_ms())
+                .execute(&mut *conn)
+                .await?;
+            if completed.rows_affected() > 0 {
+                let source = load_source(conn, source_id).await?;
+                webhooks::enqueue(conn, source, ::orbit_core::views::SOURCE_COMPLETED).await?;
+            }
+            Ok(())
+        }
+
+        /// The (row, line, value) of each row of the source whose `kind` identity an earlier
+        /// row has.
+        pub(super) async fn repeated_identities(
+            conn: &mut $conn,
+            source_id: ::uuid::Uuid,
+            kind: &str,
+        ) -> $crate::StoreResult<Vec<(i64, i64, String)>> {
+            Ok(
+                sqlx::query_as($crate::sql::repeated_identities(kind).as_str())
+                    .bind(source_id)
+                    .fetch_all(&mut *conn)
+                    .await?,
+            )
+        }
+
+        /// Ends a committed slice: the chunk done, or where its next slice starts. Returns the
+        /// chunks it finished.
+        pub(super) async fn end_slice(
+            conn: &mut $conn,
+            chunk: ::uuid::Uuid,
+            end: ::orbit_core::model::SliceEnd,
+        ) -> $crate::StoreResult<u64> {
+            Ok(match end {
+                ::orbit_core::model::SliceEnd::Chunk => {
+                    sqlx::query($crate::rows::CHUNK_DONE)
+                        .bind(chunk)
+                        .execute(&mut *conn)
+                        .await?;
+                    1
+                }
+                ::orbit_core::model::SliceEnd::Before(next) => {
+                    sqlx::query($crate::rows::CHUNK_RESUMES_AT)
+                        .bind(next.offset as i64)
+                        .bind(next.line as i64)
+                        .bind(next.row as i64)
+                        .bind(chunk)
+                        .execute(&mut *conn)
+                        .await?;
+                    0
+                }
+            })
+        }
+
+        pub(super) async fn insert_chunk(
+            conn: &mut $conn,
+            source: ::uuid::Uuid,
+            chunk: &::orbit_core::model::ChunkSpec,
+            state: &str,
+            trace: $crate::writes::Trace<'_>,
+        ) -> $crate::StoreResult<::uuid::Uuid> {
+            let id = ::uuid::Uuid::now_v7();
+            sqlx::query($crate::sql::INSERT_CHUNK)
+                .bind(id)
+                .bind(source)
+                .bind(i64::from(chunk.index))
+                .bind(chunk.first_row as i64)
+                .bind(chunk.row_count as i64)
+                .bind(chunk.start_offset as i64)
+                .bind(chunk.end_offset as i64)
+                .bind(chunk.start_line as i64)
+                .bind(state)
+                .bind($crate::rows::now_ms())
+                .bind(trace.traceparent)
+                .bind(trace.tracestate)
+                .execute(&mut *conn)
+                .await?;
+            Ok(id)
+        }
+    };
+}
+pub(crate) use transaction_steps;

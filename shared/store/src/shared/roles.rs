@@ -1,0 +1,674 @@
+//! The role implementations both SQL backends share; see the parent module for why a macro.
+
+/// The role implementations both backends share, expanded into a backend's `mod.rs` for its
+/// `store` type, whose `read` pool serves reads and `write` pool writes (one pool in
+/// PostgreSQL). The module has in scope what its own code uses: the model, `Uuid`,
+/// `Duration`, `DateTime`/`Utc`, the role traits, `async_trait`, `FromRow`/`Row`, its
+/// `commit` steps (`shared::transaction_steps`) and `webhooks`, and a `retrying` method
+/// on the store.
+///
+/// The backend writes the rest itself, as methods on the store: `claim_key`, `store_upload`,
+/// `cancel_source_once` and `widest_failed_row` (Uploads); `store_slice`, `requeue_chunks` and
+/// `unqueue_chunks` (Chunks); and the whole of Profiles. The arguments are the statements
+/// that lock in PostgreSQL and not in SQLite (one writer at a time): `lock_source` reads a
+/// source to reopen, `lock_chunk` a chunk to claim (with `owner_dead`, given `$2` now),
+/// `lock_lease` a chunk to release.
+macro_rules! store_roles {
+    (
+        store: $store:ty,
+        backend: $backend:literal,
+        migrations: $migrations:literal,
+        read: $read:ident,
+        write: $write:ident,
+        lock_source: $lock_source:expr,
+        lock_chunk: $lock_chunk:expr,
+        lock_lease: $lock_lease:expr $(,)?
+    ) => {
+        #[async_trait]
+        impl Database for $store {
+            fn backend(&self) -> &'static str {
+                $backend
+            }
+
+            async fn migrate(&self) -> StoreResult<()> {
+                sqlx::migrate!($migrations).run(&self.$write).await?;
+                Ok(())
+            }
+
+            async fn ping(&self) -> StoreResult<()> {
+                sqlx::query("SELECT 1").execute(&self.$read).await?;
+                Ok(())
+            }
+        }
+
+        #[async_trait]
+        impl Liveness for $store {
+            async fn heartbeat(&self, owner: &str, valid_for: Duration) -> StoreResult<()> {
+                let now = $crate::rows::now_ms();
+                sqlx::query($crate::sql::HEARTBEAT)
+                    .bind(owner)
+                    .bind(now)
+                    .bind(now + $crate::rows::dur_ms(valid_for))
+                    .execute(&self.$write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn retire(&self, owner: &str) -> StoreResult<()> {
+                sqlx::query($crate::sql::RETIRE_PROCESS)
+                    .bind(owner)
+                    .execute(&self.$write)
+                    .await?;
+                Ok(())
+            }
+        }
+
+        #[async_trait]
+        impl Tenancy for $store {
+            async fn create_organization(&self, name: &str) -> StoreResult<Organization> {
+                let org = Organization {
+                    id: Uuid::now_v7(),
+                    name: name.to_owned(),
+                    created_at: $crate::rows::at($crate::rows::now_ms()),
+                };
+                sqlx::query($crate::sql::INSERT_ORGANIZATION)
+                    .bind(org.id)
+                    .bind(&org.name)
+                    .bind($crate::rows::ms(org.created_at))
+                    .execute(&self.$write)
+                    .await?;
+                Ok(org)
+            }
+
+            async fn organization_exists(&self, org: Uuid) -> StoreResult<bool> {
+                Ok(sqlx::query($crate::sql::ORGANIZATION_EXISTS)
+                    .bind(org)
+                    .fetch_optional(&self.$read)
+                    .await?
+                    .is_some())
+            }
+
+            async fn ensure_user(&self, org: Uuid, email: &str) -> StoreResult<Uuid> {
+                sqlx::query($crate::sql::INSERT_USER)
+                    .bind(Uuid::now_v7())
+                    .bind(org)
+                    .bind(email)
+                    .bind($crate::rows::now_ms())
+                    .execute(&self.$write)
+                    .await?;
+                // From the writer: the reader may not see the insert yet.
+                let row = sqlx::query($crate::sql::USER_BY_EMAIL)
+                    .bind(org)
+                    .bind(email)
+                    .fetch_one(&self.$write)
+                    .await?;
+                Ok(row.try_get("id")?)
+            }
+
+            async fn insert_token(
+                &self,
+                hash: &[u8],
+                org: Uuid,
+                user: Uuid,
+                expires_at: Option<DateTime<Utc>>,
+            ) -> StoreResult<()> {
+                sqlx::query($crate::sql::INSERT_TOKEN)
+                    .bind(hash)
+                    .bind(org)
+                    .bind(user)
+                    .bind($crate::rows::now_ms())
+                    .bind(expires_at.map($crate::rows::ms))
+                    .execute(&self.$write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn find_token(&self, hash: &[u8]) -> StoreResult<Option<TokenRecord>> {
+                let row = sqlx::query_as::<_, $crate::rows::TokenRow>($crate::sql::TOKEN_BY_HASH)
+                    .bind(hash)
+                    .fetch_optional(&self.$read)
+                    .await?;
+                Ok(row.map(TokenRecord::from))
+            }
+
+            async fn revoke_token(&self, hash: &[u8]) -> StoreResult<bool> {
+                let done = sqlx::query($crate::sql::REVOKE_TOKEN)
+                    .bind($crate::rows::now_ms())
+                    .bind(hash)
+                    .execute(&self.$write)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn create_directory(&self, org: Uuid, name: &str) -> StoreResult<Directory> {
+                let row =
+                    sqlx::query_as::<_, $crate::rows::DirectoryRow>($crate::sql::INSERT_DIRECTORY)
+                        .bind(Uuid::now_v7())
+                        .bind(org)
+                        .bind(name)
+                        .bind($crate::rows::now_ms())
+                        .fetch_one(&self.$write)
+                        .await?;
+                Ok(row.into())
+            }
+
+            async fn get_directory(&self, org: Uuid, dir: Uuid) -> StoreResult<Option<Directory>> {
+                Ok(
+                    sqlx::query_as::<_, $crate::rows::DirectoryRow>($crate::sql::DIRECTORY)
+                        .bind(org)
+                        .bind(dir)
+                        .fetch_optional(&self.$read)
+                        .await?
+                        .map(Directory::from),
+                )
+            }
+
+            async fn list_directories(
+                &self,
+                org: Uuid,
+                page: &PageRequest,
+            ) -> StoreResult<Page<Directory>> {
+                let limit = $crate::rows::page_limit(page);
+                let rows =
+                    sqlx::query_as::<_, $crate::rows::DirectoryRow>($crate::sql::DIRECTORIES_PAGE)
+                        .bind(org)
+                        .bind(page.after.map_or(0, |c| c.0))
+                        .bind(limit + 1)
+                        .fetch_all(&self.$read)
+                        .await?;
+                let page = $crate::rows::paginate(rows, limit as usize, |d| Cursor(d.seq, 0));
+                Ok(Page {
+                    items: page.items.into_iter().map(Directory::from).collect(),
+                    next: page.next,
+                })
+            }
+
+            async fn archive_directory(
+                &self,
+                org: Uuid,
+                dir: Uuid,
+            ) -> StoreResult<Option<Directory>> {
+                let row =
+                    sqlx::query_as::<_, $crate::rows::DirectoryRow>($crate::sql::ARCHIVE_DIRECTORY)
+                        .bind($crate::rows::now_ms())
+                        .bind(org)
+                        .bind(dir)
+                        .fetch_optional(&self.$write)
+                        .await?;
+                Ok(row.map(Directory::from))
+            }
+        }
+
+        #[async_trait]
+        impl Uploads for $store {
+            async fn claim_idempotency_key(
+                &self,
+                org: Uuid,
+                key: &str,
+                dir: Uuid,
+                owner: &str,
+                ttl: Duration,
+                in_flight_timeout: Duration,
+            ) -> StoreResult<KeyState> {
+                self.claim_key(org, key, dir, owner, ttl, in_flight_timeout)
+                    .await
+            }
+
+            async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()> {
+                sqlx::query($crate::sql::RELEASE_IDEMPOTENCY_KEY)
+                    .bind(claim.organization_id)
+                    .bind(&claim.key)
+                    .bind(claim.token)
+                    .execute(&self.$write)
+                    .await?;
+                Ok(())
+            }
+
+            async fn commit_upload(
+                &self,
+                upload: NewUpload,
+            ) -> StoreResult<(Source, Vec<ChunkRef>)> {
+                self.store_upload(upload).await
+            }
+
+            async fn get_source(
+                &self,
+                org: Uuid,
+                dir: Uuid,
+                source: Uuid,
+            ) -> StoreResult<Option<Source>> {
+                sqlx::query_as::<_, $crate::rows::SourceRow>($crate::sql::SOURCE)
+                    .bind(org)
+                    .bind(dir)
+                    .bind(source)
+                    .fetch_optional(&self.$read)
+                    .await?
+                    .map(TryInto::try_into)
+                    .transpose()
+            }
+
+            async fn list_sources(
+                &self,
+                org: Uuid,
+                dir: Uuid,
+                page: &PageRequest,
+            ) -> StoreResult<Page<Source>> {
+                let limit = $crate::rows::page_limit(page);
+                let rows = sqlx::query_as::<_, $crate::rows::SourceRow>($crate::sql::SOURCES_PAGE)
+                    .bind(org)
+                    .bind(dir)
+                    .bind(page.after.map_or(i64::MAX, |c| c.0))
+                    .bind(limit + 1)
+                    .fetch_all(&self.$read)
+                    .await?;
+                let items = rows
+                    .into_iter()
+                    .map(Source::try_from)
+                    .collect::<StoreResult<Vec<_>>>()?;
+                Ok($crate::rows::paginate(items, limit as usize, |s| {
+                    Cursor(s.seq, 0)
+                }))
+            }
+
+            async fn list_issues(
+                &self,
+                org: Uuid,
+                dir: Uuid,
+                source: Uuid,
+                page: &PageRequest,
+            ) -> StoreResult<Page<RowIssue>> {
+                let limit = $crate::rows::page_limit(page);
+                let (after_row, after_id) = page.after.map_or((0, 0), |c| (c.0, c.1));
+                let rows = sqlx::query_as::<_, $crate::rows::IssueRow>($crate::sql::ISSUES_PAGE)
+                    .bind(org)
+                    .bind(dir)
+                    .bind(source)
+                    .bind(after_row)
+                    .bind(after_id)
+                    .bind(limit + 1)
+                    .fetch_all(&self.$read)
+                    .await?;
+                let items: Vec<(i64, RowIssue)> = rows
+                    .into_iter()
+                    .map(|r| (r.id, RowIssue::from(r)))
+                    .collect();
+                let page = $crate::rows::paginate(items, limit as usize, |(id, i)| {
+                    Cursor(i.row_number as i64, *id)
+                });
+                Ok(Page {
+                    items: page.items.into_iter().map(|(_, i)| i).collect(),
+                    next: page.next,
+                })
+            }
+
+            async fn failed_row_width(&self, source: Uuid) -> StoreResult<usize> {
+                self.widest_failed_row(source).await
+            }
+
+            async fn failed_rows(
+                &self,
+                source: Uuid,
+                after_row: u64,
+                limit: u32,
+            ) -> StoreResult<Vec<StoredFailedRow>> {
+                let rows =
+                    sqlx::query_as::<_, $crate::rows::FailedRowRow>($crate::sql::FAILED_ROWS_PAGE)
+                        .bind(source)
+                        .bind(after_row as i64)
+                        .bind(i64::from(limit))
+                        .fetch_all(&self.$read)
+                        .await?;
+                rows.into_iter().map(StoredFailedRow::try_from).collect()
+            }
+
+            async fn retry_source(
+                &self,
+                org: Uuid,
+                dir: Uuid,
+                source: Uuid,
+            ) -> StoreResult<Retried> {
+                self.retrying(|| Box::pin(self.retry_source_once(org, dir, source)))
+                    .await
+            }
+
+            async fn cancel_source(
+                &self,
+                org: Uuid,
+                dir: Uuid,
+                source: Uuid,
+            ) -> StoreResult<Cancelled> {
+                self.retrying(|| Box::pin(self.cancel_source_once(org, dir, source)))
+                    .await
+            }
+        }
+
+        impl $store {
+            async fn retry_source_once(
+                &self,
+                org: Uuid,
+                dir: Uuid,
+                source: Uuid,
+            ) -> StoreResult<Retried> {
+                let mut tx = self.$write.begin().await?;
+                let Some(row) = sqlx::query_as::<_, $crate::rows::SourceRow>($lock_source)
+                    .bind(org)
+                    .bind(dir)
+                    .bind(source)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(Retried::NotFound);
+                };
+                let found = Source::try_from(row)?;
+                if found.status != SourceStatus::Failed {
+                    return Ok(Retried::NotFailed(found));
+                }
+                let chunks = sqlx::query($crate::sql::REOPEN_CHUNKS)
+                    .bind(source)
+                    .fetch_all(&mut *tx)
+                    .await?;
+                if chunks.is_empty() {
+                    return Ok(Retried::NothingToRetry(found));
+                }
+                sqlx::query($crate::sql::REOPEN_SOURCE)
+                    .bind($crate::rows::now_ms())
+                    .bind(source)
+                    .execute(&mut *tx)
+                    .await?;
+                let retried = load_source(&mut tx, source).await?;
+                tx.commit().await?;
+                let refs = chunks
+                    .iter()
+                    .map(|row| {
+                        Ok(ChunkRef {
+                            source_id: source,
+                            chunk_id: row.try_get("id")?,
+                            attempt: 0,
+                            traceparent: row.try_get("traceparent")?,
+                            tracestate: row.try_get("tracestate")?,
+                        })
+                    })
+                    .collect::<StoreResult<_>>()?;
+                Ok(Retried::Reopened(retried, refs))
+            }
+
+            async fn claim_chunk_once(
+                &self,
+                chunk: Uuid,
+                owner: &str,
+                lease_for: Duration,
+                max_attempts: u32,
+            ) -> StoreResult<Claim> {
+                let mut tx = self.$write.begin().await?;
+                let now = $crate::rows::now_ms();
+                let row = sqlx::query($lock_chunk)
+                    .bind(chunk)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                let Some(row) = row else {
+                    return Ok(Claim::Nothing);
+                };
+                let source_id: Uuid = row.try_get("source_id")?;
+                let found = $crate::rows::ChunkState::from_row(&row)?;
+                let attempts = found.attempts;
+                match $crate::rows::decide_claim(&found, now, max_attempts) {
+                    $crate::rows::ClaimDecision::Nothing => return Ok(Claim::Nothing),
+                    $crate::rows::ClaimDecision::Busy => return Ok(Claim::Busy),
+                    $crate::rows::ClaimDecision::Poison(message) => {
+                        fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
+                        tx.commit().await?;
+                        return Ok(Claim::Poisoned);
+                    }
+                    $crate::rows::ClaimDecision::Take(over) => {
+                        if let Some(reason) = over {
+                            $crate::metrics::METRICS
+                                .leases_taken_over
+                                .with_label_values(&[reason])
+                                .inc();
+                        }
+                    }
+                }
+                let token = Uuid::new_v4();
+                sqlx::query($crate::sql::TAKE_LEASE)
+                    .bind(owner)
+                    .bind(token)
+                    .bind(now + $crate::rows::dur_ms(lease_for))
+                    .bind(chunk)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query($crate::sql::SOURCE_PROCESSING)
+                    .bind(now)
+                    .bind(source_id)
+                    .execute(&mut *tx)
+                    .await?;
+                let spec: ChunkSpec = $crate::rows::ChunkRow::from_row(&row)?.into();
+                let source = load_source(&mut tx, source_id).await?;
+                tx.commit().await?;
+                Ok(Claim::Claimed(Box::new(ChunkWork {
+                    lease: Lease {
+                        chunk_id: chunk,
+                        source_id,
+                        token,
+                        attempt: attempts + 1,
+                    },
+                    chunk: spec,
+                    source,
+                })))
+            }
+
+            async fn release_chunk_once(
+                &self,
+                lease: &Lease,
+                error: &str,
+                transient_for: Option<Duration>,
+            ) -> StoreResult<bool> {
+                let mut tx = self.$write.begin().await?;
+                let Some(row) = sqlx::query($lock_lease)
+                    .bind(lease.chunk_id)
+                    .bind(lease.token)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                else {
+                    return Ok(false);
+                };
+                let release = $crate::rows::decide_release(
+                    $crate::rows::now_ms(),
+                    lease.attempt,
+                    transient_for,
+                    row.try_get("transient_since_ms")?,
+                );
+                sqlx::query($crate::sql::RELEASE_CHUNK)
+                    .bind(release.not_before_ms)
+                    .bind(error)
+                    .bind(i64::from(release.refund))
+                    .bind(release.transient_since_ms)
+                    .bind(lease.chunk_id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok(true)
+            }
+
+            async fn fail_source_once(&self, source: Uuid, error: &SourceError) -> StoreResult<()> {
+                let mut tx = self.$write.begin().await?;
+                fail_source_in(&mut tx, source, &error.code, &error.message).await?;
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+
+        #[async_trait]
+        impl Chunks for $store {
+            async fn claim_chunk(
+                &self,
+                chunk: Uuid,
+                owner: &str,
+                lease_for: Duration,
+                max_attempts: u32,
+            ) -> StoreResult<Claim> {
+                self.retrying(|| {
+                    Box::pin(self.claim_chunk_once(chunk, owner, lease_for, max_attempts))
+                })
+                .await
+            }
+
+            async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
+                let done = sqlx::query($crate::sql::RENEW_LEASE)
+                    .bind($crate::rows::now_ms() + $crate::rows::dur_ms(lease_for))
+                    .bind(lease.chunk_id)
+                    .bind(lease.token)
+                    .execute(&self.$write)
+                    .await?;
+                Ok(done.rows_affected() > 0)
+            }
+
+            async fn commit_slice(
+                &self,
+                lease: &Lease,
+                results: ChunkResults,
+                end: SliceEnd,
+            ) -> StoreResult<Committed> {
+                self.store_slice(lease, results, end).await
+            }
+
+            async fn release_chunk(
+                &self,
+                lease: &Lease,
+                error: &str,
+                transient_for: Option<Duration>,
+            ) -> StoreResult<bool> {
+                self.retrying(|| Box::pin(self.release_chunk_once(lease, error, transient_for)))
+                    .await
+            }
+
+            async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
+                self.retrying(|| Box::pin(self.fail_source_once(source, &error)))
+                    .await
+            }
+
+            async fn chunks_to_publish(
+                &self,
+                requeue_after: Duration,
+                limit: u32,
+            ) -> StoreResult<Vec<ChunkRef>> {
+                self.requeue_chunks(requeue_after, limit).await
+            }
+
+            async fn forget_queued(&self) -> StoreResult<u64> {
+                let done = sqlx::query($crate::sql::FORGET_QUEUED)
+                    .execute(&self.$write)
+                    .await?;
+                Ok(done.rows_affected())
+            }
+
+            async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()> {
+                self.unqueue_chunks(chunks).await
+            }
+        }
+
+        #[async_trait]
+        impl Outbox for $store {
+            async fn create_webhook(&self, endpoint: &WebhookEndpoint) -> StoreResult<()> {
+                webhooks::create(&self.$write, endpoint).await
+            }
+
+            async fn list_webhooks(&self, org: Uuid) -> StoreResult<Vec<WebhookEndpoint>> {
+                webhooks::list(&self.$read, org).await
+            }
+
+            async fn get_webhook(
+                &self,
+                org: Uuid,
+                id: Uuid,
+            ) -> StoreResult<Option<WebhookEndpoint>> {
+                webhooks::get(&self.$read, org, id).await
+            }
+
+            async fn delete_webhook(&self, org: Uuid, id: Uuid) -> StoreResult<bool> {
+                webhooks::delete(&self.$write, org, id).await
+            }
+
+            async fn enable_webhook(
+                &self,
+                org: Uuid,
+                id: Uuid,
+            ) -> StoreResult<Option<WebhookEndpoint>> {
+                webhooks::enable(&self.$write, org, id).await
+            }
+
+            async fn list_deliveries(
+                &self,
+                org: Uuid,
+                endpoint: Uuid,
+                limit: u32,
+            ) -> StoreResult<Vec<WebhookDelivery>> {
+                webhooks::deliveries(&self.$read, org, endpoint, limit).await
+            }
+
+            async fn claim_deliveries(
+                &self,
+                lease_for: Duration,
+                limit: u32,
+            ) -> StoreResult<Vec<DueDelivery>> {
+                webhooks::claim(self, lease_for, limit).await
+            }
+
+            async fn record_attempt(
+                &self,
+                delivery: &DueDelivery,
+                attempt: &DeliveryAttempt,
+                next: AttemptNext,
+                disable_after: u32,
+            ) -> StoreResult<()> {
+                self.retrying(|| {
+                    Box::pin(webhooks::record(
+                        &self.$write,
+                        delivery,
+                        attempt,
+                        next,
+                        disable_after,
+                    ))
+                })
+                .await
+            }
+        }
+
+        #[async_trait]
+        impl Stats for $store {
+            async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
+                let rows = sqlx::query($crate::sql::FAILED_SOURCES_BY_CODE)
+                    .fetch_all(&self.$read)
+                    .await?;
+                rows.iter()
+                    .map(|row| Ok((row.try_get("code")?, row.try_get::<i64, _>("n")? as u64)))
+                    .collect()
+            }
+
+            async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
+                let rows = sqlx::query($crate::sql::SOURCES_BY_STATUS)
+                    .fetch_all(&self.$read)
+                    .await?;
+                let mut counts = std::collections::HashMap::new();
+                for row in rows {
+                    let status: String = row.try_get("status")?;
+                    if let Some(s) = SourceStatus::parse(&status) {
+                        counts.insert(s, row.try_get::<i64, _>("n")? as u64);
+                    }
+                }
+                Ok(SourceStatus::ALL
+                    .into_iter()
+                    .map(|s| (s, counts.get(&s).copied().unwrap_or(0)))
+                    .collect())
+            }
+
+            async fn count_pending_chunks(&self) -> StoreResult<u64> {
+                let row = sqlx::query($crate::sql::OPEN_CHUNKS)
+                    .fetch_one(&self.$read)
+                    .await?;
+                Ok(row.try_get::<i64, _>(0)? as u64)
+            }
+        }
+    };
+}
+pub(crate) use store_roles;
