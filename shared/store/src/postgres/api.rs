@@ -46,20 +46,17 @@ impl PgStore {
             key: key.to_owned(),
             token: Uuid::new_v4(),
         };
-        let inserted = sqlx::query(
+        let inserted = write_key_claim(
+            &mut tx,
             "INSERT INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms, owner)
              VALUES ($1, $2, $3, 'in_flight', $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            &claim,
+            dir,
+            owner,
+            (now, ttl),
         )
-        .bind(org)
-        .bind(key)
-        .bind(dir)
-        .bind(claim.token)
-        .bind(now)
-        .bind(now + dur_ms(ttl))
-        .bind(owner)
-        .execute(&mut *tx)
         .await?;
-        if inserted.rows_affected() == 1 {
+        if inserted == 1 {
             tx.commit().await?;
             return Ok(KeyState::Claimed(claim));
         }
@@ -77,19 +74,16 @@ impl PgStore {
         if let Some(held) = decide_key(&KeyRow::from_row(&row)?, now, in_flight_timeout)? {
             return Ok(held);
         }
-        sqlx::query(
+        write_key_claim(
+            &mut tx,
             "UPDATE idempotency_keys SET directory_id = $3, state = 'in_flight', claim_token = $4, sha256 = NULL, source_id = NULL,
                  response = NULL, locked_ms = $5, expires_ms = $6, owner = $7
              WHERE organization_id = $1 AND key = $2",
+            &claim,
+            dir,
+            owner,
+            (now, ttl),
         )
-        .bind(org)
-        .bind(key)
-        .bind(dir)
-        .bind(claim.token)
-        .bind(now)
-        .bind(now + dur_ms(ttl))
-        .bind(owner)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(KeyState::Claimed(claim))

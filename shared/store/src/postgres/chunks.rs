@@ -89,31 +89,15 @@ impl PgStore {
             None => None,
         };
         let mut tx = self.pool.begin().await?;
-        let now = now_ms();
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
-        sqlx::query(
-            "INSERT INTO sources (id, seq, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run, owned_identities)
-             VALUES ($1, $17, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $18, 0)",
+        insert_source(
+            &mut tx,
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run, seq, owned_identities)
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $17, $18, 0)",
+            s,
+            chunk_count,
+            Some(upload.seq),
         )
-        .bind(s.id)
-        .bind(s.organization_id)
-        .bind(s.directory_id)
-        .bind(&s.filename)
-        .bind(s.byte_size as i64)
-        .bind(&s.sha256)
-        .bind(&s.object_key)
-        .bind(s.dialect.encoding.as_str())
-        .bind(i64::from(s.dialect.delimiter))
-        .bind(s.dialect.bom_len as i64)
-        .bind(serde_json::to_string(&s.columns)?)
-        .bind(s.max_field_bytes as i64)
-        .bind(&s.default_region)
-        .bind(s.total_rows as i64)
-        .bind(chunk_count as i64)
-        .bind(now)
-        .bind(upload.seq)
-        .bind(s.dry_run)
-        .execute(&mut *tx)
         .await?;
         let mut queued = Vec::with_capacity(upload.chunks.len());
         for chunk in upload.chunks {
@@ -144,23 +128,7 @@ impl PgStore {
             _ => {}
         }
         let source = load_source(&mut tx, s.id).await?;
-        if let Some(claim) = upload.idempotency {
-            let receipt = UploadReceipt::of(&source);
-            let done = sqlx::query(sql::IDEMPOTENCY_COMPLETED)
-                .bind(&source.sha256)
-                .bind(source.id)
-                .bind(serde_json::to_string(&receipt)?)
-                .bind(claim.organization_id)
-                .bind(&claim.key)
-                .bind(claim.token)
-                .execute(&mut *tx)
-                .await?;
-            if done.rows_affected() == 0 {
-                return Err(StoreError::Conflict(
-                    "the idempotency key was taken over by another request".into(),
-                ));
-            }
-        }
+        complete_key(&mut tx, upload.idempotency, &source).await?;
         tx.commit().await?;
         Ok((source, queued))
     }
@@ -179,16 +147,10 @@ impl PgStore {
         let optimistic = resolve_optimistically(&self.pool, target, prepared, read).await?;
         let mut tx = self.pool.begin().await?;
         // The row lock fences a concurrent takeover: whoever holds it decides.
-        let held = sqlx::query(
-            "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
+        let held = "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
              WHERE c.id = $1 AND c.lease_token = $2 AND c.state = 'running' AND s.status IN ('pending', 'processing')
-             FOR UPDATE OF c",
-        )
-        .bind(lease.chunk_id)
-        .bind(lease.token)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if held.is_none() {
+             FOR UPDATE OF c";
+        if !lease_held(&mut tx, held, lease).await? {
             return Ok(Committed::LeaseLost);
         }
         let (applied, owned) =

@@ -322,6 +322,103 @@ macro_rules! transaction_steps {
             })
         }
 
+        /// Inserts a pending source with `statement`, which binds $1 to $17 in the order
+        /// below and the source's sequence number as $18 (NULL: the database assigns it).
+        pub(super) async fn insert_source(
+            conn: &mut $conn,
+            statement: &str,
+            s: &::orbit_core::model::NewSource,
+            chunk_count: usize,
+            seq: Option<i64>,
+        ) -> $crate::StoreResult<()> {
+            sqlx::query(statement)
+                .bind(s.id)
+                .bind(s.organization_id)
+                .bind(s.directory_id)
+                .bind(&s.filename)
+                .bind(s.byte_size as i64)
+                .bind(&s.sha256)
+                .bind(&s.object_key)
+                .bind(s.dialect.encoding.as_str())
+                .bind(i64::from(s.dialect.delimiter))
+                .bind(s.dialect.bom_len as i64)
+                .bind(serde_json::to_string(&s.columns)?)
+                .bind(s.max_field_bytes as i64)
+                .bind(&s.default_region)
+                .bind(s.total_rows as i64)
+                .bind(chunk_count as i64)
+                .bind($crate::rows::now_ms())
+                .bind(s.dry_run)
+                .bind(seq)
+                .execute(&mut *conn)
+                .await?;
+            Ok(())
+        }
+
+        /// Completes the upload's idempotency claim, if any, with the receipt of `source`;
+        /// a conflict when another request took the key over.
+        pub(super) async fn complete_key(
+            conn: &mut $conn,
+            claim: Option<&::orbit_core::model::IdempotencyClaim>,
+            source: &::orbit_core::model::Source,
+        ) -> $crate::StoreResult<()> {
+            let Some(claim) = claim else { return Ok(()) };
+            let receipt = ::orbit_core::model::UploadReceipt::of(source);
+            let done = sqlx::query($crate::sql::IDEMPOTENCY_COMPLETED)
+                .bind(&source.sha256)
+                .bind(source.id)
+                .bind(serde_json::to_string(&receipt)?)
+                .bind(claim.organization_id)
+                .bind(&claim.key)
+                .bind(claim.token)
+                .execute(&mut *conn)
+                .await?;
+            if done.rows_affected() == 0 {
+                return Err($crate::StoreError::Conflict(
+                    "the idempotency key was taken over by another request".into(),
+                ));
+            }
+            Ok(())
+        }
+
+        /// Writes an in-flight claim of a key with `statement`, which binds the organization,
+        /// key, directory, claim token, now, expiry and owner as $1 to $7; rows written.
+        pub(super) async fn write_key_claim(
+            conn: &mut $conn,
+            statement: &str,
+            claim: &::orbit_core::model::IdempotencyClaim,
+            dir: ::uuid::Uuid,
+            owner: &str,
+            (now, ttl): (i64, ::std::time::Duration),
+        ) -> $crate::StoreResult<u64> {
+            let done = sqlx::query(statement)
+                .bind(claim.organization_id)
+                .bind(&claim.key)
+                .bind(dir)
+                .bind(claim.token)
+                .bind(now)
+                .bind(now + $crate::rows::dur_ms(ttl))
+                .bind(owner)
+                .execute(&mut *conn)
+                .await?;
+            Ok(done.rows_affected())
+        }
+
+        /// Whether `lease` is still held, by `statement` ($1 the chunk, $2 the lease token),
+        /// which in PostgreSQL also takes the row lock that fences a takeover.
+        pub(super) async fn lease_held(
+            conn: &mut $conn,
+            statement: &str,
+            lease: &::orbit_core::model::Lease,
+        ) -> $crate::StoreResult<bool> {
+            Ok(sqlx::query(statement)
+                .bind(lease.chunk_id)
+                .bind(lease.token)
+                .fetch_optional(&mut *conn)
+                .await?
+                .is_some())
+        }
+
         pub(super) async fn insert_chunk(
             conn: &mut $conn,
             source: ::uuid::Uuid,

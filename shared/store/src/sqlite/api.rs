@@ -59,17 +59,14 @@ impl SqliteStore {
             key: key.to_owned(),
             token: Uuid::new_v4(),
         };
-        sqlx::query(
-            "INSERT OR REPLACE INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms, owner) VALUES (?, ?, ?, 'in_flight', ?, ?, ?, ?)",
+        write_key_claim(
+            &mut tx,
+            "INSERT OR REPLACE INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms, owner) VALUES ($1, $2, $3, 'in_flight', $4, $5, $6, $7)",
+            &claim,
+            dir,
+            owner,
+            (now, ttl),
         )
-        .bind(org)
-        .bind(key)
-        .bind(dir)
-        .bind(claim.token)
-        .bind(now)
-        .bind(now + dur_ms(ttl))
-        .bind(owner)
-        .execute(&mut *tx)
         .await?;
         tx.commit().await?;
         Ok(KeyState::Claimed(claim))
@@ -81,32 +78,17 @@ impl SqliteStore {
     ) -> StoreResult<(Source, Vec<ChunkRef>)> {
         let sync_prepared = prepare(upload.sync_results)?;
         let mut tx = self.writer.begin().await?;
-        let now = now_ms();
         let s = &upload.source;
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
-        sqlx::query(
-            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run)
-             VALUES (?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        // A NULL seq: SQLite numbers the source itself.
+        insert_source(
+            &mut tx,
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run, seq)
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $17, $18)",
+            s,
+            chunk_count,
+            None,
         )
-        .bind(s.id)
-        .bind(s.organization_id)
-        .bind(s.directory_id)
-        .bind(&s.filename)
-        .bind(s.byte_size as i64)
-        .bind(&s.sha256)
-        .bind(&s.object_key)
-        .bind(s.dialect.encoding.as_str())
-        .bind(i64::from(s.dialect.delimiter))
-        .bind(s.dialect.bom_len as i64)
-        .bind(serde_json::to_string(&s.columns)?)
-        .bind(s.max_field_bytes as i64)
-        .bind(&s.default_region)
-        .bind(s.total_rows as i64)
-        .bind(chunk_count as i64)
-        .bind(now)
-        .bind(now)
-        .bind(s.dry_run)
-        .execute(&mut *tx)
         .await?;
         let trace = Trace {
             traceparent: upload.traceparent.as_deref(),
@@ -140,23 +122,7 @@ impl SqliteStore {
             None => {}
         }
         let source = load_source(&mut tx, s.id).await?;
-        if let Some(claim) = &upload.idempotency {
-            let receipt = UploadReceipt::of(&source);
-            let done = sqlx::query(sql::IDEMPOTENCY_COMPLETED)
-                .bind(&source.sha256)
-                .bind(source.id)
-                .bind(serde_json::to_string(&receipt)?)
-                .bind(claim.organization_id)
-                .bind(&claim.key)
-                .bind(claim.token)
-                .execute(&mut *tx)
-                .await?;
-            if done.rows_affected() == 0 {
-                return Err(StoreError::Conflict(
-                    "the idempotency key was taken over by another request".into(),
-                ));
-            }
-        }
+        complete_key(&mut tx, upload.idempotency.as_ref(), &source).await?;
         tx.commit().await?;
         Ok((source, queued))
     }

@@ -13,15 +13,9 @@ impl SqliteStore {
         // Outside the transaction: only resolution needs to see the directory.
         let prepared = prepare(results)?;
         let mut tx = self.writer.begin().await?;
-        let held = sqlx::query(
-            "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
-             WHERE c.id = ? AND c.lease_token = ? AND c.state = 'running' AND s.status IN ('pending', 'processing')",
-        )
-        .bind(lease.chunk_id)
-        .bind(lease.token)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if held.is_none() {
+        let held = "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
+             WHERE c.id = $1 AND c.lease_token = $2 AND c.state = 'running' AND s.status IN ('pending', 'processing')";
+        if !lease_held(&mut tx, held, lease).await? {
             return Ok(Committed::LeaseLost);
         }
         let source = load_source(&mut tx, lease.source_id).await?;
