@@ -30,30 +30,17 @@ pub(super) fn profile_after(cursor: Option<Cursor>) -> Uuid {
 
 /// What PostgreSQL does its own way in the roles `shared::store_roles` implements.
 impl PgStore {
-    pub(super) async fn claim_key(
-        &self,
-        org: Uuid,
-        key: &str,
-        dir: Uuid,
-        owner: &str,
-        ttl: Duration,
-        in_flight_timeout: Duration,
-    ) -> StoreResult<KeyState> {
+    pub(super) async fn claim_key(&self, request: KeyRequest<'_>) -> StoreResult<KeyState> {
         let mut tx = self.pool.begin().await?;
         let now = now_ms();
-        let claim = IdempotencyClaim {
-            organization_id: org,
-            key: key.to_owned(),
-            token: Uuid::new_v4(),
-        };
+        let claim = request.claim();
         let inserted = write_key_claim(
             &mut tx,
             "INSERT INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms, owner)
              VALUES ($1, $2, $3, 'in_flight', $4, $5, $6, $7) ON CONFLICT DO NOTHING",
+            &request,
             &claim,
-            dir,
-            owner,
-            (now, ttl),
+            now,
         )
         .await?;
         if inserted == 1 {
@@ -66,27 +53,23 @@ impl PgStore {
              LEFT JOIN processes p ON p.owner = k.owner
              WHERE k.organization_id = $1 AND k.key = $3 FOR UPDATE OF k"
         ))
-        .bind(org)
+        .bind(request.org)
         .bind(now)
-        .bind(key)
+        .bind(request.key)
         .fetch_one(&mut *tx)
         .await?;
-        if let Some(held) = decide_key(&KeyRow::from_row(&row)?, now, in_flight_timeout)? {
+        if let Some(held) = decide_key(&KeyRow::from_row(&row)?, now, request.in_flight_timeout)? {
             return Ok(held);
         }
-        write_key_claim(
-            &mut tx,
+        commit_key_claim(
+            tx,
             "UPDATE idempotency_keys SET directory_id = $3, state = 'in_flight', claim_token = $4, sha256 = NULL, source_id = NULL,
                  response = NULL, locked_ms = $5, expires_ms = $6, owner = $7
              WHERE organization_id = $1 AND key = $2",
-            &claim,
-            dir,
-            owner,
-            (now, ttl),
+            &request,
+            now,
         )
-        .await?;
-        tx.commit().await?;
-        Ok(KeyState::Claimed(claim))
+        .await
     }
 
     pub(super) async fn store_upload(

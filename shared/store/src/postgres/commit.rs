@@ -4,7 +4,7 @@
 
 use super::*;
 
-crate::shared::transaction_steps! { connection: PgConnection }
+crate::shared::transaction_steps! { connection: PgConnection, database: sqlx::Postgres }
 
 /// Appends one row in COPY's text format: tab-separated, `\N` for NULL, backslash escapes.
 pub(super) fn copy_row(buf: &mut Vec<u8>, fields: &[Option<&str>]) {

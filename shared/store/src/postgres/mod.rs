@@ -41,6 +41,7 @@ use uuid::Uuid;
 
 use crate::metrics::METRICS;
 use crate::rows::*;
+use crate::shared::KeyRequest;
 use crate::sql;
 use crate::writes::{
     identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution, Trace,

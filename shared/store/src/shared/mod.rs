@@ -14,6 +14,27 @@ mod roles;
 
 pub(crate) use roles::store_roles;
 
+/// A request to claim an idempotency key, as `Uploads::claim_idempotency_key` takes it.
+pub(crate) struct KeyRequest<'a> {
+    pub org: uuid::Uuid,
+    pub key: &'a str,
+    pub dir: uuid::Uuid,
+    pub owner: &'a str,
+    pub ttl: std::time::Duration,
+    pub in_flight_timeout: std::time::Duration,
+}
+
+impl KeyRequest<'_> {
+    /// The claim this request would hold, with a fresh token.
+    pub fn claim(&self) -> orbit_core::model::IdempotencyClaim {
+        orbit_core::model::IdempotencyClaim {
+            organization_id: self.org,
+            key: self.key.to_owned(),
+            token: uuid::Uuid::new_v4(),
+        }
+    }
+}
+
 /// The webhook functions both backends write the same way, expanded into a backend's
 /// `webhooks` module: `connection` and `pool` are its sqlx types, `lease_held` its query that
 /// a delivery's lease is still this attempt's (taking the row lock where there are row locks),
@@ -196,7 +217,7 @@ pub(crate) use webhook_store;
 /// `commit` module over its `connection` type; the module has the backend's `webhooks` in
 /// scope. How a backend writes a commit's rows (`apply_results`) is its own.
 macro_rules! transaction_steps {
-    (connection: $conn:ty $(,)?) => {
+    (connection: $conn:ty, database: $db:ty $(,)?) => {
         /// A source by id, unscoped: for the store's own use after a scoped check.
         pub(super) async fn load_source(
             conn: &mut $conn,
@@ -381,27 +402,41 @@ macro_rules! transaction_steps {
             Ok(())
         }
 
-        /// Writes an in-flight claim of a key with `statement`, which binds the organization,
-        /// key, directory, claim token, now, expiry and owner as $1 to $7; rows written.
+        /// Writes the in-flight `claim` of `request` with `statement`, which binds the
+        /// organization, key, directory, claim token, now, expiry and owner as $1 to $7; rows
+        /// written.
         pub(super) async fn write_key_claim(
             conn: &mut $conn,
             statement: &str,
+            request: &$crate::shared::KeyRequest<'_>,
             claim: &::orbit_core::model::IdempotencyClaim,
-            dir: ::uuid::Uuid,
-            owner: &str,
-            (now, ttl): (i64, ::std::time::Duration),
+            now: i64,
         ) -> $crate::StoreResult<u64> {
             let done = sqlx::query(statement)
                 .bind(claim.organization_id)
                 .bind(&claim.key)
-                .bind(dir)
+                .bind(request.dir)
                 .bind(claim.token)
                 .bind(now)
-                .bind(now + $crate::rows::dur_ms(ttl))
-                .bind(owner)
+                .bind(now + $crate::rows::dur_ms(request.ttl))
+                .bind(request.owner)
                 .execute(&mut *conn)
                 .await?;
             Ok(done.rows_affected())
+        }
+
+        /// Writes a new claim of `request` with `statement` (as [`write_key_claim`] does) and
+        /// commits the transaction that decided it could.
+        pub(super) async fn commit_key_claim(
+            mut tx: sqlx::Transaction<'_, $db>,
+            statement: &str,
+            request: &$crate::shared::KeyRequest<'_>,
+            now: i64,
+        ) -> $crate::StoreResult<::orbit_core::model::KeyState> {
+            let claim = request.claim();
+            write_key_claim(&mut tx, statement, request, &claim, now).await?;
+            tx.commit().await?;
+            Ok(::orbit_core::model::KeyState::Claimed(claim))
         }
 
         /// Whether `lease` is still held, by `statement` ($1 the chunk, $2 the lease token),

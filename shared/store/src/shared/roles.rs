@@ -210,8 +210,15 @@ macro_rules! store_roles {
                 ttl: Duration,
                 in_flight_timeout: Duration,
             ) -> StoreResult<KeyState> {
-                self.claim_key(org, key, dir, owner, ttl, in_flight_timeout)
-                    .await
+                self.claim_key($crate::shared::KeyRequest {
+                    org,
+                    key,
+                    dir,
+                    owner,
+                    ttl,
+                    in_flight_timeout,
+                })
+                .await
             }
 
             async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()> {

@@ -28,50 +28,6 @@ pub(super) async fn identities_of(
 
 /// What SQLite does its own way in the roles `shared::store_roles` implements.
 impl SqliteStore {
-    pub(super) async fn claim_key(
-        &self,
-        org: Uuid,
-        key: &str,
-        dir: Uuid,
-        owner: &str,
-        ttl: Duration,
-        in_flight_timeout: Duration,
-    ) -> StoreResult<KeyState> {
-        let mut tx = self.writer.begin().await?;
-        let now = now_ms();
-        let row = sqlx::query(
-            "SELECT k.*, COALESCE(p.expires_ms < ?3, 0) AS owner_dead FROM idempotency_keys k
-                 LEFT JOIN processes p ON p.owner = k.owner
-                 WHERE k.organization_id = ?1 AND k.key = ?2",
-        )
-        .bind(org)
-        .bind(key)
-        .bind(now)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = row {
-            if let Some(held) = decide_key(&KeyRow::from_row(&row)?, now, in_flight_timeout)? {
-                return Ok(held);
-            }
-        }
-        let claim = IdempotencyClaim {
-            organization_id: org,
-            key: key.to_owned(),
-            token: Uuid::new_v4(),
-        };
-        write_key_claim(
-            &mut tx,
-            "INSERT OR REPLACE INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms, owner) VALUES ($1, $2, $3, 'in_flight', $4, $5, $6, $7)",
-            &claim,
-            dir,
-            owner,
-            (now, ttl),
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(KeyState::Claimed(claim))
-    }
-
     pub(super) async fn store_upload(
         &self,
         upload: NewUpload,
@@ -125,6 +81,34 @@ impl SqliteStore {
         complete_key(&mut tx, upload.idempotency.as_ref(), &source).await?;
         tx.commit().await?;
         Ok((source, queued))
+    }
+
+    pub(super) async fn claim_key(&self, request: KeyRequest<'_>) -> StoreResult<KeyState> {
+        let mut tx = self.writer.begin().await?;
+        let now = now_ms();
+        let row = sqlx::query(
+            "SELECT k.*, COALESCE(p.expires_ms < ?3, 0) AS owner_dead FROM idempotency_keys k
+                 LEFT JOIN processes p ON p.owner = k.owner
+                 WHERE k.organization_id = ?1 AND k.key = ?2",
+        )
+        .bind(request.org)
+        .bind(request.key)
+        .bind(now)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = row {
+            let held = decide_key(&KeyRow::from_row(&row)?, now, request.in_flight_timeout)?;
+            if let Some(held) = held {
+                return Ok(held);
+            }
+        }
+        commit_key_claim(
+            tx,
+            "INSERT OR REPLACE INTO idempotency_keys (organization_id, key, directory_id, state, claim_token, locked_ms, expires_ms, owner) VALUES ($1, $2, $3, 'in_flight', $4, $5, $6, $7)",
+            &request,
+            now,
+        )
+        .await
     }
 
     pub(super) async fn widest_failed_row(&self, source: Uuid) -> StoreResult<usize> {

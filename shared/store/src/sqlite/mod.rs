@@ -21,6 +21,7 @@ use sqlx::{FromRow, QueryBuilder, Row, Sqlite, SqliteConnection, SqlitePool};
 use uuid::Uuid;
 
 use crate::rows::*;
+use crate::shared::KeyRequest;
 use crate::sql;
 use crate::writes::{
     identity_lookups, owners_to_load, prepare, resolve, IssueWrite, Prepared, Trace,
