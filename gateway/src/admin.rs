@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::auth::{generate_token, hash_token};
-use crate::routes::directories::validate_name;
+use crate::types::validate_name;
 
 /// The file of an embedded database URL (`sqlite://./data/orbit.db`, `sqlite:x.db?mode=rwc`),
 /// or `None` for another backend or an in-memory database.

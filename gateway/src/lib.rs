@@ -2,12 +2,18 @@
 //!
 //! - [`app`]: start-up, backend wiring, the router and graceful shutdown.
 //! - [`auth`]: bearer tokens and the [`auth::Caller`] extractor that scopes every request.
-//! - [`upload`]: the streaming `csv-upload` pipeline and idempotency.
+//! - [`upload`]: `csv-upload`: the handler reading the multipart form, the idempotency key
+//!   (`upload/idempotency.rs`), and the hash, object write, planning, commit and publish
+//!   (`upload/pipeline.rs`), which take bytes rather than requests so they carry no HTTP.
 //! - [`routes`]: directories, sources, errors, failed rows, profiles, health and metrics,
 //!   with the [`routes::ScopedDirectory`] and [`routes::ScopedSource`] extractors that scope
 //!   a path's ids to the caller's organization.
-//! - [`server`]: the accept loop under the router: connection cap, header and idle deadlines,
-//!   head-size limits, shutdown in steps.
+//! - [`server`]: the accept loop under the router, with its connection cap and shutdown in
+//!   steps; the connection registry and the header and idle deadlines
+//!   (`server/connections.rs`); the guards on raw bytes, such as head-size limits
+//!   (`server/wire.rs`).
+//! - [`types`]: request and response bodies and validators shared by routes, the upload and
+//!   `admin`, so that none borrows them from another.
 //! - [`guard`]: the router's outer middleware: request bodies keep moving, framework errors
 //!   become problem+json.
 //! - [`metrics`]: what the gateway counts (requests, upload bytes, webhook attempts).
@@ -31,5 +37,6 @@ pub mod observe;
 pub mod problem;
 pub mod routes;
 pub mod server;
+pub mod types;
 pub mod upload;
 pub mod webhooks;

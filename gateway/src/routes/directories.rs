@@ -14,6 +14,7 @@ use super::{PageBody, PageQuery, ScopedDirectory};
 use crate::app::AppState;
 use crate::auth::Caller;
 use crate::problem::{ApiError, ApiResult};
+use crate::types::validate_name;
 
 #[derive(Serialize)]
 pub struct DirectoryBody {
@@ -53,27 +54,6 @@ pub async fn list(
 #[serde(deny_unknown_fields)]
 struct CreateDirectory {
     name: String,
-}
-
-pub const MAX_NAME_CHARS: usize = 200;
-
-/// 1 to `MAX_NAME_CHARS` characters as sent (so the OpenAPI document's `maxLength` is the
-/// rule), some of them not white space, none a control character; stored trimmed.
-pub fn validate_name(name: &str) -> ApiResult<&str> {
-    if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
-        return Err(bad_name());
-    }
-    let name = name.trim();
-    if name.is_empty() {
-        return Err(bad_name());
-    }
-    Ok(name)
-}
-
-fn bad_name() -> ApiError {
-    ApiError::invalid_request(format!(
-        "name must be 1 to {MAX_NAME_CHARS} characters, not all white space, without control characters"
-    ))
 }
 
 pub async fn create(

@@ -19,8 +19,7 @@ use super::{PageBody, PageQuery, ScopedDirectory, ScopedSource};
 use crate::app::AppState;
 use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
-
-pub use orbit_core::views::{SourceBody, UploadBody};
+use crate::types::SourceBody;
 
 pub async fn get(ScopedSource(source): ScopedSource) -> Json<SourceBody> {
     Json(source.into())

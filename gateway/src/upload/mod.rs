@@ -1,7 +1,7 @@
-//! `POST …/sources/csv-upload`: the streaming upload pipeline.
+//! `POST …/sources/csv-upload`: the handler, which reads the multipart form and answers.
 //!
 //! The file field is streamed once: each piece is hashed, written to the object store and fed
-//! to the [`FilePlanner`], which validates the synchronous prefix and cuts the rest into
+//! to the planner, which validates the synchronous prefix and cuts the rest into
 //! chunks. Then one transaction records the source, its chunks, the prefix's rows and the
 //! idempotency record; the chunks are published last. A request that fails before that
 //! transaction leaves no object, no source and no key behind.
@@ -9,34 +9,32 @@
 //! Spans, children of the request's: `upload.object_write` and `upload.plan` (side by side as
 //! the file streams in, each entered only while it works), `upload.commit`, then one
 //! `chunk.publish` per chunk. The request's trace context is stored with every chunk.
+//!
+//! - this file: the axum handler, the form's fields, the request's clean-up and the answer;
+//! - `idempotency.rs`: claiming, settling, replaying and releasing the idempotency key;
+//! - `pipeline.rs`: hashing, the object write, the planner, the commit and the publish, with no
+//!   HTTP in it.
 
 use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use orbit_adapters::blob;
-use orbit_adapters::metrics::{Publisher, METRICS as QUEUE_METRICS};
 use orbit_core::domain::csv::{delimiter_from_hint, TextEncoding};
 use orbit_core::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
 use orbit_core::domain::InvalidCsv;
-use orbit_core::ingest::{FilePlan, FilePlanner, PlannerOptions};
-use orbit_worker::metrics::METRICS as WORKER_METRICS;
-
-use crate::metrics::METRICS;
-use orbit_core::model::{
-    upload_options_fingerprint, IdempotencyClaim, KeyState, NewSource, NewUpload, SourceStatus,
-    UploadReceipt,
-};
-use sha2::{Digest, Sha256};
-use tracing::field::Empty;
-use tracing::Instrument as _;
+use orbit_core::model::{SourceStatus, UploadReceipt};
 use uuid::Uuid;
 
 use crate::app::AppState;
 use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
-use crate::routes::sources::UploadBody;
+use crate::types::UploadBody;
+use idempotency::{bad_key, validate_key, KeyPlan};
+use pipeline::{FileRead, Hints, PipelineError, StoredFile};
+
+mod idempotency;
+mod pipeline;
 
 /// Text fields are tiny; anything bigger is not what the client meant to send.
 const MAX_TEXT_FIELD_BYTES: usize = 1024;
@@ -44,49 +42,6 @@ const MAX_TEXT_FIELD_BYTES: usize = 1024;
 const UPLOAD_RETRY_AFTER_SECS: &str = "5";
 /// Room for the multipart framing and text fields around the file, in the early size check.
 const MULTIPART_OVERHEAD_BYTES: u64 = 1 << 20;
-
-/// The form fields that steer how the file is read; all must come before the `file` field.
-#[derive(Default)]
-struct Hints {
-    delimiter: Option<u8>,
-    encoding: Option<TextEncoding>,
-    mapping: Option<ColumnMapping>,
-    dry_run: bool,
-}
-
-impl Hints {
-    /// What a replay must match besides the file (see [`upload_options_fingerprint`]).
-    fn fingerprint(&self) -> Option<String> {
-        upload_options_fingerprint(self.mapping.as_ref(), self.dry_run)
-    }
-}
-
-/// A file read in full: either stored and planned, or (for a replay) only hashed.
-enum FileRead {
-    Stored(Box<StoredFile>),
-    Hashed { sha256: String },
-}
-
-struct StoredFile {
-    source_id: Uuid,
-    object_key: String,
-    filename: String,
-    byte_size: u64,
-    sha256: String,
-    plan: FilePlan,
-    dry_run: bool,
-}
-
-/// What the idempotency key said before the file was read.
-enum KeyPlan {
-    None,
-    Claimed(IdempotencyClaim),
-    /// A finished request with this key on this directory: hash the file and compare.
-    Replay {
-        sha256: String,
-        receipt: UploadReceipt,
-    },
-}
 
 pub async fn upload(
     State(state): State<AppState>,
@@ -296,103 +251,14 @@ impl Upload<'_> {
         }
     }
 
-    /// Claims the key, or answers from it. Returns a response when the request ends here.
-    async fn settle_key(&mut self) -> ApiResult<Option<Response>> {
-        let Some(key) = self.key.clone() else {
-            return Ok(None);
-        };
-        if !matches!(self.key_plan, KeyPlan::None) {
-            return Ok(None);
-        }
-        let settings = &self.state.settings.idempotency;
-        let state = self
-            .state
-            .store
-            .claim_idempotency_key(
-                self.org,
-                &key,
-                self.dir,
-                &self.state.process,
-                settings.ttl,
-                settings.in_flight_timeout,
-            )
-            .await?;
-        match state {
-            KeyState::Claimed(claim) => self.key_plan = KeyPlan::Claimed(claim),
-            KeyState::InFlight => {
-                return Err(ApiError::new(
-                    StatusCode::CONFLICT,
-                    "idempotency_key_in_use",
-                    "a request with this idempotency key is still in progress",
-                )
-                .with_header(header::RETRY_AFTER, "1"))
-            }
-            KeyState::Completed {
-                directory_id,
-                sha256,
-                receipt,
-            } => {
-                if directory_id != self.dir {
-                    return Err(key_reused());
-                }
-                if let Some(FileRead::Stored(file)) = &self.file {
-                    // The file was stored before the key arrived: compare, then drop our copy.
-                    let same = file.sha256 == sha256 && receipt.options == self.options;
-                    self.clean_up().await;
-                    return if same {
-                        self.replay_receipt(receipt).map(Some)
-                    } else {
-                        Err(key_reused())
-                    };
-                }
-                self.key_plan = KeyPlan::Replay { sha256, receipt };
-            }
-        }
-        Ok(None)
-    }
-
-    fn replay(&self, sha256: &str) -> ApiResult<Response> {
-        match &self.key_plan {
-            KeyPlan::Replay {
-                sha256: original,
-                receipt,
-            } if original == sha256 && receipt.options == self.options => {
-                self.replay_receipt(receipt.clone())
-            }
-            _ => Err(key_reused()),
-        }
-    }
-
-    fn replay_receipt(&self, receipt: UploadReceipt) -> ApiResult<Response> {
-        let mut response = receipt_response(self.org, receipt, true);
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-        Ok(response)
-    }
-
     async fn hash_only(&self, mut field: Field<'_>) -> ApiResult<FileRead> {
         let max = self.state.settings.ingest.max_upload_bytes;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        while let Some(bytes) = field.chunk().await.map_err(multipart_error)? {
-            METRICS.upload_bytes.inc_by(bytes.len() as u64);
-            size += bytes.len() as u64;
-            if size > max {
-                return Err(too_large(max));
-            }
-            hasher.update(&bytes);
-        }
-        Ok(FileRead::Hashed {
-            sha256: hex::encode(hasher.finalize()),
-        })
+        pipeline::hash_only(&mut field, max)
+            .await
+            .map_err(pipeline_error)
     }
 
     async fn store_file(&mut self, mut field: Field<'_>, hints: &Hints) -> ApiResult<FileRead> {
-        let settings = &self.state.settings;
-        let ingest = &settings.ingest;
-        let source_id = Uuid::now_v7();
-        let object_key = blob::object_key(self.org, source_id);
         let filename = field
             .file_name()
             .map(|n| {
@@ -403,185 +269,34 @@ impl Upload<'_> {
             })
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "upload.csv".to_owned());
-        let mut planner = FilePlanner::new(PlannerOptions {
-            sync_rows: ingest.sync_rows,
-            chunk_rows: ingest.chunk_rows,
-            max_field_bytes: ingest.max_field_bytes,
-            max_columns: ingest.max_columns,
-            max_header_bytes: ingest.max_header_bytes,
-            encoding_hint: hints.encoding,
-            delimiter_hint: hints.delimiter,
-            rules: ingest.row_rules(),
-            mapping: hints.mapping.clone(),
-        });
-        let write_span = tracing::info_span!(
-            "upload.object_write",
-            object_store = self.state.blobs.backend(),
-            orbit.bytes = Empty,
-        );
-        let plan_span =
-            tracing::info_span!("upload.plan", orbit.rows = Empty, orbit.chunks = Empty,);
-        let mut writer = self
-            .state
-            .blobs
-            .begin(&object_key)
-            .instrument(write_span.clone())
-            .await
-            .map_err(|e| {
-                let e = ApiError::unavailable(format!("the object store is unavailable: {e}"));
-                orbit_adapters::telemetry::record_error(&write_span, &e.detail);
-                e
-            })?;
-        let mut hasher = Sha256::new();
-        let mut size = 0u64;
-        let streamed: ApiResult<()> = async {
-            while let Some(bytes) = field.chunk().await.map_err(multipart_error)? {
-                METRICS.upload_bytes.inc_by(bytes.len() as u64);
-                size += bytes.len() as u64;
-                if size > ingest.max_upload_bytes {
-                    return Err(too_large(ingest.max_upload_bytes));
-                }
-                hasher.update(&bytes);
-                plan_span
-                    .in_scope(|| planner.feed(&bytes))
-                    .map_err(plan_error)?;
-                writer
-                    .write(bytes)
-                    .instrument(write_span.clone())
-                    .await
-                    .map_err(|e| ApiError::unavailable(format!("the object store failed: {e}")))?;
-            }
-            Ok(())
-        }
-        .await;
-        let plan =
-            streamed.and_then(|()| plan_span.in_scope(|| planner.finish()).map_err(plan_error));
-        if let Ok(plan) = &plan {
-            plan_span.record("orbit.rows", plan.total_rows);
-            plan_span.record(
-                "orbit.chunks",
-                plan.chunks.len() + usize::from(plan.sync_chunk.is_some()),
-            );
-        }
-        drop(plan_span);
-        write_span.record("orbit.bytes", size);
-        let plan = match plan {
-            Ok(plan) => plan,
-            Err(e) => {
-                orbit_adapters::telemetry::record_error(
-                    &write_span,
-                    "upload rejected; object dropped",
-                );
-                if let Err(abort) = writer.abort().instrument(write_span.clone()).await {
-                    tracing::warn!(error = %abort, key = object_key, "could not drop a rejected upload's object");
-                }
-                return Err(e);
-            }
-        };
-        writer
-            .finish()
-            .instrument(write_span.clone())
-            .await
-            .map_err(|e| {
-                let e = ApiError::unavailable(format!("the object store failed: {e}"));
-                orbit_adapters::telemetry::record_error(&write_span, &e.detail);
-                e
-            })?;
-        drop(write_span);
-        self.object = Some(object_key.clone());
-        Ok(FileRead::Stored(Box::new(StoredFile {
-            source_id,
-            object_key,
+        let file = pipeline::store_file(
+            &*self.state.blobs,
+            &self.state.settings,
+            self.org,
             filename,
-            byte_size: size,
-            sha256: hex::encode(hasher.finalize()),
-            plan,
-            dry_run: hints.dry_run,
-        })))
+            &mut field,
+            hints,
+        )
+        .await
+        .map_err(pipeline_error)?;
+        self.object = Some(file.object_key.clone());
+        Ok(FileRead::Stored(Box::new(file)))
     }
 
     async fn commit(&mut self, file: StoredFile) -> ApiResult<Response> {
-        let claim = match &self.key_plan {
-            KeyPlan::Claimed(claim) => Some(claim.clone()),
-            _ => None,
-        };
-        let plan = file.plan;
-        let sync_accepted = plan.sync_results.accepted.len() as u64;
-        let sync_failed = plan.sync_results.failed.len() as u64;
-        // The request's trace context, kept with every chunk for whoever publishes it again.
-        let (traceparent, tracestate) =
-            orbit_adapters::telemetry::trace_context_of(&tracing::Span::current());
-        let commit_span = tracing::info_span!(
-            "upload.commit",
-            orbit.source_id = %file.source_id,
-            orbit.rows.sync = plan.sync_chunk.as_ref().map_or(0, |c| c.row_count),
-            orbit.chunks.queued = plan.chunks.len(),
-        );
-        let upload = NewUpload {
-            source: NewSource {
-                id: file.source_id,
-                organization_id: self.org,
-                directory_id: self.dir,
-                filename: file.filename,
-                byte_size: file.byte_size,
-                sha256: file.sha256,
-                object_key: file.object_key,
-                dialect: plan.dialect,
-                columns: plan.columns,
-                max_field_bytes: self.state.settings.ingest.max_field_bytes,
-                default_region: self.state.settings.ingest.default_region.code(),
-                dry_run: file.dry_run,
-                total_rows: plan.total_rows,
-            },
-            sync_chunk: plan.sync_chunk,
-            sync_results: plan.sync_results,
-            chunks: plan.chunks,
-            idempotency: claim,
-            traceparent,
-            tracestate,
-        };
-        let committed = self
-            .state
-            .store
-            .commit_upload(upload)
-            .instrument(commit_span.clone())
-            .await;
-        if let Err(e) = &committed {
-            orbit_adapters::telemetry::record_error(&commit_span, &e.to_string());
-        }
-        drop(commit_span);
-        let (source, queued) = committed?;
+        let (source, queued) = pipeline::commit(
+            &*self.state.store,
+            &self.state.settings,
+            self.org,
+            self.dir,
+            file,
+            self.key_plan.claim(),
+        )
+        .await?;
         // Committed: from here on the key and the object belong to the source.
         self.key_plan = KeyPlan::None;
         self.object = None;
-        WORKER_METRICS
-            .rows
-            .with_label_values(&["accepted"])
-            .inc_by(sync_accepted);
-        WORKER_METRICS
-            .rows
-            .with_label_values(&["failed"])
-            .inc_by(sync_failed);
-        for (i, message) in queued.iter().enumerate() {
-            if let Err(e) =
-                orbit_adapters::queue::publish_traced(&*self.state.queue, message, "upload").await
-            {
-                // The upload itself has succeeded: a reaper (this gateway's, or a worker's)
-                // publishes the chunks on its next pass. The broker already had
-                // `queue.reconnect_timeout` to come back, so the rest are not tried one by
-                // one, which would hold the answer that long for each.
-                QUEUE_METRICS
-                    .publish_failures
-                    .with_label_values(&[Publisher::Upload.label()])
-                    .inc();
-                let unpublished: Vec<_> = queued[i..].iter().map(|m| m.chunk_id).collect();
-                tracing::warn!(chunks = unpublished.len(), error = %e, "publish failed; left to the reaper");
-                if let Err(e) = self.state.store.mark_unpublished(&unpublished).await {
-                    tracing::warn!(error = %e, "could not mark chunks unpublished; the reaper publishes them after worker.requeue_after");
-                }
-                break;
-            }
-        }
+        pipeline::publish(&*self.state.store, &*self.state.queue, &queued).await;
         tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), dry_run = source.dry_run, "upload recorded");
         Ok(receipt_response(
             self.org,
@@ -597,10 +312,8 @@ impl Upload<'_> {
                 tracing::warn!(error = %e, key, "could not delete the object of a failed upload");
             }
         }
-        if let KeyPlan::Claimed(claim) = std::mem::replace(&mut self.key_plan, KeyPlan::None) {
-            if let Err(e) = self.state.store.release_idempotency_key(&claim).await {
-                tracing::warn!(error = %e, "could not release an idempotency key");
-            }
+        if let Some(claim) = self.key_plan.take_claim() {
+            idempotency::release(&*self.state.store, &claim, "an idempotency key").await;
         }
     }
 }
@@ -611,10 +324,7 @@ impl Drop for Upload<'_> {
     /// task of their own that shutdown waits for.
     fn drop(&mut self) {
         let object = self.object.take();
-        let claim = match std::mem::replace(&mut self.key_plan, KeyPlan::None) {
-            KeyPlan::Claimed(claim) => Some(claim),
-            _ => None,
-        };
+        let claim = self.key_plan.take_claim();
         if object.is_none() && claim.is_none() {
             return;
         }
@@ -631,9 +341,7 @@ impl Drop for Upload<'_> {
                     }
                 }
                 if let Some(claim) = claim {
-                    if let Err(e) = store.release_idempotency_key(&claim).await {
-                        tracing::warn!(error = %e, "could not release the key of a dropped upload");
-                    }
+                    idempotency::release(&*store, &claim, "the key of a dropped upload").await;
                 }
             },
             &runtime,
@@ -663,6 +371,16 @@ fn receipt_response(org: Uuid, receipt: UploadReceipt, is_idempotent: bool) -> R
     (status, [(header::LOCATION, location)], Json(body)).into_response()
 }
 
+/// What the pipeline's failures are to the client.
+fn pipeline_error(e: PipelineError<MultipartError>) -> ApiError {
+    match e {
+        PipelineError::Body(e) => multipart_error(e),
+        PipelineError::TooLarge(max) => too_large(max),
+        PipelineError::Rejected(e) => plan_error(e),
+        PipelineError::ObjectStore(detail) => ApiError::unavailable(detail),
+    }
+}
+
 /// A file the planner refused: the client's mapping not fitting the header is a bad request,
 /// anything else a bad file.
 fn plan_error(e: InvalidCsv) -> ApiError {
@@ -671,25 +389,6 @@ fn plan_error(e: InvalidCsv) -> ApiError {
     } else {
         ApiError::invalid_csv(e.0)
     }
-}
-
-fn validate_key(raw: &str) -> ApiResult<String> {
-    if raw.is_empty() || raw.len() > 255 || !raw.bytes().all(|b| (0x20..=0x7e).contains(&b)) {
-        return Err(bad_key());
-    }
-    Ok(raw.to_owned())
-}
-
-fn bad_key() -> ApiError {
-    ApiError::invalid_request("the idempotency key must be 1 to 255 printable ASCII characters")
-}
-
-fn key_reused() -> ApiError {
-    ApiError::new(
-        StatusCode::UNPROCESSABLE_ENTITY,
-        "idempotency_key_reused",
-        "this idempotency key was used for a different file or directory",
-    )
 }
 
 fn too_large(max: u64) -> ApiError {
