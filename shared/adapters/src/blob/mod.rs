@@ -50,6 +50,14 @@ pub trait BlobStore: Send + Sync + 'static {
     /// cannot be told apart from a live one is removed once it is older than `older_than`.
     /// Returns how many were removed.
     async fn sweep_abandoned(&self, older_than: std::time::Duration) -> BlobResult<u64>;
+    /// Waits, for at most `wait`, for clean-ups this store started in the background (a
+    /// writer dropped mid-write aborts its upload on a task of its own), so none is cut off
+    /// when the process exits. Returns whether all of them finished. Writers may still be
+    /// dropped afterwards; their clean-ups are started and waited for by the next call.
+    async fn close(&self, wait: std::time::Duration) -> bool {
+        let _ = wait;
+        true
+    }
 }
 
 #[async_trait]

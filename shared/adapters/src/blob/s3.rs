@@ -28,6 +28,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use tokio_util::task::TaskTracker;
 
 use super::{BlobError, BlobResult, BlobStore, BlobWriter, ByteStream};
 use orbit_config::ObjectStoreSettings;
@@ -54,6 +55,8 @@ pub struct S3BlobStore {
     prefix: String,
     /// Where requests go, for error messages only.
     endpoint: String,
+    /// Aborts of multipart uploads whose writers were dropped mid-write; `close` waits for them.
+    aborts: TaskTracker,
 }
 
 impl S3BlobStore {
@@ -118,6 +121,7 @@ impl S3BlobStore {
             bucket,
             prefix,
             endpoint,
+            aborts: TaskTracker::new(),
         })
     }
 
@@ -234,6 +238,8 @@ struct S3Writer {
     parts: Vec<CompletedPart>,
     /// A part failed to upload: its bytes are gone, so completing would store a corrupt object.
     failed: bool,
+    /// The store's, so a drop's abort is one shutdown waits for.
+    aborts: TaskTracker,
 }
 
 impl S3Writer {
@@ -421,15 +427,18 @@ impl Drop for S3Writer {
             .key(&self.key)
             .upload_id(upload_id);
         let key = self.key.clone();
-        runtime.spawn(async move {
-            if let Err(e) = request.send().await {
-                tracing::warn!(
-                    key,
-                    error = %describe(&e),
-                    "aborting abandoned multipart upload failed"
-                );
-            }
-        });
+        self.aborts.spawn_on(
+            async move {
+                if let Err(e) = request.send().await {
+                    tracing::warn!(
+                        key,
+                        error = %describe(&e),
+                        "aborting abandoned multipart upload failed"
+                    );
+                }
+            },
+            &runtime,
+        );
     }
 }
 
@@ -437,6 +446,12 @@ impl Drop for S3Writer {
 impl BlobStore for S3BlobStore {
     fn backend(&self) -> &'static str {
         "s3"
+    }
+
+    async fn close(&self, wait: Duration) -> bool {
+        // Closed for good: a writer dropped later is still tracked, and a later call waits for it.
+        self.aborts.close();
+        tokio::time::timeout(wait, self.aborts.wait()).await.is_ok()
     }
 
     async fn ping(&self) -> BlobResult<()> {
@@ -469,6 +484,7 @@ impl BlobStore for S3BlobStore {
             upload_id: None,
             parts: Vec::new(),
             failed: false,
+            aborts: self.aborts.clone(),
         }))
     }
 
