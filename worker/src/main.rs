@@ -14,6 +14,11 @@ use orbit_adapters::backends::{Backends, MetricsPage};
 use orbit_config::{QueueBackend, Settings};
 use orbit_worker::Worker;
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long the `/metrics` server gets to close its connections at exit.
+const METRICS_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -73,6 +78,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         std::sync::Arc::new(settings.clone()),
     );
     let handle = worker.start();
+    // The `/metrics` server, tracked so it stops after the worker has drained (its last
+    // scrape still sees the drain) and before the process exits.
+    let metrics = TaskTracker::new();
+    let metrics_stop = CancellationToken::new();
     if !settings.worker.metrics_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&settings.worker.metrics_listen)
             .await
@@ -95,7 +104,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }),
                 )
                 .with_state(backends.clone());
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let stop = metrics_stop.clone();
+        metrics.spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "the metrics server failed");
+            }
+        });
     }
     tracing::info!(
         owner = worker.owner,
@@ -106,6 +123,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     shutdown_signal().await;
     tracing::info!("SIGTERM: finishing the chunks in hand");
     handle.shutdown().await;
+    metrics_stop.cancel();
+    metrics.close();
+    if tokio::time::timeout(METRICS_STOP_WAIT, metrics.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("the metrics server did not stop in time");
+    }
     tracing::info!("drained; exiting");
     Ok(())
 }
