@@ -17,12 +17,13 @@ use orbit_adapters::liveness;
 use orbit_adapters::queue::Queue;
 use orbit_config::{DatabaseBackend, QueueBackend, Settings};
 use orbit_store::Store;
-use orbit_worker::{Worker, WorkerHandle};
+use orbit_worker::Worker;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::background::Background;
 use crate::guard::{self, BodyPace};
 use crate::observe::{observe, RequestIdLimit};
 use crate::problem::ApiError;
@@ -189,15 +190,16 @@ pub struct Running {
     pub state: AppState,
     shutdown: Shutdown,
     server: tokio::task::JoinHandle<()>,
-    /// The in-process worker on the embedded queue; the reaper alone on a broker.
-    worker: WorkerHandle,
-    heartbeat: (CancellationToken, tokio::task::JoinHandle<()>),
+    /// Every other task of the gateway: the sweep, the webhook dispatcher, the in-process
+    /// worker (the reaper alone on a broker) and the heartbeat.
+    background: Background,
 }
 
 impl Running {
     /// Stops taking requests and lets those in flight finish for `http.shutdown_grace`; then
     /// cancels what is left (an upload removes its object and releases its key), drops the
-    /// connections, and lets the in-process workers finish their chunks.
+    /// connections, and lets the background work (the in-process workers' chunks among it)
+    /// finish.
     pub async fn shutdown(mut self) {
         self.shutdown.stop.cancel();
         let grace = self.state.settings.http.shutdown_grace;
@@ -212,7 +214,16 @@ impl Running {
                 .is_err()
             {
                 self.shutdown.kill.cancel();
-                let _ = tokio::time::timeout(CANCEL_WAIT, &mut self.server).await;
+                if tokio::time::timeout(CANCEL_WAIT, &mut self.server)
+                    .await
+                    .is_err()
+                {
+                    tracing::warn!(
+                        "the server did not stop after its connections were dropped; aborting it"
+                    );
+                    self.server.abort();
+                    let _ = (&mut self.server).await;
+                }
             }
         }
         self.state.cleanups.close();
@@ -222,10 +233,9 @@ impl Running {
         {
             tracing::warn!("clean-ups of cancelled requests did not finish in time");
         }
-        self.worker.shutdown().await;
-        // Requests are done: nothing of this process's is in flight any more.
-        self.heartbeat.0.cancel();
-        let _ = self.heartbeat.1.await;
+        self.background
+            .shutdown(&*self.state.blobs, CLEANUP_WAIT)
+            .await;
     }
 
     pub async fn stopped(&mut self) {
@@ -246,11 +256,37 @@ async fn sweep(blobs: &dyn BlobStore, settings: &Settings) {
 }
 
 /// Opens the backends, migrates an embedded database, starts the in-process worker when the
-/// queue is embedded (else the reaper alone), and serves HTTP on `http.listen`.
+/// queue is embedded (else the reaper alone), and serves HTTP on `http.listen`. Every task it
+/// starts is [`Background`]'s: a start that fails part-way stops what it had started.
 pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     orbit_adapters::metrics::set_build_info(env!("CARGO_PKG_VERSION"), env!("ORBIT_COMMIT"));
     crate::metrics::register();
     let state = connect(&settings).await?;
+    let shutdown = Shutdown::default();
+    let mut background = Background::new(shutdown.stop.clone());
+    match wire(&settings, &state, &shutdown, &mut background).await {
+        Ok((addr, metrics_addr, server)) => Ok(Running {
+            addr,
+            metrics_addr,
+            state,
+            shutdown,
+            server,
+            background,
+        }),
+        Err(e) => {
+            background.shutdown(&*state.blobs, CLEANUP_WAIT).await;
+            Err(e)
+        }
+    }
+}
+
+/// The body of [`start`], every task spawned on `background`.
+async fn wire(
+    settings: &Settings,
+    state: &AppState,
+    shutdown: &Shutdown,
+    background: &mut Background,
+) -> anyhow::Result<(SocketAddr, Option<SocketAddr>, tokio::task::JoinHandle<()>)> {
     let embedded_queue = settings.queue.url.backend() == QueueBackend::Embedded;
     if settings.database.url.backend() == DatabaseBackend::Sqlite {
         state
@@ -266,7 +302,7 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         state.queue.clone(),
         state.settings.clone(),
     );
-    let worker = if embedded_queue {
+    if embedded_queue {
         // The in-process queue died with the last process: every unfinished chunk needs a new message.
         let requeued = state.store.forget_queued().await?;
         if requeued > 0 {
@@ -275,28 +311,18 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
                 "re-queueing chunks left unfinished by the last run"
             );
         }
-        worker.start()
+        background.set_worker(worker.start());
     } else {
         // Workers may all be gone (scaled to zero): a chunk whose publish failed must still be
         // published again, and with no worker only the gateway is left to do it.
-        worker.start_reaper()
-    };
+        background.set_worker(worker.start_reaper());
+    }
     // Before taking uploads: whatever a killed predecessor left half-written goes first.
-    match tokio::time::timeout(SWEEP_AT_START_WAIT, sweep(&*state.blobs, &settings)).await {
+    match tokio::time::timeout(SWEEP_AT_START_WAIT, sweep(&*state.blobs, settings)).await {
         Ok(()) => {}
         Err(_) => tracing::warn!("the start-up sweep of abandoned partial objects timed out; the periodic sweep tries again"),
     }
-    let heartbeat = {
-        let stop = CancellationToken::new();
-        let task = tokio::spawn(liveness::keep_alive(
-            state.store.clone(),
-            state.process.to_string(),
-            settings.worker.heartbeat_interval,
-            settings.worker.liveness_timeout,
-            stop.clone(),
-        ));
-        (stop, task)
-    };
+    background.spawn_heartbeat(state.store.clone(), &state.process, settings);
     let listener = TcpListener::bind(&settings.http.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.http.listen))?;
@@ -313,13 +339,20 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
         .as_ref()
         .map(TcpListener::local_addr)
         .transpose()?;
+    // Checked before anything is served, so a bad webhook setting fails the start cleanly.
+    // Every gateway sends webhooks, embedded or not: the outbox is in the database.
+    let dispatcher = crate::webhooks::dispatcher(
+        state.store.clone(),
+        state.settings.webhooks.clone(),
+        background.stop(),
+    )
+    .context("starting the webhook dispatcher")?;
     let limits = Limits::new(&settings.http, server::raise_fd_limit());
-    let shutdown = Shutdown::default();
     let server = {
         let app = router(state.clone());
         let metrics = metrics_router(state.clone());
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        background.spawn_server(async move {
             let main = server::serve(listener, app, limits.clone(), shutdown.clone());
             match metrics_listener {
                 Some(listener) => {
@@ -332,32 +365,22 @@ pub async fn start(settings: Settings) -> anyhow::Result<Running> {
     {
         let blobs = state.blobs.clone();
         let settings = state.settings.clone();
-        let stop = shutdown.stop.clone();
-        tokio::spawn(async move {
+        let stop = background.stop();
+        background.spawn_job("sweep", async move {
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(settings.ingest.sweep_interval) => {}
                     () = stop.cancelled() => return,
                 }
-                sweep(&*blobs, &settings).await;
+                // A sweep cut short is finished by the next process's start-up sweep.
+                tokio::select! {
+                    () = sweep(&*blobs, &settings) => {}
+                    () = stop.cancelled() => return,
+                }
             }
         });
     }
-    // Every gateway sends webhooks, embedded or not: the outbox is in the database.
-    crate::webhooks::start(
-        state.store.clone(),
-        state.settings.webhooks.clone(),
-        shutdown.stop.clone(),
-    )
-    .context("starting the webhook dispatcher")?;
+    background.spawn_job("webhooks", dispatcher);
     tracing::info!(%addr, database = state.store.backend(), object_store = state.blobs.backend(), queue = state.queue.backend(), "orbit-gateway listening");
-    Ok(Running {
-        addr,
-        metrics_addr,
-        state,
-        shutdown,
-        server,
-        worker,
-        heartbeat,
-    })
+    Ok((addr, metrics_addr, server))
 }

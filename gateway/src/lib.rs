@@ -1,6 +1,9 @@
 //! `orbit-gateway`: the HTTP face of Orbit.
 //!
-//! - [`app`]: start-up, backend wiring, the router and graceful shutdown.
+//! - [`app`]: start-up, backend wiring, the router and graceful shutdown in steps.
+//! - [`background`]: the composition root of every task beside the requests (server, sweep,
+//!   webhook dispatcher, worker or reaper, heartbeat), spawned in one place and awaited in
+//!   order at shutdown.
 //! - [`auth`]: bearer tokens and the [`auth::Caller`] extractor that scopes every request.
 //! - [`upload`]: `csv-upload`: the handler reading the multipart form, the idempotency key
 //!   (`upload/idempotency.rs`), and the hash, object write, planning, commit and publish
@@ -31,6 +34,7 @@
 pub mod admin;
 pub mod app;
 pub mod auth;
+pub mod background;
 pub mod guard;
 pub mod metrics;
 pub mod observe;

@@ -172,15 +172,17 @@ pub fn backoff(settings: &WebhookSettings, attempt: u32) -> Duration {
     full.mul_f64(1.0 - rand::rng().random_range(0.0..0.1))
 }
 
-/// Runs the dispatcher until `stop`: leases due deliveries, sends them, records each attempt.
-pub fn start(
+/// The dispatcher, to run until `stop`: leases due deliveries, sends them, records each
+/// attempt. Returned rather than spawned, so the caller's composition root (`app`'s
+/// `Background`) owns the task and waits for it at shutdown.
+pub fn dispatcher(
     store: Arc<dyn Store>,
     settings: WebhookSettings,
     stop: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let client = client(&settings)?;
     let settings = Arc::new(settings);
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         let lease = settings.timeout + LEASE_MARGIN;
         // Each delivery runs on its own, and a free slot is refilled as soon as one ends, so
         // that an endpoint that answers slowly (up to `timeout`) holds one slot, not a batch.
@@ -212,11 +214,14 @@ pub fn start(
                 // (or this one, restarted) sends them again.
                 () = stop.cancelled() => {
                     sending.abort_all();
+                    // Aborted tasks end at their next poll; waiting for that keeps every
+                    // delivery inside the dispatcher's own lifetime.
+                    while sending.join_next().await.is_some() {}
                     return;
                 }
             }
         }
-    }))
+    })
 }
 
 async fn deliver(
