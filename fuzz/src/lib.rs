@@ -5,7 +5,7 @@
 //!
 //! - coverage-guided, by AFL++ through afl.rs (`src/bin/afl.rs`, feature `afl`, built with
 //!   `cargo afl build`), for long campaigns on a developer's machine;
-//! - by proptest with a fixed number of structured cases (`tests/properties.rs`), a few
+//! - by proptest with a fixed number of structured cases (`tests/fuzz/properties.rs`), a few
 //!   seconds in `cargo test`;
 //! - by replaying the committed corpus (`corpus/<target>/`, seeds and every input a fuzzer
 //!   found interesting or failing) in `cargo test`.

@@ -10,7 +10,7 @@ use std::time::Duration;
 use orbit_adapters::blob::BlobStore;
 use orbit_adapters::liveness;
 use orbit_config::Settings;
-use orbit_store::Store;
+use orbit_store::Liveness;
 use orbit_worker::WorkerHandle;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -69,7 +69,12 @@ impl Background {
 
     /// Keeps this process alive in the store's liveness table until the very end: its
     /// idempotency claims stay its own while any request or chunk of it may still finish.
-    pub fn spawn_heartbeat(&mut self, store: Arc<dyn Store>, process: &str, settings: &Settings) {
+    pub fn spawn_heartbeat(
+        &mut self,
+        store: Arc<dyn Liveness>,
+        process: &str,
+        settings: &Settings,
+    ) {
         let stop = CancellationToken::new();
         let task = self.tracker.spawn(liveness::keep_alive(
             store,
