@@ -2,6 +2,7 @@
 //! naming whichever one failed, and the readiness check that asks each of them to answer.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
@@ -71,22 +72,118 @@ pub async fn not_ready(
 
 /// A process's `/metrics` page: the gauges that mirror the database and the broker, read at
 /// most once per `telemetry.gauges_refresh` (so replicas scraped often cost the database a few
-/// queries per interval, not three per scrape), and everything the process counts itself.
+/// queries per interval, not three per scrape; concurrent scrapes share one read), and
+/// everything the process counts itself. A read that failed in part is tried again at the
+/// next scrape.
 pub struct MetricsPage {
-    database: orbit_store::metrics::Mirror,
-    broker: crate::metrics::QueueMirror,
+    every: Duration,
+    last_read: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl MetricsPage {
-    pub fn new(refresh: std::time::Duration) -> Self {
+    pub fn new(every: Duration) -> Self {
+        orbit_store::metrics::register();
+        std::sync::LazyLock::force(&crate::metrics::METRICS);
         MetricsPage {
-            database: orbit_store::metrics::Mirror::new(refresh),
-            broker: crate::metrics::QueueMirror::new(refresh),
+            every,
+            last_read: tokio::sync::Mutex::new(None),
         }
     }
 
     pub async fn render(&self, store: &dyn Stats, queue: &dyn Queue) -> String {
-        tokio::join!(self.database.refresh(store), self.broker.refresh(queue));
+        let mut last_read = self.last_read.lock().await;
+        if !last_read.is_some_and(|at| at.elapsed() < self.every) {
+            let (database, broker) = tokio::join!(
+                orbit_store::metrics::mirror(store),
+                crate::metrics::mirror_queue(queue)
+            );
+            if database && broker {
+                *last_read = Some(Instant::now());
+            }
+        }
+        drop(last_read);
         crate::metrics::encode()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use orbit_core::model::SourceStatus;
+    use orbit_store::{StoreError, StoreResult};
+
+    use super::*;
+    use crate::queue::memory::MemoryQueue;
+
+    /// Counts the database reads of each refresh; fails them while `failing` is set.
+    #[derive(Default)]
+    struct Counting {
+        reads: AtomicUsize,
+        failing: AtomicBool,
+    }
+
+    impl Counting {
+        fn read(&self) -> StoreResult<()> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Conflict("injected".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Stats for Counting {
+        async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>> {
+            self.read().map(|()| Vec::new())
+        }
+        async fn count_pending_chunks(&self) -> StoreResult<u64> {
+            self.read().map(|()| 0)
+        }
+        async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
+            self.read().map(|()| Vec::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn scrapes_within_the_refresh_interval_read_the_database_once() {
+        let (stats, queue) = (Counting::default(), MemoryQueue::new());
+        let page = MetricsPage::new(Duration::from_secs(3600));
+        for _ in 0..5 {
+            page.render(&stats, &queue).await;
+        }
+        assert_eq!(
+            stats.reads.load(Ordering::SeqCst),
+            3,
+            "one read of each count"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_zero_interval_reads_at_every_scrape() {
+        let (stats, queue) = (Counting::default(), MemoryQueue::new());
+        let page = MetricsPage::new(Duration::ZERO);
+        for _ in 0..4 {
+            page.render(&stats, &queue).await;
+        }
+        assert_eq!(stats.reads.load(Ordering::SeqCst), 12);
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_is_tried_again_at_the_next_scrape() {
+        let (stats, queue) = (Counting::default(), MemoryQueue::new());
+        let page = MetricsPage::new(Duration::from_secs(3600));
+        stats.failing.store(true, Ordering::SeqCst);
+        page.render(&stats, &queue).await;
+        stats.failing.store(false, Ordering::SeqCst);
+        page.render(&stats, &queue).await;
+        page.render(&stats, &queue).await;
+        assert_eq!(
+            stats.reads.load(Ordering::SeqCst),
+            6,
+            "read again once, then cached"
+        );
     }
 }

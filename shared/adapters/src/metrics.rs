@@ -7,7 +7,6 @@
 //! series without bound.
 
 use std::sync::LazyLock;
-use std::time::{Duration, Instant};
 
 use prometheus::{
     register_int_counter_vec, register_int_gauge, register_int_gauge_vec, Encoder, IntCounterVec,
@@ -79,38 +78,17 @@ pub fn set_build_info(version: &str, commit: &str) {
     BUILD_INFO.with_label_values(&[version, commit]).set(1);
 }
 
-/// The broker-mirroring gauges (queue depth, dead letters) of one process, read at most once
-/// per `every`, as `orbit_store::metrics::Mirror` does for the database's.
-pub struct QueueMirror {
-    every: Duration,
-    last: tokio::sync::Mutex<Option<Instant>>,
-}
-
-impl QueueMirror {
-    pub fn new(every: Duration) -> Self {
-        LazyLock::force(&METRICS);
-        QueueMirror {
-            every,
-            last: tokio::sync::Mutex::new(None),
-        }
+/// Sets the broker-mirroring gauges (queue depth, dead letters) from `queue`, as
+/// `orbit_store::metrics::mirror` does the database's; whether both were read.
+pub async fn mirror_queue(queue: &dyn Queue) -> bool {
+    let (depth, dead) = tokio::join!(queue.depth(), queue.dead_letters());
+    if let Ok(depth) = &depth {
+        METRICS.queue_depth.set(*depth as i64);
     }
-
-    pub async fn refresh(&self, queue: &dyn Queue) {
-        let mut last = self.last.lock().await;
-        if last.is_some_and(|at| at.elapsed() < self.every) {
-            return;
-        }
-        let (depth, dead) = tokio::join!(queue.depth(), queue.dead_letters());
-        if let Ok(depth) = &depth {
-            METRICS.queue_depth.set(*depth as i64);
-        }
-        if let Ok(dead) = &dead {
-            METRICS.dead_letters.set(*dead as i64);
-        }
-        if depth.is_ok() && dead.is_ok() {
-            *last = Some(Instant::now());
-        }
+    if let Ok(dead) = &dead {
+        METRICS.dead_letters.set(*dead as i64);
     }
+    depth.is_ok() && dead.is_ok()
 }
 
 /// The process's metrics in the Prometheus text format.

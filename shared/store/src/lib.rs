@@ -300,7 +300,7 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> StoreResult<()>;
 }
 
-/// The counts behind the gauges that mirror the database (`crate::metrics::Mirror`).
+/// The counts behind the gauges that mirror the database (`crate::metrics::mirror`).
 #[async_trait]
 pub trait Stats: Send + Sync + 'static {
     async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>>;
