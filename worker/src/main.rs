@@ -15,7 +15,6 @@ use orbit_config::{QueueBackend, Settings};
 use orbit_worker::Worker;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// How long the `/metrics` server gets to close its connections at exit.
 const METRICS_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
@@ -78,10 +77,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         std::sync::Arc::new(settings.clone()),
     );
     let handle = worker.start();
-    // The `/metrics` server, tracked so it stops after the worker has drained (its last
-    // scrape still sees the drain) and before the process exits.
-    let metrics = TaskTracker::new();
+    // The `/metrics` server, kept so it stops after the worker has drained (its last scrape
+    // still sees the drain) and before the process exits.
     let metrics_stop = CancellationToken::new();
+    let mut metrics_server = None;
     if !settings.worker.metrics_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&settings.worker.metrics_listen)
             .await
@@ -105,14 +104,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
                 .with_state(backends.clone());
         let stop = metrics_stop.clone();
-        metrics.spawn(async move {
+        metrics_server = Some(tokio::spawn(async move {
             let served = axum::serve(listener, app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await;
             if let Err(e) = served {
                 tracing::warn!(error = %e, "the metrics server failed");
             }
-        });
+        }));
     }
     tracing::info!(
         owner = worker.owner,
@@ -124,12 +123,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!("SIGTERM: finishing the chunks in hand");
     handle.shutdown().await;
     metrics_stop.cancel();
-    metrics.close();
-    if tokio::time::timeout(METRICS_STOP_WAIT, metrics.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("the metrics server did not stop in time");
+    if let Some(server) = metrics_server {
+        if tokio::time::timeout(METRICS_STOP_WAIT, server)
+            .await
+            .is_err()
+        {
+            tracing::warn!("the metrics server did not stop in time");
+        }
     }
     tracing::info!("drained; exiting");
     Ok(())
