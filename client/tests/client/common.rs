@@ -85,16 +85,12 @@ impl Gateway {
     }
 
     pub fn dir_url(&self, rest: &str) -> String {
-        format!(
-            "{}/v2/organizations/{}/directories/{}{rest}",
-            self.base, self.org, self.dir
-        )
+        self.app.dir_url(rest)
     }
 
     pub async fn get_json(&self, url: &str) -> Value {
-        self.http
+        self.app
             .get(url)
-            .bearer_auth(&self.token)
             .send()
             .await
             .expect("request")
