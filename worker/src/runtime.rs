@@ -259,7 +259,7 @@ impl Worker {
         let claim_span = tracing::info_span!("chunk.claim", orbit.claim = Empty);
         let claim = self
             .chunks
-            .claim_chunk(message.chunk_id, &self.owner, w.lease, w.max_attempts)
+            .claim_chunk(message, &self.owner, w.lease, w.max_attempts)
             .instrument(claim_span.clone())
             .await?;
         claim_span.record(
@@ -374,6 +374,7 @@ impl Worker {
             ProcessError::ObjectMissing(key) => {
                 self.chunks
                     .fail_source(
+                        lease.directory_id,
                         lease.source_id,
                         SourceError {
                             code: "object_missing".into(),
@@ -440,8 +441,7 @@ impl Worker {
                         .publish_failures
                         .with_label_values(&[Publisher::Reaper.label()])
                         .inc();
-                    let unsent: Vec<_> = batch[i..].iter().map(|m| m.chunk_id).collect();
-                    if let Err(store) = self.chunks.mark_unpublished(&unsent).await {
+                    if let Err(store) = self.chunks.mark_unpublished(&batch[i..]).await {
                         tracing::warn!(error = %store, "could not mark chunks unpublished; they are published again after worker.requeue_after");
                     }
                     return Err(e.into());

@@ -170,7 +170,10 @@ pub async fn failed_rows(
     ScopedSource(source): ScopedSource,
 ) -> ApiResult<Response> {
     let raw = query.raw;
-    let width = state.store.failed_row_width(source.id).await?;
+    let width = state
+        .store
+        .failed_row_width(source.directory_id, source.id)
+        .await?;
     let mut header: Vec<String> = source.columns.names.clone();
     for i in header.len()..width {
         header.push(format!("extra_{}", i + 1 - source.columns.names.len()));
@@ -181,6 +184,7 @@ pub async fn failed_rows(
 
     struct Cursor {
         store: Arc<dyn Store>,
+        directory: Uuid,
         source: Uuid,
         after: u64,
         done: bool,
@@ -188,6 +192,7 @@ pub async fn failed_rows(
     let pages = stream::unfold(
         Cursor {
             store: state.store.clone(),
+            directory: source.directory_id,
             source: source.id,
             after: 0,
             done: false,
@@ -198,7 +203,7 @@ pub async fn failed_rows(
             }
             match cur
                 .store
-                .failed_rows(cur.source, cur.after, FAILED_ROWS_PAGE)
+                .failed_rows(cur.directory, cur.source, cur.after, FAILED_ROWS_PAGE)
                 .await
             {
                 Ok(rows) => {

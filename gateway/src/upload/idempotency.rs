@@ -68,6 +68,7 @@ impl Upload<'_> {
             .await?;
         match state {
             KeyState::Claimed(claim) => self.key_plan = KeyPlan::Claimed(claim),
+            KeyState::OtherDirectory => return Err(key_reused()),
             KeyState::InFlight => {
                 return Err(ApiError::new(
                     StatusCode::CONFLICT,

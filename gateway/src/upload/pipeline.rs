@@ -282,9 +282,9 @@ pub async fn publish(store: &dyn Store, queue: &dyn Queue, queued: &[ChunkRef]) 
                 .publish_failures
                 .with_label_values(&[Publisher::Upload.label()])
                 .inc();
-            let unpublished: Vec<_> = queued[i..].iter().map(|m| m.chunk_id).collect();
+            let unpublished = &queued[i..];
             tracing::warn!(chunks = unpublished.len(), error = %e, "publish failed; left to the reaper");
-            if let Err(e) = store.mark_unpublished(&unpublished).await {
+            if let Err(e) = store.mark_unpublished(unpublished).await {
                 tracing::warn!(error = %e, "could not mark chunks unpublished; the reaper publishes them after worker.requeue_after");
             }
             break;

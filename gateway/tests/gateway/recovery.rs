@@ -128,7 +128,7 @@ async fn a_poisoned_chunk_and_a_missing_object_move_their_metrics() {
     };
     let store = app.running().state.store.clone();
     store
-        .fail_source(odd.parse().unwrap(), error)
+        .fail_source(app.tenant.dir, odd.parse().unwrap(), error)
         .await
         .unwrap();
 

@@ -154,6 +154,11 @@ pub struct Resume {
 /// A message on the queue: ids only; the database holds the truth.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRef {
+    /// The directory the chunk's rows go to: where its rows live, on a sharded database (a
+    /// message from before it was carried has the nil id, finds no chunk and is dropped; the
+    /// reaper publishes that chunk again with it).
+    #[serde(default)]
+    pub directory_id: Uuid,
     pub source_id: Uuid,
     pub chunk_id: Uuid,
     pub attempt: u32,
@@ -168,6 +173,7 @@ pub struct ChunkRef {
 /// A chunk claimed by one worker: writes of its results hold only while the lease does.
 #[derive(Debug, Clone)]
 pub struct Lease {
+    pub directory_id: Uuid,
     pub chunk_id: Uuid,
     pub source_id: Uuid,
     pub token: Uuid,
@@ -267,6 +273,8 @@ pub struct DeliveryAttempt {
 /// A delivery a dispatcher has leased and is to send.
 #[derive(Debug, Clone)]
 pub struct DueDelivery {
+    /// The directory of the source the delivery tells of, where the delivery is stored.
+    pub directory_id: Uuid,
     pub id: Uuid,
     pub endpoint_id: Uuid,
     pub url: String,
@@ -385,6 +393,7 @@ pub fn upload_options_fingerprint(
 #[derive(Debug, Clone)]
 pub struct IdempotencyClaim {
     pub organization_id: Uuid,
+    pub directory_id: Uuid,
     pub key: String,
     pub token: Uuid,
 }
@@ -395,6 +404,8 @@ pub enum KeyState {
     Claimed(IdempotencyClaim),
     /// Another request holds it and has not finished.
     InFlight,
+    /// The key was used on another directory of the organization within its lifetime.
+    OtherDirectory,
     /// A finished request: replay it if directory and file match.
     Completed {
         directory_id: Uuid,

@@ -123,7 +123,7 @@ pub trait Tenancy: Send + Sync + 'static {
 #[async_trait]
 pub trait Uploads: Send + Sync + 'static {
     /// Claims `(org, key)` for a request on `dir` served by the process `owner`, or reports who
-    /// has it. An in-flight claim is presumed dead and taken over once it is older than
+    /// has it (`OtherDirectory` while the key lives on another directory). An in-flight claim is presumed dead and taken over once it is older than
     /// `in_flight_timeout` or its owner stopped heartbeating; a completed one older than `ttl`
     /// is forgotten.
     async fn claim_idempotency_key(
@@ -156,10 +156,11 @@ pub trait Uploads: Send + Sync + 'static {
         page: &PageRequest,
     ) -> StoreResult<Page<RowIssue>>;
     /// The most fields any failed row of the source has.
-    async fn failed_row_width(&self, source: Uuid) -> StoreResult<usize>;
+    async fn failed_row_width(&self, dir: Uuid, source: Uuid) -> StoreResult<usize>;
     /// Failed rows after row `after_row`, in input order.
     async fn failed_rows(
         &self,
+        dir: Uuid,
         source: Uuid,
         after_row: u64,
         limit: u32,
@@ -198,11 +199,11 @@ pub trait Profiles: Send + Sync + 'static {
 /// chunks to publish.
 #[async_trait]
 pub trait Chunks: Send + Sync + 'static {
-    /// Takes the chunk's lease for `lease_for`, unless it is done, leased by a live process, or
-    /// out of attempts (which fails the source).
+    /// Takes the lease of the chunk a queue message names for `lease_for`, unless it is done,
+    /// leased by a live process, or out of attempts (which fails the source).
     async fn claim_chunk(
         &self,
-        chunk: Uuid,
+        chunk: &ChunkRef,
         owner: &str,
         lease_for: Duration,
         max_attempts: u32,
@@ -235,7 +236,7 @@ pub trait Chunks: Send + Sync + 'static {
         transient_for: Option<Duration>,
     ) -> StoreResult<bool>;
     /// Fails a source that cannot be finished (its object is gone, say); rows stay.
-    async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()>;
+    async fn fail_source(&self, dir: Uuid, source: Uuid, error: SourceError) -> StoreResult<()>;
     /// Chunks to publish (again): never published, queued longer ago than `requeue_after`, or
     /// whose lease expired or whose lease owner stopped heartbeating. Marks them queued now.
     async fn chunks_to_publish(
@@ -248,7 +249,7 @@ pub trait Chunks: Send + Sync + 'static {
     async fn forget_queued(&self) -> StoreResult<u64>;
     /// Marks these pending chunks as not queued after their publish failed, so the next
     /// reaper pass (of any process) publishes them again instead of waiting `requeue_after`.
-    async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()>;
+    async fn mark_unpublished(&self, chunks: &[ChunkRef]) -> StoreResult<()>;
 }
 
 /// Heartbeats of the processes that hold leases and idempotency claims (docs/concurrency.md).

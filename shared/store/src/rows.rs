@@ -192,11 +192,11 @@ impl From<ChunkRow> for ChunkSpec {
 }
 
 /// Ends a chunk's last slice. (Both dialects read `$n` placeholders.)
-pub(super) const CHUNK_DONE: &str = "UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, transient_since_ms = NULL WHERE id = $1";
+pub(super) const CHUNK_DONE: &str = "UPDATE chunks SET state = 'done', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, transient_since_ms = NULL WHERE directory_id = $1 AND id = $2";
 /// Ends a slice before the chunk's end: where the next one, or a takeover, starts. A slice
 /// committed ends the chunk's run of transient failures, if it was in one: it is moving again.
 pub(super) const CHUNK_RESUMES_AT: &str =
-    "UPDATE chunks SET resume_offset = $1, resume_line = $2, resume_row = $3, transient_since_ms = NULL WHERE id = $4";
+    "UPDATE chunks SET resume_offset = $1, resume_line = $2, resume_row = $3, transient_since_ms = NULL WHERE directory_id = $4 AND id = $5";
 
 #[derive(FromRow)]
 pub(super) struct ProfileRow {
@@ -303,7 +303,10 @@ pub(super) struct ChunkState {
     pub state: String,
     pub source_status: String,
     pub lease_expires_ms: Option<i64>,
-    /// The lease's owner stopped heartbeating: its process is gone.
+    pub lease_owner: Option<String>,
+    /// The lease's owner stopped heartbeating: its process is gone. Read apart from the
+    /// chunk's row (`store_roles`' `owner_dead`).
+    #[sqlx(default)]
     pub owner_dead: bool,
     #[sqlx(try_from = "i64")]
     pub attempts: u32,
@@ -361,6 +364,7 @@ pub(super) struct KeyRow {
     pub locked_ms: i64,
     pub expires_ms: i64,
     /// The process that claimed it stopped heartbeating.
+    #[sqlx(default)]
     pub owner_dead: bool,
 }
 
@@ -458,6 +462,7 @@ mod tests {
             state: state.into(),
             source_status: "processing".into(),
             lease_expires_ms: expires,
+            lease_owner: Some("w".into()),
             owner_dead,
             attempts,
             index: 3,

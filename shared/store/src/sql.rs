@@ -9,25 +9,25 @@
 /// through `UNIQUE (source_id, idx)`, over one source's chunks only.
 macro_rules! retrying {
     () => {
-        "(SELECT MIN(c.transient_since_ms) FROM chunks c WHERE c.source_id = s.id AND c.state IN ('pending', 'running')) AS retrying_since_ms, \
-         (SELECT c.last_error FROM chunks c WHERE c.source_id = s.id AND c.state IN ('pending', 'running') AND c.transient_since_ms IS NOT NULL ORDER BY c.transient_since_ms LIMIT 1) AS retrying_error"
+        "(SELECT MIN(c.transient_since_ms) FROM chunks c WHERE c.directory_id = s.directory_id AND c.source_id = s.id AND c.state IN ('pending', 'running')) AS retrying_since_ms, \
+         (SELECT c.last_error FROM chunks c WHERE c.directory_id = s.directory_id AND c.source_id = s.id AND c.state IN ('pending', 'running') AND c.transient_since_ms IS NOT NULL ORDER BY c.transient_since_ms LIMIT 1) AS retrying_error"
     };
 }
 
 /// Leases a claimed chunk to its new owner.
-pub(super) const TAKE_LEASE: &str = "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE id = $4";
+pub(super) const TAKE_LEASE: &str = "UPDATE chunks SET state = 'running', attempts = attempts + 1, lease_owner = $1, lease_token = $2, lease_expires_ms = $3 WHERE directory_id = $4 AND id = $5";
 /// A pending source is processing once a chunk of it is claimed.
-pub(super) const SOURCE_PROCESSING: &str = "UPDATE sources SET status = 'processing', updated_ms = $1 WHERE id = $2 AND status = 'pending'";
+pub(super) const SOURCE_PROCESSING: &str = "UPDATE sources SET status = 'processing', updated_ms = $1 WHERE directory_id = $2 AND id = $3 AND status = 'pending'";
 /// Gives a chunk back after a failed attempt, to be tried again after `not_before_ms`.
-pub(super) const RELEASE_CHUNK: &str = "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = $1, last_error = $2, attempts = attempts - $3, transient_since_ms = $4 WHERE id = $5";
+pub(super) const RELEASE_CHUNK: &str = "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = $1, last_error = $2, attempts = attempts - $3, transient_since_ms = $4 WHERE directory_id = $5 AND id = $6";
 /// Records the answer of an upload under its idempotency key, if the claim is still this request's.
-pub(super) const IDEMPOTENCY_COMPLETED: &str = "UPDATE idempotency_keys SET state = 'completed', sha256 = $1, source_id = $2, response = $3 WHERE organization_id = $4 AND key = $5 AND claim_token = $6";
+pub(super) const IDEMPOTENCY_COMPLETED: &str = "UPDATE idempotency_keys SET state = 'completed', sha256 = $1, source_id = $2, response = $3 WHERE directory_id = $4 AND key = $5 AND claim_token = $6";
 /// A source by id, unscoped: for the store's own use after a scoped check.
-pub(super) const SOURCE_BY_ID: &str = "SELECT * FROM sources WHERE id = $1";
+pub(super) const SOURCE_BY_ID: &str = "SELECT * FROM sources WHERE directory_id = $1 AND id = $2";
 /// The open chunks of a source that failed.
-pub(super) const FAIL_OPEN_CHUNKS: &str = "UPDATE chunks SET state = 'failed', lease_token = NULL, lease_owner = NULL WHERE source_id = $1 AND state IN ('pending', 'running')";
+pub(super) const FAIL_OPEN_CHUNKS: &str = "UPDATE chunks SET state = 'failed', lease_token = NULL, lease_owner = NULL WHERE directory_id = $1 AND source_id = $2 AND state IN ('pending', 'running')";
 /// A planned chunk of an upload.
-pub(super) const INSERT_CHUNK: &str = "INSERT INTO chunks (id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms, traceparent, tracestate) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+pub(super) const INSERT_CHUNK: &str = "INSERT INTO chunks (id, directory_id, source_id, idx, first_row, row_count, start_offset, end_offset, start_line, state, queued_ms, traceparent, tracestate) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)";
 pub(super) const INSERT_ORGANIZATION: &str =
     "INSERT INTO organizations (id, name, created_ms) VALUES ($1, $2, $3)";
 pub(super) const ORGANIZATION_EXISTS: &str = "SELECT 1 FROM organizations WHERE id = $1";
@@ -43,8 +43,15 @@ pub(super) const DIRECTORY: &str =
 /// A page of an organization's directories, oldest first.
 pub(super) const DIRECTORIES_PAGE: &str =
     "SELECT * FROM directories WHERE organization_id = $1 AND seq > $2 ORDER BY seq LIMIT $3";
+/// Records which directory a key of the organization is used on ($1 organization, $2 key,
+/// $3 directory, $4 expiry, $5 now): returns a row unless the key is in use on another
+/// directory and has not expired.
+pub(super) const SCOPE_KEY: &str = "INSERT INTO idempotency_scopes (organization_id, key, directory_id, expires_ms) VALUES ($1, $2, $3, $4) ON CONFLICT (organization_id, key) DO UPDATE SET directory_id = excluded.directory_id, expires_ms = excluded.expires_ms WHERE idempotency_scopes.directory_id = excluded.directory_id OR idempotency_scopes.expires_ms < $5 RETURNING directory_id";
+/// Forgets a released key's directory, so that the key is free for any directory again.
+pub(super) const UNSCOPE_KEY: &str =
+    "DELETE FROM idempotency_scopes WHERE organization_id = $1 AND key = $2 AND directory_id = $3";
 /// Frees a key whose request failed, if the claim is still this request's.
-pub(super) const RELEASE_IDEMPOTENCY_KEY: &str = "DELETE FROM idempotency_keys WHERE organization_id = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'";
+pub(super) const RELEASE_IDEMPOTENCY_KEY: &str = "DELETE FROM idempotency_keys WHERE directory_id = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'";
 /// A source as clients see it, scoped to its organization and directory.
 pub(super) const SOURCE: &str = concat!(
     "SELECT s.*, ",
@@ -57,8 +64,8 @@ pub(super) const SOURCES_PAGE: &str = concat!(
     retrying!(),
     " FROM sources s WHERE organization_id = $1 AND directory_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
 );
-pub(super) const FAILED_ROWS_PAGE: &str = "SELECT * FROM failed_rows WHERE source_id = $1 AND row_number > $2 ORDER BY row_number LIMIT $3";
-pub(super) const RENEW_LEASE: &str = "UPDATE chunks SET lease_expires_ms = $1 WHERE id = $2 AND lease_token = $3 AND state = 'running'";
+pub(super) const FAILED_ROWS_PAGE: &str = "SELECT * FROM failed_rows WHERE directory_id = $1 AND source_id = $2 AND row_number > $3 ORDER BY row_number LIMIT $4";
+pub(super) const RENEW_LEASE: &str = "UPDATE chunks SET lease_expires_ms = $1 WHERE directory_id = $2 AND id = $3 AND lease_token = $4 AND state = 'running'";
 /// Processes dead for long: their leases were taken over long ago.
 pub(super) const FORGET_DEAD_PROCESSES: &str = "DELETE FROM processes WHERE expires_ms < $1";
 pub(super) const RETIRE_PROCESS: &str = "DELETE FROM processes WHERE owner = $1";
@@ -77,24 +84,24 @@ pub(super) const INSERT_DIRECTORY: &str = "INSERT INTO directories (id, organiza
 /// Archives a directory once: archiving it again keeps the first time.
 pub(super) const ARCHIVE_DIRECTORY: &str = "UPDATE directories SET archived_ms = COALESCE(archived_ms, $1) WHERE organization_id = $2 AND id = $3 RETURNING *";
 /// A page of a source's row issues, in row order, after the cursor (row, id).
-pub(super) const ISSUES_PAGE: &str = "SELECT i.* FROM row_issues i JOIN sources s ON s.id = i.source_id WHERE s.organization_id = $1 AND s.directory_id = $2 AND i.source_id = $3 AND (i.row_number, i.id) > ($4, $5) ORDER BY i.row_number, i.id LIMIT $6";
+pub(super) const ISSUES_PAGE: &str = "SELECT i.* FROM row_issues i JOIN sources s ON s.directory_id = i.directory_id AND s.id = i.source_id WHERE s.organization_id = $1 AND s.directory_id = $2 AND i.directory_id = $2 AND i.source_id = $3 AND (i.row_number, i.id) > ($4, $5) ORDER BY i.row_number, i.id LIMIT $6";
 /// A failed source's failed chunks, open again with fresh attempts.
-pub(super) const REOPEN_CHUNKS: &str = "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL WHERE source_id = $1 AND state = 'failed' RETURNING id, traceparent, tracestate";
-pub(super) const REOPEN_SOURCE: &str = "UPDATE sources SET status = 'processing', error_code = NULL, error_message = NULL, completed_ms = NULL, updated_ms = $1 WHERE id = $2";
+pub(super) const REOPEN_CHUNKS: &str = "UPDATE chunks SET state = 'pending', attempts = 0, lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = 0, last_error = NULL, transient_since_ms = NULL WHERE directory_id = $1 AND source_id = $2 AND state = 'failed' RETURNING id, traceparent, tracestate";
+pub(super) const REOPEN_SOURCE: &str = "UPDATE sources SET status = 'processing', error_code = NULL, error_message = NULL, completed_ms = NULL, updated_ms = $1 WHERE directory_id = $2 AND id = $3";
 /// Ends an open source failed; a source already ended stays as it is.
-pub(super) const FAIL_SOURCE: &str = "UPDATE sources SET status = 'failed', error_code = $1, error_message = $2, completed_ms = $3, updated_ms = $3 WHERE id = $4 AND status IN ('pending', 'processing')";
+pub(super) const FAIL_SOURCE: &str = "UPDATE sources SET status = 'failed', error_code = $1, error_message = $2, completed_ms = $3, updated_ms = $3 WHERE directory_id = $4 AND id = $5 AND status IN ('pending', 'processing')";
 /// Completes an open source whose rows all add up, its warnings counted by row at last.
-pub(super) const COMPLETE_SOURCE: &str = "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE source_id = $1 AND severity = 'warning'), status = 'completed', completed_ms = $2, updated_ms = $2 WHERE id = $1 AND status IN ('pending', 'processing')";
+pub(super) const COMPLETE_SOURCE: &str = "UPDATE sources SET warnings = (SELECT COUNT(DISTINCT row_number) FROM row_issues WHERE directory_id = $1 AND source_id = $2 AND severity = 'warning'), status = 'completed', completed_ms = $3, updated_ms = $3 WHERE directory_id = $1 AND id = $2 AND status IN ('pending', 'processing')";
 
-/// The rows of a source ($1) whose `kind` identity an earlier row of it has: one grouping
+/// The rows of a source ($1 its directory, $2 itself) whose `kind` identity an earlier row of it has: one grouping
 /// pass finds each repeated identity's first row.
 pub(super) fn repeated_identities(kind: &str) -> String {
     format!(
         "SELECT r.row_number, r.line_number, r.{kind} AS value FROM records r
          JOIN (SELECT {kind} AS value, MIN(row_number) AS first FROM records
-               WHERE source_id = $1 AND {kind} IS NOT NULL GROUP BY {kind} HAVING COUNT(*) > 1) d
+               WHERE directory_id = $1 AND source_id = $2 AND {kind} IS NOT NULL GROUP BY {kind} HAVING COUNT(*) > 1) d
            ON r.{kind} = d.value
-         WHERE r.source_id = $1 AND r.{kind} IS NOT NULL AND r.row_number > d.first"
+         WHERE r.directory_id = $1 AND r.source_id = $2 AND r.{kind} IS NOT NULL AND r.row_number > d.first"
     )
 }
 
@@ -116,11 +123,11 @@ pub(super) const DELIVERIES_PAGE: &str = "SELECT d.* FROM webhook_deliveries d J
 pub(super) const ENDPOINT_SUCCEEDED: &str =
     "UPDATE webhook_endpoints SET failure_run = 0 WHERE id = $1";
 /// A source's end, queued for one endpoint.
-pub(super) const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries (id, endpoint_id, source_id, event_type, payload, state, next_attempt_ms, created_ms) VALUES ($1, $2, $3, $4, $5, 'pending', $6, $6)";
+pub(super) const INSERT_DELIVERY: &str = "INSERT INTO webhook_deliveries (id, directory_id, endpoint_id, source_id, event_type, payload, state, next_attempt_ms, created_ms) VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7, $7)";
 /// An attempt's record; a second record of the same attempt (a retried transaction) is dropped.
-pub(super) const INSERT_ATTEMPT: &str = "INSERT INTO webhook_attempts (delivery_id, attempt, at_ms, status_code, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+pub(super) const INSERT_ATTEMPT: &str = "INSERT INTO webhook_attempts (directory_id, delivery_id, attempt, at_ms, status_code, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING";
 /// What an attempt leaves of its delivery: its state, when it is due again, its lease gone.
-pub(super) const DELIVERY_ATTEMPTED: &str = "UPDATE webhook_deliveries SET state = $1, attempts = attempts + 1, next_attempt_ms = COALESCE($2, next_attempt_ms), lease_token = NULL, lease_until_ms = NULL, delivered_ms = CASE WHEN $3 THEN $4 ELSE delivered_ms END WHERE id = $5";
+pub(super) const DELIVERY_ATTEMPTED: &str = "UPDATE webhook_deliveries SET state = $1, attempts = attempts + 1, next_attempt_ms = COALESCE($2, next_attempt_ms), lease_token = NULL, lease_until_ms = NULL, delivered_ms = CASE WHEN $3 THEN $4 ELSE delivered_ms END WHERE directory_id = $5 AND id = $6";
 /// An endpoint that failed: its failure run grows, and at `disable_after` ($1) it is disabled.
 pub(super) const ENDPOINT_FAILED: &str = "UPDATE webhook_endpoints SET failure_run = failure_run + 1, disabled_ms = CASE WHEN disabled_ms IS NULL AND failure_run + 1 >= $1 THEN $2 ELSE disabled_ms END WHERE id = $3";
 
@@ -144,6 +151,8 @@ mod tests {
         super::DIRECTORY,
         super::DIRECTORIES_PAGE,
         super::RELEASE_IDEMPOTENCY_KEY,
+        super::SCOPE_KEY,
+        super::UNSCOPE_KEY,
         super::SOURCE,
         super::SOURCES_PAGE,
         super::FAILED_ROWS_PAGE,

@@ -86,6 +86,7 @@ pub(super) struct AttemptRow {
 /// A due delivery as a claim selects it, before it is leased.
 #[derive(FromRow)]
 pub(super) struct DueRow {
+    pub directory_id: Uuid,
     pub id: Uuid,
     endpoint_id: Uuid,
     url: String,
@@ -97,6 +98,7 @@ pub(super) struct DueRow {
 impl DueRow {
     pub(super) fn leased(self, lease_token: Uuid) -> DueDelivery {
         DueDelivery {
+            directory_id: self.directory_id,
             id: self.id,
             endpoint_id: self.endpoint_id,
             url: self.url,

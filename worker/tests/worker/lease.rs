@@ -33,7 +33,7 @@ fn blip<T>() -> StoreResult<T> {
 
 #[async_trait]
 impl Chunks for FailingEnds {
-    async fn fail_source(&self, _source: Uuid, _error: SourceError) -> StoreResult<()> {
+    async fn fail_source(&self, _dir: Uuid, _source: Uuid, _error: SourceError) -> StoreResult<()> {
         blip()
     }
     async fn release_chunk(
@@ -52,7 +52,7 @@ impl Chunks for FailingEnds {
     // The rest of the role is the real store's.
     async fn claim_chunk(
         &self,
-        chunk: Uuid,
+        chunk: &ChunkRef,
         owner: &str,
         lease_for: Duration,
         max_attempts: u32,
@@ -79,7 +79,7 @@ impl Chunks for FailingEnds {
     async fn forget_queued(&self) -> StoreResult<u64> {
         self.inner.forget_queued().await
     }
-    async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()> {
+    async fn mark_unpublished(&self, chunks: &[ChunkRef]) -> StoreResult<()> {
         self.inner.mark_unpublished(chunks).await
     }
 }

@@ -47,6 +47,7 @@ const RABBIT: Caps = Caps { redelivers: true };
 
 fn chunk(traceparent: Option<&str>) -> ChunkRef {
     ChunkRef {
+        directory_id: Uuid::now_v7(),
         source_id: Uuid::new_v4(),
         chunk_id: Uuid::new_v4(),
         attempt: 1,

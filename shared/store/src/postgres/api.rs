@@ -48,24 +48,25 @@ impl PgStore {
             return Ok(KeyState::Claimed(claim));
         }
         // Someone holds or held the key: decide under its row lock.
-        let row = sqlx::query(&format!(
-            "SELECT k.*, {OWNER_DEAD} AS owner_dead FROM idempotency_keys k
-             LEFT JOIN processes p ON p.owner = k.owner
-             WHERE k.organization_id = $1 AND k.key = $3 FOR UPDATE OF k"
-        ))
-        .bind(request.org)
-        .bind(now)
+        let row = sqlx::query(
+            "SELECT * FROM idempotency_keys WHERE directory_id = $1 AND key = $2 FOR UPDATE",
+        )
+        .bind(request.dir)
         .bind(request.key)
         .fetch_one(&mut *tx)
         .await?;
-        if let Some(held) = decide_key(&KeyRow::from_row(&row)?, now, request.in_flight_timeout)? {
+        let mut held = KeyRow::from_row(&row)?;
+        if let Some(owner) = row.try_get::<Option<String>, _>("owner")? {
+            held.owner_dead = self.owner_dead(&mut tx, &owner, now).await?;
+        }
+        if let Some(held) = decide_key(&held, now, request.in_flight_timeout)? {
             return Ok(held);
         }
         commit_key_claim(
             tx,
-            "UPDATE idempotency_keys SET directory_id = $3, state = 'in_flight', claim_token = $4, sha256 = NULL, source_id = NULL,
+            "UPDATE idempotency_keys SET organization_id = $1, state = 'in_flight', claim_token = $4, sha256 = NULL, source_id = NULL,
                  response = NULL, locked_ms = $5, expires_ms = $6, owner = $7
-             WHERE organization_id = $1 AND key = $2",
+             WHERE directory_id = $3 AND key = $2",
             &request,
             now,
         )
@@ -112,8 +113,25 @@ impl PgStore {
         }
     }
 
-    pub(super) async fn widest_failed_row(&self, source: Uuid) -> StoreResult<usize> {
-        let row = sqlx::query("SELECT COALESCE(MAX(json_array_length(fields::json)), 0)::BIGINT FROM failed_rows WHERE source_id = $1")
+    /// Whether the process `owner` stopped heartbeating, read apart from the row it holds:
+    /// `processes` stays on the coordinator of a sharded database.
+    pub(super) async fn owner_dead(
+        &self,
+        conn: &mut PgConnection,
+        owner: &str,
+        now: i64,
+    ) -> StoreResult<bool> {
+        Ok(sqlx::query_scalar(OWNER_DEAD)
+            .bind(owner)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?
+            .unwrap_or(false))
+    }
+
+    pub(super) async fn widest_failed_row(&self, dir: Uuid, source: Uuid) -> StoreResult<usize> {
+        let row = sqlx::query("SELECT COALESCE(MAX(json_array_length(fields::json)), 0)::BIGINT FROM failed_rows WHERE directory_id = $1 AND source_id = $2")
+            .bind(dir)
             .bind(source)
             .fetch_one(&self.pool)
             .await?;

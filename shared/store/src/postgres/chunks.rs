@@ -1,7 +1,8 @@
 //! The chunk work the PostgreSQL store does its own way: retrying transactions, cancelling
 //! sources, one try of an upload's or a slice's transaction (the writes themselves are
-//! `commit`), and publishing chunks with SKIP LOCKED. Claims, releases and reopening a source
-//! are `shared::store_roles`.
+//! `commit`), and publishing chunks (candidates read without a lock, then each directory's
+//! taken by key, since a sharded database cannot lock rows across shards). Claims, releases and
+//! reopening a source are `shared::store_roles`.
 
 use super::*;
 
@@ -52,17 +53,20 @@ impl PgStore {
         // chunk, then updates the source): a commit in flight finishes first, and counts; any
         // later one finds its chunk failed.
         sqlx::query(
-            "SELECT id FROM chunks WHERE source_id = $1 AND state IN ('pending', 'running') ORDER BY id FOR UPDATE",
+            "SELECT id FROM chunks WHERE directory_id = $1 AND source_id = $2 AND state IN ('pending', 'running') ORDER BY id FOR UPDATE",
         )
+        .bind(dir)
         .bind(source)
         .fetch_all(&mut *tx)
         .await?;
-        let current: Source =
-            sqlx::query_as::<_, SourceRow>("SELECT * FROM sources WHERE id = $1 FOR UPDATE")
-                .bind(source)
-                .fetch_one(&mut *tx)
-                .await?
-                .try_into()?;
+        let current: Source = sqlx::query_as::<_, SourceRow>(
+            "SELECT * FROM sources WHERE directory_id = $1 AND id = $2 FOR UPDATE",
+        )
+        .bind(dir)
+        .bind(source)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_into()?;
         let cancelled = cancel_in(&mut tx, current).await?;
         tx.commit().await?;
         Ok(cancelled)
@@ -102,8 +106,17 @@ impl PgStore {
         let mut queued = Vec::with_capacity(upload.chunks.len());
         for chunk in upload.chunks {
             queued.push(ChunkRef {
+                directory_id: s.directory_id,
                 source_id: s.id,
-                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending", upload.trace).await?,
+                chunk_id: insert_chunk(
+                    &mut tx,
+                    s.directory_id,
+                    s.id,
+                    chunk,
+                    "pending",
+                    upload.trace,
+                )
+                .await?,
                 attempt: 0,
                 traceparent: upload.trace.traceparent.map(str::to_owned),
                 tracestate: upload.trace.tracestate.map(str::to_owned),
@@ -111,11 +124,11 @@ impl PgStore {
         }
         match (upload.sync_chunk, optimistic) {
             (Some(chunk), Some(optimistic)) => {
-                insert_chunk(&mut tx, s.id, chunk, "done", upload.trace).await?;
+                insert_chunk(&mut tx, s.directory_id, s.id, chunk, "done", upload.trace).await?;
                 let (applied, owned) =
                     apply_results(&mut tx, &target, prepared, optimistic, &self.pause).await?;
                 self.reads.after_commit(target.directory, owned);
-                advance_source(&mut tx, s.id, &applied, owned, 1).await?;
+                advance_source(&mut tx, &target, &applied, owned, 1).await?;
             }
             _ if chunk_count == 0 => {
                 let none = Applied {
@@ -123,11 +136,11 @@ impl PgStore {
                     failed: 0,
                     warnings: 0,
                 };
-                advance_source(&mut tx, s.id, &none, 0, 0).await?;
+                advance_source(&mut tx, &target, &none, 0, 0).await?;
             }
             _ => {}
         }
-        let source = load_source(&mut tx, s.id).await?;
+        let source = load_source(&mut tx, s.directory_id, s.id).await?;
         complete_key(&mut tx, upload.idempotency, &source).await?;
         tx.commit().await?;
         Ok((source, queued))
@@ -140,15 +153,20 @@ impl PgStore {
         end: SliceEnd,
     ) -> StoreResult<Committed> {
         let target = &Target::of(
-            &load_source(&mut *self.pool.acquire().await?, lease.source_id).await?,
+            &load_source(
+                &mut *self.pool.acquire().await?,
+                lease.directory_id,
+                lease.source_id,
+            )
+            .await?,
             self.keys,
         );
         let read = self.reads.before_commit(target.directory);
         let optimistic = resolve_optimistically(&self.pool, target, prepared, read).await?;
         let mut tx = self.pool.begin().await?;
         // The row lock fences a concurrent takeover: whoever holds it decides.
-        let held = "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
-             WHERE c.id = $1 AND c.lease_token = $2 AND c.state = 'running' AND s.status IN ('pending', 'processing')
+        let held = "SELECT 1 FROM chunks c JOIN sources s ON s.directory_id = c.directory_id AND s.id = c.source_id
+             WHERE c.directory_id = $1 AND c.id = $2 AND c.lease_token = $3 AND c.state = 'running' AND s.status IN ('pending', 'processing')
              FOR UPDATE OF c";
         if !lease_held(&mut tx, held, lease).await? {
             return Ok(Committed::LeaseLost);
@@ -156,9 +174,8 @@ impl PgStore {
         let (applied, owned) =
             apply_results(&mut tx, target, prepared, optimistic, &self.pause).await?;
         self.reads.after_commit(target.directory, owned);
-        let chunks_done = end_slice(&mut tx, lease.chunk_id, end).await?;
-        let completed =
-            advance_source(&mut tx, target.source, &applied, owned, chunks_done).await?;
+        let chunks_done = end_slice(&mut tx, lease, end).await?;
+        let completed = advance_source(&mut tx, target, &applied, owned, chunks_done).await?;
         self.pause.committing(lease.chunk_id);
         tx.commit().await?;
         Ok(Committed::Done {
@@ -188,45 +205,78 @@ impl PgStore {
         limit: u32,
     ) -> StoreResult<Vec<ChunkRef>> {
         let now = now_ms();
-        // SKIP LOCKED: several reapers (gateways, workers) share the work without waiting.
-        let rows = sqlx::query(&format!(
-            "UPDATE chunks SET queued_ms = $1 WHERE id IN (
-                 SELECT c.id FROM chunks c JOIN sources s ON s.id = c.source_id
-                 LEFT JOIN processes p ON p.owner = c.lease_owner
-                 WHERE s.status IN ('pending', 'processing') AND (
-                     (c.state = 'pending' AND c.not_before_ms <= $1 AND (c.queued_ms IS NULL OR c.queued_ms < $3))
-                  OR (c.state = 'running' AND (c.lease_expires_ms < $1 OR {OWNER_DEAD})))
-                 ORDER BY s.seq, c.idx LIMIT $4 FOR UPDATE OF c SKIP LOCKED)
-             RETURNING id, source_id, attempts, traceparent, tracestate"
+        let dead: Vec<String> = sqlx::query_scalar(DEAD_OWNERS)
+            .bind(now)
+            .fetch_all(&self.pool)
+            .await?;
+        // $1 now, $2 the requeue cutoff, $3 the dead lease owners: which chunks are due.
+        const DUE: &str = "(c.state = 'pending' AND c.not_before_ms <= $1 AND (c.queued_ms IS NULL OR c.queued_ms < $2))
+             OR (c.state = 'running' AND (c.lease_expires_ms < $1 OR c.lease_owner = ANY($3)))";
+        // Candidates without a lock (a sharded database cannot lock rows across shards), each
+        // directory's then taken in one statement on its shard that checks them again: of two
+        // reapers, the second finds them queued already. A chunk whose lease is void stays due
+        // until someone claims it, as before.
+        let candidates = sqlx::query(&format!(
+            "SELECT c.directory_id, c.id FROM chunks c
+             JOIN sources s ON s.directory_id = c.directory_id AND s.id = c.source_id
+             WHERE s.status IN ('pending', 'processing') AND ({DUE})
+             ORDER BY s.seq, c.idx LIMIT $4"
         ))
         .bind(now)
-        .bind(now)
         .bind(now - dur_ms(requeue_after))
+        .bind(&dead)
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        sqlx::query(sql::FORGET_DEAD_PROCESSES)
-            .bind(now - FORGET_PROCESSES_AFTER_MS)
-            .execute(&self.pool)
+        let mut by_directory: Vec<(Uuid, Vec<Uuid>)> = Vec::new();
+        for row in &candidates {
+            let (dir, id): (Uuid, Uuid) = (row.try_get(0)?, row.try_get(1)?);
+            match by_directory.iter_mut().find(|(d, _)| *d == dir) {
+                Some((_, ids)) => ids.push(id),
+                None => by_directory.push((dir, vec![id])),
+            }
+        }
+        let mut refs = Vec::with_capacity(candidates.len());
+        for (dir, ids) in by_directory {
+            let rows = sqlx::query(&format!(
+                "UPDATE chunks c SET queued_ms = $1 WHERE c.directory_id = $4 AND c.id = ANY($5) AND ({DUE})
+                 RETURNING c.directory_id, c.id, c.source_id, c.attempts, c.traceparent, c.tracestate"
+            ))
+            .bind(now)
+            .bind(now - dur_ms(requeue_after))
+            .bind(&dead)
+            .bind(dir)
+            .bind(&ids)
+            .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(ChunkRef {
+            for row in rows {
+                refs.push(ChunkRef {
+                    directory_id: row.try_get("directory_id")?,
                     source_id: row.try_get("source_id")?,
                     chunk_id: row.try_get("id")?,
                     attempt: row.try_get::<i64, _>("attempts")? as u32,
                     traceparent: row.try_get("traceparent")?,
                     tracestate: row.try_get("tracestate")?,
-                })
-            })
-            .collect()
-    }
-
-    pub(super) async fn unqueue_chunks(&self, chunks: &[Uuid]) -> StoreResult<()> {
-        sqlx::query("UPDATE chunks SET queued_ms = NULL WHERE id = ANY($1) AND state = 'pending'")
-            .bind(chunks)
+                });
+            }
+        }
+        sqlx::query(sql::FORGET_DEAD_PROCESSES)
+            .bind(now - FORGET_PROCESSES_AFTER_MS)
             .execute(&self.pool)
             .await?;
+        Ok(refs)
+    }
+
+    pub(super) async fn unqueue_chunks(&self, chunks: &[ChunkRef]) -> StoreResult<()> {
+        for chunk in chunks {
+            sqlx::query(
+                "UPDATE chunks SET queued_ms = NULL WHERE directory_id = $1 AND id = $2 AND state = 'pending'",
+            )
+            .bind(chunk.directory_id)
+            .bind(chunk.chunk_id)
+            .execute(&self.pool)
+            .await?;
+        }
         Ok(())
     }
 }

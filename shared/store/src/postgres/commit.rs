@@ -56,7 +56,7 @@ pub(super) async fn copy_in(
 /// recorded, and `ON CONFLICT DO NOTHING` keeps one. The table lives per connection and empties
 /// itself at commit.
 pub(super) const STAGE_ISSUES: &str = "CREATE TEMP TABLE IF NOT EXISTS stage_issues (
-    source_id UUID, row_number BIGINT, line_number BIGINT, severity TEXT, code TEXT,
+    directory_id UUID, source_id UUID, row_number BIGINT, line_number BIGINT, severity TEXT, code TEXT,
     column_name TEXT, message TEXT, value TEXT) ON COMMIT DELETE ROWS";
 
 /// Inserts row issues given as COPY text rows, skipping any already recorded.
@@ -67,14 +67,14 @@ pub(super) async fn insert_issues(conn: &mut PgConnection, rows: Vec<u8>) -> Sto
     conn.execute(STAGE_ISSUES).await?;
     copy_in(
         conn,
-        "COPY stage_issues (source_id, row_number, line_number, severity, code, column_name, message, value) FROM STDIN",
+        "COPY stage_issues (directory_id, source_id, row_number, line_number, severity, code, column_name, message, value) FROM STDIN",
         rows,
     )
     .await?;
     // DELETE, not TRUNCATE: a truncate swaps the table's files, which cost more than the
     // handful of rows here, and the table may be used again before the commit.
     conn.execute(
-        "INSERT INTO row_issues (source_id, row_number, line_number, severity, code, column_name, message, value)
+        "INSERT INTO row_issues (directory_id, source_id, row_number, line_number, severity, code, column_name, message, value)
            SELECT * FROM stage_issues ORDER BY row_number ON CONFLICT DO NOTHING;
          DELETE FROM stage_issues;",
     )
@@ -84,6 +84,7 @@ pub(super) async fn insert_issues(conn: &mut PgConnection, rows: Vec<u8>) -> Sto
 
 pub(super) fn issue_row(
     buf: &mut Vec<u8>,
+    directory: &str,
     source: &str,
     row_number: i64,
     line_number: i64,
@@ -92,6 +93,7 @@ pub(super) fn issue_row(
     copy_row(
         buf,
         &[
+            Some(directory),
             Some(source),
             Some(&row_number.to_string()),
             Some(&line_number.to_string()),
@@ -244,7 +246,8 @@ pub(super) async fn write_all(
         .zip(&resolution.profile_of)
     {
         let identity = |kind| draft.fields.get(kind).map(String::as_str);
-        rows.row(7)
+        rows.row(8)
+            .uuid(target.directory)
             .uuid(target.source)
             .int8(r.row_number)
             .int8(r.line_number)
@@ -256,7 +259,7 @@ pub(super) async fn write_all(
     if let Some(data) = rows.finish() {
         copy_in(
             conn,
-            "COPY records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone) FROM STDIN (FORMAT binary)",
+            "COPY records (directory_id, source_id, row_number, line_number, profile_id, email, linkedin_url, phone) FROM STDIN (FORMAT binary)",
             data,
         )
         .await?;
@@ -271,12 +274,14 @@ pub(super) async fn write_failed_and_issues(
     prepared: &Prepared,
     resolution: Resolution,
 ) -> StoreResult<Applied> {
+    let directory_id = target.directory.to_string();
     let source_id = target.source.to_string();
     let mut buf = Vec::new();
     for f in &prepared.failed {
         copy_row(
             &mut buf,
             &[
+                Some(&directory_id),
                 Some(&source_id),
                 Some(&f.row_number.to_string()),
                 Some(&f.line_number.to_string()),
@@ -288,13 +293,20 @@ pub(super) async fn write_failed_and_issues(
     }
     copy_in(
         conn,
-        "COPY failed_rows (source_id, row_number, line_number, fields, error_code, error_message) FROM STDIN",
+        "COPY failed_rows (directory_id, source_id, row_number, line_number, fields, error_code, error_message) FROM STDIN",
         buf,
     )
     .await?;
     let mut buf = Vec::new();
     for i in resolution.warnings.iter().chain(&prepared.failed_issues) {
-        issue_row(&mut buf, &source_id, i.row_number, i.line_number, &i.issue);
+        issue_row(
+            &mut buf,
+            &directory_id,
+            &source_id,
+            i.row_number,
+            i.line_number,
+            &i.issue,
+        );
     }
     insert_issues(conn, buf).await?;
     Ok(resolution.applied)
@@ -304,7 +316,7 @@ pub(super) async fn write_failed_and_issues(
 /// already), and completes the source when this was its last chunk.
 pub(super) async fn advance_source(
     conn: &mut PgConnection,
-    source: Uuid,
+    target: &Target,
     applied: &Applied,
     owned: u64,
     chunks_done: u64,
@@ -312,8 +324,8 @@ pub(super) async fn advance_source(
     let row = sqlx::query(
         "UPDATE sources SET accepted = accepted + $1, failed = failed + $2, warnings = warnings + $3,
              processed_rows = processed_rows + $4, chunks_done = chunks_done + $5, status = 'processing', updated_ms = $6,
-             owned_identities = owned_identities + $8
-         WHERE id = $7 AND status IN ('pending', 'processing')
+             owned_identities = owned_identities + $9
+         WHERE directory_id = $7 AND id = $8 AND status IN ('pending', 'processing')
          RETURNING chunk_count, chunks_done, owned_identities",
     )
     .bind(applied.accepted as i64)
@@ -322,7 +334,8 @@ pub(super) async fn advance_source(
     .bind((applied.accepted + applied.failed) as i64)
     .bind(chunks_done as i64)
     .bind(now_ms())
-    .bind(source)
+    .bind(target.directory)
+    .bind(target.source)
     .bind(owned as i64)
     .fetch_optional(&mut *conn)
     .await?;
@@ -331,14 +344,14 @@ pub(super) async fn advance_source(
     if done < count {
         return Ok(false);
     }
-    finalize_source(conn, source, row.try_get(2)?).await?;
+    finalize_source(conn, target, row.try_get(2)?).await?;
     Ok(true)
 }
 
 /// Completes a source whose last chunk just committed; `owned` is its `owned_identities`.
 pub(super) async fn finalize_source(
     conn: &mut PgConnection,
-    source_id: Uuid,
+    target: &Target,
     owned: Option<i64>,
 ) -> StoreResult<()> {
     // A value on two rows committed apart makes the later commit find its identity owned. If
@@ -351,19 +364,26 @@ pub(super) async fn finalize_source(
         &resolve::IDENTITY_KINDS[..]
     };
     for kind in kinds {
-        let rows = repeated_identities(conn, source_id, kind).await?;
+        let rows = repeated_identities(conn, target.directory, target.source, kind).await?;
         if rows.is_empty() {
             continue;
         }
         let mut buf = Vec::new();
-        let source = source_id.to_string();
+        let (directory, source) = (target.directory.to_string(), target.source.to_string());
         for (row_number, line_number, value) in rows {
             let issue = row::duplicate_issue(kind, &value);
-            issue_row(&mut buf, &source, row_number, line_number, &issue);
+            issue_row(
+                &mut buf,
+                &directory,
+                &source,
+                row_number,
+                line_number,
+                &issue,
+            );
         }
         insert_issues(conn, buf).await?;
     }
-    complete_source(conn, source_id).await
+    complete_source(conn, target.directory, target.source).await
 }
 
 #[cfg(test)]

@@ -43,13 +43,15 @@ pub(super) const MAX_PROBE_ROUNDS: usize = 1024;
 /// `LIMIT 1` keeps the lateral subquery from being flattened into such a join.
 pub(super) async fn stored_at(
     conn: &mut PgConnection,
+    directory: Uuid,
     keys: &[i64],
 ) -> StoreResult<HashMap<i64, StoredIdentity>> {
     let rows = sqlx::query(
-        "SELECT u.key, i.directory_id, i.kind, i.value, i.profile_id FROM UNNEST($1::int8[]) AS u(key)
+        "SELECT u.key, i.directory_id, i.kind, i.value, i.profile_id FROM UNNEST($2::int8[]) AS u(key)
          CROSS JOIN LATERAL (SELECT directory_id, kind, value, profile_id FROM identities
-             WHERE key = u.key LIMIT 1) i",
+             WHERE directory_id = $1 AND key = u.key LIMIT 1) i",
     )
+    .bind(directory)
     .bind(keys)
     .fetch_all(&mut *conn)
     .await?;
@@ -106,7 +108,7 @@ pub(super) async fn locate(
             return Ok((owners, slots));
         }
         let probed: Vec<i64> = pending.iter().map(|(_, key)| *key).collect();
-        let found = stored_at(conn, &probed).await?;
+        let found = stored_at(conn, directory, &probed).await?;
         let mut collided = Vec::new();
         for ((kind, value), key) in pending {
             match found.get(&key) {
@@ -259,7 +261,7 @@ pub(super) async fn claim_identities<'a>(
             return Ok(claimed);
         }
         let keys: Vec<i64> = refused.iter().map(|p| p.3).collect();
-        let found = stored_at(conn, &keys).await?;
+        let found = stored_at(conn, target.directory, &keys).await?;
         pending = Vec::new();
         for (kind, value, profile, key) in refused {
             match found.get(&key) {
@@ -381,9 +383,10 @@ pub(super) async fn settle(
     if !keys.is_empty() {
         sqlx::query(
             "UPDATE identities i SET profile_id = u.profile_id
-             FROM UNNEST($1::int8[], $2::uuid[]) AS u(key, profile_id)
-             WHERE i.key = u.key",
+             FROM UNNEST($2::int8[], $3::uuid[]) AS u(key, profile_id)
+             WHERE i.directory_id = $1 AND i.key = u.key",
         )
+        .bind(target.directory)
         .bind(&keys)
         .bind(&profiles)
         .execute(&mut *conn)

@@ -21,6 +21,7 @@
 
 mod api;
 mod chunks;
+mod citus;
 mod commit;
 mod copy;
 mod identities;
@@ -185,12 +186,27 @@ impl OwnerReads {
     }
 }
 
-/// Whether the lease owner `p` (a `processes` row joined on `lease_owner`) is gone, given the
-/// time `$2`: its heartbeat expired, and the server has been up for at least one heartbeat
-/// window since it started, so that a database restart does not make every worker look dead
-/// before it had a chance to heartbeat again.
-const OWNER_DEAD: &str = "COALESCE(p.expires_ms < $2
-    AND $2 - (EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000)::BIGINT > p.expires_ms - p.heartbeat_ms, FALSE)";
+/// Whether the process `p` (a `processes` row) is gone, given the time `$now`: its heartbeat
+/// expired, and the server has been up for at least one heartbeat window since it started, so
+/// that a database restart does not make every worker look dead before it had a chance to
+/// heartbeat again.
+macro_rules! owner_dead {
+    ($now:literal) => {
+        concat!(
+            "COALESCE(p.expires_ms < ", $now, " AND ", $now,
+            " - (EXTRACT(EPOCH FROM pg_postmaster_start_time()) * 1000)::BIGINT > p.expires_ms - p.heartbeat_ms, FALSE)"
+        )
+    };
+}
+
+/// Whether the process `$1` is gone, given the time `$2`.
+const OWNER_DEAD: &str = concat!(
+    "SELECT ",
+    owner_dead!("$2"),
+    " FROM processes p WHERE p.owner = $1"
+);
+/// The processes gone at `$1`.
+const DEAD_OWNERS: &str = concat!("SELECT owner FROM processes p WHERE ", owner_dead!("$1"));
 
 fn pg_duration(d: Duration) -> String {
     format!("{}ms", d.as_millis())
@@ -265,11 +281,9 @@ crate::shared::store_roles! {
     read: pool,
     write: pool,
     lock_source: "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3 FOR UPDATE",
-    lock_chunk: &format!(
-        "SELECT c.*, s.status AS source_status, {OWNER_DEAD} AS owner_dead
-         FROM chunks c JOIN sources s ON s.id = c.source_id
-         LEFT JOIN processes p ON p.owner = c.lease_owner
-         WHERE c.id = $1 FOR UPDATE OF c"
-    ),
-    lock_lease: "SELECT transient_since_ms FROM chunks WHERE id = $1 AND lease_token = $2 AND state = 'running' FOR UPDATE",
+    lock_chunk: "SELECT c.*, s.status AS source_status
+         FROM chunks c JOIN sources s ON s.directory_id = c.directory_id AND s.id = c.source_id
+         WHERE c.directory_id = $1 AND c.id = $2 FOR UPDATE OF c",
+    lock_lease: "SELECT transient_since_ms FROM chunks WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'running' FOR UPDATE",
+    owner_dead: OWNER_DEAD,
 }

@@ -1,6 +1,6 @@
-//! PostgreSQL: webhook endpoints and the delivery outbox. Gateways lease due deliveries with
-//! `FOR UPDATE SKIP LOCKED`, so several of them share the outbox without sending a delivery
-//! twice at once; a lease that runs out (its gateway died mid-attempt) makes the delivery due
+//! PostgreSQL: webhook endpoints and the delivery outbox. Gateways lease due deliveries one
+//! by one with a conditional update, so several of them share the outbox without sending a
+//! delivery twice at once; a lease that runs out (its gateway died mid-attempt) makes the delivery due
 //! again: at least once. What SQLite does the same way is `crate::shared::webhook_store`.
 
 use std::time::Duration;
@@ -16,7 +16,7 @@ use orbit_core::model::*;
 crate::shared::webhook_store! {
     connection: PgConnection,
     pool: PgPool,
-    lease_held: "SELECT 1 FROM webhook_deliveries WHERE id = $1 AND lease_token = $2 AND state = 'pending' FOR UPDATE",
+    lease_held: "SELECT 1 FROM webhook_deliveries WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'pending' FOR UPDATE",
     attempts_of: attempts_of,
 }
 
@@ -31,13 +31,37 @@ async fn attempts_of(pool: &PgPool, deliveries: &[DeliveryRow]) -> StoreResult<V
     )
 }
 
+/// Deletes the endpoint with its deliveries and their attempts, which live on the shards of
+/// their sources' directories (no foreign key cascades across shards).
 pub(super) async fn delete(pool: &PgPool, org: Uuid, id: Uuid) -> StoreResult<bool> {
-    let done = sqlx::query("DELETE FROM webhook_endpoints WHERE organization_id = $1 AND id = $2")
-        .bind(org)
+    let mut tx = pool.begin().await?;
+    let owned = sqlx::query(
+        "SELECT 1 FROM webhook_endpoints WHERE organization_id = $1 AND id = $2 FOR UPDATE",
+    )
+    .bind(org)
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?;
+    if owned.is_none() {
+        return Ok(false);
+    }
+    sqlx::query(
+        "DELETE FROM webhook_attempts a USING webhook_deliveries d
+         WHERE a.directory_id = d.directory_id AND a.delivery_id = d.id AND d.endpoint_id = $1",
+    )
+    .bind(id)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("DELETE FROM webhook_deliveries WHERE endpoint_id = $1")
         .bind(id)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
-    Ok(done.rows_affected() > 0)
+    sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1")
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
 }
 
 pub(super) async fn claim(
@@ -50,6 +74,9 @@ pub(super) async fn claim(
         .await
 }
 
+/// Due deliveries are read without a lock (a sharded database cannot lock rows across
+/// shards), then each is leased by key in a statement that checks it is still due: of two
+/// dispatchers, the second finds it leased.
 async fn claim_once(
     pool: &PgPool,
     lease_for: Duration,
@@ -57,23 +84,34 @@ async fn claim_once(
 ) -> StoreResult<Vec<DueDelivery>> {
     let now = now_ms();
     let token = Uuid::new_v4();
-    let rows: Vec<DueRow> = sqlx::query_as(
-        "WITH due AS (
-             SELECT d.id FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
-             WHERE d.state = 'pending' AND d.next_attempt_ms <= $1
-               AND (d.lease_until_ms IS NULL OR d.lease_until_ms < $1) AND e.disabled_ms IS NULL
-             ORDER BY d.next_attempt_ms LIMIT $2
-             FOR UPDATE OF d SKIP LOCKED)
-         UPDATE webhook_deliveries d SET lease_token = $3, lease_until_ms = $4
-         FROM due, webhook_endpoints e
-         WHERE d.id = due.id AND e.id = d.endpoint_id
-         RETURNING d.id, d.endpoint_id, e.url, e.secret, d.payload, d.attempts",
+    let candidates: Vec<DueRow> = sqlx::query_as(
+        "SELECT d.directory_id, d.id, d.endpoint_id, e.url, e.secret, d.payload, d.attempts
+         FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
+         WHERE d.state = 'pending' AND d.next_attempt_ms <= $1
+           AND (d.lease_until_ms IS NULL OR d.lease_until_ms < $1) AND e.disabled_ms IS NULL
+         ORDER BY d.next_attempt_ms LIMIT $2",
     )
     .bind(now)
     .bind(i64::from(limit))
-    .bind(token)
-    .bind(now + dur_ms(lease_for))
     .fetch_all(pool)
     .await?;
-    Ok(rows.into_iter().map(|r| r.leased(token)).collect())
+    let mut due = Vec::with_capacity(candidates.len());
+    for candidate in candidates {
+        let leased = sqlx::query(
+            "UPDATE webhook_deliveries SET lease_token = $1, lease_until_ms = $2
+             WHERE directory_id = $3 AND id = $4 AND state = 'pending' AND next_attempt_ms <= $5
+               AND (lease_until_ms IS NULL OR lease_until_ms < $5)",
+        )
+        .bind(token)
+        .bind(now + dur_ms(lease_for))
+        .bind(candidate.directory_id)
+        .bind(candidate.id)
+        .bind(now)
+        .execute(pool)
+        .await?;
+        if leased.rows_affected() > 0 {
+            due.push(candidate.leased(token));
+        }
+    }
+    Ok(due)
 }

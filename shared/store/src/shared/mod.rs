@@ -29,6 +29,7 @@ impl KeyRequest<'_> {
     pub fn claim(&self) -> orbit_core::model::IdempotencyClaim {
         orbit_core::model::IdempotencyClaim {
             organization_id: self.org,
+            directory_id: self.dir,
             key: self.key.to_owned(),
             token: uuid::Uuid::new_v4(),
         }
@@ -63,10 +64,12 @@ macro_rules! webhook_store {
             }
             let now = $crate::rows::now_ms();
             let source_id = source.id;
+            let directory_id = source.directory_id;
             let payload = ::orbit_core::views::source_event(event, source, $crate::rows::at(now));
             for endpoint in endpoints {
                 sqlx::query($crate::sql::INSERT_DELIVERY)
                     .bind(::uuid::Uuid::now_v7())
+                    .bind(directory_id)
                     .bind(endpoint)
                     .bind(source_id)
                     .bind(event)
@@ -167,6 +170,7 @@ macro_rules! webhook_store {
         ) -> $crate::StoreResult<()> {
             let mut tx = writer.begin().await?;
             let held = sqlx::query($lease_held)
+                .bind(delivery.directory_id)
                 .bind(delivery.id)
                 .bind(delivery.lease_token)
                 .fetch_optional(&mut *tx)
@@ -176,6 +180,7 @@ macro_rules! webhook_store {
             }
             let now = $crate::rows::now_ms();
             sqlx::query($crate::sql::INSERT_ATTEMPT)
+                .bind(delivery.directory_id)
                 .bind(delivery.id)
                 .bind(i64::from(attempt.attempt))
                 .bind($crate::rows::ms(attempt.at))
@@ -190,6 +195,7 @@ macro_rules! webhook_store {
                 .bind(effect.next_attempt_ms)
                 .bind(effect.delivered)
                 .bind(now)
+                .bind(delivery.directory_id)
                 .bind(delivery.id)
                 .execute(&mut *tx)
                 .await?;
@@ -221,9 +227,11 @@ macro_rules! transaction_steps {
         /// A source by id, unscoped: for the store's own use after a scoped check.
         pub(super) async fn load_source(
             conn: &mut $conn,
+            dir: ::uuid::Uuid,
             id: ::uuid::Uuid,
         ) -> $crate::StoreResult<::orbit_core::model::Source> {
             sqlx::query_as::<_, $crate::rows::SourceRow>($crate::sql::SOURCE_BY_ID)
+                .bind(dir)
                 .bind(id)
                 .fetch_one(&mut *conn)
                 .await?
@@ -232,6 +240,7 @@ macro_rules! transaction_steps {
 
         pub(super) async fn fail_source_in(
             conn: &mut $conn,
+            dir: ::uuid::Uuid,
             source: ::uuid::Uuid,
             code: &str,
             message: &str,
@@ -240,15 +249,17 @@ macro_rules! transaction_steps {
                 .bind(code)
                 .bind(message)
                 .bind($crate::rows::now_ms())
+                .bind(dir)
                 .bind(source)
                 .execute(&mut *conn)
                 .await?;
             if updated.rows_affected() > 0 {
                 sqlx::query($crate::sql::FAIL_OPEN_CHUNKS)
+                    .bind(dir)
                     .bind(source)
                     .execute(&mut *conn)
                     .await?;
-                let failed = load_source(conn, source).await?;
+                let failed = load_source(conn, dir, source).await?;
                 webhooks::enqueue(conn, failed, ::orbit_core::views::SOURCE_FAILED).await?;
             }
             Ok(())
@@ -265,36 +276,41 @@ macro_rules! transaction_steps {
             }
             fail_source_in(
                 conn,
+                current.directory_id,
                 current.id,
                 ::orbit_core::model::CANCELLED,
                 "the import was cancelled on request; rows committed before the cancel stay",
             )
             .await?;
-            Ok(Cancelled::Cancelled(load_source(conn, current.id).await?))
+            Ok(Cancelled::Cancelled(
+                load_source(conn, current.directory_id, current.id).await?,
+            ))
         }
 
         /// Completes a source whose every chunk is in and whose duplicates across chunks are
         /// flagged; fails it should its counts not add up.
         pub(super) async fn complete_source(
             conn: &mut $conn,
+            dir: ::uuid::Uuid,
             source_id: ::uuid::Uuid,
         ) -> $crate::StoreResult<()> {
-            let source = load_source(conn, source_id).await?;
+            let source = load_source(conn, dir, source_id).await?;
             if source.accepted + source.failed != source.total_rows {
                 let message = format!(
                     "processed {} rows of {}; the source cannot be completed",
                     source.accepted + source.failed,
                     source.total_rows
                 );
-                return fail_source_in(conn, source_id, "row_count_mismatch", &message).await;
+                return fail_source_in(conn, dir, source_id, "row_count_mismatch", &message).await;
             }
             let completed = sqlx::query($crate::sql::COMPLETE_SOURCE)
+                .bind(dir)
                 .bind(source_id)
                 .bind($crate::rows::now_ms())
                 .execute(&mut *conn)
                 .await?;
             if completed.rows_affected() > 0 {
-                let source = load_source(conn, source_id).await?;
+                let source = load_source(conn, dir, source_id).await?;
                 webhooks::enqueue(conn, source, ::orbit_core::views::SOURCE_COMPLETED).await?;
             }
             Ok(())
@@ -304,11 +320,13 @@ macro_rules! transaction_steps {
         /// row has.
         pub(super) async fn repeated_identities(
             conn: &mut $conn,
+            dir: ::uuid::Uuid,
             source_id: ::uuid::Uuid,
             kind: &str,
         ) -> $crate::StoreResult<Vec<(i64, i64, String)>> {
             Ok(
                 sqlx::query_as($crate::sql::repeated_identities(kind).as_str())
+                    .bind(dir)
                     .bind(source_id)
                     .fetch_all(&mut *conn)
                     .await?,
@@ -319,13 +337,14 @@ macro_rules! transaction_steps {
         /// chunks it finished.
         pub(super) async fn end_slice(
             conn: &mut $conn,
-            chunk: ::uuid::Uuid,
+            lease: &::orbit_core::model::Lease,
             end: ::orbit_core::model::SliceEnd,
         ) -> $crate::StoreResult<u64> {
             Ok(match end {
                 ::orbit_core::model::SliceEnd::Chunk => {
                     sqlx::query($crate::rows::CHUNK_DONE)
-                        .bind(chunk)
+                        .bind(lease.directory_id)
+                        .bind(lease.chunk_id)
                         .execute(&mut *conn)
                         .await?;
                     1
@@ -335,7 +354,8 @@ macro_rules! transaction_steps {
                         .bind(next.offset as i64)
                         .bind(next.line as i64)
                         .bind(next.row as i64)
-                        .bind(chunk)
+                        .bind(lease.directory_id)
+                        .bind(lease.chunk_id)
                         .execute(&mut *conn)
                         .await?;
                     0
@@ -389,7 +409,7 @@ macro_rules! transaction_steps {
                 .bind(&source.sha256)
                 .bind(source.id)
                 .bind(serde_json::to_string(&receipt)?)
-                .bind(claim.organization_id)
+                .bind(claim.directory_id)
                 .bind(&claim.key)
                 .bind(claim.token)
                 .execute(&mut *conn)
@@ -439,14 +459,15 @@ macro_rules! transaction_steps {
             Ok(::orbit_core::model::KeyState::Claimed(claim))
         }
 
-        /// Whether `lease` is still held, by `statement` ($1 the chunk, $2 the lease token),
-        /// which in PostgreSQL also takes the row lock that fences a takeover.
+        /// Whether `lease` is still held, by `statement` ($1 the directory, $2 the chunk, $3 the
+        /// lease token), which in PostgreSQL also takes the row lock that fences a takeover.
         pub(super) async fn lease_held(
             conn: &mut $conn,
             statement: &str,
             lease: &::orbit_core::model::Lease,
         ) -> $crate::StoreResult<bool> {
             Ok(sqlx::query(statement)
+                .bind(lease.directory_id)
                 .bind(lease.chunk_id)
                 .bind(lease.token)
                 .fetch_optional(&mut *conn)
@@ -456,6 +477,7 @@ macro_rules! transaction_steps {
 
         pub(super) async fn insert_chunk(
             conn: &mut $conn,
+            dir: ::uuid::Uuid,
             source: ::uuid::Uuid,
             chunk: &::orbit_core::model::ChunkSpec,
             state: &str,
@@ -464,6 +486,7 @@ macro_rules! transaction_steps {
             let id = ::uuid::Uuid::now_v7();
             sqlx::query($crate::sql::INSERT_CHUNK)
                 .bind(id)
+                .bind(dir)
                 .bind(source)
                 .bind(i64::from(chunk.index))
                 .bind(chunk.first_row as i64)

@@ -9,10 +9,14 @@
 ///
 /// The backend writes the rest itself, as methods on the store: `claim_key`, `store_upload`,
 /// `cancel_source_once` and `widest_failed_row` (Uploads); `store_slice`, `requeue_chunks` and
-/// `unqueue_chunks` (Chunks); and the whole of Profiles. The arguments are the statements
-/// that lock in PostgreSQL and not in SQLite (one writer at a time): `lock_source` reads a
-/// source to reopen, `lock_chunk` a chunk to claim (with `owner_dead`, given `$2` now),
-/// `lock_lease` a chunk to release.
+/// `unqueue_chunks` (Chunks); `place_tables`, what a backend does after its migrations
+/// (Database); and the whole of Profiles. The arguments are the statements that lock in
+/// PostgreSQL and not in SQLite (one writer at a time): `lock_source` reads a source to
+/// reopen, `lock_chunk` a chunk to claim (`$1` its directory, `$2` itself), `lock_lease` a
+/// chunk to release; and `owner_dead`, whether the process `$1` stopped heartbeating, given
+/// `$2` now. Heartbeats are read apart from the chunk or key they vouch for: on a sharded
+/// database `processes` stays on the coordinator, which a statement about one shard cannot
+/// join.
 macro_rules! store_roles {
     (
         store: $store:ty,
@@ -22,7 +26,8 @@ macro_rules! store_roles {
         write: $write:ident,
         lock_source: $lock_source:expr,
         lock_chunk: $lock_chunk:expr,
-        lock_lease: $lock_lease:expr $(,)?
+        lock_lease: $lock_lease:expr,
+        owner_dead: $owner_dead:expr $(,)?
     ) => {
         #[async_trait]
         impl Database for $store {
@@ -32,7 +37,7 @@ macro_rules! store_roles {
 
             async fn migrate(&self) -> StoreResult<()> {
                 sqlx::migrate!($migrations).run(&self.$write).await?;
-                Ok(())
+                self.place_tables().await
             }
 
             async fn ping(&self) -> StoreResult<()> {
@@ -210,6 +215,20 @@ macro_rules! store_roles {
                 ttl: Duration,
                 in_flight_timeout: Duration,
             ) -> StoreResult<KeyState> {
+                // The organization's keys live per directory; this says which directory a key
+                // is in use on, so that a reuse on another one is refused.
+                let now = $crate::rows::now_ms();
+                let scoped = sqlx::query($crate::sql::SCOPE_KEY)
+                    .bind(org)
+                    .bind(key)
+                    .bind(dir)
+                    .bind(now + $crate::rows::dur_ms(ttl))
+                    .bind(now)
+                    .fetch_optional(&self.$write)
+                    .await?;
+                if scoped.is_none() {
+                    return Ok(KeyState::OtherDirectory);
+                }
                 self.claim_key($crate::shared::KeyRequest {
                     org,
                     key,
@@ -222,12 +241,20 @@ macro_rules! store_roles {
             }
 
             async fn release_idempotency_key(&self, claim: &IdempotencyClaim) -> StoreResult<()> {
-                sqlx::query($crate::sql::RELEASE_IDEMPOTENCY_KEY)
-                    .bind(claim.organization_id)
+                let released = sqlx::query($crate::sql::RELEASE_IDEMPOTENCY_KEY)
+                    .bind(claim.directory_id)
                     .bind(&claim.key)
                     .bind(claim.token)
                     .execute(&self.$write)
                     .await?;
+                if released.rows_affected() > 0 {
+                    sqlx::query($crate::sql::UNSCOPE_KEY)
+                        .bind(claim.organization_id)
+                        .bind(&claim.key)
+                        .bind(claim.directory_id)
+                        .execute(&self.$write)
+                        .await?;
+                }
                 Ok(())
             }
 
@@ -308,18 +335,20 @@ macro_rules! store_roles {
                 })
             }
 
-            async fn failed_row_width(&self, source: Uuid) -> StoreResult<usize> {
-                self.widest_failed_row(source).await
+            async fn failed_row_width(&self, dir: Uuid, source: Uuid) -> StoreResult<usize> {
+                self.widest_failed_row(dir, source).await
             }
 
             async fn failed_rows(
                 &self,
+                dir: Uuid,
                 source: Uuid,
                 after_row: u64,
                 limit: u32,
             ) -> StoreResult<Vec<StoredFailedRow>> {
                 let rows =
                     sqlx::query_as::<_, $crate::rows::FailedRowRow>($crate::sql::FAILED_ROWS_PAGE)
+                        .bind(dir)
                         .bind(source)
                         .bind(after_row as i64)
                         .bind(i64::from(limit))
@@ -371,6 +400,7 @@ macro_rules! store_roles {
                     return Ok(Retried::NotFailed(found));
                 }
                 let chunks = sqlx::query($crate::sql::REOPEN_CHUNKS)
+                    .bind(dir)
                     .bind(source)
                     .fetch_all(&mut *tx)
                     .await?;
@@ -379,15 +409,17 @@ macro_rules! store_roles {
                 }
                 sqlx::query($crate::sql::REOPEN_SOURCE)
                     .bind($crate::rows::now_ms())
+                    .bind(dir)
                     .bind(source)
                     .execute(&mut *tx)
                     .await?;
-                let retried = load_source(&mut tx, source).await?;
+                let retried = load_source(&mut tx, dir, source).await?;
                 tx.commit().await?;
                 let refs = chunks
                     .iter()
                     .map(|row| {
                         Ok(ChunkRef {
+                            directory_id: dir,
                             source_id: source,
                             chunk_id: row.try_get("id")?,
                             attempt: 0,
@@ -401,29 +433,38 @@ macro_rules! store_roles {
 
             async fn claim_chunk_once(
                 &self,
-                chunk: Uuid,
+                queued: &ChunkRef,
                 owner: &str,
                 lease_for: Duration,
                 max_attempts: u32,
             ) -> StoreResult<Claim> {
+                let (dir, chunk) = (queued.directory_id, queued.chunk_id);
                 let mut tx = self.$write.begin().await?;
                 let now = $crate::rows::now_ms();
                 let row = sqlx::query($lock_chunk)
+                    .bind(dir)
                     .bind(chunk)
-                    .bind(now)
                     .fetch_optional(&mut *tx)
                     .await?;
                 let Some(row) = row else {
                     return Ok(Claim::Nothing);
                 };
                 let source_id: Uuid = row.try_get("source_id")?;
-                let found = $crate::rows::ChunkState::from_row(&row)?;
+                let mut found = $crate::rows::ChunkState::from_row(&row)?;
+                if let Some(holder) = &found.lease_owner {
+                    found.owner_dead = sqlx::query_scalar($owner_dead)
+                        .bind(holder)
+                        .bind(now)
+                        .fetch_optional(&mut *tx)
+                        .await?
+                        .unwrap_or(false);
+                }
                 let attempts = found.attempts;
                 match $crate::rows::decide_claim(&found, now, max_attempts) {
                     $crate::rows::ClaimDecision::Nothing => return Ok(Claim::Nothing),
                     $crate::rows::ClaimDecision::Busy => return Ok(Claim::Busy),
                     $crate::rows::ClaimDecision::Poison(message) => {
-                        fail_source_in(&mut tx, source_id, "chunk_poisoned", &message).await?;
+                        fail_source_in(&mut tx, dir, source_id, "chunk_poisoned", &message).await?;
                         tx.commit().await?;
                         return Ok(Claim::Poisoned);
                     }
@@ -441,19 +482,22 @@ macro_rules! store_roles {
                     .bind(owner)
                     .bind(token)
                     .bind(now + $crate::rows::dur_ms(lease_for))
+                    .bind(dir)
                     .bind(chunk)
                     .execute(&mut *tx)
                     .await?;
                 sqlx::query($crate::sql::SOURCE_PROCESSING)
                     .bind(now)
+                    .bind(dir)
                     .bind(source_id)
                     .execute(&mut *tx)
                     .await?;
                 let spec: ChunkSpec = $crate::rows::ChunkRow::from_row(&row)?.into();
-                let source = load_source(&mut tx, source_id).await?;
+                let source = load_source(&mut tx, dir, source_id).await?;
                 tx.commit().await?;
                 Ok(Claim::Claimed(Box::new(ChunkWork {
                     lease: Lease {
+                        directory_id: dir,
                         chunk_id: chunk,
                         source_id,
                         token,
@@ -472,6 +516,7 @@ macro_rules! store_roles {
             ) -> StoreResult<bool> {
                 let mut tx = self.$write.begin().await?;
                 let Some(row) = sqlx::query($lock_lease)
+                    .bind(lease.directory_id)
                     .bind(lease.chunk_id)
                     .bind(lease.token)
                     .fetch_optional(&mut *tx)
@@ -490,6 +535,7 @@ macro_rules! store_roles {
                     .bind(error)
                     .bind(i64::from(release.refund))
                     .bind(release.transient_since_ms)
+                    .bind(lease.directory_id)
                     .bind(lease.chunk_id)
                     .execute(&mut *tx)
                     .await?;
@@ -497,9 +543,14 @@ macro_rules! store_roles {
                 Ok(true)
             }
 
-            async fn fail_source_once(&self, source: Uuid, error: &SourceError) -> StoreResult<()> {
+            async fn fail_source_once(
+                &self,
+                dir: Uuid,
+                source: Uuid,
+                error: &SourceError,
+            ) -> StoreResult<()> {
                 let mut tx = self.$write.begin().await?;
-                fail_source_in(&mut tx, source, &error.code, &error.message).await?;
+                fail_source_in(&mut tx, dir, source, &error.code, &error.message).await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -509,7 +560,7 @@ macro_rules! store_roles {
         impl Chunks for $store {
             async fn claim_chunk(
                 &self,
-                chunk: Uuid,
+                chunk: &ChunkRef,
                 owner: &str,
                 lease_for: Duration,
                 max_attempts: u32,
@@ -523,6 +574,7 @@ macro_rules! store_roles {
             async fn renew_lease(&self, lease: &Lease, lease_for: Duration) -> StoreResult<bool> {
                 let done = sqlx::query($crate::sql::RENEW_LEASE)
                     .bind($crate::rows::now_ms() + $crate::rows::dur_ms(lease_for))
+                    .bind(lease.directory_id)
                     .bind(lease.chunk_id)
                     .bind(lease.token)
                     .execute(&self.$write)
@@ -549,8 +601,13 @@ macro_rules! store_roles {
                     .await
             }
 
-            async fn fail_source(&self, source: Uuid, error: SourceError) -> StoreResult<()> {
-                self.retrying(|| Box::pin(self.fail_source_once(source, &error)))
+            async fn fail_source(
+                &self,
+                dir: Uuid,
+                source: Uuid,
+                error: SourceError,
+            ) -> StoreResult<()> {
+                self.retrying(|| Box::pin(self.fail_source_once(dir, source, &error)))
                     .await
             }
 
@@ -569,7 +626,7 @@ macro_rules! store_roles {
                 Ok(done.rows_affected())
             }
 
-            async fn mark_unpublished(&self, chunks: &[Uuid]) -> StoreResult<()> {
+            async fn mark_unpublished(&self, chunks: &[ChunkRef]) -> StoreResult<()> {
                 self.unqueue_chunks(chunks).await
             }
         }

@@ -53,19 +53,21 @@ impl SqliteStore {
         let mut queued = Vec::with_capacity(upload.chunks.len());
         for chunk in &upload.chunks {
             queued.push(ChunkRef {
+                directory_id: s.directory_id,
                 source_id: s.id,
-                chunk_id: insert_chunk(&mut tx, s.id, chunk, "pending", trace).await?,
+                chunk_id: insert_chunk(&mut tx, s.directory_id, s.id, chunk, "pending", trace)
+                    .await?,
                 attempt: 0,
                 traceparent: upload.traceparent.clone(),
                 tracestate: upload.tracestate.clone(),
             });
         }
-        let source = load_source(&mut tx, s.id).await?;
+        let source = load_source(&mut tx, s.directory_id, s.id).await?;
         match &upload.sync_chunk {
             Some(chunk) => {
-                insert_chunk(&mut tx, s.id, chunk, "done", trace).await?;
+                insert_chunk(&mut tx, s.directory_id, s.id, chunk, "done", trace).await?;
                 let applied = apply_results(&mut tx, &source, sync_prepared).await?;
-                advance_source(&mut tx, s.id, &applied, 1).await?;
+                advance_source(&mut tx, s.directory_id, s.id, &applied, 1).await?;
             }
             None if chunk_count == 0 => {
                 let none = Applied {
@@ -73,11 +75,11 @@ impl SqliteStore {
                     failed: 0,
                     warnings: 0,
                 };
-                advance_source(&mut tx, s.id, &none, 0).await?;
+                advance_source(&mut tx, s.directory_id, s.id, &none, 0).await?;
             }
             None => {}
         }
-        let source = load_source(&mut tx, s.id).await?;
+        let source = load_source(&mut tx, s.directory_id, s.id).await?;
         complete_key(&mut tx, upload.idempotency.as_ref(), &source).await?;
         tx.commit().await?;
         Ok((source, queued))
@@ -89,9 +91,9 @@ impl SqliteStore {
         let row = sqlx::query(
             "SELECT k.*, COALESCE(p.expires_ms < ?3, 0) AS owner_dead FROM idempotency_keys k
                  LEFT JOIN processes p ON p.owner = k.owner
-                 WHERE k.organization_id = ?1 AND k.key = ?2",
+                 WHERE k.directory_id = ?1 AND k.key = ?2",
         )
-        .bind(request.org)
+        .bind(request.dir)
         .bind(request.key)
         .bind(now)
         .fetch_optional(&mut *tx)
@@ -111,8 +113,14 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn widest_failed_row(&self, source: Uuid) -> StoreResult<usize> {
-        let row = sqlx::query("SELECT COALESCE(MAX(json_array_length(fields)), 0) FROM failed_rows WHERE source_id = ?")
+    /// One node: every table stays where the migrations made it.
+    pub(super) async fn place_tables(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    pub(super) async fn widest_failed_row(&self, dir: Uuid, source: Uuid) -> StoreResult<usize> {
+        let row = sqlx::query("SELECT COALESCE(MAX(json_array_length(fields)), 0) FROM failed_rows WHERE directory_id = ? AND source_id = ?")
+            .bind(dir)
             .bind(source)
             .fetch_one(&self.reader)
             .await?;

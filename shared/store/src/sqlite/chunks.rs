@@ -14,14 +14,21 @@ impl SqliteStore {
         let prepared = prepare(results)?;
         let mut tx = self.writer.begin().await?;
         let held = "SELECT 1 FROM chunks c JOIN sources s ON s.id = c.source_id
-             WHERE c.id = $1 AND c.lease_token = $2 AND c.state = 'running' AND s.status IN ('pending', 'processing')";
+             WHERE c.directory_id = $1 AND c.id = $2 AND c.lease_token = $3 AND c.state = 'running' AND s.status IN ('pending', 'processing')";
         if !lease_held(&mut tx, held, lease).await? {
             return Ok(Committed::LeaseLost);
         }
-        let source = load_source(&mut tx, lease.source_id).await?;
+        let source = load_source(&mut tx, lease.directory_id, lease.source_id).await?;
         let applied = apply_results(&mut tx, &source, prepared).await?;
-        let chunks_done = end_slice(&mut tx, lease.chunk_id, end).await?;
-        let completed = advance_source(&mut tx, source.id, &applied, chunks_done).await?;
+        let chunks_done = end_slice(&mut tx, lease, end).await?;
+        let completed = advance_source(
+            &mut tx,
+            source.directory_id,
+            source.id,
+            &applied,
+            chunks_done,
+        )
+        .await?;
         tx.commit().await?;
         Ok(Committed::Done {
             source_completed: completed,
@@ -36,7 +43,7 @@ impl SqliteStore {
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
         let rows = sqlx::query(
-            "SELECT c.id, c.source_id, c.attempts, c.traceparent, c.tracestate FROM chunks c JOIN sources s ON s.id = c.source_id
+            "SELECT c.id, c.directory_id, c.source_id, c.attempts, c.traceparent, c.tracestate FROM chunks c JOIN sources s ON s.id = c.source_id
              LEFT JOIN processes p ON p.owner = c.lease_owner
              WHERE s.status IN ('pending', 'processing') AND (
                  (c.state = 'pending' AND c.not_before_ms <= ?1 AND (c.queued_ms IS NULL OR c.queued_ms < ?2))
@@ -57,6 +64,7 @@ impl SqliteStore {
                 .execute(&mut *tx)
                 .await?;
             refs.push(ChunkRef {
+                directory_id: row.try_get("directory_id")?,
                 source_id: row.try_get("source_id")?,
                 chunk_id,
                 attempt: row.try_get::<i64, _>("attempts")? as u32,
@@ -72,11 +80,11 @@ impl SqliteStore {
         Ok(refs)
     }
 
-    pub(super) async fn unqueue_chunks(&self, chunks: &[Uuid]) -> StoreResult<()> {
+    pub(super) async fn unqueue_chunks(&self, chunks: &[ChunkRef]) -> StoreResult<()> {
         let mut tx = self.writer.begin().await?;
         for chunk in chunks {
             sqlx::query("UPDATE chunks SET queued_ms = NULL WHERE id = ? AND state = 'pending'")
-                .bind(chunk)
+                .bind(chunk.chunk_id)
                 .execute(&mut *tx)
                 .await?;
         }

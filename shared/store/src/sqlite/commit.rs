@@ -55,7 +55,7 @@ pub(super) async fn apply_results(
     // DRY RUN: the one point where a dry run leaves the write path: no profile, identity or
     // record; the counts, warnings and failed rows stay, as the import would have them.
     if source.dry_run {
-        write_failed_and_issues(conn, source.id, &prepared, &writes.warnings).await?;
+        write_failed_and_issues(conn, source, &prepared, &writes.warnings).await?;
         return Ok(writes.applied);
     }
     let now = now_ms();
@@ -113,12 +113,13 @@ pub(super) async fn apply_results(
     }
     for batch in records.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
-            "INSERT OR IGNORE INTO records (source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) ",
+            "INSERT OR IGNORE INTO records (directory_id, source_id, row_number, line_number, profile_id, email, linkedin_url, phone, fields, attributes) ",
         );
         insert.push_values(
             batch,
             |mut row, (r, identities, profile, fields, attributes)| {
-                row.push_bind(source.id)
+                row.push_bind(source.directory_id)
+                    .push_bind(source.id)
                     .push_bind(r.row_number)
                     .push_bind(r.line_number)
                     .push_bind(**profile)
@@ -131,23 +132,24 @@ pub(super) async fn apply_results(
         );
         insert.build().execute(&mut *conn).await?;
     }
-    write_failed_and_issues(conn, source.id, &prepared, &writes.warnings).await?;
+    write_failed_and_issues(conn, source, &prepared, &writes.warnings).await?;
     Ok(writes.applied)
 }
 
 /// The failed rows and the row issues (`warnings` of accepted rows, the failed rows' errors).
 pub(super) async fn write_failed_and_issues(
     conn: &mut SqliteConnection,
-    source: Uuid,
+    source: &Source,
     prepared: &Prepared,
     warnings: &[IssueWrite],
 ) -> StoreResult<()> {
     for batch in prepared.failed.chunks(ROWS_PER_INSERT) {
         let mut insert = QueryBuilder::<Sqlite>::new(
-            "INSERT OR IGNORE INTO failed_rows (source_id, row_number, line_number, fields, error_code, error_message) ",
+            "INSERT OR IGNORE INTO failed_rows (directory_id, source_id, row_number, line_number, fields, error_code, error_message) ",
         );
         insert.push_values(batch, |mut row, f| {
-            row.push_bind(source)
+            row.push_bind(source.directory_id)
+                .push_bind(source.id)
                 .push_bind(f.row_number)
                 .push_bind(f.line_number)
                 .push_bind(&f.fields)
@@ -159,7 +161,8 @@ pub(super) async fn write_failed_and_issues(
     for i in warnings.iter().chain(&prepared.failed_issues) {
         insert_issue(
             conn,
-            source,
+            source.directory_id,
+            source.id,
             i.row_number as u64,
             i.line_number as u64,
             &i.issue,
@@ -171,14 +174,16 @@ pub(super) async fn write_failed_and_issues(
 
 pub(super) async fn insert_issue(
     conn: &mut SqliteConnection,
+    dir: Uuid,
     source: Uuid,
     row_number: u64,
     line_number: u64,
     issue: &Issue,
 ) -> StoreResult<bool> {
     let done = sqlx::query(
-        "INSERT OR IGNORE INTO row_issues (source_id, row_number, line_number, severity, code, column_name, message, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR IGNORE INTO row_issues (directory_id, source_id, row_number, line_number, severity, code, column_name, message, value) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
+    .bind(dir)
     .bind(source)
     .bind(row_number as i64)
     .bind(line_number as i64)
@@ -195,6 +200,7 @@ pub(super) async fn insert_issue(
 /// Adds the applied counts to the source and completes it when its last chunk is in.
 pub(super) async fn advance_source(
     conn: &mut SqliteConnection,
+    dir: Uuid,
     source: Uuid,
     applied: &Applied,
     chunks_done: u64,
@@ -220,7 +226,7 @@ pub(super) async fn advance_source(
     if done < count {
         return Ok(false);
     }
-    finalize_source(conn, source).await?;
+    finalize_source(conn, dir, source).await?;
     Ok(true)
 }
 
@@ -228,13 +234,17 @@ pub(super) async fn advance_source(
 /// the source (or fails it, should the counts not add up).
 pub(super) async fn finalize_source(
     conn: &mut SqliteConnection,
+    dir: Uuid,
     source_id: Uuid,
 ) -> StoreResult<()> {
     for kind in resolve::IDENTITY_KINDS {
-        for (row_number, line_number, value) in repeated_identities(conn, source_id, kind).await? {
+        for (row_number, line_number, value) in
+            repeated_identities(conn, dir, source_id, kind).await?
+        {
             let issue = row::duplicate_issue(kind, &value);
             insert_issue(
                 conn,
+                dir,
                 source_id,
                 row_number as u64,
                 line_number as u64,
@@ -243,5 +253,5 @@ pub(super) async fn finalize_source(
             .await?;
         }
     }
-    complete_source(conn, source_id).await
+    complete_source(conn, dir, source_id).await
 }

@@ -105,9 +105,9 @@ crate::shared::store_roles! {
     read: reader,
     write: writer,
     lock_source: "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3",
-    lock_chunk: "SELECT c.*, s.status AS source_status, COALESCE(p.expires_ms < ?2, 0) AS owner_dead
+    lock_chunk: "SELECT c.*, s.status AS source_status
          FROM chunks c JOIN sources s ON s.id = c.source_id
-         LEFT JOIN processes p ON p.owner = c.lease_owner
-         WHERE c.id = ?1",
-    lock_lease: "SELECT transient_since_ms FROM chunks WHERE id = $1 AND lease_token = $2 AND state = 'running'",
+         WHERE c.directory_id = $1 AND c.id = $2",
+    lock_lease: "SELECT transient_since_ms FROM chunks WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'running'",
+    owner_dead: "SELECT p.expires_ms < $2 FROM processes p WHERE p.owner = $1",
 }

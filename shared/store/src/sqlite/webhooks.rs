@@ -15,7 +15,7 @@ use orbit_core::model::*;
 crate::shared::webhook_store! {
     connection: SqliteConnection,
     pool: SqlitePool,
-    lease_held: "SELECT 1 FROM webhook_deliveries WHERE id = $1 AND lease_token = $2 AND state = 'pending'",
+    lease_held: "SELECT 1 FROM webhook_deliveries WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'pending'",
     attempts_of: attempts_of,
 }
 
@@ -87,7 +87,7 @@ pub(super) async fn claim(
     let token = Uuid::new_v4();
     let mut tx = writer.begin().await?;
     let rows: Vec<DueRow> = sqlx::query_as(
-        "SELECT d.id, d.endpoint_id, e.url, e.secret, d.payload, d.attempts
+        "SELECT d.directory_id, d.id, d.endpoint_id, e.url, e.secret, d.payload, d.attempts
          FROM webhook_deliveries d JOIN webhook_endpoints e ON e.id = d.endpoint_id
          WHERE d.state = 'pending' AND d.next_attempt_ms <= ?1
            AND (d.lease_until_ms IS NULL OR d.lease_until_ms < ?1) AND e.disabled_ms IS NULL

@@ -116,7 +116,7 @@ async fn one_chunk_upload(
         .unwrap()
 }
 
-async fn claim(store: &dyn Store, chunk: Uuid) -> ChunkWork {
+async fn claim(store: &dyn Store, chunk: &ChunkRef) -> ChunkWork {
     match store.claim_chunk(chunk, "test", LEASE, 5).await.unwrap() {
         Claim::Claimed(work) => *work,
         other => panic!("expected a claim, got {other:?}"),
@@ -414,7 +414,7 @@ async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
     assert_eq!(queued.len(), 2);
     assert_eq!(store.count_pending_chunks().await.unwrap(), 2);
 
-    let work = claim(&*store, queued[0].chunk_id).await;
+    let work = claim(&*store, &queued[0]).await;
     assert_eq!(work.chunk, chunk(1, 4, 2));
     assert_eq!(work.source.id, source.id);
     assert_eq!(
@@ -426,7 +426,7 @@ async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
     );
     assert!(matches!(
         store
-            .claim_chunk(queued[0].chunk_id, "other", LEASE, 5)
+            .claim_chunk(&queued[0], "other", LEASE, 5)
             .await
             .unwrap(),
         Claim::Busy
@@ -448,13 +448,13 @@ async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
     );
     assert!(matches!(
         store
-            .claim_chunk(queued[0].chunk_id, "test", LEASE, 5)
+            .claim_chunk(&queued[0], "test", LEASE, 5)
             .await
             .unwrap(),
         Claim::Nothing
     ));
 
-    let work = claim(&*store, queued[1].chunk_id).await;
+    let work = claim(&*store, &queued[1]).await;
     let results = ChunkResults {
         accepted: vec![record(6, &[("phone", "+14155552671")])],
         failed: vec![failed(7)],
@@ -521,13 +521,13 @@ async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
             .collect::<Vec<_>>(),
         [(7, "missing_identifier")]
     );
-    let failed_rows = store.failed_rows(source.id, 0, 10).await.unwrap();
+    let failed_rows = store.failed_rows(dir, source.id, 0, 10).await.unwrap();
     assert_eq!(
         failed_rows.iter().map(|f| f.row_number).collect::<Vec<_>>(),
         [3, 7]
     );
     assert_eq!(failed_rows[0].fields, ["no-email", "x"]);
-    assert_eq!(store.failed_row_width(source.id).await.unwrap(), 2);
+    assert_eq!(store.failed_row_width(dir, source.id).await.unwrap(), 2);
     let profiles = store
         .list_profiles(
             org,
@@ -577,14 +577,14 @@ async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
     let (source, queued) = one_chunk_upload(&*store, org, dir, 1).await;
     // A lease that has already expired: another worker takes the chunk over.
     let zombie = match store
-        .claim_chunk(queued[0].chunk_id, "zombie", Duration::ZERO, 5)
+        .claim_chunk(&queued[0], "zombie", Duration::ZERO, 5)
         .await
         .unwrap()
     {
         Claim::Claimed(w) => *w,
         other => panic!("{other:?}"),
     };
-    let live = claim(&*store, queued[0].chunk_id).await;
+    let live = claim(&*store, &queued[0]).await;
     assert_eq!(live.lease.attempt, 2);
     assert!(!store.renew_lease(&zombie.lease, LEASE).await.unwrap());
     let results = || ChunkResults {
@@ -630,7 +630,7 @@ async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
 async fn a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
     let (source, queued) = one_chunk_upload(&*store, org, dir, 5).await;
-    let first = claim(&*store, queued[0].chunk_id).await;
+    let first = claim(&*store, &queued[0]).await;
     let slice = ChunkResults {
         accepted: vec![
             record(1, &[("email", "a@x.co")]),
@@ -670,7 +670,7 @@ async fn a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last(store: 
         .release_chunk(&zombie, "worker killed", None)
         .await
         .unwrap();
-    let next = claim(&*store, queued[0].chunk_id).await;
+    let next = claim(&*store, &queued[0]).await;
     assert_eq!(
         next.chunk,
         ChunkSpec {
@@ -742,7 +742,7 @@ async fn a_source_says_it_is_retrying_until_its_chunk_moves_again(store: Arc<dyn
         "object store error: connection refused",
         "object store error: timed out",
     ] {
-        let work = claim(&*store, queued[0].chunk_id).await;
+        let work = claim(&*store, &queued[0]).await;
         assert!(store
             .release_chunk(&work.lease, error, Some(Duration::from_secs(600)))
             .await
@@ -778,7 +778,7 @@ async fn a_source_says_it_is_retrying_until_its_chunk_moves_again(store: Arc<dyn
     );
 
     // The since of the run stays while it lasts, through a running retry.
-    let work = claim(&*store, queued[0].chunk_id).await;
+    let work = claim(&*store, &queued[0]).await;
     assert_eq!(get().await.retrying.as_ref(), Some(&retrying));
     // A committed slice ends the run: the chunk is moving again.
     let slice = ChunkResults {
@@ -806,7 +806,7 @@ async fn a_source_says_it_is_retrying_until_its_chunk_moves_again(store: Arc<dyn
         .await
         .unwrap();
     assert!(get().await.retrying.is_some());
-    let last = claim(&*store, queued[0].chunk_id).await;
+    let last = claim(&*store, &queued[0]).await;
     let rest = ChunkResults {
         accepted: vec![
             record(2, &[("email", "b@x.co")]),
@@ -829,11 +829,7 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
     // Transient failures (an outage) cost no attempt while they last less than the ceiling,
     // however many there are.
     for _ in 0..5 {
-        let work = match store
-            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
-            .await
-            .unwrap()
-        {
+        let work = match store.claim_chunk(&queued[0], "w", LEASE, 2).await.unwrap() {
             Claim::Claimed(w) => *w,
             other => panic!("{other:?}"),
         };
@@ -851,11 +847,7 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
             .unwrap();
     }
     for _ in 0..2 {
-        let work = match store
-            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
-            .await
-            .unwrap()
-        {
+        let work = match store.claim_chunk(&queued[0], "w", LEASE, 2).await.unwrap() {
             Claim::Claimed(w) => *w,
             other => panic!("{other:?}"),
         };
@@ -865,10 +857,7 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
             .unwrap();
     }
     assert!(matches!(
-        store
-            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
-            .await
-            .unwrap(),
+        store.claim_chunk(&queued[0], "w", LEASE, 2).await.unwrap(),
         Claim::Poisoned
     ));
     let failed = store
@@ -885,10 +874,7 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
         error.message
     );
     assert!(matches!(
-        store
-            .claim_chunk(queued[0].chunk_id, "w", LEASE, 2)
-            .await
-            .unwrap(),
+        store.claim_chunk(&queued[0], "w", LEASE, 2).await.unwrap(),
         Claim::Nothing
     ));
 
@@ -909,7 +895,7 @@ async fn a_chunk_out_of_attempts_fails_its_source(store: Arc<dyn Store>) {
         store.retry_source(org, dir, source.id).await.unwrap(),
         Retried::NotFailed(_)
     ));
-    let work = claim(&*store, queued[0].chunk_id).await;
+    let work = claim(&*store, &queued[0]).await;
     assert_eq!(work.lease.attempt, 1);
     let results = ChunkResults {
         accepted: vec![record(1, &[("email", "resumed@x.co")])],
@@ -972,7 +958,7 @@ async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>
     assert!(traced(&again), "{again:?}");
     // A worker that died holding a lease: its chunk comes back once the lease expires.
     match store
-        .claim_chunk(queued[0].chunk_id, "dead", Duration::ZERO, 5)
+        .claim_chunk(&queued[0], "dead", Duration::ZERO, 5)
         .await
         .unwrap()
     {
@@ -1009,13 +995,12 @@ async fn a_chunk_marked_unpublished_is_reaped_at_once(store: Arc<dyn Store>) {
     // lease a stale mark must not undo.
     assert!(matches!(
         store
-            .claim_chunk(queued[0].chunk_id, "worker", long, 5)
+            .claim_chunk(&queued[0], "worker", long, 5)
             .await
             .unwrap(),
         Claim::Claimed(_)
     ));
-    let unsent: Vec<_> = queued.iter().map(|c| c.chunk_id).collect();
-    store.mark_unpublished(&unsent).await.unwrap();
+    store.mark_unpublished(&queued).await.unwrap();
     let reaped: std::collections::HashSet<_> = store
         .chunks_to_publish(long, 10)
         .await
@@ -1062,7 +1047,7 @@ async fn failed_sources_are_counted_by_code(store: Arc<dyn Store>) {
             code: code.into(),
             message: "gone".into(),
         };
-        store.fail_source(*source, error).await.unwrap();
+        store.fail_source(dir, *source, error).await.unwrap();
     }
     let mut counts = store.count_failed_sources_by_code().await.unwrap();
     counts.sort();
@@ -1091,10 +1076,7 @@ async fn a_dead_processes_leases_are_void_before_they_expire(store: Arc<dyn Stor
     let long = Duration::from_secs(3600);
     store.heartbeat("alive", long).await.unwrap();
     store.heartbeat("doomed", long).await.unwrap();
-    for (chunk, owner) in [
-        (queued[0].chunk_id, "alive"),
-        (queued[1].chunk_id, "doomed"),
-    ] {
+    for (chunk, owner) in [(&queued[0], "alive"), (&queued[1], "doomed")] {
         assert!(matches!(
             store.claim_chunk(chunk, owner, long, 5).await.unwrap(),
             Claim::Claimed(_)
@@ -1104,10 +1086,7 @@ async fn a_dead_processes_leases_are_void_before_they_expire(store: Arc<dyn Stor
     // the reaper leaves them alone.
     for c in &queued {
         assert!(matches!(
-            store
-                .claim_chunk(c.chunk_id, "thief", long, 5)
-                .await
-                .unwrap(),
+            store.claim_chunk(c, "thief", long, 5).await.unwrap(),
             Claim::Busy
         ));
     }
@@ -1124,13 +1103,13 @@ async fn a_dead_processes_leases_are_void_before_they_expire(store: Arc<dyn Stor
     );
     assert!(matches!(
         store
-            .claim_chunk(queued[0].chunk_id, "thief", long, 5)
+            .claim_chunk(&queued[0], "thief", long, 5)
             .await
             .unwrap(),
         Claim::Busy
     ));
     match store
-        .claim_chunk(queued[1].chunk_id, "heir", long, 5)
+        .claim_chunk(&queued[1], "heir", long, 5)
         .await
         .unwrap()
     {
@@ -1166,7 +1145,7 @@ async fn concurrent_chunks_never_split_an_identity(store: Arc<dyn Store>) {
     for (i, message) in queued.into_iter().enumerate() {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
-            let work = claim(&*store, message.chunk_id).await;
+            let work = claim(&*store, &message).await;
             let first = 1 + i as u64 * ROWS;
             let accepted = (0..ROWS)
                 .map(|p| {
@@ -1244,6 +1223,7 @@ async fn terminal_states_never_change(store: Arc<dyn Store>) {
     assert_eq!(source.status, SourceStatus::Completed);
     store
         .fail_source(
+            dir,
             source.id,
             SourceError {
                 code: "object_missing".into(),

@@ -388,7 +388,7 @@ async fn concurrent_commits_equal_a_serial_replay_in_commit_order() {
         let mut leases = Vec::new();
         for c in &queued {
             match store
-                .claim_chunk(c.chunk_id, "detector", Duration::from_secs(600), 5)
+                .claim_chunk(c, "detector", Duration::from_secs(600), 5)
                 .await
                 .unwrap()
             {

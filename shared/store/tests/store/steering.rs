@@ -100,7 +100,7 @@ async fn completed_source(store: &dyn Store, org: Uuid, dir: Uuid, email: &str) 
     source
 }
 
-async fn claim(store: &dyn Store, chunk: Uuid) -> ChunkWork {
+async fn claim(store: &dyn Store, chunk: &ChunkRef) -> ChunkWork {
     match store.claim_chunk(chunk, "test", LEASE, 5).await.unwrap() {
         Claim::Claimed(work) => *work,
         other => panic!("expected a claim, got {other:?}"),
@@ -145,7 +145,7 @@ async fn a_cancel_fails_the_source_keeps_what_committed_and_fences_the_rest(stor
         ))
         .await
         .unwrap();
-    let work = claim(&*store, queued[0].chunk_id).await;
+    let work = claim(&*store, &queued[0]).await;
     let slice = ChunkResults {
         accepted: vec![record(1, "a@x.co"), record(2, "b@x.co")],
         failed: vec![],
@@ -191,7 +191,7 @@ async fn a_cancel_fails_the_source_keeps_what_committed_and_fences_the_rest(stor
     );
     assert!(matches!(
         store
-            .claim_chunk(queued[1].chunk_id, "test", LEASE, 5)
+            .claim_chunk(&queued[1], "test", LEASE, 5)
             .await
             .unwrap(),
         Claim::Nothing
@@ -224,7 +224,7 @@ async fn a_dry_run_keeps_counts_and_problems_but_writes_no_profile(store: Arc<dy
         .await
         .unwrap();
     assert!(source.dry_run);
-    let work = claim(&*store, queued[0].chunk_id).await;
+    let work = claim(&*store, &queued[0]).await;
     assert!(work.source.dry_run, "workers see the flag");
     let rest = ChunkResults {
         accepted: vec![record(4, "c@x.co")],
@@ -252,7 +252,14 @@ async fn a_dry_run_keeps_counts_and_problems_but_writes_no_profile(store: Arc<dy
     let issues = store.list_issues(org, dir, source.id, &page).await.unwrap();
     let rows: Vec<u64> = issues.items.iter().map(|i| i.row_number).collect();
     assert_eq!(rows, [2, 5]);
-    assert_eq!(store.failed_rows(source.id, 0, 10).await.unwrap().len(), 2);
+    assert_eq!(
+        store
+            .failed_rows(dir, source.id, 0, 10)
+            .await
+            .unwrap()
+            .len(),
+        2
+    );
     // The same rows imported for real are resolved as if the dry run never happened.
     completed_source(&*store, org, dir, "a@x.co").await;
     let profiles = store.list_profiles(org, dir, None, &page).await.unwrap();

@@ -1,0 +1,110 @@
+//! Sharding the schema by directory when the database is a Citus coordinator (the `citus`
+//! extension is installed in it): what `migrate` does after the migrations, every time, so a
+//! table a later migration adds is placed too, and an existing database moves onto its worker
+//! nodes the first time it runs. On plain PostgreSQL nothing happens. docs/scaling.md says why
+//! each table lives where it does.
+
+use super::*;
+
+/// The organization's tables, small and read on every request: a copy on every node
+/// (reference tables), listed so that a referenced table comes before the ones that
+/// reference it.
+const REFERENCE: &[&str] = &[
+    "organizations",
+    "users",
+    "tokens",
+    "directories",
+    "webhook_endpoints",
+];
+
+/// Every table a directory's imports write, sharded by `directory_id` and colocated with
+/// `sources`: a directory's rows of all of them live on one node, so a commit touches one.
+const DISTRIBUTED: &[&str] = &[
+    "sources",
+    "chunks",
+    "records",
+    "row_issues",
+    "failed_rows",
+    "identities",
+    "profiles",
+    "idempotency_keys",
+    "webhook_deliveries",
+    "webhook_attempts",
+];
+
+// `processes` (heartbeats, once a second per process) and `idempotency_scopes` stay on the
+// coordinator as plain tables: writing a copy on every node would stop every heartbeat while
+// any one node is down.
+
+impl PgStore {
+    pub(super) async fn place_tables(&self) -> StoreResult<()> {
+        let citus: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        if !citus {
+            return Ok(());
+        }
+        let mut conn = self.pool.acquire().await?;
+        // One placement at a time: two processes migrating at once would race to distribute
+        // the same table. The lock is the one sqlx takes around migrations, plus one.
+        conn.execute("SELECT pg_advisory_lock(7316042211)").await?;
+        let placed = self.place_each(&mut conn).await;
+        conn.execute("SELECT pg_advisory_unlock(7316042211)")
+            .await?;
+        placed
+    }
+
+    async fn place_each(&self, conn: &mut PgConnection) -> StoreResult<()> {
+        for table in REFERENCE {
+            if !placed(conn, table).await? {
+                sqlx::query("SELECT create_reference_table($1)")
+                    .bind(table)
+                    .execute(&mut *conn)
+                    .await?;
+                tracing::info!(table, "made a reference table");
+                forget_local_copy(conn, table).await?;
+            }
+        }
+        for table in DISTRIBUTED {
+            if !placed(conn, table).await? {
+                let colocate_with = if *table == "sources" {
+                    "default"
+                } else {
+                    "sources"
+                };
+                sqlx::query(
+                    "SELECT create_distributed_table($1, 'directory_id', colocate_with => $2)",
+                )
+                .bind(table)
+                .bind(colocate_with)
+                .execute(&mut *conn)
+                .await?;
+                tracing::info!(table, "distributed by directory_id");
+                forget_local_copy(conn, table).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether Citus knows the table already (as a reference or distributed table).
+async fn placed(conn: &mut PgConnection, table: &str) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = to_regclass($1))",
+    )
+    .bind(table)
+    .fetch_one(&mut *conn)
+    .await?)
+}
+
+/// Distributing a table that has rows copies them to the nodes and leaves the original on the
+/// coordinator's disk, unseen: a database moved onto Citus gets that space back.
+async fn forget_local_copy(conn: &mut PgConnection, table: &str) -> StoreResult<()> {
+    sqlx::query("SELECT truncate_local_data_after_distributing_table($1)")
+        .bind(table)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
