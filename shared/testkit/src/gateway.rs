@@ -3,7 +3,8 @@
 //!
 //! By default the gateway runs on the embedded stack over a temporary data directory. With
 //! `ORBIT_TEST_STACK=distributed` the same tests run against PostgreSQL, S3 and RabbitMQ (a
-//! fresh database, bucket and queue each) with two `orbit-worker` processes doing the work.
+//! fresh database, bucket and queue each) with two `orbit-worker` processes doing the work;
+//! `ORBIT_TEST_DATABASE=citus` as well puts that database on the Citus cluster (a fresh schema).
 
 use std::time::{Duration, Instant};
 

@@ -2,11 +2,12 @@
 //! benchmark, test tooling itself, is the one other user), so `cargo tree -e normal -p
 //! orbit-gateway` shows none of it.
 //!
-//! - [`services`] (re-exported here): a fresh PostgreSQL database, S3 bucket and RabbitMQ
-//!   queue per test, and `orbit-worker` processes on them.
+//! - [`services`] (re-exported here): a fresh PostgreSQL database (or a schema on the Citus
+//!   cluster), S3 bucket and RabbitMQ queue per test, and `orbit-worker` processes on them.
 //! - [`gateway`]: the embedded-gateway harness ([`gateway::TestApp`]): a real gateway on
 //!   127.0.0.1:0 with a fresh tenant, on the embedded stack or, with
-//!   `ORBIT_TEST_STACK=distributed`, on PostgreSQL, S3 and RabbitMQ with two workers.
+//!   `ORBIT_TEST_STACK=distributed`, on PostgreSQL (Citus with `ORBIT_TEST_DATABASE=citus`),
+//!   S3 and RabbitMQ with two workers.
 //! - [`proxy`]: a loopback TCP proxy that breaks connections on purpose.
 //! - [`conformance!`]: one test per (backend, case) pair of a conformance suite.
 

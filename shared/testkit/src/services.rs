@@ -1,12 +1,15 @@
-//! Service fixtures for the distributed backends: a fresh PostgreSQL database, a fresh S3
-//! bucket and a uniquely named RabbitMQ queue, each removed when its guard drops. The services
-//! are shared by every test run on a machine, so nothing is reused.
+//! Service fixtures for the distributed backends: a fresh PostgreSQL database (or a fresh
+//! schema on the Citus cluster), a fresh S3 bucket and a uniquely named RabbitMQ queue, each
+//! removed when its guard drops. The services are shared by every test run on a machine, so
+//! nothing is reused.
 //!
 //! Environment: `ORBIT_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`),
+//! `ORBIT_TEST_CITUS_URL` (`postgres://postgres@127.0.0.1:9700/orbit`, the coordinator),
 //! `ORBIT_TEST_S3_ENDPOINT` (`http://127.0.0.1:9000`), `ORBIT_TEST_S3_ACCESS_KEY` (`orbit`),
 //! `ORBIT_TEST_S3_SECRET_KEY` (`orbit-secret`), `ORBIT_TEST_AMQP_URL`
-//! (`amqp://guest:guest@127.0.0.1:5672/%2f`). An unreachable service fails the test with a
-//! message pointing at `deploy/services.sh`; nothing is skipped.
+//! (`amqp://guest:guest@127.0.0.1:5672/%2f`), and `ORBIT_TEST_DATABASE=citus` to put
+//! [`DistributedStack`] on Citus. An unreachable service fails the test with a message pointing
+//! at `deploy/services.sh` (or `deploy/citus.sh`); nothing is skipped.
 
 use std::future::Future;
 
@@ -32,6 +35,14 @@ pub fn postgres_admin_url() -> String {
     )
 }
 
+/// The Citus coordinator's database (deploy/citus.sh prints it); tests get a schema in it.
+pub fn citus_url() -> String {
+    env_or(
+        "ORBIT_TEST_CITUS_URL",
+        "postgres://postgres@127.0.0.1:9700/orbit",
+    )
+}
+
 pub fn amqp_url() -> String {
     env_or(
         "ORBIT_TEST_AMQP_URL",
@@ -52,25 +63,24 @@ fn block_on_side<F: Future<Output = ()> + Send + 'static>(cleanup: F) {
     .join();
 }
 
-/// A database of its own; dropped (forcibly) with the guard.
+/// A database of its own; dropped (forcibly) with the guard. On Citus it is a schema of its
+/// own instead: a database there needs the extension and the node registrations again, on
+/// every node.
 pub struct TestDatabase {
+    /// What the store is given: the database, or the coordinator's database with this schema
+    /// as every connection's search_path.
     pub url: String,
     admin_url: String,
     name: String,
+    citus: bool,
 }
 
 impl TestDatabase {
+    /// A fresh database on `ORBIT_TEST_POSTGRES_URL`.
     pub async fn create() -> Self {
-        use sqlx::Connection;
         let admin_url = postgres_admin_url();
-        let mut admin = sqlx::PgConnection::connect(&admin_url)
-            .await
-            .unwrap_or_else(|e| {
-                panic!(
-                    "PostgreSQL at {admin_url} is unreachable ({e}): run `bash deploy/services.sh`"
-                )
-            });
         let name = format!("orbit_test_{}", Uuid::new_v4().simple());
+        let mut admin = connect(&admin_url, "deploy/services.sh").await;
         sqlx::query(&format!("CREATE DATABASE {name}"))
             .execute(&mut admin)
             .await
@@ -82,16 +92,96 @@ impl TestDatabase {
             url: format!("{base}/{name}"),
             admin_url,
             name,
+            citus: false,
         }
     }
+
+    /// A fresh schema in the Citus coordinator's database (`ORBIT_TEST_CITUS_URL`). The URL
+    /// passes startup options, which sqlx keeps and appends the store's own `-c` options to:
+    /// the schema as search_path, so unqualified names (the migrations', sqlx's migration
+    /// table) land in it, and four shards per distributed table instead of 32, since each
+    /// test distributes a whole schema. The schema's name is also the connections'
+    /// application_name, by which the drop (and a test killing sessions) finds them. sqlx's
+    /// migration lock is keyed on the database's name, so concurrent tests' migrations on Citus
+    /// run one at a time.
+    pub async fn citus() -> Self {
+        let admin_url = citus_url();
+        let name = format!("orbit_test_{}", Uuid::new_v4().simple());
+        let mut admin = connect(&admin_url, "deploy/citus.sh").await;
+        // Citus propagates the schema to the worker nodes.
+        sqlx::query(&format!("CREATE SCHEMA {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test schema");
+        let sep = if admin_url.contains('?') { '&' } else { '?' };
+        TestDatabase {
+            url: format!(
+                "{admin_url}{sep}application_name={name}\
+                 &options=-c%20search_path%3D{name}%20-c%20citus.shard_count%3D4"
+            ),
+            admin_url,
+            name,
+            citus: true,
+        }
+    }
+
+    /// The database [`DistributedStack`] runs on: Citus with `ORBIT_TEST_DATABASE=citus`,
+    /// otherwise PostgreSQL.
+    pub async fn for_stack() -> Self {
+        match std::env::var("ORBIT_TEST_DATABASE")
+            .unwrap_or_default()
+            .as_str()
+        {
+            "" | "postgres" => Self::create().await,
+            "citus" => Self::citus().await,
+            other => panic!("ORBIT_TEST_DATABASE={other:?}: expected postgres or citus"),
+        }
+    }
+
+    /// How `pg_stat_activity` tells this database's sessions from other tests': the column
+    /// to compare and its value (the database's name, or on Citus the schema's, as
+    /// application_name, since every test there shares one database).
+    pub fn sessions(&self) -> (&'static str, &str) {
+        let column = if self.citus {
+            "application_name"
+        } else {
+            "datname"
+        };
+        (column, &self.name)
+    }
+}
+
+/// A connection to `url`, or a failed test naming the script that starts the server.
+async fn connect(url: &str, script: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {url} is unreachable ({e}): run `bash {script}`"))
 }
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let (admin_url, name, citus) = (self.admin_url.clone(), self.name.clone(), self.citus);
         block_on_side(async move {
             use sqlx::Connection;
-            if let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await {
+            let Ok(mut conn) = sqlx::PgConnection::connect(&admin_url).await else {
+                eprintln!("cleanup: cannot reach {admin_url} to drop {name}");
+                return;
+            };
+            if citus {
+                // What `DROP DATABASE … WITH (FORCE)` does: a session left in a transaction
+                // (a killed worker's, say) would hold its locks and stall the drop.
+                let _ = sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                     WHERE application_name = $1 AND pid <> pg_backend_pid()",
+                )
+                .bind(&name)
+                .execute(&mut conn)
+                .await;
+                let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
+                    .execute(&mut conn)
+                    .await;
+            } else {
                 let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                     .execute(&mut conn)
                     .await;
@@ -337,8 +427,9 @@ impl Drop for TestQueue {
     }
 }
 
-/// The whole distributed stack for one test: settings pointing at a fresh database, bucket
-/// and queue, and the guards that remove them.
+/// The whole distributed stack for one test: settings pointing at a fresh database (a Citus
+/// schema with `ORBIT_TEST_DATABASE=citus`: [`TestDatabase::for_stack`]), bucket and queue,
+/// and the guards that remove them.
 pub struct DistributedStack {
     pub database: TestDatabase,
     pub bucket: TestBucket,
@@ -348,7 +439,7 @@ pub struct DistributedStack {
 impl DistributedStack {
     pub async fn create() -> Self {
         DistributedStack {
-            database: TestDatabase::create().await,
+            database: TestDatabase::for_stack().await,
             bucket: TestBucket::create().await,
             queue: TestQueue::new(),
         }
