@@ -1,5 +1,5 @@
-//! The store suites' harness: a fresh store on either backend, kept alive (and cleaned up)
-//! by its guard, and the runners `orbit_testkit::conformance!` calls each case with.
+//! The store suites' harness: a fresh store on SQLite, PostgreSQL or Citus, kept alive (and
+//! cleaned up) by its guard, and the runners `orbit_testkit::conformance!` calls each case with.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,7 +39,16 @@ pub async fn sqlite() -> Backend {
 
 /// A fresh PostgreSQL database on `ORBIT_TEST_POSTGRES_URL`, dropped afterwards.
 pub async fn postgres() -> Backend {
-    let database = TestDatabase::create().await;
+    on(TestDatabase::create().await).await
+}
+
+/// A fresh schema on the Citus cluster of `ORBIT_TEST_CITUS_URL`, dropped afterwards.
+pub async fn citus() -> Backend {
+    on(TestDatabase::citus().await).await
+}
+
+/// The store on `database`, migrated.
+async fn on(database: TestDatabase) -> Backend {
     let store = store::open(&DatabaseSettings::for_url(&database.url, 10))
         .await
         .unwrap();
@@ -78,5 +87,11 @@ macro_rules! on_sqlite {
 macro_rules! on_postgres {
     ($case:path) => {
         $case(crate::common::postgres().await.store).await
+    };
+}
+
+macro_rules! on_citus {
+    ($case:path) => {
+        $case(crate::common::citus().await.store).await
     };
 }

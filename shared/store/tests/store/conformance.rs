@@ -1,5 +1,6 @@
-//! One conformance suite for the `Store` trait, run against SQLite (a temporary file) and
-//! PostgreSQL (a fresh database per test on `ORBIT_TEST_POSTGRES_URL`, dropped afterwards).
+//! One conformance suite for the `Store` trait, run against SQLite (a temporary file),
+//! PostgreSQL (a fresh database per test on `ORBIT_TEST_POSTGRES_URL`, dropped afterwards) and
+//! Citus (a fresh schema per test on `ORBIT_TEST_CITUS_URL`, dropped afterwards).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -14,7 +15,7 @@ use uuid::Uuid;
 
 use crate::common::{chunk, tenant, LEASE};
 
-orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_postgres; {
+orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_postgres, citus_backend => on_citus; {
     tenancy_is_scoped_by_organization,
     tokens_are_found_by_hash_and_revoked_once,
     idempotency_keys_claim_release_and_complete,

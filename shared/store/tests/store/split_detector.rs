@@ -1,5 +1,6 @@
-//! The split detector: many commits racing into one PostgreSQL directory must give exactly
-//! what committing the same chunks one after the other, in the order they committed, gives.
+//! The split detector: many commits racing into one directory must give exactly what
+//! committing the same chunks one after the other, in the order they committed, gives. Its
+//! cases run on PostgreSQL and on Citus (a fresh database, or schema, each).
 //!
 //! Each seed uploads one source whose chunks draw their rows from a small pool of emails,
 //! phones and LinkedIn URLs, so that chunks overlap densely and chain profiles together. Eight
@@ -329,32 +330,56 @@ async fn chunk_state(url: &str, chunk: Uuid) -> String {
         .get(0)
 }
 
-/// Terminates, now and then, a backend of `database` caught inside a commit's pause.
-async fn kill_some(admin_url: String, database: String, stop: Arc<tokio::sync::Notify>, seed: u64) {
+/// Terminates, now and then, a session of the test's database (`url`; the sessions are those
+/// where `column` is `value`: [`TestDatabase::sessions`]) caught inside a commit's pause.
+async fn kill_some(
+    url: String,
+    (column, value): (&'static str, String),
+    stop: Arc<tokio::sync::Notify>,
+    seed: u64,
+) {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
-    let mut admin = sqlx::PgConnection::connect(&admin_url).await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(&url).await.unwrap();
+    let kill = format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE {column} = $1 AND state = 'idle in transaction' ORDER BY random() LIMIT 1"
+    );
     loop {
         tokio::select! {
             _ = stop.notified() => return,
             _ = tokio::time::sleep(Duration::from_millis(rng.random_range(5..40))) => {}
         }
         if rng.random_bool(0.3) {
-            sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                 WHERE datname = $1 AND state = 'idle in transaction' ORDER BY random() LIMIT 1",
-            )
-            .bind(&database)
-            .execute(&mut admin)
-            .await
-            .unwrap();
+            sqlx::query(&kill)
+                .bind(&value)
+                .execute(&mut admin)
+                .await
+                .unwrap();
         }
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_commits_equal_a_serial_replay_in_commit_order() {
-    let database = TestDatabase::create().await;
-    let db_name = database.url.rsplit('/').next().unwrap().to_owned();
+// The cases take the database itself, not a store: they open `PgStore` with its testing knobs.
+macro_rules! in_postgres_database {
+    ($case:path) => {
+        $case(orbit_testkit::TestDatabase::create().await).await
+    };
+}
+
+macro_rules! in_citus_schema {
+    ($case:path) => {
+        $case(orbit_testkit::TestDatabase::citus().await).await
+    };
+}
+
+orbit_testkit::conformance!(postgres => in_postgres_database, citus => in_citus_schema; {
+    concurrent_commits_equal_a_serial_replay_in_commit_order,
+    the_databases_identity_key_function_is_the_stores,
+});
+
+async fn concurrent_commits_equal_a_serial_replay_in_commit_order(database: TestDatabase) {
+    let (column, value) = database.sessions();
+    let sessions = (column, value.to_owned());
     let mut store = PgStore::open(&DatabaseSettings::for_url(&database.url, 12))
         .await
         .unwrap();
@@ -399,8 +424,8 @@ async fn concurrent_commits_equal_a_serial_replay_in_commit_order() {
         committed.lock().unwrap().clear();
         let stop = Arc::new(tokio::sync::Notify::new());
         let killer = tokio::spawn(kill_some(
-            orbit_testkit::postgres_admin_url(),
-            db_name.clone(),
+            database.url.clone(),
+            sessions.clone(),
             stop.clone(),
             seed,
         ));
@@ -481,9 +506,7 @@ async fn concurrent_commits_equal_a_serial_replay_in_commit_order() {
     }
 }
 
-#[tokio::test]
-async fn the_databases_identity_key_function_is_the_stores() {
-    let database = TestDatabase::create().await;
+async fn the_databases_identity_key_function_is_the_stores(database: TestDatabase) {
     let store = PgStore::open(&DatabaseSettings::for_url(&database.url, 2))
         .await
         .unwrap();
@@ -510,7 +533,7 @@ async fn the_databases_identity_key_function_is_the_stores() {
 
 /// Migration 0010 rewrites the identities and profiles a running installation holds: run the
 /// migrations before it, store profiles and identities the old way, run it, and read them back
-/// through the store.
+/// through the store. PostgreSQL only: no installation on Citus predates it.
 #[tokio::test]
 async fn the_narrow_rows_migration_keeps_profiles_and_identities() {
     let database = TestDatabase::create().await;

@@ -1,5 +1,6 @@
 //! The store side of clients steering imports (cancel, dry runs, the webhook outbox), on
-//! SQLite and on PostgreSQL (a fresh database per test on `ORBIT_TEST_POSTGRES_URL`).
+//! SQLite, on PostgreSQL (a fresh database per test on `ORBIT_TEST_POSTGRES_URL`) and on Citus
+//! (a fresh schema per test on `ORBIT_TEST_CITUS_URL`).
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use uuid::Uuid;
 
 use crate::common::{chunk, tenant, LEASE};
 
-orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_postgres; {
+orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_postgres, citus_backend => on_citus; {
     a_cancel_fails_the_source_keeps_what_committed_and_fences_the_rest,
     a_dry_run_keeps_counts_and_problems_but_writes_no_profile,
     an_ending_source_writes_one_delivery_per_subscribed_endpoint,
