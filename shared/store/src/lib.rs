@@ -71,6 +71,21 @@ impl StoreError {
         }
     }
 
+    /// A row refused by a unique index. Citus reports one that a worker node raised during a
+    /// `COPY` as an internal error (XX000) with PostgreSQL's message, so the message decides
+    /// there.
+    pub fn is_unique_violation(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(e)) => {
+                e.code().as_deref() == Some("23505")
+                    || (e.code().as_deref() == Some("XX000")
+                        && e.message()
+                            .starts_with("duplicate key value violates unique constraint"))
+            }
+            _ => false,
+        }
+    }
+
     pub(crate) fn sqlstate(&self) -> Option<String> {
         match self {
             StoreError::Database(sqlx::Error::Database(e)) => e.code().map(|c| c.into_owned()),

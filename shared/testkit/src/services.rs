@@ -178,6 +178,13 @@ impl Drop for TestDatabase {
                 .bind(&name)
                 .execute(&mut conn)
                 .await;
+                // Under the store's migration lock (`orbit_store::postgres::MIGRATION_LOCK`):
+                // dropping distributed tables while another test migrates deadlocks on
+                // Citus's catalog otherwise.
+                let _ = sqlx::query("SELECT pg_advisory_lock($1)")
+                    .bind(orbit_store::postgres::MIGRATION_LOCK)
+                    .execute(&mut conn)
+                    .await;
                 let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
                     .execute(&mut conn)
                     .await;

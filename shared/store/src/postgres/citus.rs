@@ -1,7 +1,7 @@
-//! Sharding the schema by directory when the database is a Citus coordinator (the `citus`
-//! extension is installed in it): what `migrate` does after the migrations, every time, so a
-//! table a later migration adds is placed too, and an existing database moves onto its worker
-//! nodes the first time it runs. On plain PostgreSQL nothing happens. docs/scaling.md says why
+//! Migrating, and sharding the schema by directory when the database is a Citus coordinator
+//! (the `citus` extension is installed in it): what `migrate` does after the migrations, every
+//! time, so a table a later migration adds is placed too, and an existing database moves onto
+//! its worker nodes the first time it runs. On plain PostgreSQL nothing happens. docs/scaling.md says why
 //! each table lives where it does.
 
 use super::*;
@@ -36,24 +36,56 @@ const DISTRIBUTED: &[&str] = &[
 // coordinator as plain tables: writing a copy on every node would stop every heartbeat while
 // any one node is down.
 
+/// The advisory lock every process migrating the database holds while it migrates; anything
+/// else that changes the schema (a test dropping its own) takes it too.
+pub const MIGRATION_LOCK: i64 = 7_316_042_211;
+
 impl PgStore {
-    pub(super) async fn place_tables(&self) -> StoreResult<()> {
+    /// Runs the migrations, then places the tables, under one lock across every process
+    /// migrating this database: on Citus, DDL in one schema (a migration) and distributing
+    /// tables in another deadlock on Citus's own catalog otherwise.
+    pub(super) async fn migrate_all(&self) -> StoreResult<()> {
+        let mut conn = self.pool.acquire().await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        let mut retry = Retry::new(self.retry_for);
+        let done = loop {
+            let once = async {
+                sqlx::migrate!("migrations/postgres")
+                    .run(&self.pool)
+                    .await?;
+                self.place_tables(&mut conn).await
+            };
+            // Schema changes made by others than Orbit (an operator, Citus's own maintenance)
+            // can still deadlock with a migration: each migration is one transaction, so the
+            // run starts over where it stopped.
+            match once.await {
+                Err(e) => match retry.after(migration_error(e)).await {
+                    Ok(()) => continue,
+                    Err(e) => break Err(e),
+                },
+                done => break done,
+            }
+        };
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await?;
+        done
+    }
+
+    async fn place_tables(&self, conn: &mut PgConnection) -> StoreResult<()> {
         let citus: bool = sqlx::query_scalar(
             "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'citus')",
         )
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *conn)
         .await?;
         if !citus {
             return Ok(());
         }
-        let mut conn = self.pool.acquire().await?;
-        // One placement at a time: two processes migrating at once would race to distribute
-        // the same table. The lock is the one sqlx takes around migrations, plus one.
-        conn.execute("SELECT pg_advisory_lock(7316042211)").await?;
-        let placed = self.place_each(&mut conn).await;
-        conn.execute("SELECT pg_advisory_unlock(7316042211)")
-            .await?;
-        placed
+        self.place_each(conn).await
     }
 
     async fn place_each(&self, conn: &mut PgConnection) -> StoreResult<()> {
@@ -107,4 +139,14 @@ async fn forget_local_copy(conn: &mut PgConnection, table: &str) -> StoreResult<
         .execute(&mut *conn)
         .await?;
     Ok(())
+}
+
+/// A migration that failed on a database error is retried as that error would be.
+fn migration_error(e: StoreError) -> StoreError {
+    match e {
+        StoreError::Migrate(sqlx::migrate::MigrateError::ExecuteMigration(e, _)) => {
+            StoreError::Database(e)
+        }
+        e => e,
+    }
 }

@@ -312,7 +312,7 @@ pub(super) async fn claim_all_by_copy(
             conn.execute("RELEASE SAVEPOINT claim_by_copy").await?;
             Ok(true)
         }
-        Err(e) if e.sqlstate().as_deref() == Some("23505") => {
+        Err(e) if e.is_unique_violation() => {
             conn.execute("ROLLBACK TO SAVEPOINT claim_by_copy").await?;
             Ok(false)
         }

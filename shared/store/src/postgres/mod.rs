@@ -65,6 +65,7 @@ use chunks::UploadParts;
 use commit::*;
 use identities::*;
 
+pub use citus::MIGRATION_LOCK;
 pub use layout::identity_key;
 
 pub struct PgStore {
@@ -277,7 +278,6 @@ impl Retry {
 crate::shared::store_roles! {
     store: PgStore,
     backend: "postgres",
-    migrations: "migrations/postgres",
     read: pool,
     write: pool,
     lock_source: "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3 FOR UPDATE",

@@ -9,8 +9,7 @@
 ///
 /// The backend writes the rest itself, as methods on the store: `claim_key`, `store_upload`,
 /// `cancel_source_once` and `widest_failed_row` (Uploads); `store_slice`, `requeue_chunks` and
-/// `unqueue_chunks` (Chunks); `place_tables`, what a backend does after its migrations
-/// (Database); and the whole of Profiles. The arguments are the statements that lock in
+/// `unqueue_chunks` (Chunks); `migrate_all` (Database); and the whole of Profiles. The arguments are the statements that lock in
 /// PostgreSQL and not in SQLite (one writer at a time): `lock_source` reads a source to
 /// reopen, `lock_chunk` a chunk to claim (`$1` its directory, `$2` itself), `lock_lease` a
 /// chunk to release; and `owner_dead`, whether the process `$1` stopped heartbeating, given
@@ -21,7 +20,6 @@ macro_rules! store_roles {
     (
         store: $store:ty,
         backend: $backend:literal,
-        migrations: $migrations:literal,
         read: $read:ident,
         write: $write:ident,
         lock_source: $lock_source:expr,
@@ -36,8 +34,7 @@ macro_rules! store_roles {
             }
 
             async fn migrate(&self) -> StoreResult<()> {
-                sqlx::migrate!($migrations).run(&self.$write).await?;
-                self.place_tables().await
+                self.migrate_all().await
             }
 
             async fn ping(&self) -> StoreResult<()> {

@@ -113,8 +113,10 @@ impl SqliteStore {
         .await
     }
 
-    /// One node: every table stays where the migrations made it.
-    pub(super) async fn place_tables(&self) -> StoreResult<()> {
+    pub(super) async fn migrate_all(&self) -> StoreResult<()> {
+        sqlx::migrate!("migrations/sqlite")
+            .run(&self.writer)
+            .await?;
         Ok(())
     }
 

@@ -101,7 +101,6 @@ impl SqliteStore {
 crate::shared::store_roles! {
     store: SqliteStore,
     backend: "sqlite",
-    migrations: "migrations/sqlite",
     read: reader,
     write: writer,
     lock_source: "SELECT * FROM sources WHERE organization_id = $1 AND directory_id = $2 AND id = $3",

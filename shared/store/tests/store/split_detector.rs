@@ -310,7 +310,7 @@ async fn assert_integrity(conn: &mut sqlx::PgConnection, store: &PgStore, org: U
     }
     let empty: i64 = sqlx::query(
         "SELECT COUNT(*) FROM profiles p WHERE p.directory_id = $1
-           AND NOT EXISTS (SELECT 1 FROM records r WHERE r.profile_id = p.id)",
+           AND NOT EXISTS (SELECT 1 FROM records r WHERE r.directory_id = p.directory_id AND r.profile_id = p.id)",
     )
     .bind(dir)
     .fetch_one(&mut *conn)
