@@ -36,6 +36,7 @@ pub const CODES: &[&str] = &[
     "headers_too_large",
     "internal_error",
     "service_unavailable",
+    "directory_unavailable",
     "not_ready",
     "too_many_uploads",
 ];
@@ -123,7 +124,24 @@ impl ApiError {
 
 impl From<orbit_store::StoreError> for ApiError {
     fn from(e: orbit_store::StoreError) -> Self {
-        ApiError::internal(e)
+        if e.is_node_down() {
+            // On Citus: the worker node holding this directory is down. Nothing was written;
+            // other directories are served as usual.
+            tracing::warn!(error = %e, "a database node is unreachable");
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "directory_unavailable",
+                "the database node that holds this directory cannot be reached; nothing was changed, try again later",
+            )
+            .with_header(header::RETRY_AFTER, "10")
+        } else if e.is_transient() {
+            tracing::warn!(error = %e, "the database is unreachable");
+            ApiError::unavailable(
+                "the database cannot be reached; nothing was changed, try again later",
+            )
+        } else {
+            ApiError::internal(e)
+        }
     }
 }
 

@@ -257,11 +257,20 @@ impl Worker {
     pub async fn run_chunk(&self, message: &ChunkRef) -> anyhow::Result<()> {
         let w = &self.settings.worker;
         let claim_span = tracing::info_span!("chunk.claim", orbit.claim = Empty);
-        let claim = self
+        let claim = match self
             .chunks
             .claim_chunk(message, &self.owner, w.lease, w.max_attempts)
             .instrument(claim_span.clone())
-            .await?;
+            .await
+        {
+            Ok(claim) => claim,
+            Err(e) => {
+                if e.is_transient() {
+                    self.give_back(message.clone());
+                }
+                return Err(e.into());
+            }
+        };
         claim_span.record(
             "orbit.claim",
             match &claim {
@@ -404,10 +413,65 @@ impl Worker {
         match self.chunks.release_chunk(lease, error, transient_for).await {
             Ok(true) => {}
             Ok(false) => renewal.lost(),
+            Err(e) if transient && e.is_transient() => {
+                tracing::warn!(chunk = %lease.chunk_id, error = %e, "could not release the chunk; releasing it once the database answers");
+                let (chunks, lease, error) = (self.chunks.clone(), lease.clone(), error.to_owned());
+                self.in_background("release", move || {
+                    let (chunks, lease, error) = (chunks.clone(), lease.clone(), error.clone());
+                    async move {
+                        chunks
+                            .release_chunk(&lease, &error, transient_for)
+                            .await
+                            .map(drop)
+                    }
+                });
+            }
             Err(e) => {
                 tracing::warn!(chunk = %lease.chunk_id, error = %e, "could not release the chunk; it returns when its lease expires")
             }
         }
+    }
+
+    /// A chunk this worker could not claim because the database (or, on Citus, the node that
+    /// holds its directory) could not be reached: its message is acknowledged, and the chunk
+    /// is given back as soon as the database answers (`Chunks::give_back`: no attempt counts),
+    /// for the reaper to publish again. The worker meanwhile takes other work: other
+    /// directories' chunks need not wait for a node that is down.
+    fn give_back(&self, message: ChunkRef) {
+        let (chunks, owner) = (self.chunks.clone(), self.owner.clone());
+        self.in_background("give back", move || {
+            let (chunks, message, owner) = (chunks.clone(), message.clone(), owner.clone());
+            async move { chunks.give_back(&message, &owner).await }
+        });
+    }
+
+    /// Tries `step` again and again, backing off up to 5 s between tries, until it succeeds
+    /// or `worker.transient_retry_for` has passed; after that the chunk comes back the slow way
+    /// (its lease expires, or the reaper finds it after `worker.requeue_after`), as it also
+    /// does should this process exit first.
+    fn in_background<F, Fut>(&self, what: &'static str, step: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = orbit_store::StoreResult<()>> + Send,
+    {
+        let give_up = Instant::now() + self.settings.worker.transient_retry_for;
+        tokio::spawn(async move {
+            let mut wait = Duration::from_millis(250);
+            loop {
+                match step().await {
+                    Ok(()) => return,
+                    Err(e) if Instant::now() < give_up => {
+                        tracing::debug!(what, error = %e, ?wait, "database still unreachable");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(Duration::from_secs(5));
+                    }
+                    Err(e) => {
+                        tracing::warn!(what, error = %e, "gave up; the chunk comes back when its lease expires or the reaper finds it");
+                        return;
+                    }
+                }
+            }
+        });
     }
 
     async fn reap(self: Arc<Self>, cancel: CancellationToken) {

@@ -7,12 +7,14 @@
 //! substring, so `api::` also matches `openapi::` (add `--skip openapi::`).
 //!
 //! `chaos` restarts the shared PostgreSQL: skip it on a machine others use
-//! (`-- --skip chaos::`).
+//! (`-- --skip chaos::`). `citus` stops and starts a node of the Citus cluster
+//! (`deploy/citus.sh`), which every Citus test shares: deploy/test.sh runs it on its own.
 
 mod common;
 
 mod api;
 mod chaos;
+mod citus;
 mod hardening;
 mod large;
 mod logs;

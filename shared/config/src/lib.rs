@@ -106,6 +106,12 @@ pub struct DatabaseSettings {
     /// unreachable, before the error counts as a failed attempt.
     #[serde(with = "humantime_serde_compat")]
     pub retry_for: Duration,
+    /// Citus: how long a transaction is retried while the worker node holding its directory
+    /// cannot be reached, before it fails (a request answers `503 directory_unavailable`; a
+    /// worker gives the chunk back without counting an attempt). Short: the node is usually
+    /// down for longer, and only that node's directories wait.
+    #[serde(with = "humantime_serde_compat")]
+    pub node_retry_for: Duration,
 }
 
 /// The database a `database.url` names.
@@ -502,6 +508,7 @@ max_connections = 16
 lock_timeout = "15s"
 idle_in_transaction_timeout = "30s"
 retry_for = "2m"
+node_retry_for = "2s"
 
 [object_store]
 url = "file://./data/objects"

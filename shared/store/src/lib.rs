@@ -71,6 +71,15 @@ impl StoreError {
         }
     }
 
+    /// One node of a sharded database (a Citus worker node) could not be reached from the
+    /// coordinator: only the directories whose shards live there are affected. The server
+    /// reports it as a connection exception (class 08) of its own; a connection of ours that
+    /// fails is an I/O error instead.
+    pub fn is_node_down(&self) -> bool {
+        matches!(self, StoreError::Database(sqlx::Error::Database(_)))
+            && self.sqlstate().is_some_and(|s| s.starts_with("08"))
+    }
+
     /// A row refused by a unique index. Citus reports one that a worker node raised during a
     /// `COPY` as an internal error (XX000) with PostgreSQL's message, so the message decides
     /// there.
@@ -265,6 +274,11 @@ pub trait Chunks: Send + Sync + 'static {
     /// Marks these pending chunks as not queued after their publish failed, so the next
     /// reaper pass (of any process) publishes them again instead of waiting `requeue_after`.
     async fn mark_unpublished(&self, chunks: &[ChunkRef]) -> StoreResult<()>;
+    /// Gives back a chunk the process `owner` tried to claim when the database did not
+    /// answer: unpublished, for the reaper to publish, and, had the claim gone through after
+    /// all, its lease dropped and its attempt given back. No attempt counts for a claim that
+    /// never answered.
+    async fn give_back(&self, chunk: &ChunkRef, owner: &str) -> StoreResult<()>;
 }
 
 /// Heartbeats of the processes that hold leases and idempotency claims (docs/concurrency.md).

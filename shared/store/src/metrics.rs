@@ -39,7 +39,7 @@ pub const OTHER: &str = "other";
 pub static METRICS: LazyLock<StoreMetrics> = LazyLock::new(|| {
     let commit_retries = register_int_counter_vec!(
         "orbit_commit_retries_total",
-        "Database transactions tried again, by reason: conflict (a concurrent commit won a lock or a deadlock was broken) or unavailable (the database could not be reached)",
+        "Database transactions tried again, by reason: conflict (a concurrent commit won a lock or a deadlock was broken) unavailable (the database could not be reached) or node_unavailable (a Citus worker node could not be reached)",
         &["reason"]
     )
     .expect("metric registered once");

@@ -6,11 +6,13 @@
 
 /// The columns of `rows::SourceRow` that say whether a source waits out transient trouble:
 /// the oldest run among its unfinished chunks, and what that chunk's last attempt said. Read
-/// through `UNIQUE (source_id, idx)`, over one source's chunks only.
+/// through `UNIQUE (directory_id, source_id, idx)`, over one source's chunks only; the
+/// directory is the statement's `$2`, not the outer row's, because a sharded database routes a
+/// statement to one shard only when every table in it names its shard by a constant.
 macro_rules! retrying {
     () => {
-        "(SELECT MIN(c.transient_since_ms) FROM chunks c WHERE c.directory_id = s.directory_id AND c.source_id = s.id AND c.state IN ('pending', 'running')) AS retrying_since_ms, \
-         (SELECT c.last_error FROM chunks c WHERE c.directory_id = s.directory_id AND c.source_id = s.id AND c.state IN ('pending', 'running') AND c.transient_since_ms IS NOT NULL ORDER BY c.transient_since_ms LIMIT 1) AS retrying_error"
+        "(SELECT MIN(c.transient_since_ms) FROM chunks c WHERE c.directory_id = $2 AND c.source_id = s.id AND c.state IN ('pending', 'running')) AS retrying_since_ms, \
+         (SELECT c.last_error FROM chunks c WHERE c.directory_id = $2 AND c.source_id = s.id AND c.state IN ('pending', 'running') AND c.transient_since_ms IS NOT NULL ORDER BY c.transient_since_ms LIMIT 1) AS retrying_error"
     };
 }
 
@@ -20,6 +22,10 @@ pub(super) const TAKE_LEASE: &str = "UPDATE chunks SET state = 'running', attemp
 pub(super) const SOURCE_PROCESSING: &str = "UPDATE sources SET status = 'processing', updated_ms = $1 WHERE directory_id = $2 AND id = $3 AND status = 'pending'";
 /// Gives a chunk back after a failed attempt, to be tried again after `not_before_ms`.
 pub(super) const RELEASE_CHUNK: &str = "UPDATE chunks SET state = 'pending', lease_token = NULL, lease_owner = NULL, lease_expires_ms = NULL, queued_ms = NULL, not_before_ms = $1, last_error = $2, attempts = attempts - $3, transient_since_ms = $4 WHERE directory_id = $5 AND id = $6";
+/// Gives back a chunk whose claim by `$3` failed without an answer ($1 directory, $2 chunk):
+/// pending again and unpublished, so the reaper publishes it; had the claim taken the lease
+/// after all, the lease is dropped and its attempt given back.
+pub(super) const GIVE_BACK: &str = "UPDATE chunks SET attempts = attempts - CASE WHEN state = 'running' AND attempts > 0 THEN 1 ELSE 0 END, state = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL, queued_ms = NULL WHERE directory_id = $1 AND id = $2 AND (state = 'pending' OR (state = 'running' AND lease_owner = $3))";
 /// Records the answer of an upload under its idempotency key, if the claim is still this request's.
 pub(super) const IDEMPOTENCY_COMPLETED: &str = "UPDATE idempotency_keys SET state = 'completed', sha256 = $1, source_id = $2, response = $3 WHERE directory_id = $4 AND key = $5 AND claim_token = $6";
 /// A source by id, unscoped: for the store's own use after a scoped check.
@@ -138,6 +144,7 @@ mod tests {
         super::TAKE_LEASE,
         super::SOURCE_PROCESSING,
         super::RELEASE_CHUNK,
+        super::GIVE_BACK,
         super::IDEMPOTENCY_COMPLETED,
         super::SOURCE_BY_ID,
         super::FAIL_OPEN_CHUNKS,

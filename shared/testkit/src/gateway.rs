@@ -166,11 +166,23 @@ impl TestApp {
     }
 
     pub async fn spawn_with(configure: impl FnOnce(&mut Settings)) -> Self {
+        let stack = match distributed() {
+            true => Some(DistributedStack::create().await),
+            false => None,
+        };
+        Self::spawn_on(stack, configure).await
+    }
+
+    /// A gateway (and, on a distributed `stack`, two workers) on `stack`, or on the embedded
+    /// backends without one.
+    pub async fn spawn_on(
+        stack: Option<DistributedStack>,
+        configure: impl FnOnce(&mut Settings),
+    ) -> Self {
         let data = tempfile::tempdir().expect("temp dir");
         let mut settings = test_settings(data.path());
         configure(&mut settings);
-        let stack = if distributed() {
-            let stack = DistributedStack::create().await;
+        let stack = if let Some(stack) = stack {
             stack.apply(&mut settings);
             settings.database.max_connections = 5;
             app::connect(&settings)

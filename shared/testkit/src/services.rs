@@ -445,8 +445,18 @@ pub struct DistributedStack {
 
 impl DistributedStack {
     pub async fn create() -> Self {
+        Self::on(TestDatabase::for_stack().await).await
+    }
+
+    /// The stack on a Citus schema, whatever `ORBIT_TEST_DATABASE` says: for the tests that
+    /// are about Citus itself.
+    pub async fn citus() -> Self {
+        Self::on(TestDatabase::citus().await).await
+    }
+
+    async fn on(database: TestDatabase) -> Self {
         DistributedStack {
-            database: TestDatabase::for_stack().await,
+            database,
             bucket: TestBucket::create().await,
             queue: TestQueue::new(),
         }

@@ -82,6 +82,9 @@ impl Chunks for FailingEnds {
     async fn mark_unpublished(&self, chunks: &[ChunkRef]) -> StoreResult<()> {
         self.inner.mark_unpublished(chunks).await
     }
+    async fn give_back(&self, chunk: &ChunkRef, owner: &str) -> StoreResult<()> {
+        self.inner.give_back(chunk, owner).await
+    }
 }
 
 /// The renewal period: a third of the lease.

@@ -104,7 +104,7 @@ impl PgStore {
                 tracestate: tracestate.as_deref(),
             },
         };
-        let mut retry = Retry::new(self.retry_for);
+        let mut retry = self.retry();
         loop {
             match self.try_commit_upload(&upload, &mut prepared).await {
                 Err(e) => retry.after(e).await?,

@@ -17,12 +17,16 @@ pub(super) struct UploadParts<'a> {
 }
 
 impl PgStore {
+    pub(super) fn retry(&self) -> Retry {
+        Retry::new(self.retry_for, self.node_retry_for)
+    }
+
     /// Runs `once` until it succeeds or fails in a way [`Retry`] does not retry.
     pub(super) async fn retrying<'a, T>(
         &'a self,
         mut once: impl FnMut() -> futures::future::BoxFuture<'a, StoreResult<T>>,
     ) -> StoreResult<T> {
-        let mut retry = Retry::new(self.retry_for);
+        let mut retry = self.retry();
         loop {
             match once().await {
                 Err(e) => retry.after(e).await?,
@@ -190,7 +194,7 @@ impl PgStore {
         end: SliceEnd,
     ) -> StoreResult<Committed> {
         let mut prepared = prepare(results)?;
-        let mut retry = Retry::new(self.retry_for);
+        let mut retry = self.retry();
         loop {
             match self.try_commit_slice(lease, &mut prepared, end).await {
                 Err(e) => retry.after(e).await?,

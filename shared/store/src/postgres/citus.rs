@@ -50,7 +50,7 @@ impl PgStore {
             .bind(MIGRATION_LOCK)
             .execute(&mut *conn)
             .await?;
-        let mut retry = Retry::new(self.retry_for);
+        let mut retry = self.retry();
         let done = loop {
             let once = async {
                 sqlx::migrate!("migrations/postgres")
@@ -90,7 +90,7 @@ impl PgStore {
 
     async fn place_each(&self, conn: &mut PgConnection) -> StoreResult<()> {
         for table in REFERENCE {
-            if !placed(conn, table).await? {
+            if !placed(conn, table, REFERENCE_TABLE).await? {
                 sqlx::query("SELECT create_reference_table($1)")
                     .bind(table)
                     .execute(&mut *conn)
@@ -100,7 +100,7 @@ impl PgStore {
             }
         }
         for table in DISTRIBUTED {
-            if !placed(conn, table).await? {
+            if !placed(conn, table, DISTRIBUTED_TABLE).await? {
                 let colocate_with = if *table == "sources" {
                     "default"
                 } else {
@@ -121,11 +121,18 @@ impl PgStore {
     }
 }
 
-/// Whether Citus knows the table already (as a reference or distributed table).
-async fn placed(conn: &mut PgConnection, table: &str) -> StoreResult<bool> {
-    Ok(sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = to_regclass($1))",
-    )
+/// How `pg_dist_partition` describes a reference table and a table distributed by hash.
+const REFERENCE_TABLE: &str = "partmethod = 'n' AND repmodel = 't'";
+const DISTRIBUTED_TABLE: &str = "partmethod = 'h'";
+
+/// Whether Citus has the table placed as `kind` already. Only that counts: making a table a
+/// reference table turns the local tables that reference it into Citus local tables
+/// (coordinator only, but listed in `pg_dist_partition` too), which still have to become
+/// reference tables themselves.
+async fn placed(conn: &mut PgConnection, table: &str, kind: &str) -> StoreResult<bool> {
+    Ok(sqlx::query_scalar(&format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_dist_partition WHERE logicalrelid = to_regclass($1) AND {kind})"
+    ))
     .bind(table)
     .fetch_one(&mut *conn)
     .await?)

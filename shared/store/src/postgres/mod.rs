@@ -71,6 +71,7 @@ pub use layout::identity_key;
 pub struct PgStore {
     pool: PgPool,
     retry_for: Duration,
+    node_retry_for: Duration,
     pause: CommitPause,
     keys: KeySpace,
     reads: OwnerReads,
@@ -96,6 +97,7 @@ impl PgStore {
         Ok(PgStore {
             pool,
             retry_for: settings.retry_for,
+            node_retry_for: settings.node_retry_for,
             pause: CommitPause::default(),
             keys: KeySpace::FULL,
             reads: OwnerReads::default(),
@@ -239,30 +241,37 @@ impl CommitPause {
 /// Runs a transaction again after errors that say nothing about its data: a lost race
 /// (deadlock, serialization failure, lock timeout) at once with a short jittered backoff, and
 /// a database that cannot be reached (a restart, a failover) with a longer one, for at most
-/// `retry_for` in all. Any other error is returned as it is.
+/// `retry_for` in all; a Citus worker node that cannot be reached, for `node_retry_for` only, so
+/// that the caller turns to other directories' work instead of waiting for that node. Any
+/// other error is returned as it is.
 struct Retry {
     deadline: Instant,
+    node_deadline: Instant,
     tries: u32,
 }
 
 impl Retry {
-    fn new(retry_for: Duration) -> Self {
+    fn new(retry_for: Duration, node_retry_for: Duration) -> Self {
+        let now = Instant::now();
         Retry {
-            deadline: Instant::now() + retry_for,
+            deadline: now + retry_for,
+            node_deadline: now + node_retry_for.min(retry_for),
             tries: 0,
         }
     }
 
     /// Waits before the next try, or gives `error` back when it is not worth one.
     async fn after(&mut self, error: StoreError) -> StoreResult<()> {
-        let (reason, ceiling_ms) = if error.is_conflict() {
-            ("conflict", 1_000u64)
+        let (reason, ceiling_ms, deadline) = if error.is_conflict() {
+            ("conflict", 1_000u64, self.deadline)
+        } else if error.is_node_down() {
+            ("node_unavailable", 500, self.node_deadline)
         } else if error.is_transient() {
-            ("unavailable", 5_000)
+            ("unavailable", 5_000, self.deadline)
         } else {
             return Err(error);
         };
-        if Instant::now() >= self.deadline {
+        if Instant::now() >= deadline {
             return Err(error);
         }
         self.tries += 1;
@@ -270,7 +279,7 @@ impl Retry {
         let ceiling = (20u64 << self.tries.min(10)).min(ceiling_ms);
         let wait = Duration::from_millis(rand::rng().random_range(ceiling / 2..=ceiling));
         tracing::debug!(reason, tries = self.tries, error = %error, ?wait, "retrying a transaction");
-        tokio::time::sleep(wait.min(self.deadline.saturating_duration_since(Instant::now()))).await;
+        tokio::time::sleep(wait.min(deadline.saturating_duration_since(Instant::now()))).await;
         Ok(())
     }
 }

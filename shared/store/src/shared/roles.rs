@@ -623,6 +623,16 @@ macro_rules! store_roles {
                 Ok(done.rows_affected())
             }
 
+            async fn give_back(&self, chunk: &ChunkRef, owner: &str) -> StoreResult<()> {
+                sqlx::query($crate::sql::GIVE_BACK)
+                    .bind(chunk.directory_id)
+                    .bind(chunk.chunk_id)
+                    .bind(owner)
+                    .execute(&self.$write)
+                    .await?;
+                Ok(())
+            }
+
             async fn mark_unpublished(&self, chunks: &[ChunkRef]) -> StoreResult<()> {
                 self.unqueue_chunks(chunks).await
             }

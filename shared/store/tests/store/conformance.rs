@@ -26,6 +26,7 @@ orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_
     a_source_says_it_is_retrying_until_its_chunk_moves_again,
     the_reaper_finds_unpublished_and_abandoned_chunks,
     a_chunk_marked_unpublished_is_reaped_at_once,
+    a_chunk_given_back_after_an_unanswered_claim_counts_no_attempt,
     failed_sources_are_counted_by_code,
     a_dead_processes_leases_are_void_before_they_expire,
     concurrent_chunks_never_split_an_identity,
@@ -1018,6 +1019,42 @@ async fn a_chunk_marked_unpublished_is_reaped_at_once(store: Arc<dyn Store>) {
     assert!(store.chunks_to_publish(long, 10).await.unwrap().is_empty());
 }
 
+async fn a_chunk_given_back_after_an_unanswered_claim_counts_no_attempt(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let (_, queued) = store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            2,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 1), chunk(1, 2, 1)],
+        ))
+        .await
+        .unwrap();
+    let long = Duration::from_secs(3600);
+    // Chunk 0's claim went through but its answer was lost; chunk 1's never happened.
+    let taken = claim(&*store, &queued[0]).await;
+    assert_eq!(taken.lease.attempt, 1);
+    // Another process's give-back does not touch a lease it does not hold.
+    store.give_back(&queued[0], "other").await.unwrap();
+    assert!(matches!(
+        store
+            .claim_chunk(&queued[0], "thief", long, 5)
+            .await
+            .unwrap(),
+        Claim::Busy
+    ));
+    for chunk in &queued {
+        store.give_back(chunk, "test").await.unwrap();
+    }
+    let reaped = store.chunks_to_publish(long, 10).await.unwrap();
+    assert_eq!(reaped.len(), 2, "{reaped:?}");
+    // The lease is gone and its attempt given back: the next claim is the first.
+    let again = claim(&*store, &queued[0]).await;
+    assert_eq!(again.lease.attempt, 1);
+}
+
 async fn failed_sources_are_counted_by_code(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
     assert!(store
@@ -1241,4 +1278,153 @@ async fn terminal_states_never_change(store: Arc<dyn Store>) {
     assert_eq!(after.status, SourceStatus::Completed);
     assert!(after.error.is_none());
     assert_eq!(after.completed_at, source.completed_at);
+}
+
+/// On Citus, every transaction of the ingest path reaches the one worker node that holds its
+/// directory: an upload with its synchronous rows, each claim, and each chunk commit (the
+/// last one completing the source), for a directory on each node. With
+/// `citus.log_remote_commands` the coordinator tells the session every command it sends to a
+/// node, naming the shards; where Citus placed each shard says which node that was.
+#[tokio::test]
+async fn on_citus_every_ingest_transaction_reaches_one_worker_node() {
+    use sqlx::{Connection, Row};
+
+    let database = orbit_testkit::TestDatabase::citus().await;
+    let commands = RemoteCommands::default();
+    let _capture = tracing::subscriber::set_default(commands.subscriber());
+    let logged = format!(
+        "{}&options=-c%20citus.log_remote_commands%3Don%20-c%20client_min_messages%3Dlog",
+        database.url
+    );
+    let store = orbit_store::open(&orbit_config::DatabaseSettings::for_url(&logged, 4))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let mut db = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let node_of_shard: HashMap<i64, i32> = sqlx::query(
+        "SELECT shardid, nodeport FROM citus_shards WHERE citus_table_type = 'distributed'",
+    )
+    .fetch_all(&mut db)
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    let org = store.create_organization("citus").await.unwrap().id;
+    let mut directories = BTreeMap::new();
+    while directories.len() < 2 {
+        let dir = store.create_directory(org, "placed").await.unwrap().id;
+        let node: i32 = sqlx::query(
+            "SELECT nodeport FROM citus_shards WHERE table_name = 'sources'::regclass
+               AND shardid = get_shard_id_for_distribution_column('sources', $1)",
+        )
+        .bind(dir)
+        .fetch_one(&mut db)
+        .await
+        .unwrap()
+        .get(0);
+        directories.entry(node).or_insert(dir);
+    }
+    for (node, dir) in directories {
+        let nodes = |what: &str| {
+            let reached = commands.nodes(&node_of_shard);
+            assert_eq!(
+                reached,
+                [node].into(),
+                "{what} in a directory on node {node}"
+            );
+        };
+        commands.clear();
+        let rows = |first: u64| {
+            (first..first + 3)
+                .map(|r| record(r, &[("email", &format!("{r}@{dir}.co"))]))
+                .collect()
+        };
+        let sync = ChunkResults {
+            accepted: rows(1),
+            failed: vec![failed(4)],
+        };
+        let (_, queued) = store
+            .commit_upload(new_upload(
+                org,
+                dir,
+                10,
+                sync,
+                4,
+                vec![chunk(1, 5, 3), chunk(2, 8, 3)],
+            ))
+            .await
+            .unwrap();
+        nodes("the upload");
+        for (i, message) in queued.iter().enumerate() {
+            let work = claim(&*store, message).await;
+            nodes("a claim");
+            let results = ChunkResults {
+                accepted: rows(5 + 3 * i as u64),
+                failed: vec![],
+            };
+            let committed = store.commit_chunk(&work.lease, results).await.unwrap();
+            nodes("a chunk commit");
+            assert_eq!(
+                committed,
+                Committed::Done {
+                    source_completed: i == 1
+                }
+            );
+        }
+    }
+}
+
+/// What the coordinator said it sent to worker nodes, as the session's log notices arrive.
+#[derive(Clone, Default)]
+struct RemoteCommands(Arc<std::sync::Mutex<Vec<String>>>);
+
+impl RemoteCommands {
+    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
+        use tracing_subscriber::layer::SubscriberExt;
+        tracing_subscriber::registry().with(self.clone())
+    }
+
+    fn clear(&self) {
+        self.0.lock().unwrap().clear();
+    }
+
+    /// The nodes the commands since the last `clear` reached, by the shards they name
+    /// (`<table>_<shard id>`).
+    fn nodes(&self, node_of_shard: &HashMap<i64, i32>) -> std::collections::BTreeSet<i32> {
+        let commands = std::mem::take(&mut *self.0.lock().unwrap());
+        assert!(!commands.is_empty(), "no command reached a node");
+        commands
+            .iter()
+            .flat_map(|c| c.split(|ch: char| !ch.is_ascii_alphanumeric() && ch != '_'))
+            .filter_map(|word| word.rsplit_once('_')?.1.parse::<i64>().ok())
+            .filter_map(|shard| node_of_shard.get(&shard).copied())
+            .collect()
+    }
+}
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RemoteCommands {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        struct Message(Option<String>);
+        impl tracing::field::Visit for Message {
+            fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+                if field.name() == "message" {
+                    self.0 = Some(format!("{value:?}"));
+                }
+            }
+            fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                if field.name() == "message" {
+                    self.0 = Some(value.to_owned());
+                }
+            }
+        }
+        if event.metadata().target() != "sqlx::postgres::notice" {
+            return;
+        }
+        let mut message = Message(None);
+        event.record(&mut message);
+        if let Some(m) = message.0.filter(|m| m.starts_with("issuing ")) {
+            self.0.lock().unwrap().push(m);
+        }
+    }
 }
