@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Offline checks of the deployment files, no daemon and no cluster needed:
-# - compose.yaml with `docker-compose config` (Debian's docker-compose);
+# - compose.yaml with `docker-compose config` (Debian's docker-compose), as it is and with the
+#   citus profile;
 # - deploy/prometheus: `promtool check config`, `check rules` and the alert unit tests
 #   (`test rules`), with Debian's prometheus package;
 # - deploy/grafana: the dashboard's structure, and every panel query parsed by promtool;
@@ -26,6 +27,7 @@ command -v promtool >/dev/null 2>&1 || apt_install prometheus
 
 echo "check.sh: compose.yaml"
 docker-compose -f compose.yaml config -q
+docker-compose -f compose.yaml --profile citus config -q
 
 echo "check.sh: deploy/prometheus"
 promtool check config deploy/prometheus/prometheus.yml
