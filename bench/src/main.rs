@@ -9,6 +9,7 @@
 //! - `load`: the synchronous path under concurrent clients;
 //! - `scaleout`: one directory's file on 1, 2, 4… CPU-capped workers;
 //! - `cgroup`: the cgroup v1 CPU cap each of those workers runs under;
+//! - `node`: the database servers a stack writes to, their WAL and CPU time;
 //! - `wal`: PostgreSQL WAL positions, for the bytes of WAL a load writes per row.
 //!
 //! This file holds the flags, the bulk ingest measurement and the targets.
@@ -17,6 +18,7 @@ mod baseline;
 mod cgroup;
 mod generate;
 mod load;
+mod node;
 mod orbit;
 mod scaleout;
 mod wal;
@@ -27,11 +29,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
+use node::{Node, NodeUse};
 use orbit::{Orbit, StackKind};
-use orbit_testkit::{postgres_admin_url, TestDatabase};
+use orbit_testkit::TestDatabase;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::Connection;
+use uuid::Uuid;
 
 #[derive(Parser)]
 #[command(about = "Benchmark Orbit against psql \\copy and pgloader; see docs/performance.md")]
@@ -126,9 +129,7 @@ fn mib(bytes: u64) -> f64 {
 
 /// Each bulk load starts without the previous one's dirty pages to write back.
 async fn checkpoint() -> anyhow::Result<()> {
-    let mut conn = sqlx::PgConnection::connect(&postgres_admin_url()).await?;
-    sqlx::query("CHECKPOINT").execute(&mut conn).await?;
-    Ok(())
+    Node::postgres().checkpoint().await
 }
 
 /// What one bulk ingest into Orbit measured.
@@ -140,8 +141,18 @@ pub struct Ingest {
     gateway_rss: u64,
     workers_rss: u64,
     upload_response: Duration,
-    /// WAL PostgreSQL wrote from the first byte to `completed` (distributed only).
+    /// WAL the database servers wrote from the first byte to `completed`, all together
+    /// (distributed only).
     wal_bytes: Option<u64>,
+    /// What each database server did meanwhile (distributed only).
+    nodes: Vec<NodeUse>,
+}
+
+/// One file uploaded into one directory.
+pub struct Upload<'a> {
+    pub dir: Uuid,
+    pub csv: &'a Path,
+    pub rows: u64,
 }
 
 /// Uploads `csv` (`rows` rows) to a fresh Orbit and times first byte to `completed`.
@@ -152,42 +163,66 @@ async fn ingest(kind: StackKind, args: &Args, csv: &Path, rows: u64) -> anyhow::
 
 /// Uploads `csv` (`rows` rows) to a started Orbit and times first byte to `completed`.
 pub async fn measure_ingest(orbit: &mut Orbit, csv: &Path, rows: u64) -> anyhow::Result<Ingest> {
-    checkpoint().await?;
-    let wal = match orbit.kind {
-        StackKind::Distributed => Some(wal::mark().await?),
-        StackKind::Embedded => None,
-    };
+    let dir = orbit.tenant.dir;
+    measure_uploads(orbit, &[Upload { dir, csv, rows }]).await
+}
+
+/// Sends every upload at once, each to its directory, and times the first byte to the last
+/// `completed`. The upload response is the last of their answers.
+pub async fn measure_uploads(orbit: &mut Orbit, uploads: &[Upload<'_>]) -> anyhow::Result<Ingest> {
+    for node in &orbit.nodes {
+        node.checkpoint().await?;
+    }
+    let mut marks = Vec::new();
+    for node in &orbit.nodes {
+        marks.push(node.mark().await?);
+    }
     let busy_before = orbit::machine_busy()?;
     let (gateway_before, workers_before) = orbit.cpu()?;
     let started = Instant::now();
-    let (status, receipt) = orbit.upload_file(csv).await?;
+    let answers =
+        futures::future::try_join_all(uploads.iter().map(|u| orbit.upload_file(u.dir, u.csv)))
+            .await?;
     let upload_response = started.elapsed();
-    // The gateway's peak so far is the peak of accepting the upload.
+    // The gateway's peak so far is the peak of accepting the uploads.
     let gateway_rss = orbit::peak_rss(&orbit.gateway)?;
-    anyhow::ensure!(
-        status == StatusCode::ACCEPTED || status == StatusCode::CREATED,
-        "upload answered {status}: {receipt}"
-    );
-    let source = receipt["source_id"]
-        .as_str()
-        .context("source_id")?
-        .to_owned();
-    let done = orbit
-        .wait_completed(&source, Duration::from_secs(3600))
-        .await?;
+    let mut sources = Vec::new();
+    for (status, receipt) in answers {
+        anyhow::ensure!(
+            status == StatusCode::ACCEPTED || status == StatusCode::CREATED,
+            "upload answered {status}: {receipt}"
+        );
+        sources.push(
+            receipt["source_id"]
+                .as_str()
+                .context("source_id")?
+                .to_owned(),
+        );
+    }
+    let mut done = Vec::new();
+    for (upload, source) in uploads.iter().zip(&sources) {
+        done.push(
+            orbit
+                .wait_completed(upload.dir, source, Duration::from_secs(3600))
+                .await?,
+        );
+    }
     let took = started.elapsed();
     let (gateway_after, workers_after) = orbit.cpu()?;
     let busy_after = orbit::machine_busy()?;
-    let wal_bytes = match wal {
-        Some(mark) => Some(mark.bytes_since().await?),
-        None => None,
-    };
-    // The generated file is clean: anything but every row accepted without a warning means
+    let mut nodes = Vec::new();
+    for mark in &marks {
+        nodes.push(mark.since().await?);
+    }
+    // The generated files are clean: anything but every row accepted without a warning means
     // the run measured something else (or Orbit lost rows).
-    anyhow::ensure!(
-        done["accepted"] == rows && done["failed"] == 0 && done["warnings"] == 0,
-        "expected {rows} rows accepted without warnings: {done}"
-    );
+    for (upload, done) in uploads.iter().zip(&done) {
+        let rows = upload.rows;
+        anyhow::ensure!(
+            done["accepted"] == rows && done["failed"] == 0 && done["warnings"] == 0,
+            "expected {rows} rows accepted without warnings: {done}"
+        );
+    }
     orbit.succeeded();
     let workers_rss = orbit
         .workers
@@ -205,7 +240,8 @@ pub async fn measure_ingest(orbit: &mut Orbit, csv: &Path, rows: u64) -> anyhow:
         gateway_rss,
         workers_rss,
         upload_response,
-        wal_bytes,
+        wal_bytes: (!nodes.is_empty()).then(|| nodes.iter().map(|n| n.wal_bytes).sum()),
+        nodes,
     })
 }
 
@@ -346,6 +382,13 @@ fn report_ingest(name: &str, rows: u64, i: &Ingest) -> Value {
         "peak_rss_mib": { "gateway": mib(i.gateway_rss), "worker": mib(i.workers_rss) },
         "wal_bytes": i.wal_bytes,
         "wal_bytes_per_row": wal_per_row,
+        "nodes": i.nodes.iter().map(|n| json!({
+            "name": n.name,
+            "address": n.address,
+            "cpu_seconds": n.cpu.as_secs_f64(),
+            "wal_bytes": n.wal_bytes,
+            "wal_bytes_per_row": n.wal_bytes as f64 / rows as f64,
+        })).collect::<Vec<_>>(),
     })
 }
 

@@ -1,6 +1,7 @@
 //! Orbit under test: the release `orbit-gateway` and `orbit-worker` binaries started as
 //! processes, as an operator runs them, on the embedded defaults or on a fresh PostgreSQL
-//! database, S3 bucket and RabbitMQ queue. Readings of their memory and CPU come from /proc.
+//! database, S3 bucket and RabbitMQ queue. Readings of their memory and CPU, and of the
+//! database server's CPU, come from /proc.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,6 +15,8 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
+
+use crate::node::Node;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StackKind {
@@ -62,13 +65,91 @@ pub fn peak_rss(child: &Child) -> anyhow::Result<u64> {
 /// User plus system CPU time a process has used so far (all its threads).
 pub fn cpu_time(child: &Child) -> anyhow::Result<Duration> {
     let pid = child.id().context("the process has exited")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').context("malformed stat")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // USER_HZ is 100 on every Linux architecture Orbit builds for.
-    Ok(Duration::from_millis(ticks * 10))
+    let stat = ProcStat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat"))?)?;
+    Ok(ticks(stat.utime + stat.stime))
+}
+
+/// USER_HZ is 100 on every Linux architecture Orbit builds for.
+fn ticks(ticks: u64) -> Duration {
+    Duration::from_millis(ticks * 10)
+}
+
+/// The fields of `/proc/<pid>/stat` the CPU readings use, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcStat {
+    ppid: u32,
+    utime: u64,
+    stime: u64,
+    /// What the children it has waited for used (theirs and their own children's).
+    cutime: u64,
+    cstime: u64,
+}
+
+impl ProcStat {
+    fn parse(stat: &str) -> anyhow::Result<Self> {
+        // Fields after the parenthesised command name: ppid is the 2nd, utime, stime, cutime
+        // and cstime the 12th to 15th.
+        let rest = stat.rsplit_once(')').context("malformed stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        anyhow::ensure!(fields.len() > 14, "malformed stat: {stat}");
+        Ok(ProcStat {
+            ppid: fields[1].parse()?,
+            utime: fields[11].parse()?,
+            stime: fields[12].parse()?,
+            cutime: fields[13].parse()?,
+            cstime: fields[14].parse()?,
+        })
+    }
+
+    fn all_ticks(&self) -> u64 {
+        self.utime + self.stime + self.cutime + self.cstime
+    }
+}
+
+/// CPU time of process `root` and of all its descendants, those alive and those it (or they)
+/// already waited for: for a PostgreSQL server, its postmaster and every backend and
+/// background process, including backends whose connection closed meanwhile. A backend that
+/// ends between two readings moves from the live sum into the postmaster's `cutime`/`cstime`
+/// whole, so the difference of two readings is what the server used between them.
+pub fn tree_cpu_time(root: u32) -> anyhow::Result<Duration> {
+    let mut procs = Vec::new();
+    for entry in std::fs::read_dir("/proc")? {
+        let Some(pid) = entry?
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process may end between the listing and the read.
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            if let Ok(stat) = ProcStat::parse(&text) {
+                procs.push((pid, stat));
+            }
+        }
+    }
+    anyhow::ensure!(
+        procs.iter().any(|(pid, _)| *pid == root),
+        "process {root} is not running"
+    );
+    Ok(ticks(tree_ticks(root, &procs)))
+}
+
+/// The ticks of `root` and its descendants among `procs`.
+fn tree_ticks(root: u32, procs: &[(u32, ProcStat)]) -> u64 {
+    let mut total = 0;
+    let mut parents = vec![root];
+    while let Some(parent) = parents.pop() {
+        for (pid, stat) in procs {
+            if *pid == parent {
+                total += stat.all_ticks();
+            }
+            if stat.ppid == parent && *pid != parent {
+                parents.push(*pid);
+            }
+        }
+    }
+    total
 }
 
 /// Busy CPU time of the whole machine (every core), for attributing what the services used.
@@ -101,6 +182,8 @@ pub struct Orbit {
     pub tenant: Tenant,
     pub gateway: Child,
     pub workers: Vec<Child>,
+    /// The database servers the stack writes to (none on the embedded stack).
+    pub nodes: Vec<Node>,
     env: Vec<(String, String)>,
     dir: PathBuf,
     /// Set when the measurement succeeded: only then do data and logs go with the run.
@@ -124,6 +207,10 @@ impl Orbit {
         let stack = match kind {
             StackKind::Distributed => Some(DistributedStack::create().await),
             StackKind::Embedded => None,
+        };
+        let nodes = match &stack {
+            Some(_) => vec![Node::postgres()],
+            None => Vec::new(),
         };
         let mut env = match &stack {
             Some(stack) => stack.env(),
@@ -161,6 +248,7 @@ impl Orbit {
                 &dir.join("gateway.log"),
             )?,
             workers: Vec::new(),
+            nodes,
             env,
             dir,
             succeeded: AtomicBool::new(false),
@@ -255,16 +343,15 @@ impl Orbit {
         self.send_upload(dir, form).await
     }
 
-    /// Streams the file at `path` to the tenant's directory.
-    pub async fn upload_file(&self, path: &Path) -> anyhow::Result<(StatusCode, Value)> {
+    /// Streams the file at `path` to directory `dir`.
+    pub async fn upload_file(&self, dir: Uuid, path: &Path) -> anyhow::Result<(StatusCode, Value)> {
         let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
         let part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
             .file_name("contacts.csv")
             .mime_str("text/csv")?;
-        self.send_upload(self.tenant.dir, Form::new().part("file", part))
-            .await
+        self.send_upload(dir, Form::new().part("file", part)).await
     }
 
     async fn send_upload(&self, dir: Uuid, form: Form) -> anyhow::Result<(StatusCode, Value)> {
@@ -279,14 +366,16 @@ impl Orbit {
         Ok((status, response.json().await.unwrap_or(Value::Null)))
     }
 
-    /// Polls the source until it is completed (an error if it failed or `within` passes).
+    /// Polls the source (of directory `dir`) until it is completed (an error if it failed or
+    /// `within` passes).
     pub async fn wait_completed(
         &mut self,
+        dir: Uuid,
         source: &str,
         within: Duration,
     ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + within;
-        let url = self.dir_url(self.tenant.dir, &format!("/sources/{source}"));
+        let url = self.dir_url(dir, &format!("/sources/{source}"));
         loop {
             let body: Value = self
                 .client
@@ -394,4 +483,56 @@ fn spawn(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_are_read_after_the_command_name() {
+        // A command name with spaces and parentheses, as a backend's title can have.
+        let line = "10790 (postgres: orbit (x) idle) S 10789 10789 10789 0 -1 4194560 120 0 0 0 \
+                    311 42 7 3 20 0 1 0 5143 273932288 2660 18446744073709551615";
+        assert_eq!(
+            ProcStat::parse(line).unwrap(),
+            ProcStat {
+                ppid: 10789,
+                utime: 311,
+                stime: 42,
+                cutime: 7,
+                cstime: 3,
+            }
+        );
+        assert!(ProcStat::parse("10790 (postgres) S 1 2").is_err());
+    }
+
+    #[test]
+    fn a_tree_sums_its_live_processes_and_what_they_reaped() {
+        let stat = |ppid, own, reaped| ProcStat {
+            ppid,
+            utime: own,
+            stime: 0,
+            cutime: reaped,
+            cstime: 0,
+        };
+        let procs = [
+            (1, stat(0, 1000, 0)),
+            (100, stat(1, 5, 40)), // the postmaster, with 40 ticks of exited backends
+            (101, stat(100, 7, 0)),
+            (102, stat(100, 11, 0)),
+            (103, stat(102, 13, 0)), // a child of a backend
+            (200, stat(1, 17, 0)),   // another server
+        ];
+        assert_eq!(tree_ticks(100, &procs), 5 + 40 + 7 + 11 + 13);
+        assert_eq!(tree_ticks(200, &procs), 17);
+        assert_eq!(tree_ticks(999, &procs), 0);
+    }
+
+    #[test]
+    fn this_process_tree_has_cpu_time() {
+        let pid = std::process::id();
+        assert!(tree_cpu_time(pid).is_ok());
+        assert!(tree_cpu_time(u32::MAX).is_err());
+    }
 }
