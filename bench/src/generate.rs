@@ -8,7 +8,7 @@
 //! the same bytes on every machine.
 
 use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub const HEADER: &str = "first_name,last_name,email,phone,company,title,linkedin_url,city,country";
 
@@ -238,18 +238,49 @@ pub struct Generated {
     pub bytes: u64,
 }
 
+/// The seed of the bulk files' stream of rows.
+const BULK_SEED: u64 = 0x0bb1_7c57_2026;
+
 /// Writes `rows` rows, or as many as fit in `max_bytes`, whichever comes first.
 pub fn write_csv(path: &Path, rows: u64, max_bytes: u64) -> anyhow::Result<Generated> {
+    let mut rng = SplitMix64(BULK_SEED);
+    write_rows(path, &mut rng, 0..rows, max_bytes)
+}
+
+/// The rows `write_csv(_, rows, _)` writes, split in order over `paths` (each with its header):
+/// the same contacts as the one file, for uploads into several directories at once. The first
+/// files take one row more when `rows` does not divide evenly.
+pub fn write_csv_parts(paths: &[PathBuf], rows: u64) -> anyhow::Result<Vec<Generated>> {
+    anyhow::ensure!(!paths.is_empty(), "no file to write");
+    let parts = paths.len() as u64;
+    let mut rng = SplitMix64(BULK_SEED);
+    let mut first = 0;
+    let mut written = Vec::with_capacity(paths.len());
+    for (i, path) in paths.iter().enumerate() {
+        let count = rows / parts + u64::from((i as u64) < rows % parts);
+        written.push(write_rows(path, &mut rng, first..first + count, u64::MAX)?);
+        first += count;
+    }
+    Ok(written)
+}
+
+/// Writes the header, then rows `indexes` drawn from `rng`, stopping before the file would
+/// pass `max_bytes`.
+fn write_rows(
+    path: &Path,
+    rng: &mut SplitMix64,
+    indexes: std::ops::Range<u64>,
+    max_bytes: u64,
+) -> anyhow::Result<Generated> {
     let mut out = BufWriter::with_capacity(1 << 20, std::fs::File::create(path)?);
-    let mut rng = SplitMix64(0x0bb1_7c57_2026);
     let mut line = String::with_capacity(256);
     let mut bytes = HEADER.len() as u64 + 1;
     out.write_all(HEADER.as_bytes())?;
     out.write_all(b"\n")?;
     let mut written = 0;
-    while written < rows {
+    for i in indexes {
         line.clear();
-        row(&mut rng, written, &mut line);
+        row(rng, i, &mut line);
         if bytes + line.len() as u64 > max_bytes {
             break;
         }
@@ -293,6 +324,30 @@ mod tests {
             rows += 1;
         }
         assert_eq!(rows, 50_000);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn parts_hold_the_rows_of_the_one_file_in_order() {
+        let dir = std::env::temp_dir().join(format!("orbit-bench-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let whole = dir.join("whole.csv");
+        write_csv(&whole, 1_003, u64::MAX).unwrap();
+        let paths: Vec<PathBuf> = (0..4).map(|i| dir.join(format!("part-{i}.csv"))).collect();
+        let parts = write_csv_parts(&paths, 1_003).unwrap();
+        assert_eq!(
+            parts.iter().map(|g| g.rows).collect::<Vec<_>>(),
+            [251, 251, 251, 250]
+        );
+        let mut joined = format!("{HEADER}\n");
+        for (path, g) in paths.iter().zip(&parts) {
+            let text = std::fs::read_to_string(path).unwrap();
+            assert_eq!(text.len() as u64, g.bytes);
+            let body = text.strip_prefix(&format!("{HEADER}\n")).unwrap();
+            assert_eq!(body.lines().count() as u64, g.rows);
+            joined.push_str(body);
+        }
+        assert_eq!(joined, std::fs::read_to_string(&whole).unwrap());
         std::fs::remove_dir_all(dir).unwrap();
     }
 
