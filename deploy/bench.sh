@@ -8,9 +8,10 @@
 # clients, 30 s) and peak RSS during a 1 GiB upload. Prints figures and each target as met or
 # missed, and writes results.json in the work dir.
 #
-#   bash deploy/bench.sh                      # everything (about 15 minutes on 2 cores)
+#   bash deploy/bench.sh                      # every phase but citus (about 15 minutes on 2 cores)
 #   bash deploy/bench.sh --phases copy,distributed --rows 200000
 #   bash deploy/bench.sh --phases scaleout --scaleout-rows 30000
+#   bash deploy/citus.sh && bash deploy/bench.sh --phases citus    # Citus against PostgreSQL
 #   bash deploy/bench.sh --help
 #
 # Needs only the test services: brings them up (deploy/services.sh) and installs pgloader

@@ -9,6 +9,7 @@
 //! - `load`: the synchronous path under concurrent clients;
 //! - `scaleout`: one directory's file on 1, 2, 4… CPU-capped workers;
 //! - `cgroup`: the cgroup v1 CPU cap each of those workers runs under;
+//! - `citus`: the same stack on a Citus cluster and on PostgreSQL, one directory and several;
 //! - `node`: the database servers a stack writes to, their WAL and CPU time;
 //! - `wal`: PostgreSQL WAL positions, for the bytes of WAL a load writes per row.
 //!
@@ -16,6 +17,7 @@
 
 mod baseline;
 mod cgroup;
+mod citus;
 mod generate;
 mod load;
 mod node;
@@ -64,7 +66,8 @@ struct Args {
     /// example `--set ingest.chunk_rows=5000 --set worker.concurrency=4`.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
-    /// Phases to run, comma-separated.
+    /// Phases to run, comma-separated. `citus` is not in the default run: it needs a Citus
+    /// cluster (`bash deploy/citus.sh`).
     #[arg(
         long,
         value_delimiter = ',',
@@ -94,15 +97,37 @@ struct Args {
     /// and the last round's stragglers are a small share of the run.
     #[arg(long, default_value_t = 2_500)]
     scaleout_chunk_rows: u64,
+    /// Citus phase: the coordinator, as a superuser of the database with the citus extension
+    /// (what `deploy/citus.sh` prints).
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:9700/orbit")]
+    citus_url: String,
+    /// Citus phase: the directories the `--rows` rows are split over, one upload each, all at
+    /// once (after the run into one directory).
+    #[arg(
+        long,
+        default_value_t = 8,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=64),
+    )]
+    citus_dirs: usize,
+    /// Citus phase: the stacks to run it on, comma-separated: `plain` (the test PostgreSQL)
+    /// and `citus` (the cluster at `--citus-url`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "plain,citus",
+        value_parser = citus::STACKS,
+    )]
+    citus_stacks: Vec<String>,
 }
 
 /// Every phase, in the order they run.
-const PHASES: [&str; 7] = [
+const PHASES: [&str; 8] = [
     "copy",
     "pgloader",
     "distributed",
     "embedded",
     "scaleout",
+    "citus",
     "sync",
     "rss",
 ];
@@ -284,7 +309,7 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
         v.as_f64()
     };
     let kb = |bytes: Option<f64>| bytes.map(|b| b / 1000.0);
-    let targets: [(&str, Option<f64>, f64, bool); 7] = [
+    let targets: [(&str, Option<f64>, f64, bool); 8] = [
         (
             "distributed rows/s / psql \\copy",
             at(&["ratio_orbit_distributed_to_psql_copy"]),
@@ -307,6 +332,12 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
             "scale-out rows/s, 4 capped workers / 1",
             at(&["scaleout", "speedup_4_vs_1"]),
             3.2,
+            true,
+        ),
+        (
+            "citus rows/s / PostgreSQL, 8 directories",
+            at(&["citus", "ratio_citus_to_plain", "8_dirs"]),
+            0.5,
             true,
         ),
         (
@@ -529,6 +560,10 @@ async fn main() -> anyhow::Result<()> {
         results.insert("scaleout".into(), scaleout::run(&args).await?);
     }
 
+    if phase("citus") {
+        results.insert("citus".into(), citus::run(&args).await?);
+    }
+
     if phase("sync") {
         let mut sync = serde_json::Map::new();
         for (kind, per_client) in [
@@ -580,9 +615,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_run_has_every_phase_and_the_scaleout_settings() {
+    fn the_default_run_has_every_phase_but_citus_and_the_scaleout_settings() {
         let args = Args::try_parse_from(["orbit-bench"]).unwrap();
-        assert_eq!(args.phases, PHASES);
+        let mut phases = PHASES.to_vec();
+        phases.retain(|p| *p != "citus");
+        assert_eq!(args.phases, phases);
+        assert_eq!(args.citus_dirs, 8);
+        assert_eq!(args.citus_stacks, ["plain", "citus"]);
         assert_eq!(args.scaleout_workers, [1, 2, 4]);
         assert_eq!(args.scaleout_rows, 100_000);
         assert_eq!(
@@ -618,6 +657,26 @@ mod tests {
                 "{bad}"
             );
         }
+        let args = Args::try_parse_from([
+            "orbit-bench",
+            "--phases",
+            "citus",
+            "--citus-stacks",
+            "plain",
+            "--citus-dirs",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(
+            (args.citus_stacks, args.citus_dirs),
+            (vec!["plain".into()], 4)
+        );
+        for bad in [["--citus-stacks", "postgres"], ["--citus-dirs", "1"]] {
+            assert!(
+                Args::try_parse_from(["orbit-bench", bad[0], bad[1]]).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
@@ -639,6 +698,7 @@ mod tests {
             "wal_bytes_per_row": { "orbit_distributed": 1250.0 },
             "scaleout": { "speedup_4_vs_1": 3.25 },
             "sync": { "distributed_one_dir": { "p99_ms": 49.0 } },
+            "citus": { "ratio_citus_to_plain": { "1_dir": 0.3, "8_dirs": 0.55 } },
         });
         let verdicts = targets(results.as_object().unwrap());
         let got: Vec<(&str, f64, bool)> = verdicts
@@ -652,6 +712,7 @@ mod tests {
                 ("distributed rows/s / pgloader", 0.9, false),
                 ("distributed WAL KB/row", 1.25, false),
                 ("scale-out rows/s, 4 capped workers / 1", 3.25, true),
+                ("citus rows/s / PostgreSQL, 8 directories", 0.55, true),
                 ("sync p99 ms, 16 clients, one directory", 49.0, true),
             ]
         );

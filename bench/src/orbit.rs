@@ -1,7 +1,7 @@
 //! Orbit under test: the release `orbit-gateway` and `orbit-worker` binaries started as
 //! processes, as an operator runs them, on the embedded defaults or on a fresh PostgreSQL
-//! database, S3 bucket and RabbitMQ queue. Readings of their memory and CPU, and of the
-//! database server's CPU, come from /proc.
+//! database (or Citus schema), S3 bucket and RabbitMQ queue. Readings of their memory and CPU,
+//! and of the database servers' CPU, come from /proc.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -16,6 +16,7 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
+use crate::citus::{Cluster, Schema};
 use crate::node::Node;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -189,6 +190,7 @@ pub struct Orbit {
     /// Set when the measurement succeeded: only then do data and logs go with the run.
     succeeded: AtomicBool,
     // Dropped after the processes (field order): the services outlive their clients.
+    schema: Option<Schema>,
     _stack: Option<DistributedStack>,
 }
 
@@ -201,6 +203,22 @@ impl Orbit {
         workers: usize,
         extra: &[(String, String)],
     ) -> anyhow::Result<Self> {
+        Self::start_on(kind, None, work, workers, extra).await
+    }
+
+    /// As [`Orbit::start`]; with `citus`, the distributed stack's database is a fresh schema in
+    /// the Citus cluster's database instead of a fresh database on the test PostgreSQL.
+    pub async fn start_on(
+        kind: StackKind,
+        citus: Option<&Cluster>,
+        work: &Path,
+        workers: usize,
+        extra: &[(String, String)],
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(
+            citus.is_none() || kind == StackKind::Distributed,
+            "only the distributed stack runs on Citus"
+        );
         let dir = work.join(format!("{}-{}", kind.name(), Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
@@ -208,9 +226,14 @@ impl Orbit {
             StackKind::Distributed => Some(DistributedStack::create().await),
             StackKind::Embedded => None,
         };
-        let nodes = match &stack {
-            Some(_) => vec![Node::postgres()],
-            None => Vec::new(),
+        let schema = match citus {
+            Some(cluster) => Some(cluster.create_schema().await?),
+            None => None,
+        };
+        let nodes = match (&stack, citus) {
+            (None, _) => Vec::new(),
+            (Some(_), None) => vec![Node::postgres()],
+            (Some(_), Some(cluster)) => cluster.nodes.clone(),
         };
         let mut env = match &stack {
             Some(stack) => stack.env(),
@@ -225,6 +248,14 @@ impl Orbit {
                 ),
             ],
         };
+        if let Some(schema) = &schema {
+            // The stack's fresh database on the test PostgreSQL stays empty and unused.
+            for (key, value) in &mut env {
+                if key == "ORBIT__DATABASE__URL" {
+                    value.clone_from(&schema.url);
+                }
+            }
+        }
         env.push(("ORBIT__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
         env.push(("RUST_LOG".into(), "warn".into()));
         env.extend(extra.iter().cloned());
@@ -252,6 +283,7 @@ impl Orbit {
             env,
             dir,
             succeeded: AtomicBool::new(false),
+            schema,
             _stack: stack,
         };
         orbit.wait_ready().await?;
@@ -410,6 +442,11 @@ impl Orbit {
             }
         }
         Ok(())
+    }
+
+    /// The Citus schema the stack's database is, on a stack started on Citus.
+    pub fn schema(&self) -> Option<&Schema> {
+        self.schema.as_ref()
     }
 
     /// The settings every process of this stack runs with, as `ORBIT__…` variables.
