@@ -1,8 +1,9 @@
 //! The Citus phase: the distributed stack (the gateway, `--workers` workers, RabbitMQ and S3)
-//! on a Citus cluster, a coordinator and its worker nodes (`deploy/citus.sh`), and on the test
-//! PostgreSQL, in the same run. Each stack ingests the bulk file's rows into one directory,
-//! then the same rows split over `--citus-dirs` directories, one upload per directory, all sent
-//! at once. Every run has a fresh database (PostgreSQL) or schema (Citus).
+//! on a Citus cluster, a coordinator and its worker nodes (`deploy/citus.sh`, reached as the
+//! test kit does: `ORBIT_TEST_CITUS_URL`), and on the test PostgreSQL, in the same run. Each
+//! stack ingests the bulk file's rows into one directory, then the same rows split over
+//! `--citus-dirs` directories, one upload per directory, all sent at once. Every run has a
+//! fresh database (PostgreSQL) or schema (Citus: the test kit's `TestDatabase::citus`).
 //!
 //! Besides rows/s it reads, on every node, the WAL written per row and the CPU time of the
 //! node's processes during the import: the coordinator's share of the cluster's CPU says how
@@ -16,6 +17,8 @@ use serde_json::{json, Value};
 use sqlx::Connection;
 use uuid::Uuid;
 
+use orbit_testkit::citus_url;
+
 use crate::node::{Node, NodeUse};
 use crate::orbit::{Orbit, StackKind};
 use crate::{generate, measure_uploads, report_ingest, Args, Ingest, Upload};
@@ -25,16 +28,16 @@ pub const STACKS: [&str; 2] = ["plain", "citus"];
 
 /// A Citus cluster as its coordinator sees it.
 pub struct Cluster {
-    /// The coordinator: a superuser of the database with the citus extension.
-    url: String,
     /// The coordinator first, then each active primary worker node.
     pub nodes: Vec<Node>,
 }
 
 impl Cluster {
-    /// The cluster whose coordinator is at `url`; its worker nodes are those of
-    /// `pg_dist_node`, reached with the coordinator URL's user and database.
-    pub async fn connect(url: &str) -> anyhow::Result<Self> {
+    /// The test kit's cluster (`ORBIT_TEST_CITUS_URL`, a superuser of the coordinator's database
+    /// with the citus extension); its worker nodes are those of `pg_dist_node`, reached with
+    /// the coordinator URL's user and database.
+    pub async fn connect() -> anyhow::Result<Self> {
+        let url = &citus_url();
         let mut conn = sqlx::PgConnection::connect(url).await.with_context(|| {
             format!("no Citus coordinator at {url}: start one with `bash deploy/citus.sh`")
         })?;
@@ -66,55 +69,64 @@ impl Cluster {
                 url: node_url(url, host, u16::try_from(*port)?)?,
             });
         }
-        Ok(Cluster {
-            url: url.to_owned(),
-            nodes,
-        })
+        Ok(Cluster { nodes })
     }
+}
 
-    /// A fresh schema in the coordinator's database (cheaper than a database on Citus, which
-    /// has to exist, with the extension, on every node), dropped with the guard.
-    pub async fn create_schema(&self) -> anyhow::Result<Schema> {
-        let name = format!("orbit_bench_{}", Uuid::new_v4().simple());
-        let mut conn = sqlx::PgConnection::connect(&self.url).await?;
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&mut conn)
-            .await?;
-        let schema = Schema {
-            url: with_search_path(&self.url, &name),
-            admin_url: self.url.clone(),
-            name,
-        };
-        // Orbit's processes connect by this URL: sqlx must pass its `options` to the server.
-        let mut conn = sqlx::PgConnection::connect(&schema.url).await?;
-        let (current,): (Option<String>,) = sqlx::query_as("SELECT current_schema()::text")
-            .fetch_one(&mut conn)
-            .await?;
-        anyhow::ensure!(
-            current.as_deref() == Some(schema.name.as_str()),
-            "a connection by {} uses schema {current:?}, not {}",
-            schema.url,
-            schema.name
-        );
-        Ok(schema)
-    }
+/// Where Citus put a stack's tables, in the schema a connection by the stack's URL uses: how
+/// many it distributes by hash, keeps as reference tables (a copy on every node) and as Citus
+/// local tables (on the coordinator only), and the shards of `sources` (every distributed table
+/// is colocated with it).
+struct Layout {
+    schema: String,
+    distributed: i64,
+    reference: i64,
+    local: i64,
+    shards: i64,
+}
 
-    /// How many tables of `schema` Citus distributes by hash, and how many it keeps as
-    /// reference tables.
-    async fn layout(&self, schema: &Schema) -> anyhow::Result<(i64, i64)> {
-        let mut conn = sqlx::PgConnection::connect(&self.url).await?;
-        Ok(sqlx::query_as(
-            "SELECT count(*) FILTER (WHERE p.partmethod = 'h'), \
-                    count(*) FILTER (WHERE p.partmethod = 'n' AND p.repmodel = 't') \
-             FROM pg_dist_partition p \
-             JOIN pg_class c ON c.oid = p.logicalrelid \
-             JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1",
+async fn layout(database_url: &str) -> anyhow::Result<Layout> {
+    let mut conn = sqlx::PgConnection::connect(database_url).await?;
+    let (schema, distributed, reference, local, shards): (String, i64, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT current_schema()::text, \
+                count(*) FILTER (WHERE p.partmethod = 'h'), \
+                count(*) FILTER (WHERE p.partmethod = 'n' AND p.repmodel = 't'), \
+                count(*) FILTER (WHERE p.partmethod = 'n' AND p.repmodel = 's'), \
+                (SELECT count(*) FROM pg_dist_shard WHERE logicalrelid = to_regclass('sources')) \
+         FROM pg_dist_partition p \
+         JOIN pg_class c ON c.oid = p.logicalrelid \
+         JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = current_schema()",
         )
-        .bind(&schema.name)
         .fetch_one(&mut conn)
-        .await?)
-    }
+        .await?;
+    Ok(Layout {
+        schema,
+        distributed,
+        reference,
+        local,
+        shards,
+    })
+}
+
+/// How many of `dirs` have their shards on each worker node (`host:port`), in node order.
+async fn directories_per_node(
+    database_url: &str,
+    dirs: &[Uuid],
+) -> anyhow::Result<Vec<(String, i64)>> {
+    let mut conn = sqlx::PgConnection::connect(database_url).await?;
+    Ok(sqlx::query_as(
+        "SELECT n.nodename || ':' || n.nodeport, count(*) \
+         FROM unnest($1::uuid[]) AS d(id) \
+         JOIN pg_dist_placement p \
+           ON p.shardid = get_shard_id_for_distribution_column('sources', d.id) \
+         JOIN pg_dist_node n ON n.groupid = p.groupid \
+         GROUP BY n.nodeid, n.nodename, n.nodeport ORDER BY n.nodeid",
+    )
+    .bind(dirs)
+    .fetch_all(&mut conn)
+    .await?)
 }
 
 /// `url` with another host and port.
@@ -124,49 +136,6 @@ fn node_url(url: &str, host: &str, port: u16) -> anyhow::Result<String> {
     url.set_port(Some(port))
         .map_err(|()| anyhow::anyhow!("{url} cannot have a port"))?;
     Ok(url.into())
-}
-
-/// `url` with `search_path` set to `schema` for every connection made by it, through the
-/// connection's startup `options` (`-c search_path=…`), which sqlx reads from the URL.
-fn with_search_path(url: &str, schema: &str) -> String {
-    let separator = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{separator}options=-c%20search_path%3D{schema}")
-}
-
-/// A schema of the coordinator's database; dropped (with everything in it, on every node) with
-/// the guard.
-pub struct Schema {
-    pub name: String,
-    /// The coordinator's URL with this schema as the search path.
-    pub url: String,
-    admin_url: String,
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
-        // `Drop` cannot await, and the caller's runtime may be shutting down: a runtime of its
-        // own, on a thread of its own.
-        let dropped = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    let mut conn = sqlx::PgConnection::connect(&admin_url).await?;
-                    sqlx::query(&format!("DROP SCHEMA IF EXISTS {name} CASCADE"))
-                        .execute(&mut conn)
-                        .await?;
-                    anyhow::Ok(())
-                })
-        })
-        .join();
-        if !matches!(dropped, Ok(Ok(()))) {
-            eprintln!(
-                "orbit-bench: could not drop schema {} on the Citus coordinator",
-                self.name
-            );
-        }
-    }
 }
 
 /// The coordinator's CPU time over all the nodes' (the coordinator is the first node).
@@ -217,13 +186,48 @@ fn report_nodes(rows: u64, i: &Ingest) -> Option<f64> {
     share
 }
 
+/// Where a Citus run's data went.
+struct Placement {
+    layout: Layout,
+    /// The run's directories on each worker node, by name.
+    directories: Vec<(String, i64)>,
+}
+
+impl Placement {
+    /// Prints the run's placement line: its part of the results.
+    fn report(&self) -> Value {
+        let l = &self.layout;
+        println!(
+            "{:<22}placement: tables distributed by directory {} ({} shards each), reference {}, Citus local (coordinator only) {}; directories per worker node: {}",
+            "",
+            l.distributed,
+            l.shards,
+            l.reference,
+            l.local,
+            self.directories
+                .iter()
+                .map(|(node, n)| format!("{node} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        json!({
+            "schema": l.schema,
+            "distributed_tables": l.distributed,
+            "reference_tables": l.reference,
+            "citus_local_tables": l.local,
+            "shards_per_table": l.shards,
+            "directories_per_node": self.directories.iter().map(|(node, n)| (node.clone(), json!(n))).collect::<serde_json::Map<_, _>>(),
+        })
+    }
+}
+
 /// One run: a fresh stack ingests `files` (each into a fresh directory of its own, or the one
-/// file into the tenant's directory).
+/// file into the tenant's directory). On Citus, where its tables and directories went too.
 async fn run_once(
     args: &Args,
     citus: Option<&Cluster>,
     files: &[(PathBuf, u64)],
-) -> anyhow::Result<Ingest> {
+) -> anyhow::Result<(Ingest, Option<Placement>)> {
     let mut orbit = Orbit::start_on(
         StackKind::Distributed,
         citus,
@@ -232,15 +236,25 @@ async fn run_once(
         &args.orbit_env()?,
     )
     .await?;
-    if let (Some(cluster), Some(schema)) = (citus, orbit.schema()) {
-        // Without distributed tables the run would measure PostgreSQL on the coordinator.
-        let (distributed, reference) = cluster.layout(schema).await?;
-        anyhow::ensure!(
-            distributed > 0,
-            "`orbit-gateway migrate` distributed no table on Citus (schema {}, {reference} reference tables)",
-            schema.name
-        );
-    }
+    let database_url = orbit
+        .database_url()
+        .context("a distributed stack")?
+        .to_owned();
+    let layout = match citus {
+        Some(_) => {
+            let layout = layout(&database_url).await?;
+            // Without distributed tables the run would measure PostgreSQL on the coordinator
+            // (and if the URL's search_path did not reach the server, they are not where
+            // Orbit's connections look).
+            anyhow::ensure!(
+                layout.distributed > 0 && layout.schema != "public",
+                "`orbit-gateway migrate` distributed no table in schema {} on Citus",
+                layout.schema
+            );
+            Some(layout)
+        }
+        None => None,
+    };
     let dirs = if files.len() == 1 {
         vec![orbit.tenant.dir]
     } else {
@@ -252,14 +266,29 @@ async fn run_once(
     };
     let uploads: Vec<Upload> = files
         .iter()
-        .zip(dirs)
+        .zip(&dirs)
         .map(|((csv, rows), dir)| Upload {
-            dir,
+            dir: *dir,
             csv,
             rows: *rows,
         })
         .collect();
-    measure_uploads(&mut orbit, &uploads).await
+    let ingest = measure_uploads(&mut orbit, &uploads).await?;
+    let placement = match (citus, layout) {
+        (Some(cluster), Some(layout)) => {
+            let mut directories = Vec::new();
+            for (address, n) in directories_per_node(&database_url, &dirs).await? {
+                let node = cluster.nodes.iter().find(|node| node.address() == address);
+                directories.push((node.map_or(address, |node| node.name.clone()), n));
+            }
+            Some(Placement {
+                layout,
+                directories,
+            })
+        }
+        _ => None,
+    };
+    Ok((ingest, placement))
 }
 
 /// Runs the phase and prints a line per run and a line of its nodes: the results.json `citus`
@@ -286,7 +315,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     ];
 
     let cluster = if args.citus_stacks.iter().any(|s| s == "citus") {
-        Some(Cluster::connect(&args.citus_url).await?)
+        Some(Cluster::connect().await?)
     } else {
         None
     };
@@ -325,12 +354,15 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
             None
         };
         for files in &shapes {
-            let i = run_once(args, citus, files).await?;
+            let (i, placement) = run_once(args, citus, files).await?;
             let dirs = files.len();
             let name = format!("  {stack}, {dirs} dir{}", if dirs == 1 { "" } else { "s" });
             let mut report = report_ingest(&name, rows, &i);
             if let Some(share) = report_nodes(rows, &i) {
                 report["coordinator_cpu_share"] = json!(share);
+            }
+            if let Some(placement) = placement {
+                report["placement"] = placement.report();
             }
             rates.insert((stack, dirs), rows as f64 / i.took.as_secs_f64());
             runs.insert(format!("{stack}_{}", shape(dirs)), report);
@@ -368,29 +400,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sqlx_reads_the_search_path_from_the_url() {
-        let url = with_search_path("postgres://postgres@127.0.0.1:9700/orbit", "orbit_bench_1");
+    fn sqlx_passes_the_search_path_of_a_citus_test_database_url() {
+        // The shape of `TestDatabase::citus`'s URL, which Orbit's processes connect by.
+        let url = "postgres://postgres@127.0.0.1:9700/orbit?application_name=s1\
+                   &options=-c%20search_path%3Ds1%20-c%20citus.shard_count%3D4";
+        let options = PgConnectOptions::from_str(url).unwrap();
         assert_eq!(
-            url,
-            "postgres://postgres@127.0.0.1:9700/orbit?options=-c%20search_path%3Dorbit_bench_1"
+            options.get_options(),
+            Some("-c search_path=s1 -c citus.shard_count=4")
         );
-        let options = PgConnectOptions::from_str(&url).unwrap();
-        assert_eq!(options.get_options(), Some("-c search_path=orbit_bench_1"));
         assert_eq!(options.get_database(), Some("orbit"));
-        // The store adds its own settings after it (PgStore::open): both reach the server.
+        // The store adds its own settings after them (PgStore::open): all reach the server.
         let options = options.options([("lock_timeout", "15s")]);
         assert_eq!(
             options.get_options(),
-            Some("-c search_path=orbit_bench_1 -c lock_timeout=15s")
+            Some("-c search_path=s1 -c citus.shard_count=4 -c lock_timeout=15s")
         );
-        // A URL that has parameters already keeps them.
-        let url = with_search_path("postgres://u@h/db?sslmode=disable", "s");
-        let options = PgConnectOptions::from_str(&url).unwrap();
-        assert_eq!(options.get_options(), Some("-c search_path=s"));
-        assert!(matches!(
-            options.get_ssl_mode(),
-            sqlx::postgres::PgSslMode::Disable
-        ));
     }
 
     #[test]

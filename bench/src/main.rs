@@ -97,10 +97,6 @@ struct Args {
     /// and the last round's stragglers are a small share of the run.
     #[arg(long, default_value_t = 2_500)]
     scaleout_chunk_rows: u64,
-    /// Citus phase: the coordinator, as a superuser of the database with the citus extension
-    /// (what `deploy/citus.sh` prints).
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:9700/orbit")]
-    citus_url: String,
     /// Citus phase: the directories the `--rows` rows are split over, one upload each, all at
     /// once (after the run into one directory).
     #[arg(
@@ -109,8 +105,9 @@ struct Args {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..=64),
     )]
     citus_dirs: usize,
-    /// Citus phase: the stacks to run it on, comma-separated: `plain` (the test PostgreSQL)
-    /// and `citus` (the cluster at `--citus-url`).
+    /// Citus phase: the stacks to run it on, comma-separated: `plain` (the test PostgreSQL,
+    /// `ORBIT_TEST_POSTGRES_URL`) and `citus` (the test Citus coordinator, `ORBIT_TEST_CITUS_URL`,
+    /// default `deploy/citus.sh`'s).
     #[arg(
         long,
         value_delimiter = ',',

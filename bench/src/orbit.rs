@@ -9,14 +9,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use orbit_testkit::DistributedStack;
+use orbit_testkit::{DistributedStack, TestBucket, TestDatabase, TestQueue};
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
-use crate::citus::{Cluster, Schema};
+use crate::citus::Cluster;
 use crate::node::Node;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,8 +190,7 @@ pub struct Orbit {
     /// Set when the measurement succeeded: only then do data and logs go with the run.
     succeeded: AtomicBool,
     // Dropped after the processes (field order): the services outlive their clients.
-    schema: Option<Schema>,
-    _stack: Option<DistributedStack>,
+    stack: Option<DistributedStack>,
 }
 
 impl Orbit {
@@ -206,8 +205,10 @@ impl Orbit {
         Self::start_on(kind, None, work, workers, extra).await
     }
 
-    /// As [`Orbit::start`]; with `citus`, the distributed stack's database is a fresh schema in
-    /// the Citus cluster's database instead of a fresh database on the test PostgreSQL.
+    /// As [`Orbit::start`]; with `citus`, the distributed stack's database is a fresh schema on
+    /// that Citus cluster (the test kit's, `ORBIT_TEST_CITUS_URL`) instead of a fresh database
+    /// on the test PostgreSQL, whatever `ORBIT_TEST_DATABASE` says: the benchmark measures
+    /// both.
     pub async fn start_on(
         kind: StackKind,
         citus: Option<&Cluster>,
@@ -223,12 +224,15 @@ impl Orbit {
         std::fs::create_dir_all(&dir)?;
         let port = free_port()?;
         let stack = match kind {
-            StackKind::Distributed => Some(DistributedStack::create().await),
+            StackKind::Distributed => Some(DistributedStack {
+                database: match citus {
+                    Some(_) => TestDatabase::citus().await,
+                    None => TestDatabase::create().await,
+                },
+                bucket: TestBucket::create().await,
+                queue: TestQueue::new(),
+            }),
             StackKind::Embedded => None,
-        };
-        let schema = match citus {
-            Some(cluster) => Some(cluster.create_schema().await?),
-            None => None,
         };
         let nodes = match (&stack, citus) {
             (None, _) => Vec::new(),
@@ -248,14 +252,6 @@ impl Orbit {
                 ),
             ],
         };
-        if let Some(schema) = &schema {
-            // The stack's fresh database on the test PostgreSQL stays empty and unused.
-            for (key, value) in &mut env {
-                if key == "ORBIT__DATABASE__URL" {
-                    value.clone_from(&schema.url);
-                }
-            }
-        }
         env.push(("ORBIT__HTTP__LISTEN".into(), format!("127.0.0.1:{port}")));
         env.push(("RUST_LOG".into(), "warn".into()));
         env.extend(extra.iter().cloned());
@@ -283,8 +279,7 @@ impl Orbit {
             env,
             dir,
             succeeded: AtomicBool::new(false),
-            schema,
-            _stack: stack,
+            stack,
         };
         orbit.wait_ready().await?;
         let out = orbit.admin(&["admin", "bootstrap"]).await?;
@@ -444,9 +439,9 @@ impl Orbit {
         Ok(())
     }
 
-    /// The Citus schema the stack's database is, on a stack started on Citus.
-    pub fn schema(&self) -> Option<&Schema> {
-        self.schema.as_ref()
+    /// The distributed stack's database, as its processes reach it.
+    pub fn database_url(&self) -> Option<&str> {
+        self.stack.as_ref().map(|s| s.database.url.as_str())
     }
 
     /// The settings every process of this stack runs with, as `ORBIT__…` variables.
