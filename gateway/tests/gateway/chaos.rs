@@ -11,8 +11,9 @@ use serde_json::Value;
 
 const ROWS: usize = 12_000;
 
-/// Tests hold it shared; the PostgreSQL restart holds it alone.
-static FAULTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+/// Tests hold it shared; the PostgreSQL restart and the Citus node outage (`crate::citus`, a
+/// heavy ingest that would starve the frozen worker's takeover) hold it alone.
+pub(crate) static FAULTS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
 
 /// A gateway on a fresh distributed stack with small chunks and a short lease, and no worker yet.
 async fn stack_app() -> TestApp {

@@ -1,7 +1,8 @@
 //! Orbit on Citus with a worker node down: only that node's directories wait. The stack is a
 //! Citus schema, S3, RabbitMQ and two `orbit-worker` processes whatever `ORBIT_TEST_STACK`
-//! says; the node is stopped and started with `deploy/citus.sh` (so this suite changes the
-//! shared Citus cluster while it runs: deploy/test.sh runs it in a pass of its own).
+//! says; the node is stopped and started with `deploy/citus.sh`, so this suite changes the
+//! shared Citus cluster while it runs: no other test of this binary uses Citus in the pass
+//! that runs it, and deploy/test.sh's Citus pass leaves it out.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -91,6 +92,7 @@ async fn wait_completed(app: &TestApp, dir: Uuid, source: &str, within: Duration
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_down_stops_only_its_directories() {
+    let _alone = crate::chaos::FAULTS.write().await;
     let app = TestApp::spawn_on(Some(DistributedStack::citus().await), |s| {
         s.worker.reap_interval = Duration::from_millis(500);
     })

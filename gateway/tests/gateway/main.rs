@@ -8,7 +8,7 @@
 //!
 //! `chaos` restarts the shared PostgreSQL: skip it on a machine others use
 //! (`-- --skip chaos::`). `citus` stops and starts a node of the Citus cluster
-//! (`deploy/citus.sh`), which every Citus test shares: deploy/test.sh runs it on its own.
+//! (`deploy/citus.sh`), which every Citus test shares: keep it out of a run on Citus.
 
 mod common;
 
