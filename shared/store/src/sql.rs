@@ -7,12 +7,12 @@
 /// The columns of `rows::SourceRow` that say whether a source waits out transient trouble:
 /// the oldest run among its unfinished chunks, and what that chunk's last attempt said. Read
 /// through `UNIQUE (directory_id, source_id, idx)`, over one source's chunks only; the
-/// directory is the statement's `$2`, not the outer row's, because a sharded database routes a
+/// directory is the statement's `$1`, not the outer row's, because a sharded database routes a
 /// statement to one shard only when every table in it names its shard by a constant.
 macro_rules! retrying {
     () => {
-        "(SELECT MIN(c.transient_since_ms) FROM chunks c WHERE c.directory_id = $2 AND c.source_id = s.id AND c.state IN ('pending', 'running')) AS retrying_since_ms, \
-         (SELECT c.last_error FROM chunks c WHERE c.directory_id = $2 AND c.source_id = s.id AND c.state IN ('pending', 'running') AND c.transient_since_ms IS NOT NULL ORDER BY c.transient_since_ms LIMIT 1) AS retrying_error"
+        "(SELECT MIN(c.transient_since_ms) FROM chunks c WHERE c.directory_id = $1 AND c.source_id = s.id AND c.state IN ('pending', 'running')) AS retrying_since_ms, \
+         (SELECT c.last_error FROM chunks c WHERE c.directory_id = $1 AND c.source_id = s.id AND c.state IN ('pending', 'running') AND c.transient_since_ms IS NOT NULL ORDER BY c.transient_since_ms LIMIT 1) AS retrying_error"
     };
 }
 
@@ -58,17 +58,17 @@ pub(super) const UNSCOPE_KEY: &str =
     "DELETE FROM idempotency_scopes WHERE organization_id = $1 AND key = $2 AND directory_id = $3";
 /// Frees a key whose request failed, if the claim is still this request's.
 pub(super) const RELEASE_IDEMPOTENCY_KEY: &str = "DELETE FROM idempotency_keys WHERE directory_id = $1 AND key = $2 AND claim_token = $3 AND state = 'in_flight'";
-/// A source as clients see it, scoped to its organization and directory.
+/// A source as clients see it, scoped to its directory ($1) and organization ($2).
 pub(super) const SOURCE: &str = concat!(
     "SELECT s.*, ",
     retrying!(),
-    " FROM sources s WHERE organization_id = $1 AND directory_id = $2 AND id = $3"
+    " FROM sources s WHERE directory_id = $1 AND organization_id = $2 AND id = $3"
 );
-/// A page of a directory's sources as clients see them, newest first.
+/// A page of a directory's ($1) sources as clients see them, newest first; $2 the organization.
 pub(super) const SOURCES_PAGE: &str = concat!(
     "SELECT s.*, ",
     retrying!(),
-    " FROM sources s WHERE organization_id = $1 AND directory_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
+    " FROM sources s WHERE directory_id = $1 AND organization_id = $2 AND seq < $3 ORDER BY seq DESC LIMIT $4"
 );
 pub(super) const FAILED_ROWS_PAGE: &str = "SELECT * FROM failed_rows WHERE directory_id = $1 AND source_id = $2 AND row_number > $3 ORDER BY row_number LIMIT $4";
 pub(super) const RENEW_LEASE: &str = "UPDATE chunks SET lease_expires_ms = $1 WHERE directory_id = $2 AND id = $3 AND lease_token = $4 AND state = 'running'";

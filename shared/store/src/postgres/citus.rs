@@ -1,8 +1,8 @@
 //! Migrating, and sharding the schema by directory when the database is a Citus coordinator
 //! (the `citus` extension is installed in it): what `migrate` does after the migrations, every
 //! time, so a table a later migration adds is placed too, and an existing database moves onto
-//! its worker nodes the first time it runs. On plain PostgreSQL nothing happens. docs/scaling.md says why
-//! each table lives where it does.
+//! its worker nodes the first time it runs. On plain PostgreSQL nothing more happens.
+//! docs/scaling.md says why each table lives where it does.
 
 use super::*;
 
@@ -46,6 +46,9 @@ impl PgStore {
     /// tables in another deadlock on Citus's own catalog otherwise.
     pub(super) async fn migrate_all(&self) -> StoreResult<()> {
         let mut conn = self.pool.acquire().await?;
+        // The lock is the session's: should this be cancelled half-way, the connection must
+        // not go back to the pool still holding it.
+        conn.close_on_drop();
         sqlx::query("SELECT pg_advisory_lock($1)")
             .bind(MIGRATION_LOCK)
             .execute(&mut *conn)

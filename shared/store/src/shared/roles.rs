@@ -269,8 +269,8 @@ macro_rules! store_roles {
                 source: Uuid,
             ) -> StoreResult<Option<Source>> {
                 sqlx::query_as::<_, $crate::rows::SourceRow>($crate::sql::SOURCE)
-                    .bind(org)
                     .bind(dir)
+                    .bind(org)
                     .bind(source)
                     .fetch_optional(&self.$read)
                     .await?
@@ -286,8 +286,8 @@ macro_rules! store_roles {
             ) -> StoreResult<Page<Source>> {
                 let limit = $crate::rows::page_limit(page);
                 let rows = sqlx::query_as::<_, $crate::rows::SourceRow>($crate::sql::SOURCES_PAGE)
-                    .bind(org)
                     .bind(dir)
+                    .bind(org)
                     .bind(page.after.map_or(i64::MAX, |c| c.0))
                     .bind(limit + 1)
                     .fetch_all(&self.$read)

@@ -138,8 +138,8 @@ impl SqliteStore {
         // One writer at a time: no commit can interleave with this transaction.
         let mut tx = self.writer.begin().await?;
         let Some(row) = sqlx::query_as::<_, SourceRow>(sql::SOURCE)
-            .bind(org)
             .bind(dir)
+            .bind(org)
             .bind(source)
             .fetch_optional(&mut *tx)
             .await?

@@ -1290,8 +1290,7 @@ async fn on_citus_every_ingest_transaction_reaches_one_worker_node() {
     use sqlx::{Connection, Row};
 
     let database = orbit_testkit::TestDatabase::citus().await;
-    let commands = RemoteCommands::default();
-    let _capture = tracing::subscriber::set_default(commands.subscriber());
+    let commands = RemoteCommands::global();
     let logged = format!(
         "{}&options=-c%20citus.log_remote_commands%3Don%20-c%20client_min_messages%3Dlog",
         database.url
@@ -1327,7 +1326,7 @@ async fn on_citus_every_ingest_transaction_reaches_one_worker_node() {
     }
     for (node, dir) in directories {
         let nodes = |what: &str| {
-            let reached = commands.nodes(&node_of_shard);
+            let reached = commands.nodes(&node_of_shard, what);
             assert_eq!(
                 reached,
                 [node].into(),
@@ -1380,9 +1379,23 @@ async fn on_citus_every_ingest_transaction_reaches_one_worker_node() {
 struct RemoteCommands(Arc<std::sync::Mutex<Vec<String>>>);
 
 impl RemoteCommands {
-    fn subscriber(&self) -> impl tracing::Subscriber + Send + Sync {
-        use tracing_subscriber::layer::SubscriberExt;
-        tracing_subscriber::registry().with(self.clone())
+    /// The process-wide collector. sqlx reports notices as tracing events wherever the
+    /// connection's task runs, and a subscriber scoped to this test's thread missed them while
+    /// other tests ran: this one is every thread's. Only this test's sessions log remote
+    /// commands, so only its commands are collected.
+    fn global() -> RemoteCommands {
+        static GLOBAL: std::sync::OnceLock<RemoteCommands> = std::sync::OnceLock::new();
+        GLOBAL
+            .get_or_init(|| {
+                use tracing_subscriber::layer::SubscriberExt;
+                let commands = RemoteCommands::default();
+                tracing::subscriber::set_global_default(
+                    tracing_subscriber::registry().with(commands.clone()),
+                )
+                .expect("no other global subscriber in the store's tests");
+                commands
+            })
+            .clone()
     }
 
     fn clear(&self) {
@@ -1391,9 +1404,13 @@ impl RemoteCommands {
 
     /// The nodes the commands since the last `clear` reached, by the shards they name
     /// (`<table>_<shard id>`).
-    fn nodes(&self, node_of_shard: &HashMap<i64, i32>) -> std::collections::BTreeSet<i32> {
+    fn nodes(
+        &self,
+        node_of_shard: &HashMap<i64, i32>,
+        what: &str,
+    ) -> std::collections::BTreeSet<i32> {
         let commands = std::mem::take(&mut *self.0.lock().unwrap());
-        assert!(!commands.is_empty(), "no command reached a node");
+        assert!(!commands.is_empty(), "{what}: no command reached a node");
         commands
             .iter()
             .flat_map(|c| c.split(|ch: char| !ch.is_ascii_alphanumeric() && ch != '_'))
