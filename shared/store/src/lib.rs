@@ -66,18 +66,33 @@ impl StoreError {
                 // starting; 53300: too many connections.
                 state.starts_with("08")
                     || matches!(state.as_str(), "57P01" | "57P02" | "57P03" | "53300")
+                    || self.is_node_down()
             }
             _ => false,
         }
     }
 
     /// One node of a sharded database (a Citus worker node) could not be reached from the
-    /// coordinator: only the directories whose shards live there are affected. The server
-    /// reports it as a connection exception (class 08) of its own; a connection of ours that
-    /// fails is an I/O error instead.
+    /// coordinator, or went away mid-statement: only the directories whose shards live there
+    /// are affected. The coordinator reports it as a connection exception (class 08) of its
+    /// own (a connection of ours that fails is an I/O error instead), except during a `COPY`,
+    /// where Citus passes the node's last words on as an internal error (XX000) or, when
+    /// there were none, as an I/O error (58030) "failed to complete COPY on …".
     pub fn is_node_down(&self) -> bool {
-        matches!(self, StoreError::Database(sqlx::Error::Database(_)))
-            && self.sqlstate().is_some_and(|s| s.starts_with("08"))
+        let StoreError::Database(sqlx::Error::Database(e)) = self else {
+            return false;
+        };
+        let message = e.message();
+        match e.code().as_deref() {
+            Some(code) if code.starts_with("08") => true,
+            Some("58030") => message.starts_with("failed to complete COPY on"),
+            Some("XX000") => {
+                message.starts_with("terminating connection")
+                    || message.starts_with("server closed the connection")
+                    || message.contains("the database system is shutting down")
+            }
+            _ => false,
+        }
     }
 
     /// A row refused by a unique index. Citus reports one that a worker node raised during a

@@ -218,7 +218,9 @@ impl PgStore {
              OR (c.state = 'running' AND (c.lease_expires_ms < $1 OR c.lease_owner = ANY($3)))";
         // Candidates without a lock (a sharded database cannot lock rows across shards), each
         // directory's then taken in one statement on its shard that checks them again: of two
-        // reapers, the second finds them queued already. A chunk whose lease is void stays due
+        // reapers, the second finds them queued already. SKIP LOCKED there: a chunk whose row a
+        // commit holds (or a frozen process, until the server ends its session) is left for
+        // the next pass instead of holding up the pass. A chunk whose lease is void stays due
         // until someone claims it, as before.
         let candidates = sqlx::query(&format!(
             "SELECT c.directory_id, c.id FROM chunks c
@@ -243,7 +245,9 @@ impl PgStore {
         let mut refs = Vec::with_capacity(candidates.len());
         for (dir, ids) in by_directory {
             let rows = sqlx::query(&format!(
-                "UPDATE chunks c SET queued_ms = $1 WHERE c.directory_id = $4 AND c.id = ANY($5) AND ({DUE})
+                "UPDATE chunks c SET queued_ms = $1 WHERE c.directory_id = $4 AND c.id IN (
+                     SELECT c.id FROM chunks c WHERE c.directory_id = $4 AND c.id = ANY($5) AND ({DUE})
+                     FOR UPDATE SKIP LOCKED)
                  RETURNING c.directory_id, c.id, c.source_id, c.attempts, c.traceparent, c.tracestate"
             ))
             .bind(now)
