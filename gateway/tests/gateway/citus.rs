@@ -147,14 +147,15 @@ async fn a_node_down_stops_only_its_directories() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["code"], "directory_unavailable", "{body}");
     let objects = app.stored_objects().await.len();
-    let retried = contacts_csv(100, "retried");
-    let refused = app
-        .post(&upload_url(&app, stops))
-        .header("Idempotency-Key", "after-the-outage")
-        .multipart(file_form(retried.clone()))
-        .send()
-        .await
-        .unwrap();
+    let retried = || async {
+        app.post(&upload_url(&app, stops))
+            .header("Idempotency-Key", "after-the-outage")
+            .multipart(file_form(contacts_csv(100, "retried")))
+            .send()
+            .await
+            .unwrap()
+    };
+    let refused = retried().await;
     assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(refused.headers().contains_key("retry-after"));
     assert_problem(
@@ -217,13 +218,7 @@ async fn a_node_down_stops_only_its_directories() {
     }
     // The upload refused during the outage goes through once now, under the same key.
     for replayed in [false, true] {
-        let response = app
-            .post(&upload_url(&app, stops))
-            .header("Idempotency-Key", "after-the-outage")
-            .multipart(file_form(retried.clone()))
-            .send()
-            .await
-            .unwrap();
+        let response = retried().await;
         assert!(response.status().is_success(), "{}", response.status());
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["is_idempotent"], replayed, "{body}");

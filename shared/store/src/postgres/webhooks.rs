@@ -18,6 +18,10 @@ crate::shared::webhook_store! {
     pool: PgPool,
     lease_held: "SELECT 1 FROM webhook_deliveries WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'pending' FOR UPDATE",
     attempts_of: attempts_of,
+    lock_endpoint: "SELECT 1 FROM webhook_endpoints WHERE organization_id = $1 AND id = $2 FOR UPDATE",
+    // Joined on the directory too: on Citus the delete then runs on every shard at once.
+    delete_attempts: "DELETE FROM webhook_attempts a USING webhook_deliveries d
+         WHERE a.directory_id = d.directory_id AND a.delivery_id = d.id AND d.endpoint_id = $1",
 }
 
 /// The attempts of a page of deliveries, in one query.
@@ -29,39 +33,6 @@ async fn attempts_of(pool: &PgPool, deliveries: &[DeliveryRow]) -> StoreResult<V
             .fetch_all(pool)
             .await?,
     )
-}
-
-/// Deletes the endpoint with its deliveries and their attempts, which live on the shards of
-/// their sources' directories (no foreign key cascades across shards).
-pub(super) async fn delete(pool: &PgPool, org: Uuid, id: Uuid) -> StoreResult<bool> {
-    let mut tx = pool.begin().await?;
-    let owned = sqlx::query(
-        "SELECT 1 FROM webhook_endpoints WHERE organization_id = $1 AND id = $2 FOR UPDATE",
-    )
-    .bind(org)
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?;
-    if owned.is_none() {
-        return Ok(false);
-    }
-    sqlx::query(
-        "DELETE FROM webhook_attempts a USING webhook_deliveries d
-         WHERE a.directory_id = d.directory_id AND a.delivery_id = d.id AND d.endpoint_id = $1",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("DELETE FROM webhook_deliveries WHERE endpoint_id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM webhook_endpoints WHERE id = $1")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(true)
 }
 
 pub(super) async fn claim(

@@ -39,13 +39,17 @@ impl KeyRequest<'_> {
 /// The webhook functions both backends write the same way, expanded into a backend's
 /// `webhooks` module: `connection` and `pool` are its sqlx types, `lease_held` its query that
 /// a delivery's lease is still this attempt's (taking the row lock where there are row locks),
-/// and `attempts_of` its function reading the attempts of a page of deliveries.
+/// `attempts_of` its function reading the attempts of a page of deliveries, `lock_endpoint` its
+/// query that an organization's endpoint exists (locking it where it can), and
+/// `delete_attempts` its statement deleting the attempts of an endpoint's deliveries.
 macro_rules! webhook_store {
     (
         connection: $conn:ty,
         pool: $pool:ty,
         lease_held: $lease_held:expr,
-        attempts_of: $attempts_of:path $(,)?
+        attempts_of: $attempts_of:path,
+        lock_endpoint: $lock_endpoint:expr,
+        delete_attempts: $delete_attempts:expr $(,)?
     ) => {
         /// Writes the outbox rows of `source`'s end, inside the transaction that ends it.
         pub(super) async fn enqueue(
@@ -158,6 +162,34 @@ macro_rules! webhook_store {
             Ok($crate::webhook_rows::deliveries_with_attempts(
                 rows, attempts,
             ))
+        }
+
+        /// Deletes the endpoint with its deliveries and their attempts, explicitly: on a sharded
+        /// database they live on their sources' shards, where no foreign key cascades, and in
+        /// SQLite a cascade holds only where foreign keys are enforced.
+        pub(super) async fn delete(
+            pool: &$pool,
+            org: ::uuid::Uuid,
+            id: ::uuid::Uuid,
+        ) -> $crate::StoreResult<bool> {
+            let mut tx = pool.begin().await?;
+            let owned = sqlx::query($lock_endpoint)
+                .bind(org)
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            if owned.is_none() {
+                return Ok(false);
+            }
+            for statement in [
+                $delete_attempts,
+                "DELETE FROM webhook_deliveries WHERE endpoint_id = $1",
+                "DELETE FROM webhook_endpoints WHERE id = $1",
+            ] {
+                sqlx::query(statement).bind(id).execute(&mut *tx).await?;
+            }
+            tx.commit().await?;
+            Ok(true)
         }
 
         /// Records an attempt of a leased delivery; nothing when the lease was lost.

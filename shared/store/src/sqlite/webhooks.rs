@@ -17,6 +17,8 @@ crate::shared::webhook_store! {
     pool: SqlitePool,
     lease_held: "SELECT 1 FROM webhook_deliveries WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'pending'",
     attempts_of: attempts_of,
+    lock_endpoint: "SELECT 1 FROM webhook_endpoints WHERE organization_id = $1 AND id = $2",
+    delete_attempts: "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE endpoint_id = $1)",
 }
 
 /// The attempts of a page of deliveries, a query per delivery: SQLite binds no arrays.
@@ -34,35 +36,6 @@ async fn attempts_of(
         attempts.append(&mut of_one);
     }
     Ok(attempts)
-}
-
-pub(super) async fn delete(writer: &SqlitePool, org: Uuid, id: Uuid) -> StoreResult<bool> {
-    let mut tx = writer.begin().await?;
-    // The schema cascades, but only where foreign keys are enforced: delete explicitly.
-    let owned = sqlx::query("SELECT 1 FROM webhook_endpoints WHERE organization_id = ? AND id = ?")
-        .bind(org)
-        .bind(id)
-        .fetch_optional(&mut *tx)
-        .await?;
-    if owned.is_none() {
-        return Ok(false);
-    }
-    sqlx::query(
-        "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries WHERE endpoint_id = ?)",
-    )
-    .bind(id)
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("DELETE FROM webhook_deliveries WHERE endpoint_id = ?")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("DELETE FROM webhook_endpoints WHERE id = ?")
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
-    Ok(true)
 }
 
 pub(super) async fn claim(
