@@ -118,6 +118,23 @@ async fn one_chunk_upload(
         .unwrap()
 }
 
+/// An upload with no synchronous prefix and `n` queued chunks of one row each; their messages.
+async fn one_row_chunks(store: &dyn Store, org: Uuid, dir: Uuid, n: u32) -> Vec<ChunkRef> {
+    let chunks = (0..n).map(|i| chunk(i, u64::from(i) + 1, 1)).collect();
+    store
+        .commit_upload(new_upload(
+            org,
+            dir,
+            u64::from(n),
+            ChunkResults::default(),
+            0,
+            chunks,
+        ))
+        .await
+        .unwrap()
+        .1
+}
+
 async fn claim(store: &dyn Store, chunk: &ChunkRef) -> ChunkWork {
     match store.claim_chunk(chunk, "test", LEASE, 5).await.unwrap() {
         Claim::Claimed(work) => *work,
@@ -980,17 +997,7 @@ async fn the_reaper_finds_unpublished_and_abandoned_chunks(store: Arc<dyn Store>
 
 async fn a_chunk_marked_unpublished_is_reaped_at_once(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
-    let (_, queued) = store
-        .commit_upload(new_upload(
-            org,
-            dir,
-            3,
-            ChunkResults::default(),
-            0,
-            vec![chunk(0, 1, 1), chunk(1, 2, 1), chunk(2, 3, 1)],
-        ))
-        .await
-        .unwrap();
+    let queued = one_row_chunks(&*store, org, dir, 3).await;
     let long = Duration::from_secs(3600);
     assert!(store.chunks_to_publish(long, 10).await.unwrap().is_empty());
     // The publish of chunks 1 and 2 failed; chunk 0 is meanwhile claimed by a worker, whose
@@ -1021,17 +1028,7 @@ async fn a_chunk_marked_unpublished_is_reaped_at_once(store: Arc<dyn Store>) {
 
 async fn a_chunk_given_back_after_an_unanswered_claim_counts_no_attempt(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
-    let (_, queued) = store
-        .commit_upload(new_upload(
-            org,
-            dir,
-            2,
-            ChunkResults::default(),
-            0,
-            vec![chunk(0, 1, 1), chunk(1, 2, 1)],
-        ))
-        .await
-        .unwrap();
+    let queued = one_row_chunks(&*store, org, dir, 2).await;
     let long = Duration::from_secs(3600);
     // Chunk 0's claim went through but its answer was lost; chunk 1's never happened.
     let taken = claim(&*store, &queued[0]).await;
@@ -1100,17 +1097,7 @@ async fn failed_sources_are_counted_by_code(store: Arc<dyn Store>) {
 
 async fn a_dead_processes_leases_are_void_before_they_expire(store: Arc<dyn Store>) {
     let (org, dir) = tenant(&*store).await;
-    let (_, queued) = store
-        .commit_upload(new_upload(
-            org,
-            dir,
-            2,
-            ChunkResults::default(),
-            0,
-            vec![chunk(0, 1, 1), chunk(1, 2, 1)],
-        ))
-        .await
-        .unwrap();
+    let queued = one_row_chunks(&*store, org, dir, 2).await;
     let long = Duration::from_secs(3600);
     store.heartbeat("alive", long).await.unwrap();
     store.heartbeat("doomed", long).await.unwrap();
