@@ -234,13 +234,10 @@ impl PgStore {
         .bind(i64::from(limit))
         .fetch_all(&self.pool)
         .await?;
-        let mut by_directory: Vec<(Uuid, Vec<Uuid>)> = Vec::new();
+        let mut by_directory: HashMap<Uuid, Vec<Uuid>> = HashMap::new();
         for row in &candidates {
-            let (dir, id): (Uuid, Uuid) = (row.try_get(0)?, row.try_get(1)?);
-            match by_directory.iter_mut().find(|(d, _)| *d == dir) {
-                Some((_, ids)) => ids.push(id),
-                None => by_directory.push((dir, vec![id])),
-            }
+            let dir: Uuid = row.try_get(0)?;
+            by_directory.entry(dir).or_default().push(row.try_get(1)?);
         }
         let mut refs = Vec::with_capacity(candidates.len());
         for (dir, ids) in by_directory {
