@@ -20,6 +20,29 @@ pub struct Settings {
     pub idempotency: IdempotencySettings,
     pub telemetry: TelemetrySettings,
     pub webhooks: WebhookSettings,
+    pub tenants: TenantSettings,
+}
+
+/// What one organization may take of the service: its share of the workers when several wait
+/// (docs/concurrency.md, "Fair shares"), and the limits past which its uploads are refused
+/// with `429` (docs/operations.md). `admin set-limits` overrides any of them per organization.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantSettings {
+    /// Whether a worker takes the chunk of whoever has had the least share lately (`true`),
+    /// or the chunk its queue message names, first come first served (`false`).
+    pub fair_scheduling: bool,
+    /// An organization's share of the workers, against others waiting at the same time.
+    pub default_weight: u32,
+    /// Uploads of one organization admitted and not yet completed or failed; 0 is no limit.
+    pub max_uploads_in_flight: u64,
+    /// Rows of one organization's uploads not yet processed; 0 is no limit.
+    pub max_queued_rows: u64,
+    /// Uploads one organization may start in any minute; 0 is no limit.
+    pub max_uploads_per_minute: u64,
+    /// How many organizations the per-organization gauges show (those waiting longest); the
+    /// rest are summed, so a dashboard's label set stays bounded whatever the tenant count.
+    pub metrics_top: u32,
 }
 
 /// Delivery of signed webhook events from the outbox (docs/imports.md).
@@ -560,6 +583,14 @@ disable_after = 50
 poll_interval = "1s"
 concurrency = 16
 allow_private_targets = false
+
+[tenants]
+fair_scheduling = true
+default_weight = 1
+max_uploads_in_flight = 1000
+max_queued_rows = 100000000
+max_uploads_per_minute = 0
+metrics_top = 10
 "#;
 
 impl Settings {
@@ -652,6 +683,10 @@ impl Settings {
             self.worker.liveness_timeout > self.worker.heartbeat_interval,
             "worker.liveness_timeout must be longer than worker.heartbeat_interval"
         );
+        anyhow::ensure!(
+            self.tenants.default_weight > 0,
+            "tenants.default_weight must be at least 1"
+        );
         let telemetry = &self.telemetry;
         if let Some(ratio) = telemetry.sampling_ratio {
             anyhow::ensure!(
@@ -715,6 +750,9 @@ mod tests {
         assert_eq!(s.http.max_uploads, 32);
         assert_eq!(s.http.shutdown_grace, Duration::from_secs(30));
         assert!(s.http.metrics_listen.is_empty() && s.http.metrics_token.is_empty());
+        assert!(s.tenants.fair_scheduling);
+        assert_eq!(s.tenants.default_weight, 1);
+        assert_eq!(s.tenants.max_uploads_per_minute, 0);
     }
 
     #[test]

@@ -15,6 +15,7 @@ const REFERENCE: &[&str] = &[
     "tokens",
     "directories",
     "webhook_endpoints",
+    "organization_limits",
 ];
 
 /// Every table a directory's imports write, sharded by `directory_id` and colocated with
@@ -32,9 +33,10 @@ const DISTRIBUTED: &[&str] = &[
     "webhook_attempts",
 ];
 
-// `processes` (heartbeats, once a second per process) and `idempotency_scopes` stay on the
-// coordinator as plain tables: writing a copy on every node would stop every heartbeat while
-// any one node is down.
+// `processes` (heartbeats, once a second per process), `idempotency_scopes` and
+// `scheduler_shares` (written by every chunk claim) stay on the coordinator as plain tables:
+// writing a copy on every node would stop every heartbeat, or every claim, while any one node
+// is down.
 
 /// The advisory lock every process migrating the database holds while it migrates; anything
 /// else that changes the schema (a test dropping its own) takes it too.
