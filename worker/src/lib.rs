@@ -6,11 +6,14 @@
 //! - [`runtime`]: the consumer loop (claim, heartbeat, commit under the lease, ack) and the
 //!   reaper that re-publishes chunks whose message or worker was lost (also run alone by
 //!   gateways on a broker, so recovery needs no worker).
+//! - `schedule`: which chunk a message makes the worker take: fair shares across
+//!   organizations and their directories, or the message's own chunk.
 //!
 //! The embedded deployment runs this inside the gateway process; `orbit-worker` runs it alone.
 
 pub mod metrics;
 pub mod process;
 pub mod runtime;
+mod schedule;
 
 pub use runtime::{Worker, WorkerHandle};

@@ -1,6 +1,7 @@
 //! The worker's metrics, in the process's default Prometheus registry: chunks in flight and
 //! their durations, rows materialized, failed attempts, leases lost, poisoned chunks, and the
-//! reaper's republishes (a gateway runs the reaper too, so it exports them as well).
+//! reaper's republishes (a gateway runs the reaper too, so it exports them as well), and the
+//! fair scheduler's choices.
 
 use std::sync::LazyLock;
 
@@ -17,6 +18,7 @@ pub struct WorkerMetrics {
     pub chunk_failures: IntCounterVec,
     pub chunks_poisoned: IntCounter,
     pub reaper_republishes: IntCounter,
+    pub fair_choices: IntCounterVec,
 }
 
 pub static METRICS: LazyLock<WorkerMetrics> = LazyLock::new(|| {
@@ -58,6 +60,12 @@ pub static METRICS: LazyLock<WorkerMetrics> = LazyLock::new(|| {
     reaper_republishes: register_int_counter!(
         "orbit_reaper_republishes_total",
         "Chunk messages published by this process's reaper: chunks never published, whose message was lost, or whose worker died"
+    )
+    .expect("metric registered once"),
+    fair_choices: register_int_counter_vec!(
+        "orbit_fair_choices_total",
+        "Chunks this process chose by fair shares, by which: named (the chunk its queue message named) or other (another directory's, whose turn it was)",
+        &["taken"]
     )
     .expect("metric registered once"),
 }

@@ -24,6 +24,17 @@ use tracing::Instrument as _;
 
 use crate::metrics::METRICS;
 use crate::process::{ChunkReader, ProcessError};
+use crate::schedule::{Choice, CHOICES};
+
+/// What became of a chunk a worker chose.
+enum Taken {
+    /// Claimed and processed (or its attempt ended in an error, released).
+    Ran,
+    /// Out of attempts: its source failed.
+    Ended,
+    /// Done, or held by another live worker: someone else took it.
+    Lost,
+}
 
 /// The roles of the store a worker uses: it takes, commits and releases chunks, and heartbeats.
 pub struct Worker {
@@ -227,25 +238,40 @@ impl Worker {
 
     async fn handle(&self, delivery: Delivery) {
         let message = delivery.message;
-        let span = tracing::info_span!(
-            "chunk",
-            otel.kind = "consumer",
-            messaging.system = self.queue.backend(),
-            messaging.operation.type = "process",
-            orbit.source_id = %message.source_id,
-            orbit.chunk_id = %message.chunk_id,
-            orbit.attempt = message.attempt,
-        );
-        telemetry::set_parent(
-            &span,
-            message.traceparent.as_deref(),
-            message.tracestate.as_deref(),
-        );
-        if let Err(e) = self.run_chunk(&message).instrument(span.clone()).await {
-            span.in_scope(|| {
-                tracing::error!(chunk = %message.chunk_id, source = %message.source_id, error = %e, "chunk failed")
-            });
-            telemetry::record_error(&span, &format!("{e:#}"));
+        for again in 0..=CHOICES {
+            let choice = match again {
+                CHOICES => Choice::named(&message),
+                _ => self.choose(&message, again > 0).await,
+            };
+            // The span continues the trace of the chunk taken: the message's (through its
+            // publish) when it is the message's chunk, else the upload's that queued it.
+            let chunk = &choice.chunk;
+            let span = tracing::info_span!(
+                "chunk",
+                otel.kind = "consumer",
+                messaging.system = self.queue.backend(),
+                messaging.operation.type = "process",
+                orbit.source_id = %chunk.source_id,
+                orbit.chunk_id = %chunk.chunk_id,
+                orbit.attempt = chunk.attempt,
+            );
+            telemetry::set_parent(
+                &span,
+                chunk.traceparent.as_deref(),
+                chunk.tracestate.as_deref(),
+            );
+            match self.run_choice(&choice).instrument(span.clone()).await {
+                // Another worker took the chunk chosen: choose again, this turn is still ours.
+                Ok(Taken::Lost) if chunk.chunk_id != message.chunk_id => continue,
+                Ok(_) => {}
+                Err(e) => {
+                    span.in_scope(|| {
+                        tracing::error!(chunk = %chunk.chunk_id, source = %chunk.source_id, error = %e, "chunk failed")
+                    });
+                    telemetry::record_error(&span, &format!("{e:#}"));
+                }
+            }
+            break;
         }
         // The database holds the chunk's fate now; the message has done its job either way.
         if let Err(e) = delivery.acker.ack().await {
@@ -253,8 +279,15 @@ impl Worker {
         }
     }
 
-    /// Claims, processes and commits one chunk. Errors are the store's own.
+    /// Claims, processes and commits the chunk `message` names. Errors are the store's own.
     pub async fn run_chunk(&self, message: &ChunkRef) -> anyhow::Result<()> {
+        self.run_choice(&Choice::named(message)).await.map(drop)
+    }
+
+    /// Claims, processes and commits the chunk chosen, charging it to its organization's
+    /// share once claimed.
+    async fn run_choice(&self, choice: &Choice) -> anyhow::Result<Taken> {
+        let message = &choice.chunk;
         let w = &self.settings.worker;
         let claim_span = tracing::info_span!("chunk.claim", orbit.claim = Empty);
         let claim = match self
@@ -286,10 +319,11 @@ impl Worker {
             Claim::Poisoned => {
                 METRICS.chunks_poisoned.inc();
                 tracing::warn!(chunk = %message.chunk_id, source = %message.source_id, "chunk out of attempts; source failed");
-                return Ok(());
+                return Ok(Taken::Ended);
             }
-            Claim::Busy | Claim::Nothing => return Ok(()),
+            Claim::Busy | Claim::Nothing => return Ok(Taken::Lost),
         };
+        self.charge(choice, work.chunk.row_count).await;
         METRICS.chunks_in_flight.inc();
         let started = Instant::now();
         let outcome = self.process_under_lease(&work).await;
@@ -298,7 +332,7 @@ impl Worker {
             .chunk_duration
             .with_label_values(&[if outcome.is_ok() { "ok" } else { "error" }])
             .observe(started.elapsed().as_secs_f64());
-        outcome
+        outcome.map(|()| Taken::Ran)
     }
 
     async fn process_under_lease(&self, work: &ChunkWork) -> anyhow::Result<()> {

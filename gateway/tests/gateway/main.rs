@@ -15,6 +15,7 @@ mod common;
 mod api;
 mod chaos;
 mod citus;
+mod fairness;
 mod hardening;
 mod large;
 mod logs;

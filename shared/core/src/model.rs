@@ -168,6 +168,20 @@ pub struct ChunkRef {
     pub traceparent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracestate: Option<String>,
+    /// Published by the reaper for a chunk whose lease is void (its worker died or froze):
+    /// the worker takes this chunk over before choosing by fair shares, so recovery does not
+    /// wait its turn behind other organizations' work, which it already had.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub takeover: bool,
+}
+
+/// A directory with a chunk ready to run, as the fair scheduler sees it: its organization's
+/// weight and the oldest such chunk.
+#[derive(Debug, Clone)]
+pub struct ReadyChunk {
+    pub waiting: crate::domain::fair::Waiting,
+    pub chunk: ChunkRef,
+    pub rows: u64,
 }
 
 /// A chunk claimed by one worker: writes of its results hold only while the lease does.

@@ -7,6 +7,7 @@
 //! store's metrics, [`metrics`]. Every tenant-facing query takes the organization and filters by it,
 //! so a token of one organization can never read or write another's data.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +16,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use orbit_config::{DatabaseBackend, DatabaseSettings};
+use orbit_core::domain::fair::{Advance, Pass};
 use orbit_core::model::*;
 
 pub mod metrics;
@@ -294,6 +296,15 @@ pub trait Chunks: Send + Sync + 'static {
     /// all, its lease dropped and its attempt given back. No attempt counts for a claim that
     /// never answered.
     async fn give_back(&self, chunk: &ChunkRef, owner: &str) -> StoreResult<()>;
+    /// Every directory with a chunk ready to run (pending, past its backoff, of an unfinished
+    /// source), with its oldest such chunk and its organization's weight (`default_weight`
+    /// unless set): what the fair scheduler chooses among. Reads without a lock.
+    async fn ready_chunks(&self, default_weight: u32) -> StoreResult<Vec<ReadyChunk>>;
+    /// The fair scheduler's passes of `ids` (organizations, directories, the service); an id
+    /// that has none yet is left out.
+    async fn passes(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, Pass>>;
+    /// Moves passes as `fair::charge` says, each row in its own atomic statement.
+    async fn advance_passes(&self, advances: &[Advance]) -> StoreResult<()>;
 }
 
 /// Heartbeats of the processes that hold leases and idempotency claims (docs/concurrency.md).

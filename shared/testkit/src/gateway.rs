@@ -107,7 +107,7 @@ pub async fn worker_metrics(app: &TestApp, url: &str) -> String {
         .unwrap()
 }
 
-/// The environment of a worker on `stack` with the row rules and worker settings of
+/// The environment of a worker on `stack` with the row rules, worker and tenant settings of
 /// `settings`, then `extra` (`ORBIT__…` variables) over them.
 fn worker_env(
     stack: &DistributedStack,
@@ -125,7 +125,22 @@ fn worker_env(
                 "ORBIT__INGEST__DEFAULT_REGION",
                 settings.ingest.default_region.code().to_string(),
             ),
-            ("ORBIT__WORKER__CONCURRENCY", "2".to_string()),
+            (
+                "ORBIT__WORKER__CONCURRENCY",
+                settings.worker.concurrency.to_string(),
+            ),
+            (
+                "ORBIT__TENANTS__FAIR_SCHEDULING",
+                settings.tenants.fair_scheduling.to_string(),
+            ),
+            (
+                "ORBIT__TENANTS__DEFAULT_WEIGHT",
+                settings.tenants.default_weight.to_string(),
+            ),
+            (
+                "ORBIT__INGEST__CHUNK_ROWS",
+                settings.ingest.chunk_rows.to_string(),
+            ),
             (
                 "ORBIT__WORKER__SLICE_ROWS",
                 settings.worker.slice_rows.to_string(),

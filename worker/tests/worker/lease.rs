@@ -2,6 +2,7 @@
 //! including when the store fails to record how it ended, the renewal stops. A renewal left
 //! running would keep a chunk nobody works on from every other worker until the process exits.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,6 +12,7 @@ use orbit_adapters::blob::local::LocalBlobStore;
 use orbit_adapters::queue::memory::MemoryQueue;
 use orbit_config::{DatabaseSettings, Settings};
 use orbit_core::domain::csv::{Dialect, TextEncoding};
+use orbit_core::domain::fair::{Advance, Pass};
 use orbit_core::domain::header::ColumnMap;
 use orbit_core::model::*;
 use orbit_store::{self as store, Chunks, Store, StoreError, StoreResult};
@@ -84,6 +86,15 @@ impl Chunks for FailingEnds {
     }
     async fn give_back(&self, chunk: &ChunkRef, owner: &str) -> StoreResult<()> {
         self.inner.give_back(chunk, owner).await
+    }
+    async fn ready_chunks(&self, default_weight: u32) -> StoreResult<Vec<ReadyChunk>> {
+        self.inner.ready_chunks(default_weight).await
+    }
+    async fn passes(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, Pass>> {
+        self.inner.passes(ids).await
+    }
+    async fn advance_passes(&self, advances: &[Advance]) -> StoreResult<()> {
+        self.inner.advance_passes(advances).await
     }
 }
 

@@ -53,6 +53,7 @@ fn chunk(traceparent: Option<&str>) -> ChunkRef {
         attempt: 1,
         traceparent: traceparent.map(str::to_owned),
         tracestate: traceparent.map(|_| TRACESTATE.to_owned()),
+        takeover: false,
     }
 }
 

@@ -1,8 +1,10 @@
 //! The domain rules, written once and free of any backend: CSV splitting with byte offsets
 //! (`csv`), header matching (`header`), value normalization (`normalize`), per-row validation
-//! (`row`) and profile resolution and merging (`resolve`).
+//! (`row`), profile resolution and merging (`resolve`), and which waiting directory a worker
+//! serves next (`fair`).
 
 pub mod csv;
+pub mod fair;
 pub mod header;
 pub mod normalize;
 pub mod resolve;

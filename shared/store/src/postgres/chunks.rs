@@ -124,6 +124,7 @@ impl PgStore {
                 attempt: 0,
                 traceparent: upload.trace.traceparent.map(str::to_owned),
                 tracestate: upload.trace.tracestate.map(str::to_owned),
+                takeover: false,
             });
         }
         match (upload.sync_chunk, optimistic) {
@@ -245,7 +246,7 @@ impl PgStore {
                 "UPDATE chunks c SET queued_ms = $1 WHERE c.directory_id = $4 AND c.id IN (
                      SELECT c.id FROM chunks c WHERE c.directory_id = $4 AND c.id = ANY($5) AND ({DUE})
                      FOR UPDATE SKIP LOCKED)
-                 RETURNING c.directory_id, c.id, c.source_id, c.attempts, c.traceparent, c.tracestate"
+                 RETURNING c.directory_id, c.id, c.source_id, c.attempts, c.traceparent, c.tracestate, c.state"
             ))
             .bind(now)
             .bind(now - dur_ms(requeue_after))
@@ -262,6 +263,7 @@ impl PgStore {
                     attempt: row.try_get::<i64, _>("attempts")? as u32,
                     traceparent: row.try_get("traceparent")?,
                     tracestate: row.try_get("tracestate")?,
+                    takeover: row.try_get::<String, _>("state")? == "running",
                 });
             }
         }
@@ -270,6 +272,24 @@ impl PgStore {
             .execute(&self.pool)
             .await?;
         Ok(refs)
+    }
+
+    pub(super) async fn read_passes(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, Pass>> {
+        let rows = sqlx::query("SELECT id, pass, vtime FROM scheduler_shares WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok((
+                    row.try_get("id")?,
+                    Pass {
+                        pass: row.try_get("pass")?,
+                        vtime: row.try_get("vtime")?,
+                    },
+                ))
+            })
+            .collect()
     }
 
     pub(super) async fn unqueue_chunks(&self, chunks: &[ChunkRef]) -> StoreResult<()> {

@@ -56,6 +56,7 @@ use layout::{
     ProfileColumns,
 };
 use orbit_config::DatabaseSettings;
+use orbit_core::domain::fair::Pass;
 use orbit_core::domain::resolve::{self, Existing, IdentityMap, Owners, ProfileState};
 use orbit_core::domain::row;
 use orbit_core::domain::row::FieldName;

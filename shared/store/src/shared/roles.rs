@@ -8,8 +8,8 @@
 /// on the store.
 ///
 /// The backend writes the rest itself, as methods on the store: `claim_key`, `store_upload`,
-/// `cancel_source_once` and `widest_failed_row` (Uploads); `store_slice`, `requeue_chunks` and
-/// `unqueue_chunks` (Chunks); `migrate_all` (Database); and the whole of Profiles. The arguments are the statements that lock in
+/// `cancel_source_once` and `widest_failed_row` (Uploads); `store_slice`, `requeue_chunks`,
+/// `unqueue_chunks` and `read_passes` (Chunks); `migrate_all` (Database); and the whole of Profiles. The arguments are the statements that lock in
 /// PostgreSQL and not in SQLite (one writer at a time): `lock_source` reads a source to
 /// reopen, `lock_chunk` a chunk to claim (`$1` its directory, `$2` itself), `lock_lease` a
 /// chunk to release; and `owner_dead`, whether the process `$1` stopped heartbeating, given
@@ -422,6 +422,7 @@ macro_rules! store_roles {
                             attempt: 0,
                             traceparent: row.try_get("traceparent")?,
                             tracestate: row.try_get("tracestate")?,
+                            takeover: false,
                         })
                     })
                     .collect::<StoreResult<_>>()?;
@@ -635,6 +636,64 @@ macro_rules! store_roles {
 
             async fn mark_unpublished(&self, chunks: &[ChunkRef]) -> StoreResult<()> {
                 self.unqueue_chunks(chunks).await
+            }
+
+            async fn ready_chunks(&self, default_weight: u32) -> StoreResult<Vec<ReadyChunk>> {
+                let rows = sqlx::query($crate::sql::READY_CHUNKS)
+                    .bind($crate::rows::now_ms())
+                    .fetch_all(&self.$read)
+                    .await?;
+                rows.iter()
+                    .map(|row| {
+                        let weight: Option<i64> = row.try_get("weight")?;
+                        let chunk = ChunkRef {
+                            directory_id: row.try_get("directory_id")?,
+                            source_id: row.try_get("source_id")?,
+                            chunk_id: row.try_get("id")?,
+                            attempt: row.try_get::<i64, _>("attempts")? as u32,
+                            traceparent: row.try_get("traceparent")?,
+                            tracestate: row.try_get("tracestate")?,
+                            takeover: false,
+                        };
+                        Ok(ReadyChunk {
+                            waiting: orbit_core::domain::fair::Waiting {
+                                organization: row.try_get("organization_id")?,
+                                directory: chunk.directory_id,
+                                weight: weight.map_or(default_weight, |w| {
+                                    w.clamp(1, i64::from(u32::MAX)) as u32
+                                }),
+                                since_ms: row.try_get("created_ms")?,
+                            },
+                            chunk,
+                            rows: row.try_get::<i64, _>("row_count")?.max(0) as u64,
+                        })
+                    })
+                    .collect()
+            }
+
+            async fn passes(
+                &self,
+                ids: &[Uuid],
+            ) -> StoreResult<std::collections::HashMap<Uuid, orbit_core::domain::fair::Pass>> {
+                self.read_passes(ids).await
+            }
+
+            async fn advance_passes(
+                &self,
+                advances: &[orbit_core::domain::fair::Advance],
+            ) -> StoreResult<()> {
+                let now = $crate::rows::now_ms();
+                for a in advances {
+                    sqlx::query($crate::sql::ADVANCE_PASS)
+                        .bind(a.id)
+                        .bind(a.floor)
+                        .bind(a.charge)
+                        .bind(a.vtime_floor)
+                        .bind(now)
+                        .execute(&self.$write)
+                        .await?;
+                }
+                Ok(())
             }
         }
 

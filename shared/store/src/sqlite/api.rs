@@ -60,6 +60,7 @@ impl SqliteStore {
                 attempt: 0,
                 traceparent: upload.traceparent.clone(),
                 tracestate: upload.tracestate.clone(),
+                takeover: false,
             });
         }
         let source = load_source(&mut tx, s.directory_id, s.id).await?;

@@ -43,7 +43,7 @@ impl SqliteStore {
         let mut tx = self.writer.begin().await?;
         let now = now_ms();
         let rows = sqlx::query(
-            "SELECT c.id, c.directory_id, c.source_id, c.attempts, c.traceparent, c.tracestate FROM chunks c JOIN sources s ON s.id = c.source_id
+            "SELECT c.id, c.directory_id, c.source_id, c.attempts, c.traceparent, c.tracestate, c.state FROM chunks c JOIN sources s ON s.id = c.source_id
              LEFT JOIN processes p ON p.owner = c.lease_owner
              WHERE s.status IN ('pending', 'processing') AND (
                  (c.state = 'pending' AND c.not_before_ms <= ?1 AND (c.queued_ms IS NULL OR c.queued_ms < ?2))
@@ -70,6 +70,7 @@ impl SqliteStore {
                 attempt: row.try_get::<i64, _>("attempts")? as u32,
                 traceparent: row.try_get("traceparent")?,
                 tracestate: row.try_get("tracestate")?,
+                takeover: row.try_get::<String, _>("state")? == "running",
             });
         }
         sqlx::query(sql::FORGET_DEAD_PROCESSES)
@@ -78,6 +79,25 @@ impl SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(refs)
+    }
+
+    /// One statement per id: the embedded store serves one process's few tenants.
+    pub(super) async fn read_passes(&self, ids: &[Uuid]) -> StoreResult<HashMap<Uuid, Pass>> {
+        let mut passes = HashMap::with_capacity(ids.len());
+        for &id in ids {
+            let row = sqlx::query("SELECT pass, vtime FROM scheduler_shares WHERE id = ?")
+                .bind(id)
+                .fetch_optional(&self.reader)
+                .await?;
+            if let Some(row) = row {
+                let pass = Pass {
+                    pass: row.try_get("pass")?,
+                    vtime: row.try_get("vtime")?,
+                };
+                passes.insert(id, pass);
+            }
+        }
+        Ok(passes)
     }
 
     pub(super) async fn unqueue_chunks(&self, chunks: &[ChunkRef]) -> StoreResult<()> {

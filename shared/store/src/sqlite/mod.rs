@@ -29,6 +29,7 @@ use crate::writes::{
 use crate::{
     Chunks, Database, Liveness, Outbox, Profiles, Stats, StoreError, StoreResult, Tenancy, Uploads,
 };
+use orbit_core::domain::fair::Pass;
 use orbit_core::domain::resolve::{self, Existing, ProfileState};
 use orbit_core::domain::row::{self, Issue};
 use orbit_core::model::*;

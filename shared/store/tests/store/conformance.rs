@@ -31,6 +31,7 @@ orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_
     a_dead_processes_leases_are_void_before_they_expire,
     concurrent_chunks_never_split_an_identity,
     terminal_states_never_change,
+    ready_chunks_are_each_directorys_oldest_and_passes_only_advance,
 });
 
 fn record(row: u64, fields: &[(&'static str, &str)]) -> RecordDraft {
@@ -1227,6 +1228,64 @@ async fn concurrent_chunks_never_split_an_identity(store: Arc<dyn Store>) {
     for profile in &all {
         assert_eq!(profile.identities.len(), 2, "{:?}", profile.identities);
     }
+}
+
+async fn ready_chunks_are_each_directorys_oldest_and_passes_only_advance(store: Arc<dyn Store>) {
+    use orbit_core::domain::fair::{Advance, SERVICE};
+    let (org_a, dir_a) = tenant(&*store).await;
+    let (org_b, dir_b) = tenant(&*store).await;
+    let a = one_row_chunks(&*store, org_a, dir_a, 3).await;
+    let b = one_row_chunks(&*store, org_b, dir_b, 2).await;
+    let ready = |store: Arc<dyn Store>| async move {
+        let mut ready = store.ready_chunks(1).await.unwrap();
+        ready.sort_by_key(|r| r.waiting.organization == org_b);
+        ready
+    };
+    let found = ready(store.clone()).await;
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert_eq!(
+        (
+            found[0].waiting.organization,
+            found[0].chunk.chunk_id,
+            found[0].rows
+        ),
+        (org_a, a[0].chunk_id, 1)
+    );
+    assert_eq!(found[1].chunk.chunk_id, b[0].chunk_id);
+    assert!(found.iter().all(|r| r.waiting.weight == 1));
+    // A claimed chunk is not ready; the directory's next one is.
+    claim(&*store, &a[0]).await;
+    let found = ready(store.clone()).await;
+    assert_eq!(found[0].chunk.chunk_id, a[1].chunk_id);
+    // A directory whose chunks are all taken is not waiting.
+    claim(&*store, &b[0]).await;
+    claim(&*store, &b[1]).await;
+    let found = ready(store.clone()).await;
+    assert_eq!(found.len(), 1, "{found:?}");
+
+    let advance = |id, floor, charge, vtime_floor| Advance {
+        id,
+        floor,
+        charge,
+        vtime_floor,
+    };
+    assert!(store.passes(&[org_a]).await.unwrap().is_empty());
+    store
+        .advance_passes(&[advance(org_a, 5.0, 1.0, 2.0)])
+        .await
+        .unwrap();
+    // Below its floor a pass is lifted to it; above, the charge adds; a vtime only rises.
+    store
+        .advance_passes(&[
+            advance(org_a, 0.0, 0.5, 1.0),
+            advance(SERVICE, f64::MIN, 0.0, 3.0),
+        ])
+        .await
+        .unwrap();
+    let passes = store.passes(&[org_a, org_b, SERVICE]).await.unwrap();
+    assert_eq!(passes.len(), 2, "{passes:?}");
+    assert_eq!((passes[&org_a].pass, passes[&org_a].vtime), (6.5, 2.0));
+    assert_eq!(passes[&SERVICE].vtime, 3.0);
 }
 
 async fn terminal_states_never_change(store: Arc<dyn Store>) {

@@ -1,0 +1,105 @@
+//! Which chunk a queue message makes this worker take (docs/concurrency.md, "Fair shares").
+//!
+//! A message is a turn, not an order: with `tenants.fair_scheduling` on, the worker serves the
+//! directory that fair shares choose among every directory with a chunk ready, and takes that
+//! directory's oldest ready chunk (the message's own chunk, when it is of that directory, so
+//! that the message's trace goes on). Every chunk still has its message, so there are as many
+//! turns as chunks, and no worker idles while a chunk is ready. A takeover (the reaper's
+//! message for a chunk whose worker died) and any failure to read the shares fall back to the
+//! message's own chunk: first come, first served, as with the scheduler off.
+
+use std::collections::HashMap;
+
+use orbit_core::domain::fair::{self, Pass, Waiting};
+use orbit_core::model::ChunkRef;
+use uuid::Uuid;
+
+use crate::metrics::METRICS;
+use crate::runtime::Worker;
+
+/// Times a worker chooses again after another took the chunk it chose, before it takes the
+/// message's own chunk.
+pub(crate) const CHOICES: u32 = 3;
+
+/// The chunk to claim, and, when fair shares chose it, what charging it needs.
+pub(crate) struct Choice {
+    pub chunk: ChunkRef,
+    pub fair: Option<(Waiting, HashMap<Uuid, Pass>)>,
+}
+
+impl Choice {
+    pub(crate) fn named(message: &ChunkRef) -> Self {
+        Choice {
+            chunk: message.clone(),
+            fair: None,
+        }
+    }
+}
+
+impl Worker {
+    /// The chunk to take for `message`. `again` after a lost claim: the message's own chunk is
+    /// then not preferred (it may be the one just lost).
+    pub(crate) async fn choose(&self, message: &ChunkRef, again: bool) -> Choice {
+        let tenants = &self.settings.tenants;
+        if !tenants.fair_scheduling || message.takeover {
+            return Choice::named(message);
+        }
+        let (ready, passes) = match self.read_shares(tenants.default_weight).await {
+            Ok(read) => read,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read fair shares; taking the message's chunk");
+                return Choice::named(message);
+            }
+        };
+        let waiting: Vec<Waiting> = ready.iter().map(|r| r.waiting.clone()).collect();
+        let Some(chosen) = fair::choose(&waiting, &passes) else {
+            return Choice::named(message);
+        };
+        let ready = ready
+            .iter()
+            .find(|r| r.waiting.directory == chosen.directory)
+            .expect("the choice is one of the ready");
+        let chunk = if !again && message.directory_id == chosen.directory {
+            message.clone()
+        } else {
+            ready.chunk.clone()
+        };
+        let named = chunk.chunk_id == message.chunk_id;
+        METRICS
+            .fair_choices
+            .with_label_values(&[if named { "named" } else { "other" }])
+            .inc();
+        Choice {
+            chunk,
+            fair: Some((chosen.clone(), passes)),
+        }
+    }
+
+    async fn read_shares(
+        &self,
+        default_weight: u32,
+    ) -> orbit_store::StoreResult<(Vec<orbit_core::model::ReadyChunk>, HashMap<Uuid, Pass>)> {
+        let ready = self.chunks.ready_chunks(default_weight).await?;
+        let mut ids = vec![fair::SERVICE];
+        for r in &ready {
+            ids.push(r.waiting.organization);
+            ids.push(r.waiting.directory);
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        let passes = self.chunks.passes(&ids).await?;
+        Ok((ready, passes))
+    }
+
+    /// Charges a claimed chunk of `rows` rows to its organization and directory. A charge
+    /// that fails is only logged: it costs the order one chunk, not the chunk.
+    pub(crate) async fn charge(&self, choice: &Choice, rows: u64) {
+        let Some((waiting, passes)) = &choice.fair else {
+            return;
+        };
+        let advances = fair::charge(waiting, passes, rows, self.settings.ingest.chunk_rows);
+        if let Err(e) = self.chunks.advance_passes(&advances).await {
+            tracing::warn!(error = %e, "cannot charge a chunk to its organization's share");
+        }
+    }
+}
