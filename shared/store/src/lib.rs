@@ -1,5 +1,6 @@
 //! `orbit-store`: the database behind Orbit. The store is a set of role traits ([`Database`],
-//! [`Tenancy`], [`Uploads`], [`Profiles`], [`Chunks`], [`Liveness`], [`Outbox`], [`Stats`]),
+//! [`Tenancy`], [`Uploads`], [`Profiles`], [`Chunks`], [`Liveness`], [`Outbox`], [`Stats`],
+//! [`Limits`]),
 //! and [`Store`] is their sum; each backend implements every role: [`sqlite`] (embedded) and
 //! [`postgres`] (distributed), picked from the `database.url` scheme. Their migrations are in
 //! `migrations/` beside `src/`; the SQL both backends run as it is, `sql`; the Rust they run
@@ -19,6 +20,9 @@ use orbit_config::{DatabaseBackend, DatabaseSettings};
 use orbit_core::domain::fair::{Advance, Pass};
 use orbit_core::model::*;
 
+pub use limits::Limits;
+
+pub mod limits;
 pub mod metrics;
 pub mod postgres;
 mod rows;
@@ -368,12 +372,21 @@ pub trait Stats: Send + Sync + 'static {
 /// The whole database: every role. Backends implement the roles; a caller that needs only
 /// some of them (the worker, a test decorator) takes those.
 pub trait Store:
-    Database + Tenancy + Uploads + Profiles + Chunks + Liveness + Outbox + Stats
+    Database + Tenancy + Uploads + Profiles + Chunks + Liveness + Outbox + Stats + Limits
 {
 }
 
 impl<T> Store for T where
-    T: Database + Tenancy + Uploads + Profiles + Chunks + Liveness + Outbox + Stats + ?Sized
+    T: Database
+        + Tenancy
+        + Uploads
+        + Profiles
+        + Chunks
+        + Liveness
+        + Outbox
+        + Stats
+        + Limits
+        + ?Sized
 {
 }
 
@@ -381,8 +394,8 @@ impl<T> Store for T where
 /// `dyn Store` they need no import.
 pub mod prelude {
     pub use crate::{
-        Chunks as _, Database as _, Liveness as _, Outbox as _, Profiles as _, Stats as _,
-        Tenancy as _, Uploads as _,
+        Chunks as _, Database as _, Limits as _, Liveness as _, Outbox as _, Profiles as _,
+        Stats as _, Tenancy as _, Uploads as _,
     };
 }
 

@@ -156,6 +156,25 @@ pub(super) const DELIVERY_ATTEMPTED: &str = "UPDATE webhook_deliveries SET state
 /// An endpoint that failed: its failure run grows, and at `disable_after` ($1) it is disabled.
 pub(super) const ENDPOINT_FAILED: &str = "UPDATE webhook_endpoints SET failure_run = failure_run + 1, disabled_ms = CASE WHEN disabled_ms IS NULL AND failure_run + 1 >= $1 THEN $2 ELSE disabled_ms END WHERE id = $3";
 
+// Per-organization limits (`crate::limits`).
+/// An organization's own values.
+pub(super) const ORGANIZATION_LIMITS: &str = "SELECT CAST(weight AS BIGINT) AS weight, max_uploads_in_flight, max_queued_rows, max_uploads_per_minute FROM organization_limits WHERE organization_id = $1";
+/// Writes an organization's own values, all four at once.
+pub(super) const UPSERT_ORGANIZATION_LIMITS: &str = "INSERT INTO organization_limits (organization_id, weight, max_uploads_in_flight, max_queued_rows, max_uploads_per_minute, updated_ms) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (organization_id) DO UPDATE SET weight = excluded.weight, max_uploads_in_flight = excluded.max_uploads_in_flight, max_queued_rows = excluded.max_queued_rows, max_uploads_per_minute = excluded.max_uploads_per_minute, updated_ms = excluded.updated_ms";
+/// An organization's unfinished sources and the rows they have still to process (through
+/// `sources_open_by_org`; on a sharded database a read of every shard, without locks).
+pub(super) const OPEN_SOURCES: &str = "SELECT COUNT(*) AS n, CAST(COALESCE(SUM(total_rows - processed_rows), 0) AS BIGINT) AS queued_rows FROM sources WHERE organization_id = $1 AND status IN ('pending', 'processing')";
+/// An organization's ($1) admissions since $2: the per-minute count and the oldest of them.
+pub(super) const ADMISSIONS_SINCE: &str = "SELECT COUNT(*) AS n, MIN(admitted_ms) AS oldest FROM upload_admissions WHERE organization_id = $1 AND admitted_ms > $2";
+pub(super) const INSERT_ADMISSION: &str = "INSERT INTO upload_admissions (id, organization_id, owner, admitted_ms, open_until_ms) VALUES ($1, $2, $3, $4, $5)";
+/// The admitted upload's source exists: the source counts as in flight from now on.
+pub(super) const CLOSE_ADMISSION: &str =
+    "UPDATE upload_admissions SET open_until_ms = 0 WHERE id = $1";
+pub(super) const DELETE_ADMISSION: &str = "DELETE FROM upload_admissions WHERE id = $1";
+/// Whether a finished request's answer is kept under the key ($1 directory, $2 key, $3
+/// organization, $4 now).
+pub(super) const KEY_COMPLETED: &str = "SELECT 1 FROM idempotency_keys WHERE directory_id = $1 AND key = $2 AND organization_id = $3 AND state = 'completed' AND expires_ms > $4";
+
 #[cfg(test)]
 mod tests {
     /// Every shared statement, for the placeholder check.
@@ -209,6 +228,14 @@ mod tests {
         super::INSERT_ATTEMPT,
         super::DELIVERY_ATTEMPTED,
         super::ENDPOINT_FAILED,
+        super::ORGANIZATION_LIMITS,
+        super::UPSERT_ORGANIZATION_LIMITS,
+        super::OPEN_SOURCES,
+        super::ADMISSIONS_SINCE,
+        super::INSERT_ADMISSION,
+        super::CLOSE_ADMISSION,
+        super::DELETE_ADMISSION,
+        super::KEY_COMPLETED,
         super::super::rows::CHUNK_DONE,
         super::super::rows::CHUNK_RESUMES_AT,
     ];

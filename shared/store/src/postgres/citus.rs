@@ -33,10 +33,14 @@ const DISTRIBUTED: &[&str] = &[
     "webhook_attempts",
 ];
 
-// `processes` (heartbeats, once a second per process), `idempotency_scopes` and
-// `scheduler_shares` (written by every chunk claim) stay on the coordinator as plain tables:
-// writing a copy on every node would stop every heartbeat, or every claim, while any one node
-// is down.
+// `processes` (heartbeats, once a second per process), `idempotency_scopes`,
+// `scheduler_shares` (written by every chunk claim) and `upload_admissions` (written by every
+// upload an organization's limits admit) stay on the coordinator as plain tables: writing a
+// copy on every node would stop every heartbeat, claim or upload while any one node is down.
+// Admissions are taken under an advisory lock of the organization, which lives on the
+// coordinator too, so the lock and the rows it guards are one node's; their organization is
+// no key to shard by (one busy organization would be one node's work), and no directory's
+// transaction reads them.
 
 /// The advisory lock every process migrating the database holds while it migrates; anything
 /// else that changes the schema (a test dropping its own) takes it too.

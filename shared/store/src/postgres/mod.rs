@@ -297,3 +297,33 @@ crate::shared::store_roles! {
     lock_lease: "SELECT transient_since_ms FROM chunks WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'running' FOR UPDATE",
     owner_dead: OWNER_DEAD,
 }
+
+/// Whether the process owning an admission still heartbeats at `$2` (the opposite of
+/// `owner_dead!`, and an admission whose process row is gone is dead too).
+macro_rules! admission_live {
+    () => {
+        concat!(
+            "EXISTS (SELECT 1 FROM processes p WHERE p.owner = upload_admissions.owner AND NOT ",
+            owner_dead!("$2"),
+            ")"
+        )
+    };
+}
+
+crate::shared::limits_role! {
+    store: PgStore,
+    read: pool,
+    write: pool,
+    connection: PgConnection,
+    lock: Some("SELECT pg_advisory_xact_lock($1, hashtext($2))"),
+    open_admissions: concat!(
+        "SELECT COUNT(*) FROM upload_admissions WHERE organization_id = $1 AND open_until_ms > $2 AND ",
+        admission_live!()
+    ),
+    prune_admissions: concat!(
+        "DELETE FROM upload_admissions WHERE organization_id = $1 AND admitted_ms <= $2 AND (open_until_ms <= $3 OR NOT ",
+        "EXISTS (SELECT 1 FROM processes p WHERE p.owner = upload_admissions.owner AND NOT ",
+        owner_dead!("$3"),
+        "))"
+    ),
+}

@@ -10,8 +10,10 @@
 //! The role implementations are `roles`; here are the webhook store and the steps of a
 //! transaction.
 
+mod limits;
 mod roles;
 
+pub(crate) use limits::limits_role;
 pub(crate) use roles::store_roles;
 
 /// A request to claim an idempotency key, as `Uploads::claim_idempotency_key` takes it.

@@ -111,3 +111,14 @@ crate::shared::store_roles! {
     lock_lease: "SELECT transient_since_ms FROM chunks WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'running'",
     owner_dead: "SELECT p.expires_ms < $2 FROM processes p WHERE p.owner = $1",
 }
+
+crate::shared::limits_role! {
+    store: SqliteStore,
+    read: reader,
+    write: writer,
+    connection: SqliteConnection,
+    // One writer: a transaction on it is the organization's lock, and every other's.
+    lock: None,
+    open_admissions: "SELECT COUNT(*) FROM upload_admissions WHERE organization_id = $1 AND open_until_ms > $2 AND EXISTS (SELECT 1 FROM processes p WHERE p.owner = upload_admissions.owner AND p.expires_ms >= $2)",
+    prune_admissions: "DELETE FROM upload_admissions WHERE organization_id = $1 AND admitted_ms <= $2 AND (open_until_ms <= $3 OR NOT EXISTS (SELECT 1 FROM processes p WHERE p.owner = upload_admissions.owner AND p.expires_ms >= $3))",
+}
