@@ -5,7 +5,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use orbit_adapters::queue::Queue;
+use orbit_config::TenantSettings;
 use orbit_core::model::Retried;
+use orbit_store::limits::LimitChange;
 use orbit_store::Store;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -187,4 +189,111 @@ pub async fn retry_source(
 pub async fn replay_dead_letters(queue: &dyn Queue, limit: u64) -> anyhow::Result<Value> {
     let replayed = queue.replay_dead_letters(limit).await?;
     Ok(serde_json::to_value(replayed)?)
+}
+
+/// One value of `admin set-limits`: a number, or `default` to drop the organization's own value
+/// and take the configured default again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitValue(pub Option<u64>);
+
+/// Reads a `set-limits` value: a whole number (0 is no limit) or `default`.
+pub fn parse_limit_value(text: &str) -> Result<LimitValue, String> {
+    match text.trim() {
+        "default" => Ok(LimitValue(None)),
+        n => n.parse::<u64>().map(|n| LimitValue(Some(n))).map_err(|_| {
+            format!("{text:?} is neither a whole number (0 is no limit) nor `default`")
+        }),
+    }
+}
+
+/// What `admin set-limits` asks for, each field absent (kept), a value, or `default`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SetLimits {
+    pub weight: Option<LimitValue>,
+    pub max_uploads_in_flight: Option<LimitValue>,
+    pub max_queued_rows: Option<LimitValue>,
+    pub max_uploads_per_minute: Option<LimitValue>,
+    /// Every field back to its default first; the fields given then apply over that.
+    pub reset: bool,
+}
+
+/// Sets an organization's own weight and limits, then prints them as [`get_limits`] does.
+pub async fn set_limits(
+    store: &dyn Store,
+    defaults: &TenantSettings,
+    org: Uuid,
+    set: SetLimits,
+) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        store.organization_exists(org).await?,
+        "no organization {org}"
+    );
+    let weight = match set.weight {
+        Some(LimitValue(Some(w))) => {
+            let w = u32::try_from(w)
+                .ok()
+                .filter(|w| *w > 0 && i32::try_from(*w).is_ok())
+                .with_context(|| format!("--weight must be from 1 to {}, or default", i32::MAX))?;
+            Some(Some(w))
+        }
+        Some(LimitValue(None)) => Some(None),
+        None => None,
+    };
+    let count = |v: Option<LimitValue>, flag: &str| -> anyhow::Result<Option<Option<u64>>> {
+        match v {
+            Some(LimitValue(Some(n))) if i64::try_from(n).is_err() => {
+                anyhow::bail!("--{flag} must be at most {}", i64::MAX)
+            }
+            v => Ok(v.map(|v| v.0)),
+        }
+    };
+    let mut change = LimitChange {
+        weight,
+        max_uploads_in_flight: count(set.max_uploads_in_flight, "max-uploads-in-flight")?,
+        max_queued_rows: count(set.max_queued_rows, "max-queued-rows")?,
+        max_uploads_per_minute: count(set.max_uploads_per_minute, "max-uploads-per-minute")?,
+    };
+    if set.reset {
+        change.weight = Some(change.weight.flatten());
+        change.max_uploads_in_flight = Some(change.max_uploads_in_flight.flatten());
+        change.max_queued_rows = Some(change.max_queued_rows.flatten());
+        change.max_uploads_per_minute = Some(change.max_uploads_per_minute.flatten());
+    }
+    store.set_organization_limits(org, &change).await?;
+    get_limits(store, defaults, org).await
+}
+
+/// An organization's weight and limits in force, each with where it comes from (`override`,
+/// set by `set-limits`, or `default`, the `[tenants]` setting), and what it holds now as the
+/// limits count it: `{organization_id, weight: {value, source}, max_uploads_in_flight: …,
+/// max_queued_rows: …, max_uploads_per_minute: …, usage: {…}}`. A limit of 0 is no limit.
+pub async fn get_limits(
+    store: &dyn Store,
+    defaults: &TenantSettings,
+    org: Uuid,
+) -> anyhow::Result<Value> {
+    anyhow::ensure!(
+        store.organization_exists(org).await?,
+        "no organization {org}"
+    );
+    let own = store.organization_limits(org).await?;
+    let usage = store.organization_usage(org).await?;
+    fn field(own: Option<u64>, default: u64) -> Value {
+        match own {
+            Some(value) => json!({ "value": value, "source": "override" }),
+            None => json!({ "value": default, "source": "default" }),
+        }
+    }
+    Ok(json!({
+        "organization_id": org,
+        "weight": field(own.weight.map(u64::from), u64::from(defaults.default_weight)),
+        "max_uploads_in_flight": field(own.max_uploads_in_flight, defaults.max_uploads_in_flight),
+        "max_queued_rows": field(own.max_queued_rows, defaults.max_queued_rows),
+        "max_uploads_per_minute": field(own.max_uploads_per_minute, defaults.max_uploads_per_minute),
+        "usage": {
+            "uploads_in_flight": usage.uploads_in_flight,
+            "queued_rows": usage.queued_rows,
+            "uploads_last_minute": usage.uploads_last_minute,
+        },
+    }))
 }

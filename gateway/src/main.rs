@@ -100,6 +100,37 @@ enum Admin {
         #[arg(long)]
         source: Uuid,
     },
+    /// Set an organization's own weight and upload limits (docs/operations.md,
+    /// "Per-organization limits"); prints them as get-limits does. Each value is a whole number
+    /// (0 is no limit; the weight is at least 1) or `default` to take the configured
+    /// `[tenants]` default again; values not given are kept.
+    SetLimits {
+        /// The organization's id.
+        #[arg(long)]
+        org: Uuid,
+        /// Its share of the workers against other organizations waiting (fair scheduler).
+        #[arg(long, value_parser = admin::parse_limit_value)]
+        weight: Option<admin::LimitValue>,
+        /// Uploads admitted and not yet completed or failed.
+        #[arg(long, value_parser = admin::parse_limit_value)]
+        max_uploads_in_flight: Option<admin::LimitValue>,
+        /// Rows of its unfinished uploads not yet processed.
+        #[arg(long, value_parser = admin::parse_limit_value)]
+        max_queued_rows: Option<admin::LimitValue>,
+        /// Uploads admitted in any 60 seconds.
+        #[arg(long, value_parser = admin::parse_limit_value)]
+        max_uploads_per_minute: Option<admin::LimitValue>,
+        /// Reset every value to its default first (values given with it still apply).
+        #[arg(long)]
+        reset: bool,
+    },
+    /// An organization's weight and upload limits in force, each with its source (`override`
+    /// or `default`), and its usage now: `{organization_id, weight: {value, source}, …, usage}`.
+    GetLimits {
+        /// The organization's id.
+        #[arg(long)]
+        org: Uuid,
+    },
     /// Move messages from the dead-letter queue (`{queue.name}.dead`) back to the work queue:
     /// `{replayed, kept, dead_letters_left}`. Needs a RabbitMQ queue.url.
     ReplayDeadLetters {
@@ -162,6 +193,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     directory,
                     source,
                 } => admin::retry_source(store, org, directory, source).await?,
+                Admin::SetLimits {
+                    org,
+                    weight,
+                    max_uploads_in_flight,
+                    max_queued_rows,
+                    max_uploads_per_minute,
+                    reset,
+                } => {
+                    let set = admin::SetLimits {
+                        weight,
+                        max_uploads_in_flight,
+                        max_queued_rows,
+                        max_uploads_per_minute,
+                        reset,
+                    };
+                    admin::set_limits(store, &settings.tenants, org, set).await?
+                }
+                Admin::GetLimits { org } => {
+                    admin::get_limits(store, &settings.tenants, org).await?
+                }
                 Admin::ReplayDeadLetters { limit } => {
                     admin::replay_dead_letters(&*state.queue, limit).await?
                 }

@@ -39,6 +39,7 @@ pub const CODES: &[&str] = &[
     "directory_unavailable",
     "not_ready",
     "too_many_uploads",
+    "organization_limit_exceeded",
 ];
 
 /// The problem `type` URI of `code`.
@@ -53,6 +54,9 @@ pub struct ApiError {
     pub detail: String,
     /// Extra headers, such as `WWW-Authenticate` or `Retry-After`.
     pub headers: Vec<(header::HeaderName, HeaderValue)>,
+    /// Extension members of the problem document beside the standard ones (RFC 9457, 3.2),
+    /// such as the `limit` of an `organization_limit_exceeded`.
+    pub extensions: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Serialize)]
@@ -63,6 +67,8 @@ struct Problem<'a> {
     status: u16,
     detail: &'a str,
     code: &'a str,
+    #[serde(flatten)]
+    extensions: &'a serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -76,7 +82,14 @@ impl ApiError {
             code,
             detail: detail.into(),
             headers: Vec::new(),
+            extensions: serde_json::Map::new(),
         }
+    }
+
+    /// Adds the extension member `name` to the problem document.
+    pub fn with_member(mut self, name: &str, value: impl Into<serde_json::Value>) -> Self {
+        self.extensions.insert(name.to_owned(), value.into());
+        self
     }
 
     pub fn with_header(mut self, name: header::HeaderName, value: &str) -> Self {
@@ -147,6 +160,16 @@ impl From<orbit_store::StoreError> for ApiError {
 
 /// The problem+json document for `status`, `code` and `detail`.
 pub fn body(status: StatusCode, code: &str, detail: &str) -> Vec<u8> {
+    body_with(status, code, detail, &serde_json::Map::new())
+}
+
+/// [`body`] with extension members.
+fn body_with(
+    status: StatusCode,
+    code: &str,
+    detail: &str,
+    extensions: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<u8> {
     debug_assert!(
         CODES.contains(&code),
         "{code} is missing from problem::CODES"
@@ -157,6 +180,7 @@ pub fn body(status: StatusCode, code: &str, detail: &str) -> Vec<u8> {
         status: status.as_u16(),
         detail,
         code,
+        extensions,
     })
     .expect("problem serializes")
 }
@@ -182,7 +206,7 @@ pub fn code_for_status(status: StatusCode) -> &'static str {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = body(self.status, self.code, &self.detail);
+        let body = body_with(self.status, self.code, &self.detail, &self.extensions);
         let mut response = (self.status, body).into_response();
         let headers = response.headers_mut();
         headers.insert(

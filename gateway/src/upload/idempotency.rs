@@ -11,6 +11,7 @@ use axum::response::Response;
 use orbit_core::model::{IdempotencyClaim, KeyState, UploadReceipt};
 use orbit_store::Store;
 
+use super::limits::{admit_under, Admitted};
 use super::pipeline::FileRead;
 use super::{receipt_response, Upload};
 use crate::problem::{ApiError, ApiResult};
@@ -67,7 +68,15 @@ impl Upload<'_> {
             )
             .await?;
         match state {
-            KeyState::Claimed(claim) => self.key_plan = KeyPlan::Claimed(claim),
+            KeyState::Claimed(claim) => {
+                self.key_plan = KeyPlan::Claimed(claim);
+                // The key looked finished before the body was read, so the upload was not
+                // counted; it expired since, and this is a new upload after all.
+                if let Admitted::Replay(limits) = self.admitted {
+                    self.admitted =
+                        Admitted::Counted(admit_under(self.state, self.org, &limits).await?);
+                }
+            }
             KeyState::OtherDirectory => return Err(key_reused()),
             KeyState::InFlight => {
                 return Err(ApiError::new(

@@ -12,6 +12,8 @@
 //!
 //! - this file: the axum handler, the form's fields, the request's clean-up and the answer;
 //! - `idempotency.rs`: claiming, settling, replaying and releasing the idempotency key;
+//! - `limits.rs`: admitting the upload under its organization's limits, or refusing it (`429`)
+//!   before the body is read;
 //! - `pipeline.rs`: hashing, the object write, the planner, the commit and the publish, with no
 //!   HTTP in it.
 
@@ -31,9 +33,11 @@ use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
 use crate::types::UploadBody;
 use idempotency::{bad_key, validate_key, KeyPlan};
+use limits::Admitted;
 use pipeline::{FileRead, Hints, PipelineError, StoredFile};
 
 mod idempotency;
+mod limits;
 mod pipeline;
 
 /// Text fields are tiny; anything bigger is not what the client meant to send.
@@ -99,10 +103,8 @@ pub async fn upload(
         )
         .with_header(header::RETRY_AFTER, UPLOAD_RETRY_AFTER_SECS)
     })?;
-    let multipart = Multipart::from_request(request, &state)
-        .await
-        .map_err(|e| ApiError::invalid_request(format!("malformed multipart body: {e}")))?;
-
+    // Last before the body: a refusal here has read nothing of it and stored nothing.
+    let admitted = limits::admit(&state, org, dir, header_key.as_deref()).await?;
     let mut upload = Upload {
         state: &state,
         org,
@@ -112,6 +114,17 @@ pub async fn upload(
         file: None,
         object: None,
         options: None,
+        admitted,
+    };
+    let multipart = Multipart::from_request(request, &state)
+        .await
+        .map_err(|e| ApiError::invalid_request(format!("malformed multipart body: {e}")));
+    let multipart = match multipart {
+        Ok(multipart) => multipart,
+        Err(e) => {
+            upload.release_admission().await;
+            return Err(e);
+        }
     };
     let longest = state.settings.ingest.max_upload_duration;
     let result = tokio::select! {
@@ -134,6 +147,8 @@ pub async fn upload(
     if result.is_err() {
         upload.clean_up().await;
     }
+    // Whatever did not record a source (a failure, a replay) gives its admission back.
+    upload.release_admission().await;
     result
 }
 
@@ -148,6 +163,8 @@ struct Upload<'a> {
     object: Option<String>,
     /// The fingerprint of the upload's options, fixed once the file field starts.
     options: Option<String>,
+    /// What the organization's limits said: an admission, held until a source is recorded.
+    admitted: Admitted,
 }
 
 impl Upload<'_> {
@@ -293,9 +310,19 @@ impl Upload<'_> {
             self.key_plan.claim(),
         )
         .await?;
-        // Committed: from here on the key and the object belong to the source.
+        // Committed: from here on the key and the object belong to the source, and the
+        // organization's in-flight count holds the source instead of the admission.
         self.key_plan = KeyPlan::None;
         self.object = None;
+        if let Admitted::Counted(admission) =
+            std::mem::replace(&mut self.admitted, Admitted::Unlimited)
+        {
+            if let Err(e) = self.state.store.upload_recorded(admission).await {
+                // The admission keeps counting as in flight until it expires or this process
+                // stops: an overcount, never an overshoot.
+                tracing::warn!(error = %e, %admission, "could not close the admission of a recorded upload");
+            }
+        }
         pipeline::publish(&*self.state.store, &*self.state.queue, &queued).await;
         tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), dry_run = source.dry_run, "upload recorded");
         Ok(receipt_response(
@@ -303,6 +330,17 @@ impl Upload<'_> {
             UploadReceipt::of(&source),
             false,
         ))
+    }
+
+    /// Gives back the admission of a request that recorded no source.
+    async fn release_admission(&mut self) {
+        if let Admitted::Counted(admission) =
+            std::mem::replace(&mut self.admitted, Admitted::Unlimited)
+        {
+            if let Err(e) = self.state.store.release_admission(admission).await {
+                tracing::warn!(error = %e, %admission, "could not release the admission of an upload");
+            }
+        }
     }
 
     /// Drops what a failed request made: its object and its key claim.
@@ -320,12 +358,16 @@ impl Upload<'_> {
 
 impl Drop for Upload<'_> {
     /// A request dropped mid-way (the client went away, or the connection was dropped at
-    /// shutdown) never reaches `clean_up`: its object and key claim are released here, on a
-    /// task of their own that shutdown waits for.
+    /// shutdown) never reaches `clean_up`: its object, key claim and admission are released
+    /// here, on a task of their own that shutdown waits for.
     fn drop(&mut self) {
         let object = self.object.take();
         let claim = self.key_plan.take_claim();
-        if object.is_none() && claim.is_none() {
+        let admission = match std::mem::replace(&mut self.admitted, Admitted::Unlimited) {
+            Admitted::Counted(admission) => Some(admission),
+            _ => None,
+        };
+        if object.is_none() && claim.is_none() && admission.is_none() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -342,6 +384,11 @@ impl Drop for Upload<'_> {
                 }
                 if let Some(claim) = claim {
                     idempotency::release(&*store, &claim, "the key of a dropped upload").await;
+                }
+                if let Some(admission) = admission {
+                    if let Err(e) = store.release_admission(admission).await {
+                        tracing::warn!(error = %e, %admission, "could not release the admission of a dropped upload");
+                    }
                 }
             },
             &runtime,

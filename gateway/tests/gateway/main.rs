@@ -18,6 +18,7 @@ mod citus;
 mod fairness;
 mod hardening;
 mod large;
+mod limits;
 mod logs;
 mod metrics;
 mod monitoring;

@@ -186,6 +186,119 @@ async fn admin_commands_print_json() {
 }
 
 #[tokio::test]
+async fn admin_set_limits_and_get_limits_show_each_value_and_its_source() {
+    let data = data_dir().await;
+    let (_, org, _) = admin(data.path(), &["create-org", "--name", "Acme"]).await;
+    let org = org["organization_id"].as_str().unwrap().to_owned();
+    let (ok, limits, stderr) = admin(data.path(), &["get-limits", "--org", &org]).await;
+    assert!(ok, "{stderr}");
+    assert_eq!(limits["organization_id"], org.as_str());
+    assert_eq!(
+        limits["weight"],
+        serde_json::json!({"value": 1, "source": "default"})
+    );
+    assert_eq!(
+        limits["max_uploads_in_flight"],
+        serde_json::json!({"value": 1000, "source": "default"})
+    );
+    assert_eq!(limits["usage"]["uploads_in_flight"], 0, "{limits}");
+    let (ok, limits, stderr) = admin(
+        data.path(),
+        &[
+            "set-limits",
+            "--org",
+            &org,
+            "--weight",
+            "3",
+            "--max-uploads-in-flight",
+            "5",
+            "--max-uploads-per-minute",
+            "0",
+        ],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    assert_eq!(
+        limits["weight"],
+        serde_json::json!({"value": 3, "source": "override"})
+    );
+    assert_eq!(
+        limits["max_uploads_in_flight"],
+        serde_json::json!({"value": 5, "source": "override"})
+    );
+    assert_eq!(
+        limits["max_uploads_per_minute"],
+        serde_json::json!({"value": 0, "source": "override"})
+    );
+    assert_eq!(
+        limits["max_queued_rows"],
+        serde_json::json!({"value": 100000000, "source": "default"})
+    );
+    // `default` drops one value; the others stay, as get-limits shows.
+    let (ok, _, _) = admin(
+        data.path(),
+        &[
+            "set-limits",
+            "--org",
+            &org,
+            "--max-uploads-in-flight",
+            "default",
+        ],
+    )
+    .await;
+    assert!(ok);
+    let (_, limits, _) = admin(data.path(), &["get-limits", "--org", &org]).await;
+    assert_eq!(
+        limits["max_uploads_in_flight"]["source"], "default",
+        "{limits}"
+    );
+    assert_eq!(limits["weight"]["value"], 3, "{limits}");
+    // --reset drops them all, then applies what is given with it.
+    let (ok, limits, _) = admin(
+        data.path(),
+        &[
+            "set-limits",
+            "--org",
+            &org,
+            "--reset",
+            "--max-queued-rows",
+            "10",
+        ],
+    )
+    .await;
+    assert!(ok);
+    assert_eq!(limits["weight"]["source"], "default", "{limits}");
+    assert_eq!(
+        limits["max_uploads_per_minute"]["source"], "default",
+        "{limits}"
+    );
+    assert_eq!(
+        limits["max_queued_rows"],
+        serde_json::json!({"value": 10, "source": "override"})
+    );
+    // Mistakes are errors, on stderr.
+    let unknown = "00000000-0000-0000-0000-000000000000";
+    for args in [
+        vec!["get-limits", "--org", unknown],
+        vec!["set-limits", "--org", unknown, "--weight", "2"],
+    ] {
+        let (ok, out, stderr) = admin(data.path(), &args).await;
+        assert!(
+            !ok && out.is_null() && stderr.contains("no organization"),
+            "{stderr}"
+        );
+    }
+    let (ok, _, stderr) = admin(data.path(), &["set-limits", "--org", &org, "--weight", "0"]).await;
+    assert!(!ok && stderr.contains("--weight"), "{stderr}");
+    let (ok, _, stderr) = admin(
+        data.path(),
+        &["set-limits", "--org", &org, "--max-queued-rows", "lots"],
+    )
+    .await;
+    assert!(!ok && stderr.contains("default"), "{stderr}");
+}
+
+#[tokio::test]
 async fn a_killed_gateway_finishes_the_work_after_restart() {
     let data = data_dir().await;
     let (_, boot, _) = admin(data.path(), &["bootstrap"]).await;
