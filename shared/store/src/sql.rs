@@ -30,7 +30,7 @@ pub(super) const GIVE_BACK: &str = "UPDATE chunks SET attempts = attempts - CASE
 /// weight override: what the fair scheduler chooses among. On a sharded database the window
 /// runs on each shard (it is partitioned by the shard key) and `organization_limits` is a copy
 /// on every node.
-pub(super) const READY_CHUNKS: &str = "SELECT r.organization_id, r.directory_id, r.id, r.source_id, r.attempts, r.traceparent, r.tracestate, r.row_count, r.created_ms, l.weight
+pub(super) const READY_CHUNKS: &str = "SELECT r.organization_id, r.directory_id, r.id, r.source_id, r.attempts, r.traceparent, r.tracestate, r.row_count, r.created_ms, CAST(l.weight AS BIGINT) AS weight
      FROM (SELECT s.organization_id, c.directory_id, c.id, c.source_id, c.attempts, c.traceparent, c.tracestate, c.row_count, s.created_ms,
                   ROW_NUMBER() OVER (PARTITION BY c.directory_id ORDER BY s.seq, c.idx) AS n
            FROM chunks c JOIN sources s ON s.directory_id = c.directory_id AND s.id = c.source_id

@@ -1236,6 +1236,14 @@ async fn ready_chunks_are_each_directorys_oldest_and_passes_only_advance(store: 
     let (org_b, dir_b) = tenant(&*store).await;
     let a = one_row_chunks(&*store, org_a, dir_a, 3).await;
     let b = one_row_chunks(&*store, org_b, dir_b, 2).await;
+    let heavier = orbit_store::limits::LimitChange {
+        weight: Some(Some(3)),
+        ..Default::default()
+    };
+    store
+        .set_organization_limits(org_b, &heavier)
+        .await
+        .unwrap();
     let ready = |store: Arc<dyn Store>| async move {
         let mut ready = store.ready_chunks(1).await.unwrap();
         ready.sort_by_key(|r| r.waiting.organization == org_b);
@@ -1252,7 +1260,8 @@ async fn ready_chunks_are_each_directorys_oldest_and_passes_only_advance(store: 
         (org_a, a[0].chunk_id, 1)
     );
     assert_eq!(found[1].chunk.chunk_id, b[0].chunk_id);
-    assert!(found.iter().all(|r| r.waiting.weight == 1));
+    // The default weight, unless the organization has its own.
+    assert_eq!((found[0].waiting.weight, found[1].waiting.weight), (1, 3));
     // A claimed chunk is not ready; the directory's next one is.
     claim(&*store, &a[0]).await;
     let found = ready(store.clone()).await;
