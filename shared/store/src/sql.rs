@@ -26,17 +26,6 @@ pub(super) const RELEASE_CHUNK: &str = "UPDATE chunks SET state = 'pending', lea
 /// pending again and unpublished, so the reaper publishes it; had the claim taken the lease
 /// after all, the lease is dropped and its attempt given back.
 pub(super) const GIVE_BACK: &str = "UPDATE chunks SET attempts = attempts - CASE WHEN state = 'running' AND attempts > 0 THEN 1 ELSE 0 END, state = 'pending', lease_owner = NULL, lease_token = NULL, lease_expires_ms = NULL, queued_ms = NULL WHERE directory_id = $1 AND id = $2 AND (state = 'pending' OR (state = 'running' AND lease_owner = $3))";
-/// Every directory's oldest chunk ready to run ($1 now), with its organization and that one's
-/// weight override: what the fair scheduler chooses among. On a sharded database the window
-/// runs on each shard (it is partitioned by the shard key) and `organization_limits` is a copy
-/// on every node.
-pub(super) const READY_CHUNKS: &str = "SELECT r.organization_id, r.directory_id, r.id, r.source_id, r.attempts, r.traceparent, r.tracestate, r.row_count, r.created_ms, CAST(l.weight AS BIGINT) AS weight
-     FROM (SELECT s.organization_id, c.directory_id, c.id, c.source_id, c.attempts, c.traceparent, c.tracestate, c.row_count, s.created_ms,
-                  ROW_NUMBER() OVER (PARTITION BY c.directory_id ORDER BY s.seq, c.idx) AS n
-           FROM chunks c JOIN sources s ON s.directory_id = c.directory_id AND s.id = c.source_id
-           WHERE c.state = 'pending' AND c.not_before_ms <= $1 AND s.status IN ('pending', 'processing')) r
-     LEFT JOIN organization_limits l ON l.organization_id = r.organization_id
-     WHERE r.n = 1";
 /// Moves one pass (`fair::Advance`): $1 its id, $2 the floor, $3 the charge, $4 the floor of
 /// its virtual time, $5 now. One statement, so concurrent advances of a row all count.
 pub(super) const ADVANCE_PASS: &str =

@@ -20,3 +20,7 @@ CREATE TABLE scheduler_shares (
     vtime DOUBLE PRECISION NOT NULL DEFAULT 0,
     updated_ms BIGINT NOT NULL
 );
+
+-- The fair scheduler reads each unfinished source's first chunk ready to run: one probe here
+-- per source, however many chunks wait.
+CREATE INDEX chunks_ready ON chunks (directory_id, source_id, idx) WHERE state = 'pending';

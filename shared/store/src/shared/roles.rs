@@ -15,7 +15,10 @@
 /// chunk to release; and `owner_dead`, whether the process `$1` stopped heartbeating, given
 /// `$2` now. Heartbeats are read apart from the chunk or key they vouch for: on a sharded
 /// database `processes` stays on the coordinator, which a statement about one shard cannot
-/// join.
+/// join. `ready_chunks` reads, given `$1` now, every directory's oldest chunk ready to run with
+/// its organization and that one's weight override (`organization_id, directory_id, id,
+/// source_id, attempts, traceparent, tracestate, row_count, created_ms, weight`): what the
+/// fair scheduler chooses among.
 macro_rules! store_roles {
     (
         store: $store:ty,
@@ -25,7 +28,8 @@ macro_rules! store_roles {
         lock_source: $lock_source:expr,
         lock_chunk: $lock_chunk:expr,
         lock_lease: $lock_lease:expr,
-        owner_dead: $owner_dead:expr $(,)?
+        owner_dead: $owner_dead:expr,
+        ready_chunks: $ready_chunks:expr $(,)?
     ) => {
         #[async_trait]
         impl Database for $store {
@@ -639,7 +643,7 @@ macro_rules! store_roles {
             }
 
             async fn ready_chunks(&self, default_weight: u32) -> StoreResult<Vec<ReadyChunk>> {
-                let rows = sqlx::query($crate::sql::READY_CHUNKS)
+                let rows = sqlx::query($ready_chunks)
                     .bind($crate::rows::now_ms())
                     .fetch_all(&self.$read)
                     .await?;

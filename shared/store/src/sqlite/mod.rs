@@ -110,6 +110,15 @@ crate::shared::store_roles! {
          WHERE c.directory_id = $1 AND c.id = $2",
     lock_lease: "SELECT transient_since_ms FROM chunks WHERE directory_id = $1 AND id = $2 AND lease_token = $3 AND state = 'running'",
     owner_dead: "SELECT p.expires_ms < $2 FROM processes p WHERE p.owner = $1",
+    // SQLite has no lateral join: a window over the waiting chunks, which one process's
+    // backlog keeps small.
+    ready_chunks: "SELECT r.organization_id, r.directory_id, r.id, r.source_id, r.attempts, r.traceparent, r.tracestate, r.row_count, r.created_ms, l.weight
+         FROM (SELECT s.organization_id, c.directory_id, c.id, c.source_id, c.attempts, c.traceparent, c.tracestate, c.row_count, s.created_ms,
+                      ROW_NUMBER() OVER (PARTITION BY c.directory_id ORDER BY s.seq, c.idx) AS n
+               FROM chunks c JOIN sources s ON s.id = c.source_id
+               WHERE c.state = 'pending' AND c.not_before_ms <= $1 AND s.status IN ('pending', 'processing')) r
+         LEFT JOIN organization_limits l ON l.organization_id = r.organization_id
+         WHERE r.n = 1",
 }
 
 crate::shared::limits_role! {
