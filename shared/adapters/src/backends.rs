@@ -145,6 +145,13 @@ mod tests {
         async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
             self.read().map(|()| Vec::new())
         }
+        async fn organization_backlog(
+            &self,
+            _now: chrono::DateTime<chrono::Utc>,
+            _top: usize,
+        ) -> StoreResult<orbit_store::backlog::Backlog> {
+            self.read().map(|()| Default::default())
+        }
     }
 
     #[tokio::test]

@@ -22,6 +22,7 @@ use orbit_core::model::*;
 
 pub use limits::Limits;
 
+pub mod backlog;
 pub mod limits;
 pub mod metrics;
 pub mod postgres;
@@ -367,6 +368,14 @@ pub trait Stats: Send + Sync + 'static {
     async fn count_pending_chunks(&self) -> StoreResult<u64>;
     /// Failed sources by their `error_code`.
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>>;
+    /// Every organization with unfinished work at `now`: the `top` that have waited longest,
+    /// one by one, and the rest summed ([`backlog`]). Aggregates over every directory (on
+    /// Citus, every shard), without locks.
+    async fn organization_backlog(
+        &self,
+        now: DateTime<Utc>,
+        top: usize,
+    ) -> StoreResult<backlog::Backlog>;
 }
 
 /// The whole database: every role. Backends implement the roles; a caller that needs only

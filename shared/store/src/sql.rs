@@ -90,6 +90,13 @@ pub(super) const SOURCES_BY_STATUS: &str =
     "SELECT status, COUNT(*) AS n FROM sources GROUP BY status";
 pub(super) const OPEN_CHUNKS: &str =
     "SELECT COUNT(*) FROM chunks WHERE state IN ('pending', 'running')";
+/// Per organization with unfinished sources: their rows not yet processed, and their latest
+/// progress (`crate::backlog`).
+pub(super) const ORGANIZATION_QUEUED_ROWS: &str = "SELECT organization_id, CAST(SUM(total_rows - processed_rows) AS BIGINT) AS queued_rows, MAX(updated_ms) AS progress_ms FROM sources WHERE status IN ('pending', 'processing') GROUP BY organization_id";
+/// Per organization: its chunks ready at $1 (pending, past their `not_before_ms`) and when the
+/// oldest became ready: at its `not_before_ms` if a failed attempt set one, else when its
+/// source was uploaded. A colocated join (both tables are sharded by directory).
+pub(super) const ORGANIZATION_READY_CHUNKS: &str = "SELECT s.organization_id, COUNT(*) AS ready_chunks, MIN(CASE WHEN c.not_before_ms > s.created_ms THEN c.not_before_ms ELSE s.created_ms END) AS ready_since_ms FROM chunks c JOIN sources s ON s.directory_id = c.directory_id AND s.id = c.source_id WHERE c.state = 'pending' AND c.not_before_ms <= $1 AND s.status IN ('pending', 'processing') GROUP BY s.organization_id";
 
 /// Records a process's heartbeat.
 pub(super) const HEARTBEAT: &str = "INSERT INTO processes (owner, heartbeat_ms, expires_ms) VALUES ($1, $2, $3) ON CONFLICT (owner) DO UPDATE SET heartbeat_ms = excluded.heartbeat_ms, expires_ms = excluded.expires_ms";

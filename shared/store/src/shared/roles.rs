@@ -802,6 +802,40 @@ macro_rules! store_roles {
                     .await?;
                 Ok(row.try_get::<i64, _>(0)? as u64)
             }
+
+            async fn organization_backlog(
+                &self,
+                now: DateTime<Utc>,
+                top: usize,
+            ) -> StoreResult<$crate::backlog::Backlog> {
+                let now = $crate::rows::ms(now);
+                let queued = sqlx::query($crate::sql::ORGANIZATION_QUEUED_ROWS)
+                    .fetch_all(&self.$read)
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        Ok($crate::backlog::Queued {
+                            organization_id: row.try_get("organization_id")?,
+                            queued_rows: row.try_get("queued_rows")?,
+                            progress_ms: row.try_get("progress_ms")?,
+                        })
+                    })
+                    .collect::<StoreResult<Vec<_>>>()?;
+                let ready = sqlx::query($crate::sql::ORGANIZATION_READY_CHUNKS)
+                    .bind(now)
+                    .fetch_all(&self.$read)
+                    .await?
+                    .iter()
+                    .map(|row| {
+                        Ok($crate::backlog::Ready {
+                            organization_id: row.try_get("organization_id")?,
+                            ready_chunks: row.try_get("ready_chunks")?,
+                            ready_since_ms: row.try_get("ready_since_ms")?,
+                        })
+                    })
+                    .collect::<StoreResult<Vec<_>>>()?;
+                Ok($crate::backlog::summarize(queued, ready, now, top))
+            }
         }
     };
 }

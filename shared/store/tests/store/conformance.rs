@@ -28,6 +28,7 @@ orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_
     a_chunk_marked_unpublished_is_reaped_at_once,
     a_chunk_given_back_after_an_unanswered_claim_counts_no_attempt,
     failed_sources_are_counted_by_code,
+    organizations_backlogs_are_read_longest_waiting_first,
     a_dead_processes_leases_are_void_before_they_expire,
     concurrent_chunks_never_split_an_identity,
     terminal_states_never_change,
@@ -1094,6 +1095,135 @@ async fn failed_sources_are_counted_by_code(store: Arc<dyn Store>) {
             ("object_missing".to_owned(), 2)
         ]
     );
+}
+
+/// The per-organization backlog behind the gauges: rows queued, chunks ready and how long each
+/// organization has waited, the longest waits one by one and the rest summed.
+async fn organizations_backlogs_are_read_longest_waiting_first(store: Arc<dyn Store>) {
+    use orbit_store::backlog::BacklogRest;
+    let secs = |d: Duration| d.as_secs_f64();
+    // A waits longest: three ready chunks of 10 rows, uploaded first.
+    let (a, a_dir) = tenant(&*store).await;
+    let a_chunks = (0..3)
+        .map(|i| chunk(i, 10 * u64::from(i) + 1, 10))
+        .collect();
+    let (_, a_queued) = store
+        .commit_upload(new_upload(
+            a,
+            a_dir,
+            30,
+            ChunkResults::default(),
+            0,
+            a_chunks,
+        ))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    // B: two ready chunks of 5 rows, over a second later.
+    let (b, b_dir) = tenant(&*store).await;
+    store
+        .commit_upload(new_upload(
+            b,
+            b_dir,
+            10,
+            ChunkResults::default(),
+            0,
+            vec![chunk(0, 1, 5), chunk(1, 6, 5)],
+        ))
+        .await
+        .unwrap();
+    // C: unfinished but nothing ready, its one chunk running.
+    let (c, c_dir) = tenant(&*store).await;
+    let (_, c_queued) = one_chunk_upload(&*store, c, c_dir, 7).await;
+    claim(&*store, &c_queued[0]).await;
+    // D: done, so absent.
+    let (d, d_dir) = tenant(&*store).await;
+    let (_, d_queued) = one_chunk_upload(&*store, d, d_dir, 1).await;
+    let work = claim(&*store, &d_queued[0]).await;
+    let results = ChunkResults {
+        accepted: vec![record(1, &[("email", "d@x.co")])],
+        failed: vec![],
+    };
+    store.commit_chunk(&work.lease, results).await.unwrap();
+
+    // A minute on, the top one is A; B and C are summed.
+    let later = chrono::Utc::now() + chrono::Duration::seconds(60);
+    let backlog = store.organization_backlog(later, 1).await.unwrap();
+    assert_eq!(backlog.top.len(), 1, "{backlog:?}");
+    let top = &backlog.top[0];
+    assert_eq!(
+        (top.organization_id, top.queued_rows, top.ready_chunks),
+        (a, 30, 3)
+    );
+    assert!(
+        (61.0..75.0).contains(&secs(top.wait)),
+        "since A's upload: {backlog:?}"
+    );
+    assert_eq!(
+        (
+            backlog.rest.organizations,
+            backlog.rest.queued_rows,
+            backlog.rest.ready_chunks
+        ),
+        (2, 17, 2),
+        "B's 10 rows and C's 7"
+    );
+    assert!(
+        (60.0..secs(top.wait) - 1.0).contains(&secs(backlog.rest.max_wait)),
+        "B's wait: {backlog:?}"
+    );
+    assert_eq!((backlog.waiting, backlog.max_wait), (2, top.wait));
+
+    // Every one of them: C last, with nothing ready and so no wait.
+    let all = store.organization_backlog(later, 10).await.unwrap();
+    let ids: Vec<_> = all.top.iter().map(|o| o.organization_id).collect();
+    assert_eq!(ids, [a, b, c], "{all:?}");
+    assert_eq!(
+        (
+            all.top[2].queued_rows,
+            all.top[2].ready_chunks,
+            all.top[2].wait
+        ),
+        (7, 0, Duration::ZERO)
+    );
+    assert_eq!(all.rest, BacklogRest::default());
+
+    // A worker serves A: a slice commits, then the chunk fails and backs off. A has waited
+    // only since then, so B is now the one waiting longest; A's chunk in its backoff is not
+    // ready until the backoff ends.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before_release = chrono::Utc::now();
+    let work = claim(&*store, &a_queued[0]).await;
+    let slice = ChunkResults {
+        accepted: vec![record(1, &[("email", "a@x.co")])],
+        failed: vec![],
+    };
+    let resume = Resume {
+        offset: 200,
+        line: 3,
+        row: 2,
+    };
+    store
+        .commit_slice(&work.lease, slice, SliceEnd::Before(resume))
+        .await
+        .unwrap();
+    assert!(store
+        .release_chunk(&work.lease, "object store error: timed out", Some(LEASE))
+        .await
+        .unwrap());
+    let now = store
+        .organization_backlog(before_release, 10)
+        .await
+        .unwrap();
+    let a_now = now.top.iter().find(|o| o.organization_id == a).unwrap();
+    assert_eq!((a_now.queued_rows, a_now.ready_chunks), (29, 2), "{now:?}");
+    let backlog = store.organization_backlog(later, 1).await.unwrap();
+    assert_eq!(backlog.top[0].organization_id, b, "{backlog:?}");
+    assert!(
+        (59.0..61.0).contains(&secs(backlog.rest.max_wait)),
+        "A waits since its slice: {backlog:?}"
+    );
+    assert_eq!((backlog.rest.ready_chunks, backlog.waiting), (3, 2));
 }
 
 async fn a_dead_processes_leases_are_void_before_they_expire(store: Arc<dyn Store>) {
