@@ -72,7 +72,7 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
         uploads: Arc::new(Semaphore::new(settings.http.max_uploads)),
         cancel: CancellationToken::new(),
         cleanups: TaskTracker::new(),
-        metrics: Arc::new(MetricsPage::new(settings.telemetry.gauges_refresh)),
+        metrics: Arc::new(MetricsPage::from_settings(settings)),
     })
 }
 

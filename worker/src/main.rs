@@ -91,7 +91,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )
             })?;
         tracing::info!(addr = %listener.local_addr()?, "worker metrics listening");
-        let page = std::sync::Arc::new(MetricsPage::new(settings.telemetry.gauges_refresh));
+        let page = std::sync::Arc::new(MetricsPage::from_settings(&settings));
         let app =
             Router::new()
                 .route("/healthz", get(|| async { "ok" }))

@@ -13,6 +13,7 @@
 mod common;
 
 mod api;
+mod backlog;
 mod chaos;
 mod citus;
 mod fairness;

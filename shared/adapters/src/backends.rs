@@ -72,29 +72,40 @@ pub async fn not_ready(
 
 /// A process's `/metrics` page: the gauges that mirror the database and the broker, read at
 /// most once per `telemetry.gauges_refresh` (so replicas scraped often cost the database a few
-/// queries per interval, not three per scrape; concurrent scrapes share one read), and
+/// queries per interval, not five per scrape; concurrent scrapes share one read), and
 /// everything the process counts itself. A read that failed in part is tried again at the
 /// next scrape.
 pub struct MetricsPage {
     every: Duration,
+    /// How many organizations the per-organization gauges name (`tenants.metrics_top`).
+    top: usize,
     last_read: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl MetricsPage {
-    pub fn new(every: Duration) -> Self {
+    pub fn new(every: Duration, top: usize) -> Self {
         orbit_store::metrics::register();
         std::sync::LazyLock::force(&crate::metrics::METRICS);
         MetricsPage {
             every,
+            top,
             last_read: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// The page `settings` ask for.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self::new(
+            settings.telemetry.gauges_refresh,
+            settings.tenants.metrics_top as usize,
+        )
     }
 
     pub async fn render(&self, store: &dyn Stats, queue: &dyn Queue) -> String {
         let mut last_read = self.last_read.lock().await;
         if !last_read.is_some_and(|at| at.elapsed() < self.every) {
             let (database, broker) = tokio::join!(
-                orbit_store::metrics::mirror(store),
+                orbit_store::metrics::mirror(store, self.top),
                 crate::metrics::mirror_queue(queue)
             );
             if database && broker {
@@ -157,13 +168,13 @@ mod tests {
     #[tokio::test]
     async fn scrapes_within_the_refresh_interval_read_the_database_once() {
         let (stats, queue) = (Counting::default(), MemoryQueue::new());
-        let page = MetricsPage::new(Duration::from_secs(3600));
+        let page = MetricsPage::new(Duration::from_secs(3600), 10);
         for _ in 0..5 {
             page.render(&stats, &queue).await;
         }
         assert_eq!(
             stats.reads.load(Ordering::SeqCst),
-            3,
+            4,
             "one read of each count"
         );
     }
@@ -171,17 +182,17 @@ mod tests {
     #[tokio::test]
     async fn a_zero_interval_reads_at_every_scrape() {
         let (stats, queue) = (Counting::default(), MemoryQueue::new());
-        let page = MetricsPage::new(Duration::ZERO);
+        let page = MetricsPage::new(Duration::ZERO, 10);
         for _ in 0..4 {
             page.render(&stats, &queue).await;
         }
-        assert_eq!(stats.reads.load(Ordering::SeqCst), 12);
+        assert_eq!(stats.reads.load(Ordering::SeqCst), 16);
     }
 
     #[tokio::test]
     async fn a_failed_read_is_tried_again_at_the_next_scrape() {
         let (stats, queue) = (Counting::default(), MemoryQueue::new());
-        let page = MetricsPage::new(Duration::from_secs(3600));
+        let page = MetricsPage::new(Duration::from_secs(3600), 10);
         stats.failing.store(true, Ordering::SeqCst);
         page.render(&stats, &queue).await;
         stats.failing.store(false, Ordering::SeqCst);
@@ -189,7 +200,7 @@ mod tests {
         page.render(&stats, &queue).await;
         assert_eq!(
             stats.reads.load(Ordering::SeqCst),
-            6,
+            8,
             "read again once, then cached"
         );
     }

@@ -5,16 +5,19 @@
 //! caches them for `telemetry.gauges_refresh`).
 //!
 //! Label values come from fixed sets only: a value a client could choose would let it create
-//! series without bound.
+//! series without bound. The per-organization gauges are the one exception, and bounded
+//! another way: they name the `tenants.metrics_top` organizations waiting longest, sum the rest
+//! under `organization="other"`, and drop every other label at each refresh.
 
 use std::sync::LazyLock;
 
 use orbit_core::model::{SourceStatus, CANCELLED};
 use prometheus::{
-    register_int_counter_vec, register_int_gauge, register_int_gauge_vec, IntCounterVec, IntGauge,
-    IntGaugeVec,
+    register_gauge, register_gauge_vec, register_int_counter_vec, register_int_gauge,
+    register_int_gauge_vec, Gauge, GaugeVec, IntCounterVec, IntGauge, IntGaugeVec,
 };
 
+use crate::backlog::Backlog;
 use crate::Stats;
 
 pub struct StoreMetrics {
@@ -23,6 +26,11 @@ pub struct StoreMetrics {
     pub sources: IntGaugeVec,
     pub sources_failed: IntGaugeVec,
     pub chunks_open: IntGauge,
+    pub organization_queued_rows: IntGaugeVec,
+    pub organization_ready_chunks: IntGaugeVec,
+    pub organization_wait: GaugeVec,
+    pub organizations_waiting: IntGauge,
+    pub organization_max_wait: Gauge,
 }
 
 /// The `error_code`s a source fails with; [`OTHER`] stands for any other.
@@ -65,12 +73,49 @@ pub static METRICS: LazyLock<StoreMetrics> = LazyLock::new(|| {
         "Chunks not yet done (pending or running)"
     )
     .expect("metric registered once");
+    let organization_queued_rows = register_int_gauge_vec!(
+        "orbit_organization_queued_rows",
+        "Rows of an organization's unfinished sources not yet processed, for the tenants.metrics_top organizations waiting longest; organization=\"other\" sums the rest",
+        &["organization"]
+    )
+    .expect("metric registered once");
+    let organization_ready_chunks = register_int_gauge_vec!(
+        "orbit_organization_ready_chunks",
+        "An organization's chunks a worker could take now (pending, past their backoff), for the same organizations as orbit_organization_queued_rows",
+        &["organization"]
+    )
+    .expect("metric registered once");
+    let organization_wait = register_gauge_vec!(
+        "orbit_organization_wait_seconds",
+        "How long an organization has had ready chunks without progress, for the same organizations as orbit_organization_queued_rows; organization=\"other\" is the longest among the rest",
+        &["organization"]
+    )
+    .expect("metric registered once");
+    let organizations_waiting = register_int_gauge!(
+        "orbit_organizations_waiting",
+        "Organizations with chunks ready and waiting for a worker"
+    )
+    .expect("metric registered once");
+    let organization_max_wait = register_gauge!(
+        "orbit_organization_max_wait_seconds",
+        "The longest wait of any organization (orbit_organization_wait_seconds, over every organization)"
+    )
+    .expect("metric registered once");
+    for gauge in [&organization_queued_rows, &organization_ready_chunks] {
+        gauge.with_label_values(&[OTHER]);
+    }
+    organization_wait.with_label_values(&[OTHER]);
     StoreMetrics {
         commit_retries,
         leases_taken_over,
         sources,
         sources_failed,
         chunks_open,
+        organization_queued_rows,
+        organization_ready_chunks,
+        organization_wait,
+        organizations_waiting,
+        organization_max_wait,
     }
 });
 
@@ -79,16 +124,24 @@ pub fn register() {
     LazyLock::force(&METRICS);
 }
 
-/// Sets the database-mirroring gauges from `stats`; whether every count was read. A count
-/// that could not be read keeps its previous value.
-pub async fn mirror(stats: &dyn Stats) -> bool {
+/// Sets the database-mirroring gauges from `stats`, the per-organization ones for the `top`
+/// organizations waiting longest; whether every count was read. A count that could not be
+/// read keeps its previous value.
+pub async fn mirror(stats: &dyn Stats, top: usize) -> bool {
     let m = &*METRICS;
-    let (failed, open, by_status) = tokio::join!(
+    let (failed, open, by_status, backlog) = tokio::join!(
         stats.count_failed_sources_by_code(),
         stats.count_pending_chunks(),
-        stats.count_sources_by_status()
+        stats.count_sources_by_status(),
+        stats.organization_backlog(chrono::Utc::now(), top)
     );
-    let mut complete = true;
+    let mut complete = match backlog {
+        Ok(backlog) => {
+            set_backlog(m, &backlog);
+            true
+        }
+        Err(_) => false,
+    };
     match failed {
         Ok(counts) => {
             let mut by_label = [0u64; SOURCE_ERROR_CODES.len() + 1];
@@ -126,4 +179,37 @@ pub async fn mirror(stats: &dyn Stats) -> bool {
         Err(_) => complete = false,
     }
     complete
+}
+
+/// Sets the per-organization gauges to `backlog`: the labels of organizations no longer in
+/// the top go, so the series stay `tenants.metrics_top` plus `other` whatever the tenant count.
+/// They are cleared and set again with nothing awaited in between.
+fn set_backlog(m: &StoreMetrics, backlog: &Backlog) {
+    m.organization_queued_rows.reset();
+    m.organization_ready_chunks.reset();
+    m.organization_wait.reset();
+    for org in &backlog.top {
+        let label = org.organization_id.to_string();
+        m.organization_queued_rows
+            .with_label_values(&[&label])
+            .set(org.queued_rows as i64);
+        m.organization_ready_chunks
+            .with_label_values(&[&label])
+            .set(org.ready_chunks as i64);
+        m.organization_wait
+            .with_label_values(&[&label])
+            .set(org.wait.as_secs_f64());
+    }
+    let rest = &backlog.rest;
+    m.organization_queued_rows
+        .with_label_values(&[OTHER])
+        .set(rest.queued_rows as i64);
+    m.organization_ready_chunks
+        .with_label_values(&[OTHER])
+        .set(rest.ready_chunks as i64);
+    m.organization_wait
+        .with_label_values(&[OTHER])
+        .set(rest.max_wait.as_secs_f64());
+    m.organizations_waiting.set(backlog.waiting as i64);
+    m.organization_max_wait.set(backlog.max_wait.as_secs_f64());
 }
