@@ -295,7 +295,7 @@ async fn prometheus_scrapes_gateway_and_worker_and_answers_queue_depth() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap().clone())
         .collect();
-    assert_eq!(rules.len(), 6, "alerts.yml loaded: {groups}");
+    assert_eq!(rules.len(), 7, "alerts.yml loaded: {groups}");
     for rule in &rules {
         used.extend(orbit_metrics(rule["query"].as_str().unwrap()));
     }
