@@ -5,7 +5,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::common::{code, contacts, json, run, stderr, stdout, Fault, Gateway, Proxy};
+use crate::common::{code, contacts, json, run, stderr, stdout, Fault, Gateway, LimitOnce, Proxy};
 use serde_json::Value;
 use tokio::io::AsyncBufReadExt as _;
 use tokio::sync::Notify;
@@ -171,6 +171,41 @@ async fn a_response_lost_after_the_server_recorded_the_upload_replays_it() {
     assert_eq!(report["failed"], 4, "{report}");
     let sources = gw.sources().await;
     assert_eq!(sources.len(), 1, "imported once: {sources:?}");
+    assert_eq!(sources[0]["source_id"], report["source_id"]);
+    gw.stop().await;
+}
+
+#[tokio::test]
+async fn a_429_is_waited_out_for_its_retry_after_and_retried_under_the_same_key() {
+    let gw = Gateway::start().await;
+    let file = gw.file("limited.csv", &contacts(100, "limited", Some(25)));
+    // The first upload is refused as an organization over its limits is, with
+    // `Retry-After: 1`; the client's own first backoff is at most half a second.
+    let front = LimitOnce::start(&gw.base, 1).await;
+    let out = run(&mut gw.orbit_at(&front.url, &args(&["upload", &file, "--json"]))).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report = &json(&out)[0];
+    assert_eq!(report["attempts"], 2, "{report}");
+    assert_eq!(report["status"], "completed", "{report}");
+    assert_eq!(
+        report["is_idempotent"], false,
+        "the refused attempt recorded nothing: {report}"
+    );
+    assert_eq!(report["accepted"], 96, "{report}");
+
+    let uploads = front.uploads.lock().unwrap().clone();
+    assert_eq!(uploads.len(), 2, "{uploads:?}");
+    let key = uploads[0].idempotency_key.as_deref().expect("a key");
+    assert_eq!(uploads[1].idempotency_key.as_deref(), Some(key));
+    assert_eq!(report["idempotency_key"], key, "{report}");
+    let refused_at = front.refused_at.lock().unwrap().expect("refused once");
+    let waited = uploads[1].at - refused_at;
+    assert!(
+        waited >= Duration::from_secs(1),
+        "retried {waited:?} after the 429, before its Retry-After"
+    );
+    let sources = gw.sources().await;
+    assert_eq!(sources.len(), 1, "{sources:?}");
     assert_eq!(sources[0]["source_id"], report["source_id"]);
     gw.stop().await;
 }

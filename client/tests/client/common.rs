@@ -155,3 +155,143 @@ pub fn contacts(rows: usize, prefix: &str, bad_every: Option<usize>) -> String {
     }
     out
 }
+
+/// One upload that reached [`LimitOnce`]: when, and under which `Idempotency-Key`.
+#[derive(Debug, Clone)]
+pub struct UploadSeen {
+    pub at: std::time::Instant,
+    pub idempotency_key: Option<String>,
+}
+
+/// A loopback HTTP front for the gateway that refuses the first upload as the gateway does
+/// an organization over its limits (`429 organization_limit_exceeded` with `Retry-After`),
+/// reading its whole body first, and forwards every other request to the gateway and its
+/// answer back. It records every upload it sees and when it answered the refusal.
+pub struct LimitOnce {
+    /// `http://127.0.0.1:PORT`: where to point `orbit` instead of the gateway.
+    pub url: String,
+    pub uploads: std::sync::Arc<std::sync::Mutex<Vec<UploadSeen>>>,
+    pub refused_at: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+    serving: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for LimitOnce {
+    fn drop(&mut self) {
+        self.serving.abort();
+    }
+}
+
+#[derive(Clone)]
+struct Front {
+    upstream: String,
+    retry_after_secs: u64,
+    http: reqwest::Client,
+    uploads: std::sync::Arc<std::sync::Mutex<Vec<UploadSeen>>>,
+    refused_at: std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>,
+}
+
+impl LimitOnce {
+    pub async fn start(upstream: &str, retry_after_secs: u64) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind front");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let front = Front {
+            upstream: upstream.trim_end_matches('/').to_owned(),
+            retry_after_secs,
+            http: reqwest::Client::new(),
+            uploads: Default::default(),
+            refused_at: Default::default(),
+        };
+        let (uploads, refused_at) = (front.uploads.clone(), front.refused_at.clone());
+        let app = axum::Router::new().fallback(answer).with_state(front);
+        let serving = tokio::spawn(async move {
+            axum::serve(listener, app).await.expect("front serves");
+        });
+        LimitOnce {
+            url,
+            uploads,
+            refused_at,
+            serving,
+        }
+    }
+}
+
+async fn answer(
+    axum::extract::State(front): axum::extract::State<Front>,
+    request: axum::extract::Request,
+) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse as _;
+
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .expect("the whole request body");
+    if parts.method == axum::http::Method::POST && parts.uri.path().ends_with("/sources/csv-upload")
+    {
+        let first = {
+            let mut uploads = front.uploads.lock().unwrap();
+            uploads.push(UploadSeen {
+                at: std::time::Instant::now(),
+                idempotency_key: parts
+                    .headers
+                    .get("idempotency-key")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            });
+            uploads.len() == 1
+        };
+        if first {
+            let problem = serde_json::json!({
+                "type": "https://orbit.dev/problems/organization_limit_exceeded",
+                "title": "Too Many Requests",
+                "status": 429,
+                "detail": "the organization has too many rows queued; try again later",
+                "code": "organization_limit_exceeded",
+            });
+            *front.refused_at.lock().unwrap() = Some(std::time::Instant::now());
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                [
+                    (header::CONTENT_TYPE, "application/problem+json".to_owned()),
+                    (header::RETRY_AFTER, front.retry_after_secs.to_string()),
+                ],
+                problem.to_string(),
+            )
+                .into_response();
+        }
+    }
+    let target = format!(
+        "{}{}",
+        front.upstream,
+        parts.uri.path_and_query().map_or("/", |p| p.as_str())
+    );
+    let mut headers = parts.headers.clone();
+    for hop in [
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+    ] {
+        headers.remove(hop);
+    }
+    let upstream = front
+        .http
+        .request(parts.method, target)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+        .expect("the gateway answers");
+    let status = upstream.status();
+    let mut headers = upstream.headers().clone();
+    for hop in [
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+    ] {
+        headers.remove(hop);
+    }
+    let body = upstream.bytes().await.expect("the gateway's body");
+    (status, headers, body).into_response()
+}
