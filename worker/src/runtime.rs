@@ -323,7 +323,7 @@ impl Worker {
             }
             Claim::Busy | Claim::Nothing => return Ok(Taken::Lost),
         };
-        self.charge(choice, work.chunk.row_count).await;
+        self.settle(choice, work.chunk.row_count).await;
         METRICS.chunks_in_flight.inc();
         let started = Instant::now();
         let outcome = self.process_under_lease(&work).await;

@@ -3,10 +3,13 @@
 //! A message is a turn, not an order: with `tenants.fair_scheduling` on, the worker serves the
 //! directory that fair shares choose among every directory with a chunk ready, and takes that
 //! directory's oldest ready chunk (the message's own chunk, when it is of that directory, so
-//! that the message's trace goes on). Every chunk still has its message, so there are as many
-//! turns as chunks, and no worker idles while a chunk is ready. A takeover (the reaper's
-//! message for a chunk whose worker died) and any failure to read the shares fall back to the
-//! message's own chunk: first come, first served, as with the scheduler off.
+//! that the message's trace goes on). A chunk taken out of turn leaves its message in the queue
+//! for another turn, and the chunk whose message it used is marked unpublished, so the reaper
+//! publishes it a message of its own: every pending chunk keeps a message that names it, so
+//! that no worker idles while a chunk is ready, and a turn that cannot choose (the shares
+//! unreadable, a Citus node down) can always fall back to the message's own chunk, first come,
+//! first served, as with the scheduler off. So does a takeover (the reaper's message for a
+//! chunk whose worker died).
 
 use std::collections::HashMap;
 
@@ -25,6 +28,8 @@ pub(crate) const CHOICES: u32 = 3;
 pub(crate) struct Choice {
     pub chunk: ChunkRef,
     pub fair: Option<(Waiting, HashMap<Uuid, Pass>)>,
+    /// The message whose turn this is, when it names another chunk than `chunk`.
+    pub turn_of: Option<ChunkRef>,
 }
 
 impl Choice {
@@ -32,6 +37,7 @@ impl Choice {
         Choice {
             chunk: message.clone(),
             fair: None,
+            turn_of: None,
         }
     }
 }
@@ -72,6 +78,7 @@ impl Worker {
         Choice {
             chunk,
             fair: Some((chosen.clone(), passes)),
+            turn_of: (!named).then(|| message.clone()),
         }
     }
 
@@ -91,9 +98,25 @@ impl Worker {
         Ok((ready, passes))
     }
 
-    /// Charges a claimed chunk of `rows` rows to its organization and directory. A charge
-    /// that fails is only logged: it costs the order one chunk, not the chunk.
-    pub(crate) async fn charge(&self, choice: &Choice, rows: u64) {
+    /// What taking the chosen chunk, now claimed, settles: the chunk whose message this turn
+    /// was gets a message again (from the reaper's next pass), and the chunk's `rows` rows are
+    /// charged to its organization and directory. Either failing is only logged: a lost
+    /// republish costs that chunk `worker.requeue_after` at worst, a lost charge the order one
+    /// chunk.
+    pub(crate) async fn settle(&self, choice: &Choice, rows: u64) {
+        if let Some(message) = &choice.turn_of {
+            if let Err(e) = self
+                .chunks
+                .mark_unpublished(std::slice::from_ref(message))
+                .await
+            {
+                tracing::warn!(chunk = %message.chunk_id, error = %e, "cannot mark a chunk taken out of turn for republishing");
+            }
+        }
+        self.charge(choice, rows).await;
+    }
+
+    async fn charge(&self, choice: &Choice, rows: u64) {
         let Some((waiting, passes)) = &choice.fair else {
             return;
         };
