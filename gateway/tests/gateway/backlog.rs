@@ -23,17 +23,7 @@ async fn metrics_show_the_organizations_waiting_longest_and_sum_the_rest() {
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     // A second organization, a second later: 10 rows in 2 chunks.
     let second = app.another_tenant().await;
-    let response = app
-        .client
-        .post(app.url(&format!(
-            "/v2/organizations/{}/directories/{}/sources/csv-upload",
-            second.org, second.dir
-        )))
-        .bearer_auth(&second.token)
-        .multipart(file_form(contacts_csv(10, "second")))
-        .send()
-        .await
-        .unwrap();
+    let response = app.upload_as(&second, contacts_csv(10, "second")).await;
     assert_eq!(response.status(), 202);
 
     let org = app.tenant.org.to_string();

@@ -29,19 +29,9 @@ fn settings(chunk_rows: u64) -> impl FnOnce(&mut orbit_config::Settings) {
     }
 }
 
-async fn upload_as(app: &TestApp, tenant: &Tenant, csv: String) -> String {
-    let url = app.url(&format!(
-        "/v2/organizations/{}/directories/{}/sources/csv-upload",
-        tenant.org, tenant.dir
-    ));
-    let response = app
-        .client
-        .post(url)
-        .bearer_auth(&tenant.token)
-        .multipart(file_form(csv))
-        .send()
-        .await
-        .unwrap();
+/// Uploads `csv` as `tenant`, asserting it is accepted; its source id.
+async fn accepted_upload(app: &TestApp, tenant: &Tenant, csv: String) -> String {
+    let response = app.upload_as(tenant, csv).await;
     let status = response.status();
     let body: Value = response.json().await.unwrap();
     assert!(
@@ -52,13 +42,9 @@ async fn upload_as(app: &TestApp, tenant: &Tenant, csv: String) -> String {
 }
 
 async fn status_of(app: &TestApp, tenant: &Tenant, source: &str) -> Value {
-    let url = app.url(&format!(
-        "/v2/organizations/{}/directories/{}/sources/{source}",
-        tenant.org, tenant.dir
-    ));
     let response = app
         .client
-        .get(url)
+        .get(app.tenant_url(tenant, &format!("/sources/{source}")))
         .bearer_auth(&tenant.token)
         .send()
         .await
@@ -71,7 +57,7 @@ async fn status_of(app: &TestApp, tenant: &Tenant, source: &str) -> Value {
 /// the source completes: how long that took, and the status at the end.
 async fn time_to_complete(app: &TestApp, tenant: &Tenant, csv: String) -> (Duration, Value) {
     let started = Instant::now();
-    let source = upload_as(app, tenant, csv).await;
+    let source = accepted_upload(app, tenant, csv).await;
     loop {
         let status = status_of(app, tenant, &source).await;
         match status["source_status"].as_str() {
@@ -97,7 +83,7 @@ async fn a_backlog_of_one_organization_does_not_hold_up_another_organizations_up
     let (idle, _) = time_to_complete(&app, &idle_tenant, file()).await;
 
     // Organization A queues 100 chunks, then B uploads the same two-chunk file.
-    let backlog = upload_as(
+    let backlog = accepted_upload(
         &app,
         &app.tenant,
         contacts_csv(100 * CHUNK_ROWS as usize, "a"),
@@ -149,8 +135,8 @@ async fn organizations_waiting_together_are_served_in_proportion_to_their_weight
     // The heavier organization's backlog first (it is the larger), then the other's: from
     // the moment both are queued, both wait for the whole measurement.
     let chunks = |n: u64| contacts_csv((n * SMALL_CHUNK_ROWS) as usize, "w");
-    let heavy_source = upload_as(&app, &heavy, chunks(240)).await;
-    let light_source = upload_as(&app, &app.tenant, chunks(80)).await;
+    let heavy_source = accepted_upload(&app, &heavy, chunks(240)).await;
+    let light_source = accepted_upload(&app, &app.tenant, chunks(80)).await;
     let sources = [
         (&heavy, heavy_source.as_str()),
         (&app.tenant, light_source.as_str()),

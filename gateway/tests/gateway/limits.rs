@@ -282,17 +282,7 @@ async fn a_replay_is_answered_at_the_limit_and_other_organizations_are_not_held_
     assert_refused(refused, "max_uploads_in_flight", 1).await;
     // Another organization has limits of its own.
     let other = app.another_tenant().await;
-    let response = app
-        .client
-        .post(app.url(&format!(
-            "/v2/organizations/{}/directories/{}/sources/csv-upload",
-            other.org, other.dir
-        )))
-        .bearer_auth(&other.token)
-        .multipart(file_form(contacts_csv(2, "o")))
-        .send()
-        .await
-        .unwrap();
+    let response = app.upload_as(&other, contacts_csv(2, "o")).await;
     assert_eq!(response.status(), StatusCode::CREATED);
     release.send(()).unwrap();
     assert_eq!(held.await.unwrap().status(), StatusCode::CREATED);

@@ -297,6 +297,34 @@ pub(super) struct Applied {
     pub warnings: u64,
 }
 
+/// A chunk's queue message as read back from its row, to publish again or to choose: the
+/// columns `directory_id, source_id, id, attempts, traceparent, tracestate`.
+#[derive(FromRow)]
+pub(super) struct ChunkMessageRow {
+    pub directory_id: Uuid,
+    pub source_id: Uuid,
+    pub id: Uuid,
+    #[sqlx(try_from = "i64")]
+    pub attempts: u32,
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
+}
+
+impl ChunkMessageRow {
+    /// The message; `takeover` when its lease is void and it is published to be taken over.
+    pub(super) fn message(self, takeover: bool) -> ChunkRef {
+        ChunkRef {
+            directory_id: self.directory_id,
+            source_id: self.source_id,
+            chunk_id: self.id,
+            attempt: self.attempts,
+            traceparent: self.traceparent,
+            tracestate: self.tracestate,
+            takeover,
+        }
+    }
+}
+
 /// What `claim_chunk` found, read under the chunk's row lock.
 #[derive(FromRow)]
 pub(super) struct ChunkState {

@@ -244,10 +244,7 @@ impl TestApp {
 
     /// `/v2/organizations/{org}/directories/{dir}{rest}` for the default tenant.
     pub fn dir_url(&self, rest: &str) -> String {
-        self.url(&format!(
-            "/v2/organizations/{}/directories/{}{rest}",
-            self.tenant.org, self.tenant.dir
-        ))
+        self.tenant_url(&self.tenant, rest)
     }
 
     pub fn upload_url(&self) -> String {
@@ -260,6 +257,25 @@ impl TestApp {
 
     pub fn post(&self, url: &str) -> reqwest::RequestBuilder {
         self.client.post(url).bearer_auth(&self.tenant.token)
+    }
+
+    /// `/v2/organizations/{org}/directories/{dir}{rest}` for `tenant`.
+    pub fn tenant_url(&self, tenant: &Tenant, rest: &str) -> String {
+        self.url(&format!(
+            "/v2/organizations/{}/directories/{}{rest}",
+            tenant.org, tenant.dir
+        ))
+    }
+
+    /// Uploads `csv` as `tenant` (another organization than the app's own, say).
+    pub async fn upload_as(&self, tenant: &Tenant, csv: impl Into<Vec<u8>>) -> reqwest::Response {
+        self.client
+            .post(self.tenant_url(tenant, "/sources/csv-upload"))
+            .bearer_auth(&tenant.token)
+            .multipart(file_form(csv))
+            .send()
+            .await
+            .expect("request sent")
     }
 
     pub async fn upload(&self, csv: impl Into<Vec<u8>>) -> reqwest::Response {

@@ -256,15 +256,8 @@ impl PgStore {
             .fetch_all(&self.pool)
             .await?;
             for row in rows {
-                refs.push(ChunkRef {
-                    directory_id: row.try_get("directory_id")?,
-                    source_id: row.try_get("source_id")?,
-                    chunk_id: row.try_get("id")?,
-                    attempt: row.try_get::<i64, _>("attempts")? as u32,
-                    traceparent: row.try_get("traceparent")?,
-                    tracestate: row.try_get("tracestate")?,
-                    takeover: row.try_get::<String, _>("state")? == "running",
-                });
+                let takeover = row.try_get::<String, _>("state")? == "running";
+                refs.push(ChunkMessageRow::from_row(&row)?.message(takeover));
             }
         }
         sqlx::query(sql::FORGET_DEAD_PROCESSES)

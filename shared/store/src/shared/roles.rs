@@ -650,15 +650,7 @@ macro_rules! store_roles {
                 rows.iter()
                     .map(|row| {
                         let weight: Option<i64> = row.try_get("weight")?;
-                        let chunk = ChunkRef {
-                            directory_id: row.try_get("directory_id")?,
-                            source_id: row.try_get("source_id")?,
-                            chunk_id: row.try_get("id")?,
-                            attempt: row.try_get::<i64, _>("attempts")? as u32,
-                            traceparent: row.try_get("traceparent")?,
-                            tracestate: row.try_get("tracestate")?,
-                            takeover: false,
-                        };
+                        let chunk = $crate::rows::ChunkMessageRow::from_row(row)?.message(false);
                         Ok(ReadyChunk {
                             waiting: orbit_core::domain::fair::Waiting {
                                 organization: row.try_get("organization_id")?,
