@@ -170,6 +170,8 @@ pub fn machine_busy() -> anyhow::Result<Duration> {
     Ok(Duration::from_millis(busy * 10))
 }
 
+/// An organization with a directory and a token of its own.
+#[derive(Clone)]
 pub struct Tenant {
     pub org: Uuid,
     pub dir: Uuid,
@@ -282,12 +284,7 @@ impl Orbit {
             stack,
         };
         orbit.wait_ready().await?;
-        let out = orbit.admin(&["admin", "bootstrap"]).await?;
-        orbit.tenant = Tenant {
-            org: out["organization_id"].as_str().context("org")?.parse()?,
-            dir: out["directory_id"].as_str().context("dir")?.parse()?,
-            token: out["token"].as_str().context("token")?.to_owned(),
-        };
+        orbit.tenant = orbit.add_tenant().await?;
         if kind == StackKind::Distributed {
             for i in 0..workers {
                 let log = orbit.dir.join(format!("worker-{i}.log"));
@@ -333,21 +330,37 @@ impl Orbit {
         )?)
     }
 
-    fn dir_url(&self, dir: Uuid, rest: &str) -> String {
+    /// Another organization, with a directory and a token, as `admin bootstrap` makes them
+    /// (the stack's own tenant is the first).
+    pub async fn add_tenant(&self) -> anyhow::Result<Tenant> {
+        let out = self.admin(&["admin", "bootstrap"]).await?;
+        Ok(Tenant {
+            org: out["organization_id"].as_str().context("org")?.parse()?,
+            dir: out["directory_id"].as_str().context("dir")?.parse()?,
+            token: out["token"].as_str().context("token")?.to_owned(),
+        })
+    }
+
+    fn dir_url(&self, tenant: &Tenant, dir: Uuid, rest: &str) -> String {
         format!(
             "{}/v2/organizations/{}/directories/{dir}{rest}",
-            self.base, self.tenant.org
+            self.base, tenant.org
         )
     }
 
     pub async fn create_directory(&self, name: &str) -> anyhow::Result<Uuid> {
+        self.create_directory_as(&self.tenant, name).await
+    }
+
+    /// Creates a directory in `tenant`'s organization.
+    pub async fn create_directory_as(&self, tenant: &Tenant, name: &str) -> anyhow::Result<Uuid> {
         let response = self
             .client
             .post(format!(
                 "{}/v2/organizations/{}/directories",
-                self.base, self.tenant.org
+                self.base, tenant.org
             ))
-            .bearer_auth(&self.tenant.token)
+            .bearer_auth(&tenant.token)
             .json(&serde_json::json!({ "name": name }))
             .send()
             .await?;
@@ -367,25 +380,41 @@ impl Orbit {
         body: Vec<u8>,
     ) -> anyhow::Result<(StatusCode, Value)> {
         let form = Form::new().part("file", Part::bytes(body).file_name("contacts.csv"));
-        self.send_upload(dir, form).await
+        self.send_upload(&self.tenant, dir, form).await
     }
 
     /// Streams the file at `path` to directory `dir`.
     pub async fn upload_file(&self, dir: Uuid, path: &Path) -> anyhow::Result<(StatusCode, Value)> {
+        self.upload_file_as(&self.tenant, dir, path).await
+    }
+
+    /// Streams the file at `path` to directory `dir` of `tenant`'s organization.
+    pub async fn upload_file_as(
+        &self,
+        tenant: &Tenant,
+        dir: Uuid,
+        path: &Path,
+    ) -> anyhow::Result<(StatusCode, Value)> {
         let file = tokio::fs::File::open(path).await?;
         let len = file.metadata().await?.len();
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
         let part = Part::stream_with_length(reqwest::Body::wrap_stream(stream), len)
             .file_name("contacts.csv")
             .mime_str("text/csv")?;
-        self.send_upload(dir, Form::new().part("file", part)).await
+        self.send_upload(tenant, dir, Form::new().part("file", part))
+            .await
     }
 
-    async fn send_upload(&self, dir: Uuid, form: Form) -> anyhow::Result<(StatusCode, Value)> {
+    async fn send_upload(
+        &self,
+        tenant: &Tenant,
+        dir: Uuid,
+        form: Form,
+    ) -> anyhow::Result<(StatusCode, Value)> {
         let response = self
             .client
-            .post(self.dir_url(dir, "/sources/csv-upload"))
-            .bearer_auth(&self.tenant.token)
+            .post(self.dir_url(tenant, dir, "/sources/csv-upload"))
+            .bearer_auth(&tenant.token)
             .multipart(form)
             .send()
             .await?;
@@ -401,17 +430,25 @@ impl Orbit {
         source: &str,
         within: Duration,
     ) -> anyhow::Result<Value> {
+        let tenant = self.tenant.clone();
+        let poll = Duration::from_millis(100);
+        self.wait_completed_as(&tenant, dir, source, within, poll)
+            .await
+    }
+
+    /// As [`Orbit::wait_completed`], for a source of `tenant`'s organization, asking every
+    /// `poll`.
+    pub async fn wait_completed_as(
+        &mut self,
+        tenant: &Tenant,
+        dir: Uuid,
+        source: &str,
+        within: Duration,
+        poll: Duration,
+    ) -> anyhow::Result<Value> {
         let deadline = Instant::now() + within;
-        let url = self.dir_url(dir, &format!("/sources/{source}"));
         loop {
-            let body: Value = self
-                .client
-                .get(&url)
-                .bearer_auth(&self.tenant.token)
-                .send()
-                .await?
-                .json()
-                .await?;
+            let body = self.source(tenant, dir, source).await?;
             match body["source_status"].as_str() {
                 Some("completed") => return Ok(body),
                 Some("failed") => bail!("the source failed: {body}"),
@@ -422,8 +459,21 @@ impl Orbit {
                 "not completed within {within:?}: {body}"
             );
             self.ensure_running()?;
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(poll).await;
         }
+    }
+
+    /// The source `source` of directory `dir` of `tenant`'s organization, as `GET` shows it.
+    pub async fn source(&self, tenant: &Tenant, dir: Uuid, source: &str) -> anyhow::Result<Value> {
+        let url = self.dir_url(tenant, dir, &format!("/sources/{source}"));
+        Ok(self
+            .client
+            .get(&url)
+            .bearer_auth(&tenant.token)
+            .send()
+            .await?
+            .json()
+            .await?)
     }
 
     /// Fails fast when a process died instead of waiting out a deadline.
