@@ -6,12 +6,16 @@
 # 100,000-row file into one directory on 1, 2 and 4 orbit-worker processes each capped to a
 # tenth of a core (scale-out), measures the synchronous path (100-row uploads, 16 concurrent
 # clients, 30 s) and peak RSS during a 1 GiB upload. Prints figures and each target as met or
-# missed, and writes results.json in the work dir.
+# missed, and writes results.json in the work dir. Before the synchronous path, the `fairness`
+# phase (issue 24; about 2 minutes) times, with fair scheduling on and off, one organization's
+# 20,000-row upload idle and right after another queues four 500,000-row files, and a lone
+# organization's 1M-row ingest.
 #
-#   bash deploy/bench.sh                      # every phase but citus (about 15 minutes on 2 cores)
+#   bash deploy/bench.sh                      # every phase but citus (about 17 minutes on 2 cores)
 #   bash deploy/bench.sh --phases copy,distributed --rows 200000
 #   bash deploy/bench.sh --phases scaleout --scaleout-rows 30000
 #   bash deploy/citus.sh && bash deploy/bench.sh --phases citus    # Citus against PostgreSQL
+#   bash deploy/bench.sh --phases fairness --fairness-bulk-runs 3   # fair scheduling on and off
 #   bash deploy/bench.sh --help
 #
 # Needs only the test services: brings them up (deploy/services.sh) and installs pgloader

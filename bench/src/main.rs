@@ -10,6 +10,8 @@
 //! - `scaleout`: one directory's file on 1, 2, 4… CPU-capped workers;
 //! - `cgroup`: the cgroup v1 CPU cap each of those workers runs under;
 //! - `citus`: the same stack on a Citus cluster and on PostgreSQL, one directory and several;
+//! - `fairness`: one organization's small upload, idle and behind another's bulk files, and a
+//!   lone organization's bulk ingest, with fair scheduling on and off;
 //! - `node`: the database servers a stack writes to, their WAL and CPU time;
 //! - `wal`: PostgreSQL WAL positions, for the bytes of WAL a load writes per row.
 //!
@@ -18,6 +20,7 @@
 mod baseline;
 mod cgroup;
 mod citus;
+mod fairness;
 mod generate;
 mod load;
 mod node;
@@ -67,11 +70,11 @@ struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
     /// Phases to run, comma-separated. `citus` is not in the default run: it needs a Citus
-    /// cluster (`bash deploy/citus.sh`).
+    /// cluster (`bash deploy/citus.sh`). `fairness` is (about two minutes on 2 cores).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "copy,pgloader,distributed,embedded,scaleout,sync,rss",
+        default_value = "copy,pgloader,distributed,embedded,scaleout,fairness,sync,rss",
         value_parser = PHASES,
     )]
     phases: Vec<String>,
@@ -115,16 +118,42 @@ struct Args {
         value_parser = citus::STACKS,
     )]
     citus_stacks: Vec<String>,
+    /// Fairness phase: rows of organization B's upload, timed idle and behind A's files.
+    #[arg(long, default_value_t = 20_000)]
+    fairness_small_rows: u64,
+    /// Fairness phase: rows of each of organization A's files.
+    #[arg(long, default_value_t = 500_000)]
+    fairness_big_rows: u64,
+    /// Fairness phase: organization A's files, uploaded at once, each into a directory of its
+    /// own, just before B's timed upload.
+    #[arg(
+        long,
+        default_value_t = 4,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=64),
+    )]
+    fairness_big_files: usize,
+    /// Fairness phase: rows of the one-organization bulk ingest run with fair scheduling on and
+    /// off.
+    #[arg(long, default_value_t = 1_000_000)]
+    fairness_bulk_rows: u64,
+    /// Fairness phase: bulk ingests per setting, on and off taking turns; the median counts.
+    #[arg(
+        long,
+        default_value_t = 1,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16),
+    )]
+    fairness_bulk_runs: usize,
 }
 
 /// Every phase, in the order they run.
-const PHASES: [&str; 8] = [
+const PHASES: [&str; 9] = [
     "copy",
     "pgloader",
     "distributed",
     "embedded",
     "scaleout",
     "citus",
+    "fairness",
     "sync",
     "rss",
 ];
@@ -306,7 +335,7 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
         v.as_f64()
     };
     let kb = |bytes: Option<f64>| bytes.map(|b| b / 1000.0);
-    let targets: [(&str, Option<f64>, f64, bool); 8] = [
+    let targets: [(&str, Option<f64>, f64, bool); 10] = [
         (
             "distributed rows/s / psql \\copy",
             at(&["ratio_orbit_distributed_to_psql_copy"]),
@@ -335,6 +364,18 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
             "citus rows/s / PostgreSQL, 8 directories",
             at(&["citus", "ratio_citus_to_plain", "8_dirs"]),
             0.5,
+            true,
+        ),
+        (
+            "fair: small upload busy / idle",
+            at(&["fairness", "on", "busy_to_idle"]),
+            3.0,
+            false,
+        ),
+        (
+            "fair: bulk rows/s, fair on / off",
+            at(&["fairness", "bulk_ratio_on_to_off"]),
+            0.95,
             true,
         ),
         (
@@ -561,6 +602,10 @@ async fn main() -> anyhow::Result<()> {
         results.insert("citus".into(), citus::run(&args).await?);
     }
 
+    if phase("fairness") {
+        results.insert("fairness".into(), fairness::run(&args).await?);
+    }
+
     if phase("sync") {
         let mut sync = serde_json::Map::new();
         for (kind, per_client) in [
@@ -612,7 +657,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_run_has_every_phase_but_citus_and_the_scaleout_settings() {
+    fn the_default_run_has_every_phase_but_citus_and_the_scaleout_and_fairness_settings() {
         let args = Args::try_parse_from(["orbit-bench"]).unwrap();
         let mut phases = PHASES.to_vec();
         phases.retain(|p| *p != "citus");
@@ -624,6 +669,19 @@ mod tests {
         assert_eq!(
             (args.scaleout_quota_us, args.scaleout_period_us),
             (10_000, 100_000)
+        );
+        // The shape: B's 20,000 rows behind A's four files of 500,000.
+        assert_eq!(
+            (
+                args.fairness_small_rows,
+                args.fairness_big_files,
+                args.fairness_big_rows
+            ),
+            (20_000, 4, 500_000)
+        );
+        assert_eq!(
+            (args.fairness_bulk_rows, args.fairness_bulk_runs),
+            (1_000_000, 1)
         );
     }
 
@@ -668,7 +726,24 @@ mod tests {
             (args.citus_stacks, args.citus_dirs),
             (vec!["plain".into()], 4)
         );
-        for bad in [["--citus-stacks", "postgres"], ["--citus-dirs", "1"]] {
+        let args = Args::try_parse_from([
+            "orbit-bench",
+            "--phases",
+            "fairness",
+            "--fairness-big-files",
+            "2",
+            "--fairness-bulk-runs",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(args.phases, ["fairness"]);
+        assert_eq!((args.fairness_big_files, args.fairness_bulk_runs), (2, 3));
+        for bad in [
+            ["--citus-stacks", "postgres"],
+            ["--citus-dirs", "1"],
+            ["--fairness-big-files", "0"],
+            ["--fairness-bulk-runs", "0"],
+        ] {
             assert!(
                 Args::try_parse_from(["orbit-bench", bad[0], bad[1]]).is_err(),
                 "{bad:?}"
@@ -696,6 +771,11 @@ mod tests {
             "scaleout": { "speedup_4_vs_1": 3.25 },
             "sync": { "distributed_one_dir": { "p99_ms": 49.0 } },
             "citus": { "ratio_citus_to_plain": { "1_dir": 0.3, "8_dirs": 0.55 } },
+            "fairness": {
+                "on": { "busy_to_idle": 2.4 },
+                "off": { "busy_to_idle": 40.0 },
+                "bulk_ratio_on_to_off": 0.93,
+            },
         });
         let verdicts = targets(results.as_object().unwrap());
         let got: Vec<(&str, f64, bool)> = verdicts
@@ -710,6 +790,8 @@ mod tests {
                 ("distributed WAL KB/row", 1.25, false),
                 ("scale-out rows/s, 4 capped workers / 1", 3.25, true),
                 ("citus rows/s / PostgreSQL, 8 directories", 0.55, true),
+                ("fair: small upload busy / idle", 2.4, true),
+                ("fair: bulk rows/s, fair on / off", 0.93, false),
                 ("sync p99 ms, 16 clients, one directory", 49.0, true),
             ]
         );
@@ -718,5 +800,22 @@ mod tests {
         let verdicts = targets(results.as_object().unwrap());
         assert_eq!(verdicts.len(), 2);
         assert!(verdicts[0].met() && !verdicts[1].met());
+        // The fairness targets judge fair scheduling on: off's ratio is not a target.
+        let results = json!({ "fairness": {
+            "on": { "busy_to_idle": 3.1 },
+            "off": { "busy_to_idle": 1.0 },
+            "bulk_ratio_on_to_off": 0.95,
+        } });
+        let got: Vec<(&str, bool)> = targets(results.as_object().unwrap())
+            .iter()
+            .map(|v| (v.name, v.met()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("fair: small upload busy / idle", false),
+                ("fair: bulk rows/s, fair on / off", true),
+            ]
+        );
     }
 }
