@@ -1,8 +1,9 @@
 //! The consumer loop and the reaper.
 //!
-//! Each delivery is handled inside a `chunk` span (kind consumer) whose parent is the trace
-//! context the message carries, so it joins the upload's trace; its children are
-//! `chunk.claim`, `chunk.read`, `chunk.validate` and `chunk.commit`.
+//! Each delivery is a turn (`schedule`): the chunk it takes is handled inside a `chunk` span
+//! (kind consumer) whose parent is the trace context the message carries, or, for another
+//! chunk chosen by fair shares, the one stored with that chunk, so it joins its upload's trace;
+//! its children are `chunk.claim`, `chunk.read`, `chunk.validate` and `chunk.commit`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -284,8 +285,8 @@ impl Worker {
         self.run_choice(&Choice::named(message)).await.map(drop)
     }
 
-    /// Claims, processes and commits the chunk chosen, charging it to its organization's
-    /// share once claimed.
+    /// Claims, processes and commits the chunk chosen, settling the turn once it is claimed
+    /// (`Worker::settle`).
     async fn run_choice(&self, choice: &Choice) -> anyhow::Result<Taken> {
         let message = &choice.chunk;
         let w = &self.settings.worker;
