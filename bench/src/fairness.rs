@@ -53,6 +53,12 @@ fn settings(args: &Args, fair: bool) -> anyhow::Result<Vec<(String, String)>> {
     Ok(env)
 }
 
+/// A fresh distributed stack with [`settings`].
+async fn start(args: &Args, fair: bool) -> anyhow::Result<Orbit> {
+    let env = settings(args, fair)?;
+    Orbit::start(StackKind::Distributed, &args.work_dir, args.workers, &env).await
+}
+
 /// The source id of an accepted upload.
 fn accepted(status: StatusCode, receipt: &Value) -> anyhow::Result<String> {
     anyhow::ensure!(
@@ -124,13 +130,7 @@ struct Files {
 }
 
 async fn latency(args: &Args, fair: bool, files: &Files) -> anyhow::Result<Latency> {
-    let mut orbit = Orbit::start(
-        StackKind::Distributed,
-        &args.work_dir,
-        args.workers,
-        &settings(args, fair)?,
-    )
-    .await?;
+    let mut orbit = start(args, fair).await?;
     let a = orbit.tenant.clone();
     let b = orbit.add_tenant().await?;
     let mut a_dirs = vec![a.dir];
@@ -283,13 +283,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
     for _ in 0..args.fairness_bulk_runs {
         for (i, (name, fair)) in MODES.into_iter().enumerate() {
-            let mut orbit = Orbit::start(
-                StackKind::Distributed,
-                &args.work_dir,
-                args.workers,
-                &settings(args, fair)?,
-            )
-            .await?;
+            let mut orbit = start(args, fair).await?;
             let ingest = measure_ingest(&mut orbit, &csv, rows).await?;
             let rate = rows as f64 / ingest.took.as_secs_f64();
             println!(

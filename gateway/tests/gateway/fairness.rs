@@ -41,25 +41,13 @@ async fn accepted_upload(app: &TestApp, tenant: &Tenant, csv: String) -> String 
     body["source_id"].as_str().unwrap().to_owned()
 }
 
-async fn status_of(app: &TestApp, tenant: &Tenant, source: &str) -> Value {
-    let response = app
-        .client
-        .get(app.tenant_url(tenant, &format!("/sources/{source}")))
-        .bearer_auth(&tenant.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::OK);
-    response.json().await.unwrap()
-}
-
 /// Uploads `csv` as `tenant` and polls (closely, so the poll does not blur the figure) until
 /// the source completes: how long that took, and the status at the end.
 async fn time_to_complete(app: &TestApp, tenant: &Tenant, csv: String) -> (Duration, Value) {
     let started = Instant::now();
     let source = accepted_upload(app, tenant, csv).await;
     loop {
-        let status = status_of(app, tenant, &source).await;
+        let status = app.source_as(tenant, &source).await;
         match status["source_status"].as_str() {
             Some("completed") => return (started.elapsed(), status),
             Some("failed") => panic!("the upload failed: {status}"),
@@ -92,7 +80,7 @@ async fn a_backlog_of_one_organization_does_not_hold_up_another_organizations_up
     let busy_tenant = app.another_tenant().await;
     let (busy, done) = time_to_complete(&app, &busy_tenant, file()).await;
     assert_eq!(done["accepted"], 2 * CHUNK_ROWS, "{done}");
-    let behind = status_of(&app, &app.tenant, &backlog).await;
+    let behind = app.source(&backlog).await;
     let ratio = busy.as_secs_f64() / idle.as_secs_f64();
     eprintln!("two chunks: {idle:?} idle, {busy:?} behind a backlog of 100 ({ratio:.2}x); the backlog then at {} of {} rows", behind["processed_rows"], behind["total_rows"]);
     assert_ne!(
@@ -109,7 +97,7 @@ async fn a_backlog_of_one_organization_does_not_hold_up_another_organizations_up
 async fn processed(app: &TestApp, of: &[(&Tenant, &str)]) -> Vec<u64> {
     let mut rows = Vec::new();
     for (tenant, source) in of {
-        let status = status_of(app, tenant, source).await;
+        let status = app.source_as(tenant, source).await;
         assert_ne!(
             status["source_status"], "completed",
             "a backlog ran out while both should be waiting: {status}"

@@ -305,9 +305,20 @@ impl TestApp {
     }
 
     pub async fn source(&self, source_id: &str) -> Value {
-        let (status, body) = self
-            .get_json(&self.dir_url(&format!("/sources/{source_id}")))
-            .await;
+        self.source_as(&self.tenant, source_id).await
+    }
+
+    /// A source's status as `tenant` reads it, asserting a 200.
+    pub async fn source_as(&self, tenant: &Tenant, source_id: &str) -> Value {
+        let response = self
+            .client
+            .get(self.tenant_url(tenant, &format!("/sources/{source_id}")))
+            .bearer_auth(&tenant.token)
+            .send()
+            .await
+            .expect("request sent");
+        let status = response.status();
+        let body = response.json().await.unwrap_or(Value::Null);
         assert_eq!(status, StatusCode::OK, "{body}");
         body
     }
