@@ -57,14 +57,10 @@ impl Worker {
                 return Choice::named(message);
             }
         };
-        let waiting: Vec<Waiting> = ready.iter().map(|r| r.waiting.clone()).collect();
-        let Some(chosen) = fair::choose(&waiting, &passes) else {
+        let Some(ready) = fair::choose(&ready, &passes) else {
             return Choice::named(message);
         };
-        let ready = ready
-            .iter()
-            .find(|r| r.waiting.directory == chosen.directory)
-            .expect("the choice is one of the ready");
+        let chosen = &ready.waiting;
         let chunk = if !again && message.directory_id == chosen.directory {
             message.clone()
         } else {

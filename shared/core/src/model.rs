@@ -184,6 +184,12 @@ pub struct ReadyChunk {
     pub rows: u64,
 }
 
+impl AsRef<crate::domain::fair::Waiting> for ReadyChunk {
+    fn as_ref(&self) -> &crate::domain::fair::Waiting {
+        &self.waiting
+    }
+}
+
 /// A chunk claimed by one worker: writes of its results hold only while the lease does.
 #[derive(Debug, Clone)]
 pub struct Lease {

@@ -67,23 +67,32 @@ impl Passes for std::collections::HashMap<Uuid, Pass> {
     }
 }
 
+impl AsRef<Waiting> for Waiting {
+    fn as_ref(&self) -> &Waiting {
+        self
+    }
+}
+
 /// The waiting directory to serve next: the organization with the lowest pass (taken no lower
 /// than its return credit below the service's virtual time), then its directory with the
-/// lowest pass the same way; ties to the oldest waiting. `None` when nothing waits.
-pub fn choose<'a>(waiting: &'a [Waiting], passes: &impl Passes) -> Option<&'a Waiting> {
+/// lowest pass the same way; ties to the oldest waiting. `None` when nothing waits. `waiting`
+/// may be anything that carries a [`Waiting`], so that the choice is one of the caller's own.
+pub fn choose<'a, W: AsRef<Waiting>>(waiting: &'a [W], passes: &impl Passes) -> Option<&'a W> {
     let service = passes.pass(SERVICE).vtime;
     let start = |id: Uuid, vtime: f64| passes.pass(id).pass.max(vtime - RETURN_CREDIT);
     let by_start = |a: &(f64, i64), b: &(f64, i64)| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1));
     let organization = waiting
         .iter()
+        .map(AsRef::as_ref)
         .map(|w| (w.organization, (start(w.organization, service), w.since_ms)))
         .min_by(|a, b| by_start(&a.1, &b.1))?
         .0;
     let inner = passes.pass(organization).vtime;
     waiting
         .iter()
-        .filter(|w| w.organization == organization)
+        .filter(|w| w.as_ref().organization == organization)
         .min_by(|a, b| {
+            let (a, b) = (a.as_ref(), b.as_ref());
             by_start(
                 &(start(a.directory, inner), a.since_ms),
                 &(start(b.directory, inner), b.since_ms),
@@ -171,7 +180,7 @@ mod tests {
 
     #[test]
     fn nothing_waiting_chooses_nothing() {
-        assert_eq!(choose(&[], &HashMap::new()), None);
+        assert_eq!(choose::<Waiting>(&[], &HashMap::new()), None);
     }
 
     #[test]
