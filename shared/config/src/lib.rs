@@ -125,6 +125,12 @@ pub struct DatabaseSettings {
     /// the server, which releases everything it held.
     #[serde(with = "humantime_serde_compat")]
     pub idle_in_transaction_timeout: Duration,
+    /// PostgreSQL: the longest one statement of an import's commit may run. A process frozen
+    /// in the middle of a `COPY` leaves its session active (the server waits for the data), so
+    /// `idle_in_transaction_timeout` never applies: this ends the statement, and the idle
+    /// timeout then ends the session. The duplicate scans that complete a source are exempt.
+    #[serde(with = "humantime_serde_compat")]
+    pub commit_statement_timeout: Duration,
     /// PostgreSQL: how long a transaction is retried after conflicts or while the database is
     /// unreachable, before the error counts as a failed attempt.
     #[serde(with = "humantime_serde_compat")]
@@ -530,6 +536,7 @@ url = "sqlite://./data/orbit.db"
 max_connections = 16
 lock_timeout = "15s"
 idle_in_transaction_timeout = "30s"
+commit_statement_timeout = "10s"
 retry_for = "2m"
 node_retry_for = "2s"
 

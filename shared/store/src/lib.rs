@@ -48,12 +48,14 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// A lost race between transactions: deadlock (40P01), serialization failure (40001) or a
-    /// lock wait past `lock_timeout` (55P03). The same work will very likely pass if tried again.
+    /// A lost race between transactions: deadlock (40P01), serialization failure (40001), a
+    /// lock wait past `lock_timeout` (55P03), or a commit's statement cancelled past
+    /// `commit_statement_timeout` (57014: a wait on a frozen peer, or on this process's own
+    /// data after it was frozen). The same work will very likely pass if tried again.
     pub fn is_conflict(&self) -> bool {
         matches!(
             self.sqlstate().as_deref(),
-            Some("40P01" | "40001" | "55P03")
+            Some("40P01" | "40001" | "55P03" | "57014")
         )
     }
 

@@ -96,7 +96,7 @@ impl PgStore {
             }
             None => None,
         };
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(self.begin_commit.clone()).await?;
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         insert_source(
             &mut tx,
@@ -168,7 +168,7 @@ impl PgStore {
         );
         let read = self.reads.before_commit(target.directory);
         let optimistic = resolve_optimistically(&self.pool, target, prepared, read).await?;
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.pool.begin_with(self.begin_commit.clone()).await?;
         // The row lock fences a concurrent takeover: whoever holds it decides.
         let held = "SELECT 1 FROM chunks c JOIN sources s ON s.directory_id = c.directory_id AND s.id = c.source_id
              WHERE c.directory_id = $1 AND c.id = $2 AND c.lease_token = $3 AND c.state = 'running' AND s.status IN ('pending', 'processing')

@@ -363,14 +363,23 @@ pub(super) async fn finalize_source(
     } else {
         &resolve::IDENTITY_KINDS[..]
     };
+    if kinds.is_empty() {
+        return complete_source(conn, target.directory, target.source).await;
+    }
+    // The scans read the whole source: the commit's statement bound, which is there to cut a
+    // COPY whose sender froze, would fail a big source at the very end, every time it is
+    // retried. It is lifted for them and put back for the COPY of what they found.
+    let bound: String = sqlx::query_scalar(
+        "SELECT current_setting('statement_timeout'), set_config('statement_timeout', '0', true)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut buf = Vec::new();
+    let (directory, source) = (target.directory.to_string(), target.source.to_string());
     for kind in kinds {
-        let rows = repeated_identities(conn, target.directory, target.source, kind).await?;
-        if rows.is_empty() {
-            continue;
-        }
-        let mut buf = Vec::new();
-        let (directory, source) = (target.directory.to_string(), target.source.to_string());
-        for (row_number, line_number, value) in rows {
+        for (row_number, line_number, value) in
+            repeated_identities(conn, target.directory, target.source, kind).await?
+        {
             let issue = row::duplicate_issue(kind, &value);
             issue_row(
                 &mut buf,
@@ -381,8 +390,12 @@ pub(super) async fn finalize_source(
                 &issue,
             );
         }
-        insert_issues(conn, buf).await?;
     }
+    sqlx::query("SELECT set_config('statement_timeout', $1, true)")
+        .bind(bound)
+        .execute(&mut *conn)
+        .await?;
+    insert_issues(conn, buf).await?;
     complete_source(conn, target.directory, target.source).await
 }
 

@@ -73,6 +73,8 @@ pub struct PgStore {
     pool: PgPool,
     retry_for: Duration,
     node_retry_for: Duration,
+    /// Begins an import's commit: its statements are bounded by `commit_statement_timeout`.
+    begin_commit: String,
     pause: CommitPause,
     keys: KeySpace,
     reads: OwnerReads,
@@ -99,6 +101,11 @@ impl PgStore {
             pool,
             retry_for: settings.retry_for,
             node_retry_for: settings.node_retry_for,
+            // In the `BEGIN`'s round trip: a simple query may hold several statements.
+            begin_commit: format!(
+                "BEGIN; SET LOCAL statement_timeout = '{}'",
+                pg_duration(settings.commit_statement_timeout)
+            ),
             pause: CommitPause::default(),
             keys: KeySpace::FULL,
             reads: OwnerReads::default(),
