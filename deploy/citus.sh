@@ -36,9 +36,11 @@ bin="/usr/lib/postgresql/$pg_version/bin"
 
 as_postgres() { runuser -u postgres -- "$@"; }
 
+# Everything but the URL goes to stderr: deploy/test.sh reads the URL from stdout, and dpkg
+# prints its progress there even with -qq (a fresh machine's first run read it as the URL).
 apt_install() {
-  apt-get update -qq </dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" </dev/null
+  apt-get update -qq </dev/null >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" </dev/null >&2
 }
 
 # Builds and installs citus.so unless this PostgreSQL has it. The compiled tree is kept, so a
