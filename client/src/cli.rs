@@ -145,6 +145,11 @@ pub struct UploadArgs {
     /// `attributes.<name>` or `ignore`; other columns are matched by their names as usual.
     #[arg(long)]
     pub mapping: Option<String>,
+    /// Merge rules, as JSON or `@FILE`: `{"default": RULE, "fields": {"company": RULE},
+    /// "empty_cells": "ignore"|"clear"}` with RULE `newer_wins`, `keep_existing` or
+    /// `overwrite` (docs/imports.md).
+    #[arg(long)]
+    pub merge: Option<String>,
     /// Validate the files exactly as an import would, and import nothing.
     #[arg(long)]
     pub dry_run: bool,

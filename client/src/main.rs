@@ -65,6 +65,12 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                     .as_deref()
                     .map(upload::parse_mapping)
                     .transpose()?,
+                merge: args
+                    .merge
+                    .as_deref()
+                    .map(upload::parse_merge)
+                    .transpose()?
+                    .unwrap_or_default(),
                 dry_run: args.dry_run,
             };
             upload::validate(&api, &args.files, &options).await?;

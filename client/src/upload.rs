@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt as _, TryStreamExt as _};
 use orbit_core::domain::csv::{delimiter_from_hint, TextEncoding};
 use orbit_core::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
+use orbit_core::domain::merge::MergeRules;
 use orbit_core::model::upload_options_fingerprint;
 use reqwest::multipart::{Form, Part};
 use serde::Serialize;
@@ -48,18 +49,31 @@ pub struct UploadOptions {
     pub print_lines: bool,
     /// The column mapping sent with every file.
     pub mapping: Option<ColumnMapping>,
+    /// The merge rules sent with every file (none sent while they are the defaults).
+    pub merge: MergeRules,
     /// Validate only (`dry_run=true`).
     pub dry_run: bool,
 }
 
 /// `--mapping`: JSON, or `@FILE` holding it; checked as the server checks it.
 pub fn parse_mapping(raw: &str) -> Result<ColumnMapping> {
-    let text = match raw.strip_prefix('@') {
-        Some(path) => std::fs::read_to_string(path)
-            .map_err(|e| ClientError::Usage(format!("--mapping {path}: {e}")))?,
-        None => raw.to_owned(),
-    };
+    let text = json_argument("--mapping", raw)?;
     ColumnMapping::parse(&text).map_err(|e| ClientError::Usage(format!("--mapping: {e}")))
+}
+
+/// `--merge`: JSON, or `@FILE` holding it; checked as the server checks it.
+pub fn parse_merge(raw: &str) -> Result<MergeRules> {
+    let text = json_argument("--merge", raw)?;
+    MergeRules::parse(&text).map_err(|e| ClientError::Usage(format!("--merge: {e}")))
+}
+
+/// A JSON argument as given, or the file it names after `@`.
+fn json_argument(flag: &str, raw: &str) -> Result<String> {
+    match raw.strip_prefix('@') {
+        Some(path) => std::fs::read_to_string(path)
+            .map_err(|e| ClientError::Usage(format!("{flag} {path}: {e}"))),
+        None => Ok(raw.to_owned()),
+    }
 }
 
 /// What happened to one file; printed as a line, or as JSON with `--json`.
@@ -164,8 +178,8 @@ impl FileReport {
 }
 
 /// The default key: the same directory, bytes and options always give the same key. Options
-/// (a mapping, a dry run) add their fingerprint, so that a dry run and the real import of a
-/// file, or two mappings of it, are different uploads rather than a reused key.
+/// (a mapping, merge rules, a dry run) add their fingerprint, so that a dry run and the real
+/// import of a file, or two mappings of it, are different uploads rather than a reused key.
 pub fn derived_key(directory: Uuid, sha256: &str, options: Option<&str>) -> String {
     match options {
         None => format!("orbit:{directory}:sha256:{sha256}"),
@@ -320,7 +334,8 @@ async fn run(
         .map_err(|e| ClientError::Usage(format!("{name}: {e}")))?;
     report.bytes = bytes;
     let key = options.idempotency_key.clone().unwrap_or_else(|| {
-        let fingerprint = upload_options_fingerprint(options.mapping.as_ref(), options.dry_run);
+        let fingerprint =
+            upload_options_fingerprint(options.mapping.as_ref(), &options.merge, options.dry_run);
         derived_key(options.directory, &sha256, fingerprint.as_deref())
     });
     report.sha256 = Some(sha256);
@@ -495,6 +510,12 @@ async fn form(
         form = form.text(
             "mapping",
             serde_json::to_string(mapping).expect("a mapping serializes"),
+        );
+    }
+    if !options.merge.is_default() {
+        form = form.text(
+            "merge",
+            serde_json::to_string(&options.merge).expect("merge rules serialize"),
         );
     }
     if options.dry_run {

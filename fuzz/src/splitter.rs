@@ -104,6 +104,7 @@ fn build(knobs: &Knobs, body: &[u8]) -> (Case, Vec<u8>) {
         delimiter_hint: delimiter,
         rules: rules(max_field_bytes),
         mapping: None,
+        merge: Default::default(),
     };
     // A BOM wins over the hint, so the header is written in the encoding the file will be read in.
     let (encoding, bom_bytes): (TextEncoding, &[u8]) = match (bom, hint) {

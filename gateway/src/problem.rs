@@ -24,6 +24,7 @@ pub const CODES: &[&str] = &[
     "source_not_retryable",
     "source_terminal",
     "webhook_not_found",
+    "invalid_merge_rules",
     "webhook_target_not_allowed",
     "length_required",
     "upload_too_large",

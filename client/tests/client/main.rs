@@ -3,7 +3,7 @@
 //!
 //! - `cli`: what a user types, what they see, and what ends up on the server, directly and
 //!   through a proxy that breaks connections.
-//! - `steering`: `orbit upload --mapping/--dry-run` and `orbit cancel`.
+//! - `steering`: `orbit upload --mapping/--merge/--dry-run` and `orbit cancel`.
 
 mod common;
 

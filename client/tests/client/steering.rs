@@ -1,4 +1,4 @@
-//! `orbit upload --mapping/--dry-run` and `orbit cancel` against a real embedded gateway.
+//! `orbit upload --mapping/--merge/--dry-run` and `orbit cancel` against a real embedded gateway.
 
 use crate::common::{code, json, run, stderr, stdout, Gateway};
 
@@ -110,4 +110,56 @@ async fn cancel_stops_a_source_in_progress() {
         // The workers were faster than the cancel: the only other honest answer.
         assert!(stderr(&out).contains("source_terminal"), "{}", stderr(&out));
     }
+}
+
+#[tokio::test]
+async fn merge_rules_go_with_the_upload_and_bad_ones_are_caught_before_sending() {
+    let gw = Gateway::start().await;
+    let first = gw.file("first.csv", "email,city,title\nann@example.com,Paris,CTO\n");
+    let second = gw.file("second.csv", "email,city,title\nann@example.com,Rome,\n");
+    let out = run(&mut gw.orbit(&args(&["upload", &first, "--json"]))).await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+
+    // Checked as the server checks it, before any byte is sent: a usage error (exit 2).
+    let out = run(&mut gw.orbit(&args(&[
+        "upload",
+        &second,
+        "--merge",
+        r#"{"fields": {"email": "overwrite"}}"#,
+    ])))
+    .await;
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("merge.fields.email"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(gw.sources().await.len(), 1);
+
+    let rules = gw.file(
+        "rules.json",
+        r#"{"default": "keep_existing", "empty_cells": "clear"}"#,
+    );
+    let out = run(&mut gw.orbit(&args(&[
+        "upload",
+        &second,
+        "--merge",
+        &format!("@{rules}"),
+        "--json",
+    ])))
+    .await;
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let profile = gw
+        .get_json(&gw.dir_url("/profiles?email=ann@example.com"))
+        .await;
+    // keep_existing: the city stays, and the empty title is not cleared by a keeping rule.
+    assert_eq!(profile["data"][0]["city"], "Paris", "{profile}");
+    assert_eq!(profile["data"][0]["title"], "CTO", "{profile}");
+    let sources = gw.sources().await;
+    assert!(
+        sources
+            .iter()
+            .any(|s| s["merge"]["default"] == "keep_existing"),
+        "{sources:?}"
+    );
 }

@@ -20,7 +20,7 @@ use crate::problem::{ApiError, ApiResult};
 pub struct ProfileBody {
     pub id: Uuid,
     pub directory_id: Uuid,
-    /// Every known field, null when no record gave it a value.
+    /// Every known field, null when no record gave it a value or an import cleared it.
     #[serde(flatten)]
     pub fields: BTreeMap<&'static str, Option<String>>,
     pub attributes: BTreeMap<String, String>,
@@ -43,7 +43,10 @@ impl From<Profile> for ProfileBody {
             .map(|f| {
                 (
                     f.as_str(),
-                    p.state.fields.get(f.as_str()).map(|v| v.value.clone()),
+                    p.state
+                        .fields
+                        .get(f.as_str())
+                        .and_then(|v| v.shown().map(str::to_owned)),
                 )
             })
             .collect();
@@ -59,10 +62,12 @@ impl From<Profile> for ProfileBody {
             id: p.id,
             directory_id: p.directory_id,
             fields,
+            // A cleared attribute is gone, as an attribute never written is.
             attributes: p
                 .state
                 .attributes
                 .into_iter()
+                .filter(|(_, v)| v.shown().is_some())
                 .map(|(k, v)| (k, v.value))
                 .collect(),
             identities,

@@ -24,6 +24,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use orbit_core::domain::csv::{delimiter_from_hint, TextEncoding};
 use orbit_core::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
+use orbit_core::domain::merge::MergeRules;
 use orbit_core::domain::InvalidCsv;
 use orbit_core::model::{SourceStatus, UploadReceipt};
 use uuid::Uuid;
@@ -213,6 +214,15 @@ impl Upload<'_> {
                     let mapping =
                         ColumnMapping::parse(&value).map_err(ApiError::invalid_request)?;
                     hints.mapping = (!mapping.is_empty()).then_some(mapping);
+                }
+                "merge" => {
+                    if self.file.is_some() {
+                        return Err(ApiError::invalid_request(
+                            "the `merge` field must come before the `file` field",
+                        ));
+                    }
+                    hints.merge =
+                        read_merge(field, self.state.settings.ingest.max_merge_bytes).await?;
                 }
                 "dry_run" => {
                     if self.file.is_some() {
@@ -476,6 +486,34 @@ async fn read_text_limited(mut field: Field<'_>, limit: usize) -> ApiResult<Stri
     }
     String::from_utf8(out)
         .map_err(|_| ApiError::invalid_request(format!("the `{name}` field is not UTF-8")))
+}
+
+/// The `merge` field, checked before anything is stored: `400 invalid_merge_rules` names the
+/// key at fault in `detail` and in the `key` member (`merge` itself when the whole field is).
+async fn read_merge(mut field: Field<'_>, limit: usize) -> ApiResult<MergeRules> {
+    let refused = |key: String, detail: String| {
+        ApiError::new(StatusCode::BAD_REQUEST, "invalid_merge_rules", detail)
+            .with_member("key", key)
+    };
+    let mut bytes = Vec::new();
+    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
+        bytes.extend_from_slice(&chunk);
+        if bytes.len() > limit {
+            return Err(refused(
+                "merge".into(),
+                format!("merge: the field is longer than the {limit} bytes allowed"),
+            ));
+        }
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| refused("merge".into(), "merge: the field is not UTF-8".into()))?;
+    MergeRules::parse(&text).map_err(|e| {
+        let key = match e.key.as_str() {
+            "" => "merge".to_owned(),
+            key => format!("merge.{key}"),
+        };
+        refused(key, e.to_string())
+    })
 }
 
 async fn drain(mut field: Field<'_>) -> ApiResult<()> {

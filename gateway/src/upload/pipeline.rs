@@ -15,6 +15,7 @@ use orbit_adapters::queue::Queue;
 use orbit_config::Settings;
 use orbit_core::domain::csv::TextEncoding;
 use orbit_core::domain::header::ColumnMapping;
+use orbit_core::domain::merge::MergeRules;
 use orbit_core::domain::InvalidCsv;
 use orbit_core::ingest::{FilePlan, FilePlanner, PlannerOptions};
 use orbit_core::model::{
@@ -47,13 +48,14 @@ pub struct Hints {
     pub delimiter: Option<u8>,
     pub encoding: Option<TextEncoding>,
     pub mapping: Option<ColumnMapping>,
+    pub merge: MergeRules,
     pub dry_run: bool,
 }
 
 impl Hints {
     /// What a replay must match besides the file (see [`upload_options_fingerprint`]).
     pub fn fingerprint(&self) -> Option<String> {
-        upload_options_fingerprint(self.mapping.as_ref(), self.dry_run)
+        upload_options_fingerprint(self.mapping.as_ref(), &self.merge, self.dry_run)
     }
 }
 
@@ -120,6 +122,7 @@ where
         delimiter_hint: hints.delimiter,
         rules: ingest.row_rules(),
         mapping: hints.mapping.clone(),
+        merge: hints.merge.clone(),
     });
     let write_span = tracing::info_span!(
         "upload.object_write",

@@ -21,6 +21,7 @@ mod hardening;
 mod large;
 mod limits;
 mod logs;
+mod merge;
 mod metrics;
 mod monitoring;
 mod openapi;

@@ -393,6 +393,8 @@ pub struct IngestSettings {
     pub max_header_bytes: usize,
     /// The longest `mapping` form field of an upload, in bytes (`400 invalid_request`).
     pub max_mapping_bytes: usize,
+    /// The longest `merge` form field (an upload's merge rules) accepted.
+    pub max_merge_bytes: usize,
     /// ISO 3166 region used for phone numbers written without a country code; parsed (and so
     /// checked) when the configuration is read.
     pub default_region: Region,
@@ -557,6 +559,7 @@ max_field_bytes = 8192
 max_columns = 512
 max_header_bytes = 65536
 max_mapping_bytes = 262144
+max_merge_bytes = 65536
 default_region = "US"
 max_upload_duration = "24h"
 sweep_interval = "15m"

@@ -7,6 +7,7 @@ use crate::domain::csv::{
     probe, Dialect, Probe, ProbeOptions, RawRecord, Splitter, SplitterOptions, TextEncoding,
 };
 use crate::domain::header::{ColumnMap, ColumnMapping};
+use crate::domain::merge::MergeRules;
 use crate::domain::row::{self, RowOutcome, RowRules};
 use crate::domain::InvalidCsv;
 use crate::model::{ChunkResults, ChunkSpec};
@@ -23,6 +24,8 @@ pub struct PlannerOptions {
     pub rules: RowRules,
     /// The client's column mapping, applied to the header before the aliases.
     pub mapping: Option<ColumnMapping>,
+    /// The client's merge rules, kept with the columns.
+    pub merge: MergeRules,
 }
 
 /// What the upload records: the file's dialect and header, its synchronous prefix (already
@@ -133,11 +136,10 @@ impl FilePlanner {
         let mut records = std::mem::take(&mut self.records);
         for record in &mut records {
             let Some(columns) = &self.columns else {
-                self.columns = Some(header_of(
-                    record,
-                    self.opts.max_columns,
-                    self.opts.mapping.as_ref(),
-                )?);
+                let mut columns =
+                    header_of(record, self.opts.max_columns, self.opts.mapping.as_ref())?;
+                columns.merge = self.opts.merge.clone();
+                self.columns = Some(columns);
                 continue;
             };
             self.rows += 1;
@@ -222,6 +224,7 @@ mod tests {
                 default_region: normalize::parse_region("US").unwrap(),
             },
             mapping: None,
+            merge: MergeRules::default(),
         }
     }
 

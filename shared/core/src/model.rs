@@ -6,6 +6,7 @@ use uuid::Uuid;
 
 use crate::domain::csv::Dialect;
 use crate::domain::header::{ColumnMap, ColumnMapping};
+use crate::domain::merge::MergeRules;
 use crate::domain::resolve::ProfileState;
 use crate::domain::row::{FailedRow, RecordDraft, Severity};
 
@@ -388,25 +389,34 @@ impl UploadReceipt {
             accepted: source.accepted,
             failed: source.failed,
             warnings: source.warnings,
-            options: upload_options_fingerprint(source.columns.mapping.as_ref(), source.dry_run),
+            options: upload_options_fingerprint(
+                source.columns.mapping.as_ref(),
+                &source.columns.merge,
+                source.dry_run,
+            ),
         }
     }
 }
 
 /// What an idempotent replay must match besides the file's bytes: the upload's options that
-/// change what is imported (the column mapping, a dry run). `None` when there are none, as
-/// before options existed.
+/// change what is imported (the column mapping, the merge rules, a dry run). `None` when there
+/// are none, as before options existed.
 pub fn upload_options_fingerprint(
     mapping: Option<&ColumnMapping>,
+    merge: &MergeRules,
     dry_run: bool,
 ) -> Option<String> {
     use sha2::{Digest, Sha256};
     let mapping = mapping.filter(|m| !m.is_empty());
-    if mapping.is_none() && !dry_run {
+    if mapping.is_none() && merge.is_default() && !dry_run {
         return None;
     }
-    // A BTreeMap serializes in key order: the same mapping always hashes the same.
-    let canonical = serde_json::json!({ "mapping": mapping, "dry_run": dry_run });
+    // A BTreeMap serializes in key order: the same options always hash the same. Default
+    // rules stay out, so that receipts kept before merge rules existed still match.
+    let mut canonical = serde_json::json!({ "mapping": mapping, "dry_run": dry_run });
+    if !merge.is_default() {
+        canonical["merge"] = serde_json::to_value(merge).expect("merge rules serialize");
+    }
     Some(hex::encode(Sha256::digest(canonical.to_string())))
 }
 

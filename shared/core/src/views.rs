@@ -6,6 +6,7 @@ use serde::Serialize;
 use uuid::Uuid;
 
 use crate::domain::header::ColumnMapping;
+use crate::domain::merge::MergeRules;
 use crate::model::{Retrying, Source, SourceError, SourceStatus};
 
 /// The upload response fields: what `csv-upload` answers and replays.
@@ -42,6 +43,9 @@ pub struct SourceBody {
     /// The upload's column mapping, as sent; absent when it had none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mapping: Option<ColumnMapping>,
+    /// The merge rules the source's rows were written under, in full (the defaults for an
+    /// upload that sent none).
+    pub merge: MergeRules,
 }
 
 impl From<Source> for SourceBody {
@@ -68,6 +72,7 @@ impl From<Source> for SourceBody {
             retrying: s.retrying,
             dry_run: s.dry_run,
             mapping: s.columns.mapping,
+            merge: s.columns.merge,
         }
     }
 }

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::rows::Applied;
 use super::StoreResult;
+use orbit_core::domain::merge::MergeRules;
 use orbit_core::domain::resolve::{self, Existing};
 use orbit_core::domain::row::{self, FieldName, Issue, RecordDraft};
 use orbit_core::model::ChunkResults;
@@ -142,11 +143,16 @@ pub(super) fn resolve(
     prepared: &mut Prepared,
     mut existing: Existing,
     source_seq: i64,
+    rules: &MergeRules,
 ) -> StoreResult<Resolution> {
     let new_ids = &mut prepared.new_ids;
-    let mut plan = resolve::resolve_batch(&mut existing, &prepared.accepted, source_seq, |row| {
-        *new_ids.entry(row).or_insert_with(Uuid::now_v7)
-    });
+    let mut plan = resolve::resolve_batch(
+        &mut existing,
+        &prepared.accepted,
+        source_seq,
+        rules,
+        |row| *new_ids.entry(row).or_insert_with(Uuid::now_v7),
+    );
     // An existing profile that gains an identity is written even when its fields stay.
     for (_, _, profile) in &plan.new_identities {
         if !plan.created.contains(profile) {

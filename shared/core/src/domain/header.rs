@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::{Deserialize, Serialize};
 
+use super::merge::MergeRules;
 use super::InvalidCsv;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -163,8 +164,8 @@ impl ColumnMapping {
     }
 }
 
-/// The column a mapping target stands for.
-fn parse_target(target: &str) -> Result<Column, String> {
+/// The column a mapping target stands for (also how merge rules name a field).
+pub(crate) fn parse_target(target: &str) -> Result<Column, String> {
     if target == "ignore" {
         return Ok(Column::Ignored);
     }
@@ -203,6 +204,10 @@ pub struct ColumnMap {
     /// The client's mapping that made these columns, as sent, kept to show with the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapping: Option<ColumnMapping>,
+    /// How the columns' values merge into profiles (the upload's `merge` field): kept here,
+    /// with the mapping, because every row of the source is read under both.
+    #[serde(default, skip_serializing_if = "MergeRules::is_default")]
+    pub merge: MergeRules,
 }
 
 impl ColumnMap {
@@ -302,6 +307,7 @@ impl ColumnMap {
             names: trimmed,
             columns,
             mapping: mapping.cloned(),
+            merge: MergeRules::default(),
         })
     }
 }

@@ -1,11 +1,12 @@
 //! The domain rules, written once and free of any backend: CSV splitting with byte offsets
 //! (`csv`), header matching (`header`), value normalization (`normalize`), per-row validation
-//! (`row`), profile resolution and merging (`resolve`), and which waiting directory a worker
-//! serves next (`fair`).
+//! (`row`), profile resolution and merging (`resolve`) under an upload's merge rules
+//! (`merge`), and which waiting directory a worker serves next (`fair`).
 
 pub mod csv;
 pub mod fair;
 pub mod header;
+pub mod merge;
 pub mod normalize;
 pub mod resolve;
 pub mod row;

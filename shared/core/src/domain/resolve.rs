@@ -3,9 +3,10 @@
 //! A record resolves to the profile holding any of its identities (email first, then LinkedIn,
 //! then phone), else to a new profile. An identity belongs to at most one profile: identities
 //! already held elsewhere stay there and the record gets an `identity_conflict` warning.
-//! Merging fills empty profile fields and, where both have a value, the newer write wins; a
-//! write's version is (source sequence, row number), so the outcome does not depend on the
-//! order in which workers happen to process chunks.
+//! Merging follows the upload's merge rules (`super::merge`): by default it fills empty
+//! profile fields and, where both have a value, the newer write wins. A write's version is
+//! (source sequence, row number) and its rank comes from its rule, so the outcome does not
+//! depend on the order in which workers happen to process chunks.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -13,6 +14,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use uuid::Uuid;
 
 use super::header::KnownField;
+use super::merge::{MergeRules, Rank, Rule};
 use super::row::{FieldName, Issue, IssueCode, RecordDraft};
 
 /// Identity kinds in resolution priority order.
@@ -28,8 +30,29 @@ pub type Version = (i64, i64);
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Versioned {
+    /// Empty for a field an import cleared: absent to readers, but written (see
+    /// `super::merge`).
     pub value: String,
     pub version: Version,
+    #[serde(default, skip_serializing_if = "Rank::is_newer")]
+    pub rank: Rank,
+}
+
+impl Versioned {
+    /// Whether this write takes precedence over `other`: rank first; then the newer version,
+    /// except among `keep_existing` writes, where the older one was there first.
+    pub fn beats(&self, other: &Versioned) -> bool {
+        let key = |v: &Versioned| match v.rank {
+            Rank::Keep => (v.rank, -v.version.0, -v.version.1),
+            _ => (v.rank, v.version.0, v.version.1),
+        };
+        key(self) > key(other)
+    }
+
+    /// The value as readers see it: `None` once cleared.
+    pub fn shown(&self) -> Option<&str> {
+        (!self.value.is_empty()).then_some(self.value.as_str())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,30 +79,50 @@ fn known_fields<'de, D: Deserializer<'de>>(
 }
 
 impl ProfileState {
-    /// Fills empty values and lets a newer version replace an older one; never blanks a value.
+    /// Writes the record's values under `rules`: each field keeps the write of highest
+    /// precedence ([`Versioned::beats`]). An empty value in the record clears the field.
     /// Returns whether anything changed.
-    pub fn merge(&mut self, record: &RecordDraft, version: Version) -> bool {
-        let mut changed = merge_map(&mut self.fields, &record.fields, version);
-        changed |= merge_map(&mut self.attributes, &record.attributes, version);
+    pub fn merge(&mut self, record: &RecordDraft, version: Version, rules: &MergeRules) -> bool {
+        let mut changed = merge_map(&mut self.fields, &record.fields, version, |field| {
+            rules.field_rule(field)
+        });
+        changed |= merge_map(&mut self.attributes, &record.attributes, version, |name| {
+            rules.attribute_rule(name)
+        });
         changed
     }
 }
 
-fn merge_map<K: Ord + Clone>(
+fn merge_map<K: Ord + Clone + std::borrow::Borrow<str>>(
     target: &mut BTreeMap<K, Versioned>,
     source: &BTreeMap<K, String>,
     version: Version,
+    rule: impl Fn(&str) -> Rule,
 ) -> bool {
     let mut changed = false;
     for (key, value) in source {
-        match target.get_mut(key) {
-            // An older or equal write never replaces a newer one.
-            Some(current) if current.version >= version => {}
+        let name: &str = key.borrow();
+        let rule = rule(name);
+        if value.is_empty() && rule == Rule::KeepExisting {
+            // Validation never makes such a clear; a rule that keeps values never blanks one.
+            continue;
+        }
+        let write = Versioned {
+            value: String::new(),
+            version,
+            rank: rule.rank(),
+        };
+        match target.get_mut(name) {
+            // A write of lower or equal precedence (an older `newer_wins`, the same row again)
+            // changes nothing.
+            Some(current) if !write.beats(current) => {}
             // The version moves even when the value is the same, so that an older source
             // processed afterwards cannot replace what a newer source confirmed.
             Some(current) => {
-                current.value = value.clone();
-                current.version = version;
+                *current = Versioned {
+                    value: value.clone(),
+                    ..write
+                };
                 changed = true;
             }
             None => {
@@ -87,7 +130,7 @@ fn merge_map<K: Ord + Clone>(
                     key.clone(),
                     Versioned {
                         value: value.clone(),
-                        version,
+                        ..write
                     },
                 );
                 changed = true;
@@ -177,6 +220,7 @@ pub fn resolve_batch(
     existing: &mut Existing,
     records: &[RecordDraft],
     source_seq: i64,
+    rules: &MergeRules,
     mut new_id: impl FnMut(u64) -> Uuid,
 ) -> Plan {
     let mut plan = Plan::default();
@@ -229,7 +273,7 @@ pub fn resolve_batch(
             }
         }
         let profile = existing.profiles.entry(profile_id).or_default();
-        let changed = profile.merge(record, (source_seq, record.row_number as i64));
+        let changed = profile.merge(record, (source_seq, record.row_number as i64), rules);
         if changed && !plan.created.contains(&profile_id) {
             plan.updated.insert(profile_id);
         }
@@ -268,7 +312,7 @@ mod tests {
             record(2, &[("phone", "+14155552671")]),
             record(3, &[("email", "a@x.co"), ("phone", "+14155552671")]),
         ];
-        let plan = resolve_batch(&mut existing, &recs, 1, ids());
+        let plan = resolve_batch(&mut existing, &recs, 1, &MergeRules::default(), ids());
         assert_eq!(plan.created.len(), 2);
         assert_eq!(
             plan.assignments[2].1, plan.assignments[0].1,
@@ -303,6 +347,7 @@ mod tests {
                 &[("phone", "+1"), ("linkedin_url", "linkedin.com/in/x")],
             )],
             1,
+            &MergeRules::default(),
             ids(),
         );
         assert_eq!(plan.assignments[0].1, b);
@@ -318,6 +363,7 @@ mod tests {
                 &[("email", "a@x.co"), ("city", "Paris"), ("title", "CTO")],
             )],
             1,
+            &MergeRules::default(),
             ids(),
         );
         let id = first.assignments[0].1;
@@ -329,6 +375,7 @@ mod tests {
                 &[("email", "a@x.co"), ("city", "Lyon"), ("company", "Acme")],
             )],
             0,
+            &MergeRules::default(),
             ids(),
         );
         let p = &existing.profiles[&id];
@@ -339,6 +386,7 @@ mod tests {
             &mut existing,
             &[record(1, &[("email", "a@x.co"), ("city", "Berlin")])],
             2,
+            &MergeRules::default(),
             ids(),
         );
         assert!(plan.updated.contains(&id));
@@ -359,7 +407,13 @@ mod tests {
         let run = |order: &[usize]| {
             let mut existing = Existing::default();
             for &i in order {
-                resolve_batch(&mut existing, &batches[i].1, batches[i].0, ids());
+                resolve_batch(
+                    &mut existing,
+                    &batches[i].1,
+                    batches[i].0,
+                    &MergeRules::default(),
+                    ids(),
+                );
             }
             let (_, p) = existing.profiles.into_iter().next().unwrap();
             p.fields["city"].value.clone()
@@ -375,12 +429,14 @@ mod tests {
             &mut existing,
             &[record(1, &[("email", "a@x.co")])],
             1,
+            &MergeRules::default(),
             ids(),
         );
         let plan = resolve_batch(
             &mut existing,
             &[record(1, &[("email", "a@x.co")])],
             0,
+            &MergeRules::default(),
             ids(),
         );
         assert!(plan.updated.is_empty());
@@ -394,6 +450,7 @@ mod tests {
             &mut existing,
             &[record(1, &[("email", "a@x.co"), ("city", "Paris")])],
             1,
+            &MergeRules::default(),
             ids(),
         );
         let state = &existing.profiles[&plan.assignments[0].1];
@@ -404,5 +461,145 @@ mod tests {
         assert!(error
             .to_string()
             .contains("\"shoe_size\" is not a known profile field"));
+    }
+
+    fn rules(json: &str) -> MergeRules {
+        MergeRules::parse(json).unwrap()
+    }
+
+    /// Imports `rows` (one per source, in sequence order) into an empty directory under each
+    /// source's rules and returns the one profile's city.
+    fn city_after(rows: &[(&str, &str)]) -> Option<String> {
+        let mut existing = Existing::default();
+        for (seq, (json, city)) in rows.iter().enumerate() {
+            resolve_batch(
+                &mut existing,
+                &[record(1, &[("email", "a@x.co"), ("city", city)])],
+                seq as i64,
+                &rules(json),
+                ids(),
+            );
+        }
+        let (_, p) = existing.profiles.into_iter().next().unwrap();
+        p.fields
+            .get("city")
+            .and_then(|v| v.shown().map(str::to_owned))
+    }
+
+    #[test]
+    fn each_rule_decides_which_value_stays() {
+        let newer = r#"{}"#;
+        let keep = r#"{"default": "keep_existing"}"#;
+        let over = r#"{"default": "overwrite"}"#;
+        assert_eq!(
+            city_after(&[(newer, "Paris"), (newer, "Rome")]).as_deref(),
+            Some("Rome")
+        );
+        assert_eq!(
+            city_after(&[(newer, "Paris"), (keep, "Rome")]).as_deref(),
+            Some("Paris")
+        );
+        assert_eq!(
+            city_after(&[(keep, "Paris"), (keep, "Rome")]).as_deref(),
+            Some("Paris")
+        );
+        assert_eq!(
+            city_after(&[(keep, "Paris"), (newer, "Rome")]).as_deref(),
+            Some("Rome")
+        );
+        // An overwrite wins over later newer_wins imports, and only a later overwrite beats it.
+        assert_eq!(
+            city_after(&[(over, "Paris"), (newer, "Rome")]).as_deref(),
+            Some("Paris")
+        );
+        assert_eq!(
+            city_after(&[(over, "Paris"), (over, "Rome")]).as_deref(),
+            Some("Rome")
+        );
+        // Per field: the default may keep while one field overwrites.
+        let mixed = r#"{"default": "keep_existing", "fields": {"city": "overwrite"}}"#;
+        assert_eq!(
+            city_after(&[(over, "Paris"), (mixed, "Rome")]).as_deref(),
+            Some("Rome")
+        );
+    }
+
+    #[test]
+    fn a_clear_blanks_a_field_and_a_keep_does_not_refill_it() {
+        let clear = r#"{"empty_cells": "clear"}"#;
+        let keep = r#"{"default": "keep_existing"}"#;
+        assert_eq!(city_after(&[("{}", "Paris"), (clear, "")]), None);
+        assert_eq!(
+            city_after(&[("{}", "Paris"), (clear, ""), (keep, "Rome")]),
+            None
+        );
+        assert_eq!(
+            city_after(&[("{}", "Paris"), (clear, ""), ("{}", "Rome")]).as_deref(),
+            Some("Rome")
+        );
+        // A clear under newer_wins does not undo an overwrite.
+        let over = r#"{"default": "overwrite"}"#;
+        assert_eq!(
+            city_after(&[(over, "Paris"), (clear, "")]).as_deref(),
+            Some("Paris")
+        );
+    }
+
+    /// The literal reading of the rules: writes applied one by one in version order.
+    fn serial(mut writes: Vec<(Version, Rule, &str)>) -> Option<String> {
+        writes.sort_by_key(|w| w.0);
+        let mut state: Option<(String, bool)> = None;
+        for (_, rule, value) in writes {
+            let overwritten = state.as_ref().is_some_and(|(_, o)| *o);
+            match rule {
+                Rule::NewerWins if !overwritten => state = Some((value.into(), false)),
+                Rule::KeepExisting if state.is_none() => state = Some((value.into(), false)),
+                Rule::Overwrite => state = Some((value.into(), true)),
+                _ => {}
+            }
+        }
+        state.map(|(value, _)| value)
+    }
+
+    #[test]
+    fn any_arrival_order_gives_the_serial_outcome() {
+        use rand::seq::SliceRandom;
+        use rand::{Rng, SeedableRng};
+        let seed = rand::rng().random::<u64>();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let rules = [Rule::NewerWins, Rule::KeepExisting, Rule::Overwrite];
+        for _ in 0..2000 {
+            let n = rng.random_range(1..7);
+            let mut writes: Vec<(Version, Rule, &str)> = Vec::new();
+            while writes.len() < n {
+                let version = (rng.random_range(0..4), rng.random_range(0..4));
+                if writes.iter().any(|w| w.0 == version) {
+                    continue;
+                }
+                let rule = rules[rng.random_range(0..3)];
+                let values = if rule == Rule::KeepExisting {
+                    &["a", "b", "c"][..]
+                } else {
+                    &["", "a", "b", "c"][..]
+                };
+                writes.push((version, rule, values[rng.random_range(0..values.len())]));
+            }
+            let want = serial(writes.clone());
+            writes.shuffle(&mut rng);
+            let mut state = ProfileState::default();
+            for (version, rule, value) in &writes {
+                let rules = MergeRules {
+                    default: *rule,
+                    ..MergeRules::default()
+                };
+                state.merge(
+                    &record(version.1 as u64, &[("city", value)]),
+                    *version,
+                    &rules,
+                );
+            }
+            let got = state.fields.get("city").map(|v| v.value.clone());
+            assert_eq!(got, want, "seed {seed}: writes {writes:?}");
+        }
     }
 }

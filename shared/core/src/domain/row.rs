@@ -122,9 +122,10 @@ pub type FieldName = &'static str;
 pub struct RecordDraft {
     pub row_number: u64,
     pub line_number: u64,
-    /// Known fields by their canonical name (`first_name`, `email`, …); empty values are absent.
+    /// Known fields by their canonical name (`first_name`, `email`, …). An empty cell is
+    /// absent, or the empty value where the upload's merge rules say it clears the field.
     pub fields: BTreeMap<FieldName, String>,
-    /// Custom columns by their header name; empty values are absent.
+    /// Custom columns by their header name; empty cells as for `fields`.
     pub attributes: BTreeMap<String, String>,
     pub warnings: Vec<Issue>,
 }
@@ -231,9 +232,13 @@ pub fn validate(
     let mut attributes = BTreeMap::new();
     let mut warnings = Vec::new();
     let mut invalid_identifiers = Vec::new();
+    let mut cleared = Vec::new();
     for (i, column) in columns.columns.iter().enumerate() {
         let value = decoded[i].unwrap_or_default().trim();
         if value.is_empty() {
+            if columns.merge.clears(column) {
+                cleared.push(column);
+            }
             continue;
         }
         let name = &columns.names[i];
@@ -302,6 +307,14 @@ pub fn validate(
                 fields.insert("last_name", last);
             }
         }
+    }
+    // After the split: a name taken from `full_name` is a value, not an empty cell.
+    for column in cleared {
+        match column {
+            Column::Known(field) => fields.entry(field.as_str()).or_default(),
+            Column::Custom(name) => attributes.entry(name.clone()).or_default(),
+            Column::Ignored => continue,
+        };
     }
     RowOutcome::Accepted(RecordDraft {
         row_number,
@@ -471,6 +484,36 @@ mod tests {
             RowOutcome::Accepted(a) => a,
             RowOutcome::Failed(f) => panic!("failed: {f:?}"),
         }
+    }
+
+    #[test]
+    fn empty_cells_clear_only_where_the_rules_say() {
+        let mut cols = columns(&[
+            "Email",
+            "Phone",
+            "Full Name",
+            "First Name",
+            "Company",
+            "Plan",
+        ]);
+        let row = raw(&[b"ann@example.com", b"", b"Ann Lee", b"", b" ", b""]);
+        let plain = accepted(validate(&row, 1, &cols, &rules()));
+        assert!(!plain.fields.contains_key("company"), "ignored by default");
+        cols.merge = crate::domain::merge::MergeRules::parse(
+            r#"{"fields": {"attributes.Plan": "keep_existing"}, "empty_cells": "clear"}"#,
+        )
+        .unwrap();
+        let rec = accepted(validate(&row, 1, &cols, &rules()));
+        assert_eq!(rec.fields["company"], "", "cleared");
+        assert!(
+            !rec.fields.contains_key("phone"),
+            "identities are never cleared"
+        );
+        assert_eq!(rec.fields["first_name"], "Ann", "taken from the full name");
+        assert!(
+            !rec.attributes.contains_key("Plan"),
+            "a keep_existing column ignores its empty cells"
+        );
     }
 
     #[test]

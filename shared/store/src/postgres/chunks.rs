@@ -88,6 +88,7 @@ impl PgStore {
             seq: upload.seq,
             keys: self.keys,
             dry_run: s.dry_run,
+            merge: self.merge_rules(&s.columns),
         };
         let optimistic = match upload.sync_chunk {
             Some(_) => {
@@ -158,13 +159,13 @@ impl PgStore {
         end: SliceEnd,
     ) -> StoreResult<Committed> {
         let target = &Target::of(
+            self,
             &load_source(
                 &mut *self.pool.acquire().await?,
                 lease.directory_id,
                 lease.source_id,
             )
             .await?,
-            self.keys,
         );
         let read = self.reads.before_commit(target.directory);
         let optimistic = resolve_optimistically(&self.pool, target, prepared, read).await?;

@@ -147,9 +147,9 @@ pub(super) async fn write_profiles(
     // New profiles go straight in with COPY: their ids are new. (Array-bound `INSERT … SELECT
     // FROM UNNEST` measured within 5% of COPY both ways: slower on 10,000-row chunks, faster on
     // 100-row uploads.)
-    // directory, id, created, updated, version, a value and a version per field, attributes,
-    // identities.
-    let width = 7 + 2 * field_names().count() as i16;
+    // directory, id, created, updated, version, a value and a version per field, ranks,
+    // attributes, identities.
+    let width = 8 + 2 * field_names().count() as i16;
     let mut rows = BinaryRows::new();
     for (id, state) in &resolution.created {
         let columns = ProfileColumns::of(state)?;
@@ -164,7 +164,8 @@ pub(super) async fn write_profiles(
         for (value, version) in &columns.fields {
             rows.text_or_null(*value).int8_or_null(*version);
         }
-        rows.text_or_null(columns.attributes.as_deref())
+        rows.int8_or_null(columns.ranks)
+            .text_or_null(columns.attributes.as_deref())
             .text(&identities_text(identities)?);
     }
     if let Some(data) = rows.finish() {
@@ -185,10 +186,12 @@ pub(super) async fn write_profiles(
     let mut attributes = Vec::with_capacity(n);
     let mut gains = Vec::with_capacity(n);
     let mut shared = Vec::with_capacity(n);
+    let mut ranks = Vec::with_capacity(n);
     for (id, state) in &resolution.updated {
         let columns = ProfileColumns::of(state)?;
         ids.push(*id);
         shared.push(columns.version);
+        ranks.push(columns.ranks);
         for (f, (value, version)) in columns.fields.into_iter().enumerate() {
             values[f].push(value);
             versions[f].push(version);
@@ -197,17 +200,17 @@ pub(super) async fn write_profiles(
         gains.push(identities_text(gained.remove(id).unwrap_or_default())?);
     }
     // $1 directory, $2 now, $3 ids, $4 attributes, $5 gained identities (lines), $6 shared
-    // versions, then a value and a version array per field.
+    // versions, $7 ranks, then a value and a version array per field.
     let mut set = String::from(
-        "updated_ms = $2, attributes = u.attributes, version = u.version,
+        "updated_ms = $2, attributes = u.attributes, version = u.version, field_ranks = u.field_ranks,
          identities = CASE WHEN u.gained = '' THEN p.identities WHEN p.identities = '' THEN u.gained
                            ELSE p.identities || E'\\n' || u.gained END",
     );
-    let mut unnest = String::from("$3::uuid[], $4::text[], $5::text[], $6::int8[]");
-    let mut aliases = String::from("id, attributes, gained, version");
+    let mut unnest = String::from("$3::uuid[], $4::text[], $5::text[], $6::int8[], $7::int8[]");
+    let mut aliases = String::from("id, attributes, gained, version, field_ranks");
     for (f, name) in names.iter().enumerate() {
         set.push_str(&format!(", {name} = u.{name}, {name}_v = u.{name}_v"));
-        unnest.push_str(&format!(", ${}::text[], ${}::int8[]", 7 + 2 * f, 8 + 2 * f));
+        unnest.push_str(&format!(", ${}::text[], ${}::int8[]", 8 + 2 * f, 9 + 2 * f));
         aliases.push_str(&format!(", {name}, {name}_v"));
     }
     let sql = format!(
@@ -220,7 +223,8 @@ pub(super) async fn write_profiles(
         .bind(&ids)
         .bind(&attributes)
         .bind(&gains)
-        .bind(&shared);
+        .bind(&shared)
+        .bind(&ranks);
     for (value, version) in values.iter().zip(&versions) {
         query = query.bind(value).bind(version);
     }

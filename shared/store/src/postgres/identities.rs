@@ -13,16 +13,29 @@ pub(super) struct Target {
     pub(super) keys: KeySpace,
     /// A dry run's commits write only what validation found: see [`apply_results`].
     pub(super) dry_run: bool,
+    /// How the source's values merge into profiles.
+    pub(super) merge: MergeRules,
 }
 
 impl Target {
-    pub(super) fn of(source: &Source, keys: KeySpace) -> Self {
+    pub(super) fn of(store: &PgStore, source: &Source) -> Self {
         Target {
             source: source.id,
             directory: source.directory_id,
             seq: source.seq,
-            keys,
+            keys: store.keys,
             dry_run: source.dry_run,
+            merge: store.merge_rules(&source.columns),
+        }
+    }
+}
+
+impl PgStore {
+    /// The merge rules a commit of a source with these columns writes under.
+    pub(super) fn merge_rules(&self, columns: &ColumnMap) -> MergeRules {
+        match self.ignore_merge_rules {
+            true => MergeRules::default(),
+            false => columns.merge.clone(),
         }
     }
 }
@@ -349,7 +362,7 @@ pub(super) async fn settle(
         return Ok((optimistic, owned));
     }
     existing.profiles = locked;
-    let settled = resolve(prepared, existing, target.seq)?;
+    let settled = resolve(prepared, existing, target.seq, &target.merge)?;
     let won: HashMap<(&str, &str), i64> = won
         .into_iter()
         .map(|(kind, value, key)| ((kind, value), key))
@@ -411,6 +424,6 @@ pub(super) async fn resolve_optimistically(
     } else {
         (Existing::default(), Slots::default())
     };
-    let optimistic = resolve(prepared, snapshot.clone(), target.seq)?;
+    let optimistic = resolve(prepared, snapshot.clone(), target.seq, &target.merge)?;
     Ok(((snapshot, slots), optimistic))
 }

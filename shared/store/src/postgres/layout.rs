@@ -1,7 +1,8 @@
 //! How PostgreSQL lays out identities and profiles (migration `0010_narrow_rows`): identities
 //! keyed by a 64-bit hash with open addressing, profiles as typed columns with packed
-//! versions (one the fields share, and a field's own where it differs), a profile's identities
-//! as lines of text. Pure functions, so that the encodings are tested without a database.
+//! versions (one the fields share, and a field's own where it differs) and the fields' merge
+//! ranks packed in one more (`0017_merge_ranks`), a profile's identities as lines of text.
+//! Pure functions, so that the encodings are tested without a database.
 
 use std::collections::BTreeMap;
 
@@ -12,6 +13,7 @@ use uuid::Uuid;
 
 use crate::{StoreError, StoreResult};
 use orbit_core::domain::header::KnownField;
+use orbit_core::domain::merge::Rank;
 use orbit_core::domain::resolve::{self, ProfileState, Version, Versioned, IDENTITY_KINDS};
 
 /// The stored number of an identity kind: its place in resolution order.
@@ -97,26 +99,35 @@ pub(super) fn profile_columns() -> String {
     for name in field_names() {
         columns.push_str(&format!(", {name}, {name}_v"));
     }
-    columns.push_str(", attributes, identities");
+    columns.push_str(", field_ranks, attributes, identities");
     columns
 }
 
+/// Bits of `field_ranks` per field, in [`field_names`] order: a [`Rank::number`] each.
+const RANK_BITS: usize = 2;
+
 /// A profile's state as column values: the version most of its fields share, one (value,
-/// version) per known field with the version left out (`None`) where it is the shared one, and
-/// the free-form attributes as JSON (`None` when there are none). Values are borrowed from
-/// the state: every new profile of a bulk load goes through here.
+/// version) per known field with the version left out (`None`) where it is the shared one, the
+/// fields' ranks (`None` while every one is `newer_wins`, as without merge rules), and the
+/// free-form attributes as JSON (`None` when there are none), which carry their own ranks.
+/// Values are borrowed from the state: every new profile of a bulk load goes through here.
 pub(super) struct ProfileColumns<'a> {
     pub version: Option<i64>,
     pub fields: Vec<(Option<&'a str>, Option<i64>)>,
+    pub ranks: Option<i64>,
     pub attributes: Option<String>,
 }
 
 impl<'a> ProfileColumns<'a> {
     pub fn of(state: &'a ProfileState) -> StoreResult<ProfileColumns<'a>> {
         let mut packed = Vec::with_capacity(KnownField::ALL.len());
-        for name in field_names() {
+        let mut ranks = 0i64;
+        for (i, name) in field_names().enumerate() {
             packed.push(match state.fields.get(name) {
-                Some(v) => Some((v.value.as_str(), pack_version(v.version)?)),
+                Some(v) => {
+                    ranks |= i64::from(v.rank.number()) << (RANK_BITS * i);
+                    Some((v.value.as_str(), pack_version(v.version)?))
+                }
                 None => None,
             });
         }
@@ -161,6 +172,7 @@ impl<'a> ProfileColumns<'a> {
         Ok(ProfileColumns {
             version,
             fields,
+            ranks: (ranks != 0).then_some(ranks),
             attributes,
         })
     }
@@ -169,19 +181,25 @@ impl<'a> ProfileColumns<'a> {
 /// Reads the state and identities of a profile row selected with [`profile_columns`].
 pub(super) fn profile_from_row(row: &PgRow) -> StoreResult<(ProfileState, Vec<(String, String)>)> {
     let shared: Option<i64> = row.try_get("version")?;
+    let ranks: Option<i64> = row.try_get("field_ranks")?;
     let mut fields = BTreeMap::new();
-    for name in field_names() {
+    for (i, name) in field_names().enumerate() {
         let value: Option<String> = row.try_get(name)?;
         let own: Option<i64> = row.try_get(format!("{name}_v").as_str())?;
         if let Some(value) = value {
             let version = own.or(shared).ok_or_else(|| {
                 StoreError::Corrupt(format!("profile field {name} has no version"))
             })?;
+            let number = ranks.unwrap_or(0) >> (RANK_BITS * i) & ((1 << RANK_BITS) - 1);
+            let rank = Rank::from_number(number as u8).ok_or_else(|| {
+                StoreError::Corrupt(format!("profile field {name} has rank {number}"))
+            })?;
             fields.insert(
                 name,
                 Versioned {
                     value,
                     version: unpack_version(version),
+                    rank,
                 },
             );
         }
@@ -301,6 +319,7 @@ mod tests {
             Versioned {
                 value: "Paris".into(),
                 version: (3, 9),
+                rank: Rank::Newer,
             },
         );
         state.fields.insert(
@@ -308,6 +327,7 @@ mod tests {
             Versioned {
                 value: "CTO".into(),
                 version: (3, 9),
+                rank: Rank::Overwrite,
             },
         );
         state.fields.insert(
@@ -315,6 +335,7 @@ mod tests {
             Versioned {
                 value: "Acme".into(),
                 version: (2, 4),
+                rank: Rank::Newer,
             },
         );
         let columns = ProfileColumns::of(&state).unwrap();
@@ -334,11 +355,17 @@ mod tests {
             "a field written by another row keeps its own"
         );
         assert_eq!(columns.fields[at("email")], (None, None));
+        assert_eq!(
+            columns.ranks,
+            Some(i64::from(Rank::Overwrite.number()) << (RANK_BITS * at("title"))),
+            "only the overwritten title has a rank other than newer_wins"
+        );
         state.fields.insert(
             "shoe_size",
             Versioned {
                 value: "44".into(),
                 version: (3, 9),
+                rank: Rank::Newer,
             },
         );
         assert!(ProfileColumns::of(&state).is_err());

@@ -57,6 +57,8 @@ use layout::{
 };
 use orbit_config::DatabaseSettings;
 use orbit_core::domain::fair::Pass;
+use orbit_core::domain::header::ColumnMap;
+use orbit_core::domain::merge::MergeRules;
 use orbit_core::domain::resolve::{self, Existing, IdentityMap, Owners, ProfileState};
 use orbit_core::domain::row;
 use orbit_core::domain::row::FieldName;
@@ -78,6 +80,9 @@ pub struct PgStore {
     pause: CommitPause,
     keys: KeySpace,
     reads: OwnerReads,
+    /// A test's store that writes as if no upload had merge rules: how the split detector
+    /// shows that it notices.
+    ignore_merge_rules: bool,
 }
 
 impl PgStore {
@@ -109,6 +114,7 @@ impl PgStore {
             pause: CommitPause::default(),
             keys: KeySpace::FULL,
             reads: OwnerReads::default(),
+            ignore_merge_rules: false,
         })
     }
 
@@ -131,6 +137,13 @@ impl PgStore {
     #[cfg(feature = "testing")]
     pub fn mask_identity_keys(&mut self, bits: u32) {
         self.keys = KeySpace::masked(bits);
+    }
+
+    /// Makes every commit merge as if its upload had no merge rules: a broken store, for the
+    /// split detector to catch.
+    #[cfg(feature = "testing")]
+    pub fn ignore_merge_rules(&mut self) {
+        self.ignore_merge_rules = true;
     }
 
     /// Calls `seen(chunk)` inside each commit of a chunk once it holds its source's row lock,

@@ -51,7 +51,7 @@ pub(super) async fn apply_results(
         }
     }
 
-    let writes = resolve(&mut prepared, existing, source.seq)?;
+    let writes = resolve(&mut prepared, existing, source.seq, &source.columns.merge)?;
     // DRY RUN: the one point where a dry run leaves the write path: no profile, identity or
     // record; the counts, warnings and failed rows stay, as the import would have them.
     if source.dry_run {

@@ -17,6 +17,15 @@
 //! Commit order is observable for the chunks of one source: a commit updates its source's row
 //! last and holds that lock until it commits, so the store's commit observer (a `testing`
 //! hook) is called in commit order.
+//!
+//! A second case races several sources, each with random merge rules, into one directory,
+//! with rows that clear fields. Which profile a row joins depends on the commit order, which
+//! is not observable across sources; which value a profile keeps must not. So its oracle takes
+//! the rows each profile holds from the records table and applies them one by one in (source
+//! sequence, row) order under each source's rules, read literally (`newer_wins` replaces
+//! unless an `overwrite` wrote the value, `keep_existing` fills what nothing wrote,
+//! `overwrite` replaces): every profile's fields must be what that gives. It bites: with the
+//! store made to ignore the rules (`PgStore::ignore_merge_rules`), it fails.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -24,7 +33,8 @@ use std::time::Duration;
 
 use orbit_config::DatabaseSettings;
 use orbit_core::domain::csv::{Dialect, TextEncoding};
-use orbit_core::domain::header::ColumnMap;
+use orbit_core::domain::header::{Column, ColumnMap, KnownField};
+use orbit_core::domain::merge::{EmptyCells, MergeRules, Rule};
 use orbit_core::domain::resolve::{resolve_batch, Existing, ProfileState, IDENTITY_KINDS};
 use orbit_core::domain::row::RecordDraft;
 use orbit_core::model::*;
@@ -86,8 +96,14 @@ fn draw_record(rng: &mut StdRng, row: u64) -> RecordDraft {
 }
 
 fn upload(org: Uuid, dir: Uuid) -> NewUpload {
+    upload_with(org, dir, CHUNKS, MergeRules::default())
+}
+
+fn upload_with(org: Uuid, dir: Uuid, chunk_count: u64, merge: MergeRules) -> NewUpload {
     let id = Uuid::now_v7();
-    let chunks = (0..CHUNKS)
+    let mut columns = ColumnMap::from_header(&["email".into(), "phone".into()], 10).unwrap();
+    columns.merge = merge;
+    let chunks = (0..chunk_count)
         .map(|i| ChunkSpec {
             index: i as u32,
             first_row: 1 + i * ROWS_PER_CHUNK,
@@ -103,7 +119,7 @@ fn upload(org: Uuid, dir: Uuid) -> NewUpload {
             organization_id: org,
             directory_id: dir,
             filename: "split.csv".into(),
-            byte_size: CHUNKS * 1000,
+            byte_size: chunk_count * 1000,
             sha256: "cd".repeat(32),
             object_key: format!("sources/{org}/{id}.csv"),
             dialect: Dialect {
@@ -111,11 +127,11 @@ fn upload(org: Uuid, dir: Uuid) -> NewUpload {
                 delimiter: b',',
                 bom_len: 0,
             },
-            columns: ColumnMap::from_header(&["email".into(), "phone".into()], 10).unwrap(),
+            columns,
             max_field_bytes: 100,
             default_region: "US".into(),
             dry_run: false,
-            total_rows: CHUNKS * ROWS_PER_CHUNK,
+            total_rows: chunk_count * ROWS_PER_CHUNK,
         },
         sync_chunk: None,
         sync_results: ChunkResults::default(),
@@ -176,7 +192,13 @@ fn replay(order: &[usize], chunks: &[Vec<RecordDraft>], seq: i64) -> Outcome {
     let mut assignments = HashMap::new();
     let mut conflicts = BTreeSet::new();
     for &i in order {
-        let plan = resolve_batch(&mut existing, &chunks[i], seq, |_| Uuid::now_v7());
+        let plan = resolve_batch(
+            &mut existing,
+            &chunks[i],
+            seq,
+            &MergeRules::default(),
+            |_| Uuid::now_v7(),
+        );
         assignments.extend(plan.assignments);
         conflicts.extend(
             plan.warnings
@@ -374,6 +396,8 @@ macro_rules! in_citus_schema {
 
 orbit_testkit::conformance!(postgres => in_postgres_database, citus => in_citus_schema; {
     concurrent_commits_equal_a_serial_replay_in_commit_order,
+    concurrent_uploads_keep_the_values_their_merge_rules_say,
+    the_detector_notices_a_store_that_ignores_merge_rules,
     the_databases_identity_key_function_is_the_stores,
 });
 
@@ -504,6 +528,265 @@ async fn concurrent_commits_equal_a_serial_replay_in_commit_order(database: Test
         );
         assert_integrity(&mut admin, &store, org.id, dir).await;
     }
+}
+
+/// Sources of the merge-rules case, each with its own random rules and this many chunks.
+const RULED_SOURCES: usize = 4;
+const RULED_CHUNKS: u64 = 6;
+/// The rules a field or attribute may be given, and the fields and attribute they fight over.
+const RULES: [Rule; 3] = [Rule::NewerWins, Rule::KeepExisting, Rule::Overwrite];
+const CONTESTED: [&str; 4] = ["city", "title", "company", "attributes.plan"];
+
+fn random_rules(rng: &mut StdRng) -> MergeRules {
+    let mut rules = MergeRules {
+        default: RULES[rng.random_range(0..3)],
+        ..MergeRules::default()
+    };
+    for key in CONTESTED {
+        if rng.random_bool(0.4) {
+            rules
+                .fields
+                .insert(key.into(), RULES[rng.random_range(0..3)]);
+        }
+    }
+    if rng.random_bool(0.5) {
+        rules.empty_cells = EmptyCells::Clear;
+    }
+    rules
+}
+
+/// [`draw_record`] with a company and a `plan` attribute too, and the empty cells that
+/// `rules` clear as validation writes them: the empty value.
+fn draw_ruled_record(rng: &mut StdRng, row: u64, rules: &MergeRules) -> RecordDraft {
+    let mut record = draw_record(rng, row);
+    if rng.random_bool(0.6) {
+        record.fields.insert(
+            "company",
+            ["Acme", "Initech", "Globex"][rng.random_range(0..3)].into(),
+        );
+    }
+    if rng.random_bool(0.6) {
+        record.attributes.insert(
+            "plan".into(),
+            ["free", "pro"][rng.random_range(0..2)].into(),
+        );
+    }
+    for field in ["city", "title", "company"] {
+        let column = Column::Known(KnownField::named(field).unwrap());
+        if !record.fields.contains_key(field) && rules.clears(&column) && rng.random_bool(0.5) {
+            record.fields.insert(field, String::new());
+        }
+    }
+    if !record.attributes.contains_key("plan")
+        && rules.clears(&Column::Custom("plan".into()))
+        && rng.random_bool(0.5)
+    {
+        record.attributes.insert("plan".into(), String::new());
+    }
+    record
+}
+
+/// A profile's values, keyed `field` or `attributes.name`; a cleared one is the empty value.
+type Values = BTreeMap<String, String>;
+
+/// The rules read literally: `writes` applied one by one in (source sequence, row) order.
+fn serial_values(mut writes: Vec<(i64, &MergeRules, &RecordDraft)>) -> Values {
+    writes.sort_by_key(|(seq, _, record)| (*seq, record.row_number));
+    // Each value, and whether an `overwrite` wrote it.
+    let mut state: BTreeMap<String, (String, bool)> = BTreeMap::new();
+    let mut write = |key: String, rule: Rule, value: &String| {
+        let current = state.get(&key);
+        let apply = match rule {
+            Rule::NewerWins => !current.is_some_and(|(_, overwritten)| *overwritten),
+            Rule::KeepExisting => current.is_none(),
+            Rule::Overwrite => true,
+        };
+        if apply {
+            state.insert(key, (value.clone(), rule == Rule::Overwrite));
+        }
+    };
+    for (_, rules, record) in writes {
+        for (field, value) in &record.fields {
+            write(field.to_string(), rules.field_rule(field), value);
+        }
+        for (name, value) in &record.attributes {
+            write(
+                format!("attributes.{name}"),
+                rules.attribute_rule(name),
+                value,
+            );
+        }
+    }
+    state.into_iter().map(|(k, (v, _))| (k, v)).collect()
+}
+
+fn stored_values(state: &ProfileState) -> Values {
+    let fields = state
+        .fields
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.value.clone()));
+    let attributes =
+        (state.attributes.iter()).map(|(k, v)| (format!("attributes.{k}"), v.value.clone()));
+    fields.chain(attributes).collect()
+}
+
+/// Races sources with random merge rules into one directory and returns, per seed, the
+/// profiles whose stored values differ from the serial reading of the rules over the rows
+/// they hold (with the seed's description). `ignore_rules` breaks the store.
+async fn race_ruled_uploads(
+    database: &TestDatabase,
+    seeds: u64,
+    ignore_rules: bool,
+) -> Vec<String> {
+    let (column, value) = database.sessions();
+    let sessions = (column, value.to_owned());
+    let mut store = PgStore::open(&DatabaseSettings::for_url(&database.url, 12))
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    let pauses = Arc::new(Mutex::new(StdRng::seed_from_u64(11)));
+    store.pause_commits(move || Duration::from_millis(pauses.lock().unwrap().random_range(0..15)));
+    if ignore_rules {
+        store.ignore_merge_rules();
+    }
+    let store = Arc::new(store);
+    let mut admin = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let mut differences = Vec::new();
+    for seed in 0..seeds {
+        let mut rng = StdRng::seed_from_u64(1000 + seed);
+        let org = store.create_organization("Rules").await.unwrap();
+        let dir = store.create_directory(org.id, "Race").await.unwrap().id;
+        // (source, its sequence, its rules, its chunks' rows), and every chunk's lease.
+        let mut sources = Vec::new();
+        let mut work = Vec::new();
+        for _ in 0..RULED_SOURCES {
+            let rules = random_rules(&mut rng);
+            let (source, queued) = store
+                .commit_upload(upload_with(org.id, dir, RULED_CHUNKS, rules.clone()))
+                .await
+                .unwrap();
+            let chunks: Vec<Vec<RecordDraft>> = (0..RULED_CHUNKS)
+                .map(|i| {
+                    (0..ROWS_PER_CHUNK)
+                        .map(|r| draw_ruled_record(&mut rng, 1 + i * ROWS_PER_CHUNK + r, &rules))
+                        .collect()
+                })
+                .collect();
+            for (c, rows) in queued.iter().zip(&chunks) {
+                match store
+                    .claim_chunk(c, "detector", Duration::from_secs(600), 5)
+                    .await
+                    .unwrap()
+                {
+                    Claim::Claimed(claimed) => work.push((claimed.lease, rows.clone())),
+                    other => panic!("{other:?}"),
+                }
+            }
+            sources.push((source.id, source.seq, rules, chunks));
+        }
+        use rand::seq::SliceRandom;
+        work.shuffle(&mut rng);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let killer = tokio::spawn(kill_some(
+            database.url.clone(),
+            sessions.clone(),
+            stop.clone(),
+            seed,
+        ));
+        let next = Arc::new(Mutex::new(work));
+        let mut committers = tokio::task::JoinSet::new();
+        for _ in 0..COMMITTERS {
+            let (store, next, url) = (store.clone(), next.clone(), database.url.clone());
+            committers.spawn(async move {
+                loop {
+                    let Some((lease, rows)) = next.lock().unwrap().pop() else {
+                        return;
+                    };
+                    let mut tries = 0;
+                    loop {
+                        let results = ChunkResults {
+                            accepted: rows.clone(),
+                            failed: vec![],
+                        };
+                        match store.commit_chunk(&lease, results).await {
+                            Ok(Committed::Done { .. }) => break,
+                            Ok(Committed::LeaseLost) => {
+                                assert_eq!(chunk_state(&url, lease.chunk_id).await, "done");
+                                break;
+                            }
+                            Err(e) => {
+                                tries += 1;
+                                assert!(tries < 20, "a chunk keeps failing: {e}");
+                            }
+                        }
+                    }
+                }
+            });
+        }
+        while let Some(done) = committers.join_next().await {
+            done.unwrap();
+        }
+        stop.notify_one();
+        killer.await.unwrap();
+
+        // Which profile each row joined, from the records table.
+        let joined: HashMap<(Uuid, u64), Uuid> = sqlx::query(
+            "SELECT source_id, row_number, profile_id FROM records WHERE directory_id = $1",
+        )
+        .bind(dir)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| ((r.get(0), r.get::<i64, _>(1) as u64), r.get(2)))
+        .collect();
+        let mut writes: HashMap<Uuid, Vec<(i64, &MergeRules, &RecordDraft)>> = HashMap::new();
+        for (source, seq, rules, chunks) in &sources {
+            for record in chunks.iter().flatten() {
+                let profile = joined[&(*source, record.row_number)];
+                writes
+                    .entry(profile)
+                    .or_default()
+                    .push((*seq, rules, record));
+            }
+        }
+        let profiles = profiles(&store, org.id, dir).await;
+        assert_eq!(
+            profiles.len(),
+            writes.len(),
+            "seed {seed}: a profile per joined set of rows"
+        );
+        for profile in profiles {
+            let want = serial_values(writes.remove(&profile.id).unwrap());
+            let got = stored_values(&profile.state);
+            if got != want {
+                let rules: Vec<String> = sources
+                    .iter()
+                    .map(|(_, seq, rules, _)| {
+                        format!("{seq}: {}", serde_json::to_string(rules).unwrap())
+                    })
+                    .collect();
+                differences.push(format!(
+                    "seed {seed}, profile {}: stored {got:?}, serially {want:?}; rules {rules:?}",
+                    profile.id
+                ));
+            }
+        }
+    }
+    differences
+}
+
+async fn concurrent_uploads_keep_the_values_their_merge_rules_say(database: TestDatabase) {
+    let differences = race_ruled_uploads(&database, SEEDS / 2, false).await;
+    assert!(differences.is_empty(), "{}", differences.join("\n"));
+}
+
+async fn the_detector_notices_a_store_that_ignores_merge_rules(database: TestDatabase) {
+    let differences = race_ruled_uploads(&database, 2, true).await;
+    assert!(
+        !differences.is_empty(),
+        "a store that ignores merge rules went unnoticed"
+    );
 }
 
 async fn the_databases_identity_key_function_is_the_stores(database: TestDatabase) {
