@@ -24,8 +24,8 @@ bash deploy/check.sh
 # The distributed HTTP suites spawn orbit-worker processes: build them first.
 cargo build --workspace --bins
 cargo test --workspace --all-targets "$@"
-# The HTTP suites are one test binary (gateway/tests/gateway); its upload, api, steer, limits and fairness suites
+# The HTTP suites are one test binary (gateway/tests/gateway); its upload, api, steer, limits, fairness and export suites
 # again on the distributed stack (filters match by substring, so openapi:: is skipped by name).
-ORBIT_TEST_STACK=distributed cargo test --workspace --test gateway "$@" -- upload:: api:: steer:: limits:: fairness:: --skip openapi::
+ORBIT_TEST_STACK=distributed cargo test --workspace --test gateway "$@" -- upload:: api:: steer:: limits:: fairness:: export:: --skip openapi::
 # The same on Citus: each test's database is a fresh schema on the coordinator.
-ORBIT_TEST_STACK=distributed ORBIT_TEST_DATABASE=citus cargo test --workspace --test gateway "$@" -- upload:: api:: steer:: limits:: fairness:: --skip openapi::
+ORBIT_TEST_STACK=distributed ORBIT_TEST_DATABASE=citus cargo test --workspace --test gateway "$@" -- upload:: api:: steer:: limits:: fairness:: export:: --skip openapi::
