@@ -78,6 +78,21 @@ pub enum ProgressMode {
     None,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ExportFormat {
+    Csv,
+    Ndjson,
+}
+
+impl ExportFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExportFormat::Csv => "csv",
+            ExportFormat::Ndjson => "ndjson",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Upload CSV files, show progress while they are sent and processed, and report each.
@@ -106,6 +121,19 @@ pub enum Command {
         /// Where to write them; `-` for stdout.
         #[arg(short, long)]
         output: PathBuf,
+    },
+    /// Download every profile of the directory as CSV (which imports back into the same
+    /// profiles) or NDJSON, from one snapshot, compressed on the wire.
+    Export {
+        /// Where to write it; `-` (the default) for stdout. A file is written beside its
+        /// name and renamed once complete.
+        #[arg(short, long, default_value = "-")]
+        output: PathBuf,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: ExportFormat,
+        /// Only profiles updated at or after this RFC 3339 time (`2026-11-29T12:00:00Z`).
+        #[arg(long)]
+        since: Option<String>,
     },
     /// Look up resolved profiles by email.
     Profiles {

@@ -1,4 +1,5 @@
-//! The reading commands: `watch`, `sources`, `errors`, `failed-rows`, `profiles`, `directories`.
+//! The reading commands: `watch`, `sources`, `errors`, `failed-rows`, `export`, `profiles`,
+//! `directories`.
 
 use std::path::Path;
 use std::time::Instant;
@@ -237,6 +238,166 @@ pub async fn failed_rows(api: &Api, dir: Uuid, source: Uuid, output: &Path) -> R
             Err(e)
         }
     }
+}
+
+/// Streams the directory's export into `output` (`-` for stdout), gzip or zstd on the wire
+/// (reqwest asks for both and decodes), with a bar of profiles written. A file is written
+/// beside its final name and renamed only once the server ended the body, so an export cut
+/// short never leaves a file under the final name. Returns the number of profiles.
+pub async fn export(
+    api: &Api,
+    progress: &Progress,
+    dir: Uuid,
+    output: &Path,
+    format: crate::cli::ExportFormat,
+    since: Option<&str>,
+) -> Result<u64> {
+    let url = api.dir_url(dir, "/profiles/export");
+    let mut query = vec![("format", format.as_str())];
+    if let Some(since) = since {
+        query.push(("updated_since", since));
+    }
+    let response = match api.get(&url).query(&query).send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => return Err(ClientError::Api(crate::api::problem(r).await)),
+        Err(e) => return Err(ClientError::Network(crate::api::transport_error(&e))),
+    };
+    let total = response
+        .headers()
+        .get("orbit-profile-count")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let name = if output == Path::new("-") {
+        "export".to_owned()
+    } else {
+        output.display().to_string()
+    };
+    let tracker = progress.track(&name);
+    tracker.start_exporting(total);
+    let body =
+        tokio_util::io::StreamReader::new(response.bytes_stream().map_err(std::io::Error::other));
+    let to_stdout = output == Path::new("-");
+    let mut partial = output.as_os_str().to_owned();
+    partial.push(".part");
+    let partial = std::path::PathBuf::from(partial);
+    let sink: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+        if to_stdout {
+            Box::new(tokio::io::stdout())
+        } else {
+            Box::new(tokio::fs::File::create(&partial).await.map_err(|e| {
+                ClientError::Usage(format!("cannot write {}: {e}", partial.display()))
+            })?)
+        };
+    let copied = match format {
+        crate::cli::ExportFormat::Csv => copy_export_csv(body, sink, |n| tracker.exported(n)).await,
+        crate::cli::ExportFormat::Ndjson => copy_lines(body, sink, |n| tracker.exported(n)).await,
+    };
+    tracker.end_phase();
+    tracker.finish();
+    match copied {
+        Ok(profiles) => {
+            if !to_stdout {
+                tokio::fs::rename(&partial, output).await.map_err(|e| {
+                    ClientError::Usage(format!("cannot write {}: {e}", output.display()))
+                })?;
+            }
+            Ok(profiles)
+        }
+        Err(e) => {
+            if !to_stdout {
+                let _ = tokio::fs::remove_file(&partial).await;
+            }
+            Err(e)
+        }
+    }
+}
+
+fn write_error(e: impl std::fmt::Display) -> ClientError {
+    ClientError::Usage(format!("cannot write the output: {e}"))
+}
+
+/// NDJSON: one profile a line.
+async fn copy_lines<R, W>(reader: R, mut writer: W, exported: impl Fn(u64)) -> Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin + Send,
+    W: tokio::io::AsyncWrite + Unpin + Send,
+{
+    use tokio::io::AsyncReadExt as _;
+    let mut reader = reader;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut profiles = 0u64;
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .await
+            .map_err(|e| ClientError::Network(format!("the export broke off: {e}")))?;
+        if n == 0 {
+            break;
+        }
+        let lines = buf[..n].iter().filter(|b| **b == b'\n').count() as u64;
+        writer.write_all(&buf[..n]).await.map_err(write_error)?;
+        profiles += lines;
+        exported(lines);
+    }
+    writer.flush().await.map_err(write_error)?;
+    Ok(profiles)
+}
+
+/// CSV, record by record. A profile with several identities of a kind spans consecutive
+/// rows that share an identity with an earlier row of the group (docs/api.md), while two
+/// profiles never share one: a row that shares none with the rows before it starts the next
+/// profile.
+async fn copy_export_csv<R, W>(reader: R, writer: W, exported: impl Fn(u64)) -> Result<u64>
+where
+    R: tokio::io::AsyncRead + Unpin + Send,
+    W: tokio::io::AsyncWrite + Unpin + Send,
+{
+    let broke = |e: csv_async::Error| ClientError::Network(format!("the export broke off: {e}"));
+    let mut csv_in = csv_async::AsyncReaderBuilder::new()
+        .has_headers(true)
+        .create_reader(reader);
+    let mut csv_out = csv_async::AsyncWriterBuilder::new().create_writer(writer);
+    let header = csv_in.byte_headers().await.map_err(broke)?.clone();
+    let identity_columns: Vec<usize> = header
+        .iter()
+        .enumerate()
+        .filter(|(_, name)| matches!(*name, b"email" | b"phone" | b"linkedin_url"))
+        .map(|(i, _)| i)
+        .collect();
+    if identity_columns.len() != 3 {
+        return Err(ClientError::Network(
+            "the export is not the CSV Orbit sends (no email, phone and linkedin_url columns)"
+                .into(),
+        ));
+    }
+    csv_out.write_byte_record(&header).await.map_err(broke)?;
+    let mut record = csv_async::ByteRecord::new();
+    let mut group: Vec<Vec<u8>> = Vec::new();
+    let mut profiles = 0u64;
+    let mut unreported = 0u64;
+    while csv_in.read_byte_record(&mut record).await.map_err(broke)? {
+        csv_out.write_byte_record(&record).await.map_err(broke)?;
+        let identities: Vec<&[u8]> = identity_columns
+            .iter()
+            .filter_map(|&i| record.get(i))
+            .filter(|v| !v.is_empty())
+            .collect();
+        if !identities.iter().any(|v| group.iter().any(|g| g == v)) {
+            group.clear();
+            profiles += 1;
+            unreported += 1;
+            if unreported >= 1000 {
+                exported(unreported);
+                unreported = 0;
+            }
+        }
+        group.extend(identities.into_iter().map(<[u8]>::to_vec));
+    }
+    exported(unreported);
+    let mut inner = csv_out.into_inner().await.map_err(write_error)?;
+    inner.flush().await.map_err(write_error)?;
+    Ok(profiles)
 }
 
 /// Every record from `reader` to `writer`; the header must end with the three columns the

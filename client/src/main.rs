@@ -133,6 +133,30 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
             }
             Ok(ExitCode::Completed)
         }
+        Command::Export {
+            output,
+            format,
+            since,
+        } => {
+            let written = commands::export(
+                &api,
+                &progress,
+                api.conn.directory()?,
+                &output,
+                format,
+                since.as_deref(),
+            )
+            .await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "output": output, "format": format.as_str(), "profiles": written })
+                );
+            } else {
+                eprintln!("wrote {written} profiles to {}", output.display());
+            }
+            Ok(ExitCode::Completed)
+        }
         Command::Profiles { email } => {
             commands::profiles(&api, api.conn.directory()?, &email, json).await?;
             Ok(ExitCode::Completed)

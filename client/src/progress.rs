@@ -88,6 +88,7 @@ enum Phase {
     Idle,
     Sending,
     Processing,
+    Exporting,
 }
 
 /// One file's progress: first bytes sent, then rows processed. Shared with the body stream,
@@ -127,6 +128,21 @@ impl Tracker {
                 "{prefix} processing [{bar:30}] {pos}/{len} rows {per_sec} eta {eta} {msg}",
             )
         });
+    }
+
+    /// Starts the profiles phase of an export of `total` profiles.
+    pub fn start_exporting(&self, total: u64) {
+        self.start(Phase::Exporting, total, 0, || {
+            ProgressStyle::with_template(
+                "{prefix} exporting [{bar:30}] {pos}/{len} profiles {per_sec} eta {eta}",
+            )
+        });
+    }
+
+    /// `n` more profiles were written.
+    pub fn exported(&self, n: u64) {
+        let position = self.position.fetch_add(n, Ordering::Relaxed) + n;
+        self.advance(position, false);
     }
 
     pub fn processed(&self, processed: u64, total_rows: u64) {
@@ -214,6 +230,10 @@ impl Tracker {
                     ),
                     Phase::Processing => eprintln!(
                         "{}: processed {position} of {total} rows ({percent}%)",
+                        self.name
+                    ),
+                    Phase::Exporting => eprintln!(
+                        "{}: wrote {position} of {total} profiles ({percent}%)",
                         self.name
                     ),
                     Phase::Idle => {}

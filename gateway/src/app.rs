@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use axum::extract::DefaultBodyLimit;
+use axum::http::{Extensions, HeaderMap, StatusCode, Version};
 use axum::middleware;
 use axum::routing::{delete, get, post};
 use axum::Router;
@@ -22,6 +23,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tower_http::compression::predicate::{DefaultPredicate, Predicate as _};
+use tower_http::compression::{CompressionLayer, CompressionLevel};
 
 use crate::background::Background;
 use crate::guard::{self, BodyPace};
@@ -142,6 +145,23 @@ pub fn router(state: AppState) -> Router {
         .route(
             &format!("{org}/directories/{{dir}}/profiles"),
             get(routes::profiles::list),
+        )
+        .route(
+            &format!("{org}/directories/{{dir}}/profiles/export"),
+            // Compressed here only: gzip or zstd as `Accept-Encoding` prefers (zstd on a tie),
+            // at the fastest level, since an export is CPU-bound on the gateway. Errors are
+            // left plain: `guard` rewrites framework errors as problem+json from their text.
+            get(routes::export::export).layer(
+                CompressionLayer::new()
+                    .quality(CompressionLevel::Fastest)
+                    .gzip(true)
+                    .zstd(true)
+                    .compress_when(DefaultPredicate::new().and(
+                        |status: StatusCode, _: Version, _: &HeaderMap, _: &Extensions| {
+                            status.is_success()
+                        },
+                    )),
+            ),
         )
         .route(
             &format!("{org}/directories/{{dir}}/profiles/{{profile}}"),

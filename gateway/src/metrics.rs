@@ -18,6 +18,8 @@ pub struct GatewayMetrics {
     pub http_duration: HistogramVec,
     pub upload_bytes: IntCounter,
     pub webhook_attempts: IntCounterVec,
+    pub exports: IntCounterVec,
+    pub export_profiles: IntCounterVec,
 }
 
 /// What a webhook delivery attempt led to (`orbit_webhook_attempts_total{outcome}`).
@@ -35,6 +37,22 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
     .expect("metric registered once");
     for outcome in WEBHOOK_OUTCOMES {
         webhook_attempts.with_label_values(&[outcome]);
+    }
+    let exports = register_int_counter_vec!(
+        "orbit_exports_total",
+        "Profile exports started by this gateway, by format (csv, ndjson)",
+        &["format"]
+    )
+    .expect("metric registered once");
+    let export_profiles = register_int_counter_vec!(
+        "orbit_export_profiles_total",
+        "Profiles written by this gateway's exports, by format (csv, ndjson), counted as each batch is sent",
+        &["format"]
+    )
+    .expect("metric registered once");
+    for format in ["csv", "ndjson"] {
+        exports.with_label_values(&[format]);
+        export_profiles.with_label_values(&[format]);
     }
     GatewayMetrics {
         http_requests: register_int_counter_vec!(
@@ -56,6 +74,8 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
         )
         .expect("metric registered once"),
         webhook_attempts,
+        exports,
+        export_profiles,
     }
 });
 

@@ -15,6 +15,7 @@ pub const CODES: &[&str] = &[
     "profile_not_found",
     "not_found",
     "method_not_allowed",
+    "not_acceptable",
     "body_timeout",
     "upload_timeout",
     "request_timeout",

@@ -1,6 +1,7 @@
 //! HTTP handlers, one module per resource, and the pagination shared by list endpoints.
 
 pub mod directories;
+pub mod export;
 pub mod profiles;
 pub mod sources;
 pub mod system;

@@ -16,6 +16,7 @@ mod api;
 mod backlog;
 mod chaos;
 mod citus;
+mod export;
 mod fairness;
 mod hardening;
 mod large;

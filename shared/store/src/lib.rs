@@ -241,6 +241,47 @@ pub trait Profiles: Send + Sync + 'static {
         dir: Uuid,
         profile: Uuid,
     ) -> StoreResult<Option<Profile>>;
+    /// Every profile of the directory that `filter` keeps, read from one snapshot, in creation
+    /// order (the order `list_profiles` pages in), `None` when the directory is not the
+    /// organization's. The snapshot is a transaction held for the life of the stream
+    /// (PostgreSQL `REPEATABLE READ READ ONLY`, one SQLite read transaction), so an import
+    /// committing meanwhile shows in none of it or, profile by profile, in all of it; rows are
+    /// fetched [`EXPORT_BATCH`] at a time, so memory stays flat whatever the directory's size.
+    /// Dropping the stream ends the transaction.
+    async fn export_profiles(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        filter: &ExportFilter,
+    ) -> StoreResult<Option<ProfileExport>>;
+}
+
+/// Profiles an export fetches per round trip: a batch is what the stream yields.
+pub const EXPORT_BATCH: i64 = 1000;
+
+/// Which profiles an export takes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ExportFilter {
+    /// Only profiles updated at or after this time (millisecond precision).
+    pub updated_since: Option<DateTime<Utc>>,
+}
+
+impl ExportFilter {
+    pub(crate) fn since_ms(&self) -> Option<i64> {
+        self.updated_since.map(|t| t.timestamp_millis())
+    }
+}
+
+/// An export in progress: what is known before the first profile, then the profiles.
+pub struct ProfileExport {
+    /// The custom attribute names that at least one exported profile has a value for
+    /// (a value that is not empty: an empty one is a cleared attribute), sorted by bytes:
+    /// read in the snapshot, so a CSV header can name them before the first row.
+    pub attribute_names: Vec<String>,
+    /// How many profiles the stream will yield (from the same snapshot).
+    pub count: u64,
+    /// The profiles, in batches of at most [`EXPORT_BATCH`].
+    pub batches: futures::stream::BoxStream<'static, StoreResult<Vec<Profile>>>,
 }
 
 /// The chunk life cycle of workers and reapers: leases, slice commits, releases, and the

@@ -207,4 +207,89 @@ impl Profiles for PgStore {
         .await?;
         row.as_ref().map(profile_of_row).transpose()
     }
+
+    async fn export_profiles(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        filter: &crate::ExportFilter,
+    ) -> StoreResult<Option<crate::ProfileExport>> {
+        let since = filter.since_ms();
+        let mut tx = self.pool.begin().await?;
+        // One snapshot for every statement below, the batches included: an import committing
+        // meanwhile is in all of it or none of it. On Citus a directory's rows live on one
+        // shard, whose node runs the transaction at the coordinator's isolation level.
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            .execute(&mut *tx)
+            .await?;
+        let owned: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM directories WHERE id = $1 AND organization_id = $2)",
+        )
+        .bind(dir)
+        .bind(org)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !owned {
+            return Ok(None);
+        }
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM profiles WHERE directory_id = $1 AND ($2::BIGINT IS NULL OR updated_ms >= $2)",
+        )
+        .bind(dir)
+        .bind(since)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut attribute_names: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT a.key FROM profiles p CROSS JOIN LATERAL jsonb_each(p.attributes::jsonb) AS a(key, value)
+             WHERE p.directory_id = $1 AND p.attributes IS NOT NULL AND a.value->>'value' <> ''
+               AND ($2::BIGINT IS NULL OR p.updated_ms >= $2)",
+        )
+        .bind(dir)
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?;
+        attribute_names.sort_unstable();
+        let batches = futures::stream::try_unfold(
+            (Some(tx), Uuid::nil()),
+            move |(tx, after)| async move {
+                let Some(mut tx) = tx else {
+                    return StoreResult::Ok(None);
+                };
+                let rows = sqlx::query(&format!(
+                    "SELECT p.id, p.directory_id, {columns} FROM profiles p
+                     WHERE p.directory_id = $1 AND p.id > $2 AND ($3::BIGINT IS NULL OR p.updated_ms >= $3)
+                     ORDER BY p.id LIMIT $4",
+                    columns = profile_columns()
+                ))
+                .bind(dir)
+                .bind(after)
+                .bind(since)
+                .bind(crate::EXPORT_BATCH)
+                .fetch_all(&mut *tx)
+                .await?;
+                let tx = if (rows.len() as i64) < crate::EXPORT_BATCH {
+                    // The last batch: the snapshot is let go now rather than when the
+                    // consumer gets round to dropping the stream.
+                    tx.rollback().await?;
+                    None
+                } else {
+                    Some(tx)
+                };
+                if rows.is_empty() {
+                    return Ok(None);
+                }
+                let batch = rows
+                    .iter()
+                    .map(profile_of_row)
+                    .collect::<StoreResult<Vec<_>>>()?;
+                let after = batch.last().map_or(after, |p| p.id);
+                Ok(Some((batch, (tx, after))))
+            },
+        );
+        Ok(Some(crate::ProfileExport {
+            attribute_names,
+            count: count as u64,
+            batches: Box::pin(batches),
+        }))
+    }
 }

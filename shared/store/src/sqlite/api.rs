@@ -7,6 +7,15 @@ pub(super) async fn identities_of(
     pool: &SqlitePool,
     profiles: &[Uuid],
 ) -> StoreResult<HashMap<Uuid, Vec<(String, String)>>> {
+    let mut conn = pool.acquire().await?;
+    identities_in(&mut conn, profiles).await
+}
+
+/// [`identities_of`] on one connection: inside an export's read transaction.
+async fn identities_in(
+    conn: &mut SqliteConnection,
+    profiles: &[Uuid],
+) -> StoreResult<HashMap<Uuid, Vec<(String, String)>>> {
     let mut out: HashMap<Uuid, Vec<(String, String)>> = HashMap::new();
     for batch in profiles.chunks(IN_BATCH) {
         let sql = format!(
@@ -17,7 +26,7 @@ pub(super) async fn identities_of(
         for id in batch {
             query = query.bind(*id);
         }
-        for row in query.fetch_all(pool).await? {
+        for row in query.fetch_all(&mut *conn).await? {
             out.entry(row.try_get("profile_id")?)
                 .or_default()
                 .push((row.try_get("kind")?, row.try_get("value")?));
@@ -231,5 +240,93 @@ impl Profiles for SqliteStore {
             .remove(&p.id)
             .unwrap_or_default();
         Ok(Some(p))
+    }
+
+    async fn export_profiles(
+        &self,
+        org: Uuid,
+        dir: Uuid,
+        filter: &crate::ExportFilter,
+    ) -> StoreResult<Option<crate::ProfileExport>> {
+        let since = filter.since_ms();
+        // One read transaction: in WAL mode its first read fixes the snapshot every later
+        // statement sees, while the writer goes on committing.
+        let mut tx = self.reader.begin().await?;
+        let owned: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM directories WHERE id = ? AND organization_id = ?)",
+        )
+        .bind(dir)
+        .bind(org)
+        .fetch_one(&mut *tx)
+        .await?;
+        if !owned {
+            return Ok(None);
+        }
+        let count: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM profiles WHERE organization_id = ?1 AND directory_id = ?2 AND (?3 IS NULL OR updated_ms >= ?3)",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(since)
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut attribute_names: Vec<String> = sqlx::query_scalar(
+            "SELECT DISTINCT a.key FROM profiles p, json_each(p.state, '$.attributes') a
+             WHERE p.organization_id = ?1 AND p.directory_id = ?2 AND (?3 IS NULL OR p.updated_ms >= ?3)
+               AND json_extract(a.value, '$.value') <> ''",
+        )
+        .bind(org)
+        .bind(dir)
+        .bind(since)
+        .fetch_all(&mut *tx)
+        .await?;
+        attribute_names.sort_unstable();
+        let batches = futures::stream::try_unfold(
+            (Some(tx), 0i64),
+            move |(tx, after)| async move {
+                let Some(mut tx) = tx else {
+                    return StoreResult::Ok(None);
+                };
+                let rows = sqlx::query(
+                "SELECT * FROM profiles WHERE organization_id = ?1 AND directory_id = ?2 AND seq > ?3
+                   AND (?4 IS NULL OR updated_ms >= ?4) ORDER BY seq LIMIT ?5",
+            )
+            .bind(org)
+            .bind(dir)
+            .bind(after)
+            .bind(since)
+            .bind(crate::EXPORT_BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+                let mut batch = Vec::with_capacity(rows.len());
+                let mut last = after;
+                for row in &rows {
+                    let (seq, profile) = profile_from_row(row)?;
+                    last = seq;
+                    batch.push(profile);
+                }
+                let ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
+                let mut identities = identities_in(&mut tx, &ids).await?;
+                for p in &mut batch {
+                    p.identities = identities.remove(&p.id).unwrap_or_default();
+                }
+                let tx = if (rows.len() as i64) < crate::EXPORT_BATCH {
+                    // The last batch: the snapshot is let go now, not when the stream is dropped.
+                    tx.rollback().await?;
+                    None
+                } else {
+                    Some(tx)
+                };
+                if batch.is_empty() {
+                    return Ok(None);
+                }
+                Ok(Some((batch, (tx, last))))
+            },
+        );
+        Ok(Some(crate::ProfileExport {
+            attribute_names,
+            count: count as u64,
+            batches: Box::pin(batches),
+        }))
     }
 }

@@ -284,6 +284,76 @@ async fn tenancy_is_scoped_by_organization(store: Arc<dyn Store>) {
         .await
         .unwrap()
         .is_none());
+    exports_are_scoped_ordered_and_filtered(&*store, org, other_org, dir).await;
+}
+
+/// An export is the organization's only, yields what the list pages through in the same
+/// order, names the attributes before the first profile, and filters on the update time.
+async fn exports_are_scoped_ordered_and_filtered(
+    store: &dyn Store,
+    org: Uuid,
+    other_org: Uuid,
+    dir: Uuid,
+) {
+    use futures::TryStreamExt as _;
+    use orbit_store::ExportFilter;
+    assert!(store
+        .export_profiles(other_org, dir, &ExportFilter::default())
+        .await
+        .unwrap()
+        .is_none());
+    let export = store
+        .export_profiles(org, dir, &ExportFilter::default())
+        .await
+        .unwrap()
+        .unwrap();
+    let listed = store
+        .list_profiles(
+            org,
+            dir,
+            None,
+            &PageRequest {
+                after: None,
+                limit: 1000,
+            },
+        )
+        .await
+        .unwrap()
+        .items;
+    assert!(!listed.is_empty());
+    assert_eq!(export.count as usize, listed.len());
+    let mut names: Vec<String> = listed
+        .iter()
+        .flat_map(|p| p.state.attributes.keys().cloned())
+        .collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(export.attribute_names, names);
+    let batches: Vec<Vec<Profile>> = export.batches.try_collect().await.unwrap();
+    let exported: Vec<Profile> = batches.concat();
+    let ids = |ps: &[Profile]| ps.iter().map(|p| p.id).collect::<Vec<_>>();
+    assert_eq!(ids(&exported), ids(&listed));
+    assert_eq!(exported[0].identities, listed[0].identities);
+    assert_eq!(exported[0].state, listed[0].state);
+
+    let newest = listed.iter().map(|p| p.updated_at).max().unwrap();
+    let later = ExportFilter {
+        updated_since: Some(newest + chrono::Duration::milliseconds(1)),
+    };
+    let none = store
+        .export_profiles(org, dir, &later)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(none.count, 0);
+    assert!(none.attribute_names.is_empty());
+    let batches: Vec<Vec<Profile>> = none.batches.try_collect().await.unwrap();
+    assert!(batches.is_empty());
+    let at = ExportFilter {
+        updated_since: Some(newest),
+    };
+    let some = store.export_profiles(org, dir, &at).await.unwrap().unwrap();
+    assert!(some.count >= 1);
 }
 
 async fn tokens_are_found_by_hash_and_revoked_once(store: Arc<dyn Store>) {
