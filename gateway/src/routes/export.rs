@@ -412,6 +412,7 @@ mod tests {
                 Versioned {
                     value: (*value).to_owned(),
                     version: (1, 1),
+                    rank: Default::default(),
                 },
             );
         }
