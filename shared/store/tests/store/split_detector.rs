@@ -352,6 +352,36 @@ async fn chunk_state(url: &str, chunk: Uuid) -> String {
         .get(0)
 }
 
+/// Commits `rows` under `lease` as a worker would: the store retries what the killer does to
+/// it, and should it give up, this tries again.
+async fn commit_until_done(store: &PgStore, lease: &Lease, rows: &[RecordDraft], url: &str) {
+    let chunk = lease.chunk_id;
+    let mut tries = 0;
+    loop {
+        let results = ChunkResults {
+            accepted: rows.to_vec(),
+            failed: vec![],
+        };
+        match store.commit_chunk(lease, results).await {
+            Ok(Committed::Done { .. }) => return,
+            // A backend killed while it committed can die after the commit is durable: the
+            // retry then finds the chunk done, not leased.
+            Ok(Committed::LeaseLost) => {
+                assert_eq!(
+                    chunk_state(url, chunk).await,
+                    "done",
+                    "chunk {chunk} lost its lease"
+                );
+                return;
+            }
+            Err(e) => {
+                tries += 1;
+                assert!(tries < 20, "chunk {chunk} keeps failing: {e}");
+            }
+        }
+    }
+}
+
 /// Terminates, now and then, a session of the test's database (`url`; the sessions are those
 /// where `column` is `value`: [`TestDatabase::sessions`]) caught inside a commit's pause.
 async fn kill_some(
@@ -468,32 +498,7 @@ async fn concurrent_commits_equal_a_serial_replay_in_commit_order(database: Test
                     let Some(i) = next.lock().unwrap().pop() else {
                         return;
                     };
-                    let results = || ChunkResults {
-                        accepted: chunks[i].clone(),
-                        failed: vec![],
-                    };
-                    // The store retries what the killer does to it; should it give up, this
-                    // committer tries again, as a worker would.
-                    let mut tries = 0;
-                    loop {
-                        match store.commit_chunk(&leases[i], results()).await {
-                            Ok(Committed::Done { .. }) => break,
-                            // A backend killed while it committed can die after the commit
-                            // is durable: the retry then finds the chunk done, not leased.
-                            Ok(Committed::LeaseLost) => {
-                                assert_eq!(
-                                    chunk_state(&url, leases[i].chunk_id).await,
-                                    "done",
-                                    "chunk {i} lost its lease"
-                                );
-                                break;
-                            }
-                            Err(e) => {
-                                tries += 1;
-                                assert!(tries < 20, "chunk {i} keeps failing: {e}");
-                            }
-                        }
-                    }
+                    commit_until_done(&store, &leases[i], &chunks[i], &url).await;
                 }
             });
         }
@@ -702,24 +707,7 @@ async fn race_ruled_uploads(
                     let Some((lease, rows)) = next.lock().unwrap().pop() else {
                         return;
                     };
-                    let mut tries = 0;
-                    loop {
-                        let results = ChunkResults {
-                            accepted: rows.clone(),
-                            failed: vec![],
-                        };
-                        match store.commit_chunk(&lease, results).await {
-                            Ok(Committed::Done { .. }) => break,
-                            Ok(Committed::LeaseLost) => {
-                                assert_eq!(chunk_state(&url, lease.chunk_id).await, "done");
-                                break;
-                            }
-                            Err(e) => {
-                                tries += 1;
-                                assert!(tries < 20, "a chunk keeps failing: {e}");
-                            }
-                        }
-                    }
+                    commit_until_done(&store, &lease, &rows, &url).await;
                 }
             });
         }
