@@ -87,9 +87,13 @@ async fn a_backlog_of_one_organization_does_not_hold_up_another_organizations_up
         behind["source_status"], "completed",
         "the backlog was gone before B's upload completed, so this measured nothing: {behind}"
     );
+    // Counted, not timed (the time ratio is orbit-bench's `fairness` figure, on a quiet
+    // machine): first come, first served would finish all 100 of A's chunks before B's two;
+    // fair shares interleave them, so A gets a few chunks in, whatever the machine's speed.
+    let ahead = behind["processed_rows"].as_u64().unwrap() / CHUNK_ROWS;
     assert!(
-        ratio <= 3.0,
-        "B's upload took {busy:?} behind A's backlog, {ratio:.2}x the {idle:?} it takes on an idle stack"
+        ahead <= 10,
+        "{ahead} of A's 100 chunks went before B's 2 ({busy:?} behind the backlog, {ratio:.2}x the {idle:?} on an idle stack)"
     );
 }
 
