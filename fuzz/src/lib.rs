@@ -20,6 +20,8 @@
 //! - [`normalize`]: email, phone, LinkedIn URL and name normalization are total and idempotent;
 //!   a row judged on its normalized values is judged the same.
 //! - [`cursor`]: pagination cursors round-trip; anything else is a `400 invalid_request`.
+//! - [`decompress`]: gzip and zstd uploads read back exactly, or fail with an offset inside
+//!   the body, in bounded pieces, however the body is cut up.
 //! - [`multipart`]: arbitrary upload requests through the real router (embedded stack,
 //!   in-process): an answer within a deadline, never a 5xx, every error problem+json, and no
 //!   object left behind by a request that failed.
@@ -27,6 +29,7 @@
 //! `docs/security.md` says how long each ran and what it found.
 
 pub mod cursor;
+pub mod decompress;
 pub mod header;
 pub mod multipart;
 pub mod normalize;
@@ -37,11 +40,12 @@ pub type Target = fn(&[u8]);
 
 /// The targets by name, as the AFL driver and the corpus replay know them. `multipart` is not
 /// here: it needs a [`multipart::Gateway`].
-pub const PURE_TARGETS: [(&str, Target); 4] = [
+pub const PURE_TARGETS: [(&str, Target); 5] = [
     ("splitter", splitter::check),
     ("header", header::check),
     ("normalize", normalize::check),
     ("cursor", cursor::check),
+    ("decompress", decompress::check),
 ];
 
 /// A few bytes of the input that choose options, so one input decides both the options and

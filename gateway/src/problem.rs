@@ -33,6 +33,7 @@ pub const CODES: &[&str] = &[
     "uri_too_long",
     "unsupported_media_type",
     "invalid_csv",
+    "invalid_compression",
     "idempotency_key_reused",
     "idempotency_key_mismatch",
     "headers_too_large",

@@ -207,7 +207,7 @@ mod tests {
     use bytes::Bytes;
     use orbit_adapters::blob::local::LocalBlobStore;
     use orbit_core::domain::csv::{Dialect, TextEncoding};
-    use orbit_core::model::SourceStatus;
+    use orbit_core::model::{Compression, SourceStatus};
     use uuid::Uuid;
 
     use super::*;
@@ -235,6 +235,8 @@ mod tests {
             filename: "c.csv".into(),
             byte_size: CSV.len() as u64,
             sha256: String::new(),
+            compression: Compression::None,
+            received_bytes: CSV.len() as u64,
             object_key: "c.csv".into(),
             dialect: Dialect {
                 encoding: TextEncoding::Utf8,

@@ -1,5 +1,5 @@
 //! The AFL++ driver: `orbit-fuzz-afl TARGET`, one of `splitter`, `header`, `normalize`,
-//! `cursor`, `multipart`. Built by `cargo afl build --features afl -p orbit-fuzz` (see
+//! `cursor`, `decompress`, `multipart`. Built by `cargo afl build --features afl -p orbit-fuzz` (see
 //! docs/security.md); a plain `cargo build` leaves it out.
 
 use std::sync::Mutex;

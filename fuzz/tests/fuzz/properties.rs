@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use orbit_fuzz::multipart::Gateway;
-use orbit_fuzz::{cursor, header, normalize, splitter, PURE_TARGETS};
+use orbit_fuzz::{cursor, decompress, header, normalize, splitter, PURE_TARGETS};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 
@@ -101,6 +101,22 @@ fn splitter_properties() {
             splitter::check(&input);
             Ok(())
         })
+        .unwrap();
+}
+
+#[test]
+fn decompress_properties() {
+    // CSV-like data, for the modes that compress it, and raw bytes that claim to be gzip or
+    // zstd, for the modes that do not.
+    let raw = prop::collection::vec(any::<u8>(), 0..600);
+    runner(600)
+        .run(
+            &with_knobs(2, prop_oneof![pieces(CSV, 400), raw]),
+            |input| {
+                decompress::check(&input);
+                Ok(())
+            },
+        )
         .unwrap();
 }
 

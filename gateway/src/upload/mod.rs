@@ -12,6 +12,8 @@
 //!
 //! - this file: the axum handler, the form's fields, the request's clean-up and the answer;
 //! - `idempotency.rs`: claiming, settling, replaying and releasing the idempotency key;
+//! - `decode.rs`: telling a gzip or zstd file by its first bytes and decompressing it as it
+//!   streams;
 //! - `limits.rs`: admitting the upload under its organization's limits, or refusing it (`429`)
 //!   before the body is read;
 //! - `pipeline.rs`: hashing, the object write, the planner, the commit and the publish, with no
@@ -35,11 +37,14 @@ use crate::problem::{ApiError, ApiResult};
 use crate::types::UploadBody;
 use idempotency::{bad_key, validate_key, KeyPlan};
 use limits::Admitted;
-use pipeline::{FileRead, Hints, PipelineError, StoredFile};
+use pipeline::{FileRead, Hints, StoredFile};
 
+pub mod decode;
 mod idempotency;
 mod limits;
 mod pipeline;
+
+pub use pipeline::PipelineError;
 
 /// Text fields are tiny; anything bigger is not what the client meant to send.
 const MAX_TEXT_FIELD_BYTES: usize = 1024;
@@ -88,7 +93,11 @@ pub async fn upload(
             "the directory is archived and takes no uploads",
         ));
     }
-    let max = state.settings.ingest.max_upload_bytes;
+    let ingest = &state.settings.ingest;
+    // A body past both limits is refused before it is read: it is too large either way.
+    let max = ingest
+        .max_upload_bytes
+        .max(ingest.max_compressed_upload_bytes);
     if content_length(&headers).is_some_and(|n| n > max + MULTIPART_OVERHEAD_BYTES) {
         return Err(too_large(max));
     }
@@ -278,14 +287,17 @@ impl Upload<'_> {
         }
     }
 
-    async fn hash_only(&self, mut field: Field<'_>) -> ApiResult<FileRead> {
-        let max = self.state.settings.ingest.max_upload_bytes;
-        pipeline::hash_only(&mut field, max)
+    async fn hash_only(&self, field: Field<'_>) -> ApiResult<FileRead> {
+        let ingest = &self.state.settings.ingest;
+        let body = decode::open(field, decode_limits(ingest))
+            .await
+            .map_err(pipeline_error)?;
+        pipeline::hash_only(body, ingest.max_upload_bytes)
             .await
             .map_err(pipeline_error)
     }
 
-    async fn store_file(&mut self, mut field: Field<'_>, hints: &Hints) -> ApiResult<FileRead> {
+    async fn store_file(&mut self, field: Field<'_>, hints: &Hints) -> ApiResult<FileRead> {
         let filename = field
             .file_name()
             .map(|n| {
@@ -296,12 +308,15 @@ impl Upload<'_> {
             })
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "upload.csv".to_owned());
+        let body = decode::open(field, decode_limits(&self.state.settings.ingest))
+            .await
+            .map_err(pipeline_error)?;
         let file = pipeline::store_file(
             &*self.state.blobs,
             &self.state.settings,
             self.org,
             filename,
-            &mut field,
+            body,
             hints,
         )
         .await
@@ -433,6 +448,25 @@ fn pipeline_error(e: PipelineError<MultipartError>) -> ApiError {
     match e {
         PipelineError::Body(e) => multipart_error(e),
         PipelineError::TooLarge(max) => too_large(max),
+        PipelineError::CompressedTooLarge(max) => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "upload_too_large",
+            format!("the compressed file is larger than the {max} bytes allowed"),
+        ),
+        PipelineError::Corrupt {
+            compression,
+            offset,
+            detail,
+        } => ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_compression",
+            format!(
+                "the {} stream cannot be decoded after {offset} bytes of the file: {detail}; nothing of it was imported",
+                compression.as_str()
+            ),
+        )
+        .with_member("compression", compression.as_str())
+        .with_member("offset", offset),
         PipelineError::Rejected(e) => plan_error(e),
         PipelineError::ObjectStore(detail) => ApiError::unavailable(detail),
     }
@@ -445,6 +479,13 @@ fn plan_error(e: InvalidCsv) -> ApiError {
         ApiError::invalid_request(e.0)
     } else {
         ApiError::invalid_csv(e.0)
+    }
+}
+
+fn decode_limits(ingest: &orbit_config::IngestSettings) -> decode::Limits {
+    decode::Limits {
+        max_compressed_bytes: ingest.max_compressed_upload_bytes,
+        zstd_window_log: ingest.max_zstd_window_log,
     }
 }
 

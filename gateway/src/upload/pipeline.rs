@@ -7,8 +7,7 @@
 //! what is stored and when (a rejected file leaves no object; a committed one belongs to its
 //! source) in one place that the handler's form reading cannot blur.
 
-use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::StreamExt;
 use orbit_adapters::blob::{self, BlobStore};
 use orbit_adapters::metrics::{Publisher, METRICS as QUEUE_METRICS};
 use orbit_adapters::queue::Queue;
@@ -19,7 +18,8 @@ use orbit_core::domain::merge::MergeRules;
 use orbit_core::domain::InvalidCsv;
 use orbit_core::ingest::{FilePlan, FilePlanner, PlannerOptions};
 use orbit_core::model::{
-    upload_options_fingerprint, ChunkRef, IdempotencyClaim, NewSource, NewUpload, Source,
+    upload_options_fingerprint, ChunkRef, Compression, IdempotencyClaim, NewSource, NewUpload,
+    Source,
 };
 use orbit_store::{Store, StoreError};
 use orbit_worker::metrics::METRICS as WORKER_METRICS;
@@ -28,14 +28,22 @@ use tracing::field::Empty;
 use tracing::Instrument as _;
 use uuid::Uuid;
 
-use crate::metrics::METRICS;
+use super::decode::Decoded;
 
 /// Why the pipeline stopped; `E` is the byte stream's own error.
 pub enum PipelineError<E> {
     /// The request body could not be read.
     Body(E),
-    /// The file is over `ingest.max_upload_bytes` (the limit).
+    /// The file is over `ingest.max_upload_bytes` (the limit), decompressed.
     TooLarge(u64),
+    /// The compressed file is over `ingest.max_compressed_upload_bytes` (the limit).
+    CompressedTooLarge(u64),
+    /// The compressed stream could not be decoded: `offset` compressed bytes were read.
+    Corrupt {
+        compression: Compression,
+        offset: u64,
+        detail: String,
+    },
     /// The planner refused the file.
     Rejected(InvalidCsv),
     /// The object store failed; the text says how, for the client.
@@ -71,19 +79,21 @@ pub struct StoredFile {
     pub filename: String,
     pub byte_size: u64,
     pub sha256: String,
+    pub compression: Compression,
+    pub received_bytes: u64,
     pub plan: FilePlan,
     pub dry_run: bool,
 }
 
-/// Hashes the file without keeping it, for a replay to compare with the original.
-pub async fn hash_only<S, E>(body: &mut S, max: u64) -> Result<FileRead, PipelineError<E>>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-{
+/// Hashes the file (decompressed) without keeping it, for a replay to compare with the
+/// original.
+pub async fn hash_only<E>(
+    mut body: Decoded<'_, E>,
+    max: u64,
+) -> Result<FileRead, PipelineError<E>> {
     let mut hasher = Sha256::new();
     let mut size = 0u64;
-    while let Some(bytes) = body.next().await.transpose().map_err(PipelineError::Body)? {
-        METRICS.upload_bytes.inc_by(bytes.len() as u64);
+    while let Some(bytes) = body.csv.next().await.transpose()? {
         size += bytes.len() as u64;
         if size > max {
             return Err(PipelineError::TooLarge(max));
@@ -95,20 +105,17 @@ where
     })
 }
 
-/// Streams the file once into the object store and the planner. On any failure the object
-/// is dropped before returning; a future dropped mid-way leaves that to the writer's own
-/// clean-up.
-pub async fn store_file<S, E>(
+/// Streams the file (decompressed) once into the object store and the planner. On any
+/// failure the object is dropped before returning; a future dropped mid-way leaves that to the
+/// writer's own clean-up.
+pub async fn store_file<E>(
     blobs: &dyn BlobStore,
     settings: &Settings,
     org: Uuid,
     filename: String,
-    body: &mut S,
+    mut body: Decoded<'_, E>,
     hints: &Hints,
-) -> Result<StoredFile, PipelineError<E>>
-where
-    S: Stream<Item = Result<Bytes, E>> + Unpin,
-{
+) -> Result<StoredFile, PipelineError<E>> {
     let ingest = &settings.ingest;
     let source_id = Uuid::now_v7();
     let object_key = blob::object_key(org, source_id);
@@ -142,8 +149,7 @@ where
     let mut hasher = Sha256::new();
     let mut size = 0u64;
     let streamed: Result<(), PipelineError<E>> = async {
-        while let Some(bytes) = body.next().await.transpose().map_err(PipelineError::Body)? {
-            METRICS.upload_bytes.inc_by(bytes.len() as u64);
+        while let Some(bytes) = body.csv.next().await.transpose()? {
             size += bytes.len() as u64;
             if size > ingest.max_upload_bytes {
                 return Err(PipelineError::TooLarge(ingest.max_upload_bytes));
@@ -201,6 +207,8 @@ where
         filename,
         byte_size: size,
         sha256: hex::encode(hasher.finalize()),
+        compression: body.compression,
+        received_bytes: body.received_bytes(),
         plan,
         dry_run: hints.dry_run,
     })
@@ -237,6 +245,8 @@ pub async fn commit(
             filename: file.filename,
             byte_size: file.byte_size,
             sha256: file.sha256,
+            compression: file.compression,
+            received_bytes: file.received_bytes,
             object_key: file.object_key,
             dialect: plan.dialect,
             columns: plan.columns,

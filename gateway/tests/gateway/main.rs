@@ -16,6 +16,7 @@ mod api;
 mod backlog;
 mod chaos;
 mod citus;
+mod compressed;
 mod export;
 mod fairness;
 mod hardening;

@@ -387,7 +387,15 @@ pub struct QueueSettings {
 pub struct IngestSettings {
     pub sync_rows: u64,
     pub chunk_rows: u64,
+    /// The largest file, in bytes, once decompressed: what is stored and read.
     pub max_upload_bytes: u64,
+    /// The most bytes of a gzip or zstd file received before it is refused, whatever it
+    /// decompresses to (`413 upload_too_large`).
+    pub max_compressed_upload_bytes: u64,
+    /// The largest zstd window accepted, as a power of two (23: 8 MiB, the limit RFC 9659 sets
+    /// for HTTP). The window is memory the gateway holds per upload; a frame asking for more
+    /// (`zstd --long`) is refused with `422 invalid_compression`.
+    pub max_zstd_window_log: u32,
     pub max_field_bytes: usize,
     pub max_columns: usize,
     pub max_header_bytes: usize,
@@ -555,6 +563,8 @@ reconnect_timeout = "30s"
 sync_rows = 1000
 chunk_rows = 10000
 max_upload_bytes = 1073741824
+max_compressed_upload_bytes = 1073741824
+max_zstd_window_log = 23
 max_field_bytes = 8192
 max_columns = 512
 max_header_bytes = 65536
@@ -669,6 +679,10 @@ impl Settings {
         anyhow::ensure!(
             !self.ingest.max_upload_duration.is_zero() && !self.ingest.sweep_interval.is_zero(),
             "ingest.max_upload_duration and ingest.sweep_interval must be longer than 0s"
+        );
+        anyhow::ensure!(
+            (10..=31).contains(&self.ingest.max_zstd_window_log),
+            "ingest.max_zstd_window_log must be between 10 and 31"
         );
         let http = &self.http;
         anyhow::ensure!(

@@ -70,6 +70,48 @@ impl SourceStatus {
     }
 }
 
+/// How an uploaded file was compressed, told by its first bytes whatever its name or headers.
+/// The object store keeps the CSV decompressed (docs/imports.md, "Compressed files").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    /// The most leading bytes [`Compression::sniff`] needs.
+    pub const MAGIC_LEN: usize = 4;
+
+    /// What a file starting with `head` is: gzip (RFC 1952's `1f 8b`), zstd (a frame's
+    /// `28 b5 2f fd`), or anything else, read as text. `head` is the file's first
+    /// [`Compression::MAGIC_LEN`] bytes, or all of a shorter file.
+    pub fn sniff(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Gzip => "gzip",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Compression::None, Compression::Gzip, Compression::Zstd]
+            .into_iter()
+            .find(|c| c.as_str() == s)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SourceError {
     pub code: String,
@@ -85,8 +127,12 @@ pub struct Source {
     pub directory_id: Uuid,
     pub status: SourceStatus,
     pub filename: String,
+    /// The CSV's size and hash, decompressed: the bytes stored and read.
     pub byte_size: u64,
     pub sha256: String,
+    /// How the file came over the wire, and how many bytes did.
+    pub compression: Compression,
+    pub received_bytes: u64,
     pub object_key: String,
     pub dialect: Dialect,
     pub columns: ColumnMap,
@@ -340,6 +386,8 @@ pub struct NewSource {
     pub filename: String,
     pub byte_size: u64,
     pub sha256: String,
+    pub compression: Compression,
+    pub received_bytes: u64,
     pub object_key: String,
     pub dialect: Dialect,
     pub columns: ColumnMap,

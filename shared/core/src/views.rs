@@ -7,7 +7,7 @@ use uuid::Uuid;
 
 use crate::domain::header::ColumnMapping;
 use crate::domain::merge::MergeRules;
-use crate::model::{Retrying, Source, SourceError, SourceStatus};
+use crate::model::{Compression, Retrying, Source, SourceError, SourceStatus};
 
 /// The upload response fields: what `csv-upload` answers and replays.
 #[derive(Debug, Serialize)]
@@ -28,8 +28,12 @@ pub struct SourceBody {
     pub total_rows: u64,
     pub processed_rows: u64,
     pub filename: String,
+    /// The CSV's size and SHA-256, decompressed when it came compressed.
     pub byte_size: u64,
     pub sha256: String,
+    /// `none`, `gzip` or `zstd`: how the file came, and its size as it came.
+    pub compression: Compression,
+    pub received_bytes: u64,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub completed_at: Option<DateTime<Utc>>,
@@ -65,6 +69,8 @@ impl From<Source> for SourceBody {
             filename: s.filename,
             byte_size: s.byte_size,
             sha256: s.sha256,
+            compression: s.compression,
+            received_bytes: s.received_bytes,
             created_at: s.created_at,
             updated_at: s.updated_at,
             completed_at: s.completed_at,

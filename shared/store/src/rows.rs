@@ -45,6 +45,9 @@ pub(super) struct SourceRow {
     filename: String,
     byte_size: i64,
     sha256: String,
+    compression: String,
+    /// NULL for a file that came as it is stored: `byte_size` bytes.
+    received_bytes: Option<i64>,
     object_key: String,
     encoding: String,
     delimiter: i64,
@@ -85,6 +88,9 @@ impl TryFrom<SourceRow> for Source {
             filename: r.filename,
             byte_size: r.byte_size as u64,
             sha256: r.sha256,
+            compression: Compression::parse(&r.compression)
+                .ok_or_else(|| StoreError::Corrupt(format!("compression {:?}", r.compression)))?,
+            received_bytes: r.received_bytes.unwrap_or(r.byte_size) as u64,
             object_key: r.object_key,
             dialect: Dialect {
                 encoding: TextEncoding::from_hint(&r.encoding)

@@ -149,6 +149,8 @@ async fn setup(region: &str) -> Setup {
                 filename: "contacts.csv".into(),
                 byte_size: 100,
                 sha256: "ab".repeat(32),
+                compression: Compression::None,
+                received_bytes: 100,
                 object_key: orbit_adapters::blob::object_key(org, id),
                 dialect: Dialect {
                     encoding: TextEncoding::Utf8,

@@ -101,8 +101,8 @@ impl PgStore {
         let chunk_count = upload.chunks.len() + usize::from(upload.sync_chunk.is_some());
         insert_source(
             &mut tx,
-            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run, seq, owned_identities)
-             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $17, $18, 0)",
+            "INSERT INTO sources (id, organization_id, directory_id, status, filename, byte_size, sha256, object_key, encoding, delimiter, bom_len, columns, max_field_bytes, default_region, total_rows, chunk_count, created_ms, updated_ms, dry_run, seq, owned_identities, compression, received_bytes)
+             VALUES ($1, $2, $3, 'pending', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $16, $17, $18, 0, $19, $20)",
             s,
             chunk_count,
             Some(upload.seq),

@@ -398,7 +398,8 @@ macro_rules! transaction_steps {
         }
 
         /// Inserts a pending source with `statement`, which binds $1 to $17 in the order
-        /// below and the source's sequence number as $18 (NULL: the database assigns it).
+        /// below, the source's sequence number as $18 (NULL: the database assigns it), its
+        /// compression as $19 and the bytes received as $20 (NULL when uncompressed).
         pub(super) async fn insert_source(
             conn: &mut $conn,
             statement: &str,
@@ -425,6 +426,11 @@ macro_rules! transaction_steps {
                 .bind($crate::rows::now_ms())
                 .bind(s.dry_run)
                 .bind(seq)
+                .bind(s.compression.as_str())
+                .bind(
+                    (s.compression != ::orbit_core::model::Compression::None)
+                        .then_some(s.received_bytes as i64),
+                )
                 .execute(&mut *conn)
                 .await?;
             Ok(())

@@ -79,6 +79,8 @@ fn new_upload(
             filename: "contacts.csv".into(),
             byte_size: 1234,
             sha256: "ab".repeat(32),
+            compression: Compression::None,
+            received_bytes: 1234,
             object_key: format!("sources/{org}/{id}.csv"),
             dialect: Dialect {
                 encoding: TextEncoding::Utf8,

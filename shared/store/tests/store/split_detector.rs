@@ -121,6 +121,8 @@ fn upload_with(org: Uuid, dir: Uuid, chunk_count: u64, merge: MergeRules) -> New
             filename: "split.csv".into(),
             byte_size: chunk_count * 1000,
             sha256: "cd".repeat(32),
+            compression: Compression::None,
+            received_bytes: chunk_count * 1000,
             object_key: format!("sources/{org}/{id}.csv"),
             dialect: Dialect {
                 encoding: TextEncoding::Utf8,
