@@ -9,13 +9,16 @@
 # missed, and writes results.json in the work dir. Before the synchronous path, the `fairness`
 # phase (issue 24; about 2 minutes) times, with fair scheduling on and off, one organization's
 # 20,000-row upload idle and right after another queues four 500,000-row files, and a lone
-# organization's 1M-row ingest.
+# organization's 1M-row ingest. Not in the default run, the `export` phase (issue 23) loads 1M
+# profiles into one directory and times `GET …/profiles/export` as CSV, NDJSON and zstd CSV
+# against paging the JSON list through them, with the gateway's peak RSS.
 #
-#   bash deploy/bench.sh                      # every phase but citus (about 17 minutes on 2 cores)
+#   bash deploy/bench.sh                      # every phase but citus and export (about 17 minutes on 2 cores)
 #   bash deploy/bench.sh --phases copy,distributed --rows 200000
 #   bash deploy/bench.sh --phases scaleout --scaleout-rows 30000
 #   bash deploy/citus.sh && bash deploy/bench.sh --phases citus    # Citus against PostgreSQL
 #   bash deploy/bench.sh --phases fairness --fairness-bulk-runs 3   # fair scheduling on and off
+#   bash deploy/bench.sh --phases export --export-rows 300000       # export against paging
 #   bash deploy/bench.sh --help
 #
 # Needs only the test services: brings them up (deploy/services.sh) and installs pgloader

@@ -12,6 +12,8 @@
 //! - `citus`: the same stack on a Citus cluster and on PostgreSQL, one directory and several;
 //! - `fairness`: one organization's small upload, idle and behind another's bulk files, and a
 //!   lone organization's bulk ingest, with fair scheduling on and off;
+//! - `export`: a directory streamed out by `GET …/profiles/export` as CSV and NDJSON, against
+//!   paging its JSON list, and the gateway's peak RSS meanwhile;
 //! - `node`: the database servers a stack writes to, their WAL and CPU time;
 //! - `wal`: PostgreSQL WAL positions, for the bytes of WAL a load writes per row.
 //!
@@ -20,6 +22,7 @@
 mod baseline;
 mod cgroup;
 mod citus;
+mod export;
 mod fairness;
 mod generate;
 mod load;
@@ -70,7 +73,8 @@ struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
     /// Phases to run, comma-separated. `citus` is not in the default run: it needs a Citus
-    /// cluster (`bash deploy/citus.sh`). `fairness` is (about two minutes on 2 cores).
+    /// cluster (`bash deploy/citus.sh`); nor is `export`, which loads its own 1M rows and takes
+    /// minutes. `fairness` is (about two minutes on 2 cores).
     #[arg(
         long,
         value_delimiter = ',',
@@ -143,10 +147,13 @@ struct Args {
         value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=16),
     )]
     fairness_bulk_runs: usize,
+    /// Export phase: profiles loaded into one directory, then exported and paged through.
+    #[arg(long, default_value_t = 1_000_000)]
+    export_rows: u64,
 }
 
 /// Every phase, in the order they run.
-const PHASES: [&str; 9] = [
+const PHASES: [&str; 10] = [
     "copy",
     "pgloader",
     "distributed",
@@ -154,6 +161,7 @@ const PHASES: [&str; 9] = [
     "scaleout",
     "citus",
     "fairness",
+    "export",
     "sync",
     "rss",
 ];
@@ -335,7 +343,7 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
         v.as_f64()
     };
     let kb = |bytes: Option<f64>| bytes.map(|b| b / 1000.0);
-    let targets: [(&str, Option<f64>, f64, bool); 10] = [
+    let targets: [(&str, Option<f64>, f64, bool); 14] = [
         (
             "distributed rows/s / psql \\copy",
             at(&["ratio_orbit_distributed_to_psql_copy"]),
@@ -377,6 +385,30 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
             at(&["fairness", "bulk_ratio_on_to_off"]),
             0.95,
             true,
+        ),
+        (
+            "export CSV profiles/s",
+            at(&["export", "csv", "profiles_per_second"]),
+            150_000.0,
+            true,
+        ),
+        (
+            "export NDJSON profiles/s",
+            at(&["export", "ndjson", "profiles_per_second"]),
+            150_000.0,
+            true,
+        ),
+        (
+            "export CSV / paging the JSON list",
+            at(&["export", "ratio_csv_to_paging"]),
+            10.0,
+            true,
+        ),
+        (
+            "gateway peak RSS MiB, exports",
+            at(&["export", "gateway_peak_rss_mib"]),
+            64.0,
+            false,
         ),
         (
             "sync p99 ms, 16 clients, one directory",
@@ -606,6 +638,10 @@ async fn main() -> anyhow::Result<()> {
         results.insert("fairness".into(), fairness::run(&args).await?);
     }
 
+    if phase("export") {
+        results.insert("export".into(), export::run(&args).await?);
+    }
+
     if phase("sync") {
         let mut sync = serde_json::Map::new();
         for (kind, per_client) in [
@@ -657,10 +693,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_default_run_has_every_phase_but_citus_and_the_scaleout_and_fairness_settings() {
+    fn the_default_run_has_every_phase_but_citus_and_export_and_their_settings() {
         let args = Args::try_parse_from(["orbit-bench"]).unwrap();
         let mut phases = PHASES.to_vec();
-        phases.retain(|p| *p != "citus");
+        phases.retain(|p| *p != "citus" && *p != "export");
         assert_eq!(args.phases, phases);
         assert_eq!(args.citus_dirs, 8);
         assert_eq!(args.citus_stacks, ["plain", "citus"]);
@@ -683,6 +719,8 @@ mod tests {
             (args.fairness_bulk_rows, args.fairness_bulk_runs),
             (1_000_000, 1)
         );
+        // The directory: 1M profiles.
+        assert_eq!(args.export_rows, 1_000_000);
     }
 
     #[test]
@@ -738,6 +776,18 @@ mod tests {
         .unwrap();
         assert_eq!(args.phases, ["fairness"]);
         assert_eq!((args.fairness_big_files, args.fairness_bulk_runs), (2, 3));
+        let args = Args::try_parse_from([
+            "orbit-bench",
+            "--phases",
+            "export",
+            "--export-rows",
+            "300000",
+        ])
+        .unwrap();
+        assert_eq!(
+            (args.phases, args.export_rows),
+            (vec!["export".into()], 300_000)
+        );
         for bad in [
             ["--citus-stacks", "postgres"],
             ["--citus-dirs", "1"],
@@ -815,6 +865,27 @@ mod tests {
             [
                 ("fair: small upload busy / idle", false),
                 ("fair: bulk rows/s, fair on / off", true),
+            ]
+        );
+        // The export targets: both formats' rate, CSV against paging, and the gateway's peak.
+        let results = json!({ "export": {
+            "csv": { "profiles_per_second": 180_000.0 },
+            "ndjson": { "profiles_per_second": 120_000.0 },
+            "csv_zstd": { "profiles_per_second": 90_000.0 },
+            "ratio_csv_to_paging": 12.5,
+            "gateway_peak_rss_mib": 66.0,
+        } });
+        let got: Vec<(&str, bool)> = targets(results.as_object().unwrap())
+            .iter()
+            .map(|v| (v.name, v.met()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("export CSV profiles/s", true),
+                ("export NDJSON profiles/s", false),
+                ("export CSV / paging the JSON list", true),
+                ("gateway peak RSS MiB, exports", false),
             ]
         );
     }

@@ -70,6 +70,13 @@ pub fn cpu_time(child: &Child) -> anyhow::Result<Duration> {
     Ok(ticks(stat.utime + stat.stime))
 }
 
+/// The user plus system CPU time of a `/proc/<pid>/stat` line (the process's own, not its
+/// children's).
+pub fn stat_cpu(stat: &str) -> anyhow::Result<Duration> {
+    let stat = ProcStat::parse(stat)?;
+    Ok(ticks(stat.utime + stat.stime))
+}
+
 /// USER_HZ is 100 on every Linux architecture Orbit builds for.
 fn ticks(ticks: u64) -> Duration {
     Duration::from_millis(ticks * 10)
