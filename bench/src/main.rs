@@ -22,6 +22,7 @@
 mod baseline;
 mod cgroup;
 mod citus;
+mod compressed;
 mod export;
 mod fairness;
 mod generate;
@@ -73,8 +74,8 @@ struct Args {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
     /// Phases to run, comma-separated. `citus` is not in the default run: it needs a Citus
-    /// cluster (`bash deploy/citus.sh`); nor is `export`, which loads its own 1M rows and takes
-    /// minutes. `fairness` is (about two minutes on 2 cores).
+    /// cluster (`bash deploy/citus.sh`); nor are `export` and `compressed`, which load their own
+    /// 1M rows and take minutes. `fairness` is (about two minutes on 2 cores).
     #[arg(
         long,
         value_delimiter = ',',
@@ -150,10 +151,13 @@ struct Args {
     /// Export phase: profiles loaded into one directory, then exported and paged through.
     #[arg(long, default_value_t = 1_000_000)]
     export_rows: u64,
+    /// Compressed phase: rows in the file uploaded as it is, gzip'ed and zstd'ed.
+    #[arg(long, default_value_t = 1_000_000)]
+    compressed_rows: u64,
 }
 
 /// Every phase, in the order they run.
-const PHASES: [&str; 10] = [
+const PHASES: [&str; 11] = [
     "copy",
     "pgloader",
     "distributed",
@@ -162,6 +166,7 @@ const PHASES: [&str; 10] = [
     "citus",
     "fairness",
     "export",
+    "compressed",
     "sync",
     "rss",
 ];
@@ -205,6 +210,8 @@ pub struct Ingest {
     wal_bytes: Option<u64>,
     /// What each database server did meanwhile (distributed only).
     nodes: Vec<NodeUse>,
+    /// Each upload's source as `GET` showed it once `completed`.
+    sources: Vec<Value>,
 }
 
 /// One file uploaded into one directory.
@@ -301,6 +308,7 @@ pub async fn measure_uploads(orbit: &mut Orbit, uploads: &[Upload<'_>]) -> anyho
         upload_response,
         wal_bytes: (!nodes.is_empty()).then(|| nodes.iter().map(|n| n.wal_bytes).sum()),
         nodes,
+        sources: done,
     })
 }
 
@@ -343,7 +351,7 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
         v.as_f64()
     };
     let kb = |bytes: Option<f64>| bytes.map(|b| b / 1000.0);
-    let targets: [(&str, Option<f64>, f64, bool); 14] = [
+    let targets: [(&str, Option<f64>, f64, bool); 16] = [
         (
             "distributed rows/s / psql \\copy",
             at(&["ratio_orbit_distributed_to_psql_copy"]),
@@ -409,6 +417,18 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
             at(&["export", "gateway_peak_rss_mib"]),
             64.0,
             false,
+        ),
+        (
+            "compressed: gzip rows/s / plain",
+            at(&["compressed", "ratio_gzip_to_plain"]),
+            0.9,
+            true,
+        ),
+        (
+            "compressed: zstd rows/s / plain",
+            at(&["compressed", "ratio_zstd_to_plain"]),
+            0.9,
+            true,
         ),
         (
             "sync p99 ms, 16 clients, one directory",
@@ -642,6 +662,10 @@ async fn main() -> anyhow::Result<()> {
         results.insert("export".into(), export::run(&args).await?);
     }
 
+    if phase("compressed") {
+        results.insert("compressed".into(), compressed::run(&args).await?);
+    }
+
     if phase("sync") {
         let mut sync = serde_json::Map::new();
         for (kind, per_client) in [
@@ -696,7 +720,7 @@ mod tests {
     fn the_default_run_has_every_phase_but_citus_and_export_and_their_settings() {
         let args = Args::try_parse_from(["orbit-bench"]).unwrap();
         let mut phases = PHASES.to_vec();
-        phases.retain(|p| *p != "citus" && *p != "export");
+        phases.retain(|p| !["citus", "export", "compressed"].contains(p));
         assert_eq!(args.phases, phases);
         assert_eq!(args.citus_dirs, 8);
         assert_eq!(args.citus_stacks, ["plain", "citus"]);
