@@ -1,5 +1,6 @@
 //! The command line: global connection flags, output flags, and one subcommand per task.
 
+use crate::upload::Compress;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -181,4 +182,12 @@ pub struct UploadArgs {
     /// Validate the files exactly as an import would, and import nothing.
     #[arg(long)]
     pub dry_run: bool,
+    /// Compress each file on the fly as it is sent: `auto` (zstd for files over
+    /// `--compress-above`), `zstd`, `gzip` or `none`. The server stores and hashes the CSV
+    /// itself, so a compressed and a plain upload of one file are the same upload.
+    #[arg(long, value_enum, default_value_t = Compress::Auto)]
+    pub compress: Compress,
+    /// With `--compress auto`, the size in bytes above which a file is compressed.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub compress_above: u64,
 }

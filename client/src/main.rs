@@ -72,6 +72,8 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                     .transpose()?
                     .unwrap_or_default(),
                 dry_run: args.dry_run,
+                compress: args.compress,
+                compress_above: args.compress_above,
             };
             upload::validate(&api, &args.files, &options).await?;
             let reports = upload::upload_all(&api, &progress, &args.files, &options).await;

@@ -8,5 +8,6 @@
 mod common;
 
 mod cli;
+mod compress;
 mod export;
 mod steering;
