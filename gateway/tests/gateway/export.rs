@@ -487,10 +487,10 @@ async fn a_client_that_goes_away_leaves_no_session_in_the_export() {
     let database = &app.stack.as_ref().unwrap().database;
     let (column, value) = database.sessions();
     let pool = sqlx::PgPool::connect(&database.url).await.unwrap();
-    // A session inside the export's snapshot: between its batch reads or in one.
+    // A session inside the export's snapshot, its one query streaming.
     let in_export = format!(
         "SELECT count(*) FROM pg_stat_activity WHERE {column} = $1 AND xact_start IS NOT NULL
-           AND query LIKE '%ORDER BY p.id LIMIT%' AND pid <> pg_backend_pid()"
+           AND query LIKE '%FROM profiles p%ORDER BY p.id%' AND pid <> pg_backend_pid()"
     );
     let sessions = || async {
         sqlx::query_scalar::<_, i64>(&in_export)

@@ -1,6 +1,8 @@
 //! What the HTTP API reads and writes through in PostgreSQL's own way: claiming idempotency
 //! keys, recording uploads, and profiles (the rest of its roles is `shared::store_roles`).
 
+use futures::StreamExt as _;
+
 use super::*;
 
 /// A profile row selected with its id, directory and [`profile_columns`].
@@ -249,43 +251,61 @@ impl Profiles for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         attribute_names.sort_unstable();
-        let batches = futures::stream::try_unfold(
-            (Some(tx), Uuid::nil()),
-            move |(tx, after)| async move {
-                let Some(mut tx) = tx else {
-                    return StoreResult::Ok(None);
-                };
-                let rows = sqlx::query(&format!(
-                    "SELECT p.id, p.directory_id, {columns} FROM profiles p
-                     WHERE p.directory_id = $1 AND p.id > $2 AND ($3::BIGINT IS NULL OR p.updated_ms >= $3)
-                     ORDER BY p.id LIMIT $4",
-                    columns = profile_columns()
-                ))
-                .bind(dir)
-                .bind(after)
-                .bind(since)
-                .bind(crate::EXPORT_BATCH)
-                .fetch_all(&mut *tx)
-                .await?;
-                let tx = if (rows.len() as i64) < crate::EXPORT_BATCH {
-                    // The last batch: the snapshot is let go now rather than when the
-                    // consumer gets round to dropping the stream.
-                    tx.rollback().await?;
-                    None
-                } else {
-                    Some(tx)
-                };
-                if rows.is_empty() {
-                    return Ok(None);
-                }
-                let batch = rows
-                    .iter()
-                    .map(profile_of_row)
-                    .collect::<StoreResult<Vec<_>>>()?;
-                let after = batch.last().map_or(after, |p| p.id);
-                Ok(Some((batch, (tx, after))))
-            },
+        // One query streamed to the end rather than a query per batch: PostgreSQL produces
+        // rows while this side decodes and encodes the ones before, instead of the two taking
+        // turns. A task owns the transaction; the channel's bound is the back-pressure, which
+        // reaches PostgreSQL through the socket.
+        let (sender, receiver) = tokio::sync::mpsc::channel(2);
+        let sql = format!(
+            "SELECT p.id, p.directory_id, {columns} FROM profiles p
+             WHERE p.directory_id = $1 AND ($2::BIGINT IS NULL OR p.updated_ms >= $2)
+             ORDER BY p.id",
+            columns = profile_columns()
         );
+        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *tx)
+            .await?;
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut tx = tx;
+            let finished = {
+                let mut rows = sqlx::query(&sql)
+                    .bind(dir)
+                    .bind(since)
+                    .fetch(&mut *tx)
+                    .chunks(crate::EXPORT_BATCH as usize);
+                loop {
+                    let Some(chunk) = rows.next().await else {
+                        break true;
+                    };
+                    let batch = chunk
+                        .into_iter()
+                        .map(|row| profile_of_row(&row?))
+                        .collect::<StoreResult<Vec<_>>>();
+                    let failed = batch.is_err();
+                    if sender.send(batch).await.is_err() || failed {
+                        break false;
+                    }
+                }
+            };
+            if !finished {
+                // The reader went away mid-stream: stop the query rather than have the
+                // connection's next user read the rest of its rows off it. The transaction is
+                // still this task's, so the backend runs nothing of anyone else's.
+                if let Err(e) = sqlx::query("SELECT pg_cancel_backend($1)")
+                    .bind(backend)
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::warn!(error = %e, "could not cancel an abandoned export's query");
+                }
+            }
+            if let Err(e) = tx.rollback().await {
+                tracing::debug!(error = %e, "an export's snapshot ended with an error");
+            }
+        });
+        let mut receiver = receiver;
+        let batches = futures::stream::poll_fn(move |cx| receiver.poll_recv(cx));
         Ok(Some(crate::ProfileExport {
             attribute_names,
             count: count as u64,
