@@ -8,13 +8,14 @@ use super::*;
 /// A profile row selected with its id, directory and [`profile_columns`].
 pub(super) fn profile_of_row(row: &PgRow) -> StoreResult<Profile> {
     let (state, identities) = profile_from_row(row)?;
+    let columns = ProfileColumnsAt::of(row)?;
     Ok(Profile {
         id: row.try_get("id")?,
         directory_id: row.try_get("directory_id")?,
         state,
         identities,
-        created_at: at(row.try_get("created_ms")?),
-        updated_at: at(row.try_get("updated_ms")?),
+        created_at: at(row.try_get(columns.created_ms())?),
+        updated_at: at(row.try_get(columns.updated_ms())?),
     })
 }
 

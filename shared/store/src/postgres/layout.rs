@@ -103,6 +103,45 @@ pub(super) fn profile_columns() -> String {
     columns
 }
 
+/// Where the columns of [`profile_columns`] are in a row that selected them, in one block and
+/// in that order.
+#[derive(Clone, Copy)]
+pub(super) struct ProfileColumnsAt(usize);
+
+impl ProfileColumnsAt {
+    pub fn of(row: &PgRow) -> StoreResult<Self> {
+        Ok(ProfileColumnsAt(sqlx::Column::ordinal(
+            row.try_column("created_ms")?,
+        )))
+    }
+
+    pub fn created_ms(self) -> usize {
+        self.0
+    }
+
+    pub fn updated_ms(self) -> usize {
+        self.0 + 1
+    }
+
+    fn version(self) -> usize {
+        self.0 + 2
+    }
+
+    /// The value of the `i`th of [`field_names`].
+    fn field(self, i: usize) -> usize {
+        self.0 + 3 + 2 * i
+    }
+
+    fn field_version(self, i: usize) -> usize {
+        self.field(i) + 1
+    }
+
+    /// `field_ranks`, then `attributes`, then `identities`.
+    fn field_ranks(self) -> usize {
+        self.field(KnownField::ALL.len())
+    }
+}
+
 /// Bits of `field_ranks` per field, in [`field_names`] order: a [`Rank::number`] each.
 const RANK_BITS: usize = 2;
 
@@ -180,12 +219,16 @@ impl<'a> ProfileColumns<'a> {
 
 /// Reads the state and identities of a profile row selected with [`profile_columns`].
 pub(super) fn profile_from_row(row: &PgRow) -> StoreResult<(ProfileState, Vec<(String, String)>)> {
-    let shared: Option<i64> = row.try_get("version")?;
-    let ranks: Option<i64> = row.try_get("field_ranks")?;
+    // The block of `profile_columns` is read by position from where it starts: by name, each
+    // of its columns cost a lookup in the row's column map and each field's version a string
+    // made for it, for every profile an export or a resolution reads.
+    let at = ProfileColumnsAt::of(row)?;
+    let shared: Option<i64> = row.try_get(at.version())?;
+    let ranks: Option<i64> = row.try_get(at.field_ranks())?;
     let mut fields = BTreeMap::new();
     for (i, name) in field_names().enumerate() {
-        let value: Option<String> = row.try_get(name)?;
-        let own: Option<i64> = row.try_get(format!("{name}_v").as_str())?;
+        let value: Option<String> = row.try_get(at.field(i))?;
+        let own: Option<i64> = row.try_get(at.field_version(i))?;
         if let Some(value) = value {
             let version = own.or(shared).ok_or_else(|| {
                 StoreError::Corrupt(format!("profile field {name} has no version"))
@@ -204,12 +247,12 @@ pub(super) fn profile_from_row(row: &PgRow) -> StoreResult<(ProfileState, Vec<(S
             );
         }
     }
-    let attributes: Option<String> = row.try_get("attributes")?;
+    let attributes: Option<String> = row.try_get(at.field_ranks() + 1)?;
     let attributes = match attributes {
         Some(json) => serde_json::from_str(&json)?,
         None => BTreeMap::new(),
     };
-    let stored: String = row.try_get("identities")?;
+    let stored: String = row.try_get(at.field_ranks() + 2)?;
     let mut identities = parse_identities(&stored)?;
     identities.sort_unstable();
     Ok((ProfileState { fields, attributes }, identities))
@@ -308,6 +351,26 @@ mod tests {
             KeySpace::FULL.next(i64::MAX),
             i64::MIN,
             "so does a full one"
+        );
+    }
+
+    #[test]
+    fn profile_columns_are_read_where_profile_columns_puts_them() {
+        let names: Vec<String> = format!("id, directory_id, {}", profile_columns())
+            .split(", ")
+            .map(str::to_owned)
+            .collect();
+        let at = ProfileColumnsAt(2);
+        assert_eq!(names[at.created_ms()], "created_ms");
+        assert_eq!(names[at.updated_ms()], "updated_ms");
+        assert_eq!(names[at.version()], "version");
+        for (i, name) in field_names().enumerate() {
+            assert_eq!(names[at.field(i)], name);
+            assert_eq!(names[at.field_version(i)], format!("{name}_v"));
+        }
+        assert_eq!(
+            &names[at.field_ranks()..],
+            ["field_ranks", "attributes", "identities"]
         );
     }
 

@@ -53,7 +53,7 @@ use crate::{
 use copy::BinaryRows;
 use layout::{
     field_names, identities_text, kind_number, profile_columns, profile_from_row, KeySpace,
-    ProfileColumns,
+    ProfileColumns, ProfileColumnsAt,
 };
 use orbit_config::DatabaseSettings;
 use orbit_core::domain::fair::Pass;
