@@ -197,53 +197,93 @@ pub async fn errors(
     Ok(())
 }
 
-/// Streams the failed-rows CSV record by record into `output` (`-` for stdout). A file is
-/// written beside its final name and renamed at the end, so a broken download never leaves a
-/// short file that looks complete. Returns the number of rows written.
+/// Streams the failed-rows CSV record by record into `output` (`-` for stdout), through an
+/// [`OutputFile`]. Returns the number of rows written.
 pub async fn failed_rows(api: &Api, dir: Uuid, source: Uuid, output: &Path) -> Result<u64> {
     let url = api.dir_url(dir, &format!("/sources/{source}/failed-rows"));
-    let response = match api.get(&url).send().await {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => return Err(ClientError::Api(crate::api::problem(r).await)),
-        Err(e) => return Err(ClientError::Network(crate::api::transport_error(&e))),
-    };
-    let body =
-        tokio_util::io::StreamReader::new(response.bytes_stream().map_err(std::io::Error::other));
-    let to_stdout = output == Path::new("-");
-    let mut partial = output.as_os_str().to_owned();
-    partial.push(".part");
-    let partial = std::path::PathBuf::from(partial);
-    let sink: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
-        if to_stdout {
-            Box::new(tokio::io::stdout())
-        } else {
-            Box::new(tokio::fs::File::create(&partial).await.map_err(|e| {
-                ClientError::Usage(format!("cannot write {}: {e}", partial.display()))
-            })?)
-        };
+    let body = reader_of(send_ok(api.get(&url)).await?);
+    let (file, sink) = OutputFile::create(output).await?;
     let copied = copy_csv(body, sink).await;
-    match copied {
-        Ok(rows) => {
-            if !to_stdout {
-                tokio::fs::rename(&partial, output).await.map_err(|e| {
-                    ClientError::Usage(format!("cannot write {}: {e}", output.display()))
-                })?;
-            }
-            Ok(rows)
+    file.settle(copied).await
+}
+
+/// A response's body as a reader, to stream.
+fn reader_of(response: reqwest::Response) -> impl tokio::io::AsyncRead + Send + Unpin {
+    tokio_util::io::StreamReader::new(response.bytes_stream().map_err(std::io::Error::other))
+}
+
+/// Sends a request: its response when successful, the server's problem or the network error
+/// otherwise.
+async fn send_ok(request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+    match request.send().await {
+        Ok(r) if r.status().is_success() => Ok(r),
+        Ok(r) => Err(ClientError::Api(crate::api::problem(r).await)),
+        Err(e) => Err(ClientError::Network(crate::api::transport_error(&e))),
+    }
+}
+
+/// Where a download is written: stdout for `-`; otherwise a `.part` file beside `output`,
+/// renamed to it only once the whole body is written, so a broken download never leaves a
+/// short file under the final name.
+struct OutputFile<'a> {
+    output: &'a Path,
+    /// `None` for stdout.
+    partial: Option<std::path::PathBuf>,
+}
+
+type Sink = Box<dyn tokio::io::AsyncWrite + Unpin + Send>;
+
+impl<'a> OutputFile<'a> {
+    /// The file, and the sink to copy the body into.
+    async fn create(output: &'a Path) -> Result<(OutputFile<'a>, Sink)> {
+        if output == Path::new("-") {
+            let file = OutputFile {
+                output,
+                partial: None,
+            };
+            return Ok((file, Box::new(tokio::io::stdout())));
         }
-        Err(e) => {
-            if !to_stdout {
-                let _ = tokio::fs::remove_file(&partial).await;
+        let mut partial = output.as_os_str().to_owned();
+        partial.push(".part");
+        let partial = std::path::PathBuf::from(partial);
+        let file = tokio::fs::File::create(&partial)
+            .await
+            .map_err(|e| ClientError::Usage(format!("cannot write {}: {e}", partial.display())))?;
+        let sink = Box::new(file);
+        let file = OutputFile {
+            output,
+            partial: Some(partial),
+        };
+        Ok((file, sink))
+    }
+
+    /// Renames the part file to its final name when the copy succeeded, removes it when it
+    /// failed.
+    async fn settle(self, copied: Result<u64>) -> Result<u64> {
+        let Some(partial) = self.partial else {
+            return copied;
+        };
+        match copied {
+            Ok(n) => {
+                tokio::fs::rename(&partial, self.output)
+                    .await
+                    .map_err(|e| {
+                        ClientError::Usage(format!("cannot write {}: {e}", self.output.display()))
+                    })?;
+                Ok(n)
             }
-            Err(e)
+            Err(e) => {
+                let _ = tokio::fs::remove_file(&partial).await;
+                Err(e)
+            }
         }
     }
 }
 
 /// Streams the directory's export into `output` (`-` for stdout), gzip or zstd on the wire
-/// (reqwest asks for both and decodes), with a bar of profiles written. A file is written
-/// beside its final name and renamed only once the server ended the body, so an export cut
-/// short never leaves a file under the final name. Returns the number of profiles.
+/// (reqwest asks for both and decodes), with a bar of profiles written, through an
+/// [`OutputFile`]: an export cut short never leaves a file under the final name. Returns the
+/// number of profiles.
 pub async fn export(
     api: &Api,
     progress: &Progress,
@@ -257,11 +297,7 @@ pub async fn export(
     if let Some(since) = since {
         query.push(("updated_since", since));
     }
-    let response = match api.get(&url).query(&query).send().await {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => return Err(ClientError::Api(crate::api::problem(r).await)),
-        Err(e) => return Err(ClientError::Network(crate::api::transport_error(&e))),
-    };
+    let response = send_ok(api.get(&url).query(&query)).await?;
     let total = response
         .headers()
         .get("orbit-profile-count")
@@ -275,42 +311,15 @@ pub async fn export(
     };
     let tracker = progress.track(&name);
     tracker.start_exporting(total);
-    let body =
-        tokio_util::io::StreamReader::new(response.bytes_stream().map_err(std::io::Error::other));
-    let to_stdout = output == Path::new("-");
-    let mut partial = output.as_os_str().to_owned();
-    partial.push(".part");
-    let partial = std::path::PathBuf::from(partial);
-    let sink: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
-        if to_stdout {
-            Box::new(tokio::io::stdout())
-        } else {
-            Box::new(tokio::fs::File::create(&partial).await.map_err(|e| {
-                ClientError::Usage(format!("cannot write {}: {e}", partial.display()))
-            })?)
-        };
+    let body = reader_of(response);
+    let (file, sink) = OutputFile::create(output).await?;
     let copied = match format {
         crate::cli::ExportFormat::Csv => copy_export_csv(body, sink, |n| tracker.exported(n)).await,
         crate::cli::ExportFormat::Ndjson => copy_lines(body, sink, |n| tracker.exported(n)).await,
     };
     tracker.end_phase();
     tracker.finish();
-    match copied {
-        Ok(profiles) => {
-            if !to_stdout {
-                tokio::fs::rename(&partial, output).await.map_err(|e| {
-                    ClientError::Usage(format!("cannot write {}: {e}", output.display()))
-                })?;
-            }
-            Ok(profiles)
-        }
-        Err(e) => {
-            if !to_stdout {
-                let _ = tokio::fs::remove_file(&partial).await;
-            }
-            Err(e)
-        }
-    }
+    file.settle(copied).await
 }
 
 fn write_error(e: impl std::fmt::Display) -> ClientError {
