@@ -14,7 +14,7 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use crate::orbit::{Orbit, StackKind};
-use crate::{generate, measure_ingest, mib, report_ingest, Args};
+use crate::{export, generate, measure_ingest, mib, report_ingest, Args};
 
 /// One way of sending the file.
 struct Variant {
@@ -110,13 +110,7 @@ async fn profile_count(orbit: &Orbit) -> anyhow::Result<u64> {
         "export answered {}",
         response.status()
     );
-    response
-        .headers()
-        .get("orbit-profile-count")
-        .context("no orbit-profile-count")?
-        .to_str()?
-        .parse()
-        .context("orbit-profile-count")
+    export::profile_count(response.headers())
 }
 
 pub async fn run(args: &Args) -> anyhow::Result<Value> {

@@ -251,7 +251,8 @@ async fn export(orbit: &Orbit, client: &reqwest::Client, e: &Export) -> anyhow::
     })
 }
 
-fn profile_count(headers: &HeaderMap) -> anyhow::Result<u64> {
+/// The `orbit-profile-count` header of an export's answer.
+pub fn profile_count(headers: &HeaderMap) -> anyhow::Result<u64> {
     headers
         .get("orbit-profile-count")
         .context("no orbit-profile-count header")?
