@@ -225,8 +225,9 @@ impl Profiles for PgStore {
         sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             .execute(&mut *tx)
             .await?;
-        let owned: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM directories WHERE id = $1 AND organization_id = $2)",
+        // The backend's pid, for cancelling the export's query should its reader go away.
+        let (owned, backend): (bool, i32) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM directories WHERE id = $1 AND organization_id = $2), pg_backend_pid()",
         )
         .bind(dir)
         .bind(org)
@@ -263,9 +264,6 @@ impl Profiles for PgStore {
              ORDER BY p.id",
             columns = profile_columns()
         );
-        let backend: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *tx)
-            .await?;
         let pool = self.pool.clone();
         tokio::spawn(async move {
             let mut tx = tx;
