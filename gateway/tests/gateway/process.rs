@@ -38,7 +38,7 @@ fn command(data: &Path) -> Command {
 
 /// A data directory with a migrated database, as a gateway leaves it on first start: admin
 /// commands refuse to create one.
-async fn data_dir() -> tempfile::TempDir {
+pub(crate) async fn data_dir() -> tempfile::TempDir {
     let data = tempfile::tempdir().unwrap();
     let out = command(data.path())
         .arg("migrate")
@@ -53,7 +53,7 @@ async fn data_dir() -> tempfile::TempDir {
     data
 }
 
-async fn admin(data: &Path, args: &[&str]) -> (bool, Value, String) {
+pub(crate) async fn admin(data: &Path, args: &[&str]) -> (bool, Value, String) {
     let out = command(data)
         .arg("admin")
         .args(args)
@@ -70,7 +70,7 @@ async fn admin(data: &Path, args: &[&str]) -> (bool, Value, String) {
 }
 
 /// Starts the gateway and returns it with its base URL, read from its start-up banner.
-async fn serve(data: &Path) -> (Child, String) {
+pub(crate) async fn serve(data: &Path) -> (Child, String) {
     serve_with(data, &[]).await
 }
 
