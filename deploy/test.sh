@@ -27,6 +27,6 @@ cargo test --workspace --all-targets "$@"
 # The HTTP suites are one test binary (gateway/tests/gateway); its upload, api, steer, merge,
 # limits, fairness and export suites run again on the distributed stack (filters match by
 # substring, so openapi:: is skipped by name).
-ORBIT_TEST_STACK=distributed cargo test --workspace --test gateway "$@" -- upload:: compressed:: api:: steer:: merge:: limits:: fairness:: export:: --skip openapi::
+ORBIT_TEST_STACK=distributed cargo test --workspace --test gateway "$@" -- upload:: compressed:: resumable:: api:: steer:: merge:: limits:: fairness:: export:: --skip openapi::
 # The same on Citus: each test's database is a fresh schema on the coordinator.
-ORBIT_TEST_STACK=distributed ORBIT_TEST_DATABASE=citus cargo test --workspace --test gateway "$@" -- upload:: compressed:: api:: steer:: merge:: limits:: fairness:: export:: --skip openapi::
+ORBIT_TEST_STACK=distributed ORBIT_TEST_DATABASE=citus cargo test --workspace --test gateway "$@" -- upload:: compressed:: resumable:: api:: steer:: merge:: limits:: fairness:: export:: --skip openapi::

@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Extensions, HeaderMap, StatusCode, Version};
 use axum::middleware;
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, head, post};
 use axum::Router;
 use orbit_adapters::backends::{Backends, MetricsPage};
 use orbit_adapters::blob::BlobStore;
@@ -101,6 +101,27 @@ pub fn router(state: AppState) -> Router {
             &format!("{org}/directories/{{dir}}/sources/csv-upload"),
             // The upload enforces `ingest.max_upload_bytes` itself, with a problem+json 413.
             post(crate::upload::upload).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            &format!("{org}/directories/{{dir}}/uploads"),
+            // Resumable uploads enforce their sizes themselves, with problem+json 413s.
+            post(crate::upload::resumable::create)
+                .options(crate::upload::resumable::options)
+                .layer(DefaultBodyLimit::disable())
+                .layer(middleware::map_response(
+                    crate::upload::resumable::tus_resumable,
+                )),
+        )
+        .route(
+            &format!("{org}/directories/{{dir}}/uploads/{{upload}}"),
+            head(crate::upload::resumable::head)
+                .get(crate::upload::resumable::get)
+                .patch(crate::upload::resumable::patch)
+                .delete(crate::upload::resumable::delete)
+                .layer(DefaultBodyLimit::disable())
+                .layer(middleware::map_response(
+                    crate::upload::resumable::tus_resumable,
+                )),
         )
         .route(
             &format!("{org}/directories/{{dir}}/sources"),
@@ -263,8 +284,15 @@ impl Running {
     }
 }
 
-/// Removes partial objects and multipart uploads of dead uploads (see `BlobStore::sweep_abandoned`).
-async fn sweep(blobs: &dyn BlobStore, settings: &Settings) {
+/// Removes partial objects and multipart uploads of dead uploads (see
+/// `BlobStore::sweep_abandoned`), and expires and removes resumable uploads
+/// (`resumable::sweep`).
+async fn sweep(store: &dyn Store, blobs: &dyn BlobStore, settings: &Settings) {
+    if let Err(e) =
+        crate::upload::resumable::sweep(store, blobs, settings.ingest.resumable_ttl).await
+    {
+        tracing::warn!(error = %e, "sweeping resumable uploads failed");
+    }
     match blobs
         .sweep_abandoned(settings.ingest.max_upload_duration)
         .await
@@ -338,7 +366,7 @@ async fn wire(
         background.set_worker(worker.start_reaper());
     }
     // Before taking uploads: whatever a killed predecessor left half-written goes first.
-    match tokio::time::timeout(SWEEP_AT_START_WAIT, sweep(&*state.blobs, settings)).await {
+    match tokio::time::timeout(SWEEP_AT_START_WAIT, sweep(&*state.store, &*state.blobs, settings)).await {
         Ok(()) => {}
         Err(_) => tracing::warn!("the start-up sweep of abandoned partial objects timed out; the periodic sweep tries again"),
     }
@@ -383,7 +411,7 @@ async fn wire(
         })
     };
     {
-        let blobs = state.blobs.clone();
+        let (store, blobs) = (state.store.clone(), state.blobs.clone());
         let settings = state.settings.clone();
         let stop = background.stop();
         background.spawn_job("sweep", async move {
@@ -394,7 +422,7 @@ async fn wire(
                 }
                 // A sweep cut short is finished by the next process's start-up sweep.
                 tokio::select! {
-                    () = sweep(&*blobs, &settings) => {}
+                    () = sweep(&*store, &*blobs, &settings) => {}
                     () = stop.cancelled() => return,
                 }
             }

@@ -20,6 +20,9 @@ pub struct GatewayMetrics {
     pub webhook_attempts: IntCounterVec,
     pub exports: IntCounterVec,
     pub export_profiles: IntCounterVec,
+    pub resumable_bytes: IntCounter,
+    pub resumable_resumptions: IntCounter,
+    pub resumable_expired: IntCounter,
 }
 
 /// What a webhook delivery attempt led to (`orbit_webhook_attempts_total{outcome}`).
@@ -76,6 +79,21 @@ pub static METRICS: LazyLock<GatewayMetrics> = LazyLock::new(|| {
         webhook_attempts,
         exports,
         export_profiles,
+        resumable_bytes: register_int_counter!(
+            "orbit_resumable_bytes_total",
+            "Bytes of resumable (tus) uploads received by this gateway, counted as they arrive (also counted in orbit_upload_bytes_total once imported)"
+        )
+        .expect("metric registered once"),
+        resumable_resumptions: register_int_counter!(
+            "orbit_resumable_resumptions_total",
+            "HEAD requests on unfinished resumable uploads that already hold bytes: how a tus client asks where to resume"
+        )
+        .expect("metric registered once"),
+        resumable_expired: register_int_counter!(
+            "orbit_resumable_expired_total",
+            "Resumable uploads this gateway's sweep expired after ingest.resumable_ttl without bytes"
+        )
+        .expect("metric registered once"),
     }
 });
 

@@ -43,6 +43,13 @@ pub const CODES: &[&str] = &[
     "not_ready",
     "too_many_uploads",
     "organization_limit_exceeded",
+    "upload_not_found",
+    "upload_expired",
+    "upload_offset_mismatch",
+    "upload_length_mismatch",
+    "upload_taken_over",
+    "checksum_mismatch",
+    "tus_version_unsupported",
 ];
 
 /// The problem `type` URI of `code`.
@@ -126,6 +133,37 @@ impl ApiError {
             "internal_error",
             "the server failed to handle the request; it is safe to retry",
         )
+    }
+
+    /// The problem document, as answered: to keep, and answer again ([`ApiError::from_document`]).
+    pub fn document(&self) -> String {
+        String::from_utf8(body_with(
+            self.status,
+            self.code,
+            &self.detail,
+            &self.extensions,
+        ))
+        .expect("JSON is UTF-8")
+    }
+
+    /// The error a kept [`ApiError::document`] answered; `None` if it is not one.
+    pub fn from_document(document: &str) -> Option<Self> {
+        let serde_json::Value::Object(mut members) = serde_json::from_str(document).ok()? else {
+            return None;
+        };
+        let status = StatusCode::from_u16(members.remove("status")?.as_u64()? as u16).ok()?;
+        let code = members.remove("code")?;
+        let code = CODES.iter().copied().find(|c| Some(*c) == code.as_str())?;
+        let detail = members.remove("detail")?.as_str()?.to_owned();
+        members.remove("type");
+        members.remove("title");
+        Some(ApiError {
+            status,
+            code,
+            detail,
+            headers: Vec::new(),
+            extensions: members,
+        })
     }
 
     pub fn unavailable(detail: impl Into<String>) -> Self {

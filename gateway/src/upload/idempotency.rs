@@ -6,14 +6,13 @@
 //! the same file with the same options, else it is refused rather than answered with another
 //! upload's receipt.
 
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::http::{header, StatusCode};
 use orbit_core::model::{IdempotencyClaim, KeyState, UploadReceipt};
 use orbit_store::Store;
 
 use super::limits::{admit_under, Admitted};
 use super::pipeline::FileRead;
-use super::{receipt_response, Upload};
+use super::{Outcome, Upload};
 use crate::problem::{ApiError, ApiResult};
 
 /// What the idempotency key said before the file was read.
@@ -47,7 +46,7 @@ impl KeyPlan {
 
 impl Upload<'_> {
     /// Claims the key, or answers from it. Returns a response when the request ends here.
-    pub(super) async fn settle_key(&mut self) -> ApiResult<Option<Response>> {
+    pub(super) async fn settle_key(&mut self) -> ApiResult<Option<Outcome>> {
         let Some(key) = self.key.clone() else {
             return Ok(None);
         };
@@ -99,7 +98,7 @@ impl Upload<'_> {
                     let same = file.sha256 == sha256 && receipt.options == self.options;
                     self.clean_up().await;
                     return if same {
-                        self.replay_receipt(receipt).map(Some)
+                        Ok(Some(replay_receipt(receipt)))
                     } else {
                         Err(key_reused())
                     };
@@ -110,24 +109,23 @@ impl Upload<'_> {
         Ok(None)
     }
 
-    pub(super) fn replay(&self, sha256: &str) -> ApiResult<Response> {
+    pub(super) fn replay(&self, sha256: &str) -> ApiResult<Outcome> {
         match &self.key_plan {
             KeyPlan::Replay {
                 sha256: original,
                 receipt,
             } if original == sha256 && receipt.options == self.options => {
-                self.replay_receipt(receipt.clone())
+                Ok(replay_receipt(receipt.clone()))
             }
             _ => Err(key_reused()),
         }
     }
+}
 
-    fn replay_receipt(&self, receipt: UploadReceipt) -> ApiResult<Response> {
-        let mut response = receipt_response(self.org, receipt, true);
-        response
-            .headers_mut()
-            .insert("idempotent-replayed", HeaderValue::from_static("true"));
-        Ok(response)
+fn replay_receipt(receipt: UploadReceipt) -> Outcome {
+    Outcome {
+        receipt,
+        replayed: true,
     }
 }
 

@@ -21,7 +21,7 @@
 
 use axum::extract::multipart::{Field, MultipartError};
 use axum::extract::{FromRequest, Multipart, Path, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use orbit_core::domain::csv::{delimiter_from_hint, TextEncoding};
@@ -35,6 +35,7 @@ use crate::app::AppState;
 use crate::auth::{parse_id, Caller};
 use crate::problem::{ApiError, ApiResult};
 use crate::types::UploadBody;
+use decode::Decoded;
 use idempotency::{bad_key, validate_key, KeyPlan};
 use limits::Admitted;
 use pipeline::{FileRead, Hints, StoredFile};
@@ -43,6 +44,7 @@ pub mod decode;
 mod idempotency;
 mod limits;
 mod pipeline;
+pub mod resumable;
 
 pub use pipeline::PipelineError;
 
@@ -80,19 +82,7 @@ pub async fn upload(
         .get("idempotency-key")
         .map(|v| v.to_str().map_err(|_| bad_key()).and_then(validate_key))
         .transpose()?;
-    let directory = state.store.get_directory(org, dir).await?.ok_or_else(|| {
-        ApiError::not_found(
-            "directory_not_found",
-            "no such directory in this organization",
-        )
-    })?;
-    if directory.archived {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "directory_archived",
-            "the directory is archived and takes no uploads",
-        ));
-    }
+    writable_directory(&state, org, dir).await?;
     let ingest = &state.settings.ingest;
     // A body past both limits is refused before it is read: it is too large either way.
     let max = ingest
@@ -125,6 +115,7 @@ pub async fn upload(
         object: None,
         options: None,
         admitted,
+        resumable: None,
     };
     let multipart = Multipart::from_request(request, &state)
         .await
@@ -137,8 +128,9 @@ pub async fn upload(
         }
     };
     let longest = state.settings.ingest.max_upload_duration;
+    let run = async { upload.run(multipart).await.map(|o| o.response(org)) };
     let result = tokio::select! {
-        result = tokio::time::timeout(longest, upload.run(multipart)) => result.unwrap_or_else(|_| {
+        result = tokio::time::timeout(longest, run) => result.unwrap_or_else(|_| {
             Err(ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
                 "upload_timeout",
@@ -162,6 +154,24 @@ pub async fn upload(
     result
 }
 
+/// Checks that `dir` is `org`'s and takes uploads.
+async fn writable_directory(state: &AppState, org: Uuid, dir: Uuid) -> ApiResult<()> {
+    let directory = state.store.get_directory(org, dir).await?.ok_or_else(|| {
+        ApiError::not_found(
+            "directory_not_found",
+            "no such directory in this organization",
+        )
+    })?;
+    if directory.archived {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "directory_archived",
+            "the directory is archived and takes no uploads",
+        ));
+    }
+    Ok(())
+}
+
 struct Upload<'a> {
     state: &'a AppState,
     org: Uuid,
@@ -175,10 +185,12 @@ struct Upload<'a> {
     options: Option<String>,
     /// What the organization's limits said: an admission, held until a source is recorded.
     admitted: Admitted,
+    /// The resumable upload whose bytes these are, recorded with the source.
+    resumable: Option<Uuid>,
 }
 
 impl Upload<'_> {
-    async fn run(&mut self, mut multipart: Multipart) -> ApiResult<Response> {
+    async fn run(&mut self, mut multipart: Multipart) -> ApiResult<Outcome> {
         let mut hints = Hints::default();
         while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
             let name = field.name().unwrap_or_default().to_owned();
@@ -188,14 +200,18 @@ impl Upload<'_> {
                         return Err(ApiError::invalid_request("send exactly one `file` field"));
                     }
                     self.options = hints.fingerprint();
-                    if let Some(response) = self.settle_key().await? {
-                        return Ok(response);
+                    if let Some(outcome) = self.settle_key().await? {
+                        return Ok(outcome);
                     }
-                    let read = match &self.key_plan {
-                        KeyPlan::Replay { .. } => self.hash_only(field).await?,
-                        _ => self.store_file(field, &hints).await?,
-                    };
-                    self.file = Some(read);
+                    let filename = field.file_name().map(str::to_owned);
+                    let ingest = &self.state.settings.ingest;
+                    let body = decode::open(field, decode_limits(ingest))
+                        .await
+                        .map_err(|e| pipeline_error(e, multipart_error))?;
+                    self.file = Some(
+                        self.read_file(filename, body, &hints, multipart_error)
+                            .await?,
+                    );
                 }
                 "idempotency_key" => {
                     let value = validate_key(&read_text(field).await?)?;
@@ -212,94 +228,56 @@ impl Upload<'_> {
                         _ => self.key = Some(value),
                     }
                 }
-                "mapping" => {
-                    if self.file.is_some() {
-                        return Err(ApiError::invalid_request(
-                            "the `mapping` field must come before the `file` field",
-                        ));
-                    }
-                    let limit = self.state.settings.ingest.max_mapping_bytes;
-                    let value = read_text_limited(field, limit).await?;
-                    let mapping =
-                        ColumnMapping::parse(&value).map_err(ApiError::invalid_request)?;
-                    hints.mapping = (!mapping.is_empty()).then_some(mapping);
-                }
-                "merge" => {
-                    if self.file.is_some() {
-                        return Err(ApiError::invalid_request(
-                            "the `merge` field must come before the `file` field",
-                        ));
-                    }
-                    hints.merge =
-                        read_merge(field, self.state.settings.ingest.max_merge_bytes).await?;
-                }
-                "dry_run" => {
-                    if self.file.is_some() {
-                        return Err(ApiError::invalid_request(
-                            "the `dry_run` field must come before the `file` field",
-                        ));
-                    }
-                    hints.dry_run = match read_text(field).await?.trim() {
-                        "true" | "1" => true,
-                        "false" | "0" => false,
-                        _ => {
-                            return Err(ApiError::invalid_request("dry_run must be true or false"))
-                        }
-                    };
-                }
-                "delimiter" | "encoding" => {
+                "mapping" | "merge" | "dry_run" | "delimiter" | "encoding" => {
                     if self.file.is_some() {
                         return Err(ApiError::invalid_request(format!(
                             "the `{name}` field must come before the `file` field"
                         )));
                     }
-                    let value = read_text(field).await?;
-                    if name == "delimiter" {
-                        hints.delimiter = Some(delimiter_from_hint(&value).ok_or_else(|| {
-                            ApiError::invalid_request("delimiter must be one of , ; \\t |")
-                        })?);
-                    } else {
-                        hints.encoding =
-                            Some(TextEncoding::from_hint(&value).ok_or_else(|| {
-                                ApiError::invalid_request(
-                                "encoding must be one of utf-8, utf-16, windows-1252, iso-8859-1",
-                            )
-                            })?);
-                    }
+                    let limit = hint_limit(&name, &self.state.settings.ingest);
+                    let value = read_bytes(field, limit).await?;
+                    apply_hint(&mut hints, &name, &value, &self.state.settings.ingest)?;
                 }
                 // Unknown fields are read past, so clients may send extra metadata.
                 _ => drain(field).await?,
             }
         }
-        if self.file.is_none() {
-            return Err(ApiError::invalid_request(
-                "the multipart body has no `file` field",
-            ));
-        }
-        // A key sent after the file is settled now, against the hash we already have.
-        if let Some(response) = self.settle_key().await? {
-            return Ok(response);
-        }
-        match self.file.take() {
-            Some(FileRead::Hashed { sha256 }) => self.replay(&sha256),
-            Some(FileRead::Stored(file)) => self.commit(*file).await,
-            None => unreachable!("checked above"),
-        }
+        self.finish().await
     }
 
-    async fn hash_only(&self, field: Field<'_>) -> ApiResult<FileRead> {
+    /// Imports a file read from somewhere else than a form (a resumable upload's parts), as
+    /// `run` imports the `file` field: same key, same pipeline, same commit.
+    async fn run_file<E: Send>(
+        &mut self,
+        hints: &Hints,
+        filename: Option<String>,
+        body: Decoded<'_, E>,
+        body_error: fn(E) -> ApiError,
+    ) -> ApiResult<Outcome> {
+        self.options = hints.fingerprint();
+        if let Some(outcome) = self.settle_key().await? {
+            return Ok(outcome);
+        }
+        self.file = Some(self.read_file(filename, body, hints, body_error).await?);
+        self.finish().await
+    }
+
+    /// Stores and plans the file, or (for a replay) only hashes it.
+    async fn read_file<E: Send>(
+        &mut self,
+        filename: Option<String>,
+        body: Decoded<'_, E>,
+        hints: &Hints,
+        body_error: fn(E) -> ApiError,
+    ) -> ApiResult<FileRead> {
+        let failed = |e| pipeline_error(e, body_error);
         let ingest = &self.state.settings.ingest;
-        let body = decode::open(field, decode_limits(ingest))
-            .await
-            .map_err(pipeline_error)?;
-        pipeline::hash_only(body, ingest.max_upload_bytes)
-            .await
-            .map_err(pipeline_error)
-    }
-
-    async fn store_file(&mut self, field: Field<'_>, hints: &Hints) -> ApiResult<FileRead> {
-        let filename = field
-            .file_name()
+        if let KeyPlan::Replay { .. } = self.key_plan {
+            return pipeline::hash_only(body, ingest.max_upload_bytes)
+                .await
+                .map_err(failed);
+        }
+        let filename = filename
             .map(|n| {
                 n.chars()
                     .filter(|c| !c.is_control())
@@ -308,9 +286,6 @@ impl Upload<'_> {
             })
             .filter(|n| !n.is_empty())
             .unwrap_or_else(|| "upload.csv".to_owned());
-        let body = decode::open(field, decode_limits(&self.state.settings.ingest))
-            .await
-            .map_err(pipeline_error)?;
         let file = pipeline::store_file(
             &*self.state.blobs,
             &self.state.settings,
@@ -320,12 +295,27 @@ impl Upload<'_> {
             hints,
         )
         .await
-        .map_err(pipeline_error)?;
+        .map_err(failed)?;
         self.object = Some(file.object_key.clone());
         Ok(FileRead::Stored(Box::new(file)))
     }
 
-    async fn commit(&mut self, file: StoredFile) -> ApiResult<Response> {
+    /// Commits the file read, or answers from the key.
+    async fn finish(&mut self) -> ApiResult<Outcome> {
+        // A key sent after the file is settled now, against the hash we already have.
+        if let Some(outcome) = self.settle_key().await? {
+            return Ok(outcome);
+        }
+        match self.file.take() {
+            Some(FileRead::Hashed { sha256 }) => self.replay(&sha256),
+            Some(FileRead::Stored(file)) => self.commit(*file).await,
+            None => Err(ApiError::invalid_request(
+                "the multipart body has no `file` field",
+            )),
+        }
+    }
+
+    async fn commit(&mut self, file: StoredFile) -> ApiResult<Outcome> {
         let (source, queued) = pipeline::commit(
             &*self.state.store,
             &self.state.settings,
@@ -333,6 +323,7 @@ impl Upload<'_> {
             self.dir,
             file,
             self.key_plan.claim(),
+            self.resumable,
         )
         .await?;
         // Committed: from here on the key and the object belong to the source, and the
@@ -350,11 +341,10 @@ impl Upload<'_> {
         }
         pipeline::publish(&*self.state.store, &*self.state.queue, &queued).await;
         tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), dry_run = source.dry_run, "upload recorded");
-        Ok(receipt_response(
-            self.org,
-            UploadReceipt::of(&source),
-            false,
-        ))
+        Ok(Outcome {
+            receipt: UploadReceipt::of(&source),
+            replayed: false,
+        })
     }
 
     /// Gives back the admission of a request that recorded no source.
@@ -421,6 +411,25 @@ impl Drop for Upload<'_> {
     }
 }
 
+/// What an upload came to: a new source's receipt, or an earlier one's, replayed for its key.
+pub(crate) struct Outcome {
+    pub receipt: UploadReceipt,
+    pub replayed: bool,
+}
+
+impl Outcome {
+    /// The `csv-upload` answer: `201` or `202` with the receipt, `200` for a replay.
+    fn response(self, org: Uuid) -> Response {
+        let mut response = receipt_response(org, self.receipt, self.replayed);
+        if self.replayed {
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        }
+        response
+    }
+}
+
 fn receipt_response(org: Uuid, receipt: UploadReceipt, is_idempotent: bool) -> Response {
     let status = match (is_idempotent, receipt.source_status) {
         (true, _) => StatusCode::OK,
@@ -443,10 +452,11 @@ fn receipt_response(org: Uuid, receipt: UploadReceipt, is_idempotent: bool) -> R
     (status, [(header::LOCATION, location)], Json(body)).into_response()
 }
 
-/// What the pipeline's failures are to the client.
-fn pipeline_error(e: PipelineError<MultipartError>) -> ApiError {
+/// What the pipeline's failures are to the client; `body` says what a failure to read the body
+/// is.
+fn pipeline_error<E>(e: PipelineError<E>, body: fn(E) -> ApiError) -> ApiError {
     match e {
-        PipelineError::Body(e) => multipart_error(e),
+        PipelineError::Body(e) => body(e),
         PipelineError::TooLarge(max) => too_large(max),
         PipelineError::CompressedTooLarge(max) => ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -511,50 +521,108 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 async fn read_text(field: Field<'_>) -> ApiResult<String> {
-    read_text_limited(field, MAX_TEXT_FIELD_BYTES).await
-}
-
-async fn read_text_limited(mut field: Field<'_>, limit: usize) -> ApiResult<String> {
     let name = field.name().unwrap_or_default().to_owned();
-    let mut out = Vec::new();
-    while let Some(bytes) = field.chunk().await.map_err(multipart_error)? {
-        out.extend_from_slice(&bytes);
-        if out.len() > limit {
-            return Err(ApiError::invalid_request(format!(
-                "the `{name}` field is longer than the {limit} bytes allowed"
-            )));
-        }
+    let bytes = read_bytes(field, MAX_TEXT_FIELD_BYTES).await?;
+    if bytes.len() > MAX_TEXT_FIELD_BYTES {
+        return Err(too_long(&name, MAX_TEXT_FIELD_BYTES));
     }
-    String::from_utf8(out)
+    String::from_utf8(bytes)
         .map_err(|_| ApiError::invalid_request(format!("the `{name}` field is not UTF-8")))
 }
 
-/// The `merge` field, checked before anything is stored: `400 invalid_merge_rules` names the
-/// key at fault in `detail` and in the `key` member (`merge` itself when the whole field is).
-async fn read_merge(mut field: Field<'_>, limit: usize) -> ApiResult<MergeRules> {
-    let refused = |key: String, detail: String| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_merge_rules", detail)
-            .with_member("key", key)
-    };
-    let mut bytes = Vec::new();
-    while let Some(chunk) = field.chunk().await.map_err(multipart_error)? {
-        bytes.extend_from_slice(&chunk);
-        if bytes.len() > limit {
+/// A field's bytes, read up to one past `limit`: enough to tell it is too long.
+async fn read_bytes(mut field: Field<'_>, limit: usize) -> ApiResult<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(bytes) = field.chunk().await.map_err(multipart_error)? {
+        out.extend_from_slice(&bytes[..bytes.len().min(limit + 1 - out.len())]);
+        if out.len() > limit {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+fn too_long(name: &str, limit: usize) -> ApiError {
+    ApiError::invalid_request(format!(
+        "the `{name}` field is longer than the {limit} bytes allowed"
+    ))
+}
+
+/// The most bytes the option `name` may have.
+fn hint_limit(name: &str, ingest: &orbit_config::IngestSettings) -> usize {
+    match name {
+        "mapping" => ingest.max_mapping_bytes,
+        "merge" => ingest.max_merge_bytes,
+        _ => MAX_TEXT_FIELD_BYTES,
+    }
+}
+
+/// Sets the option `name` (a form field of `csv-upload`, a metadata key of a resumable upload)
+/// from its `value`, checked before anything is stored. A bad `merge` is
+/// `400 invalid_merge_rules`, its `key` member naming the key at fault (`merge` itself when
+/// the whole value is); any other bad option is `400 invalid_request`.
+pub(crate) fn apply_hint(
+    hints: &mut Hints,
+    name: &str,
+    value: &[u8],
+    ingest: &orbit_config::IngestSettings,
+) -> ApiResult<()> {
+    let limit = hint_limit(name, ingest);
+    if name == "merge" {
+        let refused = |key: String, detail: String| {
+            ApiError::new(StatusCode::BAD_REQUEST, "invalid_merge_rules", detail)
+                .with_member("key", key)
+        };
+        if value.len() > limit {
             return Err(refused(
                 "merge".into(),
                 format!("merge: the field is longer than the {limit} bytes allowed"),
             ));
         }
+        let text = std::str::from_utf8(value)
+            .map_err(|_| refused("merge".into(), "merge: the field is not UTF-8".into()))?;
+        hints.merge = MergeRules::parse(text).map_err(|e| {
+            let key = match e.key.as_str() {
+                "" => "merge".to_owned(),
+                key => format!("merge.{key}"),
+            };
+            refused(key, e.to_string())
+        })?;
+        return Ok(());
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|_| refused("merge".into(), "merge: the field is not UTF-8".into()))?;
-    MergeRules::parse(&text).map_err(|e| {
-        let key = match e.key.as_str() {
-            "" => "merge".to_owned(),
-            key => format!("merge.{key}"),
-        };
-        refused(key, e.to_string())
-    })
+    if value.len() > limit {
+        return Err(too_long(name, limit));
+    }
+    let value = std::str::from_utf8(value)
+        .map_err(|_| ApiError::invalid_request(format!("the `{name}` field is not UTF-8")))?;
+    match name {
+        "mapping" => {
+            let mapping = ColumnMapping::parse(value).map_err(ApiError::invalid_request)?;
+            hints.mapping = (!mapping.is_empty()).then_some(mapping);
+        }
+        "dry_run" => {
+            hints.dry_run = match value.trim() {
+                "true" | "1" => true,
+                "false" | "0" => false,
+                _ => return Err(ApiError::invalid_request("dry_run must be true or false")),
+            };
+        }
+        "delimiter" => {
+            hints.delimiter =
+                Some(delimiter_from_hint(value).ok_or_else(|| {
+                    ApiError::invalid_request("delimiter must be one of , ; \\t |")
+                })?);
+        }
+        "encoding" => {
+            hints.encoding = Some(TextEncoding::from_hint(value).ok_or_else(|| {
+                ApiError::invalid_request(
+                    "encoding must be one of utf-8, utf-16, windows-1252, iso-8859-1",
+                )
+            })?);
+        }
+        _ => unreachable!("only the options are applied"),
+    }
+    Ok(())
 }
 
 async fn drain(mut field: Field<'_>) -> ApiResult<()> {

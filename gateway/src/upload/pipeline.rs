@@ -224,6 +224,7 @@ pub async fn commit(
     dir: Uuid,
     file: StoredFile,
     claim: Option<IdempotencyClaim>,
+    resumable: Option<Uuid>,
 ) -> Result<(Source, Vec<ChunkRef>), StoreError> {
     let plan = file.plan;
     let sync_accepted = plan.sync_results.accepted.len() as u64;
@@ -259,6 +260,7 @@ pub async fn commit(
         sync_results: plan.sync_results,
         chunks: plan.chunks,
         idempotency: claim,
+        resumable,
         traceparent,
         tracestate,
     };

@@ -30,6 +30,7 @@ mod openapi;
 mod process;
 mod readme;
 mod recovery;
+mod resumable;
 mod steer;
 mod traces;
 mod upload;

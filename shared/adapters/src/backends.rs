@@ -153,6 +153,12 @@ mod tests {
         async fn count_pending_chunks(&self) -> StoreResult<u64> {
             self.read().map(|()| 0)
         }
+        async fn count_resumable_receiving(
+            &self,
+            _now: chrono::DateTime<chrono::Utc>,
+        ) -> StoreResult<u64> {
+            self.read().map(|()| 0)
+        }
         async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>> {
             self.read().map(|()| Vec::new())
         }
@@ -174,7 +180,7 @@ mod tests {
         }
         assert_eq!(
             stats.reads.load(Ordering::SeqCst),
-            4,
+            5,
             "one read of each count"
         );
     }
@@ -186,7 +192,7 @@ mod tests {
         for _ in 0..4 {
             page.render(&stats, &queue).await;
         }
-        assert_eq!(stats.reads.load(Ordering::SeqCst), 16);
+        assert_eq!(stats.reads.load(Ordering::SeqCst), 20);
     }
 
     #[tokio::test]
@@ -200,7 +206,7 @@ mod tests {
         page.render(&stats, &queue).await;
         assert_eq!(
             stats.reads.load(Ordering::SeqCst),
-            8,
+            10,
             "read again once, then cached"
         );
     }

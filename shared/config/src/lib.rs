@@ -410,9 +410,14 @@ pub struct IngestSettings {
     /// object or multipart upload older than this that no live request owns is swept away.
     #[serde(with = "humantime_serde_compat")]
     pub max_upload_duration: Duration,
-    /// How often the gateway sweeps abandoned partial objects (also once at start-up).
+    /// How often the gateway sweeps abandoned partial objects (also once at start-up), expires
+    /// resumable uploads and removes the parts of ended ones.
     #[serde(with = "humantime_serde_compat")]
     pub sweep_interval: Duration,
+    /// A resumable upload that receives no bytes for this long expires: its parts are removed
+    /// and it answers `410 upload_expired`.
+    #[serde(with = "humantime_serde_compat")]
+    pub resumable_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -573,6 +578,7 @@ max_merge_bytes = 65536
 default_region = "US"
 max_upload_duration = "24h"
 sweep_interval = "15m"
+resumable_ttl = "24h"
 
 [worker]
 concurrency = 0
@@ -677,8 +683,10 @@ impl Settings {
             "ingest.max_columns must be at least 1"
         );
         anyhow::ensure!(
-            !self.ingest.max_upload_duration.is_zero() && !self.ingest.sweep_interval.is_zero(),
-            "ingest.max_upload_duration and ingest.sweep_interval must be longer than 0s"
+            !self.ingest.max_upload_duration.is_zero()
+                && !self.ingest.sweep_interval.is_zero()
+                && !self.ingest.resumable_ttl.is_zero(),
+            "ingest.max_upload_duration, ingest.sweep_interval and ingest.resumable_ttl must be longer than 0s"
         );
         anyhow::ensure!(
             (10..=31).contains(&self.ingest.max_zstd_window_log),

@@ -112,6 +112,99 @@ impl Compression {
     }
 }
 
+/// Where a resumable (tus) upload is (docs/imports.md, "Resumable uploads"). Only `Receiving`
+/// takes bytes; every other state is final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResumableState {
+    /// Taking `PATCH`es; once every byte has come, the import starts from here.
+    Receiving,
+    /// The import recorded a source (`source_id`).
+    Imported,
+    /// The import refused the file (`error` says why, as the problem document it answered).
+    Failed,
+    /// Nothing came for `ingest.resumable_ttl`: its bytes were removed.
+    Expired,
+    /// Deleted by its client (tus termination); the record goes once its bytes have.
+    Terminated,
+}
+
+impl ResumableState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ResumableState::Receiving => "receiving",
+            ResumableState::Imported => "imported",
+            ResumableState::Failed => "failed",
+            ResumableState::Expired => "expired",
+            ResumableState::Terminated => "terminated",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            ResumableState::Receiving,
+            ResumableState::Imported,
+            ResumableState::Failed,
+            ResumableState::Expired,
+            ResumableState::Terminated,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+/// A resumable upload as stored: how much of it has come, durably, and what became of it.
+#[derive(Debug, Clone)]
+pub struct ResumableUpload {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub directory_id: Uuid,
+    /// `Upload-Length`; `None` while the client defers it.
+    pub length: Option<u64>,
+    /// Bytes stored and recorded: what `HEAD` reports and the next `PATCH` must start at.
+    pub offset: u64,
+    /// `Upload-Metadata` as the client sent it.
+    pub metadata: String,
+    /// Bumped by every `PATCH` that takes the upload over: a part is recorded only by the
+    /// generation that wrote it, so an older `PATCH` still running can never add to it.
+    pub generation: i64,
+    pub state: ResumableState,
+    pub source_id: Option<Uuid>,
+    /// The problem document (JSON) of a refused import.
+    pub error: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// When a receiving upload expires unless more bytes come; for a finished one, when its
+    /// record is forgotten.
+    pub expires_at: DateTime<Utc>,
+}
+
+impl ResumableUpload {
+    /// Every byte has come: what remains is the import.
+    pub fn is_complete(&self) -> bool {
+        self.length == Some(self.offset)
+    }
+}
+
+/// One stored piece of a resumable upload: bytes `start..start + byte_size` in `object_key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumablePart {
+    pub start: u64,
+    pub byte_size: u64,
+    pub object_key: String,
+}
+
+/// A resumable upload to create.
+#[derive(Debug, Clone)]
+pub struct NewResumable {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub directory_id: Uuid,
+    pub length: Option<u64>,
+    pub metadata: String,
+    pub expires_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SourceError {
     pub code: String,
@@ -407,6 +500,9 @@ pub struct NewUpload {
     pub sync_results: ChunkResults,
     pub chunks: Vec<ChunkSpec>,
     pub idempotency: Option<IdempotencyClaim>,
+    /// The resumable upload whose bytes these are: the commit records the source on it, and
+    /// fails should it have one already, so an upload imports once however often it is tried.
+    pub resumable: Option<Uuid>,
     /// The upload's W3C trace context, kept with each chunk so that a chunk published again
     /// later (by the reaper) still leads back to the upload's trace.
     pub traceparent: Option<String>,

@@ -1,6 +1,6 @@
 //! `orbit-store`: the database behind Orbit. The store is a set of role traits ([`Database`],
 //! [`Tenancy`], [`Uploads`], [`Profiles`], [`Chunks`], [`Liveness`], [`Outbox`], [`Stats`],
-//! [`Limits`]),
+//! [`Limits`], [`Resumable`]),
 //! and [`Store`] is their sum; each backend implements every role: [`sqlite`] (embedded) and
 //! [`postgres`] (distributed), picked from the `database.url` scheme. Their migrations are in
 //! `migrations/` beside `src/`; the SQL both backends run as it is, `sql`; the Rust they run
@@ -21,11 +21,13 @@ use orbit_core::domain::fair::{Advance, Pass};
 use orbit_core::model::*;
 
 pub use limits::Limits;
+pub use resumable::Resumable;
 
 pub mod backlog;
 pub mod limits;
 pub mod metrics;
 pub mod postgres;
+pub mod resumable;
 mod rows;
 mod shared;
 mod sql;
@@ -409,6 +411,8 @@ pub trait Outbox: Send + Sync + 'static {
 pub trait Stats: Send + Sync + 'static {
     async fn count_sources_by_status(&self) -> StoreResult<Vec<(SourceStatus, u64)>>;
     async fn count_pending_chunks(&self) -> StoreResult<u64>;
+    /// Resumable uploads receiving bytes, unexpired at `now`.
+    async fn count_resumable_receiving(&self, now: DateTime<Utc>) -> StoreResult<u64>;
     /// Failed sources by their `error_code`.
     async fn count_failed_sources_by_code(&self) -> StoreResult<Vec<(String, u64)>>;
     /// Every organization with unfinished work at `now`: the `top` that have waited longest,
@@ -424,7 +428,7 @@ pub trait Stats: Send + Sync + 'static {
 /// The whole database: every role. Backends implement the roles; a caller that needs only
 /// some of them (the worker, a test decorator) takes those.
 pub trait Store:
-    Database + Tenancy + Uploads + Profiles + Chunks + Liveness + Outbox + Stats + Limits
+    Database + Tenancy + Uploads + Profiles + Chunks + Liveness + Outbox + Stats + Limits + Resumable
 {
 }
 
@@ -438,6 +442,7 @@ impl<T> Store for T where
         + Outbox
         + Stats
         + Limits
+        + Resumable
         + ?Sized
 {
 }
@@ -447,7 +452,7 @@ impl<T> Store for T where
 pub mod prelude {
     pub use crate::{
         Chunks as _, Database as _, Limits as _, Liveness as _, Outbox as _, Profiles as _,
-        Stats as _, Tenancy as _, Uploads as _,
+        Resumable as _, Stats as _, Tenancy as _, Uploads as _,
     };
 }
 

@@ -26,6 +26,7 @@ pub struct StoreMetrics {
     pub sources: IntGaugeVec,
     pub sources_failed: IntGaugeVec,
     pub chunks_open: IntGauge,
+    pub resumable_uploads: IntGauge,
     pub organization_queued_rows: IntGaugeVec,
     pub organization_ready_chunks: IntGaugeVec,
     pub organization_wait: GaugeVec,
@@ -73,6 +74,11 @@ pub static METRICS: LazyLock<StoreMetrics> = LazyLock::new(|| {
         "Chunks not yet done (pending or running)"
     )
     .expect("metric registered once");
+    let resumable_uploads = register_int_gauge!(
+        "orbit_resumable_uploads",
+        "Resumable (tus) uploads in progress: receiving bytes and not expired"
+    )
+    .expect("metric registered once");
     let organization_queued_rows = register_int_gauge_vec!(
         "orbit_organization_queued_rows",
         "Rows of an organization's unfinished sources not yet processed, for the tenants.metrics_top organizations waiting longest; organization=\"other\" sums the rest",
@@ -111,6 +117,7 @@ pub static METRICS: LazyLock<StoreMetrics> = LazyLock::new(|| {
         sources,
         sources_failed,
         chunks_open,
+        resumable_uploads,
         organization_queued_rows,
         organization_ready_chunks,
         organization_wait,
@@ -129,11 +136,13 @@ pub fn register() {
 /// read keeps its previous value.
 pub async fn mirror(stats: &dyn Stats, top: usize) -> bool {
     let m = &*METRICS;
-    let (failed, open, by_status, backlog) = tokio::join!(
+    let now = chrono::Utc::now();
+    let (failed, open, by_status, backlog, resumable) = tokio::join!(
         stats.count_failed_sources_by_code(),
         stats.count_pending_chunks(),
         stats.count_sources_by_status(),
-        stats.organization_backlog(chrono::Utc::now(), top)
+        stats.organization_backlog(now, top),
+        stats.count_resumable_receiving(now)
     );
     let mut complete = match backlog {
         Ok(backlog) => {
@@ -160,6 +169,10 @@ pub async fn mirror(stats: &dyn Stats, top: usize) -> bool {
     }
     match open {
         Ok(open) => m.chunks_open.set(open as i64),
+        Err(_) => complete = false,
+    }
+    match resumable {
+        Ok(n) => m.resumable_uploads.set(n as i64),
         Err(_) => complete = false,
     }
     match by_status {

@@ -174,6 +174,7 @@ async fn setup(region: &str) -> Setup {
                 start_line: 2,
             }],
             idempotency: None,
+            resumable: None,
             traceparent: None,
             tracestate: None,
         })

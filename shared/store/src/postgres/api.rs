@@ -86,6 +86,7 @@ impl PgStore {
             sync_results,
             chunks,
             idempotency,
+            resumable,
             traceparent,
             tracestate,
         } = upload;
@@ -102,6 +103,7 @@ impl PgStore {
             sync_chunk: sync_chunk.as_ref(),
             chunks: &chunks,
             idempotency: idempotency.as_ref(),
+            resumable,
             trace: Trace {
                 traceparent: traceparent.as_deref(),
                 tracestate: tracestate.as_deref(),

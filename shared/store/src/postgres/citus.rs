@@ -31,6 +31,8 @@ const DISTRIBUTED: &[&str] = &[
     "idempotency_keys",
     "webhook_deliveries",
     "webhook_attempts",
+    "resumable_uploads",
+    "resumable_parts",
 ];
 
 // `processes` (heartbeats, once a second per process), `idempotency_scopes`,

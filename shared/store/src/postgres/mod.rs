@@ -360,3 +360,8 @@ crate::shared::limits_role! {
         "))"
     ),
 }
+
+crate::shared::resumable_role! {
+    store: PgStore,
+    write: pool,
+}

@@ -11,9 +11,11 @@
 //! transaction.
 
 mod limits;
+mod resumable;
 mod roles;
 
 pub(crate) use limits::limits_role;
+pub(crate) use resumable::resumable_role;
 pub(crate) use roles::store_roles;
 
 /// A request to claim an idempotency key, as `Uploads::claim_idempotency_key` takes it.
@@ -457,6 +459,30 @@ macro_rules! transaction_steps {
             if done.rows_affected() == 0 {
                 return Err($crate::StoreError::Conflict(
                     "the idempotency key was taken over by another request".into(),
+                ));
+            }
+            Ok(())
+        }
+
+        /// Records `source` as the import of the resumable upload `upload`, if any; a conflict
+        /// when that upload has a source already (another gateway imported it first) or
+        /// ended meanwhile, so the transaction adds no second source.
+        pub(super) async fn link_resumable(
+            conn: &mut $conn,
+            upload: Option<uuid::Uuid>,
+            source: &::orbit_core::model::Source,
+        ) -> $crate::StoreResult<()> {
+            let Some(upload) = upload else { return Ok(()) };
+            let linked = sqlx::query($crate::resumable::LINK_SOURCE)
+                .bind(source.directory_id)
+                .bind(upload)
+                .bind(source.id)
+                .bind($crate::rows::now_ms())
+                .execute(&mut *conn)
+                .await?;
+            if linked.rows_affected() == 0 {
+                return Err($crate::StoreError::Conflict(
+                    "the resumable upload was imported or ended by another request".into(),
                 ));
             }
             Ok(())

@@ -788,6 +788,14 @@ macro_rules! store_roles {
                     .collect())
             }
 
+            async fn count_resumable_receiving(&self, now: DateTime<Utc>) -> StoreResult<u64> {
+                let n: i64 = sqlx::query_scalar($crate::resumable::COUNT_RECEIVING)
+                    .bind($crate::rows::ms(now))
+                    .fetch_one(&self.$read)
+                    .await?;
+                Ok(n.max(0) as u64)
+            }
+
             async fn count_pending_chunks(&self) -> StoreResult<u64> {
                 let row = sqlx::query($crate::sql::OPEN_CHUNKS)
                     .fetch_one(&self.$read)

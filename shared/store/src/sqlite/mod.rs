@@ -131,3 +131,8 @@ crate::shared::limits_role! {
     open_admissions: "SELECT COUNT(*) FROM upload_admissions WHERE organization_id = $1 AND open_until_ms > $2 AND EXISTS (SELECT 1 FROM processes p WHERE p.owner = upload_admissions.owner AND p.expires_ms >= $2)",
     prune_admissions: "DELETE FROM upload_admissions WHERE organization_id = $1 AND admitted_ms <= $2 AND (open_until_ms <= $3 OR NOT EXISTS (SELECT 1 FROM processes p WHERE p.owner = upload_admissions.owner AND p.expires_ms >= $3))",
 }
+
+crate::shared::resumable_role! {
+    store: SqliteStore,
+    write: writer,
+}

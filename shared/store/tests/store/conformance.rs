@@ -97,6 +97,7 @@ fn new_upload(
         sync_results: sync,
         chunks,
         idempotency: None,
+        resumable: None,
         traceparent: None,
         tracestate: None,
     }

@@ -139,6 +139,7 @@ fn upload_with(org: Uuid, dir: Uuid, chunk_count: u64, merge: MergeRules) -> New
         sync_results: ChunkResults::default(),
         chunks,
         idempotency: None,
+        resumable: None,
         traceparent: None,
         tracestate: None,
     }

@@ -84,6 +84,7 @@ fn upload(
         sync_results: sync,
         chunks,
         idempotency: None,
+        resumable: None,
         traceparent: None,
         tracestate: None,
     }
