@@ -190,4 +190,11 @@ pub struct UploadArgs {
     /// With `--compress auto`, the size in bytes above which a file is compressed.
     #[arg(long, default_value_t = 32 << 20)]
     pub compress_above: u64,
+    /// Files larger than this many bytes go as resumable uploads: in pieces that survive a
+    /// dropped connection or a restart of this command, never resending what the server has.
+    #[arg(long, default_value_t = 32 << 20)]
+    pub resume_above: u64,
+    /// Send every file in one request, whatever its size.
+    #[arg(long)]
+    pub no_resume: bool,
 }

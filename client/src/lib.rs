@@ -7,6 +7,8 @@
 //! - [`retry`]: exponential backoff with jitter, and `Retry-After`.
 //! - [`upload`]: hashing, the derived idempotency key, the streamed multipart body, the wait
 //!   for workers and the per-file report.
+//! - [`resumable`]: big files over the server's resumable (tus) uploads, going on after a cut
+//!   or a restart from the offset the server reports.
 //! - [`preflight`]: the header check before a file is sent.
 //! - [`progress`]: bars on a terminal, plain lines otherwise.
 //! - [`commands`]: `watch`, `sources`, `errors`, `failed-rows`, `profiles`, `directories`.
@@ -35,5 +37,6 @@ pub mod config;
 pub mod exit;
 pub mod preflight;
 pub mod progress;
+pub mod resumable;
 pub mod retry;
 pub mod upload;

@@ -74,6 +74,8 @@ async fn run(cli: Cli) -> Result<ExitCode, ClientError> {
                 dry_run: args.dry_run,
                 compress: args.compress,
                 compress_above: args.compress_above,
+                resume_above: args.resume_above,
+                resume: !args.no_resume,
             };
             upload::validate(&api, &args.files, &options).await?;
             let reports = upload::upload_all(&api, &progress, &args.files, &options).await;

@@ -21,7 +21,7 @@ use orbit_core::domain::header::{ColumnMapping, MAPPING_ERROR_PREFIX};
 use orbit_core::domain::merge::MergeRules;
 use orbit_core::model::upload_options_fingerprint;
 use reqwest::multipart::{Form, Part};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt as _;
 use tokio_util::io::ReaderStream;
@@ -57,10 +57,14 @@ pub struct UploadOptions {
     pub compress: Compress,
     /// With [`Compress::Auto`], the size above which a file is compressed.
     pub compress_above: u64,
+    /// Files larger than this go as resumable uploads (`crate::resumable`)...
+    pub resume_above: u64,
+    /// ...unless this is off (`--no-resume`): one request per file, whatever its size.
+    pub resume: bool,
 }
 
 /// `--compress`: how a file travels. The server tells gzip and zstd by their first bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Compress {
     /// zstd above `--compress-above`, as it is below: small files gain little.
@@ -83,7 +87,7 @@ impl Compress {
 
 /// zstd's default level: about 3x on contact CSVs at a few hundred MB/s a core, well ahead
 /// of most uplinks.
-const ZSTD_LEVEL: i32 = 3;
+pub(crate) const ZSTD_LEVEL: i32 = 3;
 
 /// `--mapping`: JSON, or `@FILE` holding it; checked as the server checks it.
 pub fn parse_mapping(raw: &str) -> Result<ColumnMapping> {
@@ -114,6 +118,10 @@ pub struct FileReport {
     /// How the file was sent, and the bytes that went over the wire (its last attempt's).
     pub compression: Compress,
     pub sent_bytes: u64,
+    /// Sent as a resumable upload, and the byte it went on from when an earlier run had
+    /// started it.
+    pub resumable: bool,
+    pub resumed_from: u64,
     pub sha256: Option<String>,
     pub idempotency_key: Option<String>,
     /// Columns Orbit keeps as custom attributes rather than profile fields.
@@ -148,6 +156,8 @@ impl FileReport {
             bytes: 0,
             compression: Compress::None,
             sent_bytes: 0,
+            resumable: false,
+            resumed_from: 0,
             sha256: None,
             idempotency_key: None,
             unmapped_columns: Vec::new(),
@@ -208,6 +218,12 @@ impl FileReport {
                 human_bytes(self.sent_bytes),
                 self.compression,
                 self.bytes as f64 / self.sent_bytes as f64
+            ));
+        }
+        if self.resumed_from > 0 {
+            line.push_str(&format!(
+                ", went on from {} sent by an earlier run",
+                human_bytes(self.resumed_from)
             ));
         }
         if self.is_idempotent {
@@ -386,25 +402,32 @@ async fn run(
 
     report.compression = options.compress.for_file(bytes, options.compress_above);
     let started = Instant::now();
-    let body = send(api, progress, tracker, file, bytes, &key, options, report).await?;
-    report.source_id = Some(body.source_id);
-    report.is_idempotent = body.is_idempotent;
-    report.status = body.source_status.clone();
-    report.accepted = body.accepted;
-    report.failed = body.failed;
-    report.warnings = body.warnings;
+    report.resumable = options.resume && bytes > options.resume_above;
+    let source = if report.resumable {
+        report.attempts = 1;
+        crate::resumable::send(api, progress, tracker, file, bytes, &key, options, report).await?
+    } else {
+        let body = send(api, progress, tracker, file, bytes, &key, options, report).await?;
+        report.is_idempotent = body.is_idempotent;
+        report.status = body.source_status.clone();
+        report.accepted = body.accepted;
+        report.failed = body.failed;
+        report.warnings = body.warnings;
+        body.source_id
+    };
+    report.source_id = Some(source);
 
     let status = if options.wait {
         follow(
             api,
             tracker,
             options.directory,
-            body.source_id,
+            source,
             options.poll_interval,
         )
         .await?
     } else {
-        api.source(options.directory, body.source_id).await?
+        api.source(options.directory, source).await?
     };
     report.settle(&status, started.elapsed());
     Ok(())

@@ -58,6 +58,8 @@ impl Gateway {
                 "XDG_CONFIG_HOME",
                 self.app.data.path().display().to_string(),
             ),
+            // Nor its resumable uploads' state.
+            ("XDG_STATE_HOME", self.app.data.path().display().to_string()),
         ]
     }
 

@@ -21,12 +21,25 @@ pub enum Fault {
     /// close it instead of forwarding the response: the server did the work, the client
     /// never hears of it.
     DropResponse(u64),
+    /// Cut whichever connection carries the request bytes of all connections together past
+    /// the next multiple of `every`: a link that drops every so many bytes. `total` counts the
+    /// bytes forwarded ([`Fault::cut_every`] starts it at 0).
+    CutEvery { every: u64, total: Arc<AtomicU64> },
     /// Forward this many request bytes, tell `held`, and forward the rest after `release`.
     Hold {
         bytes: u64,
         held: Arc<Notify>,
         release: Arc<Notify>,
     },
+}
+
+impl Fault {
+    pub fn cut_every(every: u64) -> Self {
+        Fault::CutEvery {
+            every,
+            total: Arc::new(AtomicU64::new(0)),
+        }
+    }
 }
 
 pub struct Proxy {
@@ -141,6 +154,25 @@ async fn relay(
                         let _ = to_server.write_all(&buf[..split(*limit)]).await;
                         cut.cancel();
                         return;
+                    }
+                    Fault::CutEvery { every, total } => {
+                        let before = total.fetch_add(n as u64, Ordering::SeqCst);
+                        let boundary = (before / every + 1) * every;
+                        let k = match before + n as u64 >= boundary {
+                            true => (boundary - before) as usize,
+                            false => n,
+                        };
+                        if to_server.write_all(&buf[..k]).await.is_err() || k < n {
+                            total.fetch_sub((n - k) as u64, Ordering::SeqCst);
+                            tripped.store(true, Ordering::SeqCst);
+                            cut.cancel();
+                            return;
+                        }
+                        if before + n as u64 == boundary {
+                            tripped.store(true, Ordering::SeqCst);
+                            cut.cancel();
+                            return;
+                        }
                     }
                     Fault::Hold {
                         bytes,
