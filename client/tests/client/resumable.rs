@@ -163,3 +163,136 @@ async fn a_compressed_big_file_goes_resumable() {
     assert_eq!(source["received_bytes"], report["sent_bytes"], "{source}");
     assert_eq!(source["sha256"], report["sha256"]);
 }
+
+/// An `orbit-gateway` process on the embedded backends in `data`, listening on `port`.
+async fn gateway_process(data: &std::path::Path, port: u16) -> tokio::process::Child {
+    let mut child = tokio::process::Command::new(orbit_testkit::gateway::binary("orbit-gateway"))
+        .env(
+            "ORBIT__DATABASE__URL",
+            format!("sqlite://{}/orbit.db", data.display()),
+        )
+        .env(
+            "ORBIT__OBJECT_STORE__URL",
+            format!("file://{}/objects", data.display()),
+        )
+        .env("ORBIT__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("ORBIT_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the gateway starts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "the gateway never listened");
+        assert!(child.try_wait().unwrap().is_none(), "the gateway exited");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
+
+/// The gateway killed with SIGKILL mid-upload and started again: `orbit`, retrying, asks the
+/// new process where the upload is and sends the rest; one cut costs at most one `PATCH`.
+#[tokio::test]
+async fn orbit_upload_goes_on_after_the_gateway_is_killed_and_restarted() {
+    let data = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut gateway = gateway_process(data.path(), port).await;
+    let admin = tokio::process::Command::new(orbit_testkit::gateway::binary("orbit-gateway"))
+        .env(
+            "ORBIT__DATABASE__URL",
+            format!("sqlite://{}/orbit.db", data.path().display()),
+        )
+        .env_remove("ORBIT_CONFIG")
+        .args(["admin", "bootstrap"])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        admin.status.success(),
+        "{}",
+        String::from_utf8_lossy(&admin.stderr)
+    );
+    let boot: serde_json::Value = serde_json::from_slice(&admin.stdout).unwrap();
+    let csv = wide_csv(40_000, 2500);
+    let sha256 = hex::encode(Sha256::digest(csv.as_bytes()));
+    let file = data.path().join("big.csv");
+    std::fs::write(&file, &csv).unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let orbit = tokio::process::Command::new(env!("CARGO_BIN_EXE_orbit"))
+        .args(["upload", file.to_str().unwrap()])
+        .args(["--compress", "none", "--dry-run", "--no-wait", "--json"])
+        .args(["--retries", "10"])
+        .env("ORBIT_URL", &base)
+        .env("ORBIT_TOKEN", boot["token"].as_str().unwrap())
+        .env("ORBIT_ORG", boot["organization_id"].as_str().unwrap())
+        .env("ORBIT_DIRECTORY", boot["directory_id"].as_str().unwrap())
+        .env("XDG_CONFIG_HOME", data.path())
+        .env("XDG_STATE_HOME", data.path())
+        .env_remove("ORBIT_PROFILE")
+        .env_remove("ORBIT_PROFILES_FILE")
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Killed once parts of the upload are stored.
+    let uploads = data.path().join("objects/uploads");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let parts: usize = std::fs::read_dir(&uploads)
+            .map(|d| {
+                d.filter_map(|e| e.ok())
+                    .map(|e| std::fs::read_dir(e.path()).map_or(0, |p| p.count()))
+                    .sum()
+            })
+            .unwrap_or(0);
+        if parts >= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the upload never got going");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gateway.kill().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _gateway = gateway_process(data.path(), port).await;
+
+    let out = tokio::time::timeout(Duration::from_secs(120), orbit.wait_with_output())
+        .await
+        .expect("orbit finished in time")
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report = &json(&out)[0];
+    let (bytes, sent) = (
+        report["bytes"].as_u64().unwrap(),
+        report["sent_bytes"].as_u64().unwrap(),
+    );
+    assert!(
+        sent <= bytes + PATCH_BYTES,
+        "sent {sent} for {bytes}: {report}"
+    );
+    let http = reqwest::Client::new();
+    let sources: serde_json::Value = http
+        .get(format!(
+            "{base}/v2/organizations/{}/directories/{}/sources",
+            boot["organization_id"].as_str().unwrap(),
+            boot["directory_id"].as_str().unwrap()
+        ))
+        .bearer_auth(boot["token"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let sources = sources["data"].as_array().unwrap();
+    assert_eq!(sources.len(), 1, "{sources:?}");
+    assert_eq!(sources[0]["sha256"], sha256);
+}
