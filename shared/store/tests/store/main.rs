@@ -6,6 +6,7 @@
 //! - `conformance`: the store's roles, as the gateway and the workers use them.
 //! - `steering`: cancelling sources, dry runs and the webhook outbox.
 //! - `limits`: per-organization limits and the admission of uploads under them.
+//! - `resumable`: resumable uploads' parts, generations, expiry and clean-up.
 //! - `split_detector`: concurrent commits into one directory against a serial replay
 //!   (docs/concurrency.md), on PostgreSQL and on Citus.
 
@@ -14,5 +15,6 @@ mod common;
 
 mod conformance;
 mod limits;
+mod resumable;
 mod split_detector;
 mod steering;
