@@ -92,17 +92,7 @@ pub async fn upload(
         return Err(too_large(max));
     }
     // Held until the response is made: each upload holds a part buffer and an object writer.
-    let _slot = state.uploads.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_uploads",
-            format!(
-                "{} uploads are streaming already; send this one again shortly",
-                state.settings.http.max_uploads
-            ),
-        )
-        .with_header(header::RETRY_AFTER, UPLOAD_RETRY_AFTER_SECS)
-    })?;
+    let _slot = upload_slot(&state)?;
     // Last before the body: a refusal here has read nothing of it and stored nothing.
     let admitted = limits::admit(&state, org, dir, header_key.as_deref()).await?;
     let mut upload = Upload {
@@ -152,6 +142,21 @@ pub async fn upload(
     // Whatever did not record a source (a failure, a replay) gives its admission back.
     upload.release_admission().await;
     result
+}
+
+/// One of the `http.max_uploads` slots of uploads streaming at once, or `503 too_many_uploads`.
+fn upload_slot(state: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit> {
+    state.uploads.clone().try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_uploads",
+            format!(
+                "{} uploads are streaming already; send this one again shortly",
+                state.settings.http.max_uploads
+            ),
+        )
+        .with_header(header::RETRY_AFTER, UPLOAD_RETRY_AFTER_SECS)
+    })
 }
 
 /// Checks that `dir` is `org`'s and takes uploads.

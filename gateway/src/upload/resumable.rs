@@ -41,7 +41,8 @@ use uuid::Uuid;
 use super::idempotency::{validate_key, KeyPlan};
 use super::pipeline::Hints;
 use super::{
-    apply_hint, decode, decode_limits, limits, pipeline_error, writable_directory, Outcome, Upload,
+    apply_hint, content_length, decode, decode_limits, limits, pipeline_error, too_large,
+    upload_slot, writable_directory, Outcome, Upload,
 };
 use crate::app::AppState;
 use crate::auth::{parse_id, Caller};
@@ -341,17 +342,7 @@ async fn patch_spawned(
     headers: HeaderMap,
 ) -> ApiResult<Patched> {
     // Held until the task ends: each PATCH holds a part buffer and an object writer.
-    let slot = state.uploads.clone().try_acquire_owned().map_err(|_| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too_many_uploads",
-            format!(
-                "{} uploads are streaming already; send this one again shortly",
-                state.settings.http.max_uploads
-            ),
-        )
-        .with_header(header::RETRY_AFTER, "5")
-    })?;
+    let slot = upload_slot(&state)?;
     let tracker = state.cleanups.clone();
     let task = tracker.spawn(async move {
         let _slot = slot;
@@ -1043,15 +1034,6 @@ fn header_u64(headers: &HeaderMap, name: &HeaderName) -> ApiResult<Option<u64>> 
         .transpose()
 }
 
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
-}
-
 fn is_offset_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
@@ -1112,14 +1094,6 @@ fn expired() -> ApiError {
         StatusCode::GONE,
         "upload_expired",
         "the upload expired after ingest.resumable_ttl without bytes; its bytes were removed, start a new one",
-    )
-}
-
-fn too_large(max: u64) -> ApiError {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "upload_too_large",
-        format!("the file is larger than the {max} bytes allowed"),
     )
 }
 
