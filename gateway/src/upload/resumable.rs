@@ -446,9 +446,10 @@ async fn explain(
         .get_resumable(org, dir, id)
         .await?
         .ok_or_else(not_found)?;
+    if upload.is_expired(Utc::now()) {
+        return Err(expired());
+    }
     match upload.state {
-        ResumableState::Expired => return Err(expired()),
-        ResumableState::Receiving if upload.expires_at <= Utc::now() => return Err(expired()),
         ResumableState::Imported if offset == upload.offset => {
             return Ok(Patched {
                 offset,
@@ -996,12 +997,7 @@ async fn find(
         .get_resumable(org, dir, id)
         .await?
         .ok_or_else(not_found)?;
-    let gone = match upload.state {
-        ResumableState::Expired => true,
-        ResumableState::Receiving => upload.expires_at <= Utc::now(),
-        _ => false,
-    };
-    if gone {
+    if upload.is_expired(Utc::now()) {
         return Err(expired());
     }
     Ok(upload)

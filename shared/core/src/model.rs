@@ -184,6 +184,15 @@ impl ResumableUpload {
     pub fn is_complete(&self) -> bool {
         self.length == Some(self.offset)
     }
+
+    /// Expired by `now`: marked so by a sweep, or receiving past its expiry before one ran.
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        match self.state {
+            ResumableState::Expired => true,
+            ResumableState::Receiving => self.expires_at <= now,
+            _ => false,
+        }
+    }
 }
 
 /// One stored piece of a resumable upload: bytes `start..start + byte_size` in `object_key`.
