@@ -16,11 +16,10 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use futures::StreamExt as _;
 use orbit_core::domain::header::KnownField;
-use orbit_core::model::Profile;
-use orbit_store::{ExportFilter, StoreResult};
+use orbit_store::{ExportFilter, ExportedProfile, StoreResult};
 use serde::Deserialize;
+use uuid::Uuid;
 
-use super::profiles::ProfileBody;
 use super::ScopedDirectory;
 use crate::app::AppState;
 use crate::metrics::METRICS;
@@ -161,7 +160,7 @@ pub async fn export(
         })?;
     METRICS.exports.with_label_values(&[format.as_str()]).inc();
     let count = export.count;
-    let (tx, rx) = tokio::sync::mpsc::channel::<StoreResult<Vec<Profile>>>(2);
+    let (tx, rx) = tokio::sync::mpsc::channel::<StoreResult<Vec<ExportedProfile>>>(2);
     let mut batches = export.batches;
     tokio::spawn(async move {
         loop {
@@ -180,7 +179,7 @@ pub async fn export(
             }
         }
     });
-    let mut encoder = Encoder::new(format, export.attribute_names);
+    let mut encoder = Encoder::new(format, dir.id, export.attribute_names);
     let head = encoder.head();
     let profiles = METRICS
         .export_profiles
@@ -224,16 +223,28 @@ fn tokio_stream_of<T: Send + 'static>(
 /// Turns batches of profiles into the bytes of one format.
 struct Encoder {
     format: Format,
+    directory_id: Uuid,
     attributes: Vec<String>,
+    /// `"name":` of each known field, in the order a [`ProfileBody`](super::profiles::ProfileBody) serializes them (by name),
+    /// with the field's place in [`KnownField::ALL`].
+    json_fields: Vec<(usize, String)>,
     /// The size of the last batch's bytes: the next buffer starts that large.
     last_len: usize,
 }
 
 impl Encoder {
-    fn new(format: Format, attributes: Vec<String>) -> Self {
+    fn new(format: Format, directory_id: Uuid, attributes: Vec<String>) -> Self {
+        let mut json_fields: Vec<(usize, String)> = KnownField::ALL
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (i, format!("{}:", json_string(f.as_str()))))
+            .collect();
+        json_fields.sort_by_key(|(i, _)| KnownField::ALL[*i].as_str());
         Encoder {
             format,
+            directory_id,
             attributes,
+            json_fields,
             last_len: 64 * 1024,
         }
     }
@@ -253,7 +264,7 @@ impl Encoder {
         }
     }
 
-    fn batch(&mut self, batch: Vec<Profile>) -> Bytes {
+    fn batch(&mut self, batch: Vec<ExportedProfile>) -> Bytes {
         let buf = Vec::with_capacity(self.last_len + self.last_len / 8);
         let out = match self.format {
             Format::Csv => {
@@ -264,15 +275,11 @@ impl Encoder {
                     for row in csv_rows(profile) {
                         record.clear();
                         record.extend(row.cells.iter().map(|v| v.unwrap_or("")));
-                        let attributes = self.attributes.iter().map(|name| {
-                            if row.is_main {
-                                present(profile.state.attributes.get(name).map(|v| &v.value[..]))
-                                    .unwrap_or("")
-                            } else {
-                                ""
-                            }
-                        });
-                        record.extend(attributes);
+                        if row.is_main {
+                            extend_attributes(&mut record, &self.attributes, &profile.attributes);
+                        } else {
+                            record.resize(width, "");
+                        }
                         out.write_record(&record).expect("writing to memory");
                     }
                 }
@@ -280,13 +287,8 @@ impl Encoder {
             }
             Format::Ndjson => {
                 let mut out = buf;
-                for mut profile in batch {
-                    // A cleared value (empty) is no value: null, as the JSON API shows it.
-                    profile.state.fields.retain(|_, v| !v.value.is_empty());
-                    profile.state.attributes.retain(|_, v| !v.value.is_empty());
-                    serde_json::to_writer(&mut out, &ProfileBody::from(profile))
-                        .expect("writing to memory");
-                    out.push(b'\n');
+                for profile in &batch {
+                    self.json_line(&mut out, profile);
                 }
                 out
             }
@@ -294,11 +296,94 @@ impl Encoder {
         self.last_len = out.len();
         Bytes::from(out)
     }
+
+    /// One profile as the object of `GET …/profiles` ([`ProfileBody`](super::profiles::ProfileBody)), byte for byte, and a
+    /// line end: written directly, since serde's `flatten` of the fields buffers every value
+    /// of every profile first.
+    fn json_line(&self, out: &mut Vec<u8>, p: &ExportedProfile) {
+        let mut uuid = Uuid::encode_buffer();
+        out.extend_from_slice(b"{\"id\":\"");
+        out.extend_from_slice(p.id.hyphenated().encode_lower(&mut uuid).as_bytes());
+        out.extend_from_slice(b"\",\"directory_id\":\"");
+        out.extend_from_slice(
+            self.directory_id
+                .hyphenated()
+                .encode_lower(&mut uuid)
+                .as_bytes(),
+        );
+        out.extend_from_slice(b"\"");
+        for (i, name) in &self.json_fields {
+            out.push(b',');
+            out.extend_from_slice(name.as_bytes());
+            match &p.fields[*i] {
+                Some(value) => write_json(out, value.as_str()),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        out.extend_from_slice(b",\"attributes\":{");
+        for (n, (name, value)) in p.attributes.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            write_json(out, name.as_str());
+            out.push(b':');
+            write_json(out, value.as_str());
+        }
+        out.extend_from_slice(b"},\"identities\":{");
+        for (n, (list, kind)) in [
+            ("emails", "email"),
+            ("phones", "phone"),
+            ("linkedin_urls", "linkedin_url"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.push(b'"');
+            out.extend_from_slice(list.as_bytes());
+            out.extend_from_slice(b"\":[");
+            let values = p.identities.iter().filter(|(k, _)| *k == kind);
+            for (m, (_, value)) in values.enumerate() {
+                if m > 0 {
+                    out.push(b',');
+                }
+                write_json(out, value.as_str());
+            }
+            out.push(b']');
+        }
+        out.extend_from_slice(b"},\"created_at\":");
+        write_json(out, &p.created_at);
+        out.extend_from_slice(b",\"updated_at\":");
+        write_json(out, &p.updated_at);
+        out.extend_from_slice(b"}\n");
+    }
 }
 
-/// A stored value, unless it is empty: the empty string is a cleared field or attribute.
-fn present(value: Option<&str>) -> Option<&str> {
-    value.filter(|v| !v.is_empty())
+/// The attribute cells of a main row, in the header's order: the profile's attributes are
+/// sorted by name, as the header is, so one merge-like walk finds them.
+fn extend_attributes<'a>(
+    record: &mut Vec<&'a str>,
+    header: &[String],
+    attributes: &'a [(String, String)],
+) {
+    let mut have = attributes.iter().peekable();
+    for name in header {
+        while have.next_if(|(n, _)| n < name).is_some() {}
+        record.push(match have.next_if(|(n, _)| n == name) {
+            Some((_, value)) => value.as_str(),
+            None => "",
+        });
+    }
+}
+
+fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(out, value).expect("writing to memory");
+}
+
+fn json_string(value: &str) -> String {
+    serde_json::to_string(value).expect("a string serializes")
 }
 
 /// The column of each identity kind among [`KnownField::ALL`].
@@ -320,7 +405,7 @@ pub struct CsvRow<'a> {
 /// an identity imported before it, of another kind (so the importer joins it to the same
 /// profile whatever its resolution order), and then the main row again, so that its values are
 /// the last written to every field.
-pub fn csv_rows(profile: &Profile) -> Vec<CsvRow<'_>> {
+pub fn csv_rows(profile: &ExportedProfile) -> Vec<CsvRow<'_>> {
     let mut main = CsvRow {
         cells: [None; KnownField::ALL.len()],
         is_main: true,
@@ -329,16 +414,10 @@ pub fn csv_rows(profile: &Profile) -> Vec<CsvRow<'_>> {
         profile
             .identities
             .iter()
-            .any(|(k, v)| k == kind && v == value)
+            .any(|(k, v)| *k == kind && v == value)
     };
     for (i, field) in KnownField::ALL.iter().enumerate() {
-        let value = present(
-            profile
-                .state
-                .fields
-                .get(field.as_str())
-                .map(|v| &v.value[..]),
-        );
+        let value = profile.fields[i].as_deref();
         main.cells[i] = match value {
             Some(v) if field.is_identifier() && !holds(field.as_str(), v) => None,
             other => other,
@@ -349,7 +428,7 @@ pub fn csv_rows(profile: &Profile) -> Vec<CsvRow<'_>> {
     for (kind, value) in &profile.identities {
         let column = kind_column(kind).expect("an identity kind is a known field");
         if main.cells[column] == Some(value.as_str()) {
-            imported.push((kind.as_str(), value.as_str()));
+            imported.push((kind, value.as_str()));
         }
     }
     if imported.is_empty() {
@@ -358,13 +437,13 @@ pub fn csv_rows(profile: &Profile) -> Vec<CsvRow<'_>> {
         if let Some((kind, value)) = profile.identities.first() {
             let column = kind_column(kind).expect("an identity kind is a known field");
             main.cells[column] = Some(value.as_str());
-            imported.push((kind.as_str(), value.as_str()));
+            imported.push((kind, value.as_str()));
         }
     }
     let mut pending: Vec<(&str, &str)> = profile
         .identities
         .iter()
-        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .map(|(k, v)| (*k, v.as_str()))
         .filter(|identity| !imported.contains(identity))
         .collect();
     let mut links = Vec::new();
@@ -402,9 +481,17 @@ pub fn csv_rows(profile: &Profile) -> Vec<CsvRow<'_>> {
 mod tests {
     use super::*;
     use orbit_core::domain::resolve::{ProfileState, Versioned};
-    use uuid::Uuid;
+    use orbit_core::model::Profile;
 
-    fn profile(fields: &[(&'static str, &str)], identities: &[(&str, &str)]) -> Profile {
+    fn profile(fields: &[(&'static str, &str)], identities: &[(&str, &str)]) -> ExportedProfile {
+        full(fields, &[], identities).into()
+    }
+
+    fn full(
+        fields: &[(&'static str, &str)],
+        attributes: &[(&str, &str)],
+        identities: &[(&str, &str)],
+    ) -> Profile {
         let mut state = ProfileState::default();
         for (name, value) in fields {
             state.fields.insert(
@@ -416,8 +503,18 @@ mod tests {
                 },
             );
         }
+        for (name, value) in attributes {
+            state.attributes.insert(
+                (*name).to_owned(),
+                Versioned {
+                    value: (*value).to_owned(),
+                    version: (2, 1),
+                    rank: Default::default(),
+                },
+            );
+        }
         Profile {
-            id: Uuid::nil(),
+            id: Uuid::now_v7(),
             directory_id: Uuid::nil(),
             state,
             identities: identities
@@ -522,7 +619,7 @@ mod tests {
             }
         }
         for (k, v) in &p.identities {
-            assert!(imported.contains(&(k.clone(), v.clone())), "{k} {v}");
+            assert!(imported.contains(&((*k).to_owned(), v.clone())), "{k} {v}");
         }
     }
 
@@ -537,5 +634,49 @@ mod tests {
         assert_eq!(cell(&rows[0], "first_name"), None);
         // +9 belongs to another profile: claiming it on import would move it.
         assert_eq!(cell(&rows[0], "phone"), None);
+    }
+
+    #[test]
+    fn an_ndjson_line_is_the_profile_of_the_json_api() {
+        let directory = Uuid::now_v7();
+        let mut p = full(
+            &[
+                ("first_name", "Zoë \"Z\""),
+                ("email", "a@x.io"),
+                ("title", ""),
+                ("city", "Paris\nNord"),
+            ],
+            &[("tier", "gold"), ("Team Name", "a\\b"), ("gone", "")],
+            &[("email", "a@x.io"), ("email", "b@x.io"), ("phone", "+1")],
+        );
+        p.directory_id = directory;
+        let exported = ExportedProfile::from(p.clone());
+        // What `GET …/profiles/{id}` shows: cleared values are null or left out.
+        p.state.fields.retain(|_, v| !v.value.is_empty());
+        p.state.attributes.retain(|_, v| !v.value.is_empty());
+        let api = serde_json::to_vec(&super::super::profiles::ProfileBody::from(p)).unwrap();
+        for attributes in [vec![], vec!["tier".to_owned()]] {
+            let mut encoder = Encoder::new(Format::Ndjson, directory, attributes);
+            let line = encoder.batch(vec![exported.clone()]);
+            assert_eq!(
+                String::from_utf8_lossy(&line),
+                format!("{}\n", String::from_utf8_lossy(&api))
+            );
+        }
+    }
+
+    #[test]
+    fn attribute_cells_follow_the_header() {
+        let header: Vec<String> = ["a", "c", "d", "f"].map(str::to_owned).to_vec();
+        let have: Vec<(String, String)> = [("b", "1"), ("c", "2"), ("f", "3"), ("g", "4")]
+            .map(|(n, v)| (n.to_owned(), v.to_owned()))
+            .to_vec();
+        let mut record = vec!["x"];
+        extend_attributes(&mut record, &header, &have);
+        assert_eq!(record, ["x", "", "2", "", "3"]);
+        let mut csv = Encoder::new(Format::Csv, Uuid::nil(), header);
+        let p = profile(&[("email", "a@x.io")], &[("email", "a@x.io")]);
+        let text = String::from_utf8(csv.batch(vec![p]).to_vec()).unwrap();
+        assert_eq!(text, ",,,a@x.io,,,,,,,,,,\n");
     }
 }

@@ -261,10 +261,10 @@ impl Profiles for PgStore {
         // reaches PostgreSQL through the socket.
         let (sender, receiver) = tokio::sync::mpsc::channel(2);
         let sql = format!(
-            "SELECT p.id, p.directory_id, {columns} FROM profiles p
+            "SELECT {columns} FROM profiles p
              WHERE p.directory_id = $1 AND ($2::BIGINT IS NULL OR p.updated_ms >= $2)
              ORDER BY p.id",
-            columns = profile_columns()
+            columns = export_columns()
         );
         let pool = self.pool.clone();
         tokio::spawn(async move {
@@ -281,7 +281,7 @@ impl Profiles for PgStore {
                     };
                     let batch = chunk
                         .into_iter()
-                        .map(|row| profile_of_row(&row?))
+                        .map(|row| exported_from_row(&row?))
                         .collect::<StoreResult<Vec<_>>>();
                     let failed = batch.is_err();
                     if sender.send(batch).await.is_err() || failed {

@@ -217,6 +217,53 @@ impl<'a> ProfileColumns<'a> {
     }
 }
 
+/// The columns an export reads, by position from the first: the values without their
+/// versions and ranks, which is fewer than half of [`profile_columns`] for PostgreSQL to send
+/// and the gateway to decode.
+pub(super) fn export_columns() -> String {
+    let mut columns = String::from("p.id, p.created_ms, p.updated_ms");
+    for name in field_names() {
+        columns.push_str(&format!(", p.{name}"));
+    }
+    columns.push_str(", p.attributes, p.identities");
+    columns
+}
+
+/// Reads a row selected with [`export_columns`].
+pub(super) fn exported_from_row(row: &PgRow) -> StoreResult<crate::ExportedProfile> {
+    /// An attribute as stored, of which an export needs the value only.
+    #[derive(serde::Deserialize)]
+    struct Value {
+        value: String,
+    }
+    const FIELDS: usize = 3;
+    let mut fields: [Option<String>; KnownField::ALL.len()] = Default::default();
+    for (i, field) in fields.iter_mut().enumerate() {
+        let value: Option<String> = row.try_get(FIELDS + i)?;
+        *field = value.filter(|v| !v.is_empty());
+    }
+    let after = FIELDS + KnownField::ALL.len();
+    let attributes: Option<&str> = row.try_get(after)?;
+    let attributes = match attributes {
+        Some(json) => serde_json::from_str::<BTreeMap<String, Value>>(json)?
+            .into_iter()
+            .filter(|(_, v)| !v.value.is_empty())
+            .map(|(name, v)| (name, v.value))
+            .collect(),
+        None => Vec::new(),
+    };
+    let mut identities = parse_identity_lines(row.try_get(after + 1)?)?;
+    identities.sort_unstable();
+    Ok(crate::ExportedProfile {
+        id: row.try_get(0)?,
+        created_at: crate::rows::at(row.try_get(1)?),
+        updated_at: crate::rows::at(row.try_get(2)?),
+        fields,
+        attributes,
+        identities,
+    })
+}
+
 /// Reads the state and identities of a profile row selected with [`profile_columns`].
 pub(super) fn profile_from_row(row: &PgRow) -> StoreResult<(ProfileState, Vec<(String, String)>)> {
     // The block of `profile_columns` is read by position from where it starts: by name, each
@@ -282,6 +329,13 @@ pub(super) fn identities_text<'a>(
 }
 
 fn parse_identities(text: &str) -> StoreResult<Vec<(String, String)>> {
+    Ok(parse_identity_lines(text)?
+        .into_iter()
+        .map(|(kind, value)| (kind.to_owned(), value))
+        .collect())
+}
+
+fn parse_identity_lines(text: &str) -> StoreResult<Vec<(&'static str, String)>> {
     let corrupt = || StoreError::Corrupt(format!("stored identities {text:?}"));
     let mut out = Vec::new();
     for line in text.split('\n').filter(|l| !l.is_empty()) {
@@ -303,7 +357,7 @@ fn parse_identities(text: &str) -> StoreResult<Vec<(String, String)>> {
                 c => c,
             });
         }
-        out.push(((*kind).to_owned(), value));
+        out.push((*kind, value));
     }
     Ok(out)
 }

@@ -52,8 +52,8 @@ use crate::{
 };
 use copy::BinaryRows;
 use layout::{
-    field_names, identities_text, kind_number, profile_columns, profile_from_row, KeySpace,
-    ProfileColumns, ProfileColumnsAt,
+    export_columns, exported_from_row, field_names, identities_text, kind_number, profile_columns,
+    profile_from_row, KeySpace, ProfileColumns, ProfileColumnsAt,
 };
 use orbit_config::DatabaseSettings;
 use orbit_core::domain::fair::Pass;

@@ -308,9 +308,13 @@ impl Profiles for SqliteStore {
                 }
                 let ids: Vec<Uuid> = batch.iter().map(|p| p.id).collect();
                 let mut identities = identities_in(&mut tx, &ids).await?;
-                for p in &mut batch {
-                    p.identities = identities.remove(&p.id).unwrap_or_default();
-                }
+                let batch: Vec<crate::ExportedProfile> = batch
+                    .into_iter()
+                    .map(|mut p| {
+                        p.identities = identities.remove(&p.id).unwrap_or_default();
+                        p.into()
+                    })
+                    .collect();
                 let tx = if (rows.len() as i64) < crate::EXPORT_BATCH {
                     // The last batch: the snapshot is let go now, not when the stream is dropped.
                     tx.rollback().await?;
