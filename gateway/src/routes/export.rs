@@ -276,7 +276,7 @@ impl Encoder {
                         record.clear();
                         record.extend(row.cells.iter().map(|v| v.unwrap_or("")));
                         if row.is_main {
-                            extend_attributes(&mut record, &self.attributes, &profile.attributes);
+                            extend_attributes(&mut record, &self.attributes, profile.attributes());
                         } else {
                             record.resize(width, "");
                         }
@@ -315,19 +315,19 @@ impl Encoder {
         for (i, name) in &self.json_fields {
             out.push(b',');
             out.extend_from_slice(name.as_bytes());
-            match &p.fields[*i] {
-                Some(value) => write_json(out, value.as_str()),
+            match p.field(*i) {
+                Some(value) => write_json(out, value),
                 None => out.extend_from_slice(b"null"),
             }
         }
         out.extend_from_slice(b",\"attributes\":{");
-        for (n, (name, value)) in p.attributes.iter().enumerate() {
+        for (n, (name, value)) in p.attributes().enumerate() {
             if n > 0 {
                 out.push(b',');
             }
-            write_json(out, name.as_str());
+            write_json(out, name);
             out.push(b':');
-            write_json(out, value.as_str());
+            write_json(out, value);
         }
         out.extend_from_slice(b"},\"identities\":{");
         for (n, (list, kind)) in [
@@ -344,12 +344,12 @@ impl Encoder {
             out.push(b'"');
             out.extend_from_slice(list.as_bytes());
             out.extend_from_slice(b"\":[");
-            let values = p.identities.iter().filter(|(k, _)| *k == kind);
+            let values = p.identities().filter(|(k, _)| *k == kind);
             for (m, (_, value)) in values.enumerate() {
                 if m > 0 {
                     out.push(b',');
                 }
-                write_json(out, value.as_str());
+                write_json(out, value);
             }
             out.push(b']');
         }
@@ -366,13 +366,13 @@ impl Encoder {
 fn extend_attributes<'a>(
     record: &mut Vec<&'a str>,
     header: &[String],
-    attributes: &'a [(String, String)],
+    attributes: impl Iterator<Item = (&'a str, &'a str)>,
 ) {
-    let mut have = attributes.iter().peekable();
+    let mut have = attributes.peekable();
     for name in header {
-        while have.next_if(|(n, _)| n < name).is_some() {}
-        record.push(match have.next_if(|(n, _)| n == name) {
-            Some((_, value)) => value.as_str(),
+        while have.next_if(|(n, _)| *n < name.as_str()).is_some() {}
+        record.push(match have.next_if(|(n, _)| *n == name) {
+            Some((_, value)) => value,
             None => "",
         });
     }
@@ -410,14 +410,10 @@ pub fn csv_rows(profile: &ExportedProfile) -> Vec<CsvRow<'_>> {
         cells: [None; KnownField::ALL.len()],
         is_main: true,
     };
-    let holds = |kind: &str, value: &str| {
-        profile
-            .identities
-            .iter()
-            .any(|(k, v)| *k == kind && v == value)
-    };
+    let holds =
+        |kind: &str, value: &str| profile.identities().any(|(k, v)| k == kind && v == value);
     for (i, field) in KnownField::ALL.iter().enumerate() {
-        let value = profile.fields[i].as_deref();
+        let value = profile.field(i);
         main.cells[i] = match value {
             Some(v) if field.is_identifier() && !holds(field.as_str(), v) => None,
             other => other,
@@ -425,25 +421,23 @@ pub fn csv_rows(profile: &ExportedProfile) -> Vec<CsvRow<'_>> {
     }
     // The identities the rows import so far, in resolution order of kind.
     let mut imported: Vec<(&str, &str)> = Vec::new();
-    for (kind, value) in &profile.identities {
+    for (kind, value) in profile.identities() {
         let column = kind_column(kind).expect("an identity kind is a known field");
-        if main.cells[column] == Some(value.as_str()) {
-            imported.push((kind, value.as_str()));
+        if main.cells[column] == Some(value) {
+            imported.push((kind, value));
         }
     }
     if imported.is_empty() {
         // No identity field is set (all were cleared): the main row carries the first
         // identity, or the importer would fail it.
-        if let Some((kind, value)) = profile.identities.first() {
+        if let Some((kind, value)) = profile.identities().next() {
             let column = kind_column(kind).expect("an identity kind is a known field");
-            main.cells[column] = Some(value.as_str());
-            imported.push((kind, value.as_str()));
+            main.cells[column] = Some(value);
+            imported.push((kind, value));
         }
     }
     let mut pending: Vec<(&str, &str)> = profile
-        .identities
-        .iter()
-        .map(|(k, v)| (*k, v.as_str()))
+        .identities()
         .filter(|identity| !imported.contains(identity))
         .collect();
     let mut links = Vec::new();
@@ -618,8 +612,8 @@ mod tests {
                 assert_eq!(cell(row, "title"), None);
             }
         }
-        for (k, v) in &p.identities {
-            assert!(imported.contains(&((*k).to_owned(), v.clone())), "{k} {v}");
+        for (k, v) in p.identities() {
+            assert!(imported.contains(&(k.to_owned(), v.to_owned())), "{k} {v}");
         }
     }
 
@@ -668,11 +662,9 @@ mod tests {
     #[test]
     fn attribute_cells_follow_the_header() {
         let header: Vec<String> = ["a", "c", "d", "f"].map(str::to_owned).to_vec();
-        let have: Vec<(String, String)> = [("b", "1"), ("c", "2"), ("f", "3"), ("g", "4")]
-            .map(|(n, v)| (n.to_owned(), v.to_owned()))
-            .to_vec();
+        let have = [("b", "1"), ("c", "2"), ("f", "3"), ("g", "4")];
         let mut record = vec!["x"];
-        extend_attributes(&mut record, &header, &have);
+        extend_attributes(&mut record, &header, have.into_iter());
         assert_eq!(record, ["x", "", "2", "", "3"]);
         let mut csv = Encoder::new(Format::Csv, Uuid::nil(), header);
         let p = profile(&[("email", "a@x.io")], &[("email", "a@x.io")]);

@@ -289,52 +289,160 @@ pub struct ProfileExport {
 }
 
 /// A profile as an export writes it: the values, without the versions and ranks that only
-/// merging needs, and without cleared (empty) values. PostgreSQL reads just these columns;
-/// decoding and encoding them is most of an export's CPU.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// merging needs, and without cleared (empty) values. PostgreSQL reads just these columns.
+/// Decoding and encoding them is most of an export's CPU, so the values live in one buffer:
+/// a profile costs a couple of allocations rather than one per value.
+#[derive(Clone)]
 pub struct ExportedProfile {
     pub id: Uuid,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
-    /// The value of each of [`KnownField::ALL`],
-    /// in that order; `None` when unset or cleared.
-    pub fields: [Option<String>; KnownField::ALL.len()],
+    text: String,
+    fields: [Option<Span>; KnownField::ALL.len()],
+    attributes: Vec<(Span, Span)>,
+    identities: Vec<(&'static str, Span)>,
+}
+
+/// Where a value is in [`ExportedProfile`]'s buffer.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl ExportedProfile {
+    /// No values yet; `capacity` is a guess of their total length.
+    pub fn new(
+        id: Uuid,
+        created_at: DateTime<Utc>,
+        updated_at: DateTime<Utc>,
+        capacity: usize,
+    ) -> Self {
+        ExportedProfile {
+            id,
+            created_at,
+            updated_at,
+            text: String::with_capacity(capacity),
+            fields: [None; KnownField::ALL.len()],
+            attributes: Vec::new(),
+            identities: Vec::new(),
+        }
+    }
+
+    fn keep(&mut self, value: &str) -> Span {
+        let start = self.text.len() as u32;
+        self.text.push_str(value);
+        Span {
+            start,
+            end: self.text.len() as u32,
+        }
+    }
+
+    fn at(&self, span: Span) -> &str {
+        &self.text[span.start as usize..span.end as usize]
+    }
+
+    /// The `i`th of [`KnownField::ALL`]; an empty value is a cleared one, and stays unset.
+    pub fn set_field(&mut self, i: usize, value: &str) {
+        if !value.is_empty() {
+            self.fields[i] = Some(self.keep(value));
+        }
+    }
+
+    /// A custom attribute, given in order of name; an empty (cleared) value is left out.
+    pub fn push_attribute(&mut self, name: &str, value: &str) {
+        if !value.is_empty() {
+            let name = self.keep(name);
+            let value = self.keep(value);
+            self.attributes.push((name, value));
+        }
+    }
+
+    /// An identity, its value written by `write` (which may unescape it on the way).
+    pub fn push_identity_with(&mut self, kind: &'static str, write: impl FnOnce(&mut String)) {
+        let start = self.text.len() as u32;
+        write(&mut self.text);
+        let end = self.text.len() as u32;
+        self.identities.push((kind, Span { start, end }));
+    }
+
+    /// Puts the identities in the order [`Profile::identities`] keeps: by kind (which is
+    /// resolution order), then value.
+    pub fn sort_identities(&mut self) {
+        let text = &self.text;
+        let value = |span: Span| &text[span.start as usize..span.end as usize];
+        self.identities
+            .sort_unstable_by(|a, b| (a.0, value(a.1)).cmp(&(b.0, value(b.1))));
+    }
+
+    /// The value of the `i`th of [`KnownField::ALL`], unless unset or cleared.
+    pub fn field(&self, i: usize) -> Option<&str> {
+        self.fields[i].map(|span| self.at(span))
+    }
+
     /// The custom attributes that have a value, sorted by name.
-    pub attributes: Vec<(String, String)>,
-    /// (kind, value), sorted: kinds in resolution order, as [`Profile::identities`].
-    pub identities: Vec<(&'static str, String)>,
+    pub fn attributes(&self) -> impl Iterator<Item = (&str, &str)> + Clone + '_ {
+        self.attributes
+            .iter()
+            .map(|(name, value)| (self.at(*name), self.at(*value)))
+    }
+
+    /// (kind, value), sorted as [`Profile::identities`].
+    pub fn identities(&self) -> impl Iterator<Item = (&'static str, &str)> + Clone + '_ {
+        self.identities
+            .iter()
+            .map(|(kind, value)| (*kind, self.at(*value)))
+    }
+}
+
+impl PartialEq for ExportedProfile {
+    fn eq(&self, other: &Self) -> bool {
+        (self.id, self.created_at, self.updated_at)
+            == (other.id, other.created_at, other.updated_at)
+            && (0..KnownField::ALL.len()).all(|i| self.field(i) == other.field(i))
+            && self.attributes().eq(other.attributes())
+            && self.identities().eq(other.identities())
+    }
+}
+
+impl Eq for ExportedProfile {}
+
+impl std::fmt::Debug for ExportedProfile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let fields: Vec<(&str, &str)> = KnownField::ALL
+            .iter()
+            .enumerate()
+            .filter_map(|(i, name)| Some((name.as_str(), self.field(i)?)))
+            .collect();
+        f.debug_struct("ExportedProfile")
+            .field("id", &self.id)
+            .field("created_at", &self.created_at)
+            .field("updated_at", &self.updated_at)
+            .field("fields", &fields)
+            .field("attributes", &self.attributes().collect::<Vec<_>>())
+            .field("identities", &self.identities().collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 impl From<Profile> for ExportedProfile {
     fn from(p: Profile) -> Self {
-        let mut state = p.state;
-        let fields = KnownField::ALL.map(|f| {
-            state
-                .fields
-                .remove(f.as_str())
-                .map(|v| v.value)
-                .filter(|v| !v.is_empty())
-        });
-        ExportedProfile {
-            id: p.id,
-            created_at: p.created_at,
-            updated_at: p.updated_at,
-            fields,
-            attributes: state
-                .attributes
-                .into_iter()
-                .filter(|(_, v)| !v.value.is_empty())
-                .map(|(name, v)| (name, v.value))
-                .collect(),
-            identities: p
-                .identities
-                .into_iter()
-                .filter_map(|(kind, value)| {
-                    let kind = resolve::IDENTITY_KINDS[resolve::kind_index(&kind)?];
-                    Some((kind, value))
-                })
-                .collect(),
+        let mut out = ExportedProfile::new(p.id, p.created_at, p.updated_at, 256);
+        for (i, field) in KnownField::ALL.iter().enumerate() {
+            if let Some(v) = p.state.fields.get(field.as_str()) {
+                out.set_field(i, &v.value);
+            }
         }
+        for (name, v) in &p.state.attributes {
+            out.push_attribute(name, &v.value);
+        }
+        for (kind, value) in &p.identities {
+            if let Some(i) = resolve::kind_index(kind) {
+                out.push_identity_with(resolve::IDENTITY_KINDS[i], |text| text.push_str(value));
+            }
+        }
+        out.sort_identities();
+        out
     }
 }
 

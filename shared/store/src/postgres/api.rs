@@ -238,21 +238,19 @@ impl Profiles for PgStore {
         if !owned {
             return Ok(None);
         }
-        let count: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM profiles WHERE directory_id = $1 AND ($2::BIGINT IS NULL OR updated_ms >= $2)",
+        // The count and the attribute names in one pass over the directory's rows: a profile
+        // with no attributes is one row of the join (with a NULL key), one with attributes is
+        // as many, the first of which (n = 1) counts it.
+        let (count, mut attribute_names): (i64, Vec<String>) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE a.n IS NULL OR a.n = 1),
+                    COALESCE(array_agg(DISTINCT a.key) FILTER (WHERE a.value->>'value' <> ''), '{}')
+             FROM profiles p
+             LEFT JOIN LATERAL jsonb_each(p.attributes::jsonb) WITH ORDINALITY AS a(key, value, n) ON true
+             WHERE p.directory_id = $1 AND ($2::BIGINT IS NULL OR p.updated_ms >= $2)",
         )
         .bind(dir)
         .bind(since)
         .fetch_one(&mut *tx)
-        .await?;
-        let mut attribute_names: Vec<String> = sqlx::query_scalar(
-            "SELECT DISTINCT a.key FROM profiles p CROSS JOIN LATERAL jsonb_each(p.attributes::jsonb) AS a(key, value)
-             WHERE p.directory_id = $1 AND p.attributes IS NOT NULL AND a.value->>'value' <> ''
-               AND ($2::BIGINT IS NULL OR p.updated_ms >= $2)",
-        )
-        .bind(dir)
-        .bind(since)
-        .fetch_all(&mut *tx)
         .await?;
         attribute_names.sort_unstable();
         // One query streamed to the end rather than a query per batch: PostgreSQL produces
