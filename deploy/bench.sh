@@ -5,7 +5,9 @@
 # PostgreSQL, S3, RabbitMQ) and embedded, counting PostgreSQL's WAL bytes per row; then runs a
 # 100,000-row file into one directory on 1, 2 and 4 orbit-worker processes each capped to a
 # tenth of a core (scale-out), measures the synchronous path (100-row uploads, 16 concurrent
-# clients, 30 s) and peak RSS during a 1 GiB upload. Prints figures and each target as met or
+# clients, 30 s), the same uploads offered open-loop at 100 a second (latency from when each
+# fell due; CPU per upload of gateway, workers and PostgreSQL) and peak RSS during a 1 GiB
+# upload. Prints figures and each target as met or
 # missed, and writes results.json in the work dir. Before the synchronous path, the `fairness`
 # phase (issue 24; about 2 minutes) times, with fair scheduling on and off, one organization's
 # 20,000-row upload idle and right after another queues four 500,000-row files, and a lone

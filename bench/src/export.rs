@@ -15,7 +15,6 @@
 //! Where the time goes: the CPU time of the gateway, of the PostgreSQL backends connected to
 //! the stack's database and of this process (the client), over each read.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -181,7 +180,7 @@ async fn export(orbit: &Orbit, client: &reqwest::Client, e: &Export) -> anyhow::
     }
     let reset = reset_peak_rss(gateway);
     let sampler = RssSampler::start(gateway);
-    let pg = BackendsMark::new(orbit).await?;
+    let pg = orbit::BackendsMark::new(orbit).await?;
     let (gateway_before, _) = orbit.cpu()?;
     let client_before = own_cpu()?;
     let started = Instant::now();
@@ -261,68 +260,6 @@ pub fn profile_count(headers: &HeaderMap) -> anyhow::Result<u64> {
         .context("orbit-profile-count is not a number")
 }
 
-/// The CPU time of the PostgreSQL backends connected to the stack's own database: those of
-/// the gateway's and the workers' pools. Unlike the server's whole process tree
-/// ([`crate::node`]), it leaves out whatever else the server does meanwhile, such as another
-/// checkout's test suite on the same PostgreSQL.
-struct BackendsMark {
-    admin: String,
-    database: String,
-    cpu: HashMap<u32, Duration>,
-}
-
-impl BackendsMark {
-    async fn new(orbit: &Orbit) -> anyhow::Result<Self> {
-        let url = orbit.database_url().context("not a distributed stack")?;
-        let database = reqwest::Url::parse(url)?
-            .path()
-            .trim_start_matches('/')
-            .to_owned();
-        let admin = orbit
-            .nodes
-            .first()
-            .context("no database server")?
-            .url
-            .clone();
-        let cpu = backends_cpu(&admin, &database).await?;
-        Ok(BackendsMark {
-            admin,
-            database,
-            cpu,
-        })
-    }
-
-    /// Their CPU time since the mark. A backend that started since counts whole (a new pool
-    /// connection); one that ended since is lost (pools keep theirs for minutes).
-    async fn since(&self) -> anyhow::Result<Duration> {
-        let now = backends_cpu(&self.admin, &self.database).await?;
-        Ok(now
-            .iter()
-            .map(|(pid, cpu)| cpu.saturating_sub(self.cpu.get(pid).copied().unwrap_or_default()))
-            .sum())
-    }
-}
-
-async fn backends_cpu(admin: &str, database: &str) -> anyhow::Result<HashMap<u32, Duration>> {
-    let mut conn = sqlx::PgConnection::connect(admin).await?;
-    let pids: Vec<(i32,)> = sqlx::query_as(
-        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
-    )
-    .bind(database)
-    .fetch_all(&mut conn)
-    .await?;
-    conn.close().await?;
-    let mut cpu = HashMap::new();
-    for (pid,) in pids {
-        let pid = pid as u32;
-        // A backend may end between the query and the read.
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            cpu.insert(pid, orbit::stat_cpu(&stat)?);
-        }
-    }
-    Ok(cpu)
-}
-
 /// A page of the JSON list, the profiles only counted.
 #[derive(Deserialize)]
 struct Page {
@@ -351,7 +288,7 @@ async fn page_through(orbit: &Orbit, client: &reqwest::Client) -> anyhow::Result
         "{}/v2/organizations/{}/directories/{}/profiles",
         orbit.base, orbit.tenant.org, orbit.tenant.dir
     );
-    let pg = BackendsMark::new(orbit).await?;
+    let pg = orbit::BackendsMark::new(orbit).await?;
     let (gateway_before, _) = orbit.cpu()?;
     let client_before = own_cpu()?;
     let started = Instant::now();

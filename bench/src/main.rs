@@ -7,6 +7,8 @@
 //! - `baseline`: the `psql \copy` and `pgloader` loads;
 //! - `orbit`: the release gateway and workers as processes, with /proc readings;
 //! - `load`: the synchronous path under concurrent clients;
+//! - `open`: small uploads offered at a fixed rate (open loop), latency from when each was
+//!   due, and the CPU each costs the gateway, the workers and PostgreSQL;
 //! - `scaleout`: one directory's file on 1, 2, 4… CPU-capped workers;
 //! - `cgroup`: the cgroup v1 CPU cap each of those workers runs under;
 //! - `citus`: the same stack on a Citus cluster and on PostgreSQL, one directory and several;
@@ -28,6 +30,7 @@ mod fairness;
 mod generate;
 mod load;
 mod node;
+mod open;
 mod orbit;
 mod scaleout;
 mod wal;
@@ -79,7 +82,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "copy,pgloader,distributed,embedded,scaleout,fairness,sync,rss",
+        default_value = "copy,pgloader,distributed,embedded,scaleout,fairness,sync,open,rss",
         value_parser = PHASES,
     )]
     phases: Vec<String>,
@@ -154,10 +157,13 @@ struct Args {
     /// Compressed phase: rows in the file uploaded as it is, gzip'ed and zstd'ed.
     #[arg(long, default_value_t = 1_000_000)]
     compressed_rows: u64,
+    /// Open-loop phase: uploads of `--sync-rows` rows offered per second, for `--seconds`.
+    #[arg(long, default_value_t = 100.0)]
+    open_rate: f64,
 }
 
 /// Every phase, in the order they run.
-const PHASES: [&str; 11] = [
+const PHASES: [&str; 12] = [
     "copy",
     "pgloader",
     "distributed",
@@ -168,6 +174,7 @@ const PHASES: [&str; 11] = [
     "export",
     "compressed",
     "sync",
+    "open",
     "rss",
 ];
 
@@ -351,7 +358,7 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
         v.as_f64()
     };
     let kb = |bytes: Option<f64>| bytes.map(|b| b / 1000.0);
-    let targets: [(&str, Option<f64>, f64, bool); 16] = [
+    let targets: [(&str, Option<f64>, f64, bool); 17] = [
         (
             "distributed rows/s / psql \\copy",
             at(&["ratio_orbit_distributed_to_psql_copy"]),
@@ -434,6 +441,12 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
             "sync p99 ms, 16 clients, one directory",
             at(&["sync", "distributed_one_dir", "p99_ms"]),
             50.0,
+            false,
+        ),
+        (
+            "open loop p99 ms, uploads offered at --open-rate",
+            at(&["open", "latency", "p99_ms"]),
+            25.0,
             false,
         ),
         (
@@ -687,6 +700,10 @@ async fn main() -> anyhow::Result<()> {
         results.insert("sync".into(), Value::Object(sync));
     }
 
+    if phase("open") {
+        results.insert("open".into(), open::run(&args).await?);
+    }
+
     if phase("rss") {
         let big = args.work_dir.join("contacts-rss.csv");
         let g = generate::write_csv(&big, u64::MAX, args.rss_bytes)?;
@@ -745,6 +762,8 @@ mod tests {
         );
         // The directory: 1M profiles.
         assert_eq!(args.export_rows, 1_000_000);
+        // The open loop: 100 uploads a second.
+        assert_eq!(args.open_rate, 100.0);
     }
 
     #[test]

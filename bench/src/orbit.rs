@@ -3,6 +3,7 @@
 //! database (or Citus schema), S3 bucket and RabbitMQ queue. Readings of their memory and CPU,
 //! and of the database servers' CPU, come from /proc.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,6 +14,7 @@ use orbit_testkit::{DistributedStack, TestBucket, TestDatabase, TestQueue};
 use reqwest::multipart::{Form, Part};
 use reqwest::StatusCode;
 use serde_json::Value;
+use sqlx::Connection as _;
 use tokio::process::{Child, Command};
 use uuid::Uuid;
 
@@ -572,6 +574,68 @@ fn spawn(
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("cannot start {}", binary.display()))
+}
+
+/// The CPU time of the PostgreSQL backends connected to the stack's own database: those of
+/// the gateway's and the workers' pools. Unlike the server's whole process tree
+/// ([`crate::node`]), it leaves out whatever else the server does meanwhile, such as another
+/// checkout's test suite on the same PostgreSQL.
+pub struct BackendsMark {
+    admin: String,
+    database: String,
+    cpu: HashMap<u32, Duration>,
+}
+
+impl BackendsMark {
+    pub async fn new(orbit: &Orbit) -> anyhow::Result<Self> {
+        let url = orbit.database_url().context("not a distributed stack")?;
+        let database = reqwest::Url::parse(url)?
+            .path()
+            .trim_start_matches('/')
+            .to_owned();
+        let admin = orbit
+            .nodes
+            .first()
+            .context("no database server")?
+            .url
+            .clone();
+        let cpu = backends_cpu(&admin, &database).await?;
+        Ok(BackendsMark {
+            admin,
+            database,
+            cpu,
+        })
+    }
+
+    /// Their CPU time since the mark. A backend that started since counts whole (a new pool
+    /// connection); one that ended since is lost (pools keep theirs for minutes).
+    pub async fn since(&self) -> anyhow::Result<Duration> {
+        let now = backends_cpu(&self.admin, &self.database).await?;
+        Ok(now
+            .iter()
+            .map(|(pid, cpu)| cpu.saturating_sub(self.cpu.get(pid).copied().unwrap_or_default()))
+            .sum())
+    }
+}
+
+async fn backends_cpu(admin: &str, database: &str) -> anyhow::Result<HashMap<u32, Duration>> {
+    let mut conn = sqlx::PgConnection::connect(admin).await?;
+    let pids: Vec<(i32,)> = sqlx::query_as(
+        "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+    )
+    .bind(database)
+    .fetch_all(&mut conn)
+    .await?;
+    conn.close().await?;
+    let mut cpu = HashMap::new();
+    for (pid,) in pids {
+        let pid = pid as u32;
+        // A backend may end between the query and the read.
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            cpu.insert(pid, stat_cpu(&stat)?);
+        }
+    }
+    Ok(cpu)
 }
 
 #[cfg(test)]
