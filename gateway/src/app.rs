@@ -17,6 +17,7 @@ use orbit_adapters::blob::BlobStore;
 use orbit_adapters::liveness;
 use orbit_adapters::queue::Queue;
 use orbit_config::{DatabaseBackend, QueueBackend, Settings};
+use orbit_core::model::{Directory, TokenRecord};
 use orbit_store::Store;
 use orbit_worker::Worker;
 use tokio::net::TcpListener;
@@ -25,11 +26,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_http::compression::predicate::{DefaultPredicate, Predicate as _};
 use tower_http::compression::{CompressionLayer, CompressionLevel};
+use uuid::Uuid;
 
 use crate::background::Background;
 use crate::guard::{self, BodyPace};
 use crate::observe::{observe, RequestIdLimit};
 use crate::problem::ApiError;
+use crate::recent::Recent;
 use crate::routes;
 use crate::server::{self, Limits, Shutdown};
 
@@ -57,6 +60,10 @@ pub struct AppState {
     pub cleanups: TaskTracker,
     /// `/metrics`, with the gauges mirroring the database and the broker cached.
     pub metrics: Arc<MetricsPage>,
+    /// Token records by hash, kept for `http.lookup_ttl`.
+    pub tokens: Arc<Recent<Vec<u8>, TokenRecord>>,
+    /// Directories by (organization, id), kept for `http.lookup_ttl`.
+    pub directories: Arc<Recent<(Uuid, Uuid), Directory>>,
 }
 
 /// The backends of `settings`, opened and checked.
@@ -76,6 +83,8 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<AppState> {
         cancel: CancellationToken::new(),
         cleanups: TaskTracker::new(),
         metrics: Arc::new(MetricsPage::from_settings(settings)),
+        tokens: Arc::new(Recent::new(settings.http.lookup_ttl)),
+        directories: Arc::new(Recent::new(settings.http.lookup_ttl)),
     })
 }
 

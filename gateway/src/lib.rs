@@ -21,6 +21,8 @@
 //!   become problem+json.
 //! - [`metrics`]: what the gateway counts (requests, upload bytes, webhook attempts).
 //! - [`observe`]: request ids, the access log and the HTTP metrics of every request.
+//! - [`recent`]: token records and directories kept for `http.lookup_ttl`, so that a request
+//!   need not query them each time.
 //! - [`problem`]: RFC 9457 problem+json errors with stable codes ([`problem::CODES`], the
 //!   list docs/api.md and `openapi.json` must cover).
 //! - [`webhooks`]: the dispatcher that sends signed webhook events from the outbox.
@@ -39,6 +41,7 @@ pub mod guard;
 pub mod metrics;
 pub mod observe;
 pub mod problem;
+pub mod recent;
 pub mod routes;
 pub mod server;
 pub mod types;

@@ -90,5 +90,7 @@ pub async fn archive(
                 "no such directory in this organization",
             )
         })?;
+    // This gateway takes no upload into it from now on; others within `http.lookup_ttl`.
+    state.directories.forget(&(dir.organization_id, dir.id));
     Ok(Json(archived.into()))
 }

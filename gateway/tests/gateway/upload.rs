@@ -467,6 +467,46 @@ async fn request_level_errors_have_their_codes() {
     assert!(app.collect(&app.dir_url("/sources")).await.is_empty());
 }
 
+/// A gateway keeps a token's record and a directory for `http.lookup_ttl`: what another
+/// process changes (`orbit-gateway admin` revoking the token, archiving the directory) holds
+/// here once that has passed.
+#[tokio::test]
+async fn a_revocation_or_archive_made_elsewhere_holds_within_the_lookup_ttl() {
+    let ttl = Duration::from_millis(300);
+    let app = TestApp::spawn_with(|s| s.http.lookup_ttl = ttl).await;
+    let store = &*app.running().state.store;
+    let created = orbit_gateway::admin::create_token(store, app.tenant.org, None, None)
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap();
+    let list = || {
+        app.client
+            .get(app.dir_url("/sources"))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(list().await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        app.upload("email\na@b.co\n").await.status(),
+        StatusCode::CREATED
+    );
+    orbit_gateway::admin::revoke_token(store, token)
+        .await
+        .unwrap();
+    orbit_gateway::admin::archive_directory(store, app.tenant.org, app.tenant.dir)
+        .await
+        .unwrap();
+    tokio::time::sleep(ttl + Duration::from_millis(100)).await;
+    assert_problem(
+        list().await.unwrap(),
+        StatusCode::UNAUTHORIZED,
+        "unauthenticated",
+    )
+    .await;
+    let response = app.upload("email\nb@b.co\n").await;
+    assert_problem(response, StatusCode::CONFLICT, "directory_archived").await;
+}
+
 #[tokio::test]
 async fn an_expired_or_revoked_token_is_refused() {
     let app = TestApp::spawn().await;

@@ -109,6 +109,10 @@ pub struct HttpSettings {
     pub metrics_token: String,
     /// The longest `x-request-id` a client may send; a longer or odd one is replaced.
     pub max_request_id_bytes: usize,
+    /// How long a gateway keeps a token's record and a directory it looked up: a revocation or
+    /// an archive made elsewhere holds here within this. Zero looks them up every request.
+    #[serde(with = "humantime_serde_compat")]
+    pub lookup_ttl: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -545,6 +549,7 @@ shutdown_grace = "30s"
 metrics_listen = ""
 metrics_token = ""
 max_request_id_bytes = 128
+lookup_ttl = "1s"
 
 [database]
 url = "sqlite://./data/orbit.db"
