@@ -331,29 +331,29 @@ impl Upload<'_> {
     }
 
     async fn commit(&mut self, file: StoredFile) -> ApiResult<Outcome> {
+        let held = pipeline::Held {
+            claim: self.key_plan.claim(),
+            resumable: self.resumable,
+            admission: match self.admitted {
+                Admitted::Counted(admission) => Some(admission),
+                _ => None,
+            },
+        };
         let (source, queued) = pipeline::commit(
             &*self.state.store,
             &self.state.settings,
             self.org,
             self.dir,
             file,
-            self.key_plan.claim(),
-            self.resumable,
+            held,
         )
         .await?;
         // Committed: from here on the key and the object belong to the source, and the
-        // organization's in-flight count holds the source instead of the admission.
+        // organization's in-flight count holds the source instead of the admission, which
+        // the commit closed.
         self.key_plan = KeyPlan::None;
         self.object = None;
-        if let Admitted::Counted(admission) =
-            std::mem::replace(&mut self.admitted, Admitted::Unlimited)
-        {
-            if let Err(e) = self.state.store.upload_recorded(admission).await {
-                // The admission keeps counting as in flight until it expires or this process
-                // stops: an overcount, never an overshoot.
-                tracing::warn!(error = %e, %admission, "could not close the admission of a recorded upload");
-            }
-        }
+        self.admitted = Admitted::Unlimited;
         pipeline::publish(&*self.state.store, &*self.state.queue, &queued).await;
         tracing::info!(source = %source.id, rows = source.total_rows, chunks = queued.len(), status = source.status.as_str(), dry_run = source.dry_run, "upload recorded");
         Ok(Outcome {

@@ -214,6 +214,16 @@ pub async fn store_file<E>(
     })
 }
 
+/// What the request holds that its source takes over in the commit.
+pub struct Held {
+    /// The idempotency key's claim, completed with the source's receipt.
+    pub claim: Option<IdempotencyClaim>,
+    /// The resumable upload whose bytes these are, which records the source.
+    pub resumable: Option<Uuid>,
+    /// The organization-limit admission, closed: the source counts from then on.
+    pub admission: Option<Uuid>,
+}
+
 /// Records the source, its chunks, the prefix's rows and the idempotency record in one
 /// transaction. Returns without awaiting anything after the commit, so the caller can hand
 /// the object and the key over to the source before anything else can interrupt it.
@@ -223,8 +233,7 @@ pub async fn commit(
     org: Uuid,
     dir: Uuid,
     file: StoredFile,
-    claim: Option<IdempotencyClaim>,
-    resumable: Option<Uuid>,
+    held: Held,
 ) -> Result<(Source, Vec<ChunkRef>), StoreError> {
     let plan = file.plan;
     let sync_accepted = plan.sync_results.accepted.len() as u64;
@@ -259,8 +268,9 @@ pub async fn commit(
         sync_chunk: plan.sync_chunk,
         sync_results: plan.sync_results,
         chunks: plan.chunks,
-        idempotency: claim,
-        resumable,
+        idempotency: held.claim,
+        resumable: held.resumable,
+        admission: held.admission,
         traceparent,
         tracestate,
     };

@@ -512,6 +512,9 @@ pub struct NewUpload {
     /// The resumable upload whose bytes these are: the commit records the source on it, and
     /// fails should it have one already, so an upload imports once however often it is tried.
     pub resumable: Option<Uuid>,
+    /// The organization-limit admission the upload held: closed in the same transaction, so
+    /// the source takes over its count with no round trip or `fsync` of its own.
+    pub admission: Option<Uuid>,
     /// The upload's W3C trace context, kept with each chunk so that a chunk published again
     /// later (by the reaper) still leads back to the upload's trace.
     pub traceparent: Option<String>,

@@ -200,9 +200,9 @@ pub trait Limits: Send + Sync + 'static {
     /// What the organization holds now, as its limits count it.
     async fn organization_usage(&self, org: Uuid) -> StoreResult<Usage>;
     /// Admits an upload of `org` served by the process `owner` under `limits`, or says which
-    /// limit refuses it. An admission counts as in flight until [`Limits::upload_recorded`] or
-    /// [`Limits::release_admission`], for at most `open_for`, and only while `owner`
-    /// heartbeats.
+    /// limit refuses it. An admission counts as in flight until [`Limits::upload_recorded`],
+    /// a commit that names it (`NewUpload::admission`) or [`Limits::release_admission`], for
+    /// at most `open_for`, and only while `owner` heartbeats.
     async fn admit_upload(
         &self,
         org: Uuid,

@@ -175,6 +175,7 @@ async fn setup(region: &str) -> Setup {
             }],
             idempotency: None,
             resumable: None,
+            admission: None,
             traceparent: None,
             tracestate: None,
         })

@@ -87,6 +87,7 @@ impl PgStore {
             chunks,
             idempotency,
             resumable,
+            admission,
             traceparent,
             tracestate,
         } = upload;
@@ -104,6 +105,7 @@ impl PgStore {
             chunks: &chunks,
             idempotency: idempotency.as_ref(),
             resumable,
+            admission,
             trace: Trace {
                 traceparent: traceparent.as_deref(),
                 tracestate: tracestate.as_deref(),

@@ -14,6 +14,7 @@ pub(super) struct UploadParts<'a> {
     pub(super) chunks: &'a [ChunkSpec],
     pub(super) idempotency: Option<&'a IdempotencyClaim>,
     pub(super) resumable: Option<Uuid>,
+    pub(super) admission: Option<Uuid>,
     pub(super) trace: Trace<'a>,
 }
 
@@ -150,6 +151,7 @@ impl PgStore {
         let source = load_source(&mut tx, s.directory_id, s.id).await?;
         complete_key(&mut tx, upload.idempotency, &source).await?;
         link_resumable(&mut tx, upload.resumable, &source).await?;
+        close_admission(&mut tx, upload.admission).await?;
         tx.commit().await?;
         Ok((source, queued))
     }

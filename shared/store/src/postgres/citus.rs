@@ -42,7 +42,8 @@ const DISTRIBUTED: &[&str] = &[
 // Admissions are taken under an advisory lock of the organization, which lives on the
 // coordinator too, so the lock and the rows it guards are one node's; their organization is
 // no key to shard by (one busy organization would be one node's work), and no directory's
-// transaction reads them.
+// transaction reads them (an upload's commit closes the admission it held: a write of a
+// coordinator table beside the directory's shard, in one distributed transaction).
 
 /// The advisory lock every process migrating the database holds while it migrates; anything
 /// else that changes the schema (a test dropping its own) takes it too.

@@ -488,6 +488,24 @@ macro_rules! transaction_steps {
             Ok(())
         }
 
+        /// Closes the organization-limit admission the upload held, if any: from the commit
+        /// on, the source counts as in flight instead (as [`Limits::upload_recorded`] does on
+        /// its own).
+        ///
+        /// [`Limits::upload_recorded`]: crate::Limits::upload_recorded
+        pub(super) async fn close_admission(
+            conn: &mut $conn,
+            admission: Option<uuid::Uuid>,
+        ) -> $crate::StoreResult<()> {
+            if let Some(admission) = admission {
+                sqlx::query($crate::sql::CLOSE_ADMISSION)
+                    .bind(admission)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Ok(())
+        }
+
         /// Writes the in-flight `claim` of `request` with `statement`, which binds the
         /// organization, key, directory, claim token, now, expiry and owner as $1 to $7; rows
         /// written.

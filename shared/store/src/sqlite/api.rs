@@ -92,6 +92,7 @@ impl SqliteStore {
         let source = load_source(&mut tx, s.directory_id, s.id).await?;
         complete_key(&mut tx, upload.idempotency.as_ref(), &source).await?;
         link_resumable(&mut tx, upload.resumable, &source).await?;
+        close_admission(&mut tx, upload.admission).await?;
         tx.commit().await?;
         Ok((source, queued))
     }

@@ -98,6 +98,7 @@ fn new_upload(
         chunks,
         idempotency: None,
         resumable: None,
+        admission: None,
         traceparent: None,
         tracestate: None,
     }

@@ -140,6 +140,7 @@ fn upload_with(org: Uuid, dir: Uuid, chunk_count: u64, merge: MergeRules) -> New
         chunks,
         idempotency: None,
         resumable: None,
+        admission: None,
         traceparent: None,
         tracestate: None,
     }

@@ -85,6 +85,7 @@ fn upload(
         chunks,
         idempotency: None,
         resumable: None,
+        admission: None,
         traceparent: None,
         tracestate: None,
     }
