@@ -348,7 +348,13 @@ crate::shared::limits_role! {
     read: pool,
     write: pool,
     connection: PgConnection,
-    lock: Some("SELECT pg_advisory_xact_lock($1, hashtext($2))"),
+    // The admission commits without waiting for its WAL to reach disk (the same statement,
+    // no round trip of its own): a database crash can lose only admissions whose uploads
+    // never committed (an upload's commit flushes the WAL before it, and closes the
+    // admission), which then count for nothing: an undercount that ends with their requests.
+    lock: Some(
+        "SELECT pg_advisory_xact_lock($1, hashtext($2)), set_config('synchronous_commit', 'off', true)"
+    ),
     open_admissions: concat!(
         "SELECT COUNT(*) FROM upload_admissions WHERE organization_id = $1 AND open_until_ms > $2 AND ",
         admission_live!()
