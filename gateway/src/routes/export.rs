@@ -225,8 +225,8 @@ struct Encoder {
     format: Format,
     directory_id: Uuid,
     attributes: Vec<String>,
-    /// `"name":` of each known field, in the order a [`ProfileBody`](super::profiles::ProfileBody) serializes them (by name),
-    /// with the field's place in [`KnownField::ALL`].
+    /// `"name":` of each known field with its place in [`KnownField::ALL`], in the order a
+    /// [`ProfileBody`](super::profiles::ProfileBody) serializes them (by name).
     json_fields: Vec<(usize, String)>,
     /// The size of the last batch's bytes: the next buffer starts that large.
     last_len: usize,
@@ -297,9 +297,9 @@ impl Encoder {
         Bytes::from(out)
     }
 
-    /// One profile as the object of `GET …/profiles` ([`ProfileBody`](super::profiles::ProfileBody)), byte for byte, and a
-    /// line end: written directly, since serde's `flatten` of the fields buffers every value
-    /// of every profile first.
+    /// One profile as the object of `GET …/profiles`
+    /// ([`ProfileBody`](super::profiles::ProfileBody)), byte for byte, and a line end: written
+    /// directly, since serde's `flatten` of the fields buffers every value of every profile.
     fn json_line(&self, out: &mut Vec<u8>, p: &ExportedProfile) {
         let mut uuid = Uuid::encode_buffer();
         out.extend_from_slice(b"{\"id\":\"");
