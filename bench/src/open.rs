@@ -53,10 +53,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let mut tasks = Vec::with_capacity(count as usize);
     for i in 0..count {
         let due = started + Duration::from_secs_f64(i as f64 / rate);
-        tokio::time::sleep_until(due).await;
-        // Bodies are made before they fall due, on this task, so an upload is not late by
-        // its own generation; identities above every other phase's.
+        // Made before it falls due, so an upload is not late by its own generation;
+        // identities above every other phase's.
         let body = generate::rows(30_000_000 + i * rows, rows).into_bytes();
+        tokio::time::sleep_until(due).await;
         let orbit = orbit.clone();
         tasks.push(tokio::spawn(async move {
             let answer = orbit.upload_bytes(orbit.tenant.dir, body).await;
