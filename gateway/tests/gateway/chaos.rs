@@ -150,12 +150,16 @@ async fn a_worker_frozen_past_its_lease_is_fenced() {
         .unwrap()
         .success());
     // Past the 3 s lease the other worker takes the frozen one's chunk over, and shows it in
-    // its metrics. (A worker thawed before anyone took its chunk would simply renew.)
+    // its metrics. (A worker thawed before anyone took its chunk would simply renew.) Frozen
+    // inside a slice's commit, the worker holds the chunk's row until PostgreSQL ends its
+    // session: the statement after `database.commit_statement_timeout` (10 s), the idle
+    // transaction after `database.idle_in_transaction_timeout` (30 s); only then can a
+    // reaper's pass republish the chunk. On a loaded machine that took over 60 s once.
     wait_worker_counts(
         &app,
         &other,
         &TAKEN_OVER,
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         "the other worker took no chunk over",
     )
     .await;
