@@ -100,14 +100,11 @@ impl Caller {
             return Err(invalid());
         }
         let hash = hash_token(token);
-        let record = match state.tokens.get(&hash) {
-            Some(record) => record,
-            None => {
-                let record = state.store.find_token(&hash).await?.ok_or_else(invalid)?;
-                state.tokens.put(hash, record.clone());
-                record
-            }
-        };
+        let record = state
+            .tokens
+            .get_or_load(&hash, || state.store.find_token(&hash))
+            .await?
+            .ok_or_else(invalid)?;
         let now = Utc::now();
         if record.revoked_at.is_some() || record.expires_at.is_some_and(|e| e <= now) {
             return Err(invalid());

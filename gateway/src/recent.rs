@@ -52,6 +52,23 @@ impl<K: Eq + Hash, V: Clone> Recent<K, V> {
         entries.insert(key, (Instant::now(), value));
     }
 
+    /// The kept value of `key`, or what `load` finds, kept from then on. A load that finds
+    /// nothing (`Ok(None)`) or fails keeps nothing.
+    pub async fn get_or_load<E, F>(&self, key: &K, load: impl FnOnce() -> F) -> Result<Option<V>, E>
+    where
+        K: Clone,
+        F: std::future::Future<Output = Result<Option<V>, E>>,
+    {
+        if let Some(value) = self.get(key) {
+            return Ok(Some(value));
+        }
+        let found = load().await?;
+        if let Some(value) = &found {
+            self.put(key.clone(), value.clone());
+        }
+        Ok(found)
+    }
+
     pub fn forget(&self, key: &K) {
         self.entries.lock().expect("never poisoned").remove(key);
     }

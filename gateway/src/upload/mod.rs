@@ -159,24 +159,20 @@ fn upload_slot(state: &AppState) -> ApiResult<tokio::sync::OwnedSemaphorePermit>
     })
 }
 
-/// Checks that `dir` is `org`'s and takes uploads.
-/// Whether the directory takes uploads, as read within `http.lookup_ttl` ([`crate::recent`]):
-/// an upload that starts just after another gateway archived it is taken, as it would have
-/// been a moment earlier.
+/// Checks that `dir` is `org`'s and takes uploads, as read within `http.lookup_ttl`
+/// ([`crate::recent`]): an upload that starts just after another gateway archived it is
+/// taken, as it would have been a moment earlier.
 async fn writable_directory(state: &AppState, org: Uuid, dir: Uuid) -> ApiResult<()> {
-    let directory = match state.directories.get(&(org, dir)) {
-        Some(directory) => directory,
-        None => {
-            let directory = state.store.get_directory(org, dir).await?.ok_or_else(|| {
-                ApiError::not_found(
-                    "directory_not_found",
-                    "no such directory in this organization",
-                )
-            })?;
-            state.directories.put((org, dir), directory.clone());
-            directory
-        }
-    };
+    let directory = state
+        .directories
+        .get_or_load(&(org, dir), || state.store.get_directory(org, dir))
+        .await?
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "directory_not_found",
+                "no such directory in this organization",
+            )
+        })?;
     if directory.archived {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
