@@ -310,6 +310,12 @@ struct Span {
     end: u32,
 }
 
+impl Span {
+    fn of(self, text: &str) -> &str {
+        &text[self.start as usize..self.end as usize]
+    }
+}
+
 impl ExportedProfile {
     /// No values yet; `capacity` is a guess of their total length.
     pub fn new(
@@ -329,17 +335,22 @@ impl ExportedProfile {
         }
     }
 
-    fn keep(&mut self, value: &str) -> Span {
+    /// Appends what `write` writes to the buffer: where it is.
+    fn keep_with(&mut self, write: impl FnOnce(&mut String)) -> Span {
         let start = self.text.len() as u32;
-        self.text.push_str(value);
+        write(&mut self.text);
         Span {
             start,
             end: self.text.len() as u32,
         }
     }
 
+    fn keep(&mut self, value: &str) -> Span {
+        self.keep_with(|text| text.push_str(value))
+    }
+
     fn at(&self, span: Span) -> &str {
-        &self.text[span.start as usize..span.end as usize]
+        span.of(&self.text)
     }
 
     /// The `i`th of [`KnownField::ALL`]; an empty value is a cleared one, and stays unset.
@@ -360,19 +371,16 @@ impl ExportedProfile {
 
     /// An identity, its value written by `write` (which may unescape it on the way).
     pub fn push_identity_with(&mut self, kind: &'static str, write: impl FnOnce(&mut String)) {
-        let start = self.text.len() as u32;
-        write(&mut self.text);
-        let end = self.text.len() as u32;
-        self.identities.push((kind, Span { start, end }));
+        let value = self.keep_with(write);
+        self.identities.push((kind, value));
     }
 
     /// Puts the identities in the order [`Profile::identities`] keeps: by kind (which is
     /// resolution order), then value.
     pub fn sort_identities(&mut self) {
         let text = &self.text;
-        let value = |span: Span| &text[span.start as usize..span.end as usize];
         self.identities
-            .sort_unstable_by(|a, b| (a.0, value(a.1)).cmp(&(b.0, value(b.1))));
+            .sort_unstable_by(|a, b| (a.0, a.1.of(text)).cmp(&(b.0, b.1.of(text))));
     }
 
     /// The value of the `i`th of [`KnownField::ALL`], unless unset or cleared.
