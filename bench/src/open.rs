@@ -13,10 +13,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::StatusCode;
 use serde_json::{json, Value};
 use tokio::time::Instant;
 
+use crate::load::{imported_whole, quantile};
 use crate::orbit::{BackendsMark, Orbit, StackKind};
 use crate::{generate, Args};
 
@@ -60,13 +60,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
         let orbit = orbit.clone();
         tasks.push(tokio::spawn(async move {
             let answer = orbit.upload_bytes(orbit.tenant.dir, body).await;
-            let latency = due.elapsed();
-            let ok = matches!(
-                &answer,
-                Ok((StatusCode::CREATED, receipt))
-                    if receipt["accepted"] == rows && receipt["warnings"] == 0
-            );
-            (latency, ok)
+            (due.elapsed(), imported_whole(&answer, rows))
         }));
     }
     let mut latencies = Vec::with_capacity(tasks.len());
@@ -83,10 +77,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let (gateway_after, workers_after) = orbit.cpu()?;
     let postgres = postgres.since().await?;
     latencies.sort();
-    let at = |q: f64| -> f64 {
-        let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len());
-        latencies[i - 1].as_secs_f64() * 1e3
-    };
+    let at = |q: f64| quantile(&latencies, q).as_secs_f64() * 1e3;
     anyhow::ensure!(!latencies.is_empty(), "no upload answered 201");
     let uploads = latencies.len() as f64;
     let per_upload_ms = |cpu: Duration| cpu.as_secs_f64() * 1e3 / uploads;
