@@ -94,25 +94,6 @@ fn variant(key: &'static str, plain: &Path, work_dir: &Path) -> anyhow::Result<V
     })
 }
 
-/// The profiles the directory holds, from the export's `orbit-profile-count` header.
-async fn profile_count(orbit: &Orbit) -> anyhow::Result<u64> {
-    let url = format!(
-        "{}/v2/organizations/{}/directories/{}/profiles/export?format=csv",
-        orbit.base, orbit.tenant.org, orbit.tenant.dir
-    );
-    let response = reqwest::Client::new()
-        .get(&url)
-        .bearer_auth(&orbit.tenant.token)
-        .send()
-        .await?;
-    anyhow::ensure!(
-        response.status().is_success(),
-        "export answered {}",
-        response.status()
-    );
-    export::profile_count(response.headers())
-}
-
 pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let plain = args
         .work_dir
@@ -139,7 +120,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
                 && source["received_bytes"] == v.bytes,
             "the {key} source does not describe its file: {source}"
         );
-        let profiles = profile_count(&orbit).await?;
+        let profiles = export::directory_profiles(&orbit, orbit.tenant.dir).await?;
         anyhow::ensure!(profiles == rows, "{key}: {profiles} profiles, not {rows}");
         let mut line = report_ingest(&format!("compressed {key}"), rows, &ingest);
         let rate = rows as f64 / ingest.took.as_secs_f64();

@@ -28,6 +28,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sqlx::Connection as _;
+use uuid::Uuid;
 
 use crate::orbit::{self, Orbit, StackKind};
 use crate::{generate, measure_ingest, mib, Args};
@@ -248,6 +249,26 @@ async fn export(orbit: &Orbit, client: &reqwest::Client, e: &Export) -> anyhow::
         peak_rss,
         sampled_rss,
     })
+}
+
+/// The profiles directory `dir` of the stack's tenant holds, from the export's
+/// `orbit-profile-count` header (the body is not read).
+pub async fn directory_profiles(orbit: &Orbit, dir: Uuid) -> anyhow::Result<u64> {
+    let url = format!(
+        "{}/v2/organizations/{}/directories/{dir}/profiles/export?format=csv",
+        orbit.base, orbit.tenant.org
+    );
+    let response = reqwest::Client::new()
+        .get(&url)
+        .bearer_auth(&orbit.tenant.token)
+        .send()
+        .await?;
+    anyhow::ensure!(
+        response.status().is_success(),
+        "export answered {}",
+        response.status()
+    );
+    profile_count(response.headers())
 }
 
 /// The `orbit-profile-count` header of an export's answer.

@@ -14,6 +14,8 @@
 //! - `citus`: the same stack on a Citus cluster and on PostgreSQL, one directory and several;
 //! - `fairness`: one organization's small upload, idle and behind another's bulk files, and a
 //!   lone organization's bulk ingest, with fair scheduling on and off;
+//! - `reimport`: the same contacts imported again into their directory, once and twice at
+//!   once, against the first import;
 //! - `export`: a directory streamed out by `GET …/profiles/export` as CSV and NDJSON, against
 //!   paging its JSON list, and the gateway's peak RSS meanwhile;
 //! - `node`: the database servers a stack writes to, their WAL and CPU time;
@@ -32,6 +34,7 @@ mod load;
 mod node;
 mod open;
 mod orbit;
+mod reimport;
 mod scaleout;
 mod wal;
 
@@ -82,7 +85,7 @@ struct Args {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "copy,pgloader,distributed,embedded,scaleout,fairness,sync,open,rss",
+        default_value = "copy,pgloader,distributed,embedded,scaleout,fairness,reimport,sync,open,rss",
         value_parser = PHASES,
     )]
     phases: Vec<String>,
@@ -157,13 +160,16 @@ struct Args {
     /// Compressed phase: rows in the file uploaded as it is, gzip'ed and zstd'ed.
     #[arg(long, default_value_t = 1_000_000)]
     compressed_rows: u64,
+    /// Re-import phase: rows of the file imported into a directory, then again.
+    #[arg(long, default_value_t = 300_000)]
+    reimport_rows: u64,
     /// Open-loop phase: uploads of `--sync-rows` rows offered per second, for `--seconds`.
     #[arg(long, default_value_t = 100.0)]
     open_rate: f64,
 }
 
 /// Every phase, in the order they run.
-const PHASES: [&str; 12] = [
+const PHASES: [&str; 13] = [
     "copy",
     "pgloader",
     "distributed",
@@ -171,6 +177,7 @@ const PHASES: [&str; 12] = [
     "scaleout",
     "citus",
     "fairness",
+    "reimport",
     "export",
     "compressed",
     "sync",
@@ -358,7 +365,7 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
         v.as_f64()
     };
     let kb = |bytes: Option<f64>| bytes.map(|b| b / 1000.0);
-    let targets: [(&str, Option<f64>, f64, bool); 17] = [
+    let targets: [(&str, Option<f64>, f64, bool); 19] = [
         (
             "distributed rows/s / psql \\copy",
             at(&["ratio_orbit_distributed_to_psql_copy"]),
@@ -399,6 +406,18 @@ fn targets(results: &serde_json::Map<String, Value>) -> Vec<Verdict> {
             "fair: bulk rows/s, fair on / off",
             at(&["fairness", "bulk_ratio_on_to_off"]),
             0.95,
+            true,
+        ),
+        (
+            "re-import rows/s / import",
+            at(&["reimport", "ratio_reimport_to_import"]),
+            0.8,
+            true,
+        ),
+        (
+            "two re-imports at once, rows/s / import",
+            at(&["reimport", "ratio_two_reimports_to_import"]),
+            1.0,
             true,
         ),
         (
@@ -671,6 +690,10 @@ async fn main() -> anyhow::Result<()> {
         results.insert("fairness".into(), fairness::run(&args).await?);
     }
 
+    if phase("reimport") {
+        results.insert("reimport".into(), reimport::run(&args).await?);
+    }
+
     if phase("export") {
         results.insert("export".into(), export::run(&args).await?);
     }
@@ -929,6 +952,21 @@ mod tests {
                 ("export NDJSON profiles/s", false),
                 ("export CSV / paging the JSON list", true),
                 ("gateway peak RSS MiB, exports", false),
+            ]
+        );
+        let results = json!({ "reimport": {
+            "ratio_reimport_to_import": 0.81,
+            "ratio_two_reimports_to_import": 0.7,
+        } });
+        let got: Vec<(&str, bool)> = targets(results.as_object().unwrap())
+            .iter()
+            .map(|v| (v.name, v.met()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("re-import rows/s / import", true),
+                ("two re-imports at once, rows/s / import", false),
             ]
         );
     }
