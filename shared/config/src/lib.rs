@@ -145,6 +145,10 @@ pub struct DatabaseSettings {
     /// down for longer, and only that node's directories wait.
     #[serde(with = "humantime_serde_compat")]
     pub node_retry_for: Duration,
+    /// PostgreSQL: a source of at least this many rows, once a worker completes it, has the
+    /// tables it wrote analyzed, so that the next import into its directory is planned from
+    /// statistics that know the directory's size. 0: never (autovacuum's own schedule only).
+    pub analyze_after_rows: u64,
 }
 
 /// The database a `database.url` names.
@@ -559,6 +563,7 @@ idle_in_transaction_timeout = "30s"
 commit_statement_timeout = "10s"
 retry_for = "2m"
 node_retry_for = "2s"
+analyze_after_rows = 10000
 
 [object_store]
 url = "file://./data/objects"

@@ -162,15 +162,13 @@ impl PgStore {
         prepared: &mut Prepared,
         end: SliceEnd,
     ) -> StoreResult<Committed> {
-        let target = &Target::of(
-            self,
-            &load_source(
-                &mut *self.pool.acquire().await?,
-                lease.directory_id,
-                lease.source_id,
-            )
-            .await?,
-        );
+        let source = load_source(
+            &mut *self.pool.acquire().await?,
+            lease.directory_id,
+            lease.source_id,
+        )
+        .await?;
+        let target = &Target::of(self, &source);
         let read = self.reads.before_commit(target.directory);
         let optimistic = resolve_optimistically(&self.pool, target, prepared, read).await?;
         let mut tx = self.pool.begin_with(self.begin_commit.clone()).await?;
@@ -188,9 +186,30 @@ impl PgStore {
         let completed = advance_source(&mut tx, target, &applied, owned, chunks_done).await?;
         self.pause.committing(lease.chunk_id);
         tx.commit().await?;
+        if completed {
+            self.analyze_after(&source).await;
+        }
         Ok(Committed::Done {
             source_completed: completed,
         })
+    }
+
+    /// Analyzes the tables a large source wrote, once it is complete: the first import into a
+    /// directory leaves PostgreSQL's statistics describing it as empty or small (until
+    /// autovacuum gets to them; never, where it is off), and the next import into it, a
+    /// re-import above all, was planned from them. What it costs, a sample of each table, is
+    /// paid once per large source. A failure only loses the refresh: the source is complete.
+    async fn analyze_after(&self, source: &Source) {
+        if self.analyze_after_rows == 0 || source.total_rows < self.analyze_after_rows {
+            return;
+        }
+        if let Err(e) = self
+            .pool
+            .execute("ANALYZE profiles, identities, records")
+            .await
+        {
+            tracing::warn!(error = %e, source = %source.id, "could not analyze the tables a completed source wrote");
+        }
     }
 
     pub(super) async fn store_slice(

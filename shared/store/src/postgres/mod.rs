@@ -83,6 +83,8 @@ pub struct PgStore {
     /// A test's store that writes as if no upload had merge rules: how the split detector
     /// shows that it notices.
     ignore_merge_rules: bool,
+    /// `database.analyze_after_rows`: see [`PgStore::analyze_after`].
+    analyze_after_rows: u64,
 }
 
 impl PgStore {
@@ -106,6 +108,7 @@ impl PgStore {
             pool,
             retry_for: settings.retry_for,
             node_retry_for: settings.node_retry_for,
+            analyze_after_rows: settings.analyze_after_rows,
             // In the `BEGIN`'s round trip: a simple query may hold several statements.
             begin_commit: format!(
                 "BEGIN; SET LOCAL statement_timeout = '{}'",

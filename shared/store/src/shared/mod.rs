@@ -259,7 +259,7 @@ pub(crate) use webhook_store;
 /// `commit` module over its `connection` type; the module has the backend's `webhooks` in
 /// scope. How a backend writes a commit's rows (`apply_results`) is its own.
 macro_rules! transaction_steps {
-    (connection: $conn:ty, database: $db:ty $(,)?) => {
+    (connection: $conn:ty, database: $db:ty, bytewise_collation: $collate:literal $(,)?) => {
         /// A source by id, unscoped: for the store's own use after a scoped check.
         pub(super) async fn load_source(
             conn: &mut $conn,
@@ -361,7 +361,7 @@ macro_rules! transaction_steps {
             kind: &str,
         ) -> $crate::StoreResult<Vec<(i64, i64, String)>> {
             Ok(
-                sqlx::query_as($crate::sql::repeated_identities(kind).as_str())
+                sqlx::query_as($crate::sql::repeated_identities(kind, $collate).as_str())
                     .bind(dir)
                     .bind(source_id)
                     .fetch_all(&mut *conn)

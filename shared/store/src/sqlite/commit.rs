@@ -4,7 +4,7 @@
 
 use super::*;
 
-crate::shared::transaction_steps! { connection: SqliteConnection, database: sqlx::Sqlite }
+crate::shared::transaction_steps! { connection: SqliteConnection, database: sqlx::Sqlite, bytewise_collation: "" }
 
 /// Materializes validated rows: resolves them to profiles and writes records, profiles,
 /// identities, issues and failed rows. Runs inside the caller's write transaction, which is

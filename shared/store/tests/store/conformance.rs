@@ -1702,3 +1702,52 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for RemoteCommands {
         }
     }
 }
+
+/// On PostgreSQL, a source of at least `database.analyze_after_rows` rows, completed by a
+/// chunk's commit, leaves the tables it wrote analyzed: the planner's row count for
+/// `profiles` is the table's (`pg_class.reltuples`, which `ANALYZE` sets in its own
+/// transaction). A smaller one leaves them to autovacuum, off on the test server.
+#[tokio::test]
+async fn on_postgres_a_large_source_completed_leaves_its_tables_analyzed() {
+    use sqlx::Connection;
+
+    let database = orbit_testkit::TestDatabase::create().await;
+    let mut settings = orbit_config::DatabaseSettings::for_url(&database.url, 4);
+    settings.analyze_after_rows = 3;
+    let store = orbit_store::open(&settings).await.unwrap();
+    store.migrate().await.unwrap();
+    let mut db = sqlx::PgConnection::connect(&database.url).await.unwrap();
+    let (org, dir) = tenant(&*store).await;
+    let mut ingested = 0;
+    for rows in [2, 3] {
+        let (_, queued) = one_chunk_upload(&*store, org, dir, rows).await;
+        let work = claim(&*store, &queued[0]).await;
+        let accepted = (1..=rows)
+            .map(|r| record(r, &[("email", &format!("{r}-of-{rows}@x.co"))]))
+            .collect();
+        let results = ChunkResults {
+            accepted,
+            failed: vec![],
+        };
+        assert_eq!(
+            store.commit_chunk(&work.lease, results).await.unwrap(),
+            Committed::Done {
+                source_completed: true
+            }
+        );
+        ingested += rows;
+        let planned: f32 =
+            sqlx::query_scalar("SELECT reltuples FROM pg_class WHERE relname = 'profiles'")
+                .fetch_one(&mut db)
+                .await
+                .unwrap();
+        if rows < 3 {
+            assert_ne!(
+                planned, ingested as f32,
+                "{rows} rows are under the setting"
+            );
+        } else {
+            assert_eq!(planned, ingested as f32, "{rows} rows analyzed the table");
+        }
+    }
+}
