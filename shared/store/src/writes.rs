@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::rows::Applied;
 use super::StoreResult;
 use orbit_core::domain::merge::MergeRules;
-use orbit_core::domain::resolve::{self, Existing};
+use orbit_core::domain::resolve::{self, Existing, Owners};
 use orbit_core::domain::row::{self, FieldName, Issue, RecordDraft};
 use orbit_core::model::ChunkResults;
 
@@ -130,8 +130,8 @@ pub(super) fn identity_lookups(prepared: &Prepared) -> Vec<(FieldName, Vec<&str>
 
 /// The profiles the loaded identities point at, in ascending id order: what the backend loads
 /// (and, in PostgreSQL, locks) next.
-pub(super) fn owners_to_load(existing: &Existing) -> Vec<Uuid> {
-    let owners: HashSet<Uuid> = existing.owners.values().collect();
+pub(super) fn owners_to_load(owners: &Owners) -> Vec<Uuid> {
+    let owners: HashSet<Uuid> = owners.values().collect();
     let mut owners: Vec<Uuid> = owners.into_iter().collect();
     owners.sort_unstable();
     owners

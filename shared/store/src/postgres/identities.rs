@@ -142,23 +142,89 @@ pub(super) async fn locate(
 
 /// The current owners of a chunk's identities and the state of those owners, read without a
 /// lock: what the optimistic resolution works from; and where each identity is or would go.
+///
+/// Each row's first identity (in resolution order) is looked up by key. The others are not,
+/// where the profile owning the row's first identity lists them: identities never change
+/// owner, and a profile lists exactly the identities it owns, so that profile owns them. In a
+/// re-import, where every row's identities already belong to its profile, that is one probe
+/// a row instead of one per identity. Identities no loaded profile lists are then looked up
+/// by key, and their owners loaded, in a second round.
 pub(super) async fn read_owners(
     conn: &mut PgConnection,
     target: &Target,
     prepared: &Prepared,
 ) -> StoreResult<(Existing, Slots)> {
-    let identities: Vec<Identity> = identity_lookups(prepared)
-        .into_iter()
-        .flat_map(|(kind, values)| values.into_iter().map(move |v| (kind, v.to_owned())))
-        .collect();
-    let (owners, slots) = locate(conn, target.keys, target.directory, identities).await?;
-    let mut existing = Existing {
-        owners,
-        ..Existing::default()
+    let mut firsts: HashSet<(FieldName, &str)> = HashSet::new();
+    // (an identity, its row's first identity), for every identity but a row's first.
+    let mut others = Vec::new();
+    for record in &prepared.accepted {
+        let mut identities = resolve::IDENTITY_KINDS
+            .iter()
+            .filter_map(|kind| record.fields.get(*kind).map(|v| (*kind, v.as_str())));
+        let Some(first) = identities.next() else {
+            continue;
+        };
+        firsts.insert(first);
+        others.extend(identities.map(|other| (other, first)));
+    }
+    let owned = |set: HashSet<(FieldName, &str)>| -> Vec<Identity> {
+        set.into_iter().map(|(k, v)| (k, v.to_owned())).collect()
     };
-    existing.profiles =
-        load_profiles(conn, target.directory, &owners_to_load(&existing), false).await?;
+    let (mut owners, mut slots) =
+        locate(conn, target.keys, target.directory, owned(firsts)).await?;
+    let mut loaded = load_listing(conn, target.directory, &owners_to_load(&owners)).await?;
+    let mut unknown: HashSet<(FieldName, &str)> = HashSet::new();
+    for ((kind, value), (first_kind, first_value)) in others {
+        if owners.get(kind, value).is_some() || slots.get(kind, value).is_some() {
+            continue;
+        }
+        let owner = owners.get(first_kind, first_value);
+        let listed = owner
+            .and_then(|id| loaded.get(&id))
+            .is_some_and(|(_, listed)| listed.iter().any(|(k, v)| k == kind && v == value));
+        match owner {
+            Some(id) if listed => owners.insert(kind, value.to_owned(), id),
+            _ => {
+                unknown.insert((kind, value));
+            }
+        }
+    }
+    if !unknown.is_empty() {
+        let (more, more_slots) =
+            locate(conn, target.keys, target.directory, owned(unknown)).await?;
+        for (kind, value, id) in more.iter() {
+            owners.insert(kind, value.to_owned(), id);
+        }
+        for (kind, value, key) in more_slots.iter() {
+            slots.insert(kind, value.to_owned(), key);
+        }
+        let missing: Vec<Uuid> = owners_to_load(&owners)
+            .into_iter()
+            .filter(|id| !loaded.contains_key(id))
+            .collect();
+        loaded.extend(load_listing(conn, target.directory, &missing).await?);
+    }
+    let existing = Existing {
+        owners,
+        profiles: loaded
+            .into_iter()
+            .map(|(id, (state, _))| (id, state))
+            .collect(),
+    };
     Ok((existing, slots))
+}
+
+/// Profile states by id, read without a lock, each with the identities it lists.
+async fn load_listing(
+    conn: &mut PgConnection,
+    directory: Uuid,
+    ids: &[Uuid],
+) -> StoreResult<HashMap<Uuid, (ProfileState, Vec<(String, String)>)>> {
+    let mut profiles = HashMap::with_capacity(ids.len());
+    for row in select_profiles(conn, directory, ids, false).await? {
+        profiles.insert(row.try_get("id")?, profile_from_row(&row)?);
+    }
+    Ok(profiles)
 }
 
 /// Profile states by id; with `lock`, each row is locked in the order of `ids` (ascending),
@@ -170,8 +236,20 @@ pub(super) async fn load_profiles(
     lock: bool,
 ) -> StoreResult<HashMap<Uuid, ProfileState>> {
     let mut profiles = HashMap::with_capacity(ids.len());
+    for row in select_profiles(conn, directory, ids, lock).await? {
+        profiles.insert(row.try_get("id")?, profile_from_row(&row)?.0);
+    }
+    Ok(profiles)
+}
+
+async fn select_profiles(
+    conn: &mut PgConnection,
+    directory: Uuid,
+    ids: &[Uuid],
+    lock: bool,
+) -> StoreResult<Vec<PgRow>> {
     if ids.is_empty() {
-        return Ok(profiles);
+        return Ok(Vec::new());
     }
     let sql = format!(
         "SELECT p.id, {columns} FROM UNNEST($2::uuid[]) WITH ORDINALITY AS u(id, n)
@@ -180,15 +258,11 @@ pub(super) async fn load_profiles(
         columns = profile_columns(),
         lock = if lock { "FOR UPDATE" } else { "LIMIT 1" },
     );
-    for row in sqlx::query(&sql)
+    Ok(sqlx::query(&sql)
         .bind(directory)
         .bind(ids)
         .fetch_all(&mut *conn)
-        .await?
-    {
-        profiles.insert(row.try_get("id")?, profile_from_row(&row)?.0);
-    }
-    Ok(profiles)
+        .await?)
 }
 
 /// What claiming a chunk's new identities found: the keys this transaction now holds, and the
@@ -356,7 +430,13 @@ pub(super) async fn settle(
         existing.owners.insert(kind, value, owner);
     }
     let owned = existing.owners.len() as u64;
-    let locked = load_profiles(conn, target.directory, &owners_to_load(&existing), true).await?;
+    let locked = load_profiles(
+        conn,
+        target.directory,
+        &owners_to_load(&existing.owners),
+        true,
+    )
+    .await?;
     stale |= locked != existing.profiles;
     if !stale {
         return Ok((optimistic, owned));

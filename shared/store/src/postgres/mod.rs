@@ -44,9 +44,7 @@ use crate::metrics::METRICS;
 use crate::rows::*;
 use crate::shared::KeyRequest;
 use crate::sql;
-use crate::writes::{
-    identity_lookups, owners_to_load, prepare, resolve, Prepared, Resolution, Trace,
-};
+use crate::writes::{owners_to_load, prepare, resolve, Prepared, Resolution, Trace};
 use crate::{
     Chunks, Database, Liveness, Outbox, Profiles, Stats, StoreError, StoreResult, Tenancy, Uploads,
 };

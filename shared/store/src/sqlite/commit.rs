@@ -33,7 +33,7 @@ pub(super) async fn apply_results(
             }
         }
     }
-    for batch in owners_to_load(&existing).chunks(IN_BATCH) {
+    for batch in owners_to_load(&existing.owners).chunks(IN_BATCH) {
         let sql = format!(
             "SELECT id, state FROM profiles WHERE id IN ({})",
             placeholders(batch.len())
