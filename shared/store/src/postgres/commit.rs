@@ -112,7 +112,7 @@ pub(super) async fn apply_results(
     tx: &mut PgConnection,
     target: &Target,
     prepared: &mut Prepared,
-    (snapshot, optimistic): ((Existing, Slots), Resolution),
+    (snapshot, optimistic): (Snapshot, Resolution),
     pause: &CommitPause,
 ) -> StoreResult<(Applied, u64)> {
     // DRY RUN: the one point where a dry run leaves the write path. It claims no identity and
@@ -121,7 +121,7 @@ pub(super) async fn apply_results(
     if target.dry_run {
         // What the lock-free read found (nothing, if the commit claimed blind), so that a dry
         // run does not tell the next commit into a directory of known contacts to claim blind.
-        let owned = snapshot.0.owners.len() as u64;
+        let owned = snapshot.owners.len() as u64;
         let applied = write_failed_and_issues(tx, target, prepared, optimistic).await?;
         return Ok((applied, owned));
     }

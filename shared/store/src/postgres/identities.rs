@@ -153,7 +153,7 @@ pub(super) async fn read_owners(
     conn: &mut PgConnection,
     target: &Target,
     prepared: &Prepared,
-) -> StoreResult<(Existing, Slots)> {
+) -> StoreResult<(Snapshot, HashMap<Uuid, ProfileState>)> {
     let mut firsts: HashSet<(FieldName, &str)> = HashSet::new();
     // (an identity, its row's first identity), for every identity but a row's first.
     let mut others = Vec::new();
@@ -181,7 +181,7 @@ pub(super) async fn read_owners(
         let owner = owners.get(first_kind, first_value);
         let listed = owner
             .and_then(|id| loaded.get(&id))
-            .is_some_and(|(_, listed)| listed.iter().any(|(k, v)| k == kind && v == value));
+            .is_some_and(|read| read.listed.iter().any(|(k, v)| k == kind && v == value));
         match owner {
             Some(id) if listed => owners.insert(kind, value.to_owned(), id),
             _ => {
@@ -204,59 +204,121 @@ pub(super) async fn read_owners(
             .collect();
         loaded.extend(load_listing(conn, target.directory, &missing).await?);
     }
-    let existing = Existing {
+    let mut stamps = HashMap::with_capacity(loaded.len());
+    let mut profiles = HashMap::with_capacity(loaded.len());
+    for (id, read) in loaded {
+        stamps.insert(id, read.stamp);
+        profiles.insert(id, read.state);
+    }
+    let snapshot = Snapshot {
         owners,
-        profiles: loaded
-            .into_iter()
-            .map(|(id, (state, _))| (id, state))
-            .collect(),
+        slots,
+        stamps,
     };
-    Ok((existing, slots))
+    Ok((snapshot, profiles))
 }
 
-/// Profile states by id, read without a lock, each with the identities it lists.
+/// What the optimistic read found, kept for the transaction to check it against: the owners
+/// of the chunk's identities, where each identity is or would go, and which version of each
+/// owner's row it read (the resolution took the states themselves).
+#[derive(Default)]
+pub(super) struct Snapshot {
+    pub(super) owners: Owners,
+    pub(super) slots: Slots,
+    pub(super) stamps: HashMap<Uuid, String>,
+}
+
+/// A profile as the optimistic read found it.
+struct ReadProfile {
+    state: ProfileState,
+    /// The identities the profile lists.
+    listed: Vec<(String, String)>,
+    /// Which version of the row this is ([`STAMP`]).
+    stamp: String,
+}
+
+/// Profiles by id, read without a lock, each with the identities it lists and its stamp.
 async fn load_listing(
     conn: &mut PgConnection,
     directory: Uuid,
     ids: &[Uuid],
-) -> StoreResult<HashMap<Uuid, (ProfileState, Vec<(String, String)>)>> {
+) -> StoreResult<HashMap<Uuid, ReadProfile>> {
     let mut profiles = HashMap::with_capacity(ids.len());
-    for row in select_profiles(conn, directory, ids, false).await? {
-        profiles.insert(row.try_get("id")?, profile_from_row(&row)?);
+    for row in select_profiles(conn, directory, ids).await? {
+        let (state, listed) = profile_from_row(&row)?;
+        let stamp = row.try_get("stamp")?;
+        profiles.insert(
+            row.try_get("id")?,
+            ReadProfile {
+                state,
+                listed,
+                stamp,
+            },
+        );
     }
     Ok(profiles)
 }
 
-/// Profile states by id; with `lock`, each row is locked in the order of `ids` (ascending),
-/// the one order in which every commit locks profiles.
-pub(super) async fn load_profiles(
+/// Locks profiles in the order of `ids` (ascending), the one order in which every commit
+/// locks profiles, and returns each one's [`STAMP`]: what tells whether it changed since the
+/// optimistic read without reading it whole again.
+async fn lock_stamps(
     conn: &mut PgConnection,
     directory: Uuid,
     ids: &[Uuid],
-    lock: bool,
+) -> StoreResult<HashMap<Uuid, String>> {
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let sql = format!(
+        "SELECT p.id, p.stamp FROM UNNEST($2::uuid[]) WITH ORDINALITY AS u(id, n)
+         CROSS JOIN LATERAL (SELECT id, {STAMP} FROM profiles WHERE directory_id = $1 AND id = u.id FOR UPDATE) p
+         ORDER BY u.n"
+    );
+    sqlx::query(&sql)
+        .bind(directory)
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| Ok((row.try_get("id")?, row.try_get("stamp")?)))
+        .collect()
+}
+
+/// Which version of a profile row was read: the id of the transaction that wrote it. Any
+/// write makes a new version under its writer's id, and a transaction that committed before
+/// the read cannot write again, so an equal stamp means the row was not written since. (On
+/// Citus each shard's node numbers its own transactions; a row stays on its node.)
+const STAMP: &str = "xmin::text AS stamp";
+
+/// Profile states by id, in a transaction that has locked them already.
+async fn load_profiles(
+    conn: &mut PgConnection,
+    directory: Uuid,
+    ids: &[Uuid],
 ) -> StoreResult<HashMap<Uuid, ProfileState>> {
     let mut profiles = HashMap::with_capacity(ids.len());
-    for row in select_profiles(conn, directory, ids, lock).await? {
+    for row in select_profiles(conn, directory, ids).await? {
         profiles.insert(row.try_get("id")?, profile_from_row(&row)?.0);
     }
     Ok(profiles)
 }
 
+/// Each profile of `ids`, probed by primary key whatever the statistics say (see
+/// [`stored_at`]), with its [`STAMP`].
 async fn select_profiles(
     conn: &mut PgConnection,
     directory: Uuid,
     ids: &[Uuid],
-    lock: bool,
 ) -> StoreResult<Vec<PgRow>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT p.id, {columns} FROM UNNEST($2::uuid[]) WITH ORDINALITY AS u(id, n)
-         CROSS JOIN LATERAL (SELECT * FROM profiles WHERE directory_id = $1 AND id = u.id {lock}) p
+        "SELECT p.id, p.stamp, {columns} FROM UNNEST($2::uuid[]) WITH ORDINALITY AS u(id, n)
+         CROSS JOIN LATERAL (SELECT {STAMP}, * FROM profiles WHERE directory_id = $1 AND id = u.id LIMIT 1) p
          ORDER BY u.n",
         columns = profile_columns(),
-        lock = if lock { "FOR UPDATE" } else { "LIMIT 1" },
     );
     Ok(sqlx::query(&sql)
         .bind(directory)
@@ -418,30 +480,32 @@ pub(super) async fn settle(
     conn: &mut PgConnection,
     target: &Target,
     prepared: &mut Prepared,
-    (mut existing, slots): (Existing, Slots),
+    snapshot: Snapshot,
     optimistic: Resolution,
     pause: &CommitPause,
 ) -> StoreResult<(Resolution, u64)> {
+    let Snapshot {
+        mut owners,
+        slots,
+        stamps,
+    } = snapshot;
     let Claimed { won, lost } =
         claim_identities(conn, target, &optimistic.identities, &slots).await?;
     pause.wait().await;
     let mut stale = !lost.is_empty();
     for (kind, value, owner) in lost {
-        existing.owners.insert(kind, value, owner);
+        owners.insert(kind, value, owner);
     }
-    let owned = existing.owners.len() as u64;
-    let locked = load_profiles(
-        conn,
-        target.directory,
-        &owners_to_load(&existing.owners),
-        true,
-    )
-    .await?;
-    stale |= locked != existing.profiles;
+    let owned = owners.len() as u64;
+    let ids = owners_to_load(&owners);
+    stale |= lock_stamps(conn, target.directory, &ids).await? != stamps;
     if !stale {
         return Ok((optimistic, owned));
     }
-    existing.profiles = locked;
+    let existing = Existing {
+        profiles: load_profiles(conn, target.directory, &ids).await?,
+        owners,
+    };
     let settled = resolve(prepared, existing, target.seq, &target.merge)?;
     let won: HashMap<(&str, &str), i64> = won
         .into_iter()
@@ -498,12 +562,16 @@ pub(super) async fn resolve_optimistically(
     target: &Target,
     prepared: &mut Prepared,
     read: bool,
-) -> StoreResult<((Existing, Slots), Resolution)> {
-    let (snapshot, slots) = if read {
+) -> StoreResult<(Snapshot, Resolution)> {
+    let (snapshot, profiles) = if read {
         read_owners(&mut *pool.acquire().await?, target, prepared).await?
     } else {
-        (Existing::default(), Slots::default())
+        (Snapshot::default(), HashMap::new())
     };
-    let optimistic = resolve(prepared, snapshot.clone(), target.seq, &target.merge)?;
-    Ok(((snapshot, slots), optimistic))
+    let existing = Existing {
+        owners: snapshot.owners.clone(),
+        profiles,
+    };
+    let optimistic = resolve(prepared, existing, target.seq, &target.merge)?;
+    Ok((snapshot, optimistic))
 }
