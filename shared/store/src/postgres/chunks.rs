@@ -187,7 +187,7 @@ impl PgStore {
         self.pause.committing(lease.chunk_id);
         tx.commit().await?;
         if completed {
-            self.analyze_after(&source).await;
+            self.analyze_after(&source);
         }
         Ok(Committed::Done {
             source_completed: completed,
@@ -197,19 +197,23 @@ impl PgStore {
     /// Analyzes the tables a large source wrote, once it is complete: the first import into a
     /// directory leaves PostgreSQL's statistics describing it as empty or small (until
     /// autovacuum gets to them; never, where it is off), and the next import into it, a
-    /// re-import above all, was planned from them. What it costs, a sample of each table, is
-    /// paid once per large source. A failure only loses the refresh: the source is complete.
-    async fn analyze_after(&self, source: &Source) {
-        if self.analyze_after_rows == 0 || source.total_rows < self.analyze_after_rows {
+    /// re-import above all, was planned from them. It costs a sample of each table, once per
+    /// large source, on a task of its own: the commit has answered, and on Citus an `ANALYZE`
+    /// waits on every node, a node that is down included. A failure only loses the refresh.
+    fn analyze_after(&self, source: &Source) {
+        if self.analyze_after_rows == 0
+            || source.total_rows < self.analyze_after_rows
+            || self.analyzing.swap(true, Ordering::AcqRel)
+        {
             return;
         }
-        if let Err(e) = self
-            .pool
-            .execute("ANALYZE profiles, identities, records")
-            .await
-        {
-            tracing::warn!(error = %e, source = %source.id, "could not analyze the tables a completed source wrote");
-        }
+        let (pool, analyzing, id) = (self.pool.clone(), self.analyzing.clone(), source.id);
+        tokio::spawn(async move {
+            if let Err(e) = pool.execute("ANALYZE profiles, identities, records").await {
+                tracing::warn!(error = %e, source = %id, "could not analyze the tables a completed source wrote");
+            }
+            analyzing.store(false, Ordering::Release);
+        });
     }
 
     pub(super) async fn store_slice(

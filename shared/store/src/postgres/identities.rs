@@ -167,11 +167,11 @@ pub(super) async fn read_owners(
         firsts.insert(first);
         others.extend(identities.map(|other| (other, first)));
     }
-    let owned = |set: HashSet<(FieldName, &str)>| -> Vec<Identity> {
+    let lookups = |set: HashSet<(FieldName, &str)>| -> Vec<Identity> {
         set.into_iter().map(|(k, v)| (k, v.to_owned())).collect()
     };
     let (mut owners, mut slots) =
-        locate(conn, target.keys, target.directory, owned(firsts)).await?;
+        locate(conn, target.keys, target.directory, lookups(firsts)).await?;
     let mut loaded = load_listing(conn, target.directory, &owners_to_load(&owners)).await?;
     let mut unknown: HashSet<(FieldName, &str)> = HashSet::new();
     for ((kind, value), (first_kind, first_value)) in others {
@@ -191,7 +191,7 @@ pub(super) async fn read_owners(
     }
     if !unknown.is_empty() {
         let (more, more_slots) =
-            locate(conn, target.keys, target.directory, owned(unknown)).await?;
+            locate(conn, target.keys, target.directory, lookups(unknown)).await?;
         for (kind, value, id) in more.iter() {
             owners.insert(kind, value.to_owned(), id);
         }

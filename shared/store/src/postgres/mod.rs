@@ -29,7 +29,7 @@ mod layout;
 mod webhooks;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -83,6 +83,9 @@ pub struct PgStore {
     ignore_merge_rules: bool,
     /// `database.analyze_after_rows`: see [`PgStore::analyze_after`].
     analyze_after_rows: u64,
+    /// Set while this process analyzes, so that completions arriving meanwhile do not pile
+    /// up `ANALYZE`s: the running one covers them.
+    analyzing: Arc<AtomicBool>,
 }
 
 impl PgStore {
@@ -107,6 +110,7 @@ impl PgStore {
             retry_for: settings.retry_for,
             node_retry_for: settings.node_retry_for,
             analyze_after_rows: settings.analyze_after_rows,
+            analyzing: Arc::default(),
             // In the `BEGIN`'s round trip: a simple query may hold several statements.
             begin_commit: format!(
                 "BEGIN; SET LOCAL statement_timeout = '{}'",
