@@ -136,7 +136,8 @@ impl PgStore {
                 let (applied, owned) =
                     apply_results(&mut tx, &target, prepared, optimistic, &self.pause).await?;
                 self.reads.after_commit(target.directory, owned);
-                advance_source(&mut tx, &target, &applied, owned, 1).await?;
+                let sole = upload.chunks.is_empty();
+                advance_source(&mut tx, &target, &applied, owned, 1, sole).await?;
             }
             _ if chunk_count == 0 => {
                 let none = Applied {
@@ -144,7 +145,7 @@ impl PgStore {
                     failed: 0,
                     warnings: 0,
                 };
-                advance_source(&mut tx, &target, &none, 0, 0).await?;
+                advance_source(&mut tx, &target, &none, 0, 0, true).await?;
             }
             _ => {}
         }
@@ -183,7 +184,8 @@ impl PgStore {
             apply_results(&mut tx, target, prepared, optimistic, &self.pause).await?;
         self.reads.after_commit(target.directory, owned);
         let chunks_done = end_slice(&mut tx, lease, end).await?;
-        let completed = advance_source(&mut tx, target, &applied, owned, chunks_done).await?;
+        let completed =
+            advance_source(&mut tx, target, &applied, owned, chunks_done, false).await?;
         self.pause.committing(lease.chunk_id);
         tx.commit().await?;
         if completed {

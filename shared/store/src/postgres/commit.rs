@@ -320,13 +320,15 @@ pub(super) async fn write_failed_and_issues(
 }
 
 /// Adds a commit's counts to its source (`owned`: how many of its identities were owned
-/// already), and completes the source when this was its last chunk.
+/// already), and completes the source when this was its last chunk. `sole`: this commit holds
+/// every row of the source (an upload imported whole inside its request).
 pub(super) async fn advance_source(
     conn: &mut PgConnection,
     target: &Target,
     applied: &Applied,
     owned: u64,
     chunks_done: u64,
+    sole: bool,
 ) -> StoreResult<bool> {
     let row = sqlx::query(
         "UPDATE sources SET accepted = accepted + $1, failed = failed + $2, warnings = warnings + $3,
@@ -351,26 +353,26 @@ pub(super) async fn advance_source(
     if done < count {
         return Ok(false);
     }
-    finalize_source(conn, target, row.try_get(2)?).await?;
+    // The scans for duplicates across commits find nothing new when every duplicate was within
+    // one commit's rows, which flagged it already (`row::flag_duplicates_in_batch`): when one
+    // commit holds the whole source, or when no commit found an identity owned (a value on
+    // two rows committed apart makes the later commit find it owned). Skipped, they cost
+    // nothing: about 2.4 s at the end of a 1M-row ingest, and three statements and their
+    // bound's two of every small upload of known contacts.
+    let owned: Option<i64> = row.try_get(2)?;
+    let scan = !sole && owned != Some(0);
+    finalize_source(conn, target, scan).await?;
     Ok(true)
 }
 
-/// Completes a source whose last chunk just committed; `owned` is its `owned_identities`.
+/// Completes a source whose last chunk just committed, with its scans for duplicates across
+/// commits if `scan`.
 pub(super) async fn finalize_source(
     conn: &mut PgConnection,
     target: &Target,
-    owned: Option<i64>,
+    scan: bool,
 ) -> StoreResult<()> {
-    // A value on two rows committed apart makes the later commit find its identity owned. If
-    // no commit did, every duplicate was within one commit's rows, which flagged it already
-    // (`row::flag_duplicates_in_batch`), and the scans below (about 2.4 s for 1M rows, on one
-    // core, at the very end of the ingest) would find nothing new.
-    let kinds = if owned == Some(0) {
-        &[][..]
-    } else {
-        &resolve::IDENTITY_KINDS[..]
-    };
-    if kinds.is_empty() {
+    if !scan {
         return complete_source(conn, target.directory, target.source).await;
     }
     // The scans read the whole source: the commit's statement bound, which is there to cut a
@@ -383,7 +385,7 @@ pub(super) async fn finalize_source(
     .await?;
     let mut buf = Vec::new();
     let (directory, source) = (target.directory.to_string(), target.source.to_string());
-    for kind in kinds {
+    for kind in resolve::IDENTITY_KINDS {
         for (row_number, line_number, value) in
             repeated_identities(conn, target.directory, target.source, kind).await?
         {

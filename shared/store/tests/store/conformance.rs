@@ -20,6 +20,7 @@ orbit_testkit::conformance!(sqlite_backend => on_sqlite, postgres_backend => on_
     tokens_are_found_by_hash_and_revoked_once,
     idempotency_keys_claim_release_and_complete,
     an_upload_and_its_chunks_complete_the_source,
+    an_upload_imported_whole_flags_its_duplicates_among_known_contacts,
     a_lost_lease_writes_nothing,
     a_chunk_commits_in_slices_and_a_takeover_resumes_after_the_last,
     a_chunk_out_of_attempts_fails_its_source,
@@ -663,6 +664,50 @@ async fn an_upload_and_its_chunks_complete_the_source(store: Arc<dyn Store>) {
         .into_iter()
         .collect();
     assert_eq!(counts[&SourceStatus::Completed], 1);
+}
+
+/// An upload imported whole inside its request is one commit, which flags its own repeated
+/// rows: into a directory that knows its contacts (where PostgreSQL does not skip the scans for
+/// that reason), each repeat is still flagged once, and only once.
+async fn an_upload_imported_whole_flags_its_duplicates_among_known_contacts(store: Arc<dyn Store>) {
+    let (org, dir) = tenant(&*store).await;
+    let rows = || ChunkResults {
+        accepted: vec![
+            record(1, &[("email", "a@x.co"), ("phone", "+14155552671")]),
+            record(2, &[("email", "b@x.co")]),
+            // Row 3 repeats row 1's email, row 4 row 2's.
+            record(3, &[("email", "a@x.co")]),
+            record(4, &[("email", "b@x.co")]),
+        ],
+        failed: vec![],
+    };
+    for round in ["first", "again"] {
+        let (source, queued) = store
+            .commit_upload(new_upload(org, dir, 4, rows(), 4, vec![]))
+            .await
+            .unwrap();
+        assert!(queued.is_empty());
+        assert_eq!(
+            (source.status, source.accepted, source.warnings),
+            (SourceStatus::Completed, 4, 2),
+            "{round}: rows 3 and 4 are duplicates in the file"
+        );
+        let page = PageRequest {
+            after: None,
+            limit: 100,
+        };
+        let issues = store.list_issues(org, dir, source.id, &page).await.unwrap();
+        let flagged: Vec<(u64, &str)> = issues
+            .items
+            .iter()
+            .map(|i| (i.row_number, i.code.as_str()))
+            .collect();
+        assert_eq!(
+            flagged,
+            [(3, "duplicate_in_file"), (4, "duplicate_in_file")],
+            "{round}"
+        );
+    }
 }
 
 async fn a_lost_lease_writes_nothing(store: Arc<dyn Store>) {
