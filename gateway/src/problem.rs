@@ -122,6 +122,14 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, code, detail)
     }
 
+    /// The directory named is not the organization's (or does not exist).
+    pub fn directory_not_found() -> Self {
+        Self::not_found(
+            "directory_not_found",
+            "no such directory in this organization",
+        )
+    }
+
     pub fn invalid_csv(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_csv", detail)
     }

@@ -84,12 +84,7 @@ pub async fn archive(
         .store
         .archive_directory(dir.organization_id, dir.id)
         .await?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "directory_not_found",
-                "no such directory in this organization",
-            )
-        })?;
+        .ok_or_else(ApiError::directory_not_found)?;
     // This gateway takes no upload into it from now on; others within `http.lookup_ttl`.
     state.directories.forget(&(dir.organization_id, dir.id));
     Ok(Json(archived.into()))

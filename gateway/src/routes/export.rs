@@ -152,12 +152,7 @@ pub async fn export(
         .store
         .export_profiles(dir.organization_id, dir.id, &filter)
         .await?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "directory_not_found",
-                "no such directory in this organization",
-            )
-        })?;
+        .ok_or_else(ApiError::directory_not_found)?;
     METRICS.exports.with_label_values(&[format.as_str()]).inc();
     let count = export.count;
     let (tx, rx) = tokio::sync::mpsc::channel::<StoreResult<Vec<ExportedProfile>>>(2);

@@ -114,12 +114,11 @@ impl FromRequestParts<AppState> for ScopedDirectory {
         let params = path_params(parts, state).await?;
         let org = caller.scope(param(&params, "org"))?;
         let dir = parse_id(param(&params, "dir"), "directory")?;
-        let directory = state.store.get_directory(org, dir).await?.ok_or_else(|| {
-            ApiError::not_found(
-                "directory_not_found",
-                "no such directory in this organization",
-            )
-        })?;
+        let directory = state
+            .store
+            .get_directory(org, dir)
+            .await?
+            .ok_or_else(ApiError::directory_not_found)?;
         Ok(ScopedDirectory(directory))
     }
 }

@@ -113,12 +113,11 @@ pub async fn create(
         None => None,
         Some(raw) => {
             let dir = parse_id(raw, "directory")?;
-            state.store.get_directory(org, dir).await?.ok_or_else(|| {
-                ApiError::not_found(
-                    "directory_not_found",
-                    "no such directory in this organization",
-                )
-            })?;
+            state
+                .store
+                .get_directory(org, dir)
+                .await?
+                .ok_or_else(ApiError::directory_not_found)?;
             Some(dir)
         }
     };

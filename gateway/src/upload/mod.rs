@@ -167,12 +167,7 @@ async fn writable_directory(state: &AppState, org: Uuid, dir: Uuid) -> ApiResult
         .directories
         .get_or_load(&(org, dir), || state.store.get_directory(org, dir))
         .await?
-        .ok_or_else(|| {
-            ApiError::not_found(
-                "directory_not_found",
-                "no such directory in this organization",
-            )
-        })?;
+        .ok_or_else(ApiError::directory_not_found)?;
     if directory.archived {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
