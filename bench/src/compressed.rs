@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::orbit::{Orbit, StackKind};
+use crate::orbit::StackKind;
 use crate::{export, generate, measure_ingest, mib, report_ingest, Args};
 
 /// One way of sending the file.
@@ -104,13 +104,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let mut rates = Vec::new();
     for key in ["plain", "gzip", "zstd"] {
         let v = variant(key, &plain, &args.work_dir)?;
-        let mut orbit = Orbit::start(
-            StackKind::Distributed,
-            &args.work_dir,
-            args.workers,
-            &args.orbit_env()?,
-        )
-        .await?;
+        let mut orbit = crate::stack(StackKind::Distributed, args).await?;
         let ingest = measure_ingest(&mut orbit, &v.path, rows).await?;
         let source = ingest.sources.first().context("a source")?;
         let expected = if key == "plain" { "none" } else { key };

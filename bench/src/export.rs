@@ -379,13 +379,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
         .join(format!("contacts-{}.csv", args.export_rows));
     let generated = generate::write_csv(&csv, args.export_rows, u64::MAX)?;
     let rows = generated.rows;
-    let mut orbit = Orbit::start(
-        StackKind::Distributed,
-        &args.work_dir,
-        args.workers,
-        &args.orbit_env()?,
-    )
-    .await?;
+    let mut orbit = crate::stack(StackKind::Distributed, args).await?;
     let load = measure_ingest(&mut orbit, &csv, rows).await?;
     println!(
         "export: {rows} profiles loaded into one directory in {:.2} s ({:.0} rows/s, {} workers); gateway VmHWM after the load {:.1} MiB",

@@ -235,9 +235,14 @@ pub struct Upload<'a> {
     pub rows: u64,
 }
 
+/// A fresh stack of `kind` with this run's workers and `--set` settings.
+async fn stack(kind: StackKind, args: &Args) -> anyhow::Result<Orbit> {
+    Orbit::start(kind, &args.work_dir, args.workers, &args.orbit_env()?).await
+}
+
 /// Uploads `csv` (`rows` rows) to a fresh Orbit and times first byte to `completed`.
 async fn ingest(kind: StackKind, args: &Args, csv: &Path, rows: u64) -> anyhow::Result<Ingest> {
-    let mut orbit = Orbit::start(kind, &args.work_dir, args.workers, &args.orbit_env()?).await?;
+    let mut orbit = stack(kind, args).await?;
     measure_ingest(&mut orbit, csv, rows).await
 }
 
@@ -546,7 +551,7 @@ fn report_ingest(name: &str, rows: u64, i: &Ingest) -> Value {
 }
 
 async fn sync_load(kind: StackKind, args: &Args, per_client_dirs: bool) -> anyhow::Result<Value> {
-    let orbit = Orbit::start(kind, &args.work_dir, args.workers, &args.orbit_env()?).await?;
+    let orbit = stack(kind, args).await?;
     let dirs = if per_client_dirs {
         let mut dirs = Vec::new();
         for i in 0..args.clients {

@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 use crate::load::{imported_whole, quantile};
-use crate::orbit::{BackendsMark, Orbit, StackKind};
+use crate::orbit::{BackendsMark, StackKind};
 use crate::{generate, Args};
 
 /// Latency quantiles reported, with their names.
@@ -30,13 +30,7 @@ const QUANTILES: [(&str, f64); 5] = [
 ];
 
 pub async fn run(args: &Args) -> anyhow::Result<Value> {
-    let orbit = Orbit::start(
-        StackKind::Distributed,
-        &args.work_dir,
-        args.workers,
-        &args.orbit_env()?,
-    )
-    .await?;
+    let orbit = crate::stack(StackKind::Distributed, args).await?;
     let orbit = Arc::new(orbit);
     let rate = args.open_rate;
     let rows = args.sync_rows;

@@ -8,7 +8,7 @@
 
 use serde_json::{json, Value};
 
-use crate::orbit::{Orbit, StackKind};
+use crate::orbit::StackKind;
 use crate::{export, generate, measure_uploads, report_ingest, Args, Upload};
 
 pub async fn run(args: &Args) -> anyhow::Result<Value> {
@@ -16,13 +16,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
         .work_dir
         .join(format!("contacts-{}.csv", args.reimport_rows));
     let rows = generate::write_csv(&csv, args.reimport_rows, u64::MAX)?.rows;
-    let mut orbit = Orbit::start(
-        StackKind::Distributed,
-        &args.work_dir,
-        args.workers,
-        &args.orbit_env()?,
-    )
-    .await?;
+    let mut orbit = crate::stack(StackKind::Distributed, args).await?;
     let (a, b) = (
         orbit.tenant.dir,
         orbit.create_directory("re-import b").await?,
